@@ -1,0 +1,1 @@
+"""The engine: request state, scheduling, the block manager, the step loop and detokenization."""

@@ -1,0 +1,267 @@
+"""Incremental detokenization with stop strings, one `IncrementalDetokenizer` per sequence.
+
+Decoding uses the prefix/read-offset window of vLLM (and of `tokenizers.decoders.DecodeStream`):
+the ids since the previous emission (the context) plus the ids not yet emitted are decoded
+together, and the new text is what lies past the context's own decoding. Decoding in context keeps
+leading spaces right (Metaspace/SentencePiece decoders strip the first space of a string, which
+must only happen at the very start) and merges multi-byte characters split over tokens; a piece
+ending in U+FFFD is held back until the character completes. The window starts at the prompt's
+last few tokens, so the first output token is decoded as it reads after the prompt.
+
+Fast tokenizers step a Rust `DecodeStream` (about 1 us a token); the window is also kept in Python
+so the same state can flush pending bytes at the end, be forked, and fall back to plain `decode`
+calls when the stream rejects a non-monotonic decoding (vLLM issue 17448) or is not available.
+
+`spaces_between_special_tokens` only reaches tokenizers whose `decode` takes it (older slow
+Hugging Face tokenizers); fast tokenizers, and all tokenizers of transformers 5, ignore it.
+`clean_up_tokenization_spaces` is not applied while streaming, as in vLLM.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional, Sequence
+
+try:
+    from tokenizers import Tokenizer as _RustTokenizer
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21.1 has no DecodeStream: the Python window path serves
+    _RustTokenizer = None
+    DecodeStream = None
+
+__all__ = ["IncrementalDetokenizer", "decode_token_text"]
+
+# Prompt tokens decoded as context for the first output token (vLLM uses 4 to 5).
+_PROMPT_CONTEXT_TOKENS = 5
+_MAX_CONTEXT_TOKENS = 24
+_REPLACEMENT = "\ufffd"
+
+
+def _backend(tokenizer):
+    """The Rust `tokenizers.Tokenizer` behind a fast tokenizer (or the object itself), else None."""
+    if _RustTokenizer is None:
+        return None
+    if isinstance(tokenizer, _RustTokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    return backend if isinstance(backend, _RustTokenizer) else None
+
+
+def _make_decode(tokenizer, backend, skip_special_tokens: bool,
+                 spaces_between_special_tokens: bool) -> Callable[[list], str]:
+    if backend is not None:
+        rust_decode = backend.decode
+        return lambda ids: rust_decode(ids, skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
+                                        spaces_between_special_tokens=spaces_between_special_tokens,
+                                        clean_up_tokenization_spaces=False)
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's generated token ids into text, token by token, and finds stop strings.
+
+    `append(token_id)` per generated token; `text` is what may be shown now (everything but the
+    last `max(len(stop)) - 1` characters while running, which could begin a stop string; nothing
+    is held back when `include_stop_str_in_output`, since a matched stop string is shown anyway);
+    `finish()` when the sequence ends for any reason. `take_delta()` gives the shown text not yet
+    taken, for streaming. Deltas only grow the text: a stop string cut never removes shown text.
+    `use_decode_stream=False` forces the plain-decode window path (same results; for tests).
+    """
+
+    __slots__ = ("_decode", "_backend", "_stream", "_ids", "_read", "_prefix_text", "_full",
+                 "_stops", "_holdback", "_include_stop", "_finished", "_taken")
+
+    def __init__(self, tokenizer, prompt_token_ids: Sequence[int], *, skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True, stop: Sequence[str] = (),
+                 include_stop_str_in_output: bool = False, use_decode_stream: bool = True):
+        stops = tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must contain only non-empty strings, got {list(stops)!r}.")
+        self._stops = stops
+        self._include_stop = include_stop_str_in_output
+        self._holdback = 0 if (include_stop_str_in_output or not stops) else max(map(len, stops)) - 1
+        self._backend = backend = _backend(tokenizer)
+        self._decode = _make_decode(tokenizer, backend, skip_special_tokens, spaces_between_special_tokens)
+        self._full = ""
+        self._finished = False
+        self._taken = 0
+
+        context, prefix_text = self._prompt_context(list(prompt_token_ids[-2 * _MAX_CONTEXT_TOKENS:]))
+        self._ids = context  # window: context ids, then ids not yet emitted (from index _read)
+        self._read = len(context)
+        self._prefix_text: Optional[str] = prefix_text  # None while the Rust stream owns it
+        self._stream = None
+        if use_decode_stream and DecodeStream is not None and backend is not None:
+            try:
+                self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
+                self._prefix_text = None
+            except TypeError:  # an older DecodeStream takes no ids to seed: use the window path
+                pass
+
+    # ---------------------------------------------------------------- decoding
+
+    def _prompt_context(self, prompt: list) -> tuple[list, str]:
+        """The prompt's last few tokens, as context for the first output token. The start moves
+        left (up to _MAX_CONTEXT_TOKENS) while it splits a character: a byte-fallback group cut
+        open decodes to U+FFFD whole. Then tokens ending in an incomplete character are left out
+        (the output then decodes as `decode` gives it alone, and the stream can extend it)."""
+        decode, end = self._decode, len(prompt)
+        start = max(0, end - _PROMPT_CONTEXT_TOKENS)
+        text = decode(prompt[start:end]) if end else ""
+        while _REPLACEMENT in text and start > 0 and end - start < _MAX_CONTEXT_TOKENS:
+            start -= 1
+            text = decode(prompt[start:end])
+        for _ in range(3):  # an incomplete character spans at most 3 tokens
+            if not text.endswith(_REPLACEMENT):
+                return prompt[start:end], text
+            end -= 1
+            text = decode(prompt[start:end])
+        return ([], "") if text.endswith(_REPLACEMENT) else (prompt[start:end], text)
+
+    def _leave_stream(self, ids: list) -> Optional[str]:
+        # The Rust stream refused a decoding that rewrites text it already gave ("Invalid prefix
+        # encountered", vLLM issue 17448): go on with plain decode calls from the same window.
+        self._stream = None
+        self._prefix_text = self._decode(ids[:self._read])
+        return self._next_window_piece(ids)
+
+    def _next_window_piece(self, ids: list) -> Optional[str]:
+        text = self._decode(ids)
+        prefix_text = self._prefix_text
+        if len(text) <= len(prefix_text) or text.endswith(_REPLACEMENT):
+            return None
+        self._prefix_text = self._decode(ids[self._read:])
+        del ids[:self._read]
+        self._read = len(ids)
+        return text[len(prefix_text):]
+
+    # ---------------------------------------------------------------- public API
+
+    def append(self, token_id: int, check_stop: bool = True) -> Optional[str]:
+        """Add one generated token. Returns the stop string that matched, else None.
+
+        On a match the text is cut at the stop string (kept up to its end with
+        `include_stop_str_in_output`) and the detokenizer is finished. check_stop=False
+        (before min_tokens) decodes without looking for stop strings.
+        """
+        assert not self._finished, "append() after the sequence finished"
+        ids = self._ids
+        ids.append(token_id)
+        stream = self._stream
+        if stream is not None:  # the hot path, inlined
+            try:
+                piece = stream.step(self._backend, token_id)
+            except Exception:  # noqa: BLE001
+                piece = self._leave_stream(ids)
+            else:
+                if piece is None:
+                    return None
+                del ids[:self._read]  # the emitted ids become the next context, as in the stream
+                self._read = len(ids)
+        else:
+            piece = self._next_window_piece(ids)
+        if not piece:
+            return None
+        self._full += piece
+        return self._check_stop(len(piece)) if self._stops and check_stop else None
+
+    def _check_stop(self, num_new_chars: int) -> Optional[str]:
+        # Only the new text and the len(stop) - 1 characters before it can hold a new match.
+        full = self._full
+        best_index, best_stop = -1, None
+        for stop in self._stops:
+            index = full.find(stop, max(0, len(full) - num_new_chars - len(stop) + 1))
+            if index != -1 and (best_stop is None or index < best_index):
+                best_index, best_stop = index, stop
+        if best_stop is not None:
+            end = best_index + len(best_stop) if self._include_stop else best_index
+            self._full = full[:end]
+            self._finished = True
+        return best_stop
+
+    def finish(self) -> Optional[str]:
+        """The sequence ended (any reason): decode tokens still pending (an incomplete character
+        at the very end shows as U+FFFD, as `decode` gives) and release held-back text.
+        Returns a stop string found in that last text (and cuts there), else None."""
+        if self._finished:
+            return None
+        stop = None
+        ids = self._ids
+        if len(ids) > self._read:
+            prefix_text = self._prefix_text
+            if prefix_text is None:
+                prefix_text = self._decode(ids[:self._read])
+            text = self._decode(ids)
+            piece = text[len(prefix_text):] if len(text) > len(prefix_text) else ""
+            if piece:
+                self._full += piece
+                stop = self._check_stop(len(piece)) if self._stops else None
+        self._finished = True
+        return stop
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def text(self) -> str:
+        """The text safe to show now."""
+        full = self._full
+        if self._finished or not self._holdback:
+            return full
+        return full[:max(0, len(full) - self._holdback)]
+
+    @property
+    def full_text(self) -> str:
+        """All text decoded so far, including any held back."""
+        return self._full
+
+    def take_delta(self) -> str:
+        """The part of `text` not returned by an earlier call (for streaming outputs)."""
+        full = self._full
+        end = len(full) if (self._finished or not self._holdback) else len(full) - self._holdback
+        if end <= self._taken:
+            return ""
+        delta = full[self._taken:end]
+        self._taken = end
+        return delta
+
+    def fork(self) -> "IncrementalDetokenizer":
+        """An independent copy (for a forked sequence: n > 1, beam search)."""
+        new = object.__new__(IncrementalDetokenizer)
+        for name in self.__slots__:
+            setattr(new, name, getattr(self, name))
+        new._ids = list(self._ids)  # the window: a handful of ids
+        if self._stream is not None:
+            new._stream = self._stream.__copy__()
+        return new
+
+
+# Per-tokenizer caches of single-token texts, freed with their tokenizer.
+_token_text_caches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _token_text_cache(tokenizer) -> dict:
+    try:
+        return _token_text_caches[tokenizer]
+    except KeyError:
+        cache = _token_text_caches[tokenizer] = {}
+        return cache
+
+
+def decode_token_text(tokenizer, token_id: int) -> str:
+    """The text of one token decoded alone (special tokens kept), as vLLM's
+    `Logprob.decoded_token`; a lone byte of a multi-byte character gives U+FFFD. Cached."""
+    try:
+        cache = _token_text_cache(tokenizer)
+    except TypeError:  # not weak-referenceable or unhashable: decode uncached
+        cache = {}
+    text = cache.get(token_id)
+    if text is None:
+        backend = _backend(tokenizer)
+        if backend is not None:
+            text = backend.decode([token_id], skip_special_tokens=False)
+        else:
+            text = tokenizer.decode([token_id], skip_special_tokens=False)
+        cache[token_id] = text
+    return text

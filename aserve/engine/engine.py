@@ -1,0 +1,227 @@
+"""Engine: one step of continuous batching = schedule -> execute (model + sampler) -> process.
+
+The three parts are separate so the async engine can run execute() off the event loop; a
+synchronous user calls step(). Requests enter through add_request(), which validates them
+against the model and the cache so that nothing the engine accepts can later fail to fit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import torch
+
+from aserve.config import CacheConfig, EngineArgs, SchedulerConfig
+from aserve.engine.block_manager import BlockManager
+from aserve.engine.output_processor import OutputProcessor
+from aserve.engine.request import Request, RequestStatus
+from aserve.engine.request_factory import RequestFactory
+from aserve.engine.scheduler import Scheduler, SchedulerOutput
+from aserve.models.loader import create_model_config, load_model, load_tokenizer
+from aserve.outputs import RequestOutput
+from aserve.worker.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner
+from aserve.worker.row_planner import plan_rows
+
+logger = logging.getLogger(__name__)
+
+# Chunked prefill keeps steps short; long prompts are simply spread over several steps.
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    sched: SchedulerOutput
+    model_input: Optional[ModelInput]
+    row_spans: list           # per scheduled sequence: RowSpan from the row planner
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_used_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int
+
+
+class Engine:
+    """Owns the model, the KV cache and every request; not thread-safe (one driver)."""
+
+    def __init__(self, args: Optional[EngineArgs] = None) -> None:
+        args = args or EngineArgs()
+        self.args = args
+        self.device = args.resolve_device()
+        self.model_config = create_model_config(args)
+        self.tokenizer = load_tokenizer(self.model_config)
+        self.model = load_model(self.model_config, self.device)
+        max_len = self.model_config.max_model_len
+        self.scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            max_num_seqs=args.max_num_seqs, max_model_len=max_len)
+        dtype = self.model_config.dtype
+        num_blocks = args.num_gpu_blocks_override or num_blocks_for_budget(
+            self.model, args.block_size, dtype, self.device, args.kv_cache_memory_gb,
+            args.gpu_memory_utilization)
+        self.cache_config = CacheConfig(args.block_size, num_blocks, 0)
+        kv_caches = allocate_kv_caches(self.model, num_blocks, args.block_size, dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, args.block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.runner = ModelRunner(self.model, kv_caches, self.block_manager, self.device, args.seed)
+        self.outputs = OutputProcessor(self.tokenizer, self.block_manager, max_len)
+        self.requests: dict[str, Request] = {}
+        self.factory = RequestFactory(self.tokenizer, self.model_config, self.scheduler_config,
+                                      self.block_manager, self.device)
+        # Offline use wants only final outputs; building per-step outputs costs time.
+        self.stream_outputs = True
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._ids = itertools.count()
+        logger.info("engine ready: %s on %s, %d KV blocks of %d tokens", self.model_config.model,
+                    self.device, num_blocks, args.block_size)
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: Optional[str], prompt: Union[str, list[int]], params,
+                    arrival_time: Optional[float] = None) -> str:
+        """Queue a request; raises ValueError (naming the problem) if it can never be served."""
+        if request_id is None:
+            request_id = str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        request = self.factory.create(request_id, prompt, params,
+                                      arrival_time if arrival_time is not None else time.monotonic())
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+        return request_id
+
+    def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
+        """Drop requests and free their blocks at once; unknown or finished ids are ignored."""
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is not None and not request.is_finished:
+                self.scheduler.remove_request(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---------------------------------------------------------------- one step
+    def schedule(self) -> StepPlan:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return StepPlan(sched, None, [])
+        rows = plan_rows(sched)
+        return StepPlan(sched, self.runner.prepare(sched, rows.row_plan), rows.spans)
+
+    def execute(self, plan: StepPlan) -> Optional[ModelOutput]:
+        """The model forward and sampling; touches nothing but the plan and the KV cache."""
+        if plan.model_input is None:
+            return None
+        return self.runner.execute(plan.model_input)
+
+    def process(self, plan: StepPlan, output: Optional[ModelOutput]) -> list[RequestOutput]:
+        changed: dict[str, Request] = {}
+        now = time.monotonic()
+        for item, span in zip(plan.sched.scheduled, plan.row_spans):
+            request = item.request
+            if request.is_finished:   # aborted while the model ran
+                continue
+            try:
+                self._apply(item, span, output, now)
+            except Exception as exc:  # one request's failure must not stop the others
+                logger.exception("request %s failed", request.request_id)
+                self._fail(request, f"internal error: {exc!r}")
+            changed[request.request_id] = request
+        return self._report(changed.values())
+
+    def fail_step(self, plan: StepPlan, exc: BaseException) -> list[RequestOutput]:
+        """execute() raised: end the requests of that step with the error, keep serving."""
+        logger.error("model step failed: %r", exc)
+        failed = {item.request.request_id: item.request for item in plan.sched.scheduled
+                  if not item.request.is_finished}
+        for request in failed.values():
+            self._fail(request, f"model execution failed: {exc!r}")
+        return self._report(failed.values())
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.schedule()
+        try:
+            output = self.execute(plan)
+        except Exception as exc:
+            return self.fail_step(plan, exc)
+        return self.process(plan, output)
+
+    def _apply(self, item, span, output: ModelOutput, now: float) -> None:
+        request, seq = item.request, item.seq
+        seq.num_computed_tokens += item.num_new_tokens
+        self.prompt_tokens_total += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - item.start)
+        if request.metrics.first_scheduled_time is None:
+            request.metrics.first_scheduled_time = now
+        if span.prompt_group >= 0:
+            self.outputs.add_prompt_logprobs(request, span.prompt_first,
+                                           output.prompt_logprobs[span.prompt_group])
+        if not item.samples:
+            return
+        if request.beam_state is not None:
+            if span.beam_last:  # every beam of the request has its logits: one beam step
+                self.outputs.beam_step(request, output.beam_logprobs[span.beam_first:span.beam_row + 1])
+                self._count_token(request, now, len(request.live_seqs))
+        else:
+            rows = range(span.sample_start, span.sample_start + span.sample_count)
+            if span.sample_count > 1:
+                self.outputs.fork_for_samples(request)
+                seqs = request.seqs
+            else:
+                seqs = [seq]
+            for row, target in zip(rows, seqs):
+                self.outputs.append_token(
+                    request, target, output.sampled_token_ids[row],
+                    output.sample_logprobs[row] if output.sample_logprobs else None,
+                    output.sampled_token_logprobs[row] if output.sampled_token_logprobs else None)
+            self._count_token(request, now, len(seqs))
+        if all(s.is_finished for s in request.seqs):
+            self.scheduler.remove_request(request)
+
+    def _count_token(self, request: Request, now: float, count: int) -> None:
+        self.generation_tokens_total += count
+        request.metrics.num_generation_tokens += count
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+
+    def _fail(self, request: Request, message: str) -> None:
+        request.error = message
+        for seq in request.seqs:
+            if seq.finish_reason is None:
+                seq.finish_reason = "abort"
+        if not request.is_finished:
+            self.scheduler.remove_request(request)
+
+    def _report(self, requests: Iterable[Request]) -> list[RequestOutput]:
+        outputs = []
+        for request in requests:
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
+                outputs.append(self.outputs.make_output(request))
+            elif self.stream_outputs:
+                outputs.append(self.outputs.make_output(request))
+        return outputs
+
+    # ---------------------------------------------------------------- observation
+    def get_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_used_blocks=bm.num_used_blocks, num_total_blocks=bm.num_blocks,
+            kv_cache_usage=bm.usage, prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            num_preemptions=self.scheduler.num_preemptions)
+
+    def get_request_status(self, request_id: str) -> Optional[RequestStatus]:
+        request = self.requests.get(request_id)
+        return request.status if request is not None else None

@@ -1,0 +1,152 @@
+"""OutputProcessor: applies sampled tokens to sequences, decides when they stop, and reports.
+
+It owns the end of a sequence's life: stop tokens, stop strings, max_tokens and the context
+limit finish a sequence and free its blocks at once, so a finished sample never holds memory
+while its siblings still run.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from aserve.engine.block_manager import BlockManager
+from aserve.engine.beam_search import Beam
+from aserve.engine.detokenizer import decode_token_text
+from aserve.engine.request import Request, Sequence
+from aserve.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, block_manager: BlockManager, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.block_manager = block_manager
+        self.max_model_len = max_model_len
+
+    # ---------------------------------------------------------------- sampling requests
+    def fork_for_samples(self, request: Request) -> None:
+        """First sample of a best_of > 1 request: one sequence becomes best_of sharing blocks."""
+        parent = request.seqs[0]
+        for index in range(1, request.params.best_of):
+            child = parent.fork()
+            child.output_index = index
+            self.block_manager.fork(parent.seq_id, child.seq_id)
+            request.seqs.append(child)
+
+    def append_token(self, request: Request, seq: Sequence, token_id: int,
+                     logprobs: Optional[dict[int, Logprob]], token_logprob: Optional[float]) -> None:
+        params = request.params
+        seq.token_ids.append(token_id)
+        if token_logprob is not None:
+            seq.cumulative_logprob += token_logprob
+        if seq.logprobs is not None and logprobs is not None:
+            seq.logprobs.append(self._decoded(logprobs))
+        # min_tokens holds back every kind of stop, as vLLM does.
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        matched = seq.detokenizer.append(token_id, check_stop=may_stop)
+        if may_stop:
+            if token_id in params.all_stop_token_ids:
+                # An EOS ends with no stop_reason (as vLLM); a user's stop token is reported.
+                stop_reason = token_id if token_id in params.stop_token_ids else None
+                self._finish(seq, "stop", stop_reason)
+                return
+            if matched is not None:
+                self._finish(seq, "stop", matched)
+                return
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        if seq.detokenizer is not None:
+            seq.detokenizer.finish()
+        self.block_manager.free(seq.seq_id)
+
+    def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
+        for token_id, entry in logprobs.items():
+            entry.decoded_token = decode_token_text(self.tokenizer, token_id)
+        return logprobs
+
+    def add_prompt_logprobs(self, request: Request, first_position: int,
+                            rows: list[dict[int, Logprob]]) -> None:
+        """Rows score prompt tokens first_position+1...; a recomputed prefix is not re-added."""
+        known = len(request.prompt_logprobs)
+        for offset, row in enumerate(rows):
+            if first_position + 1 + offset == known:
+                request.prompt_logprobs.append(self._decoded(row))
+                known += 1
+
+    # ---------------------------------------------------------------- beam search
+    def beam_step(self, request: Request, logprobs) -> None:
+        """Advance every live beam of the request by one step of the beam search."""
+        state = request.beam_state
+        live = request.live_seqs
+        beams = [Beam(seq.output_token_ids, seq.cumulative_logprob) for seq in live]
+        choices = state.step(beams, logprobs)
+        chosen: dict[int, list] = {}
+        for choice in choices:
+            chosen.setdefault(choice.parent, []).append(choice)
+        next_seqs: list[Sequence] = []
+        for index, seq in enumerate(live):
+            picks = chosen.get(index)
+            if not picks:
+                self.block_manager.free(seq.seq_id)
+                continue
+            for pick in picks[1:]:
+                child = seq.fork()
+                self.block_manager.fork(seq.seq_id, child.seq_id)
+                self._extend_beam(child, pick)
+                next_seqs.append(child)
+            self._extend_beam(seq, picks[0])
+            next_seqs.append(seq)
+        request.seqs = next_seqs
+        too_long = any(s.num_tokens >= self.max_model_len for s in next_seqs)
+        if state.is_done or not next_seqs or too_long:
+            self.finish_beam_search(request)
+
+    @staticmethod
+    def _extend_beam(seq: Sequence, choice) -> None:
+        seq.token_ids.append(choice.token_id)
+        seq.cumulative_logprob = choice.cum_logprob
+
+    def finish_beam_search(self, request: Request) -> None:
+        beams = [Beam(s.output_token_ids, s.cumulative_logprob) for s in request.live_seqs]
+        results = request.beam_state.final(beams)
+        skip = request.params.skip_special_tokens
+        request.beam_outputs = [
+            CompletionOutput(index=i, text=self.tokenizer.decode(r.token_ids, skip_special_tokens=skip),
+                             token_ids=list(r.token_ids), cumulative_logprob=r.cum_logprob,
+                             logprobs=None, finish_reason="stop" if r.finished_by_eos else "length")
+            for i, r in enumerate(results)]
+        for seq in request.seqs:
+            seq.finish_reason = "stop"
+            self.block_manager.free(seq.seq_id)
+
+    # ---------------------------------------------------------------- reporting
+    def make_output(self, request: Request) -> RequestOutput:
+        finished = request.error is not None or all(s.is_finished for s in request.seqs)
+        if request.beam_outputs is not None:
+            outputs = request.beam_outputs
+        else:
+            params = request.params
+            seqs = request.seqs
+            if finished and params.best_of > params.n:
+                seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
+            track = params.logprobs is not None or params.best_of > params.n
+            outputs = [
+                CompletionOutput(
+                    index=index, text=seq.detokenizer.text if seq.detokenizer else "",
+                    token_ids=seq.output_token_ids,
+                    cumulative_logprob=seq.cumulative_logprob if track else None,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    finish_reason=seq.finish_reason if request.error is None else "abort",
+                    stop_reason=seq.stop_reason)
+                for index, seq in enumerate(seqs[:params.n])]
+        if finished and request.metrics.finished_time is None:
+            request.metrics.finished_time = time.monotonic()
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
+            outputs=outputs, finished=finished, error=request.error, metrics=request.metrics)

@@ -1,0 +1,120 @@
+"""The state of one request and of each sequence (sample or beam) it generates.
+
+A request starts with one sequence holding its prompt. When the prompt's logits are first
+sampled with best_of > 1 (or a beam search expands), the sequence is forked: children share
+the prompt's KV blocks through reference counts, so the prompt is computed once.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Optional
+
+import torch
+
+from aserve.outputs import PromptLogprobs, RequestMetrics, SampleLogprobs
+from aserve.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One token stream: the prompt followed by what this sample or beam generated."""
+
+    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "num_computed_tokens",
+                 "cumulative_logprob", "logprobs", "detokenizer", "finish_reason",
+                 "stop_reason", "output_index")
+
+    def __init__(self, prompt_token_ids: list[int], detokenizer, want_logprobs: bool) -> None:
+        self.seq_id = next(_seq_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.cumulative_logprob = 0.0
+        self.logprobs: Optional[SampleLogprobs] = [] if want_logprobs else None
+        self.detokenizer = detokenizer
+        self.finish_reason: Optional[str] = None
+        self.stop_reason = None
+        self.output_index = 0  # the CompletionOutput index this sequence reports as
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def fork(self) -> "Sequence":
+        """A copy with a fresh id that continues from the same computed state."""
+        child = Sequence.__new__(Sequence)
+        child.seq_id = next(_seq_ids)
+        child.token_ids = list(self.token_ids)
+        child.num_prompt_tokens = self.num_prompt_tokens
+        child.num_computed_tokens = self.num_computed_tokens
+        child.cumulative_logprob = self.cumulative_logprob
+        child.logprobs = None if self.logprobs is None else list(self.logprobs)
+        child.detokenizer = self.detokenizer.fork() if self.detokenizer is not None else None
+        child.finish_reason = None
+        child.stop_reason = None
+        child.output_index = self.output_index
+        return child
+
+
+class Request:
+    """A prompt, its sampling parameters and the sequences generated for it."""
+
+    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
+                 params: SamplingParams, arrival_time: float, first_sequence: Sequence,
+                 generator: Optional[torch.Generator]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.arrival_order = 0  # set by the scheduler: a later arrival is preempted first
+        self.status = RequestStatus.WAITING
+        self.seqs: list[Sequence] = [first_sequence]
+        self.generator = generator
+        self.prompt_logprobs: Optional[PromptLogprobs] = (
+            [None] if params.prompt_logprobs is not None else None)
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.beam_state = None  # BeamSearchState for use_beam_search requests
+        # The final answer of a beam search, set when the search ends.
+        self.beam_outputs: Optional[list] = None
+        self.error: Optional[str] = None
+        self.num_preemptions = 0
+
+    @property
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def needs_fork(self) -> bool:
+        """Whether the next sample is the first of a best_of > 1 request (one row, many draws)."""
+        return (not self.params.use_beam_search and self.params.best_of > 1
+                and len(self.seqs) == 1 and self.seqs[0].num_output_tokens == 0)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are still owed for some prompt positions (never recomputed twice)."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))

@@ -1,0 +1,129 @@
+"""RequestFactory: validates a new request against the model and the cache, and builds it.
+
+Everything a request could later fail on is checked here, with a message giving the numbers:
+a request the engine accepts always fits, alone, in the KV cache.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from aserve.config import ModelConfig, SchedulerConfig
+from aserve.engine.beam_search import BeamSearchState
+from aserve.engine.block_manager import BlockManager
+from aserve.engine.detokenizer import IncrementalDetokenizer
+from aserve.engine.request import Request, Sequence
+from aserve.sampling_params import SamplingParams
+
+# As vLLM's default max_logprobs: enough for OpenAI's API (at most 5/20), bounded work per row.
+MAX_LOGPROBS = 20
+
+
+class RequestFactory:
+    def __init__(self, tokenizer, model_config: ModelConfig, scheduler_config: SchedulerConfig,
+                 block_manager: BlockManager, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.scheduler_config = scheduler_config
+        self.block_manager = block_manager
+        self.device = device
+        self.eos_token_ids = _eos_token_ids(tokenizer, model_config)
+
+    def create(self, request_id: str, prompt: Union[str, list[int]],
+               params: Optional[SamplingParams], arrival_time: float) -> Request:
+        params = (params or SamplingParams()).clone()
+        prompt_text, prompt_ids = self._tokenize(prompt)
+        self._check_lengths(len(prompt_ids), params)
+        params.all_stop_token_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            params.all_stop_token_ids |= self.eos_token_ids
+        if params.use_beam_search:
+            detokenizer = None  # beams are decoded once, when the search ends
+        else:
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                spaces_between_special_tokens=params.spaces_between_special_tokens,
+                stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed)
+        seq = Sequence(prompt_ids, detokenizer, want_logprobs=params.logprobs is not None)
+        request = Request(request_id, prompt_text, prompt_ids, params, arrival_time, seq, generator)
+        if params.use_beam_search:
+            eos = set() if params.ignore_eos else (self.eos_token_ids | set(params.stop_token_ids))
+            request.beam_state = BeamSearchState(
+                beam_width=params.best_of, num_return=params.n, length_penalty=params.length_penalty,
+                early_stopping=params.early_stopping, max_tokens=params.max_tokens,
+                eos_token_ids=eos, prompt_len=len(prompt_ids))
+        return request
+
+    def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty.")
+            return prompt, self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids.")
+        vocab = self.model_config.vocab_size
+        for token in prompt:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {token!r}.")
+        return None, list(prompt)
+
+    def _check_lengths(self, prompt_len: int, params: SamplingParams) -> None:
+        max_len = self.model_config.max_model_len
+        if prompt_len + 1 > max_len:
+            raise ValueError(
+                f"The prompt is {prompt_len} tokens long, and this model's maximum context length is "
+                f"{max_len} tokens, which leaves no room to generate: shorten the prompt.")
+        if params.max_tokens is None:
+            params.max_tokens = max_len - prompt_len
+        elif prompt_len + params.max_tokens > max_len:
+            raise ValueError(
+                f"This model's maximum context length is {max_len} tokens. However, you requested "
+                f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, "
+                f"{params.max_tokens} for the completion). Please reduce the length of the prompt "
+                f"or the completion (max_tokens).")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > MAX_LOGPROBS:
+                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}.")
+        width = params.best_of
+        sched = self.scheduler_config
+        if width > sched.max_num_seqs or width > sched.max_num_batched_tokens:
+            raise ValueError(
+                f"best_of={width} needs that many sequences in one step, but max_num_seqs is "
+                f"{sched.max_num_seqs} and max_num_batched_tokens is {sched.max_num_batched_tokens}.")
+        # Worst case alone in the cache: the prompt once, plus each sample's own blocks for
+        # its output (the prompt's partial last block copied on write).
+        bm = self.block_manager
+        if width == 1:
+            needed = bm.blocks_for_tokens(prompt_len + params.max_tokens)
+        else:
+            needed = bm.blocks_for_tokens(prompt_len) + width * (bm.blocks_for_tokens(params.max_tokens) + 1)
+        if needed > bm.num_blocks:
+            raise ValueError(
+                f"The request needs up to {needed} KV cache blocks of {bm.block_size} tokens "
+                f"({prompt_len} prompt tokens, max_tokens={params.max_tokens}, best_of={width}), but "
+                f"the cache has only {bm.num_blocks}: lower max_tokens or raise the KV cache size.")
+
+
+def _eos_token_ids(tokenizer, model_config: ModelConfig) -> set[int]:
+    """The tokenizer's EOS and the generation config's EOS ids (models may declare several)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    try:
+        from transformers import GenerationConfig
+        gen = GenerationConfig.from_pretrained(model_config.model_path)
+        eos = gen.eos_token_id
+    except (OSError, ValueError):
+        eos = getattr(model_config.hf_config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    return ids

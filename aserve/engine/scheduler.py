@@ -1,0 +1,157 @@
+"""Continuous batching: each step grants tokens to requests under a token and sequence budget.
+
+There is no prefill or decode phase. A sequence owes the model num_tokens - num_computed_tokens
+tokens; a step grants as many as the budget allows (a long prompt is thus chunked over steps)
+and samples the sequence when the grant reaches its end. Running requests are served first,
+oldest first; when the KV cache runs out of blocks, the most recently arrived running request
+is preempted by recompute: its blocks are freed and it waits again, first in line.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections import deque
+from dataclasses import dataclass
+
+from aserve.config import SchedulerConfig
+from aserve.engine.block_manager import BlockManager
+from aserve.engine.request import Request, RequestStatus, Sequence
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    request: Request
+    seq: Sequence
+    start: int            # seq.num_computed_tokens when scheduled: the first token computed now
+    num_new_tokens: int
+    samples: bool         # the grant reaches the sequence's end: its last logits are sampled
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence]   # sequences of one request are adjacent
+    block_copies: list[tuple[int, int]]  # copy-on-write (src, dst) pairs, done before the model runs
+    preempted: list[Request]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []   # sorted by arrival_order
+        self._arrivals = itertools.count()
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- queue
+    def add_request(self, request: Request) -> None:
+        request.arrival_order = next(self._arrivals)
+        self.waiting.append(request)
+
+    def remove_request(self, request: Request) -> None:
+        """Take a finished or aborted request out of the queues and free all its blocks."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        for seq in request.seqs:
+            self.block_manager.free(seq.seq_id)
+        request.status = RequestStatus.FINISHED
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---------------------------------------------------------------- one step
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        copies: list[tuple[int, int]] = []
+        preempted: list[Request] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            grants = self._grants(request, budget)
+            if not any(grants):
+                index += 1
+                continue
+            while not self._fits(request, grants):
+                victim = self.running.pop()   # the latest arrival; never one already scheduled
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                budget -= self._take(request, grants, scheduled, copies)
+                index += 1
+                continue
+            break  # the request preempted itself: nothing later is running either
+
+        width = sum(r.params.best_of for r in self.running)
+        while self.waiting and budget > 0 and not preempted:
+            request = self.waiting[0]
+            if width + request.params.best_of > self.config.max_num_seqs:
+                break
+            grants = self._grants(request, budget)
+            if not any(grants) or not self._fits(request, grants):
+                break  # waiting requests never preempt running ones
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=lambda r: r.arrival_order)
+            width += request.params.best_of
+            budget -= self._take(request, grants, scheduled, copies)
+
+        num_tokens = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled, copies, preempted, num_tokens)
+
+    def _grants(self, request: Request, budget: int) -> list[int]:
+        """Tokens granted to each live sequence of the request.
+
+        The sequences of a multi-sequence request (samples or beams re-computed after a
+        preemption) are sampled in the same step, because a beam search step compares them
+        all: unless every one can finish its tokens now, each stops one short of its end.
+        """
+        seqs = request.live_seqs
+        remaining = [s.num_tokens - s.num_computed_tokens for s in seqs]
+        if sum(remaining) <= budget:
+            return remaining
+        if len(seqs) == 1:
+            return [budget]
+        grants = []
+        for owed in remaining:
+            grant = min(max(owed - 1, 0), budget)
+            grants.append(grant)
+            budget -= grant
+        return grants
+
+    def _fits(self, request: Request, grants: list[int]) -> bool:
+        needed = sum(self.block_manager.num_blocks_needed(s.seq_id, s.num_computed_tokens, g)
+                     for s, g in zip(request.live_seqs, grants) if g)
+        return needed <= self.block_manager.num_free_blocks
+
+    def _take(self, request: Request, grants: list[int], scheduled: list, copies: list) -> int:
+        for seq, grant in zip(request.live_seqs, grants):
+            if not grant:
+                continue
+            start = seq.num_computed_tokens
+            copies.extend(self.block_manager.allocate(seq.seq_id, start, grant))
+            samples = start + grant == seq.num_tokens
+            scheduled.append(ScheduledSequence(request, seq, start, grant, samples))
+        return sum(grants)
+
+    def _preempt(self, request: Request) -> None:
+        """Recompute preemption: forget the KV cache, keep the tokens, wait first in line."""
+        for seq in request.seqs:
+            self.block_manager.free(seq.seq_id)
+            seq.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)

@@ -1,0 +1,121 @@
+"""GPT-2: learned absolute positions, pre-LayerNorm blocks, gelu_new MLP, tied LM head.
+
+HF stores GPT-2's projections as Conv1D, whose weights are [in, out]; they are transposed to
+the [out, in] layout of our linear layers while loading, and the fused c_attn splits into q/k/v.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from aserve.attention import AttentionMetadata
+from aserve.models.layers import (Attention, ColumnParallelLinear, LayerNorm, ParallelLMHead,
+                                  QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                  get_act_fn, load_named_weights)
+
+_CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        hidden, total_heads = config.hidden_size, config.num_attention_heads
+        self.head_dim = hidden // total_heads
+        self.c_attn = QKVParallelLinear(hidden, self.head_dim, total_heads, total_heads, bias=True)
+        self.num_heads = self.num_kv_heads = self.c_attn.num_heads
+        self.size = self.num_heads * self.head_dim
+        self.c_proj = RowParallelLinear(hidden, hidden, bias=True)
+        # The same scale HF's GPT2Attention computes from its two config switches.
+        scale = self.head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            scale /= float(layer_idx + 1)
+        self.attn = Attention(self.num_heads, self.head_dim, scale, self.num_kv_heads)
+
+    def forward(self, hidden_states, kv_cache, attn_metadata):
+        q, k, v = self.c_attn(hidden_states).split([self.size] * 3, dim=-1)
+        return self.c_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        inner = getattr(config, "n_inner", None) or 4 * config.hidden_size
+        self.c_fc = ColumnParallelLinear(config.hidden_size, inner, bias=True)
+        self.c_proj = RowParallelLinear(inner, config.hidden_size, bias=True)
+        self.act = get_act_fn(config.activation_function)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.ln_1 = LayerNorm(config.hidden_size, eps=eps)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, hidden_states, kv_cache, attn_metadata):
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), kv_cache, attn_metadata)
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
+
+
+class GPT2Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.wpe = VocabParallelEmbedding(config.max_position_embeddings, config.hidden_size)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+
+    def forward(self, input_ids, positions, kv_caches, attn_metadata):
+        hidden_states = self.wte(input_ids) + self.wpe(positions)
+        for block, kv_cache in zip(self.h, kv_caches):
+            hidden_states = block(hidden_states, kv_cache, attn_metadata)
+        return self.ln_f(hidden_states)
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 causal LM over the paged KV cache; the LM head is tied to wte."""
+
+    def __init__(self, hf_config):
+        super().__init__()
+        self.config = hf_config
+        self.transformer = GPT2Model(hf_config)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
+        self.tied = getattr(hf_config, "tie_word_embeddings", True)
+        if self.tied:
+            self.lm_head.tie_weights(self.transformer.wte)
+        attn = self.transformer.h[0].attn
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_kv_heads = attn.num_kv_heads
+        self.head_dim = attn.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] of the flattened tokens of this step."""
+        return self.transformer(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, vocab_size] of the given hidden states."""
+        return self.lm_head.get_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named weights, with or without the "transformer." prefix."""
+        def transposed(items):
+            for name, tensor in items:
+                yield name, tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor
+
+        def rename(name: str) -> Optional[str]:
+            if name.endswith((".attn.bias", ".attn.masked_bias")):
+                return None  # causal-mask buffers that old checkpoints saved
+            if name == "lm_head.weight":
+                return None if self.tied else name
+            return name if name.startswith("transformer.") else "transformer." + name
+
+        load_named_weights(self, transposed(weights), (), rename)

@@ -1,0 +1,42 @@
+"""The attention layer every model uses: reshapes, then defers to the attention backend."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from aserve.attention import AttentionMetadata, get_attention_backend
+
+
+class Attention(nn.Module):
+    """Causal attention of this step's queries over the paged KV cache.
+
+    The backend (torch reference or CUDA kernels) is picked on the first forward from the
+    query's device, so a model may be built before it is moved to its device.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float,
+                 num_kv_heads: Optional[int] = None, sliding_window: Optional[int] = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        assert self.num_heads % self.num_kv_heads == 0, "query heads must be a multiple of KV heads"
+        self.sliding_window = sliding_window
+        self.backend = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """q [T, H*D], k/v [T, KVH*D] -> [T, H*D]; this step's k/v are written to kv_cache."""
+        if self.backend is None:
+            self.backend = get_attention_backend(q.device)
+        num_tokens = q.shape[0]
+        query = q.view(num_tokens, self.num_heads, self.head_dim)
+        key = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(query, key, value, kv_cache, attn_metadata, self.scale,
+                                   self.sliding_window)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

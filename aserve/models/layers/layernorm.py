@@ -1,0 +1,38 @@
+"""Normalisation layers, numerically identical to the Hugging Face ones."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aserve.models.layers.linear import default_weight_loader
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalised in float32, cast back, then scaled (as HF LlamaRMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The scale multiplies after the cast back, in the input dtype, exactly like HF; doing
+        # it in float32 would be more precise but would drift from the reference in bf16.
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * h.to(input_dtype)
+
+
+class LayerNorm(nn.LayerNorm):
+    """torch.nn.LayerNorm whose parameters carry a weight_loader like every other layer."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True):
+        super().__init__(hidden_size, eps=eps, elementwise_affine=elementwise_affine, bias=bias)
+        for p in self.parameters():
+            p.requires_grad_(False)
+            p.weight_loader = default_weight_loader

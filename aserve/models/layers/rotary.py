@@ -1,0 +1,98 @@
+"""Rotary position embedding (GPT-NeoX / Llama "rotate half" style) over flattened q and k.
+
+The inverse frequencies and the cos/sin table are computed in float32 on the CPU with the same
+expressions as transformers, so results match HF; they are cast to the query dtype only when
+applied, as HF does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+_SUPPORTED = ("default", "linear", "llama3")
+
+
+def get_rope_parameters(hf_config) -> dict[str, Any]:
+    """The rope settings as one dict with at least rope_type and rope_theta.
+
+    transformers >= 5 keeps them in `config.rope_parameters`; older configs (and config.json
+    files written by older versions) use `rope_theta` plus an optional `rope_scaling` dict whose
+    type key is "type" or "rope_type". Both forms are read.
+    """
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        params = dict(params)
+    else:
+        scaling = getattr(hf_config, "rope_scaling", None)
+        params = dict(scaling) if isinstance(scaling, dict) else {}
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def _inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> torch.Tensor:
+    base = params["rope_theta"]
+    rope_type = params["rope_type"]
+    if rope_type not in _SUPPORTED:
+        raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(_SUPPORTED)}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if rope_type == "linear":
+        inv_freq /= params["factor"]
+    elif rope_type == "llama3":
+        factor = params["factor"]
+        low_freq_factor, high_freq_factor = params["low_freq_factor"], params["high_freq_factor"]
+        old_context_len = params.get("original_max_position_embeddings", max_position)
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rotary embeddings to q [T, H*D] and k [T, KVH*D] at positions [T]."""
+
+    def __init__(self, head_dim: int, max_position: int, rope_parameters: Optional[dict] = None):
+        super().__init__()
+        self.head_dim = head_dim
+        params = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        inv_freq = _inv_freq(head_dim, params, max_position)
+        # Built on the CPU whatever the default device is, so every device gets the same table.
+        positions = torch.arange(max_position, dtype=torch.int64, device="cpu").float()
+        freqs = positions[:, None] * inv_freq[None, :]           # one product, as HF's forward
+        emb = torch.cat((freqs, freqs), dim=-1)                  # [max_position, head_dim]
+        device = torch.empty(0).device                            # the construction device
+        self.register_buffer("cos_cache", emb.cos().to(device), persistent=False)
+        self.register_buffer("sin_cache", emb.sin().to(device), persistent=False)
+
+    @staticmethod
+    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the tables in float32 through model.to(dtype); they only follow device moves.
+        cos, sin = self.cos_cache, self.sin_cache
+        out = super()._apply(fn, recurse)
+        self.cos_cache = cos.to(self.cos_cache.device)
+        self.sin_cache = sin.to(self.sin_cache.device)
+        return out
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Rotate q and k (flattened heads) at `positions`; returns new tensors (q, k)."""
+        cos = self.cos_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)   # [T, 1, D]
+        sin = self.sin_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, -1, self.head_dim)
+        k = k.view(num_tokens, -1, self.head_dim)
+        q = q * cos + self._rotate_half(q) * sin
+        k = k * cos + self._rotate_half(k) * sin
+        return q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)

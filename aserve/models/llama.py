@@ -1,0 +1,158 @@
+"""Llama, and the families that share its shape (Mistral here; Qwen2 subclasses it).
+
+Pre-RMSNorm decoder layers with rotary attention (grouped-query) and a SiLU-gated MLP. The
+q/k/v and gate/up projections are fused into one matrix each (QKVParallelLinear,
+MergedColumnParallelLinear); load_weights maps the HF per-projection names onto them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from aserve.attention import AttentionMetadata
+from aserve.models.layers import (Attention, MergedColumnParallelLinear, ParallelLMHead,
+                                  QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear,
+                                  VocabParallelEmbedding, get_rope_parameters, load_named_weights)
+from aserve.models.layers.activation import ActAndMul
+
+
+def layer_sliding_window(config, layer_idx: int) -> Optional[int]:
+    """The sliding window of layer layer_idx, or None for full attention.
+
+    transformers >= 5 lists per-layer kinds in `layer_types`; older Qwen2 configs carry
+    `use_sliding_window` + `max_window_layers` instead; Mistral just sets `sliding_window`.
+    """
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    if hasattr(config, "use_sliding_window"):
+        if not config.use_sliding_window:
+            return None
+        return window if layer_idx >= getattr(config, "max_window_layers", 0) else None
+    return window
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config, bias: bool):
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
+        self.act_fn = ActAndMul(config.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, total_heads,
+                                          total_kv_heads, bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings,
+                                          get_rope_parameters(config))
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
+                              self.num_kv_heads, layer_sliding_window(config, layer_idx))
+
+    def forward(self, positions, hidden_states, kv_cache, attn_metadata):
+        qkv = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias)
+        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden_states, kv_cache, attn_metadata):
+        residual = hidden_states
+        hidden_states = self.self_attn(positions, self.input_layernorm(hidden_states), kv_cache,
+                                       attn_metadata)
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias)
+                                    for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, kv_caches, attn_metadata):
+        hidden_states = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden_states = layer(positions, hidden_states, kv_cache, attn_metadata)
+        return self.norm(hidden_states)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-architecture causal LM over the paged KV cache (also serves MistralForCausalLM)."""
+
+    # Subclasses for Llama-shaped families override how their biases are configured.
+    @staticmethod
+    def _biases(config) -> tuple[bool, bool]:
+        bias = getattr(config, "attention_bias", False)
+        return bias, bias
+
+    def __init__(self, hf_config):
+        super().__init__()
+        self.config = hf_config
+        qkv_bias, o_bias = self._biases(hf_config)
+        self.model = LlamaModel(hf_config, qkv_bias, o_bias)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
+        if getattr(hf_config, "tie_word_embeddings", False):
+            self.lm_head.tie_weights(self.model.embed_tokens)
+        attn = self.model.layers[0].self_attn
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_kv_heads = attn.num_kv_heads  # per tensor-parallel rank
+        self.head_dim = attn.head_dim
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] of the flattened tokens of this step."""
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, vocab_size] of the given hidden states."""
+        return self.lm_head.get_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named weights (q/k/v and gate/up are fused on the way)."""
+        stacked = [(".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"),
+                   (".qkv_proj.", ".v_proj.", "v"), (".gate_up_proj.", ".gate_proj.", 0),
+                   (".gate_up_proj.", ".up_proj.", 1)]
+        tied = getattr(self.config, "tie_word_embeddings", False)
+
+        def rename(name: str) -> Optional[str]:
+            if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name \
+                    or "rotary_emb.sin_cached" in name:
+                return None  # buffers some checkpoints saved; recomputed here
+            if tied and name == "lm_head.weight":
+                return None  # same tensor as the embedding, which is loaded under its own name
+            return name
+
+        load_named_weights(self, weights, stacked, rename)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama with a sliding attention window taken from the config."""

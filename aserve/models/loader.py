@@ -1,0 +1,169 @@
+"""From a model name to a loaded model: resolve the folder, read the config, stream the weights."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from aserve.config import EngineArgs, ModelConfig
+from aserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from aserve.models.registry import get_model_class, resolve_architecture
+
+# Everything needed to serve a model except its weights (configs, tokenizer files, templates).
+_META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+# Some repos carry a second copy of the weights in another layout (Mistral's consolidated
+# file, Llama 3's original/ folder); never download or load those.
+_IGNORE_PATTERNS = ["original/*", "consolidated*"]
+
+
+def _hub_error(model: str, cause: BaseException) -> OSError:
+    return OSError(
+        f"Model {model!r} is neither a local folder nor in the Hugging Face cache, and the "
+        f"Hugging Face hub could not be reached to download it ({type(cause).__name__}: {cause}). "
+        f"Pass the path of a local folder that holds config.json, the tokenizer files and the "
+        f"weights (*.safetensors or pytorch_model*.bin), e.g. --model /path/to/model.")
+
+
+def resolve_model_path(model: str, revision: Optional[str] = None) -> str:
+    """The local folder of `model`: a folder as is, else a hub id from the cache or downloaded.
+
+    Only the config, tokenizer and one weight format (safetensors when the repo has them,
+    else .bin) are fetched. Raises OSError when the model is neither a local folder nor
+    cached and the hub cannot be reached.
+    """
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded) or model.startswith(("/", "./", "../", "~")):
+        raise OSError(f"Model path {model!r} is not a folder; pass the folder that holds config.json.")
+    from huggingface_hub import snapshot_download
+
+    all_patterns = _META_PATTERNS + ["*.safetensors", "*.bin"]
+    try:  # the cache first: no network needed for a model used before
+        return snapshot_download(model, revision=revision, allow_patterns=all_patterns,
+                                 ignore_patterns=_IGNORE_PATTERNS, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(model, revision=revision)
+        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
+        return snapshot_download(model, revision=revision, allow_patterns=_META_PATTERNS + [weights],
+                                 ignore_patterns=_IGNORE_PATTERNS)
+    except Exception as e:  # offline, unknown repo, gated repo, invalid id: all one message
+        raise _hub_error(model, e) from e
+
+
+def _max_positions(hf_config) -> Optional[int]:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len",
+                "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def create_model_config(args: EngineArgs) -> ModelConfig:
+    """Resolve EngineArgs into a ModelConfig (folder, HF config, architecture, dtype, lengths).
+
+    args.model None means the built-in default model. Raises ValueError for an unsupported
+    architecture or a max_model_len longer than the model supports.
+    """
+    from transformers import AutoConfig
+
+    if args.model is None:
+        model = model_path = default_model_path()
+        default_name = DEFAULT_MODEL_NAME
+    else:
+        model = args.model
+        model_path = resolve_model_path(model, args.revision)
+        default_name = model
+    tokenizer_path = resolve_model_path(args.tokenizer, args.revision) if args.tokenizer else model_path
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    architecture = resolve_architecture(hf_config)
+    dtype = args.resolve_dtype(hf_config, args.resolve_device())
+
+    limit = _max_positions(hf_config)
+    if args.max_model_len is not None:
+        if args.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {args.max_model_len}.")
+        if limit is not None and args.max_model_len > limit:
+            raise ValueError(f"max_model_len {args.max_model_len} is longer than the model supports "
+                             f"({limit} positions in its config); use at most {limit}.")
+        max_model_len = args.max_model_len
+    else:
+        max_model_len = limit or 2048  # a config with no length limit at all: a modest default
+
+    return ModelConfig(
+        model=model, model_path=model_path, tokenizer_path=tokenizer_path, hf_config=hf_config,
+        architecture=architecture, dtype=dtype, max_model_len=max_model_len,
+        served_model_name=args.served_model_name or default_name,
+        trust_remote_code=args.trust_remote_code, seed=args.seed)
+
+
+def _weight_files(model_path: str, suffix: str, index_name: str) -> list[str]:
+    index = os.path.join(model_path, index_name)
+    if os.path.isfile(index):  # sharded: exactly the files the index names
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(model_path, n) for n in names]
+    files = sorted(glob.glob(os.path.join(model_path, f"*{suffix}")))
+    return [f for f in files if not os.path.basename(f).startswith("consolidated")]
+
+
+def iterate_weights(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for every checkpoint tensor, one file at a time.
+
+    *.safetensors are preferred (memory-mapped, no pickle); pytorch_model*.bin otherwise.
+    """
+    from safetensors import safe_open
+
+    files = _weight_files(model_path, ".safetensors", "model.safetensors.index.json")
+    if files:
+        for path in files:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        return
+    files = [f for f in _weight_files(model_path, ".bin", "pytorch_model.bin.index.json")
+             if os.path.basename(f).startswith("pytorch_model")]
+    if not files:
+        raise ValueError(f"No weights found in {model_path}: expected *.safetensors or "
+                         f"pytorch_model*.bin files.")
+    for path in files:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        yield from state.items()
+        del state
+
+
+def load_model(model_config: ModelConfig, device) -> nn.Module:
+    """Build the model directly on `device` in model_config.dtype and load its weights."""
+    model_cls = get_model_class(model_config.architecture)
+    previous_dtype = torch.get_default_dtype()
+    # Parameters are created in the serving dtype on the target device, so a model is never
+    # materialised twice (first in float32 on the CPU) on its way there.
+    torch.set_default_dtype(model_config.dtype)
+    try:
+        with torch.device(device):
+            model = model_cls(model_config.hf_config)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    with torch.no_grad():
+        model.load_weights(iterate_weights(model_config.model_path))
+    return model.eval()
+
+
+def load_tokenizer(model_config: ModelConfig, trust_remote_code: Optional[bool] = None):
+    """The model's (fast) tokenizer, from model_config.tokenizer_path."""
+    from transformers import AutoTokenizer
+
+    if trust_remote_code is None:
+        trust_remote_code = model_config.trust_remote_code
+    return AutoTokenizer.from_pretrained(model_config.tokenizer_path, use_fast=True,
+                                         trust_remote_code=trust_remote_code)

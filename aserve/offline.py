@@ -1,0 +1,105 @@
+"""OfflineLLM: batch generation in a script, driving the engine's steps synchronously."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence, Union
+
+from tqdm.auto import tqdm
+
+from aserve.config import EngineArgs
+from aserve.engine.engine import Engine
+from aserve.outputs import RequestOutput
+from aserve.sampling_params import SamplingParams
+
+PromptInput = Union[str, list[int]]
+
+
+class OfflineLLM:
+    """vLLM's `LLM` for batch jobs: `OfflineLLM(model=...).generate(prompts, SamplingParams())`.
+
+    model: a local Hugging Face folder or a hub id; None uses the built-in default model.
+    Other keyword arguments are EngineArgs fields (dtype, max_model_len, block_size, ...).
+    """
+
+    def __init__(self, model: Optional[str] = None, **kwargs) -> None:
+        unknown = set(kwargs) - EngineArgs.field_names()
+        if unknown:
+            raise ValueError(f"unknown engine arguments: {', '.join(sorted(unknown))}.")
+        self.engine = Engine(EngineArgs(model=model, **kwargs))
+        self.engine.stream_outputs = False
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Union[PromptInput, Sequence[PromptInput]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; returns RequestOutputs in the prompts' order.
+
+        A prompt is a string or a list of token ids. An invalid prompt or parameter raises
+        ValueError naming the prompt's index before any work starts, and leaves the engine
+        as it was.
+        """
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        elif len(sampling_params) != len(prompts):
+            raise ValueError(f"sampling_params must be one SamplingParams or one per prompt: got "
+                             f"{len(sampling_params)} for {len(prompts)} prompts.")
+        ids = self._add_all(prompts, sampling_params)
+        finished = self._run(len(ids), use_tqdm)
+        return [finished[i] for i in ids]
+
+    def _add_all(self, prompts, sampling_params) -> list[str]:
+        ids: list[str] = []
+        try:
+            for index, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+                request_id = f"offline-{self._counter}"
+                self._counter += 1
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except ValueError as exc:
+                    raise ValueError(f"prompt {index}: {exc}") from exc
+                ids.append(request_id)
+        except BaseException:
+            self.engine.abort_request(ids)
+            raise
+        return ids
+
+    def _run(self, num_requests: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=num_requests, desc="Processed prompts", dynamic_ncols=True,
+                   disable=not use_tqdm)
+        start = time.perf_counter()
+        prompt_tokens = output_tokens = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if not output.finished:
+                        continue
+                    finished[output.request_id] = output
+                    prompt_tokens += len(output.prompt_token_ids)
+                    output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"input: {prompt_tokens / elapsed:.1f} toks/s, "
+                                        f"output: {output_tokens / elapsed:.1f} toks/s")
+                    bar.update(1)
+        finally:
+            bar.close()
+        return finished
+
+
+def _as_prompt_list(prompts) -> list[PromptInput]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [list(prompts)]  # one prompt given as token ids
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a string, a list of strings or token-id lists, got "
+                         f"{type(prompts).__name__}.")
+    return list(prompts)

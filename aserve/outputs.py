@@ -1,0 +1,63 @@
+"""What a request returns: RequestOutput with one CompletionOutput per returned sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+@dataclass
+class Logprob:
+    """The log probability of one token, its rank in the distribution and its decoded text."""
+
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# One dict per position: token id -> Logprob (the chosen token always included).
+SampleLogprobs = list[dict[int, Logprob]]
+# Prompt logprobs: None for the first prompt token, which has no context to be predicted from.
+PromptLogprobs = list[Optional[dict[int, Logprob]]]
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sample of a request."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: Optional[float]
+    logprobs: Optional[SampleLogprobs]
+    finish_reason: Optional[str] = None  # 'stop' | 'length' | 'abort' | None while running
+    stop_reason: Union[int, str, None] = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request: its prompt and its samples, cumulative so far."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    prompt_logprobs: Optional[PromptLogprobs]
+    outputs: list[CompletionOutput]
+    finished: bool
+    # Set when the request failed inside the engine; the message says why.
+    error: Optional[str] = None
+    metrics: Optional["RequestMetrics"] = None
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (time.monotonic) of a request's life, for latency metrics."""
+
+    arrival_time: float
+    first_scheduled_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+    finished_time: Optional[float] = None
+    num_generation_tokens: int = 0

@@ -1,0 +1,171 @@
+"""SamplingParams: how one request is decoded, with vLLM's field names and defaults.
+
+Validation lives here, at the door: every bad value raises ValueError naming the field and
+the allowed range, so that no bad value ever reaches the engine's batched tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+# Below this temperature sampling is treated as greedy, as vLLM does, to avoid dividing by ~0.
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings of one request (see vLLM's SamplingParams for the meaning of each)."""
+
+    n: int = 1
+    best_of: Optional[int] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: Optional[int] = 16
+    min_tokens: int = 0
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: Optional[dict[int, float]] = None
+    # Filled by the engine, never by users: the tokenizer's EOS ids (ignored when ignore_eos).
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.best_of is None:
+            self.best_of = self.n
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None:
+            self.stop = []
+        else:
+            self.stop = list(self.stop)
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = _parse_logit_bias(self.logit_bias)
+        if self.top_k == 0:
+            self.top_k = -1  # OpenAI-style clients send 0 for "off"
+        self._verify()
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    # ---------------------------------------------------------------- validation
+    def _verify(self) -> None:
+        _int_at_least("n", self.n, 1)
+        _int_at_least("best_of", self.best_of, 1)
+        if self.best_of < self.n:
+            raise ValueError(f"best_of must be greater than or equal to n, got n={self.n} and best_of={self.best_of}.")
+        _number_in("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _number_in("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _number_above("repetition_penalty", self.repetition_penalty, 0.0, "greater than 0", upper=float("inf"))
+        _number_at_least("temperature", self.temperature, 0.0)
+        _number_above("top_p", self.top_p, 0.0, "in (0, 1]", upper=1.0)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k!r}.")
+        _number_in("min_p", self.min_p, 0.0, 1.0)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if self.max_tokens is not None:
+            _int_at_least("max_tokens", self.max_tokens, 1)
+        _int_at_least("min_tokens", self.min_tokens, 0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
+        if self.logprobs is not None:
+            _int_at_least("logprobs", self.logprobs, 0)
+        if self.prompt_logprobs is not None:
+            _int_at_least("prompt_logprobs", self.prompt_logprobs, 0)
+        for s in self.stop:
+            if not isinstance(s, str) or s == "":
+                raise ValueError(f"stop must contain only non-empty strings, got {s!r}.")
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}.")
+        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
+            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}.")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
+        if self.use_beam_search:
+            if self.best_of == 1:
+                raise ValueError("best_of must be greater than 1 when using beam search, got 1.")
+            if self.temperature > _GREEDY_EPS:
+                raise ValueError("temperature must be 0 when using beam search, got "
+                                 f"{self.temperature}.")
+            if self.top_p < 1.0 - _GREEDY_EPS or self.top_k != -1 or self.min_p > _GREEDY_EPS:
+                raise ValueError("top_p must be 1, top_k -1 and min_p 0 when using beam search.")
+            if self.seed is not None:
+                raise ValueError("seed cannot be used with beam search, which is deterministic.")
+        else:
+            if self.length_penalty != 1.0:
+                raise ValueError("length_penalty is only used with beam search (use_beam_search=True).")
+            if self.early_stopping is not False:
+                raise ValueError("early_stopping is only used with beam search (use_beam_search=True).")
+            if self.is_greedy and self.best_of > 1:
+                raise ValueError(f"best_of must be 1 when using greedy sampling (temperature 0), got {self.best_of}.")
+
+    # ---------------------------------------------------------------- derived facts
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    def clone(self) -> "SamplingParams":
+        return copy.deepcopy(self)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_at_least(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer at least {low}, got {value!r}.")
+
+
+def _number_in(name: str, value, low: float, high: float) -> None:
+    if not _is_number(value) or not (low <= value <= high):
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}.")
+
+
+def _number_at_least(name: str, value, low: float) -> None:
+    if not _is_number(value) or value < low or value != value:
+        raise ValueError(f"{name} must be a number at least {low}, got {value!r}.")
+
+
+def _number_above(name: str, value, low: float, wording: str, upper: float) -> None:
+    if not _is_number(value) or not (low < value <= upper):
+        raise ValueError(f"{name} must be {wording}, got {value!r}.")
+
+
+def _parse_logit_bias(logit_bias) -> dict[int, float]:
+    if not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {type(logit_bias).__name__}.")
+    parsed: dict[int, float] = {}
+    for key, bias in logit_bias.items():
+        try:
+            token_id = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
+        if token_id < 0:
+            raise ValueError(f"logit_bias keys must be non-negative token ids, got {token_id}.")
+        if not _is_number(bias) or not (-100.0 <= bias <= 100.0):
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token_id}.")
+        parsed[token_id] = float(bias)
+    return parsed

@@ -1,0 +1,1 @@
+"""Worker side of the engine: model runner, KV cache and sampler."""

@@ -1,0 +1,70 @@
+"""KV cache sizing and allocation: how many blocks fit the memory budget, and the tensors."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_CPU_KV_CACHE_GB = 1.0
+
+
+def bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+    """Keys and values of block_size tokens across every layer."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * block_size * model.num_kv_heads * model.head_dim * element * model.num_layers
+
+
+def num_blocks_for_budget(model, block_size: int, dtype: torch.dtype, device: torch.device,
+                          kv_cache_memory_gb, gpu_memory_utilization: float,
+                          profile_forward=None) -> int:
+    """Blocks that fit: on CPU a fixed budget; on GPU what is left under gpu_memory_utilization
+    after the weights and the peak activations of the largest step (profile_forward runs it)."""
+    per_block = bytes_per_block(model, block_size, dtype)
+    if device.type != "cuda":
+        budget = (kv_cache_memory_gb or _DEFAULT_CPU_KV_CACHE_GB) * (1 << 30)
+        return int(budget // per_block)
+    if kv_cache_memory_gb is not None:
+        return int(kv_cache_memory_gb * (1 << 30) // per_block)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    if profile_forward is not None:
+        profile_forward()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    # Memory other processes hold counts against us too: total - free - our own reserved.
+    others = max(0, total - free - torch.cuda.memory_reserved(device))
+    budget = gpu_memory_utilization * total - peak - others
+    if budget < per_block:
+        raise RuntimeError(
+            f"no memory is left for the KV cache: the model's weights and activations take "
+            f"{peak / (1 << 30):.2f} GiB of {total / (1 << 30):.2f} GiB at gpu_memory_utilization="
+            f"{gpu_memory_utilization}; raise gpu_memory_utilization or lower max_num_batched_tokens.")
+    logger.info("KV cache budget %.2f GiB (peak activations+weights %.2f GiB)",
+                budget / (1 << 30), peak / (1 << 30))
+    return int(budget // per_block)
+
+
+def allocate_kv_caches(model, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[torch.Tensor]:
+    """One [2, num_blocks, block_size, kv_heads, head_dim] tensor per layer.
+
+    torch.empty: slots are always written before they are read, and untouched CPU pages
+    are then never committed, so a generous CPU budget costs nothing until used.
+    """
+    shape = (2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    return [torch.empty(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
+    """Copy-on-write: duplicate shared blocks before a sequence writes into its own copy."""
+    if not copies:
+        return
+    device = kv_caches[0].device
+    src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
+    dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+    for cache in kv_caches:
+        cache[:, dst] = cache[:, src]

@@ -1,0 +1,176 @@
+"""ModelRunner: turns a SchedulerOutput into model inputs, runs the model and samples.
+
+prepare() reads engine state and must run on the engine's thread; execute() touches only the
+ModelInput it is given, so the async engine can run it in a worker thread (or, on a GPU,
+launch it) while the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from aserve.attention import AttentionMetadata
+from aserve.engine.block_manager import BlockManager
+from aserve.engine.scheduler import SchedulerOutput
+from aserve.outputs import Logprob
+from aserve.worker.kv_cache import copy_blocks
+from aserve.worker.sampler import Sampler, SamplingMetadata, logprobs_for_tokens
+
+
+@dataclass(frozen=True)
+class PromptLogprobRows:
+    """Rows whose logits score prompt tokens: row r predicts target_token_ids[r]."""
+
+    num_top: int
+    target_token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn_metadata: AttentionMetadata
+    block_copies: list[tuple[int, int]]
+    # Token indices whose logits are needed, in this order: sampled rows, beam rows, prompt rows.
+    logits_indices: torch.Tensor
+    num_sample_rows: int
+    num_beam_rows: int
+    sampling_metadata: Optional[SamplingMetadata]
+    needs_sampled_logprob: list[bool]        # per sample row: cumulative logprob wanted
+    prompt_logprob_groups: list[PromptLogprobRows]
+
+
+@dataclass
+class ModelOutput:
+    sampled_token_ids: list[int]
+    sample_logprobs: Optional[list[Optional[dict[int, Logprob]]]]
+    sampled_token_logprobs: list[Optional[float]]
+    beam_logprobs: Optional[torch.Tensor]             # [num_beam_rows, V] on the CPU
+    prompt_logprobs: list[list[dict[int, Logprob]]]   # one list per PromptLogprobRows group
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches: list[torch.Tensor], block_manager: BlockManager,
+                 device: torch.device, seed: int) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_manager = block_manager
+        self.block_size = block_manager.block_size
+        self.device = device
+        self.sampler = Sampler(seed=seed)
+
+    # ---------------------------------------------------------------- inputs (engine thread)
+    def prepare(self, sched: SchedulerOutput, row_plan: "RowPlan") -> ModelInput:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        seq_index: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        for i, item in enumerate(sched.scheduled):
+            end = item.start + item.num_new_tokens
+            input_ids.extend(item.seq.token_ids[item.start:end])
+            positions.extend(range(item.start, end))
+            seq_index.extend([i] * item.num_new_tokens)
+            query_lens.append(item.num_new_tokens)
+            seq_lens.append(end)
+            tables.append(self.block_manager.block_table(item.seq.seq_id))
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+
+        device = self.device
+        positions_t = torch.tensor(positions, dtype=torch.long)
+        block_tables = torch.tensor(padded, dtype=torch.int32)
+        seq_index_t = torch.tensor(seq_index, dtype=torch.long)
+        # Vectorised: the cache slot of every token from its sequence's block table.
+        slots = (block_tables[seq_index_t, positions_t // self.block_size].long() * self.block_size
+                 + positions_t % self.block_size)
+        query_start = [0]
+        for q in query_lens:
+            query_start.append(query_start[-1] + q)
+        metadata = AttentionMetadata(
+            num_tokens=len(input_ids),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(device, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
+            block_tables=block_tables.to(device, non_blocking=True),
+            slot_mapping=slots.to(device, non_blocking=True),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        return ModelInput(
+            input_ids=torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True),
+            positions=positions_t.to(device, non_blocking=True),
+            attn_metadata=metadata,
+            block_copies=sched.block_copies,
+            logits_indices=torch.tensor(row_plan.logits_indices, dtype=torch.long).to(device),
+            num_sample_rows=row_plan.num_sample_rows,
+            num_beam_rows=row_plan.num_beam_rows,
+            sampling_metadata=row_plan.sampling_metadata,
+            needs_sampled_logprob=row_plan.needs_sampled_logprob,
+            prompt_logprob_groups=row_plan.prompt_logprob_groups)
+
+    # ---------------------------------------------------------------- execution (any thread)
+    @torch.inference_mode()
+    def execute(self, model_input: ModelInput) -> ModelOutput:
+        copy_blocks(self.kv_caches, model_input.block_copies)
+        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
+                            model_input.attn_metadata)
+        if model_input.logits_indices.numel() == 0:
+            return ModelOutput([], None, [], None, [])
+        logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
+        n_sample, n_beam = model_input.num_sample_rows, model_input.num_beam_rows
+
+        sampled, sample_logprobs, sampled_lps = [], None, []
+        if n_sample:
+            sample_logits = logits[:n_sample]
+            out = self.sampler(sample_logits, model_input.sampling_metadata)
+            sampled, sample_logprobs = out.sampled_token_ids, out.logprobs
+            sampled_lps = _sampled_token_logprobs(sample_logits, sampled, sample_logprobs,
+                                                  model_input.needs_sampled_logprob)
+        beam_logprobs = None
+        if n_beam:
+            beam_logprobs = torch.log_softmax(logits[n_sample:n_sample + n_beam], dim=-1).cpu()
+        prompt_logprobs = []
+        row = n_sample + n_beam
+        for group in model_input.prompt_logprob_groups:
+            count = len(group.target_token_ids)
+            lps = torch.log_softmax(logits[row:row + count], dim=-1)
+            prompt_logprobs.append(logprobs_for_tokens(lps, group.target_token_ids, group.num_top))
+            row += count
+        return ModelOutput(sampled, sample_logprobs, sampled_lps, beam_logprobs, prompt_logprobs)
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Which token positions' logits this step needs, built by the engine with the inputs."""
+
+    logits_indices: list[int]
+    num_sample_rows: int
+    num_beam_rows: int
+    sampling_metadata: Optional[SamplingMetadata]
+    needs_sampled_logprob: list[bool]
+    prompt_logprob_groups: list[PromptLogprobRows]
+
+
+def _sampled_token_logprobs(logits: torch.Tensor, sampled: list[int], sample_logprobs,
+                            wanted: list[bool]) -> list[Optional[float]]:
+    """The raw logprob of each sampled token where a cumulative logprob is kept."""
+    result: list[Optional[float]] = [None] * len(sampled)
+    missing = []
+    for row, want in enumerate(wanted):
+        if not want:
+            continue
+        found = sample_logprobs[row] if sample_logprobs is not None else None
+        if found is not None and sampled[row] in found:
+            result[row] = found[sampled[row]].logprob
+        else:
+            missing.append(row)
+    if missing:
+        rows = torch.tensor(missing, device=logits.device)
+        tokens = torch.tensor([sampled[r] for r in missing], device=logits.device)
+        picked = logits[rows, tokens] - torch.logsumexp(logits[rows], dim=-1)
+        for row, value in zip(missing, picked.tolist()):
+            result[row] = value
+    return result

@@ -1,0 +1,87 @@
+"""Which logits a step needs and for what: sampled rows, beam rows and prompt-logprob rows.
+
+The model computes logits only for these token positions (the lm_head over every prompt
+token would dominate a prefill). The spans tell the engine which rows belong to which
+scheduled sequence when it applies the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aserve.engine.scheduler import SchedulerOutput
+from aserve.worker.model_runner import PromptLogprobRows, RowPlan
+from aserve.worker.sampler import SamplingMetadata
+
+
+@dataclass
+class RowSpan:
+    """The rows of one scheduled sequence (-1: none)."""
+
+    sample_start: int = -1
+    sample_count: int = 0     # best_of on the first sample of a best_of > 1 request, else 1
+    beam_first: int = -1      # first beam row of the sequence's request
+    beam_row: int = -1
+    beam_last: bool = False   # the request's last beam: the beam step runs after it
+    prompt_group: int = -1
+    prompt_first: int = -1    # position whose logits score prompt token prompt_first + 1
+
+
+@dataclass(frozen=True)
+class PlannedRows:
+    row_plan: RowPlan
+    spans: list[RowSpan]
+
+
+def plan_rows(sched: SchedulerOutput) -> PlannedRows:
+    sample_idx: list[int] = []
+    beam_idx: list[int] = []
+    prompt_idx: list[int] = []
+    groups: list[PromptLogprobRows] = []
+    params, generators, prompt_ids, output_ids, wants_lp = [], [], [], [], []
+    spans: list[RowSpan] = []
+    beam_first: dict[str, int] = {}
+    offset = 0
+    scheduled = sched.scheduled
+    for i, item in enumerate(scheduled):
+        request, seq, n = item.request, item.seq, item.num_new_tokens
+        span = RowSpan()
+        if request.wants_prompt_logprobs:
+            # Position p's logits score prompt token p + 1; rows already recorded are skipped.
+            first = max(item.start, len(request.prompt_logprobs) - 1)
+            stop = min(item.start + n, seq.num_prompt_tokens - 1)
+            if first < stop:
+                span.prompt_group, span.prompt_first = len(groups), first
+                groups.append(PromptLogprobRows(request.params.prompt_logprobs,
+                                                request.prompt_token_ids[first + 1:stop + 1]))
+                prompt_idx.extend(range(offset + first - item.start, offset + stop - item.start))
+        if item.samples:
+            last = offset + n - 1
+            if request.beam_state is not None:
+                span.beam_first = beam_first.setdefault(request.request_id, len(beam_idx))
+                span.beam_row = len(beam_idx)
+                span.beam_last = i + 1 == len(scheduled) or scheduled[i + 1].request is not request
+                beam_idx.append(last)
+            else:
+                p = request.params
+                count = p.best_of if request.needs_fork else 1
+                span.sample_start, span.sample_count = len(sample_idx), count
+                sample_idx.extend([last] * count)
+                # Output ids are only copied where penalties or min_tokens read them.
+                outputs = seq.output_token_ids if (p.needs_penalties or p.min_tokens) else []
+                for _ in range(count):
+                    params.append(p)
+                    generators.append(request.generator)
+                    prompt_ids.append(request.prompt_token_ids)
+                    output_ids.append(outputs)
+                    wants_lp.append(p.logprobs is not None or p.best_of > p.n)
+        spans.append(span)
+        offset += n
+    metadata = (SamplingMetadata.build(params, generators, prompt_ids, output_ids)
+                if params else None)
+    row_plan = RowPlan(
+        logits_indices=sample_idx + beam_idx + prompt_idx,
+        num_sample_rows=len(sample_idx), num_beam_rows=len(beam_idx),
+        sampling_metadata=metadata, needs_sampled_logprob=wants_lp,
+        prompt_logprob_groups=groups)
+    return PlannedRows(row_plan, spans)

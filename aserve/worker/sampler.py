@@ -1,0 +1,216 @@
+"""The sampler: one batched step from logits [N, V] to one token id (and logprobs) per row.
+
+Order (vLLM's): logit_bias, min_tokens, penalties -> greedy rows take the argmax; random rows
+divide by temperature, apply top-k, top-p, min-p and sample by an exponential race, drawing each
+row's noise only from that row's generator so seeded requests reproduce in any batch.
+Returned logprobs describe the raw model distribution (log_softmax before any processing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from aserve.outputs import Logprob
+from aserve.sampling_params import SamplingParams
+from aserve.worker.logits_processors import apply_logits_processors, apply_min_p, apply_top_k_top_p
+
+
+@dataclass(frozen=True)
+class SamplingMetadata:
+    """Per-row sampling inputs of one step, plus batch flags that let the sampler skip work.
+
+    The flags are derived in __post_init__, so direct construction and build() agree.
+    """
+
+    params: list[SamplingParams]
+    generators: list[Optional[torch.Generator]]
+    prompt_token_ids: list[list[int]]
+    output_token_ids: list[list[int]]
+    all_greedy: bool = field(init=False)
+    all_random: bool = field(init=False)
+    any_penalties: bool = field(init=False)
+    any_logit_bias: bool = field(init=False)
+    any_min_tokens: bool = field(init=False)
+    # The next three only look at random rows: greedy rows never use them.
+    any_top_k: bool = field(init=False)
+    any_top_p: bool = field(init=False)
+    any_min_p: bool = field(init=False)
+    max_num_logprobs: Optional[int] = field(init=False)  # None: no row asks, skip log_softmax
+
+    def __post_init__(self) -> None:
+        params = self.params
+        assert len(self.generators) == len(params) == len(self.prompt_token_ids) == len(self.output_token_ids)
+        random = [p for p in params if not p.is_greedy]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        flags = dict(
+            all_greedy=not random,
+            all_random=len(random) == len(params),
+            any_penalties=any(p.needs_penalties for p in params),
+            any_logit_bias=any(p.logit_bias for p in params),
+            any_min_tokens=any(p.all_stop_token_ids and len(out) < p.min_tokens
+                               for p, out in zip(params, self.output_token_ids)),
+            any_top_k=any(p.top_k > 0 for p in random),
+            any_top_p=any(p.top_p < 1.0 for p in random),
+            any_min_p=any(p.min_p > 0.0 for p in random),
+            max_num_logprobs=max(asked) if asked else None,
+        )
+        for name, value in flags.items():
+            object.__setattr__(self, name, value)  # frozen: set once, here
+
+    @staticmethod
+    def build(params: list[SamplingParams], generators: list[Optional[torch.Generator]],
+              prompt_token_ids: list[list[int]], output_token_ids: list[list[int]]) -> "SamplingMetadata":
+        return SamplingMetadata(params, generators, prompt_token_ids, output_token_ids)
+
+
+@dataclass
+class SamplerOutput:
+    """One token per row; logprobs per row (None for rows that did not ask; None if none asked)."""
+
+    sampled_token_ids: list[int]
+    logprobs: Optional[list[Optional[dict[int, Logprob]]]]
+
+
+class Sampler:
+    """Turns a step's logits into token ids; stateless except for the generator of unseeded rows."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self._generators: dict[tuple[str, int], torch.Generator] = {}  # one per device, made lazily
+
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        num_rows = logits.shape[0]
+        assert num_rows == len(metadata.params)
+        if num_rows == 0:
+            return SamplerOutput([], None)
+        logits = logits.float()  # same tensor when already float32: nothing below writes into it
+        raw_logprobs = None
+        if metadata.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        processed = apply_logits_processors(logits, metadata)
+        if metadata.all_greedy:
+            sampled = processed.argmax(dim=-1)  # the common fast path: no softmax, no noise
+        else:
+            sampled = self._sample(processed, metadata)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled.tolist(), None)
+        asked = [p.logprobs for p in metadata.params]
+        packed = _pack_logprobs(raw_logprobs, sampled, min(metadata.max_num_logprobs, logits.shape[1]))
+        rows = packed.tolist()  # the step's single device -> host transfer
+        dicts = _unpack_logprobs(rows, [k if k is not None else 0 for k in asked])
+        return SamplerOutput([int(row[0]) for row in rows],
+                             [d if k is not None else None for d, k in zip(dicts, asked)])
+
+    def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        params, generators = metadata.params, metadata.generators
+        greedy = None if metadata.all_random else logits.argmax(dim=-1)
+        random_rows = None
+        if not metadata.all_random:
+            # Only random rows go through temperature, filtering and softmax.
+            random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+            index = torch.tensor(random_rows, device=logits.device)
+            logits = logits.index_select(0, index)
+            params = [params[i] for i in random_rows]
+            generators = [generators[i] for i in random_rows]
+        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        logits = logits / temperature.unsqueeze(1)  # a new tensor: the filters below may write in place
+        if metadata.any_top_k or metadata.any_top_p:
+            logits = apply_top_k_top_p(logits, [p.top_k for p in params] if metadata.any_top_k else None,
+                                       [p.top_p for p in params] if metadata.any_top_p else None)
+        if metadata.any_min_p:
+            logits = apply_min_p(logits, [p.min_p for p in params])
+        probs = logits.softmax(dim=-1)
+        # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i
+        # (the Gumbel-max trick in disguise), and the noise can come from any generator per row.
+        sampled = probs.div_(self._exponential_noise(probs.shape, generators, probs.device)).argmax(dim=-1)
+        if random_rows is None:
+            return sampled
+        return greedy.index_copy_(0, index, sampled)
+
+    def _exponential_noise(self, shape: torch.Size, generators: Sequence[Optional[torch.Generator]],
+                           device: torch.device) -> torch.Tensor:
+        noise = torch.empty(shape, device=device)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if len(unseeded) == len(generators):
+            noise.exponential_(generator=self._generator(device))
+        elif unseeded:
+            draws = torch.empty(len(unseeded), shape[1], device=device).exponential_(generator=self._generator(device))
+            noise[torch.tensor(unseeded, device=device)] = draws
+        # Seeded rows: in row order, so n>1 rows sharing one generator draw from it in turn, and each
+        # draw is V values from its own stream whatever the batch around it.
+        for i, g in enumerate(generators):
+            if g is None:
+                continue
+            if _same_device(g.device, device):
+                noise[i].exponential_(generator=g)
+            else:
+                noise[i].copy_(torch.empty(shape[1], device=g.device).exponential_(generator=g))
+        # Exp(1) draws may round to 0; a 0 would turn a masked token's 0 prob into 0/0 = nan.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = (device.type, device.index if device.index is not None else 0)
+        generator = self._generators.get(key)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            self._generators[key] = generator
+        return generator
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def logprobs_for_tokens(logprobs: torch.Tensor, token_ids: list[int],
+                        num_top: Union[int, Sequence[int]]) -> list[dict[int, Logprob]]:
+    """Per row i of log_softmax-ed logprobs [N, V]: the top num_top tokens plus token_ids[i].
+
+    Each Logprob has rank = 1 + the number of tokens with a strictly greater logprob, so a
+    dict holds num_top or num_top + 1 entries. num_top may also be a list, one count per row.
+    Used for sample logprobs and for prompt logprobs (token_ids = the next prompt tokens).
+    """
+    num_rows, vocab_size = logprobs.shape
+    tops = [num_top] * num_rows if isinstance(num_top, int) else list(num_top)
+    assert len(token_ids) == num_rows == len(tops)
+    if num_rows == 0:
+        return []
+    tokens = torch.tensor(token_ids, dtype=torch.long, device=logprobs.device)
+    packed = _pack_logprobs(logprobs.float(), tokens, min(max(tops), vocab_size))
+    return _unpack_logprobs(packed.tolist(), tops)
+
+
+def _pack_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> torch.Tensor:
+    """[N, 3 + 3 * num_top] float64: token id, its logprob, its rank, then top ids, logprobs, ranks.
+
+    One float64 tensor so the host gets everything in one transfer; ids and ranks (< 2**53) and
+    float32 logprobs are exact in float64.
+    """
+    chosen = token_ids.unsqueeze(1)
+    chosen_logprob = logprobs.gather(1, chosen)
+    chosen_rank = (logprobs > chosen_logprob).sum(dim=-1, keepdim=True) + 1
+    columns = [chosen, chosen_logprob, chosen_rank]
+    if num_top > 0:
+        top_logprobs, top_ids = logprobs.topk(num_top, dim=-1)
+        # Any token above the j-th top value is itself among the top j, so counting within the
+        # [N, k, k] comparison gives the same rank as counting over the whole vocabulary.
+        top_ranks = (top_logprobs.unsqueeze(1) > top_logprobs.unsqueeze(2)).sum(dim=-1) + 1
+        columns += [top_ids, top_logprobs, top_ranks]
+    return torch.cat([c.to(torch.float64) for c in columns], dim=1)
+
+
+def _unpack_logprobs(rows: list[list[float]], num_tops: Sequence[int]) -> list[dict[int, Logprob]]:
+    width = (len(rows[0]) - 3) // 3 if rows else 0
+    result = []
+    for row, k in zip(rows, num_tops):
+        k = min(k, width)
+        entry = {int(token): Logprob(logprob, int(rank)) for token, logprob, rank in
+                 zip(row[3:3 + k], row[3 + width:3 + width + k], row[3 + 2 * width:3 + 2 * width + k])}
+        token = int(row[0])
+        if token not in entry:
+            entry[token] = Logprob(row[1], int(row[2]))
+        result.append(entry)
+    return result

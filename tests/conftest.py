@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random-weight models built once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# The tests import helpers (tiny_models, server_fixtures) from this folder.
+sys.path.insert(0, os.path.dirname(__file__))
+# No test may reach for the Hugging Face hub: everything is built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+
+@pytest.fixture(scope="session")
+def llama_dir() -> str:
+    from tiny_models import tiny_model_dir
+
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def llm_cache():
+    """OfflineLLMs keyed by (family, settings), so tests that agree on settings share one."""
+    from aserve import OfflineLLM
+    from tiny_models import tiny_model_dir
+
+    cache: dict = {}
+
+    def get(family: str, **kwargs):
+        key = (family, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = OfflineLLM(model=tiny_model_dir(family), **kwargs)
+        return cache[key]
+
+    return get

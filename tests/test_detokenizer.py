@@ -1,0 +1,288 @@
+"""IncrementalDetokenizer: streamed text equals decode(), no split characters, stop strings, forks.
+
+Two offline tokenizers cover both leading-space styles: a GPT-2-like byte-level BPE, and a
+Llama-like Metaspace BPE ("▁" for spaces, byte-fallback tokens <0xXX>, first space stripped).
+Every behaviour runs with the Rust DecodeStream path and with the plain decode() window path.
+"""
+
+import functools
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from aserve.engine.detokenizer import IncrementalDetokenizer, decode_token_text
+
+CORPUS = [
+    "Hello world, this is a test. Café au lait, naïve résumé, élève.",
+    "日本語のテキストです。東京は日本の首都です。", "Emoji time 🙂🙂 😀 👍🏽 done!",
+    "The quick brown fox jumps over the lazy dog. STOP here; end.",
+    "def f(x):\n    return x + 1\n\n", "Привет мир, как дела?", "🙂 日本 é",
+] * 10
+# Characters the Metaspace tokenizer never saw, so they come out as byte-fallback tokens.
+UNSEEN = "中€🎉ß¿"
+ALPHABET = "abcdeHlo ,.\nSTOP" + "éï日本語🙂😀" + UNSEEN
+SPECIALS = dict(bos_token="<s>", eos_token="</s>")
+
+
+@functools.lru_cache(None)
+def byte_level_tokenizer():
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+@functools.lru_cache(None)
+def metaspace_tokenizer():
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>"]))
+    # Rebuild the model with the 256 byte tokens as ordinary vocabulary, as Llama's has them.
+    trained = json.loads(tok.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(trained["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    tok.model = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **SPECIALS)
+
+
+TOKENIZERS = {"byte_level": byte_level_tokenizer, "metaspace": metaspace_tokenizer}
+both_tokenizers = pytest.mark.parametrize("tok_name", sorted(TOKENIZERS))
+both_paths = pytest.mark.parametrize("use_stream", [True, False], ids=["stream", "window"])
+HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def encode(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def run(tok, prompt, output, **kw):
+    """Stream `output` through a detokenizer; return (deltas, detokenizer)."""
+    detok = IncrementalDetokenizer(tok, prompt, **kw)
+    deltas = []
+    for token_id in output:
+        stop = detok.append(token_id)
+        deltas.append(detok.take_delta())
+        if stop is not None:
+            break
+    detok.finish()
+    deltas.append(detok.take_delta())
+    return deltas, detok
+
+
+def in_context(tok, prompt, output, skip=True):
+    """What vLLM shows: the output's text as it reads after the prompt."""
+    return tok.decode(prompt + output, skip_special_tokens=skip)[len(tok.decode(prompt, skip_special_tokens=skip)):]
+
+
+def test_tokenizers_split_characters_over_tokens():
+    for tok in (byte_level_tokenizer(), metaspace_tokenizer()):
+        ids = encode(tok, UNSEEN + "日本語🙂")
+        assert tok.decode(ids) == UNSEEN + "日本語🙂"
+        assert any("\ufffd" in tok.decode([i]) for i in ids)
+
+
+@both_paths
+@given(output=st.lists(st.integers(0, 399), max_size=40), prompt=st.lists(st.integers(0, 399), max_size=8),
+       skip=st.booleans())
+@HYP
+def test_byte_level_random_ids_stream_exactly_to_decode(use_stream, output, prompt, skip):
+    # Byte-level text does not depend on the prompt (no leading-space rule): even invalid UTF-8
+    # (from random ids) streams exactly to decode(), an incomplete tail flushed by finish().
+    tok = byte_level_tokenizer()
+    deltas, detok = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=use_stream)
+    assert "".join(deltas) == detok.text == tok.decode(output, skip_special_tokens=skip)
+
+
+def metaspace_units():
+    """Token ids that never split a character: ordinary pieces, whole characters as byte tokens,
+    special tokens."""
+    tok = metaspace_tokenizer()
+    pieces = [i for t, i in tok.get_vocab().items() if not t.startswith("<")]
+    char_bytes = [[3 + b for b in ch.encode()] for ch in UNSEEN + "é日"]
+    return st.one_of(st.sampled_from(pieces).map(lambda i: [i]), st.sampled_from(char_bytes),
+                     st.sampled_from([[1], [2]]))
+
+
+@both_paths
+@given(units=st.lists(metaspace_units(), max_size=30), prompt_text=st.text(ALPHABET, max_size=12),
+       skip=st.booleans())
+@HYP
+def test_metaspace_units_stream_to_decode_in_prompt_context(use_stream, units, prompt_text, skip):
+    tok = metaspace_tokenizer()
+    output = [i for unit in units for i in unit]
+    prompt = encode(tok, prompt_text)
+    deltas, detok = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=use_stream)
+    assert "".join(deltas) == detok.text == in_context(tok, prompt, output, skip)
+    assert not any("\ufffd" in d for d in deltas)
+
+
+@both_tokenizers
+@given(output=st.lists(st.integers(0, 520), max_size=40), prompt=st.lists(st.integers(0, 520), max_size=8),
+       skip=st.booleans())
+@HYP
+def test_stream_and_window_paths_agree_on_any_ids(tok_name, output, prompt, skip):
+    tok = TOKENIZERS[tok_name]()
+    fast, _ = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=True)
+    slow, _ = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=False)
+    assert fast == slow
+
+
+@both_tokenizers
+@both_paths
+@given(text=st.text(ALPHABET, min_size=1, max_size=40))
+@HYP
+def test_no_replacement_character_in_any_delta(tok_name, use_stream, text):
+    tok = TOKENIZERS[tok_name]()
+    ids = encode(tok, text)
+    deltas, detok = run(tok, [], ids, use_decode_stream=use_stream)
+    assert not any("\ufffd" in d for d in deltas)
+    assert detok.text == tok.decode(ids)  # == text, but Metaspace loses a leading space
+
+
+@both_paths
+def test_metaspace_keeps_the_leading_space_after_a_prompt(use_stream):
+    tok = metaspace_tokenizer()
+    ids = encode(tok, "Hello world")
+    split = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]) == "Hello")
+    _, detok = run(tok, ids[:split], ids[split:], use_decode_stream=use_stream)
+    assert detok.text == " world"
+    _, alone = run(tok, [], ids[split:], use_decode_stream=use_stream)
+    assert alone.text == tok.decode(ids[split:]) == "world"
+
+
+@both_tokenizers
+@both_paths
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_special_tokens(tok_name, use_stream, skip):
+    tok = TOKENIZERS[tok_name]()
+    output = encode(tok, "Hi there") + [tok.eos_token_id] + encode(tok, " 日本") + [tok.eos_token_id]
+    prompt = [tok.bos_token_id] + encode(tok, "Say:")
+    _, detok = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=use_stream)
+    assert ("</s>" in detok.text) is (not skip)
+    assert detok.text == in_context(tok, prompt, output, skip)
+
+
+@both_tokenizers
+@both_paths
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_across_token_boundaries(tok_name, use_stream, include):
+    tok = TOKENIZERS[tok_name]()
+    text = "Hello world, STOP here; end."
+    output = encode(tok, text)
+    assert not any("ld, ST" in tok.decode([i]) for i in output)  # the stop spans tokens
+    deltas, detok = run(tok, [], output, stop=["xyz", "ld, ST"], include_stop_str_in_output=include,
+                        use_decode_stream=use_stream)
+    assert "".join(deltas) == detok.text == ("Hello world, ST" if include else "Hello wor")
+
+def test_stop_string_split_over_tokens_is_found():
+    tok = byte_level_tokenizer()
+    output = encode(tok, "a") + encode(tok, "bc") + encode(tok, "d") + encode(tok, "ef")
+    _, detok = run(tok, [], output, stop=["cde"])
+    assert detok.text == "ab"
+
+
+def test_first_completed_stop_string_wins():
+    tok = byte_level_tokenizer()
+    _, detok = run(tok, [], encode(tok, "abcd"), stop=["abcd", "c"])
+    assert detok.text == "ab"
+
+
+def test_holdback_is_released_on_finish():
+    tok = byte_level_tokenizer()
+    detok = IncrementalDetokenizer(tok, [], stop=["STOP"])
+    for i in encode(tok, "Hello ST"):
+        assert detok.append(i) is None
+    assert detok.full_text == "Hello ST" and detok.text == "Hello"
+    detok.finish()
+    assert detok.text == "Hello ST"
+
+
+@both_tokenizers
+@given(text=st.text(ALPHABET, max_size=30), stops=st.lists(st.text(ALPHABET, min_size=1, max_size=4), max_size=3),
+       include=st.booleans())
+@HYP
+def test_shown_text_only_grows_and_never_shows_a_cut_stop(tok_name, text, stops, include):
+    tok = TOKENIZERS[tok_name]()
+    ids = encode(tok, text)
+    text = tok.decode(ids)  # Metaspace drops a leading space
+    detok = IncrementalDetokenizer(tok, [], stop=stops, include_stop_str_in_output=include)
+    shown, stop = [], None
+    for token_id in ids:
+        stop = detok.append(token_id)
+        shown.append(detok.text)
+        if stop is not None:
+            break
+    if stop is None:
+        detok.finish()
+    final = detok.text
+    assert all(final.startswith(s) for s in shown)
+    body = final[:len(final) - len(stop)] if (include and stop) else final
+    assert not any(s in body for s in stops)
+    if stop is not None:
+        assert final.endswith(stop) if include else text.startswith(final + stop)
+    else:
+        assert final == text
+    if len(stops) == 1:  # one stop string: the text is cut at its first occurrence
+        index = text.find(stops[0])
+        assert final == (text if index < 0 else text[:index + (len(stops[0]) if include else 0)])
+
+
+@both_tokenizers
+@both_paths
+def test_fork_is_independent(tok_name, use_stream):
+    tok = TOKENIZERS[tok_name]()
+    prompt = encode(tok, "Say:")
+    ids = encode(tok, "Hello 中")
+    cut = next(k for k in range(len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
+    head = ids[:cut]  # ends inside a character: its first bytes are pending at the fork
+    tails = ids[cut:] + encode(tok, " one 🙂"), ids[cut:] + encode(tok, "€ two")
+    parent = IncrementalDetokenizer(tok, prompt, stop=["STOP"], use_decode_stream=use_stream)
+    for i in head:
+        parent.append(i)
+    child = parent.fork()
+    for detok, tail in zip((parent, child), tails):
+        for i in tail:
+            detok.append(i)
+        detok.finish()
+    assert parent.text == in_context(tok, prompt, head + tails[0]) == " Hello 中 one 🙂"[tok_name == "byte_level":]
+    assert child.text == in_context(tok, prompt, head + tails[1])
+
+
+def test_finish_flushes_an_incomplete_character_as_decode_does():
+    tok = byte_level_tokenizer()
+    ids = encode(tok, "ok 中")
+    cut = next(k for k in range(len(ids), 0, -1) if tok.decode(ids[:k]).endswith("\ufffd"))
+    deltas, detok = run(tok, [], ids[:cut])
+    assert "".join(deltas) == detok.text == tok.decode(ids[:cut])
+
+
+def test_prompt_ending_inside_a_character_is_left_out_of_the_context():
+    tok = byte_level_tokenizer()
+    ids = encode(tok, "x 中 y")
+    cut = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
+    _, detok = run(tok, ids[:cut], ids[cut:])
+    assert detok.text == tok.decode(ids[cut:])
+
+
+def test_empty_stop_string_is_rejected():
+    with pytest.raises(ValueError, match="stop"):
+        IncrementalDetokenizer(byte_level_tokenizer(), [], stop=[""])
+
+
+@both_tokenizers
+def test_decode_token_text_matches_decode_and_is_cached(tok_name):
+    tok = TOKENIZERS[tok_name]()
+    for token_id in range(0, len(tok), 7):
+        assert decode_token_text(tok, token_id) == tok.decode([token_id])
+    assert decode_token_text(tok, tok.eos_token_id) == "</s>"
+    assert decode_token_text(tok, 42) is decode_token_text(tok, 42)

@@ -1,0 +1,200 @@
+"""Our model implementations over the paged KV cache match Hugging Face transformers' logits."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from aserve.attention import AttentionMetadata
+from aserve.config import EngineArgs
+from aserve.models import create_model_config, get_model_class, load_model
+from tiny_models import FAMILIES, VOCAB_SIZE, make_tiny_model, tiny_model_dir
+
+BLOCK_SIZE = 8
+ATOL = 1e-4
+
+
+class PagedRunner:
+    """Drives a model step by step like the engine would: per-sequence block tables over a
+    shared pool of blocks, handed out in shuffled order so no sequence's blocks are contiguous."""
+
+    def __init__(self, model, num_blocks: int = 64):
+        self.model = model
+        gen = torch.Generator().manual_seed(1)
+        # Garbage, not zeros: a slot that is read before being written would show up.
+        self.kv_caches = [torch.randn(2, num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim,
+                                      generator=gen) for _ in range(model.num_layers)]
+        self.free_blocks = list(range(num_blocks))
+        random.Random(0).shuffle(self.free_blocks)
+        self.blocks: dict[str, list[int]] = {}
+        self.lengths: dict[str, int] = {}
+
+    def step(self, chunks: list[tuple[str, list[int]]]) -> torch.Tensor:
+        """Run one step over (sequence id, new token ids) chunks; float32 logits [T, vocab]."""
+        input_ids, positions, slots, query_lens, seq_lens, tables = [], [], [], [], [], []
+        for seq, tokens in chunks:
+            start = self.lengths.get(seq, 0)
+            end = start + len(tokens)
+            blocks = self.blocks.setdefault(seq, [])
+            while len(blocks) * BLOCK_SIZE < end:
+                blocks.append(self.free_blocks.pop())
+            input_ids += tokens
+            positions += range(start, end)
+            slots += [blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)]
+            query_lens.append(len(tokens))
+            seq_lens.append(end)
+            tables.append(blocks)
+            self.lengths[seq] = end
+        width = max(len(t) for t in tables)
+        metadata = AttentionMetadata(
+            num_tokens=len(input_ids),
+            query_start_loc=torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+        with torch.no_grad():
+            hidden = self.model(torch.tensor(input_ids), torch.tensor(positions), self.kv_caches, metadata)
+            return self.model.compute_logits(hidden)
+
+
+def _load(path: str, **kwargs):
+    config = create_model_config(EngineArgs(model=path, device="cpu", **kwargs))
+    return load_model(config, "cpu")
+
+
+def _hf_logits(path: str, tokens: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([tokens])).logits[0].float()
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(5, VOCAB_SIZE, (n,), generator=gen).tolist()
+
+
+_VARIANTS = {
+    "qwen2-sliding": ("qwen2", dict(use_sliding_window=True, max_window_layers=1, sliding_window=8)),
+    "llama-rope-llama3": ("llama", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "llama-rope-linear": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0,
+                                                             factor=2.0))),
+    "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+}
+
+
+@pytest.fixture(scope="module")
+def variant_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    return {name: make_tiny_model(family, root / name, **kw) for name, (family, kw) in _VARIANTS.items()}
+
+
+def _model_dir(name: str, variant_dirs) -> str:
+    return variant_dirs[name] if name in _VARIANTS else tiny_model_dir(name)
+
+
+ALL = list(FAMILIES) + list(_VARIANTS)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_prefill_matches_hf_at_every_position(name, variant_dirs):
+    path = _model_dir(name, variant_dirs)
+    tokens = _tokens(37, seed=0)
+    logits = PagedRunner(_load(path)).step([("a", tokens)])
+    torch.testing.assert_close(logits, _hf_logits(path, tokens), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_chunked_prefill_then_decode_matches_hf(name, variant_dirs):
+    path = _model_dir(name, variant_dirs)
+    tokens = _tokens(34, seed=1)
+    runner = PagedRunner(_load(path))
+    got = [runner.step([("a", tokens[:17])]), runner.step([("a", tokens[17:30])])]
+    got += [runner.step([("a", [t])]) for t in tokens[30:]]
+    torch.testing.assert_close(torch.cat(got), _hf_logits(path, tokens), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batch_of_sequences_with_different_lengths_matches_hf(name, variant_dirs):
+    path = _model_dir(name, variant_dirs)
+    a, b = _tokens(21, seed=2), _tokens(34, seed=3)
+    runner = PagedRunner(_load(path))
+    first = runner.step([("a", a[:20]), ("b", b[:25])])
+    second = runner.step([("a", a[20:]), ("b", b[25:])])    # a decodes while b finishes prefill
+    ref_a, ref_b = _hf_logits(path, a), _hf_logits(path, b)
+    torch.testing.assert_close(first[:20], ref_a[:20], atol=ATOL, rtol=0)
+    torch.testing.assert_close(first[20:], ref_b[:25], atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[:1], ref_a[20:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(second[1:], ref_b[25:], atol=ATOL, rtol=0)
+
+
+def test_model_exposes_cache_geometry():
+    model = _load(tiny_model_dir("mistral"))
+    assert (model.num_layers, model.num_kv_heads, model.head_dim) == (2, 2, 32)
+
+
+def test_bin_checkpoint_loads_identically(tmp_path):
+    path = make_tiny_model("llama", tmp_path / "bin", safe_serialization=False)
+    assert not list((tmp_path / "bin").glob("*.safetensors"))
+    tokens = _tokens(12, seed=4)
+    from_bin = PagedRunner(_load(path)).step([("a", tokens)])
+    from_safetensors = PagedRunner(_load(tiny_model_dir("llama"))).step([("a", tokens)])
+    assert torch.equal(from_bin, from_safetensors)
+
+
+def test_unknown_architecture_lists_supported_ones(tmp_path):
+    with pytest.raises(ValueError, match="LlamaForCausalLM") as err:
+        get_model_class("BertForMaskedLM")
+    assert "GPT2LMHeadModel" in str(err.value) and "BertForMaskedLM" in str(err.value)
+    path = tmp_path / "bert"
+    shutil.copytree(tiny_model_dir("llama"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ValueError, match="FooForCausalLM.*Supported architectures: .*OPTForCausalLM"):
+        create_model_config(EngineArgs(model=str(path), device="cpu"))
+
+
+def test_checkpoint_with_unknown_weight_name_is_rejected():
+    model = get_model_class("LlamaForCausalLM")(create_model_config(
+        EngineArgs(model=tiny_model_dir("llama"), device="cpu")).hf_config)
+    with pytest.raises(ValueError, match="no matching parameter"):
+        model.load_weights([("model.layers.0.self_attn.bogus.weight", torch.zeros(1))])
+
+
+def test_bfloat16_model_runs_close_to_float32():
+    path = tiny_model_dir("llama")
+    model = _load(path, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    runner = PagedRunner(model)
+    runner.kv_caches = [c.to(torch.bfloat16) for c in runner.kv_caches]
+    tokens = _tokens(10, seed=5)
+    logits = runner.step([("a", tokens)])
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, _hf_logits(path, tokens), atol=0.5, rtol=0.05)
+
+
+def test_rope_settings_are_read_from_old_and_new_config_forms():
+    from types import SimpleNamespace
+
+    from aserve.models.layers import get_rope_parameters
+
+    new = SimpleNamespace(rope_parameters={"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0})
+    old = SimpleNamespace(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
+    assert get_rope_parameters(new) | {"type": "linear"} == get_rope_parameters(old)
+    assert get_rope_parameters(SimpleNamespace()) == {"rope_theta": 10000.0, "rope_type": "default"}
+
+
+def test_unsupported_rope_type_is_rejected():
+    from aserve.models.layers import RotaryEmbedding
+
+    with pytest.raises(ValueError, match="unsupported rope type 'yarn'"):
+        RotaryEmbedding(16, 32, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})

@@ -1,0 +1,114 @@
+"""Tiny random-weight Hugging Face models of every supported family, for tests.
+
+`tiny_model_dir(family)` builds each model once per process (in a temporary folder) so tests can
+share them; `make_tiny_model(family, path, **overrides)` builds one into a chosen folder.
+Weights are drawn with a large spread so that logits are well separated: greedy decoding of a
+near-tie would otherwise flip between implementations on rounding noise.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+
+FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "gpt2")
+VOCAB_SIZE = 512
+MAX_POSITIONS = 512
+
+_COMMON = dict(vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6)
+
+
+def _config(family: str, overrides: dict):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    if family in ("opt", "opt-postln"):
+        kw = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=MAX_POSITIONS, word_embed_proj_dim=64,
+                  do_layer_norm_before=True, architectures=["OPTForCausalLM"])
+        if family == "opt-postln":
+            # Like facebook/opt-350m: post-LayerNorm and a smaller embedding projected in/out.
+            kw.update(do_layer_norm_before=False, word_embed_proj_dim=32)
+        cls = OPTConfig
+    elif family == "llama":
+        kw = dict(_LLAMA_LIKE, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+        cls = LlamaConfig
+    elif family == "mistral":
+        # A window shorter than typical test prompts, so the sliding-window mask is exercised.
+        kw = dict(_LLAMA_LIKE, sliding_window=16, head_dim=32, tie_word_embeddings=False,
+                  architectures=["MistralForCausalLM"])
+        cls = MistralConfig
+    elif family == "qwen2":
+        # Tied like the small Qwen2 checkpoints, so the loader's tying path is exercised.
+        kw = dict(_LLAMA_LIKE, tie_word_embeddings=True, use_sliding_window=False,
+                  architectures=["Qwen2ForCausalLM"])
+        cls = Qwen2Config
+    elif family == "gpt2":
+        kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
+                  architectures=["GPT2LMHeadModel"])
+        cls = GPT2Config
+    else:
+        raise ValueError(f"unknown tiny model family {family!r}; choose from {FAMILIES}")
+    kw.update(_COMMON)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+@torch.no_grad()
+def _spread_weights(model: torch.nn.Module) -> None:
+    """Redraw every parameter: matrices N(0, 0.2^2) (embeddings and lm_head 0.5, which gives
+    logits a standard deviation of about 4-8), norm scales around 1, biases small."""
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            big = any(k in name for k in ("embed_tokens", "lm_head", "wte"))
+            param.normal_(0.0, 0.5 if big else 0.2)
+        elif "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            param.normal_(1.0, 0.1)  # not all ones, so a misloaded norm weight shows
+        else:
+            param.normal_(0.0, 0.1)
+
+
+def make_tiny_model(family: str, path, **config_overrides) -> str:
+    """Build a tiny random model of `family` (see FAMILIES) with a tokenizer into `path`.
+
+    Deterministic (seed 0). Saved as safetensors unless `safe_serialization=False` is passed.
+    Extra keyword arguments override config fields (e.g. rope_parameters=...). Returns path.
+    """
+    from transformers import AutoModelForCausalLM
+
+    safe = config_overrides.pop("safe_serialization", True)
+    path = str(path)
+    config = _config(family, config_overrides)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+    _spread_weights(model)
+    if safe:
+        model.save_pretrained(path)
+    else:
+        # transformers 5 ignores save_pretrained(safe_serialization=False) and always writes
+        # safetensors, so the legacy pickle checkpoint is written by hand.
+        model.config.save_pretrained(path)
+        model.generation_config.save_pretrained(path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
+    build_tokenizer(VOCAB_SIZE).save_pretrained(path)
+    return path
+
+
+_cache_root: str | None = None
+_built: dict[str, str] = {}
+
+
+def tiny_model_dir(family: str) -> str:
+    """The folder of the tiny `family` model, built once per process and shared by all tests."""
+    global _cache_root
+    if family not in _built:
+        if _cache_root is None:
+            _cache_root = tempfile.mkdtemp(prefix="aserve-tiny-models-")
+        _built[family] = make_tiny_model(family, os.path.join(_cache_root, family))
+    return _built[family]
