@@ -50,12 +50,10 @@ def run_aserve(args, prompts) -> dict:
 def run_hf(args, prompts) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from aserve.models.loader import resolve_model_path
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"auto": torch.float16 if device == "cuda" else torch.float32, "float16": torch.float16,
              "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.model), dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(_model_path(args.model), dtype=dtype).to(device).eval()
 
     def generate(batch):
         ids = torch.tensor(batch, device=device)
@@ -160,14 +158,17 @@ def main():
         print(json.dumps(engine_overhead(llm, args)))
 
 
-def _vocab_size(model) -> int:
-    from transformers import AutoConfig
-
+def _model_path(model) -> str:
     from aserve.models.default_model import default_model_path
     from aserve.models.loader import resolve_model_path
 
-    path = resolve_model_path(model) if model else default_model_path()
-    return AutoConfig.from_pretrained(path).vocab_size
+    return resolve_model_path(model) if model else default_model_path()
+
+
+def _vocab_size(model) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_model_path(model)).vocab_size
 
 
 if __name__ == "__main__":
