@@ -1,0 +1,231 @@
+"""AsyncEngine: the Engine driven by one coroutine on the server's event loop.
+
+The step driver sleeps while there is no work and wakes when a request arrives. Each step's
+cheap bookkeeping (schedule, process) runs on the loop; the model forward (Engine.execute)
+runs in a single worker thread, so the loop keeps answering HTTP (and /health) while the
+model computes: torch releases the GIL inside its kernels, and on GPU the thread simply waits
+on the device. One thread, because the engine's execute must never run twice at once.
+
+Each request gets a RequestStream: an async iterator of its cumulative RequestOutputs.
+Outputs are cumulative, so the stream keeps only the newest one: a slow consumer skips
+intermediate states instead of growing a queue, and never misses the final state.
+Closing a stream before it finished (the consumer was cancelled, the client went away)
+aborts the request, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Optional, Union
+
+from aserve.outputs import RequestOutput
+from aserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("aserve.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The step driver failed; no request can be served any more."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted before it finished."""
+
+
+class RequestStream:
+    """The outputs of one request, for `async for`; holds only the newest (cumulative) one."""
+
+    def __init__(self, request_id: str, owner: "AsyncEngine"):
+        self.request_id = request_id
+        self._owner = owner
+        self._latest: Optional[RequestOutput] = None
+        self._error: Optional[BaseException] = None
+        self._ready = asyncio.Event()
+        self.finished = False     # the engine reported the final output (or an error)
+        self._delivered_last = False
+
+    # -- called by the step driver
+    def _put(self, output: RequestOutput) -> None:
+        self._latest = output
+        if output.finished:
+            self.finished = True
+        self._ready.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self.finished = True
+        self._ready.set()
+
+    # -- called by the consumer
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._delivered_last:
+            raise StopAsyncIteration
+        await self._ready.wait()
+        self._ready.clear()
+        if self._error is not None:
+            self._delivered_last = True
+            raise self._error
+        output = self._latest
+        if output.finished:
+            self._delivered_last = True
+        return output
+
+    def close(self) -> None:
+        """Abort the request unless it already finished; safe to call more than once."""
+        if not self.finished:
+            self.finished = True  # its consumer is leaving: nobody needs waking
+            self._owner.abort(self.request_id)
+
+
+class AsyncEngine:
+    """Owns an Engine and the coroutine that steps it; the server's only way into the engine."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._streams: dict[str, RequestStream] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-execute")
+        self._wakeup: Optional[asyncio.Event] = None
+        self._driver: Optional[asyncio.Task] = None
+        self._dead: Optional[BaseException] = None
+        self._finished_listeners: list[Callable[[RequestOutput], None]] = []
+        self.num_steps = 0
+
+    @classmethod
+    def from_engine_args(cls, args) -> "AsyncEngine":
+        from aserve.engine.engine import Engine  # the heavy import, only when building one
+        return cls(Engine(args))
+
+    # ----------------------------------------------------------------- life cycle
+    def start(self) -> None:
+        """Start the step driver on the running loop."""
+        if self._driver is not None:
+            return
+        self._wakeup = asyncio.Event()
+        self._driver = asyncio.get_running_loop().create_task(self._run(), name="aserve-step-driver")
+
+    async def shutdown(self) -> None:
+        """Stop stepping, end every open stream, and release the worker thread."""
+        if self._driver is not None:
+            self._driver.cancel()
+            try:
+                await self._driver
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._driver = None
+        self._fail_all(EngineDeadError("The server is shutting down."))
+        # Wait for a forward still in flight without blocking the loop while it ends.
+        await asyncio.get_running_loop().run_in_executor(
+            None, lambda: self._executor.shutdown(wait=True, cancel_futures=True))
+
+    @property
+    def is_running(self) -> bool:
+        return self._driver is not None and self._dead is None and not self._driver.done()
+
+    @property
+    def dead_error(self) -> Optional[BaseException]:
+        return self._dead
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: Union[str, list[int]],
+                    params: SamplingParams, arrival_time: Optional[float] = None) -> RequestStream:
+        """Queue a request and return its stream. ValueError (a bad request) passes through."""
+        if not self.is_running:
+            raise EngineDeadError(f"The engine is not running: {self._dead or 'not started'}.")
+        if request_id in self._streams:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        self.engine.add_request(request_id, prompt, params,
+                                arrival_time=time.monotonic() if arrival_time is None else arrival_time)
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        self._wakeup.set()
+        return stream
+
+    async def generate(self, request_id: str, prompt: Union[str, list[int]],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Convenience: an async generator of the request's outputs; aborts when left early."""
+        stream = self.add_request(request_id, prompt, params)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            stream.close()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (frees its blocks); unknown or finished ids are ignored."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        if not stream.finished:  # aborted by someone else than its consumer: wake the consumer
+            stream._fail(RequestAbortedError(f"Request {request_id} was aborted."))
+        try:
+            self.engine.abort_request(request_id)
+        except Exception:  # an abort must never take the caller down with it
+            logger.exception("aborting request %s failed", request_id)
+        logger.info("Aborted request %s.", request_id)
+
+    def add_finished_listener(self, listener: Callable[[RequestOutput], None]) -> None:
+        """Call listener(output) with the final output of every request (metrics use it)."""
+        self._finished_listeners.append(listener)
+
+    def get_stats(self):
+        return self.engine.get_stats()
+
+    @property
+    def num_open_streams(self) -> int:
+        return len(self._streams)
+
+    # ----------------------------------------------------------------- the step driver
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        engine = self.engine
+        try:
+            while True:
+                if not engine.has_unfinished_requests():
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                plan = engine.schedule()
+                try:
+                    model_output = await loop.run_in_executor(self._executor, engine.execute, plan)
+                except Exception as exc:
+                    # The forward failed for this step's batch: those requests end with the
+                    # error, every other request (and the server) carries on.
+                    outputs = engine.fail_step(plan, exc)
+                else:
+                    outputs = engine.process(plan, model_output)
+                self.num_steps += 1
+                self._dispatch(outputs)
+                # Let handlers write what this step produced before the next forward starts
+                # (the executor future already yields once; this keeps fairness when a step
+                # produced nothing, e.g. a plan with no tokens, instead of a busy spin).
+                await asyncio.sleep(0 if outputs else 0.001)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the engine itself failed: no step can be trusted now
+            logger.exception("The engine's step driver failed; the server can serve no more requests")
+            self._dead = exc
+            self._fail_all(EngineDeadError(f"The engine failed: {exc!r}"))
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if output.finished:
+                self._streams.pop(output.request_id, None)
+                for listener in self._finished_listeners:
+                    try:
+                        listener(output)
+                    except Exception:
+                        logger.exception("a finished-request listener failed")
+            if stream is not None:
+                stream._put(output)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream._fail(exc)

@@ -1,0 +1,271 @@
+"""The aiohttp application: shared state, middlewares (errors, API key), small routes, serving.
+
+One process, one uvloop loop: the HTTP handlers and the AsyncEngine's step driver share it.
+Handlers are cancelled when their client disconnects (handler_cancellation=True), which closes
+their request streams and so aborts the requests and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hmac
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel
+
+from aserve.engine.async_engine import AsyncEngine, EngineDeadError
+from aserve.server.metrics import ServerMetrics, log_status_periodically
+from aserve.server.protocol import (APIError, DetokenizeRequest, DetokenizeResponse, ModelCard,
+                                    ModelList, TokenizeRequest, TokenizeResponse,
+                                    bad_request_from_value_error, parse_request)
+
+logger = logging.getLogger("aserve.server")
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # far above any real prompt, far below harm
+
+
+@dataclass
+class ServerState:
+    """What every handler needs; one per app."""
+
+    async_engine: AsyncEngine
+    served_model_name: str
+    max_model_len: int
+    vocab_size: int
+    tokenizer: Any
+    model_root: str = ""
+    chat_template: Optional[str] = None
+    api_key: Optional[str] = None
+    status_interval_s: float = 5.0
+    created: int = field(default_factory=lambda: int(time.time()))
+    metrics: Optional[ServerMetrics] = None
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name != self.served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model",
+                           code="model_not_found")
+
+    def check_token_ids(self, token_ids: list[int]) -> None:
+        # An id outside the embedding table would fail the whole batch's forward, not just this one.
+        for t in token_ids:
+            if not 0 <= t < self.vocab_size:
+                raise APIError(400, f"Token id {t} is out of vocabulary (valid ids are 0 to "
+                                    f"{self.vocab_size - 1}).", param="prompt")
+
+    def chat_prompt_ids(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
+        """Render messages with the chat template and tokenize them as vLLM does (no extra BOS)."""
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise APIError(400, "This model has no chat template, so /v1/chat/completions cannot "
+                                "render messages. Start the server with --chat-template "
+                                "<file or Jinja string>, or use /v1/completions.", param="messages")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
+                tokenize=False)
+        except Exception as exc:  # template errors are about the messages the user sent
+            raise APIError(400, f"The chat template could not render these messages: {exc}",
+                           param="messages") from None
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+
+STATE = web.AppKey("aserve_state", ServerState)
+
+
+# ----------------------------------------------------------------------------- helpers for routes
+def json_response(body: Any, status: int = 200) -> web.Response:
+    if isinstance(body, BaseModel):
+        body = body.model_dump()
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def error_response(err: APIError) -> web.Response:
+    return web.Response(body=err.body(), status=err.status, content_type="application/json")
+
+
+async def read_request(request: web.Request, model_cls: type[BaseModel]) -> Any:
+    """Read and validate a JSON body (aiohttp enforces client_max_size while reading)."""
+    raw = await request.read()
+    return parse_request(raw, model_cls)
+
+
+def add_request_or_400(state: ServerState, request_id: str, prompt, params):
+    """Queue one request; the engine's ValueError (context length, empty prompt...) is a 400."""
+    try:
+        return state.async_engine.add_request(request_id, prompt, params)
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc), type="server_error", code="engine_dead") from None
+    except ValueError as exc:
+        raise bad_request_from_value_error(exc) from None
+
+
+# ----------------------------------------------------------------------------- middlewares
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except APIError as err:
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge as exc:
+        return error_response(APIError(413, f"The request body is too large: {exc.text or ''}".strip(),
+                                       code="request_too_large"))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(APIError(exc.status, exc.reason or "HTTP error",
+                                       type="invalid_request_error" if exc.status < 500 else "server_error"))
+    except EngineDeadError as exc:
+        return error_response(APIError(503, str(exc), type="server_error", code="engine_dead"))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # one request's bug must end that request only
+        logger.exception("request %s %s failed", request.method, request.path)
+        return error_response(APIError(500, f"Internal server error: {exc!r}", type="server_error"))
+
+
+def _auth_middleware(api_key: str):
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if request.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "").encode()
+            # compare_digest: the time taken must not reveal how much of the key matched.
+            if not hmac.compare_digest(given, expected):
+                return error_response(APIError(401, "Incorrect API key provided. Pass it as "
+                                                    "'Authorization: Bearer <key>'.",
+                                               code="invalid_api_key"))
+        return await handler(request)
+
+    return auth
+
+
+# ----------------------------------------------------------------------------- small routes
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[STATE].async_engine
+    if engine.is_running:
+        return web.Response(status=200)
+    return error_response(APIError(503, f"The engine is not running: {engine.dead_error!r}",
+                                   type="server_error", code="engine_dead"))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[STATE].metrics.render()
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    card = ModelCard(id=state.served_model_name, created=state.created, root=state.model_root,
+                     max_model_len=state.max_model_len)
+    return json_response(ModelList(data=[card]))
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    req = await read_request(request, TokenizeRequest)
+    state.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "Give exactly one of prompt or messages.", param="prompt")
+    if req.messages is not None:
+        conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tokens = state.chat_prompt_ids(conversation, req.add_generation_prompt)
+    else:
+        tokens = state.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+    return json_response(TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len,
+                                          tokens=tokens))
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    req = await read_request(request, DetokenizeRequest)
+    state.check_model(req.model)
+    state.check_token_ids(req.tokens)
+    return json_response(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens)))
+
+
+# ----------------------------------------------------------------------------- the app
+def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+    """The aiohttp application serving state's engine; starts and stops the engine with itself."""
+    from aserve.server import api_generate, api_openai
+
+    middlewares = [error_middleware]
+    if state.api_key:
+        middlewares.append(_auth_middleware(state.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
+    app[STATE] = state
+    if state.metrics is None:
+        state.metrics = ServerMetrics(state.async_engine, state.served_model_name)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    api_generate.add_routes(app)
+    api_openai.add_routes(app)
+
+    async def lifecycle(app: web.Application):
+        # The model, torch and transformers leave a huge heap of long-lived objects; a full GC
+        # pass over it stalls the loop for ~200 ms. Freezing them (as vLLM does) keeps later
+        # collections short, so /health and the token streams never see such a pause.
+        gc.collect()
+        gc.freeze()
+        state.async_engine.start()
+        status_task = asyncio.get_running_loop().create_task(
+            log_status_periodically(state.async_engine, lambda: state.status_interval_s))
+        yield
+        status_task.cancel()
+        await state.async_engine.shutdown()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def state_from_engine(async_engine: AsyncEngine, api_key: Optional[str] = None,
+                      chat_template: Optional[str] = None) -> ServerState:
+    """Read what the server needs from the engine's model config."""
+    mc = async_engine.engine.model_config
+    return ServerState(async_engine=async_engine, served_model_name=mc.served_model_name,
+                       max_model_len=mc.max_model_len, vocab_size=mc.vocab_size,
+                       tokenizer=async_engine.engine.tokenizer, model_root=mc.model,
+                       chat_template=chat_template, api_key=api_key)
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving app; returns the runner (for cleanup) and the bound port (port 0 picks one)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, bound
+
+
+async def serve(state: ServerState, host: str, port: int,
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    runner, bound = await start_site(build_app(state, max_body_bytes), host, port)
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"aserve: serving model {state.served_model_name!r} (max_model_len {state.max_model_len}) "
+          f"at http://{shown_host}:{bound}  (OpenAI API at http://{shown_host}:{bound}/v1)",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            pass
+    try:
+        await stop.wait()
+    finally:
+        logger.info("shutting down")
+        await runner.cleanup()

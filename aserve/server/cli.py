@@ -1,0 +1,129 @@
+"""`python -m aserve`: the OpenAI-compatible server's command line, with vLLM's flag names.
+
+Defaults follow vLLM where it has the flag; --host defaults to localhost, so a fresh server is
+not reachable from other machines until asked to be (--host 0.0.0.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Optional
+
+from aserve.config import EngineArgs
+
+API_KEY_ENV = "ASERVE_API_KEY"
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m aserve",
+        description="Serve a model over HTTP: vLLM's /generate and OpenAI's /v1 API "
+                    "(/v1/models, /v1/completions, /v1/chat/completions), plus /health, /metrics, "
+                    "/tokenize and /detokenize.",
+        epilog="Example: python -m aserve --model facebook/opt-125m  "
+               "(add --host 0.0.0.0 to listen on all interfaces).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None,
+                   help="Hugging Face model id or local folder; default: the built-in tiny random "
+                        "model (no download, gibberish output), for trying the server out.")
+    m.add_argument("--tokenizer", default=None, help="Tokenizer id or folder; default: the model's.")
+    m.add_argument("--served-model-name", default=None,
+                   help="The model name the API reports and expects in requests; default: --model.")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float16", "half", "bfloat16", "float32", "float"],
+                   help="Weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU. (default: %(default)s)")
+    m.add_argument("--max-model-len", type=int, default=None,
+                   help="Context length (prompt + output); default: the model's.")
+    m.add_argument("--seed", type=int, default=0, help="Random seed of sampling. (default: %(default)s)")
+    m.add_argument("--chat-template", default=None,
+                   help="Chat template for /v1/chat/completions: a Jinja file or an inline Jinja "
+                        "string; default: the tokenizer's.")
+    m.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code.")
+
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-num-seqs", type=int, default=256, help="Most sequences in one step. (default: %(default)s)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="Most tokens computed in one step (chunked prefill splits longer prompts); "
+                        "default: 2048.")
+    e.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128],
+                   help="Tokens per KV cache block. (default: %(default)s)")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="GPU: the fraction of GPU memory the model and KV cache may use. (default: %(default)s)")
+    e.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="CPU: the KV cache's memory budget in GiB; default: 1.")
+    e.add_argument("--enforce-eager", action="store_true", help="GPU: do not capture CUDA graphs.")
+    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="GPUs to shard the model over (accepted; only 1 works for now). (default: %(default)s)")
+    e.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu. (default: %(default)s)")
+
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="localhost",
+                   help="Interface to listen on; 0.0.0.0 (or ::) listens on all interfaces. (default: %(default)s)")
+    s.add_argument("--port", type=int, default=8000, help="Port to listen on. (default: %(default)s)")
+    s.add_argument("--api-key", default=None,
+                   help=f"If set, every /v1 request needs 'Authorization: Bearer <key>'; "
+                        f"default: the {API_KEY_ENV} environment variable.")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                   help="Log level. (default: %(default)s)")
+    return p
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=ns.model, tokenizer=ns.tokenizer, served_model_name=ns.served_model_name,
+        dtype=ns.dtype, device=ns.device, max_model_len=ns.max_model_len, block_size=ns.block_size,
+        kv_cache_memory_gb=ns.kv_cache_memory_gb, gpu_memory_utilization=ns.gpu_memory_utilization,
+        max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs, seed=ns.seed,
+        trust_remote_code=ns.trust_remote_code, tensor_parallel_size=ns.tensor_parallel_size,
+        enforce_eager=ns.enforce_eager)
+
+
+def load_chat_template(value: Optional[str]) -> Optional[str]:
+    """--chat-template names a file, or is the template itself (it has Jinja markers)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        # As vLLM: an inline template on a command line spells newlines as \n.
+        return value.encode().decode("unicode_escape") if value.isascii() else value
+    raise SystemExit(f"--chat-template: {value!r} is neither a file nor a Jinja template.")
+
+
+def resolve_api_key(ns: argparse.Namespace) -> Optional[str]:
+    """--api-key, else $ASERVE_API_KEY, else None (no key: the API is open)."""
+    return ns.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ns = make_parser().parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        engine_args = engine_args_from(ns)
+    except ValueError as exc:  # a bad flag value: say which, without a traceback
+        raise SystemExit(f"error: {exc}") from None
+    chat_template = load_chat_template(ns.chat_template)
+    api_key = resolve_api_key(ns)
+
+    from aserve.engine.async_engine import AsyncEngine
+    from aserve.server.app import serve, state_from_engine
+
+    print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
+    async_engine = AsyncEngine.from_engine_args(engine_args)
+    state = state_from_engine(async_engine, api_key=api_key, chat_template=chat_template)
+    _run(serve(state, ns.host, ns.port))
+
+
+def _run(coro) -> None:
+    try:
+        import uvloop
+    except ImportError:  # uvloop has no Windows build: plain asyncio still works
+        import asyncio
+        asyncio.run(coro)
+        return
+    uvloop.run(coro)

@@ -1,0 +1,401 @@
+"""Request and response bodies of the HTTP API, as pydantic models, with OpenAI's field names.
+
+Requests validate in strict mode: a string where a number belongs is a 400, never a silent
+coercion. Sampling values are range-checked by SamplingParams (one owner of those rules); this
+module only maps the wire names onto it. Every error leaves as OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Optional, Union
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aserve.sampling_params import SamplingParams
+
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: a bound on the per-token top-k work
+
+
+# ----------------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error for the client, carried to the door and written as OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> bytes:
+        return orjson.dumps(ErrorResponse(error=ErrorInfo(
+            message=self.message, type=self.type, param=self.param, code=self.code)).model_dump())
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+_SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids"}
+
+
+def bad_request_from_value_error(exc: ValueError) -> APIError:
+    """SamplingParams and the engine word their errors '<field> must ...': name that field."""
+    message = str(exc)
+    first = message.split(" ", 1)[0]
+    param = first if first in _SAMPLING_FIELDS else None
+    code = "context_length_exceeded" if "maximum context length" in message else None
+    return APIError(400, message, param=param, code=code)
+
+
+def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:
+    """Parse a JSON body into model_cls, turning every failure into a 400 with OpenAI's shape."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise _from_validation_error(exc) from None
+
+
+def _from_validation_error(exc: ValidationError) -> APIError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    param = loc[0] if loc else None
+    if err["type"] == "missing":
+        return APIError(400, f"Missing required parameter: '{'.'.join(loc)}'.", param=param)
+    if param == "prompt" and len(err["loc"]) >= 2:  # a union: pydantic reports every member
+        return APIError(400, "'prompt' must be a string, a list of strings, a list of token ids "
+                             "or a list of lists of token ids.", param=param)
+    where = ".".join(p for p in loc if not any(c in p for c in "[]"))  # drop union-member tags
+    got = repr(err.get("input"))[:80]
+    return APIError(400, f"Invalid value for '{where}': {err['msg']} (got {got}).", param=param)
+
+
+# ----------------------------------------------------------------------------- sampling fields
+class _Strict(BaseModel):
+    # Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep working.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """The sampling fields shared by /v1/completions and /v1/chat/completions (vLLM's extras too)."""
+
+    model: Optional[str] = None
+    n: int = 1
+    best_of: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Optional[dict[str, float]] = None
+    seed: Optional[int] = None
+    user: Optional[str] = None
+    top_k: Optional[int] = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, Literal["never"]] = False
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+    def check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options can only be set when stream is true.",
+                           param="stream_options")
+
+    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
+                         prompt_logprobs: Optional[int]) -> SamplingParams:
+        # Beam search is deterministic: its natural temperature is 0, so that is the default.
+        default_temperature = 0.0 if self.use_beam_search else 1.0
+        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if value is not None and value > MAX_LOGPROBS:
+                raise APIError(400, f"logprobs must be at most {MAX_LOGPROBS}, got {value}.",
+                               param="logprobs")
+        try:
+            return SamplingParams(
+                n=self.n, best_of=self.best_of,
+                temperature=default_temperature if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=-1 if self.top_k is None else self.top_k, min_p=self.min_p,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, seed=self.seed,
+                use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
+                early_stopping=self.early_stopping, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
+                max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
+                spaces_between_special_tokens=self.spaces_between_special_tokens,
+                logit_bias=self.logit_bias)
+        except ValueError as exc:
+            raise bad_request_from_value_error(exc) from None
+
+
+# ----------------------------------------------------------------------------- completions
+PromptInput = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: PromptInput
+    suffix: Optional[str] = None
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: bool = False
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompt field as a list of prompts, each a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt must not be empty.", param="prompt")
+        if isinstance(p[0], int):
+            return [p]
+        return list(p)
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.suffix is not None:
+            raise APIError(400, "suffix is not supported: this server does not do fill-in-the-middle.",
+                           param="suffix")
+        self.check_stream_options()
+        # echo with logprobs returns the prompt's logprobs too, as OpenAI's API does.
+        prompt_logprobs = self.logprobs if (self.echo and self.logprobs is not None) else None
+        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
+
+
+class CompletionLogProbs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# ----------------------------------------------------------------------------- chat
+class ContentPart(_Strict):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: Optional[Union[str, list[ContentPart]]] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        for part in self.content:
+            if part.type != "text":
+                raise APIError(400, f"Content parts of type {part.type!r} are not supported; "
+                                    "only 'text' is.", param="messages")
+        return "".join(part.text or "" for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    add_generation_prompt: bool = True
+    # Tools and structured output change what the model must produce: refuse them loudly
+    # rather than answer as if they had been honoured.
+    tools: Optional[list[Any]] = None
+    functions: Optional[list[Any]] = None
+    response_format: Optional[dict[str, Any]] = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        if not self.messages:
+            raise APIError(400, "messages must contain at least one message.", param="messages")
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} are not supported by this server.", param=name)
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise APIError(400, "response_format other than 'text' is not supported.",
+                           param="response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+        self.check_stream_options()
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(max_tokens, logprobs, None)
+
+    def conversation(self) -> list[dict[str, str]]:
+        out = []
+        for m in self.messages:
+            msg = {"role": m.role, "content": m.text()}
+            if m.name:
+                msg["name"] = m.name
+            out.append(msg)
+        return out
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: str = "assistant"
+    content: Optional[str] = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: str = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Optional[UsageInfo] = None
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: Optional[ChatChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: str = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Optional[UsageInfo] = None
+
+
+# ----------------------------------------------------------------------------- models, tokenizer
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "aserve"
+    root: Optional[str] = None
+    parent: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class TokenizeRequest(_Strict):
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Strict):
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# ----------------------------------------------------------------------------- /generate
+class GenerateRequest(BaseModel):
+    """The simple API: a prompt, a stream flag, and any SamplingParams field by its own name."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    prompt: Union[str, list[int]]
+    stream: bool = False
+
+    def to_sampling_params(self) -> SamplingParams:
+        fields = dict(self.model_extra or {})
+        unknown = sorted(set(fields) - _SAMPLING_FIELDS)
+        if unknown:
+            raise APIError(400, f"Unknown field(s) {', '.join(unknown)}: /generate takes prompt, "
+                                "stream and SamplingParams fields.", param=unknown[0])
+        if fields.get("use_beam_search") and "temperature" not in fields:
+            fields["temperature"] = 0.0
+        try:
+            return SamplingParams(**fields)
+        except ValueError as exc:
+            raise bad_request_from_value_error(exc) from None
+        except TypeError as exc:  # a value of the wrong kind that the checks compare against
+            raise APIError(400, f"Invalid sampling parameters: {exc}.") from None
+
+
+class GenerateResponse(BaseModel):
+    text: list[str]

@@ -1,0 +1,213 @@
+"""Serving benchmark: replay N requests against any OpenAI-compatible server and report latency.
+
+Requests arrive as a Poisson process at --request-rate per second (inf: all at once), each a
+streamed /v1/completions (or /v1/chat/completions) call. Reported: request and token
+throughput, time to first token (TTFT), time per output token after the first (TPOT), and
+inter-token latency (ITL, the gap between streamed chunks), at mean / p50 / p90 / p99.
+
+It speaks plain OpenAI, so it runs unchanged against aserve, vLLM or any compatible URL:
+    python -m aserve --model facebook/opt-125m &
+    python bench/serving.py --base-url http://localhost:8000 --num-prompts 200 --request-rate 10
+vLLM's `ignore_eos` extra (fixed output lengths) is sent only with --ignore-eos.
+Token counts come from the final usage chunk (stream_options.include_usage); a server that
+sends none is measured in chunks instead (--no-usage to stop asking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import aiohttp
+
+_WORDS = ("the of and to in is was for on that with as by at from his her an be this are which it "
+          "time year people way day man thing woman life child world school state family student "
+          "group country problem hand part place case week company system program question work "
+          "government number night point home water room mother area money story fact month lot").split()
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    error: str = ""
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itls: list[float] = field(default_factory=list)
+
+
+def make_prompt(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(num_words))
+
+
+async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: str) -> Result:
+    body: dict = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature,
+                  "stream": True}
+    if args.endpoint.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    if not args.no_usage:
+        body["stream_options"] = {"include_usage": True}
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    result, chunks = Result(), 0
+    start = last = time.perf_counter()
+    try:
+        async with session.post(args.base_url.rstrip("/") + args.endpoint, json=body) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return result
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                event = json.loads(data)
+                if "error" in event:
+                    result.error = str(event["error"])[:200]
+                    return result
+                if event.get("usage"):
+                    result.prompt_tokens = event["usage"].get("prompt_tokens", 0)
+                    result.output_tokens = event["usage"].get("completion_tokens", 0)
+                if not any(_chunk_text(c) for c in event.get("choices") or []):
+                    continue
+                now = time.perf_counter()
+                if chunks == 0:
+                    result.ttft = now - start
+                else:
+                    result.itls.append(now - last)
+                last, chunks = now, chunks + 1
+        result.latency = time.perf_counter() - start
+        result.output_tokens = result.output_tokens or chunks
+        result.ok = chunks > 0
+        if not result.ok:
+            result.error = "no output"
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        result.error = repr(exc)
+    return result
+
+
+def _chunk_text(choice: dict) -> str:
+    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+
+
+async def run(args) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
+        model = args.model
+        if model is None:  # ask the server which model it serves
+            async with session.get(args.base_url.rstrip("/") + "/v1/models") as resp:
+                resp.raise_for_status()
+                model = (await resp.json())["data"][0]["id"]
+        rng = random.Random(args.seed)
+        prompts = [make_prompt(rng, args.input_len) for _ in range(args.num_prompts)]
+        print(f"Benchmarking {model} at {args.base_url}: {args.num_prompts} requests, "
+              f"rate {args.request_rate}/s, ~{args.input_len} words in, {args.output_len} tokens out",
+              flush=True)
+        tasks = []
+        start = time.perf_counter()
+        for prompt in prompts:
+            tasks.append(asyncio.create_task(one_request(session, args, model, prompt)))
+            if args.request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(args, model, results, duration)
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
+    s = sorted(values)
+
+    def pct(p: float) -> float:  # linear interpolation, as numpy's default
+        k = (len(s) - 1) * p / 100
+        lo = int(k)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+    return {"mean": sum(s) / len(s), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
+
+
+def summarize(args, model: str, results: list[Result], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    in_tokens = sum(r.prompt_tokens for r in ok)
+    tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    summary = {
+        "model": model, "base_url": args.base_url, "endpoint": args.endpoint,
+        "num_prompts": args.num_prompts, "request_rate": args.request_rate,
+        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+        "request_throughput": len(ok) / duration, "output_token_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+        "ttft_ms": {k: v * 1000 for k, v in percentiles([r.ttft for r in ok]).items()},
+        "tpot_ms": {k: v * 1000 for k, v in percentiles(tpots).items()},
+        "itl_ms": {k: v * 1000 for k, v in percentiles([x for r in ok for x in r.itls]).items()},
+        "client": {"python": platform.python_version(), "aiohttp": aiohttp.__version__,
+                   "host": platform.node()},
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+    }
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    print("=" * 20 + " Serving Benchmark Result " + "=" * 20)
+    rows = [("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
+            ("Benchmark duration (s)", f"{s['duration_s']:.2f}"),
+            ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
+            ("Output token throughput (tok/s)", f"{s['output_token_throughput']:.2f}"),
+            ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]
+    for name, value in rows:
+        print(f"{name:<40}{value:>15}")
+    for key, title in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st)"),
+                       ("itl_ms", "Inter-token Latency")):
+        print(f"{'-' * 15}{title:^35}{'-' * 15}")
+        for stat in ("mean", "p50", "p90", "p99"):
+            print(f"{stat.upper() + ' (ms)':<40}{s[key][stat]:>15.2f}")
+    if s["errors"]:
+        print("Errors:", *s["errors"], sep="\n  ")
+    print("=" * 66)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-url", default="http://localhost:8000", help="server root (no /v1)")
+    p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
+    p.add_argument("--model", default=None, help="default: the first model of /v1/models")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--request-rate", type=float, default=float("inf"),
+                   help="Poisson arrival rate in requests/s; inf sends all at once")
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--input-len", type=int, default=128, help="prompt length in words")
+    p.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos (fixed output length)")
+    p.add_argument("--no-usage", action="store_true", help="do not ask for the usage chunk")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-json", default=None, help="also write the summary here")
+    args = p.parse_args(argv)
+    summary = asyncio.run(run(args))
+    print_summary(summary)
+    if args.result_json:
+        with open(args.result_json, "w") as f:
+            json.dump(summary, f, indent=2)
+    sys.exit(0 if summary["completed"] else 1)
+
+
+if __name__ == "__main__":
+    main()

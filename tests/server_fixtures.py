@@ -1,0 +1,186 @@
+"""Helpers that start a real aserve server on a free loopback port, for the server tests.
+
+ServerThread runs the whole server (its own uvloop loop, AsyncEngine and aiohttp app) in a
+background thread of the test process: clients talk to it over real TCP, while tests may
+still look inside (engine stats, fault injection) through `call`. `subprocess_server` starts
+`python -m aserve` as a child process, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
+
+from aserve.config import EngineArgs
+
+# Small enough to allocate at once, big enough for the concurrency test (64 x ~10 blocks).
+TEST_NUM_BLOCKS = 2048
+
+
+def small_engine_args(**overrides) -> EngineArgs:
+    """The built-in tiny model with a small KV cache (fast to allocate, easy to watch)."""
+    kwargs: dict[str, Any] = dict(model=None, num_gpu_blocks_override=TEST_NUM_BLOCKS, device="cpu")
+    kwargs.update(overrides)
+    return EngineArgs(**kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A real server in a daemon thread. Use as a context manager, or start() / stop()."""
+
+    def __init__(self, engine_args: Optional[EngineArgs] = None, *, api_key: Optional[str] = None,
+                 chat_template: Optional[str] = None, max_body_bytes: Optional[int] = None,
+                 tokenizer_chat_template: Any = "keep"):
+        self.engine_args = engine_args or small_engine_args()
+        self.api_key = api_key
+        self.chat_template = chat_template
+        self.max_body_bytes = max_body_bytes
+        self.tokenizer_chat_template = tokenizer_chat_template
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.state = None
+        self.port: Optional[int] = None
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._thread = threading.Thread(target=self._main, name="aserve-test-server", daemon=True)
+
+    # ------------------------------------------------------------------ public
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def async_engine(self):
+        return self.state.async_engine
+
+    @property
+    def model_name(self) -> str:
+        return self.state.served_model_name
+
+    def start(self, timeout: float = 180.0) -> "ServerThread":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError("the test server did not start in time")
+        if self._error is not None:
+            raise RuntimeError("the test server failed to start") from self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.loop is not None and self._stop is not None and self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+
+    def call(self, fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """Run fn() on the server's loop (where engine state may be touched) and return its result."""
+        async def run():
+            result = fn()
+            return await result if asyncio.iscoroutine(result) else result
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def stats(self):
+        return self.call(self.async_engine.get_stats)
+
+    def wait_until(self, predicate: Callable[[Any], bool], timeout: float = 20.0) -> Any:
+        """Poll engine stats until predicate(stats) holds; returns the last stats."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if predicate(stats) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.02)
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ the thread
+    def _main(self) -> None:
+        import uvloop
+        try:
+            uvloop.run(self._serve())
+        except BaseException as exc:  # surfaced to start() / the test
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        from aserve.engine.async_engine import AsyncEngine
+        from aserve.server.app import DEFAULT_MAX_BODY_BYTES, build_app, start_site, state_from_engine
+
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async_engine = AsyncEngine.from_engine_args(self.engine_args)
+        if self.tokenizer_chat_template != "keep":  # e.g. None: a model without a chat template
+            async_engine.engine.tokenizer.chat_template = self.tokenizer_chat_template
+        self.state = state_from_engine(async_engine, api_key=self.api_key, chat_template=self.chat_template)
+        self.state.status_interval_s = 1.0
+        app = build_app(self.state, self.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+        runner, self.port = await start_site(app, "127.0.0.1", 0)
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+@contextmanager
+def subprocess_server(*args: str, env: Optional[dict] = None,
+                      timeout: float = 180.0) -> Iterator[tuple[str, subprocess.Popen, str]]:
+    """Run `python -m aserve *args --port <free>`; yield (url, process, log path) once /health is 200.
+
+    The output goes to a file, not a pipe: a pipe nobody reads would block the server when full.
+    """
+    port = free_port()
+    cmd = [sys.executable, "-m", "aserve", *args, "--port", str(port)]
+    full_env = dict(os.environ, **(env or {}))
+    log = tempfile.NamedTemporaryFile("w+", prefix="aserve-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    url = f"http://localhost:{port}"  # the default --host is localhost
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{_read(log.name)}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server did not answer /health in time:\n{_read(log.name)}")
+            time.sleep(0.2)
+        yield url, proc, log.name
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()

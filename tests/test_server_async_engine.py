@@ -1,0 +1,100 @@
+"""AsyncEngine without HTTP: the step driver sleeps when idle, never stalls the loop, and a
+consumer that goes away aborts its request and frees its blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from aserve.engine.async_engine import AsyncEngine
+from aserve.sampling_params import SamplingParams
+from server_fixtures import small_engine_args
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from aserve.engine.engine import Engine
+    return Engine(small_engine_args())
+
+
+@pytest.fixture
+async def async_engine(engine):
+    ae = AsyncEngine(engine)  # a fresh driver on this test's loop, around the shared engine
+    ae.start()
+    yield ae
+    await ae.shutdown()
+    assert not engine.has_unfinished_requests()
+
+
+async def test_generate_yields_cumulative_outputs_until_finished(async_engine):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outputs = [out async for out in async_engine.generate("r1", "Hello", params)]
+    counts = [len(o.outputs[0].token_ids) for o in outputs]
+    assert counts == sorted(counts) and counts[-1] == 6
+    assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+
+
+async def test_cancelling_the_consumer_aborts_and_frees_blocks(async_engine, engine):
+    params = SamplingParams(temperature=0, max_tokens=1500, ignore_eos=True)
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in async_engine.generate("r2", "Tell me a story", params):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), 10)
+    assert engine.get_stats().num_used_blocks > 0
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stats = engine.get_stats()
+    assert stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+async def test_the_driver_sleeps_while_idle(async_engine):
+    await asyncio.sleep(0.05)
+    before = async_engine.num_steps
+    await asyncio.sleep(0.2)
+    assert async_engine.num_steps == before
+
+
+async def test_a_bad_request_is_refused_at_once(async_engine, engine):
+    with pytest.raises(ValueError):
+        async_engine.add_request("r3", [5] * 5000, SamplingParams())
+    assert async_engine.num_open_streams == 0 and not engine.has_unfinished_requests()
+
+
+async def test_a_slow_forward_does_not_stall_the_loop(async_engine, engine, monkeypatch):
+    real_execute = engine.execute
+
+    def slow_execute(plan):
+        time.sleep(0.1)  # stands in for a long forward pass
+        return real_execute(plan)
+
+    monkeypatch.setattr(engine, "execute", slow_execute)
+    gaps = []
+
+    async def tick():
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(0.005)
+            gaps.append(time.perf_counter() - start)
+
+    ticker = asyncio.create_task(tick())
+    outputs = [o async for o in async_engine.generate(
+        "r4", "Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))]
+    ticker.cancel()
+    assert outputs[-1].finished
+    assert len(gaps) > 30 and max(gaps) < 0.05
+
+
+async def test_an_abort_from_elsewhere_ends_the_consumer(async_engine):
+    stream = async_engine.add_request("r5", "Hello", SamplingParams(max_tokens=1000, ignore_eos=True))
+    await stream.__anext__()
+    async_engine.abort("r5")
+    with pytest.raises(RuntimeError, match="aborted"):
+        async for _ in stream:
+            pass
