@@ -45,30 +45,37 @@ class BlockManager:
     def num_blocks_needed(self, seq_id: int, num_computed: int, num_new: int) -> int:
         """Free blocks that writing tokens [num_computed, num_computed + num_new) would take."""
         table = self._tables.get(seq_id, ())
-        needed = max(0, self.blocks_for_tokens(num_computed + num_new) - len(table))
-        return needed + len(self._shared_blocks_written(table, num_computed, num_new))
+        end_block = -(-(num_computed + num_new) // self.block_size)
+        needed = end_block - len(table) if end_block > len(table) else 0
+        return needed + self._count_shared_written(table, num_computed, end_block)
 
     def allocate(self, seq_id: int, num_computed: int, num_new: int) -> list[tuple[int, int]]:
         """Give the sequence room for num_new more tokens; returns the (src, dst) block copies
         that copy-on-write needs before the model writes. The caller checked the free count."""
         table = self._tables.setdefault(seq_id, [])
+        end_block = -(-(num_computed + num_new) // self.block_size)
         copies = []
-        for index in self._shared_blocks_written(table, num_computed, num_new):
-            src = table[index]
-            dst = self._take()
-            self._ref_counts[src] -= 1
-            table[index] = dst
-            copies.append((src, dst))
-        for _ in range(self.blocks_for_tokens(num_computed + num_new) - len(table)):
+        if self._count_shared_written(table, num_computed, end_block):
+            ref_counts = self._ref_counts
+            for index in range(num_computed // self.block_size, min(len(table), end_block)):
+                src = table[index]
+                if ref_counts[src] > 1:
+                    dst = self._take()
+                    ref_counts[src] -= 1
+                    table[index] = dst
+                    copies.append((src, dst))
+        while len(table) < end_block:
             table.append(self._take())
         return copies
 
-    def _shared_blocks_written(self, table, num_computed: int, num_new: int) -> list[int]:
-        if num_new == 0 or not table:
-            return []
-        first = num_computed // self.block_size
-        last = min(len(table), self.blocks_for_tokens(num_computed + num_new))
-        return [i for i in range(first, last) if self._ref_counts[table[i]] > 1]
+    def _count_shared_written(self, table, num_computed: int, end_block: int) -> int:
+        """Blocks among those the write touches that others share (they need copying first)."""
+        ref_counts = self._ref_counts
+        count = 0
+        for index in range(num_computed // self.block_size, min(len(table), end_block)):
+            if ref_counts[table[index]] > 1:
+                count += 1
+        return count
 
     def _take(self) -> int:
         block = self._free.pop()

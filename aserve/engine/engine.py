@@ -185,7 +185,7 @@ class Engine:
                     output.sample_logprobs[row] if output.sample_logprobs else None,
                     output.sampled_token_logprobs[row] if output.sampled_token_logprobs else None)
             self._count_token(request, now, len(seqs))
-        if all(s.is_finished for s in request.seqs):
+        if not request.live_seqs:
             self.scheduler.remove_request(request)
 
     def _count_token(self, request: Request, now: float, count: int) -> None:

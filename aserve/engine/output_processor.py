@@ -41,8 +41,9 @@ class OutputProcessor:
             seq.cumulative_logprob += token_logprob
         if seq.logprobs is not None and logprobs is not None:
             seq.logprobs.append(self._decoded(logprobs))
+        num_output = len(seq.token_ids) - seq.num_prompt_tokens
         # min_tokens holds back every kind of stop, as vLLM does.
-        may_stop = seq.num_output_tokens >= params.min_tokens
+        may_stop = num_output >= params.min_tokens
         matched = seq.detokenizer.append(token_id, check_stop=may_stop)
         if may_stop:
             if token_id in params.all_stop_token_ids:
@@ -53,7 +54,7 @@ class OutputProcessor:
             if matched is not None:
                 self._finish(seq, "stop", matched)
                 return
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length", None)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:

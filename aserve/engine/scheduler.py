@@ -78,18 +78,19 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            grants = self._grants(request, budget)
+            seqs = request.live_seqs
+            grants = self._grants(seqs, budget)
             if not any(grants):
                 index += 1
                 continue
-            while not self._fits(request, grants):
+            while not self._fits(seqs, grants):
                 victim = self.running.pop()   # the latest arrival; never one already scheduled
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
                     break
             else:
-                budget -= self._take(request, grants, scheduled, copies)
+                budget -= self._take(request, seqs, grants, scheduled, copies)
                 index += 1
                 continue
             break  # the request preempted itself: nothing later is running either
@@ -99,31 +100,33 @@ class Scheduler:
             request = self.waiting[0]
             if width + request.params.best_of > self.config.max_num_seqs:
                 break
-            grants = self._grants(request, budget)
-            if not any(grants) or not self._fits(request, grants):
+            seqs = request.live_seqs
+            grants = self._grants(seqs, budget)
+            if not any(grants) or not self._fits(seqs, grants):
                 break  # waiting requests never preempt running ones
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.arrival_order)
             width += request.params.best_of
-            budget -= self._take(request, grants, scheduled, copies)
+            budget -= self._take(request, seqs, grants, scheduled, copies)
 
         num_tokens = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, copies, preempted, num_tokens)
 
-    def _grants(self, request: Request, budget: int) -> list[int]:
-        """Tokens granted to each live sequence of the request.
+    @staticmethod
+    def _grants(seqs: list[Sequence], budget: int) -> list[int]:
+        """Tokens granted to each live sequence of a request.
 
         The sequences of a multi-sequence request (samples or beams re-computed after a
         preemption) are sampled in the same step, because a beam search step compares them
         all: unless every one can finish its tokens now, each stops one short of its end.
         """
-        seqs = request.live_seqs
+        if len(seqs) == 1:   # the common case, kept cheap: this runs per request per step
+            seq = seqs[0]
+            return [min(len(seq.token_ids) - seq.num_computed_tokens, budget)]
         remaining = [s.num_tokens - s.num_computed_tokens for s in seqs]
         if sum(remaining) <= budget:
             return remaining
-        if len(seqs) == 1:
-            return [budget]
         grants = []
         for owed in remaining:
             grant = min(max(owed - 1, 0), budget)
@@ -131,18 +134,24 @@ class Scheduler:
             budget -= grant
         return grants
 
-    def _fits(self, request: Request, grants: list[int]) -> bool:
-        needed = sum(self.block_manager.num_blocks_needed(s.seq_id, s.num_computed_tokens, g)
-                     for s, g in zip(request.live_seqs, grants) if g)
-        return needed <= self.block_manager.num_free_blocks
+    def _fits(self, seqs: list[Sequence], grants: list[int]) -> bool:
+        bm = self.block_manager
+        needed = 0
+        for seq, grant in zip(seqs, grants):
+            if grant:
+                needed += bm.num_blocks_needed(seq.seq_id, seq.num_computed_tokens, grant)
+        return needed <= bm.num_free_blocks
 
-    def _take(self, request: Request, grants: list[int], scheduled: list, copies: list) -> int:
-        for seq, grant in zip(request.live_seqs, grants):
+    def _take(self, request: Request, seqs: list[Sequence], grants: list[int], scheduled: list,
+              copies: list) -> int:
+        for seq, grant in zip(seqs, grants):
             if not grant:
                 continue
             start = seq.num_computed_tokens
-            copies.extend(self.block_manager.allocate(seq.seq_id, start, grant))
-            samples = start + grant == seq.num_tokens
+            new_copies = self.block_manager.allocate(seq.seq_id, start, grant)
+            if new_copies:
+                copies.extend(new_copies)
+            samples = start + grant == len(seq.token_ids)
             scheduled.append(ScheduledSequence(request, seq, start, grant, samples))
         return sum(grants)
 
