@@ -31,6 +31,10 @@ def llm_cache():
     cache: dict = {}
 
     def get(family: str, **kwargs):
+        # float32 everywhere, so that on a GPU machine the same tests compare exactly too.
+        kwargs.setdefault("dtype", "float32")
+        # A small cache: many engines share one process (and, on a GPU machine, one card).
+        kwargs.setdefault("kv_cache_memory_gb", 0.25)
         key = (family, tuple(sorted(kwargs.items())))
         if key not in cache:
             cache[key] = OfflineLLM(model=tiny_model_dir(family), **kwargs)

@@ -7,6 +7,7 @@ against the model and the cache so that nothing the engine accepts can later fai
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -24,7 +25,7 @@ from aserve.engine.scheduler import Scheduler, SchedulerOutput
 from aserve.models.loader import create_model_config, load_model, load_tokenizer
 from aserve.outputs import RequestOutput
 from aserve.worker.kv_cache import allocate_kv_caches, num_blocks_for_budget
-from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner
+from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner, profile_forward
 from aserve.worker.row_planner import plan_rows
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,12 @@ class Engine:
             max_num_batched_tokens=args.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS,
             max_num_seqs=args.max_num_seqs, max_model_len=max_len)
         dtype = self.model_config.dtype
+        profile = functools.partial(
+            profile_forward, self.model, self.device, dtype,
+            min(self.scheduler_config.max_num_batched_tokens, max_len), args.max_num_seqs, args.block_size)
         num_blocks = args.num_gpu_blocks_override or num_blocks_for_budget(
             self.model, args.block_size, dtype, self.device, args.kv_cache_memory_gb,
-            args.gpu_memory_utilization)
+            args.gpu_memory_utilization, profile)
         self.cache_config = CacheConfig(args.block_size, num_blocks, 0)
         kv_caches = allocate_kv_caches(self.model, num_blocks, args.block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, args.block_size)

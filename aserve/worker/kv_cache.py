@@ -33,18 +33,22 @@ def num_blocks_for_budget(model, block_size: int, dtype: torch.dtype, device: to
     if profile_forward is not None:
         profile_forward()
     torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
+    # What a step needs beyond what is allocated now (activations come and go each step).
+    activation_peak = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
     free, total = torch.cuda.mem_get_info(device)
-    # Memory other processes hold counts against us too: total - free - our own reserved.
-    others = max(0, total - free - torch.cuda.memory_reserved(device))
-    budget = gpu_memory_utilization * total - peak - others
+    # Everything on the card now counts against this engine's share, our weights and any
+    # other process's or engine's memory alike, as vLLM's gpu_memory_utilization does.
+    in_use = total - free
+    budget = gpu_memory_utilization * total - in_use - activation_peak
     if budget < per_block:
         raise RuntimeError(
-            f"no memory is left for the KV cache: the model's weights and activations take "
-            f"{peak / (1 << 30):.2f} GiB of {total / (1 << 30):.2f} GiB at gpu_memory_utilization="
-            f"{gpu_memory_utilization}; raise gpu_memory_utilization or lower max_num_batched_tokens.")
-    logger.info("KV cache budget %.2f GiB (peak activations+weights %.2f GiB)",
-                budget / (1 << 30), peak / (1 << 30))
+            f"no memory is left for the KV cache: {in_use / (1 << 30):.2f} GiB of the card's "
+            f"{total / (1 << 30):.2f} GiB are in use (this model's weights and anything else on it) "
+            f"and a step needs {activation_peak / (1 << 30):.2f} GiB more, against "
+            f"gpu_memory_utilization={gpu_memory_utilization}; raise gpu_memory_utilization, free the "
+            f"card, or set kv_cache_memory_gb.")
+    logger.info("KV cache budget %.2f GiB (%.2f GiB in use, %.2f GiB step activations)",
+                budget / (1 << 30), in_use / (1 << 30), activation_peak / (1 << 30))
     return int(budget // per_block)
 
 

@@ -142,6 +142,28 @@ class ModelRunner:
         return ModelOutput(sampled, sample_logprobs, sampled_lps, beam_logprobs, prompt_logprobs)
 
 
+@torch.inference_mode()
+def profile_forward(model, device: torch.device, dtype: torch.dtype, num_tokens: int,
+                    num_logit_rows: int, block_size: int) -> None:
+    """Run the largest step the scheduler can make (one sequence of num_tokens, logits for
+    num_logit_rows rows) so the caller can read the activation peak; a throwaway KV cache."""
+    from aserve.worker.kv_cache import allocate_kv_caches
+
+    num_blocks = -(-num_tokens // block_size)
+    kv_caches = allocate_kv_caches(model, num_blocks, block_size, dtype, device)
+    positions = torch.arange(num_tokens, device=device)
+    metadata = AttentionMetadata(
+        num_tokens=num_tokens,
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device).unsqueeze(0),
+        slot_mapping=positions, max_query_len=num_tokens, max_seq_len=num_tokens,
+        query_lens_cpu=[num_tokens], seq_lens_cpu=[num_tokens])
+    hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device), positions, kv_caches, metadata)
+    rows = torch.arange(min(num_logit_rows, num_tokens), device=device)
+    torch.log_softmax(model.compute_logits(hidden[rows]).float(), dim=-1)
+
+
 @dataclass(frozen=True)
 class RowPlan:
     """Which token positions' logits this step needs, built by the engine with the inputs."""

@@ -1,0 +1,57 @@
+"""Build a random-weight Hugging Face model of a real model's shape, for benchmarks offline.
+
+    python bench/make_random_model.py --shape opt-125m --out /tmp/opt-125m-random
+
+The machines here reach no hub, so benchmark models are built: the architecture and sizes of
+the named model, random weights, and the built-in model's small byte-level tokenizer (the
+benchmarks feed random token ids, so the tokenizer only has to load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from aserve.models.default_model import build_tokenizer  # noqa: E402
+
+SHAPES = {
+    # facebook/opt-125m
+    "opt-125m": ("OPTConfig", dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12,
+                                   ffn_dim=3072, num_attention_heads=12, max_position_embeddings=2048,
+                                   word_embed_proj_dim=768, do_layer_norm_before=True)),
+    # Qwen/Qwen2-0.5B
+    "qwen2-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                       num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                       max_position_embeddings=32768, tie_word_embeddings=True)),
+    # a Llama of ~1B parameters (TinyLlama-1.1B's shape)
+    "llama-1b": ("LlamaConfig", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                     num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                                     max_position_embeddings=2048)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    args = parser.parse_args()
+
+    import transformers
+
+    config_name, fields = SHAPES[args.shape]
+    config = getattr(transformers, config_name)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype))
+    model.save_pretrained(args.out)
+    build_tokenizer().save_pretrained(args.out)
+    print(f"{args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
