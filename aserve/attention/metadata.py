@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ class AttentionMetadata:
     # Host copies, so the reference path and launch heuristics never synchronise with the GPU.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # What a backend derives from this layout once per step and reuses in every layer.
+    backend_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_seqs(self) -> int:

@@ -6,6 +6,7 @@ of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim] (ke
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -28,6 +29,21 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
 _SEQS_PER_GROUP = 32
 
 
+@dataclass(frozen=True)
+class _GroupPlan:
+    """One group's padded layout, derived once per step and shared by every layer."""
+
+    token_lo: int
+    token_hi: int
+    seq_of_token: torch.Tensor   # [t] the group-local sequence of each token
+    row_of_token: torch.Tensor   # [t] its row in that sequence's padded queries
+    blocks: torch.Tensor         # [B, blocks covering max_s] block ids
+    outside: torch.Tensor        # [B, max_s, 1, 1] key slots past the sequence's end
+    visible: torch.Tensor        # [B, 1, max_q, max_s] causal (and sliding-window) mask
+    max_q: int
+    max_s: int
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                     scale: float, sliding_window: Optional[int] = None) -> torch.Tensor:
     """Causal attention of each sequence's queries over its cached context.
@@ -37,53 +53,65 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     one code path. Grouped-query attention repeats each KV head over its query heads.
     Computed in float32 whatever the cache's dtype, as the oracle should be.
     """
+    key = ("torch_ref", kv_cache.shape[2], sliding_window)
+    plans = metadata.backend_cache.get(key)
+    if plans is None:
+        plans = metadata.backend_cache[key] = _plan_groups(metadata, kv_cache.shape[2],
+                                                           sliding_window, query.device)
     out = torch.empty_like(query)
-    starts = _starts(metadata.query_lens_cpu)   # host lists: no device synchronisation
-    for first in range(0, metadata.num_seqs, _SEQS_PER_GROUP):
-        last = min(first + _SEQS_PER_GROUP, metadata.num_seqs)
-        token_lo, token_hi = starts[first], starts[last]
-        out[token_lo:token_hi] = _attend_group(
-            query[token_lo:token_hi], kv_cache, metadata.block_tables[first:last],
-            metadata.query_lens_cpu[first:last], metadata.seq_lens_cpu[first:last], scale,
-            sliding_window).to(query.dtype)
+    for plan in plans:
+        out[plan.token_lo:plan.token_hi] = _attend_group(
+            query[plan.token_lo:plan.token_hi], kv_cache, plan, scale).to(query.dtype)
     return out
 
 
-def _attend_group(query, kv_cache, block_tables, query_lens, seq_lens, scale, sliding_window):
-    device = query.device
-    num_seqs, num_heads = len(query_lens), query.shape[1]
-    max_q, max_s = max(query_lens), max(seq_lens)
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    q_lens = torch.tensor(query_lens, device=device)
-    s_lens = torch.tensor(seq_lens, device=device)
-    # Scatter the flat queries into a padded [B, max_q, H, D] batch.
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
-    token_starts = torch.cumsum(q_lens, 0) - q_lens
-    row_of_token = torch.arange(query.shape[0], device=device) - token_starts[seq_of_token]
-    padded_q = query.new_zeros(num_seqs, max_q, num_heads, query.shape[2], dtype=torch.float32)
-    padded_q[seq_of_token, row_of_token] = query.float()
-    # Gather each sequence's keys and values through its block table: [B, max_s, KVH, D].
-    blocks = block_tables[:, :-(-max_s // block_size)].long()
-    keys = kv_cache[0][blocks].flatten(1, 2)[:, :max_s].float()
-    values = kv_cache[1][blocks].flatten(1, 2)[:, :max_s].float()
-    # Query i of a sequence sits at position seq_len - query_len + i and sees keys up to it.
-    q_pos = (s_lens - q_lens).unsqueeze(1) + torch.arange(max_q, device=device)     # [B, max_q]
-    k_pos = torch.arange(max_s, device=device)
-    in_context = k_pos.view(1, -1) < s_lens.view(-1, 1)                                 # [B, max_s]
-    # Slots past a sequence's end hold whatever the cache had (maybe NaN): zero them, since
-    # a masked score or probability does not cancel a NaN.
-    outside = ~in_context.view(num_seqs, max_s, 1, 1)
-    keys.masked_fill_(outside, 0.0)
-    values.masked_fill_(outside, 0.0)
-    visible = (k_pos.view(1, 1, -1) <= q_pos.unsqueeze(2)) & in_context.unsqueeze(1)
-    if sliding_window is not None:
-        visible &= k_pos.view(1, 1, -1) > q_pos.unsqueeze(2) - sliding_window
-    # SDPA rather than einsum: einsum plans every new shape anew (~15 ms on this CPU), and
-    # continuous batching produces a new shape nearly every step.
+def _plan_groups(metadata: AttentionMetadata, block_size: int, sliding_window: Optional[int],
+                 device: torch.device) -> list[_GroupPlan]:
+    # Built from the host lists, so planning never waits on the device.
+    starts = _starts(metadata.query_lens_cpu)
+    plans = []
+    for first in range(0, metadata.num_seqs, _SEQS_PER_GROUP):
+        last = min(first + _SEQS_PER_GROUP, metadata.num_seqs)
+        query_lens = metadata.query_lens_cpu[first:last]
+        seq_lens = metadata.seq_lens_cpu[first:last]
+        num_seqs, max_q, max_s = len(query_lens), max(query_lens), max(seq_lens)
+        seq_of_token = [i for i, n in enumerate(query_lens) for _ in range(n)]
+        row_of_token = [r for n in query_lens for r in range(n)]
+        q_lens = torch.tensor(query_lens, device=device)
+        s_lens = torch.tensor(seq_lens, device=device)
+        # Query i of a sequence sits at position seq_len - query_len + i and sees keys up to it.
+        q_pos = (s_lens - q_lens).unsqueeze(1) + torch.arange(max_q, device=device)   # [B, max_q]
+        k_pos = torch.arange(max_s, device=device)
+        in_context = k_pos.view(1, -1) < s_lens.view(-1, 1)                               # [B, max_s]
+        visible = (k_pos.view(1, 1, -1) <= q_pos.unsqueeze(2)) & in_context.unsqueeze(1)
+        if sliding_window is not None:
+            visible &= k_pos.view(1, 1, -1) > q_pos.unsqueeze(2) - sliding_window
+        plans.append(_GroupPlan(
+            token_lo=starts[first], token_hi=starts[last],
+            seq_of_token=torch.tensor(seq_of_token, device=device),
+            row_of_token=torch.tensor(row_of_token, device=device),
+            blocks=metadata.block_tables[first:last, :-(-max_s // block_size)].long(),
+            outside=~in_context.view(num_seqs, max_s, 1, 1), visible=visible.unsqueeze(1),
+            max_q=max_q, max_s=max_s))
+    return plans
+
+
+def _attend_group(query: torch.Tensor, kv_cache: torch.Tensor, plan: _GroupPlan, scale: float):
+    num_seqs = plan.blocks.shape[0]
+    num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
+    padded_q = query.new_zeros(num_seqs, plan.max_q, num_heads, query.shape[2], dtype=torch.float32)
+    padded_q[plan.seq_of_token, plan.row_of_token] = query.float()
+    # Each sequence's keys and values through its block table: [B, max_s, KVH, D]. Slots past
+    # a sequence's end hold whatever the cache had (maybe NaN): zero them, since a masked score
+    # or probability does not cancel a NaN.
+    keys = kv_cache[0][plan.blocks].flatten(1, 2)[:, :plan.max_s].float().masked_fill_(plan.outside, 0.0)
+    values = kv_cache[1][plan.blocks].flatten(1, 2)[:, :plan.max_s].float().masked_fill_(plan.outside, 0.0)
+    # SDPA rather than einsum: einsum plans every new shape anew (~15 ms on the CPU machine),
+    # and continuous batching produces a new shape nearly every step.
     padded_out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=visible.unsqueeze(1), scale=scale, enable_gqa=num_heads != num_kv_heads)
-    return padded_out.transpose(1, 2)[seq_of_token, row_of_token]
+        attn_mask=plan.visible, scale=scale, enable_gqa=num_heads != num_kv_heads)
+    return padded_out.transpose(1, 2)[plan.seq_of_token, plan.row_of_token]
 
 
 def _starts(lengths: list[int]) -> list[int]:
