@@ -3,8 +3,8 @@
     python bench/make_random_model.py --shape opt-125m --out /tmp/opt-125m-random
 
 The machines here reach no hub, so benchmark models are built: the architecture and sizes of
-the named model, random weights, and the built-in model's small byte-level tokenizer (the
-benchmarks feed random token ids, so the tokenizer only has to load).
+the named model, random weights, and a synthetic word-level tokenizer covering the whole
+vocabulary (every id decodes to a word "w<id>"), so that served text is never empty.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from aserve.models.default_model import build_tokenizer  # noqa: E402
+from aserve.models.default_model import CHAT_TEMPLATE  # noqa: E402
 
 SHAPES = {
     # facebook/opt-125m
@@ -35,6 +35,22 @@ SHAPES = {
 }
 
 
+def synthetic_tokenizer(vocab_size: int):
+    """Ids 0-2 are <pad>, <s>, </s>; every other id is the word "w<id>"; unknown words are <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
@@ -49,7 +65,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype))
     model.save_pretrained(args.out)
-    build_tokenizer().save_pretrained(args.out)
+    synthetic_tokenizer(config.vocab_size).save_pretrained(args.out)
     print(f"{args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {args.out}")
 
 
