@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from aserve.server.protocol import (APIError, ChatCompletionRequest, CompletionRequest,
-                                    GenerateRequest, parse_request)
+from aserve.server.errors import APIError, parse_request
+from aserve.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 
 def parse(model_cls, body):

@@ -117,9 +117,15 @@ async def _send_error_and_done(response: web.StreamResponse, message: str) -> No
     await response.write(b"data: [DONE]\n\n")
 
 
-def _log_unexpected(exc: Exception) -> None:
-    if not isinstance(exc, (APIError, EngineDeadError)):
-        logger.error("streaming a response failed", exc_info=exc)
+async def _stream_or_report(response: web.StreamResponse, streaming) -> None:
+    """Run a streaming coroutine; once headers are sent, an error can only go in the stream."""
+    try:
+        await streaming
+    except Exception as exc:
+        expected = isinstance(exc, (APIError, EngineDeadError))
+        if not expected:
+            logger.error("streaming a response failed", exc_info=exc)
+        await _send_error_and_done(response, str(exc) if expected else f"Internal server error: {exc!r}")
 
 
 def _token_text(state: ServerState, token_id: int, lp) -> str:
@@ -234,13 +240,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                                     choices=choices, usage=_usage(finals)))
 
         response = await _open_sse(request)
-        try:
-            await _stream_completions(state, req, params, request_id, created, streams, prompt_text,
-                                      response)
-        except Exception as exc:  # the headers are sent: the error can only go in the stream
-            _log_unexpected(exc)
-            await _send_error_and_done(response, str(exc) if isinstance(exc, (APIError, EngineDeadError))
-                                       else f"Internal server error: {exc!r}")
+        await _stream_or_report(response, _stream_completions(
+            state, req, params, request_id, created, streams, prompt_text, response))
         return response
     finally:
         for s in streams:
@@ -322,12 +323,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                                         choices=choices, usage=_usage([final])))
 
         response = await _open_sse(request)
-        try:
-            await _stream_chat(state, req, params, request_id, created, stream, response)
-        except Exception as exc:  # the headers are sent: the error can only go in the stream
-            _log_unexpected(exc)
-            await _send_error_and_done(response, str(exc) if isinstance(exc, (APIError, EngineDeadError))
-                                       else f"Internal server error: {exc!r}")
+        await _stream_or_report(response, _stream_chat(state, req, params, request_id, created,
+                                                       stream, response))
         return response
     finally:
         stream.close()

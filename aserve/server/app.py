@@ -22,9 +22,9 @@ from pydantic import BaseModel
 
 from aserve.engine.async_engine import AsyncEngine, EngineDeadError
 from aserve.server.metrics import ServerMetrics, log_status_periodically
-from aserve.server.protocol import (APIError, DetokenizeRequest, DetokenizeResponse, ModelCard,
-                                    ModelList, TokenizeRequest, TokenizeResponse,
-                                    bad_request_from_value_error, parse_request)
+from aserve.server.errors import APIError, bad_request_from_value_error, parse_request
+from aserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+                                    TokenizeRequest, TokenizeResponse)
 
 logger = logging.getLogger("aserve.server")
 

@@ -10,77 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, Optional, Union
 
-import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from aserve.sampling_params import SamplingParams
+from aserve.server.errors import SAMPLING_FIELDS, APIError, bad_request_from_value_error
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: a bound on the per-token top-k work
-
-
-# ----------------------------------------------------------------------------- errors
-class APIError(Exception):
-    """An error for the client, carried to the door and written as OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> bytes:
-        return orjson.dumps(ErrorResponse(error=ErrorInfo(
-            message=self.message, type=self.type, param=self.param, code=self.code)).model_dump())
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-_SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids"}
-
-
-def bad_request_from_value_error(exc: ValueError) -> APIError:
-    """SamplingParams and the engine word their errors '<field> must ...': name that field."""
-    message = str(exc)
-    first = message.split(" ", 1)[0]
-    param = first if first in _SAMPLING_FIELDS else None
-    code = "context_length_exceeded" if "maximum context length" in message else None
-    return APIError(400, message, param=param, code=code)
-
-
-def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:
-    """Parse a JSON body into model_cls, turning every failure into a 400 with OpenAI's shape."""
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as exc:
-        raise _from_validation_error(exc) from None
-
-
-def _from_validation_error(exc: ValidationError) -> APIError:
-    err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"]]
-    param = loc[0] if loc else None
-    if err["type"] == "missing":
-        return APIError(400, f"Missing required parameter: '{'.'.join(loc)}'.", param=param)
-    if param == "prompt" and len(err["loc"]) >= 2:  # a union: pydantic reports every member
-        return APIError(400, "'prompt' must be a string, a list of strings, a list of token ids "
-                             "or a list of lists of token ids.", param=param)
-    where = ".".join(p for p in loc if not any(c in p for c in "[]"))  # drop union-member tags
-    got = repr(err.get("input"))[:80]
-    return APIError(400, f"Invalid value for '{where}': {err['msg']} (got {got}).", param=param)
 
 
 # ----------------------------------------------------------------------------- sampling fields
@@ -383,7 +318,7 @@ class GenerateRequest(BaseModel):
 
     def to_sampling_params(self) -> SamplingParams:
         fields = dict(self.model_extra or {})
-        unknown = sorted(set(fields) - _SAMPLING_FIELDS)
+        unknown = sorted(set(fields) - SAMPLING_FIELDS)
         if unknown:
             raise APIError(400, f"Unknown field(s) {', '.join(unknown)}: /generate takes prompt, "
                                 "stream and SamplingParams fields.", param=unknown[0])

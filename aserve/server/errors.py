@@ -1,0 +1,78 @@
+"""The API's errors: APIError carries status and OpenAI's error body; bodies are parsed here.
+
+Every failure a client can cause becomes an APIError at the door, and leaves as OpenAI's
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from aserve.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """An error for the client, carried to the door and written as OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> bytes:
+        return orjson.dumps(ErrorResponse(error=ErrorInfo(
+            message=self.message, type=self.type, param=self.param, code=self.code)).model_dump())
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids"}
+
+
+def bad_request_from_value_error(exc: ValueError) -> APIError:
+    """SamplingParams and the engine word their errors '<field> must ...': name that field."""
+    message = str(exc)
+    first = message.split(" ", 1)[0]
+    param = first if first in SAMPLING_FIELDS else None
+    code = "context_length_exceeded" if "maximum context length" in message else None
+    return APIError(400, message, param=param, code=code)
+
+
+def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:
+    """Parse a JSON body into model_cls, turning every failure into a 400 with OpenAI's shape."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise _from_validation_error(exc) from None
+
+
+def _from_validation_error(exc: ValidationError) -> APIError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    param = loc[0] if loc else None
+    if err["type"] == "missing":
+        return APIError(400, f"Missing required parameter: '{'.'.join(loc)}'.", param=param)
+    if param == "prompt" and len(err["loc"]) >= 2:  # a union: pydantic reports every member
+        return APIError(400, "'prompt' must be a string, a list of strings, a list of token ids "
+                             "or a list of lists of token ids.", param=param)
+    where = ".".join(p for p in loc if not any(c in p for c in "[]"))  # drop union-member tags
+    got = repr(err.get("input"))[:80]
+    return APIError(400, f"Invalid value for '{where}': {err['msg']} (got {got}).", param=param)
