@@ -66,7 +66,11 @@ def encode(tok, text):
 
 
 def run(tok, prompt, output, **kw):
-    """Stream `output` through a detokenizer; return (deltas, detokenizer)."""
+    """Stream `output` through a detokenizer; return (deltas, detokenizer).
+
+    Special tokens are not spaced apart unless asked, so texts compare with the fast `decode`.
+    """
+    kw.setdefault("spaces_between_special_tokens", False)
     detok = IncrementalDetokenizer(tok, prompt, **kw)
     deltas = []
     for token_id in output:
@@ -167,9 +171,23 @@ def test_skip_special_tokens(tok_name, use_stream, skip):
     tok = TOKENIZERS[tok_name]()
     output = encode(tok, "Hi there") + [tok.eos_token_id] + encode(tok, " 日本") + [tok.eos_token_id]
     prompt = [tok.bos_token_id] + encode(tok, "Say:")
-    _, detok = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=use_stream)
+    _, detok = run(tok, prompt, output, skip_special_tokens=skip, spaces_between_special_tokens=False,
+                   use_decode_stream=use_stream)
     assert ("</s>" in detok.text) is (not skip)
     assert detok.text == in_context(tok, prompt, output, skip)
+
+
+@both_tokenizers
+def test_spaces_between_special_tokens_sets_shown_special_tokens_apart(tok_name):
+    tok = TOKENIZERS[tok_name]()
+    eos = tok.eos_token_id
+    output = encode(tok, "Hi there") + [eos] + encode(tok, "again") + [eos]
+    deltas, detok = run(tok, [], output, skip_special_tokens=False, spaces_between_special_tokens=True)
+    plain = tok.decode(encode(tok, "Hi there"))
+    assert detok.text == f"{plain} </s> {tok.decode(encode(tok, 'again'))} </s>"
+    assert "".join(deltas) == detok.text
+    _, skipped = run(tok, [], output, skip_special_tokens=True, spaces_between_special_tokens=True)
+    assert "</s>" not in skipped.text and " </s>" not in skipped.text
 
 
 @both_tokenizers

@@ -12,8 +12,9 @@ Fast tokenizers step a Rust `DecodeStream` (about 1 us a token); the window is a
 so the same state can flush pending bytes at the end, be forked, and fall back to plain `decode`
 calls when the stream rejects a non-monotonic decoding (vLLM issue 17448) or is not available.
 
-`spaces_between_special_tokens` only reaches tokenizers whose `decode` takes it (older slow
-Hugging Face tokenizers); fast tokenizers, and all tokenizers of transformers 5, ignore it.
+With special tokens shown (skip_special_tokens=False), `spaces_between_special_tokens` sets each
+added token apart with spaces, as Hugging Face's slow tokenizers (and vLLM) do; fast tokenizers
+ignore that flag, so aserve decodes the runs between added tokens itself and joins them.
 `clean_up_tokenization_spaces` is not applied while streaming, as in vLLM.
 """
 
@@ -47,10 +48,39 @@ def _backend(tokenizer):
     return backend if isinstance(backend, _RustTokenizer) else None
 
 
+def _spaces_around_added_tokens(tokenizer, skip_special_tokens: bool,
+                                spaces_between_special_tokens: bool) -> frozenset:
+    """The added (special) token ids to set apart with spaces, as Hugging Face's slow decode
+    does when special tokens are shown; empty when nothing needs it."""
+    if skip_special_tokens or not spaces_between_special_tokens:
+        return frozenset()
+    return frozenset(getattr(tokenizer, "added_tokens_decoder", {}) or ())
+
+
+def _spaced_decode(rust_decode, ids: list, added: frozenset) -> str:
+    # Runs of ordinary tokens decode together; each added token is a part of its own; the parts
+    # are joined with single spaces (transformers' slow `_decode` with spaces_between_special_tokens).
+    parts, run = [], []
+    for token_id in ids:
+        if token_id in added:
+            if run:
+                parts.append(rust_decode(run, False))
+                run = []
+            parts.append(rust_decode([token_id], False))
+        else:
+            run.append(token_id)
+    if run:
+        parts.append(rust_decode(run, False))
+    return " ".join(parts)
+
+
 def _make_decode(tokenizer, backend, skip_special_tokens: bool,
                  spaces_between_special_tokens: bool) -> Callable[[list], str]:
     if backend is not None:
         rust_decode = backend.decode
+        added = _spaces_around_added_tokens(tokenizer, skip_special_tokens, spaces_between_special_tokens)
+        if added:
+            return lambda ids: _spaced_decode(rust_decode, ids, added)
         return lambda ids: rust_decode(ids, skip_special_tokens)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens,
                                         spaces_between_special_tokens=spaces_between_special_tokens,
@@ -91,7 +121,10 @@ class IncrementalDetokenizer:
         self._read = len(context)
         self._prefix_text: Optional[str] = prefix_text  # None while the Rust stream owns it
         self._stream = None
-        if use_decode_stream and DecodeStream is not None and backend is not None:
+        # The Rust stream cannot put spaces around special tokens: that mode uses the window path.
+        spaced = bool(_spaces_around_added_tokens(tokenizer, skip_special_tokens,
+                                                  spaces_between_special_tokens))
+        if use_decode_stream and DecodeStream is not None and backend is not None and not spaced:
             try:
                 self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
                 self._prefix_text = None
