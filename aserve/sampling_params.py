@@ -12,6 +12,8 @@ from typing import Optional, Union
 
 # Below this temperature sampling is treated as greedy, as vLLM does, to avoid dividing by ~0.
 _GREEDY_EPS = 1e-5
+# vLLM's default max_logprobs: enough for OpenAI's API (at most 5 / 20), bounded work per row.
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -84,10 +86,12 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
-        if self.logprobs is not None:
-            _int_at_least("logprobs", self.logprobs, 0)
-        if self.prompt_logprobs is not None:
-            _int_at_least("prompt_logprobs", self.prompt_logprobs, 0)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _int_at_least(name, value, 0)
+                if value > MAX_LOGPROBS:
+                    raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}.")
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop must contain only non-empty strings, got {s!r}.")

@@ -17,9 +17,6 @@ from aserve.engine.detokenizer import IncrementalDetokenizer
 from aserve.engine.request import Request, Sequence
 from aserve.sampling_params import SamplingParams
 
-# As vLLM's default max_logprobs: enough for OpenAI's API (at most 5/20), bounded work per row.
-MAX_LOGPROBS = 20
-
 
 class RequestFactory:
     def __init__(self, tokenizer, model_config: ModelConfig, scheduler_config: SchedulerConfig,
@@ -87,10 +84,6 @@ class RequestFactory:
                 f"{prompt_len + params.max_tokens} tokens ({prompt_len} in the prompt, "
                 f"{params.max_tokens} for the completion). Please reduce the length of the prompt "
                 f"or the completion (max_tokens).")
-        for name in ("logprobs", "prompt_logprobs"):
-            value = getattr(params, name)
-            if value is not None and value > MAX_LOGPROBS:
-                raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}.")
         width = params.best_of
         sched = self.scheduler_config
         if width > sched.max_num_seqs or width > sched.max_num_batched_tokens:

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from aserve.sampling_params import SamplingParams
 from aserve.server.errors import SAMPLING_FIELDS, APIError, bad_request_from_value_error
 
-MAX_LOGPROBS = 20  # vLLM's default max_logprobs: a bound on the per-token top-k work
 
 
 # ----------------------------------------------------------------------------- sampling fields
@@ -66,10 +65,6 @@ class _SamplingRequest(_Strict):
                          prompt_logprobs: Optional[int]) -> SamplingParams:
         # Beam search is deterministic: its natural temperature is 0, so that is the default.
         default_temperature = 0.0 if self.use_beam_search else 1.0
-        for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-            if value is not None and value > MAX_LOGPROBS:
-                raise APIError(400, f"logprobs must be at most {MAX_LOGPROBS}, got {value}.",
-                               param="logprobs")
         try:
             return SamplingParams(
                 n=self.n, best_of=self.best_of,
