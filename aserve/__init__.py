@@ -1,5 +1,8 @@
 """aserve: high-throughput LLM inference and serving (paged KV cache, continuous batching)."""
 
+import logging as _logging
+import os as _os
+
 from aserve.config import EngineArgs
 from aserve.outputs import CompletionOutput, Logprob, RequestOutput
 from aserve.sampling_params import SamplingParams
@@ -7,6 +10,22 @@ from aserve.sampling_params import SamplingParams
 __all__ = ["OfflineLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
            "EngineArgs"]
 __version__ = "0.1.0"
+
+
+def _configure_logging() -> None:
+    """Start-up facts (KV blocks, graph capture, engine start time) reach script users too, as
+    vLLM's do: the "aserve" logger prints INFO to stderr unless ASERVE_CONFIGURE_LOGGING=0 or
+    the application gave it handlers of its own."""
+    logger = _logging.getLogger("aserve")
+    if _os.environ.get("ASERVE_CONFIGURE_LOGGING", "1") != "1" or logger.handlers:
+        return
+    handler = _logging.StreamHandler()
+    handler.setFormatter(_logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(_logging.INFO)
+
+
+_configure_logging()
 
 
 def __getattr__(name: str):

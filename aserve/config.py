@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "float32": torch.float32, "float": torch.float32}
 
@@ -23,6 +24,7 @@ class ModelConfig:
     served_model_name: str
     trust_remote_code: bool
     seed: int
+    load_format: str = "auto"
 
     @property
     def vocab_size(self) -> int:
@@ -69,8 +71,16 @@ class EngineArgs:
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    # Decode steps with a longer context than this run eagerly (no CUDA graph), as in vLLM.
+    max_seq_len_to_capture: int = 8192
+    # auto: *.safetensors, else pytorch_model*.bin; safetensors / pt: only that format;
+    # dummy: random weights (uniform in [-1e-3, 1e-3], seeded by `seed`), no weight files read.
+    load_format: str = "auto"
+    skip_tokenizer_init: bool = False    # no tokenizer: prompts are token ids, outputs have no text
 
     def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}.")
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype must be one of auto, float16, bfloat16, float32, got {self.dtype!r}.")
         if self.block_size not in (8, 16, 32, 64, 128):

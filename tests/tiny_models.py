@@ -19,6 +19,8 @@ FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "gpt2")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
+_GPU_WIDTH_SCALE = 4
+_WIDTH_KEYS = ("hidden_size", "intermediate_size", "ffn_dim", "word_embed_proj_dim", "n_embd", "head_dim")
 _COMMON = dict(vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6)
@@ -54,6 +56,11 @@ def _config(family: str, overrides: dict):
         cls = GPT2Config
     else:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {FAMILIES}")
+    if torch.cuda.is_available():
+        # Head size 64 (not 16/32) on a GPU, so the CUDA attention kernels serve these models.
+        for key in _WIDTH_KEYS:
+            if key in kw:
+                kw[key] *= _GPU_WIDTH_SCALE
     kw.update(_COMMON)
     kw.update(overrides)
     return cls(**kw)

@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Union
 
 import torch
 
+from aserve.attention import get_attention_backend
 from aserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import OutputProcessor
@@ -24,14 +25,15 @@ from aserve.engine.request_factory import RequestFactory
 from aserve.engine.scheduler import Scheduler, SchedulerOutput
 from aserve.models.loader import create_model_config, load_model, load_tokenizer
 from aserve.outputs import RequestOutput
-from aserve.worker.kv_cache import allocate_kv_caches, num_blocks_for_budget
+from aserve.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
 from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner, profile_forward
 from aserve.worker.row_planner import plan_rows
 
 logger = logging.getLogger(__name__)
 
-# Chunked prefill keeps steps short; long prompts are simply spread over several steps.
-_DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+# Chunked prefill keeps steps short; long prompts are simply spread over several steps. A GPU
+# wants larger steps: its matrix units need thousands of rows to run at full rate.
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,17 @@ class Engine:
     """Owns the model, the KV cache and every request; not thread-safe (one driver)."""
 
     def __init__(self, args: Optional[EngineArgs] = None) -> None:
+        started = time.perf_counter()
         args = args or EngineArgs()
         self.args = args
         self.device = args.resolve_device()
         self.model_config = create_model_config(args)
-        self.tokenizer = load_tokenizer(self.model_config)
+        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(self.model_config)
         self.model = load_model(self.model_config, self.device)
         max_len = self.model_config.max_model_len
         self.scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=args.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            max_num_batched_tokens=(args.max_num_batched_tokens
+                                    or _DEFAULT_MAX_NUM_BATCHED_TOKENS.get(self.device.type, 2048)),
             max_num_seqs=args.max_num_seqs, max_model_len=max_len)
         dtype = self.model_config.dtype
         profile = functools.partial(
@@ -79,6 +83,16 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.runner = ModelRunner(self.model, kv_caches, self.block_manager, self.device, args.seed)
+        block_bytes = bytes_per_block(self.model, args.block_size, dtype)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); maximum concurrency for %d-token "
+                    "requests: %.2fx", num_blocks, args.block_size, num_blocks * block_bytes / (1 << 30),
+                    max_len, num_blocks * args.block_size / max_len)
+        if self._uses_decode_graphs():
+            graphs = self.runner.capture_decode_graphs(args.max_num_seqs,
+                                                       min(max_len, args.max_seq_len_to_capture))
+            logger.info("captured CUDA graphs of decode steps for %d batch sizes (1 to %d, contexts up "
+                        "to %d tokens) in %.1f s", len(graphs.sizes), graphs.sizes[-1],
+                        graphs.max_seq_len, graphs.capture_seconds)
         self.outputs = OutputProcessor(self.tokenizer, self.block_manager, max_len)
         self.requests: dict[str, Request] = {}
         self.factory = RequestFactory(self.tokenizer, self.model_config, self.scheduler_config,
@@ -88,8 +102,14 @@ class Engine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._ids = itertools.count()
-        logger.info("engine ready: %s on %s, %d KV blocks of %d tokens", self.model_config.model,
-                    self.device, num_blocks, args.block_size)
+        self.startup_seconds = time.perf_counter() - started
+        logger.info("engine ready in %.1f s: %s on %s, %d KV blocks of %d tokens",
+                    self.startup_seconds, self.model_config.model, self.device, num_blocks, args.block_size)
+
+    def _uses_decode_graphs(self) -> bool:
+        # Graphs bake in the CUDA kernels' launches; the torch reference plans on the host.
+        return (self.device.type == "cuda" and not self.args.enforce_eager
+                and get_attention_backend(self.device, self.model.head_dim).name == "cuda")
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: Optional[str], prompt: Union[str, list[int]], params,

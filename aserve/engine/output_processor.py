@@ -44,7 +44,8 @@ class OutputProcessor:
         num_output = len(seq.token_ids) - seq.num_prompt_tokens
         # min_tokens holds back every kind of stop, as vLLM does.
         may_stop = num_output >= params.min_tokens
-        matched = seq.detokenizer.append(token_id, check_stop=may_stop)
+        detokenizer = seq.detokenizer  # None with no tokenizer (skip_tokenizer_init): no text
+        matched = detokenizer.append(token_id, check_stop=may_stop) if detokenizer is not None else None
         if may_stop:
             if token_id in params.all_stop_token_ids:
                 # An EOS ends with no stop_reason (as vLLM); a user's stop token is reported.
@@ -65,6 +66,8 @@ class OutputProcessor:
         self.block_manager.free(seq.seq_id)
 
     def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
+        if self.tokenizer is None:
+            return logprobs  # decoded_token stays None
         for token_id, entry in logprobs.items():
             entry.decoded_token = decode_token_text(self.tokenizer, token_id)
         return logprobs
@@ -116,7 +119,8 @@ class OutputProcessor:
         results = request.beam_state.final(beams)
         skip = request.params.skip_special_tokens
         request.beam_outputs = [
-            CompletionOutput(index=i, text=self.tokenizer.decode(r.token_ids, skip_special_tokens=skip),
+            CompletionOutput(index=i, text=self.tokenizer.decode(r.token_ids, skip_special_tokens=skip)
+                             if self.tokenizer is not None else "",
                              token_ids=list(r.token_ids), cumulative_logprob=r.cum_logprob,
                              logprobs=None, finish_reason="stop" if r.finished_by_eos else "length")
             for i, r in enumerate(results)]

@@ -36,8 +36,11 @@ class RequestFactory:
         params.all_stop_token_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             params.all_stop_token_ids |= self.eos_token_ids
-        if params.use_beam_search:
-            detokenizer = None  # beams are decoded once, when the search ends
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop={params.stop!r}: stop strings need a tokenizer, and this engine "
+                             f"has none (skip_tokenizer_init); use stop_token_ids.")
+        if params.use_beam_search or self.tokenizer is None:
+            detokenizer = None  # beams are decoded once, when the search ends; no tokenizer: no text
         else:
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
@@ -59,6 +62,9 @@ class RequestFactory:
 
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt must be a list of token ids: this engine has no tokenizer "
+                                 "(skip_tokenizer_init).")
             if not prompt:
                 raise ValueError("prompt must not be empty.")
             return prompt, self.tokenizer.encode(prompt)
@@ -105,16 +111,19 @@ class RequestFactory:
 
 
 def _eos_token_ids(tokenizer, model_config: ModelConfig) -> set[int]:
-    """The tokenizer's EOS and the generation config's EOS ids (models may declare several)."""
+    """The tokenizer's EOS and the generation config's EOS ids (models may declare several);
+    with no tokenizer, the model config's EOS where the generation config names none."""
     ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    config_eos = getattr(model_config.hf_config, "eos_token_id", None)
     try:
         from transformers import GenerationConfig
-        gen = GenerationConfig.from_pretrained(model_config.model_path)
-        eos = gen.eos_token_id
+        eos = GenerationConfig.from_pretrained(model_config.model_path).eos_token_id
     except (OSError, ValueError):
-        eos = getattr(model_config.hf_config, "eos_token_id", None)
+        eos = config_eos
+    if eos is None and tokenizer is None:  # nothing else names an EOS: the model config's
+        eos = config_eos
     if isinstance(eos, int):
         ids.add(eos)
     elif eos:

@@ -29,12 +29,12 @@ def _hub_error(model: str, cause: BaseException) -> OSError:
         f"weights (*.safetensors or pytorch_model*.bin), e.g. --model /path/to/model.")
 
 
-def resolve_model_path(model: str, revision: Optional[str] = None) -> str:
+def resolve_model_path(model: str, revision: Optional[str] = None, load_format: str = "auto") -> str:
     """The local folder of `model`: a folder as is, else a hub id from the cache or downloaded.
 
-    Only the config, tokenizer and one weight format (safetensors when the repo has them,
-    else .bin) are fetched. Raises OSError when the model is neither a local folder nor
-    cached and the hub cannot be reached.
+    Only the config, tokenizer and one weight format are fetched: load_format's (none for
+    dummy), or for auto safetensors when the repo has them, else .bin. Raises OSError when the
+    model is neither a local folder nor cached and the hub cannot be reached.
     """
     expanded = os.path.expanduser(model)
     if os.path.isdir(expanded):
@@ -43,18 +43,20 @@ def resolve_model_path(model: str, revision: Optional[str] = None) -> str:
         raise OSError(f"Model path {model!r} is not a folder; pass the folder that holds config.json.")
     from huggingface_hub import snapshot_download
 
-    all_patterns = _META_PATTERNS + ["*.safetensors", "*.bin"]
+    weights = {"safetensors": ["*.safetensors"], "pt": ["*.bin"], "dummy": []}.get(load_format)
+    all_patterns = _META_PATTERNS + (["*.safetensors", "*.bin"] if weights is None else weights)
     try:  # the cache first: no network needed for a model used before
         return snapshot_download(model, revision=revision, allow_patterns=all_patterns,
                                  ignore_patterns=_IGNORE_PATTERNS, local_files_only=True)
     except Exception:
         pass
     try:
-        from huggingface_hub import HfApi
+        if weights is None:
+            from huggingface_hub import HfApi
 
-        files = HfApi().list_repo_files(model, revision=revision)
-        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-        return snapshot_download(model, revision=revision, allow_patterns=_META_PATTERNS + [weights],
+            files = HfApi().list_repo_files(model, revision=revision)
+            weights = ["*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"]
+        return snapshot_download(model, revision=revision, allow_patterns=_META_PATTERNS + weights,
                                  ignore_patterns=_IGNORE_PATTERNS)
     except Exception as e:  # offline, unknown repo, gated repo, invalid id: all one message
         raise _hub_error(model, e) from e
@@ -82,7 +84,7 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         default_name = DEFAULT_MODEL_NAME
     else:
         model = args.model
-        model_path = resolve_model_path(model, args.revision)
+        model_path = resolve_model_path(model, args.revision, args.load_format)
         default_name = model
     tokenizer_path = resolve_model_path(args.tokenizer, args.revision) if args.tokenizer else model_path
     hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
@@ -104,7 +106,7 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         model=model, model_path=model_path, tokenizer_path=tokenizer_path, hf_config=hf_config,
         architecture=architecture, dtype=dtype, max_model_len=max_model_len,
         served_model_name=args.served_model_name or default_name,
-        trust_remote_code=args.trust_remote_code, seed=args.seed)
+        trust_remote_code=args.trust_remote_code, seed=args.seed, load_format=args.load_format)
 
 
 def _weight_files(model_path: str, suffix: str, index_name: str) -> list[str]:
@@ -117,33 +119,51 @@ def _weight_files(model_path: str, suffix: str, index_name: str) -> list[str]:
     return [f for f in files if not os.path.basename(f).startswith("consolidated")]
 
 
-def iterate_weights(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_weights(model_path: str, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
     """(name, CPU tensor) for every checkpoint tensor, one file at a time.
 
-    *.safetensors are preferred (memory-mapped, no pickle); pytorch_model*.bin otherwise.
+    auto: *.safetensors (memory-mapped, no pickle) when there are any, else pytorch_model*.bin;
+    "safetensors" or "pt" reads only that format.
     """
     from safetensors import safe_open
 
-    files = _weight_files(model_path, ".safetensors", "model.safetensors.index.json")
+    files = [] if load_format == "pt" else _weight_files(
+        model_path, ".safetensors", "model.safetensors.index.json")
     if files:
         for path in files:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
         return
-    files = [f for f in _weight_files(model_path, ".bin", "pytorch_model.bin.index.json")
-             if os.path.basename(f).startswith("pytorch_model")]
+    if load_format != "safetensors":
+        files = [f for f in _weight_files(model_path, ".bin", "pytorch_model.bin.index.json")
+                 if os.path.basename(f).startswith("pytorch_model")]
     if not files:
-        raise ValueError(f"No weights found in {model_path}: expected *.safetensors or "
-                         f"pytorch_model*.bin files.")
+        expected = {"safetensors": "*.safetensors files", "pt": "pytorch_model*.bin files"}.get(
+            load_format, "*.safetensors or pytorch_model*.bin files")
+        raise ValueError(f"No weights found in {model_path} for load_format={load_format!r}: "
+                         f"expected {expected} (or load_format='dummy' for random weights).")
     for path in files:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         yield from state.items()
         del state
 
 
+@torch.no_grad()
+def fill_dummy_weights(model: nn.Module, seed: int, bound: float = 1e-3) -> None:
+    """vLLM's dummy format: every parameter uniform in [-bound, bound], drawn on its own device
+    from a generator seeded with `seed`, so equal seeds give equal weights. A tied parameter is
+    one object, listed (and filled) once, so it stays tied."""
+    generator = None
+    for param in model.parameters():
+        if generator is None:  # the model's device (every parameter is built on it)
+            generator = torch.Generator(device=param.device).manual_seed(seed)
+        param.uniform_(-bound, bound, generator=generator)
+
+
 def load_model(model_config: ModelConfig, device) -> nn.Module:
-    """Build the model directly on `device` in model_config.dtype and load its weights."""
+    """Build the model directly on `device` in model_config.dtype and load its weights
+    (random ones drawn there for load_format "dummy": no weight file is read)."""
     model_cls = get_model_class(model_config.architecture)
     previous_dtype = torch.get_default_dtype()
     # Parameters are created in the serving dtype on the target device, so a model is never
@@ -155,7 +175,10 @@ def load_model(model_config: ModelConfig, device) -> nn.Module:
     finally:
         torch.set_default_dtype(previous_dtype)
     with torch.no_grad():
-        model.load_weights(iterate_weights(model_config.model_path))
+        if model_config.load_format == "dummy":
+            fill_dummy_weights(model, model_config.seed)
+        else:
+            model.load_weights(iterate_weights(model_config.model_path, model_config.load_format))
     return model.eval()
 
 

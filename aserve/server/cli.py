@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Optional
 
-from aserve.config import EngineArgs
+from aserve.config import LOAD_FORMATS, EngineArgs
 
 API_KEY_ENV = "ASERVE_API_KEY"
 
@@ -42,6 +42,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Chat template for /v1/chat/completions: a Jinja file or an inline Jinja "
                         "string; default: the tokenizer's.")
     m.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code.")
+    m.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
+                   help="Weights to read: auto (safetensors, else pytorch_model*.bin), safetensors, "
+                        "pt, or dummy (random weights, no weight files needed; for benchmarks). "
+                        "(default: %(default)s)")
+    m.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="Load no tokenizer: prompts must be token ids and outputs carry no text.")
 
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=256, help="Most sequences in one step. (default: %(default)s)")
@@ -78,7 +84,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         kv_cache_memory_gb=ns.kv_cache_memory_gb, gpu_memory_utilization=ns.gpu_memory_utilization,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs, seed=ns.seed,
         trust_remote_code=ns.trust_remote_code, tensor_parallel_size=ns.tensor_parallel_size,
-        enforce_eager=ns.enforce_eager)
+        enforce_eager=ns.enforce_eager, load_format=ns.load_format,
+        skip_tokenizer_init=ns.skip_tokenizer_init)
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -103,6 +110,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     ns = make_parser().parse_args(argv)
     logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # The server logs through the root handler configured above; the package's own default
+    # handler would print every aserve line twice.
+    logging.getLogger("aserve").handlers.clear()
+    logging.getLogger("aserve").setLevel(ns.log_level.upper())
     try:
         engine_args = engine_args_from(ns)
     except ValueError as exc:  # a bad flag value: say which, without a traceback

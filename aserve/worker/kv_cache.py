@@ -68,6 +68,17 @@ def copy_blocks(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) ->
     if not copies:
         return
     device = kv_caches[0].device
+    if device.type == "cuda":
+        from aserve.cuda import ops
+
+        ops.copy_blocks(kv_caches, torch.tensor(copies, dtype=torch.long).to(device))
+        return
+    copy_blocks_reference(kv_caches, copies)
+
+
+def copy_blocks_reference(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) -> None:
+    """copy_blocks in plain torch ops: the CPU path and the CUDA kernel's oracle."""
+    device = kv_caches[0].device
     src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
     dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
     for cache in kv_caches:

@@ -16,6 +16,7 @@ from aserve.attention import AttentionMetadata
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.scheduler import SchedulerOutput
 from aserve.outputs import Logprob
+from aserve.worker.cuda_graphs import DecodeGraphs
 from aserve.worker.kv_cache import copy_blocks
 from aserve.worker.sampler import Sampler, SamplingMetadata, logprobs_for_tokens
 
@@ -61,6 +62,15 @@ class ModelRunner:
         self.block_size = block_manager.block_size
         self.device = device
         self.sampler = Sampler(seed=seed)
+        self.decode_graphs: Optional[DecodeGraphs] = None
+
+    def capture_decode_graphs(self, max_num_seqs: int, max_seq_len_to_capture: int) -> DecodeGraphs:
+        """Capture CUDA graphs of decode steps; later decode steps that fit replay them."""
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_num_seqs,
+                              max_seq_len_to_capture, self.device)
+        graphs.capture()
+        self.decode_graphs = graphs
+        return graphs
 
     # ---------------------------------------------------------------- inputs (engine thread)
     def prepare(self, sched: SchedulerOutput, row_plan: "RowPlan") -> ModelInput:
@@ -115,8 +125,11 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> ModelOutput:
         copy_blocks(self.kv_caches, model_input.block_copies)
-        hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches,
-                            model_input.attn_metadata)
+        metadata = model_input.attn_metadata
+        if self.decode_graphs is not None and self.decode_graphs.can_run(metadata):
+            hidden = self.decode_graphs.run(model_input.input_ids, model_input.positions, metadata)
+        else:
+            hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches, metadata)
         if model_input.logits_indices.numel() == 0:
             return ModelOutput([], None, [], None, [])
         logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()

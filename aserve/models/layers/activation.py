@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aserve.cuda import fused
+
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh-approximated GELU, written as HF's NewGELUActivation so results are equal bit
@@ -49,7 +51,10 @@ class ActAndMul(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.act = get_act_fn(name)
+        self.is_silu = self.act is F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_silu and fused.usable(x):
+            return fused.silu_and_mul(x)
         d = x.shape[-1] // 2
         return self.act(x[..., :d]) * x[..., d:]

@@ -32,7 +32,7 @@ class Attention(nn.Module):
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         """q [T, H*D], k/v [T, KVH*D] -> [T, H*D]; this step's k/v are written to kv_cache."""
         if self.backend is None:
-            self.backend = get_attention_backend(q.device)
+            self.backend = get_attention_backend(q.device, self.head_dim)
         num_tokens = q.shape[0]
         query = q.view(num_tokens, self.num_heads, self.head_dim)
         key = k.view(num_tokens, self.num_kv_heads, self.head_dim)

@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from aserve.cuda import fused
+
 _SUPPORTED = ("default", "linear", "llama3")
 
 
@@ -87,7 +89,11 @@ class RotaryEmbedding(nn.Module):
         return out
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate q and k (flattened heads) at `positions`; returns new tensors (q, k)."""
+        """Rotate q and k (flattened heads) at `positions`; returns (q, k), rotated in place
+        by the fused CUDA kernel on a GPU, as new tensors otherwise."""
+        if fused.usable(q):
+            fused.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache, self.head_dim)
+            return q, k
         cos = self.cos_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)   # [T, 1, D]
         sin = self.sin_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)
         num_tokens = q.shape[0]

@@ -1,0 +1,67 @@
+// Shared by every aserve kernel: the element type chosen at compile time and 16-byte vector
+// loads and stores of it. No CUDA headers are included, so NVRTC needs no include path: half
+// and bfloat16 travel as raw 16-bit words and are converted with PTX.
+//
+// DTYPE (set with -D by aserve/cuda/ops.py): 0 float32, 1 float16, 2 bfloat16.
+#pragma once
+
+typedef unsigned short u16;
+typedef long long i64;
+
+#ifndef DTYPE
+#define DTYPE 1
+#endif
+
+#if DTYPE == 0
+typedef float scalar_t;
+#define VEC 4           // elements in one 16-byte vector
+#else
+typedef u16 scalar_t;
+#define VEC 8
+#endif
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+
+__device__ __forceinline__ float to_float(u16 x) {
+#if DTYPE == 1
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+#else
+    return __uint_as_float(((unsigned)x) << 16);
+#endif
+}
+
+__device__ __forceinline__ scalar_t from_float(float f) {
+#if DTYPE == 0
+    return f;
+#elif DTYPE == 1
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#endif
+}
+
+// A 16-byte vector of VEC elements as floats.
+__device__ __forceinline__ void unpack_vec(const uint4 raw, float* out) {
+#if DTYPE == 0
+    out[0] = __uint_as_float(raw.x); out[1] = __uint_as_float(raw.y);
+    out[2] = __uint_as_float(raw.z); out[3] = __uint_as_float(raw.w);
+#else
+    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        out[2 * i] = to_float((u16)(words[i] & 0xffffu));
+        out[2 * i + 1] = to_float((u16)(words[i] >> 16));
+    }
+#endif
+}
+
+// VEC consecutive elements (16 bytes, which must be 16-byte aligned) as floats.
+__device__ __forceinline__ void load_vec(const scalar_t* p, float* out) {
+    unpack_vec(*reinterpret_cast<const uint4*>(p), out);
+}

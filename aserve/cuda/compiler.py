@@ -1,0 +1,202 @@
+"""Run-time compilation of aserve's CUDA C kernels with NVRTC, a disk cache of the cubins, and
+launches through the driver API on torch's current stream.
+
+A kernel source (a .cu file in this folder) plus its -D options is compiled once per GPU
+architecture into a CUBIN for that exact sm_XX (never PTX: a newer NVRTC's PTX cannot be
+JIT-compiled by an older driver, while a cubin of any 13.x toolkit loads). Cubins are cached in
+~/.cache/aserve/cubins (ASERVE_CACHE_DIR overrides the root), keyed by a hash of the sources,
+the options, the architecture and NVRTC's version. Every NVRTC and driver call is checked; a
+compile error names the kernel file and carries NVRTC's log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Sequence
+
+_SOURCE_DIR = Path(__file__).parent
+# Headers every kernel may #include, handed to NVRTC by name (no include path is needed).
+_HEADERS = ("common.cuh",)
+
+
+class KernelCompileError(RuntimeError):
+    """NVRTC rejected a kernel source; the message holds NVRTC's log."""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("ASERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "aserve")
+    return Path(root) / "cubins"
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise ImportError("aserve's CUDA kernels need cuda-python with NVRTC: "
+                          'pip install "cuda-python[all]"') from e
+    return nvrtc
+
+
+def _check_nvrtc(result, what: str):
+    nvrtc = _nvrtc()
+    err, *rest = result
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise RuntimeError(f"NVRTC {what} failed: {err.name}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_version() -> tuple[int, int]:
+    return tuple(_check_nvrtc(_nvrtc().nvrtcVersion(), "nvrtcVersion"))
+
+
+def _read_sources(source_name: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    source = (_SOURCE_DIR / source_name).read_bytes()
+    headers = [(name.encode(), (_SOURCE_DIR / name).read_bytes()) for name in _HEADERS]
+    return source, headers
+
+
+def compile_cubin(source_name: str, options: Sequence[str], arch: int) -> bytes:
+    """The CUBIN of aserve/cuda/<source_name> for sm_<arch> (e.g. 90), compiled with the -D
+    options given, from the disk cache when it was compiled before. Needs no GPU."""
+    source, headers = _read_sources(source_name)
+    version = nvrtc_version()
+    full_options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "-default-device", *options]
+    digest = hashlib.sha256()
+    for part in (source, *(h for _, h in headers), repr(full_options).encode(), repr(version).encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    path = _cache_dir() / f"{Path(source_name).stem}-sm{arch}-{digest.hexdigest()[:24]}.cubin"
+    if path.is_file():
+        return path.read_bytes()
+    cubin = _compile(source_name, source, headers, full_options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole under a temporary name, then renamed: concurrent processes never read half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(cubin)
+    os.replace(tmp, path)
+    return cubin
+
+
+def _compile(source_name: str, source: bytes, headers, options: list[str]) -> bytes:
+    nvrtc = _nvrtc()
+    prog = _check_nvrtc(nvrtc.nvrtcCreateProgram(
+        source, source_name.encode(), len(headers), [h for _, h in headers], [n for n, _ in headers]),
+        "nvrtcCreateProgram")
+    try:
+        err, = nvrtc.nvrtcCompileProgram(prog, len(options), [o.encode() for o in options])
+        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            size = _check_nvrtc(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            _check_nvrtc(nvrtc.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+            raise KernelCompileError(
+                f"NVRTC could not compile aserve/cuda/{source_name} with options {' '.join(options)}:\n"
+                f"{log.decode(errors='replace').rstrip(chr(0))}")
+        size = _check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        _check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return cubin
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+# ------------------------------------------------------------------------------ driver side
+def _driver():
+    from cuda.bindings import driver
+
+    return driver
+
+
+def _check_cu(result, what: str):
+    driver = _driver()
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise RuntimeError(f"CUDA driver call {what} failed: {name.decode() if name else err}")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else rest
+
+
+def _ensure_context(device_index: int) -> None:
+    """Make the device's primary context (the one torch uses) current on this thread: driver
+    calls from a thread where torch has not yet run anything would otherwise find none."""
+    import torch
+
+    torch.cuda.init()
+    driver = _driver()
+    current = _check_cu(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if current is not None and int(current) != 0:
+        return
+    device = _check_cu(driver.cuDeviceGet(device_index), "cuDeviceGet")
+    context = _check_cu(driver.cuDevicePrimaryCtxRetain(device), "cuDevicePrimaryCtxRetain")
+    _check_cu(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
+
+
+class Kernel:
+    """One loaded kernel function; launch() runs it on torch's current stream."""
+
+    def __init__(self, module: "LoadedModule", name: str, function) -> None:
+        self.module = module  # keeps the CUmodule alive as long as the function is used
+        self.name = name
+        self.function = function
+
+    def set_max_dynamic_shared_memory(self, num_bytes: int) -> None:
+        driver = _driver()
+        attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        _check_cu(driver.cuFuncSetAttribute(self.function, attribute, num_bytes),
+                  f"cuFuncSetAttribute({self.name})")
+
+    def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
+               args: Sequence, arg_types: Sequence, stream: int) -> None:
+        """args: ints for pointers/integers, floats; arg_types: the matching ctypes types."""
+        _check_cu(_driver().cuLaunchKernel(self.function, *grid, *block, shared_mem, stream,
+                                           (tuple(args), tuple(arg_types)), 0),
+                  f"cuLaunchKernel({self.name})")
+
+
+class LoadedModule:
+    def __init__(self, cubin: bytes, device_index: int) -> None:
+        _ensure_context(device_index)
+        self.handle = _check_cu(_driver().cuModuleLoadData(cubin), "cuModuleLoadData")
+        self._kernels: dict[str, Kernel] = {}
+
+    def kernel(self, name: str) -> Kernel:
+        found = self._kernels.get(name)
+        if found is None:
+            function = _check_cu(_driver().cuModuleGetFunction(self.handle, name.encode()),
+                                 f"cuModuleGetFunction({name})")
+            found = self._kernels[name] = Kernel(self, name, function)
+        return found
+
+
+_modules: dict[tuple, LoadedModule] = {}
+_lock = threading.Lock()
+
+
+def load_module(source_name: str, options: Sequence[str], device_index: int) -> LoadedModule:
+    """The module of source_name compiled with options for the GPU device_index, compiled
+    (or read from the disk cache) and loaded once per process."""
+    import torch
+
+    key = (source_name, tuple(options), device_index)
+    module = _modules.get(key)
+    if module is None:
+        with _lock:
+            module = _modules.get(key)
+            if module is None:
+                major, minor = torch.cuda.get_device_capability(device_index)
+                cubin = compile_cubin(source_name, options, major * 10 + minor)
+                module = _modules[key] = LoadedModule(cubin, device_index)
+    return module
+
+
+# ctypes types for Kernel.launch argument lists.
+POINTER, INT, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float

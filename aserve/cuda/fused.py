@@ -1,0 +1,96 @@
+"""Fused layer ops on CUDA (layer_ops.cu): RMSNorm, rotary embedding, SiLU-and-mul.
+
+The model layers call `usable(x)` and take these when it holds, their torch code otherwise;
+the torch code is the reference tests/test_cuda_kernels.py compares against. The profile of a
+Llama-8B decode step showed these chains of small torch ops costing about a quarter of the
+GPU time at batch 1 (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from aserve.cuda.compiler import FLOAT, INT, INT64, POINTER, load_module
+
+_DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# ASERVE_KERNELS=torch turns every aserve CUDA kernel off (the torch reference runs instead).
+KERNELS_ENV = "ASERVE_KERNELS"
+
+
+def kernels_enabled() -> bool:
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in ("auto", "torch"):
+        raise ValueError(f"{KERNELS_ENV} must be auto or torch, got {choice!r}")
+    return choice == "auto"
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the fused kernels can take x: on a GPU, in a supported dtype, kernels enabled."""
+    return x.is_cuda and x.dtype in _DTYPE_IDS and kernels_enabled()
+
+
+def _module(x: torch.Tensor):
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return load_module("layer_ops.cu", [f"-DDTYPE={_DTYPE_IDS[x.dtype]}"], index)
+
+
+def _stream(x: torch.Tensor) -> int:
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, columns] with dense columns (a row stride of its own is fine)."""
+    x2 = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype), as HF's LlamaRMSNorm."""
+    rows = _rows(x)
+    hidden = rows.shape[1]
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        weight = weight.to(x.dtype).contiguous()
+        _module(x).kernel("rms_norm").launch(
+            (rows.shape[0], 1, 1), (min(1024, 32 * ((hidden + 255) // 256)), 1, 1), 0,
+            (out.data_ptr(), rows.data_ptr(), weight.data_ptr(), rows.stride(0), out.stride(0), hidden,
+             float(eps)),
+            (POINTER, POINTER, POINTER, INT64, INT64, INT, FLOAT), _stream(x))
+    return out.view(x.shape)
+
+
+def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                     cos_cache: torch.Tensor, sin_cache: torch.Tensor, head_dim: int) -> None:
+    """Rotate query [T, H*D] and key [T, KVH*D] in place (rotate-half form) at positions [T];
+    cos/sin_cache: float32 [max_position, head_dim]."""
+    num_tokens = query.shape[0]
+    if num_tokens == 0:
+        return
+    assert query.stride(-1) == 1 and key.stride(-1) == 1 and key.dtype == query.dtype
+    assert cos_cache.dtype == torch.float32 and cos_cache.is_contiguous() and sin_cache.is_contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    num_heads, num_kv_heads = query.shape[1] // head_dim, key.shape[1] // head_dim
+    pairs = (num_heads + num_kv_heads) * (head_dim // 2)
+    threads = min(512, 32 * ((pairs + 31) // 32))
+    _module(query).kernel("rotary_embedding").launch(
+        (num_tokens, 1, 1), (threads, 1, 1), 0,
+        (query.data_ptr(), key.data_ptr(), positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
+         query.stride(0), key.stride(0), num_heads, num_kv_heads, head_dim),
+        (POINTER,) * 5 + (INT64, INT64, INT, INT, INT), _stream(query))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] for x [..., 2d]."""
+    rows = _rows(x)
+    d = rows.shape[1] // 2
+    out = torch.empty(rows.shape[0], d, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        threads = 256
+        chunks = max(1, min(8, d // (threads * 8)))  # a few CTAs per row when rows are wide
+        _module(x).kernel("silu_and_mul").launch(
+            (rows.shape[0], chunks, 1), (threads, 1, 1), 0,
+            (out.data_ptr(), rows.data_ptr(), rows.stride(0), out.stride(0), d),
+            (POINTER, POINTER, INT64, INT64, INT), _stream(x))
+    return out.view(*x.shape[:-1], d)

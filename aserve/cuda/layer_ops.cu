@@ -1,0 +1,84 @@
+// Fused layer kernels: each replaces a chain of small torch ops (one launch and one pass over
+// the data instead of several), which is most of a decode step's non-matmul GPU time. Each
+// rounds where the Hugging Face implementation rounds (to the model dtype between ops), so
+// outputs match the reference up to reduction order.
+//
+// Compile-time configuration (-D, set by aserve/cuda/fused.py): DTYPE.
+#include "common.cuh"
+
+#define MAX_THREADS 1024
+
+// Rounds a float through the model dtype, as an intermediate torch tensor of that dtype would.
+__device__ __forceinline__ float round_dtype(float x) { return to_float(from_float(x)); }
+
+__device__ float block_sum(float v) {
+    __shared__ float partial[MAX_THREADS / 32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    const int num_warps = (blockDim.x + 31) / 32;
+    v = threadIdx.x < num_warps ? partial[threadIdx.x] : 0.f;
+    if (warp == 0) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) partial[0] = v;
+    }
+    __syncthreads();
+    return partial[0];
+}
+
+// Llama's RMSNorm, one CTA per row: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype).
+extern "C" __global__ void rms_norm(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                    const scalar_t* __restrict__ weight, i64 x_stride, i64 out_stride,
+                                    int hidden, float eps) {
+    const scalar_t* row = x + blockIdx.x * x_stride;
+    float squares = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = to_float(row[i]);
+        squares += v * v;
+    }
+    const float inv_rms = rsqrtf(block_sum(squares) / hidden + eps);
+    scalar_t* dst = out + blockIdx.x * out_stride;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        dst[i] = from_float(to_float(weight[i]) * round_dtype(to_float(row[i]) * inv_rms));
+}
+
+// Rotary embedding in place (rotate-half form, as HF's Llama): per token, every query and key
+// head's pairs (i, i + half) rotate by the angle of the token's position. cos/sin tables are
+// float32 [max_position, head_dim]; HF casts them to the model dtype first, and so does this.
+extern "C" __global__ void rotary_embedding(scalar_t* __restrict__ query, scalar_t* __restrict__ key,
+                                            const i64* __restrict__ positions,
+                                            const float* __restrict__ cos_cache,
+                                            const float* __restrict__ sin_cache,
+                                            i64 q_stride, i64 k_stride, int num_heads, int num_kv_heads,
+                                            int head_dim) {
+    const int token = blockIdx.x;
+    const int half = head_dim / 2;
+    const i64 pos = positions[token];
+    const float* cos_row = cos_cache + pos * head_dim;
+    const float* sin_row = sin_cache + pos * head_dim;
+    for (int idx = threadIdx.x; idx < (num_heads + num_kv_heads) * half; idx += blockDim.x) {
+        const int head = idx / half, i = idx % half;
+        scalar_t* x = head < num_heads ? query + token * q_stride + (i64)head * head_dim
+                                       : key + token * k_stride + (i64)(head - num_heads) * head_dim;
+        const float c = round_dtype(cos_row[i]), s = round_dtype(sin_row[i]);
+        const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+        // x * cos + rotate_half(x) * sin, each product rounded as its own tensor would be.
+        x[i] = from_float(round_dtype(x1 * c) + round_dtype(-x2 * s));
+        x[i + half] = from_float(round_dtype(x2 * c) + round_dtype(x1 * s));
+    }
+}
+
+// silu(x[:, :d]) * x[:, d:] for the fused gate/up projection; grid (tokens, column chunks).
+extern "C" __global__ void silu_and_mul(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                        i64 x_stride, i64 out_stride, int d) {
+    const scalar_t* row = x + blockIdx.x * x_stride;
+    scalar_t* dst = out + blockIdx.x * out_stride;
+    for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < d; i += gridDim.y * blockDim.x) {
+        const float g = to_float(row[i]);
+        const float activated = round_dtype(g / (1.f + expf(-g)));
+        dst[i] = from_float(activated * to_float(row[d + i]));
+    }
+}

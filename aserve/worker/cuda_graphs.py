@@ -1,0 +1,101 @@
+"""CUDA graphs for decode steps: the model forward of a batch of one-token sequences, captured
+once per batch size of a ladder and replayed, so a step costs one launch instead of hundreds.
+
+A graph reads its inputs from static buffers; a replay copies the step's inputs into them and
+pads the batch up to the captured size with rows that write nothing (slot -1) and attend to
+nothing (seq_len 0). The decode kernel's grid is fixed at capture by max_seq_len_to_capture
+(its number of context splits); a step with a longer context, or a larger batch, runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from aserve.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_ladder(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, then every multiple of 8 up to max_num_seqs (vLLM's ladder), and max_num_seqs."""
+    sizes = [b for b in (1, 2, 4) if b <= max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
+                 max_seq_len_to_capture: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_seq_len = max_seq_len_to_capture
+        self.max_blocks = -(-max_seq_len_to_capture // block_size)
+        self.sizes = batch_size_ladder(max_num_seqs)
+        largest = self.sizes[-1]
+        self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((largest,), -1, dtype=torch.long, device=device)
+        self.seq_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(largest, self.max_blocks, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+        self.num_replays = 0
+
+    def _metadata(self, batch: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_tokens=batch, query_start_loc=self.query_start_loc[:batch + 1],
+            seq_lens=self.seq_lens[:batch], block_tables=self.block_tables[:batch],
+            slot_mapping=self.slot_mapping[:batch], max_query_len=1, max_seq_len=self.max_seq_len,
+            # Only the torch reference reads these; the graphs run the CUDA decode kernel.
+            query_lens_cpu=[1] * batch, seq_lens_cpu=[self.max_seq_len] * batch)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every batch size, largest first so the smaller graphs reuse its memory."""
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        # Capture on a side stream (as torch.cuda.graph requires), after one eager warm-up run
+        # that compiles and loads every kernel outside the capture.
+        for batch in reversed(self.sizes):
+            metadata = self._metadata(batch)
+            args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, metadata)
+            self.model(*args)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[batch] = self.model(*args)
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+
+    def can_run(self, metadata: AttentionMetadata) -> bool:
+        return (metadata.is_all_decode and metadata.num_tokens <= self.sizes[-1]
+                and metadata.max_seq_len <= self.max_seq_len
+                and metadata.block_tables.shape[1] <= self.max_blocks)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
+            metadata: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode step that can_run() accepted."""
+        n = metadata.num_tokens
+        batch = next(b for b in self.sizes if b >= n)
+        width = metadata.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(metadata.slot_mapping)
+        self.seq_lens[:n].copy_(metadata.seq_lens)
+        # Table entries past a row's width are never read: the kernel stops at its seq_len.
+        self.block_tables[:n, :width].copy_(metadata.block_tables)
+        if batch > n:
+            self.slot_mapping[n:batch].fill_(-1)
+            self.seq_lens[n:batch].zero_()
+        self.graphs[batch].replay()
+        self.num_replays += 1
+        return self.outputs[batch][:n]

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (through the device tool; carry .whl, filled here by
+# scripts/fetch_device_wheels.sh, for the packages its image lacks):
+#     STAGES="tests bench" WORKLOADS=A,A1,B1,B bash bench/device_run.sh
+# Stages, each bounded by `timeout` (one device call may run 600 s: split the stages over calls):
+#   tests    the CUDA tests (-m cuda), then the engine-vs-transformers tests on the card
+#   serving  the serving benchmark against `python -m aserve` on the opt-125m shape
+#   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200)
+# Output goes to stdout and, when $OUT is set, to $OUT/device_run.log; the workloads' table is last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+STAGES=${STAGES:-tests bench}
+WORKLOADS=${WORKLOADS:-A,A1,B1,B}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-300}
+SERVING_TIMEOUT=${SERVING_TIMEOUT:-300}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-540}
+bench_log=/tmp/workloads.log
+status_file=/tmp/device_run.status   # a file: run() may sit in a pipeline's subshell
+
+run() {  # run NAME SECONDS CMD...: one step, bounded, its exit status reported
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (at most ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    [ $rc -eq 124 ] && echo "=== $name: timed out after ${limit}s"
+    echo "$name: rc=$rc$([ $rc -eq 5 ] && echo ' (pytest: no test selected)')" >> "$status_file"
+    return $rc
+}
+
+stage_tests() {
+    run "cuda tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/
+    # The engine against transformers (float32) on the card, and dummy loading on CUDA.
+    run "engine tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider \
+        tests/test_engine_greedy.py tests/test_engine_logprobs.py tests/test_engine_beam_search.py \
+        tests/test_engine_sampling.py tests/test_sampler.py tests/test_load_format.py
+}
+
+stage_serving() {
+    if ! python3 -c "import pydantic, orjson" 2>/dev/null; then
+        echo "=== serving: skipped, pydantic/orjson missing (carry .whl)"; return
+    fi
+    python3 bench/make_random_model.py --shape opt-125m --out /tmp/opt-125m --dtype float16
+    python3 -m aserve --model /tmp/opt-125m --port 8123 > /tmp/server.log 2>&1 &
+    local server=$!
+    for _ in $(seq 120); do curl -sf localhost:8123/health >/dev/null && break; sleep 1; done
+    for rate in 40 inf; do
+        run "serving rate=$rate" "$SERVING_TIMEOUT" python3 bench/serving.py --base-url http://localhost:8123 \
+            --num-prompts 400 --request-rate $rate --input-len 128 --output-len 128 --ignore-eos 2>&1 | tail -24
+    done
+    kill $server
+    wait $server 2>/dev/null
+    grep -iE "error|exception" /tmp/server.log | head -5
+}
+
+stage_bench() {
+    # --time-limit leaves the script time to print its table if a model runs long.
+    # shellcheck disable=SC2086
+    run "workloads" "$BENCH_TIMEOUT" python3 bench/workloads.py --baseline hf --workloads "$WORKLOADS" \
+        --time-limit $((BENCH_TIMEOUT - 15)) ${BENCH_ARGS:-} 2>&1 | tee "$bench_log"
+}
+
+main() {
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    else
+        echo "no .whl/ (scripts/fetch_device_wheels.sh fills it): the server and some tests need it"
+        export PYTHONPATH=$PWD
+    fi
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+    for stage in tests serving bench; do  # this order, so the workloads' table comes last
+        case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
+    done
+    echo "=== steps:"
+    cat "$status_file" 2>/dev/null
+    if [ -s "$bench_log" ]; then sed -n '/^| workload |/,$p' "$bench_log"; fi
+}
+
+rm -f "$bench_log" "$status_file"
+if [ -n "${OUT:-}" ]; then
+    main 2>&1 | tee "$OUT/device_run.log"
+else
+    main 2>&1
+fi

@@ -1,0 +1,92 @@
+"""Microbenchmarks of aserve's CUDA kernels against the card's measured copy bandwidth.
+
+    python bench/kernels.py [--batch 64 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
+
+Prints one JSON line per measurement: the device-to-device copy ceiling (bytes read + written),
+then the paged decode kernel on random bf16 inputs, counting the K/V bytes it must read, with
+its share of the ceiling (the issue's goal: at least 70% at batch 64, context 2048, 32/8
+heads, head size 128). Also a batch-1, 8k-context case, where the context split must fill the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from aserve.cuda import ops  # noqa: E402
+
+
+def time_ms(fn, repeat: int = 50, warmup: int = 5) -> float:
+    """Median of device-event timings of fn()."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a 2 GiB device-to-device copy."""
+    src = torch.randn(1 << 29, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), repeat=20)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
+           dtype: torch.dtype, ceiling: float) -> dict:
+    blocks_per_seq = math.ceil(context / block_size)
+    num_blocks = batch * blocks_per_seq
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device="cuda").to(dtype)
+    tables = torch.randperm(num_blocks, device="cuda").int().view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    query = torch.randn(batch, heads, head_dim, device="cuda").to(dtype)
+    out = torch.empty_like(query)
+
+    def run():
+        ops.paged_decode_attention(out, query, cache[0], cache[1], tables, seq_lens, head_dim ** -0.5, context)
+
+    ms = time_ms(run)
+    kv_bytes = 2 * batch * context * kv_heads * head_dim * cache.element_size()
+    bandwidth = kv_bytes / (ms / 1e3)
+    return dict(kernel="paged_decode", batch=batch, context=context, heads=heads, kv_heads=kv_heads,
+                head_dim=head_dim, block_size=block_size, dtype=str(dtype).replace("torch.", ""),
+                ms=round(ms, 4), kv_gbytes=round(kv_bytes / 1e9, 3), gbps=round(bandwidth / 1e9, 1),
+                of_copy_ceiling=round(bandwidth / ceiling, 3))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    args = p.parse_args()
+    ceiling = copy_bandwidth()
+    print(json.dumps(dict(kernel="d2d_copy", device=torch.cuda.get_device_name(), gbps=round(ceiling / 1e9, 1))))
+    shapes = [(args.batch, args.context, args.block_size), (args.batch, args.context, 32),
+              (1, 8192, args.block_size), (256, 640, args.block_size)]
+    for batch, context, block_size in shapes:
+        print(json.dumps(decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
+                                torch.bfloat16, ceiling)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Where a decode step's time goes: host time per engine phase, and the GPU kernels.
+
+    python bench/profile_step.py [--model llama|opt] [--batch 1] [--context 128] [--steps 32]
+
+Builds model B (Llama-3.1-8B shape, bf16) or A (OPT-125m shape, fp16) of bench/workloads.py with
+dummy weights, starts --batch requests of --context prompt tokens, and once they decode,
+times --steps steps: host milliseconds in schedule / execute / process (execute includes the
+wait for the GPU), then a torch.profiler table of the GPU kernels over the same number of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from aserve import EngineArgs, SamplingParams  # noqa: E402
+from aserve.engine.engine import Engine  # noqa: E402
+from workloads import MODEL_DTYPES, hf_config  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["llama", "opt"], default="llama")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--enforce-eager", action="store_true")
+    args = p.parse_args()
+
+    folder = tempfile.mkdtemp(prefix="aserve-profile-")
+    hf_config(args.model, tiny=False).save_pretrained(folder)
+    engine = Engine(EngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True,
+                               dtype=MODEL_DTYPES[args.model], max_model_len=4096,
+                               enforce_eager=args.enforce_eager))
+    prompts = np.random.RandomState(0).randint(100, 30000, size=(args.batch, args.context)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=10 * args.steps + 64, ignore_eos=True)
+    for prompt in prompts:
+        engine.add_request(None, prompt, params)
+    # Every prompt's prefill (in steps of max_num_batched_tokens), then a few decode steps.
+    for _ in range(-(-args.batch * args.context // engine.scheduler_config.max_num_batched_tokens) + 8):
+        engine.step()
+
+    phases = {"schedule": [], "execute": [], "process": []}
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        plan = engine.schedule()
+        t1 = time.perf_counter()
+        output = engine.execute(plan)
+        t2 = time.perf_counter()
+        engine.process(plan, output)
+        t3 = time.perf_counter()
+        for name, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
+            value *= 1e3
+            phases[name].append(value)
+    total = sum(statistics.median(v) for v in phases.values())
+    print(f"host ms per decode step (median of {args.steps}, batch {args.batch}): "
+          + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items()) + f", total {total:.3f}")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    gpu_total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
+    print(f"GPU busy ms per step: {gpu_total:.3f}")
+    print(f"{'kernel':90s} {'ms/step':>8s} {'calls/step':>10s}")
+    for e in events[:22]:
+        print(f"{e.key[:90]:90s} {e.self_device_time_total / 1e3 / args.steps:8.3f} {e.count / args.steps:10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Every CUDA kernel compiles with NVRTC for sm_80 and sm_90 (no GPU needed), and the compiler's
+cache and error reporting behave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aserve.cuda import compiler, ops
+
+
+def _nvrtc_available() -> bool:
+    try:
+        compiler.nvrtc_version()
+        return True
+    except Exception:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _nvrtc_available(),
+                                reason='NVRTC is not installed (pip install "cuda-python[all]")')
+
+
+@pytest.fixture(autouse=True)
+def fresh_cubin_cache(tmp_path, monkeypatch):
+    """Compile for real, not from an earlier run's cache."""
+    monkeypatch.setenv("ASERVE_CACHE_DIR", str(tmp_path))
+
+
+def _decode_builds():
+    """Every dtype and head size at the largest query-head group (most registers), and the
+    other block size and group shapes on one dtype."""
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for head_dim in ops.HEAD_SIZES:
+            yield dtype, head_dim, 16, ops.MAX_GROUP
+    for block_size, group in ((32, 1), (32, 4), (16, 7), (8, 2), (64, 4), (128, 8)):
+        yield torch.bfloat16, 128, block_size, group
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_paged_attention_build_compiles(arch):
+    for dtype, head_dim, block_size, group in _decode_builds():
+        cubin = compiler.compile_cubin("paged_attention.cu",
+                                       ops.paged_attention_options(dtype, head_dim, block_size, group), arch)
+        assert cubin[:4] == b"\x7fELF", (dtype, head_dim, block_size, group)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_cache_ops_compile(arch):
+    assert compiler.compile_cubin("cache_ops.cu", [], arch)[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype_id", [0, 1, 2])
+def test_fused_layer_ops_compile(arch, dtype_id):
+    assert compiler.compile_cubin("layer_ops.cu", [f"-DDTYPE={dtype_id}"], arch)[:4] == b"\x7fELF"
+
+
+def test_cubins_are_cached_on_disk_per_options_and_arch(tmp_path):
+    options = ops.paged_attention_options(torch.float16, 64, 16, 1)
+    first = compiler.compile_cubin("paged_attention.cu", options, 90)
+    cached = sorted((tmp_path / "cubins").iterdir())
+    assert len(cached) == 1 and cached[0].read_bytes() == first
+    assert compiler.compile_cubin("paged_attention.cu", options, 90) == first
+    assert len(list((tmp_path / "cubins").iterdir())) == 1     # served from the cache
+    compiler.compile_cubin("paged_attention.cu", options, 80)
+    compiler.compile_cubin("paged_attention.cu", ops.paged_attention_options(torch.float16, 80, 16, 1), 90)
+    assert len(list((tmp_path / "cubins").iterdir())) == 3
+
+
+def test_compile_error_names_the_kernel_and_shows_nvrtc_log():
+    bad = b'extern "C" __global__ void broken(float* x) { x[0] = undefined_name; }'
+    with pytest.raises(compiler.KernelCompileError) as info:
+        compiler._compile("broken.cu", bad, [], ["--gpu-architecture=sm_90"])
+    message = str(info.value)
+    assert "broken.cu" in message and "undefined_name" in message
+
+
+def test_decode_group_size_divides_the_heads_per_kv_head():
+    assert ops.decode_group_size(32, 8) == 4
+    assert ops.decode_group_size(14, 2) == 7        # Qwen2-0.5B
+    assert ops.decode_group_size(32, 1) == 8        # multi-query: 4 CTAs per KV head
+    assert ops.decode_group_size(12, 12) == 1
+    assert ops.decode_group_size(34, 2) == 1        # 17 heads per KV head: a prime above 8
