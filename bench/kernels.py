@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--sweep", action="store_true", help="also try other split depths (CTAs per SM)")
     args = p.parse_args()
     ceiling = copy_bandwidth()
     print(json.dumps(dict(kernel="d2d_copy", device=torch.cuda.get_device_name(), gbps=round(ceiling / 1e9, 1))))
@@ -86,6 +87,16 @@ def main() -> None:
     for batch, context, block_size in shapes:
         print(json.dumps(decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
                                 torch.bfloat16, ceiling)), flush=True)
+    if args.sweep:
+        # How deep the launcher fills the GPU with context splits (ops._CTAS_PER_SM).
+        default = ops._CTAS_PER_SM
+        for ctas in (2, 8, 16, 32):
+            ops._CTAS_PER_SM = ctas
+            for batch, context, block_size in shapes:
+                result = decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
+                                torch.bfloat16, ceiling)
+                print(json.dumps(dict(result, ctas_per_sm=ctas)), flush=True)
+        ops._CTAS_PER_SM = default
 
 
 if __name__ == "__main__":

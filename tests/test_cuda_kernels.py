@@ -248,11 +248,16 @@ def test_fused_rms_norm_matches_torch_layer(dtype, hidden, monkeypatch):
     norm = RMSNorm(hidden, eps=1e-5).cuda().to(dtype)
     norm.weight.copy_(torch.randn(hidden, generator=gen, device="cuda"))
     x = (3 * torch.randn(37, hidden, generator=gen, device="cuda")).to(dtype)
+    residual = torch.randn(37, hidden, generator=gen, device="cuda").to(dtype)
     fused = norm(x)
+    fused_with_add, fused_residual = norm(x, residual.clone())
     monkeypatch.setenv("ASERVE_KERNELS", "torch")
     reference = norm(x)
+    reference_with_add, reference_residual = norm(x, residual.clone())
     assert fused.dtype == dtype and fused.shape == x.shape
     assert _relative_error(fused, reference.double()) < FUSED_TOLERANCE[dtype]
+    assert torch.equal(fused_residual, reference_residual)   # one rounded add, both ways
+    assert _relative_error(fused_with_add, reference_with_add.double()) < FUSED_TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

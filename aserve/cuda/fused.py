@@ -9,6 +9,7 @@ GPU time at batch 1 (bench/RESULTS.md).
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -46,18 +47,25 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * (x * rsqrt(mean(x^2, -1) + eps)).to(x.dtype), as HF's LlamaRMSNorm."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """weight * (h * rsqrt(mean(h^2, -1) + eps)).to(x.dtype), as HF's LlamaRMSNorm, with h = x,
+    or h = residual + x when a residual is given, which then holds h on return (in place)."""
     rows = _rows(x)
     hidden = rows.shape[1]
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    res_rows = None
+    if residual is not None:
+        res_rows = residual.view(-1, hidden)
+        assert res_rows.stride(1) == 1 and residual.dtype == x.dtype
     if rows.shape[0]:
         weight = weight.to(x.dtype).contiguous()
         _module(x).kernel("rms_norm").launch(
             (rows.shape[0], 1, 1), (min(1024, 32 * ((hidden + 255) // 256)), 1, 1), 0,
-            (out.data_ptr(), rows.data_ptr(), weight.data_ptr(), rows.stride(0), out.stride(0), hidden,
-             float(eps)),
-            (POINTER, POINTER, POINTER, INT64, INT64, INT, FLOAT), _stream(x))
+            (out.data_ptr(), rows.data_ptr(), res_rows.data_ptr() if res_rows is not None else 0,
+             weight.data_ptr(), rows.stride(0), res_rows.stride(0) if res_rows is not None else 0,
+             out.stride(0), hidden, float(eps)),
+            (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT, FLOAT), _stream(x))
     return out.view(x.shape)
 
 

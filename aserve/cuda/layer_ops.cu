@@ -29,20 +29,30 @@ __device__ float block_sum(float v) {
     return partial[0];
 }
 
-// Llama's RMSNorm, one CTA per row: weight * (x * rsqrt(mean(x^2) + eps)).to(dtype).
+// Llama's RMSNorm, one CTA per row: weight * (h * rsqrt(mean(h^2) + eps)).to(dtype), where
+// h = x, or, with a residual, h = residual + x (rounded to the dtype, as the model's own add),
+// which is also stored back into the residual: the decoder layer's add and norm in one pass.
 extern "C" __global__ void rms_norm(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
-                                    const scalar_t* __restrict__ weight, i64 x_stride, i64 out_stride,
-                                    int hidden, float eps) {
+                                    scalar_t* __restrict__ residual, const scalar_t* __restrict__ weight,
+                                    i64 x_stride, i64 residual_stride, i64 out_stride, int hidden, float eps) {
     const scalar_t* row = x + blockIdx.x * x_stride;
+    scalar_t* res = residual ? residual + blockIdx.x * residual_stride : nullptr;
     float squares = 0.f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float v = to_float(row[i]);
+        float v = to_float(row[i]);
+        if (res) {
+            v = round_dtype(to_float(res[i]) + v);
+            res[i] = from_float(v);
+        }
         squares += v * v;
     }
     const float inv_rms = rsqrtf(block_sum(squares) / hidden + eps);
     scalar_t* dst = out + blockIdx.x * out_stride;
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        dst[i] = from_float(to_float(weight[i]) * round_dtype(to_float(row[i]) * inv_rms));
+    // Each thread re-reads only the elements it wrote above: no barrier needed.
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float v = res ? to_float(res[i]) : to_float(row[i]);
+        dst[i] = from_float(to_float(weight[i]) * round_dtype(v * inv_rms));
+    }
 }
 
 // Rotary embedding in place (rotate-half form, as HF's Llama): per token, every query and key

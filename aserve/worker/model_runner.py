@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from aserve.attention import AttentionMetadata
@@ -17,6 +18,7 @@ from aserve.engine.block_manager import BlockManager
 from aserve.engine.scheduler import SchedulerOutput
 from aserve.outputs import Logprob
 from aserve.worker.cuda_graphs import DecodeGraphs
+from aserve.worker.input_upload import InputUploader
 from aserve.worker.kv_cache import copy_blocks
 from aserve.worker.sampler import Sampler, SamplingMetadata, logprobs_for_tokens
 
@@ -63,6 +65,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(seed=seed)
         self.decode_graphs: Optional[DecodeGraphs] = None
+        self.uploader = InputUploader(device)
 
     def capture_decode_graphs(self, max_num_seqs: int, max_seq_len_to_capture: int) -> DecodeGraphs:
         """Capture CUDA graphs of decode steps; later decode steps that fit replay them."""
@@ -89,32 +92,31 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(self.block_manager.block_table(item.seq.seq_id))
         width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-
-        device = self.device
-        positions_t = torch.tensor(positions, dtype=torch.long)
-        block_tables = torch.tensor(padded, dtype=torch.int32)
-        seq_index_t = torch.tensor(seq_index, dtype=torch.long)
+        block_tables = np.zeros((len(tables), width), dtype=np.int32)
+        for row, table in enumerate(tables):
+            block_tables[row, :len(table)] = table
+        positions_np = np.array(positions, dtype=np.int64)
         # Vectorised: the cache slot of every token from its sequence's block table.
-        slots = (block_tables[seq_index_t, positions_t // self.block_size].long() * self.block_size
-                 + positions_t % self.block_size)
-        query_start = [0]
-        for q in query_lens:
-            query_start.append(query_start[-1] + q)
+        slots = (block_tables[np.array(seq_index), positions_np // self.block_size].astype(np.int64)
+                 * self.block_size + positions_np % self.block_size)
+        query_start = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=query_start[1:])
+        input_ids_t, positions_t, slots_t, logits_indices_t = self.uploader.upload(
+            [np.array(input_ids, dtype=np.int64), positions_np, slots,
+             np.array(row_plan.logits_indices, dtype=np.int64)], torch.int64)
+        query_start_t, seq_lens_t, block_tables_t = self.uploader.upload(
+            [query_start, np.array(seq_lens, dtype=np.int32), block_tables], torch.int32)
         metadata = AttentionMetadata(
-            num_tokens=len(input_ids),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(device, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
-            block_tables=block_tables.to(device, non_blocking=True),
-            slot_mapping=slots.to(device, non_blocking=True),
+            num_tokens=len(input_ids), query_start_loc=query_start_t, seq_lens=seq_lens_t,
+            block_tables=block_tables_t, slot_mapping=slots_t,
             max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
         return ModelInput(
-            input_ids=torch.tensor(input_ids, dtype=torch.long).to(device, non_blocking=True),
-            positions=positions_t.to(device, non_blocking=True),
+            input_ids=input_ids_t,
+            positions=positions_t,
             attn_metadata=metadata,
             block_copies=sched.block_copies,
-            logits_indices=torch.tensor(row_plan.logits_indices, dtype=torch.long).to(device),
+            logits_indices=logits_indices_t,
             num_sample_rows=row_plan.num_sample_rows,
             num_beam_rows=row_plan.num_beam_rows,
             sampling_metadata=row_plan.sampling_metadata,

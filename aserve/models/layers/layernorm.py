@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -18,9 +20,19 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
         self.variance_epsilon = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused.usable(x):  # one kernel instead of seven
-            return fused.rms_norm(x, self.weight, self.variance_epsilon)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """norm(x); or, given the residual stream, (norm(residual + x), residual + x): the
+        decoder layer's residual add fused with the norm that follows it."""
+        if fused.usable(x):  # one kernel instead of eight
+            if residual is None:
+                return fused.rms_norm(x, self.weight, self.variance_epsilon)
+            return fused.rms_norm(x, self.weight, self.variance_epsilon, residual), residual
+        if residual is None:
+            return self._norm(x)
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # The scale multiplies after the cast back, in the input dtype, exactly like HF; doing
         # it in float32 would be more precise but would drift from the reference in bf16.
         input_dtype = x.dtype
