@@ -20,8 +20,9 @@ from aserve.cuda.compiler import FLOAT, INT, INT64, POINTER, load_module
 # batches. The kernel holds at most MAX_PARTITION tokens' block ids and MAX_SPLITS splits.
 MIN_PARTITION = 128
 MAX_PARTITION = 1024
-# CTAs per multiprocessor wanted in flight for the decode kernel to reach full bandwidth.
-_CTAS_PER_SM = 4
+# CTAs per multiprocessor the split count aims for: 16 beat 2, 4, 8 and 32 in an H100 sweep
+# (bench/kernels.py --sweep, bench/RESULTS.md), mostly through shorter tails of the last wave.
+_CTAS_PER_SM = 16
 # Query heads one CTA serves from the same KV head: more means fewer re-reads of K/V under
 # multi-query attention, but more registers (8 keeps every build free of spills).
 MAX_GROUP = 8
