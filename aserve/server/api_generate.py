@@ -59,7 +59,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 def _prompt_text(state, req: GenerateRequest, output: RequestOutput) -> str:
     if isinstance(req.prompt, str):
         return req.prompt
-    return output.prompt if output.prompt is not None else state.tokenizer.decode(req.prompt)
+    return output.prompt if output.prompt is not None else state.decode(req.prompt)
 
 
 def add_routes(app: web.Application) -> None:

@@ -131,7 +131,7 @@ async def _stream_or_report(response: web.StreamResponse, streaming) -> None:
 def _token_text(state: ServerState, token_id: int, lp) -> str:
     if lp is not None and lp.decoded_token is not None:
         return lp.decoded_token
-    return state.tokenizer.decode([token_id])
+    return state.decode([token_id])
 
 
 def _clamp(x: float) -> float:
@@ -207,7 +207,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     def params_for(prompt):
         if params.max_tokens is not None:
             return params
-        n = len(prompt) if isinstance(prompt, list) else len(state.tokenizer(prompt).input_ids)
+        n = len(prompt) if isinstance(prompt, list) else len(state.require_tokenizer("prompt")(prompt).input_ids)
         return _fill_max_tokens(state, params, n)
 
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -217,7 +217,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     def prompt_text(i: int, out: RequestOutput) -> str:
         if isinstance(prompts[i], str):
             return prompts[i]
-        return out.prompt if out.prompt is not None else state.tokenizer.decode(prompts[i])
+        return out.prompt if out.prompt is not None else state.decode(prompts[i])
 
     try:
         if not req.stream:

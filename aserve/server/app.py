@@ -59,8 +59,21 @@ class ServerState:
                 raise APIError(400, f"Token id {t} is out of vocabulary (valid ids are 0 to "
                                     f"{self.vocab_size - 1}).", param="prompt")
 
+    def require_tokenizer(self, param: str):
+        """The tokenizer, or a 400 naming `param` when the server runs without one."""
+        if self.tokenizer is None:
+            raise APIError(400, "This server runs without a tokenizer (--skip-tokenizer-init): send "
+                                "prompts as token ids; text prompts, chat messages and /tokenize, "
+                                "/detokenize need a tokenizer.", param=param)
+        return self.tokenizer
+
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of token ids; empty without a tokenizer (outputs then carry ids only)."""
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
+
     def chat_prompt_ids(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
         """Render messages with the chat template and tokenize them as vLLM does (no extra BOS)."""
+        self.require_tokenizer("messages")
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         if not template:
             raise APIError(400, "This model has no chat template, so /v1/chat/completions cannot "
@@ -179,7 +192,7 @@ async def tokenize(request: web.Request) -> web.Response:
         conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
         tokens = state.chat_prompt_ids(conversation, req.add_generation_prompt)
     else:
-        tokens = state.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        tokens = state.require_tokenizer("prompt")(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
     return json_response(TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len,
                                           tokens=tokens))
 
@@ -189,7 +202,7 @@ async def detokenize(request: web.Request) -> web.Response:
     req = await read_request(request, DetokenizeRequest)
     state.check_model(req.model)
     state.check_token_ids(req.tokens)
-    return json_response(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens)))
+    return json_response(DetokenizeResponse(prompt=state.require_tokenizer("tokens").decode(req.tokens)))
 
 
 # ----------------------------------------------------------------------------- the app

@@ -42,10 +42,11 @@ SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_id
 
 
 def bad_request_from_value_error(exc: ValueError) -> APIError:
-    """SamplingParams and the engine word their errors '<field> must ...': name that field."""
+    """SamplingParams and the engine word their errors '<field> must ...': name that field
+    (a sampling field, or the prompt)."""
     message = str(exc)
     first = message.split(" ", 1)[0]
-    param = first if first in SAMPLING_FIELDS else None
+    param = first if first in SAMPLING_FIELDS or first == "prompt" else None
     code = "context_length_exceeded" if "maximum context length" in message else None
     return APIError(400, message, param=param, code=code)
 
