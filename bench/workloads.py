@@ -179,7 +179,7 @@ def run_aserve(model_dir: str, dtype: str, max_model_len: int, workloads: list[W
     llm = OfflineLLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
                      max_model_len=max_model_len, gpu_memory_utilization=0.9, seed=0,
                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                     enforce_eager=args.enforce_eager)
+                     enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     _sync()
     print(json.dumps({"engine_start_s": round(time.perf_counter() - start, 2), "model": name,
                       "dtype": dtype, "max_model_len": max_model_len,
@@ -287,6 +287,8 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="schedule step k+1 while step k runs on the GPU (engine/pipeline.py)")
     p.add_argument("--llama-max-model-len", type=int, default=4096,
                    help="model B's max_model_len; 0: the model's 131072 (the vLLM anchor's)")
     p.add_argument("--hf-num-prompts", type=int, default=128)

@@ -20,6 +20,7 @@ from aserve.attention import get_attention_backend
 from aserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import OutputProcessor
+from aserve.engine.pipeline import StepPipeline, can_pipeline
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
 from aserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -102,6 +103,10 @@ class Engine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self._ids = itertools.count()
+        # Requests whose sampling reads their token history on the host: while any is here,
+        # steps run synchronously (see engine/pipeline.py).
+        self._unpipelinable: set[str] = set()
+        self.pipeline = StepPipeline(self) if args.async_scheduling else None
         self.startup_seconds = time.perf_counter() - started
         logger.info("engine ready in %.1f s: %s on %s, %d KV blocks of %d tokens",
                     self.startup_seconds, self.model_config.model, self.device, num_blocks, args.block_size)
@@ -122,6 +127,8 @@ class Engine:
         request = self.factory.create(request_id, prompt, params,
                                       arrival_time if arrival_time is not None else time.monotonic())
         self.requests[request_id] = request
+        if not can_pipeline(request):
+            self._unpipelinable.add(request_id)
         self.scheduler.add_request(request)
         return request_id
 
@@ -129,19 +136,26 @@ class Engine:
         """Drop requests and free their blocks at once; unknown or finished ids are ignored."""
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             request = self.requests.pop(request_id, None)
+            self._unpipelinable.discard(request_id)
             if request is not None and not request.is_finished:
                 self.scheduler.remove_request(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        in_flight = self.pipeline is not None and self.pipeline.in_flight is not None
+        return self.scheduler.num_unfinished > 0 or in_flight
+
+    def all_requests_pipelinable(self) -> bool:
+        return not self._unpipelinable
 
     # ---------------------------------------------------------------- one step
-    def schedule(self) -> StepPlan:
+    def schedule(self, placeholder_rows: Optional[dict[int, int]] = None) -> StepPlan:
+        """Choose this step's work and build its inputs. placeholder_rows (async scheduling):
+        for sequences whose last token is still being sampled, its row in that step's ids."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return StepPlan(sched, None, [])
         rows = plan_rows(sched)
-        return StepPlan(sched, self.runner.prepare(sched, rows.row_plan), rows.spans)
+        return StepPlan(sched, self.runner.prepare(sched, rows.row_plan, placeholder_rows), rows.spans)
 
     def execute(self, plan: StepPlan) -> Optional[ModelOutput]:
         """The model forward and sampling; touches nothing but the plan and the KV cache."""
@@ -149,7 +163,10 @@ class Engine:
             return None
         return self.runner.execute(plan.model_input)
 
-    def process(self, plan: StepPlan, output: Optional[ModelOutput]) -> list[RequestOutput]:
+    def process(self, plan: StepPlan, output: Optional[ModelOutput],
+                computed_already_advanced: bool = False) -> list[RequestOutput]:
+        """Apply a step's results. computed_already_advanced: async scheduling counted the
+        step's tokens as computed when it scheduled the next step."""
         changed: dict[str, Request] = {}
         now = time.monotonic()
         for item, span in zip(plan.sched.scheduled, plan.row_spans):
@@ -157,7 +174,7 @@ class Engine:
             if request.is_finished:   # aborted while the model ran
                 continue
             try:
-                self._apply(item, span, output, now)
+                self._apply(item, span, output, now, computed_already_advanced)
             except Exception as exc:  # one request's failure must not stop the others
                 logger.exception("request %s failed", request.request_id)
                 self._fail(request, f"internal error: {exc!r}")
@@ -174,16 +191,25 @@ class Engine:
         return self._report(failed.values())
 
     def step(self) -> list[RequestOutput]:
-        plan = self.schedule()
+        """One step of continuous batching; with async scheduling, the next step is already
+        on the GPU when this returns."""
+        if self.pipeline is not None:
+            return self.pipeline.step()
+        return self.run_step(self.schedule())
+
+    def run_step(self, plan: StepPlan) -> list[RequestOutput]:
+        """Execute a scheduled step and apply its results, synchronously."""
         try:
             output = self.execute(plan)
         except Exception as exc:
             return self.fail_step(plan, exc)
         return self.process(plan, output)
 
-    def _apply(self, item, span, output: ModelOutput, now: float) -> None:
+    def _apply(self, item, span, output: ModelOutput, now: float,
+               computed_already_advanced: bool = False) -> None:
         request, seq = item.request, item.seq
-        seq.num_computed_tokens += item.num_new_tokens
+        if not computed_already_advanced:
+            seq.num_computed_tokens += item.num_new_tokens
         self.prompt_tokens_total += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - item.start)
         if request.metrics.first_scheduled_time is None:
             request.metrics.first_scheduled_time = now
@@ -231,6 +257,7 @@ class Engine:
         for request in requests:
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
+                self._unpipelinable.discard(request.request_id)
                 outputs.append(self.outputs.make_output(request))
             elif self.stream_outputs:
                 outputs.append(self.outputs.make_output(request))

@@ -44,6 +44,10 @@ class ModelInput:
     sampling_metadata: Optional[SamplingMetadata]
     needs_sampled_logprob: list[bool]        # per sample row: cumulative logprob wanted
     prompt_logprob_groups: list[PromptLogprobRows]
+    # Async scheduling: input_ids[fill_index] are placeholders for the previous step's
+    # sampled ids[fill_rows], copied in on the device at launch.
+    fill_index: Optional[torch.Tensor] = None
+    fill_rows: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -76,8 +80,11 @@ class ModelRunner:
         return graphs
 
     # ---------------------------------------------------------------- inputs (engine thread)
-    def prepare(self, sched: SchedulerOutput, row_plan: "RowPlan") -> ModelInput:
+    def prepare(self, sched: SchedulerOutput, row_plan: "RowPlan",
+                placeholder_rows: Optional[dict[int, int]] = None) -> ModelInput:
         input_ids: list[int] = []
+        fill_index: list[int] = []
+        fill_rows: list[int] = []
         positions: list[int] = []
         seq_index: list[int] = []
         query_lens: list[int] = []
@@ -86,6 +93,9 @@ class ModelRunner:
         for i, item in enumerate(sched.scheduled):
             end = item.start + item.num_new_tokens
             input_ids.extend(item.seq.token_ids[item.start:end])
+            if placeholder_rows and item.seq.seq_id in placeholder_rows and end == len(item.seq.token_ids):
+                fill_index.append(len(input_ids) - 1)    # the sequence's last token: a placeholder
+                fill_rows.append(placeholder_rows[item.seq.seq_id])
             positions.extend(range(item.start, end))
             seq_index.extend([i] * item.num_new_tokens)
             query_lens.append(item.num_new_tokens)
@@ -101,9 +111,10 @@ class ModelRunner:
                  * self.block_size + positions_np % self.block_size)
         query_start = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=query_start[1:])
-        input_ids_t, positions_t, slots_t, logits_indices_t = self.uploader.upload(
+        input_ids_t, positions_t, slots_t, logits_indices_t, fill_index_t, fill_rows_t = self.uploader.upload(
             [np.array(input_ids, dtype=np.int64), positions_np, slots,
-             np.array(row_plan.logits_indices, dtype=np.int64)], torch.int64)
+             np.array(row_plan.logits_indices, dtype=np.int64), np.array(fill_index, dtype=np.int64),
+             np.array(fill_rows, dtype=np.int64)], torch.int64)
         query_start_t, seq_lens_t, block_tables_t = self.uploader.upload(
             [query_start, np.array(seq_lens, dtype=np.int32), block_tables], torch.int32)
         metadata = AttentionMetadata(
@@ -121,17 +132,38 @@ class ModelRunner:
             num_beam_rows=row_plan.num_beam_rows,
             sampling_metadata=row_plan.sampling_metadata,
             needs_sampled_logprob=row_plan.needs_sampled_logprob,
-            prompt_logprob_groups=row_plan.prompt_logprob_groups)
+            prompt_logprob_groups=row_plan.prompt_logprob_groups,
+            fill_index=fill_index_t if fill_index else None,
+            fill_rows=fill_rows_t if fill_index else None)
 
     # ---------------------------------------------------------------- execution (any thread)
-    @torch.inference_mode()
-    def execute(self, model_input: ModelInput) -> ModelOutput:
+    def _forward(self, model_input: ModelInput, input_ids: torch.Tensor) -> torch.Tensor:
         copy_blocks(self.kv_caches, model_input.block_copies)
         metadata = model_input.attn_metadata
         if self.decode_graphs is not None and self.decode_graphs.can_run(metadata):
-            hidden = self.decode_graphs.run(model_input.input_ids, model_input.positions, metadata)
-        else:
-            hidden = self.model(model_input.input_ids, model_input.positions, self.kv_caches, metadata)
+            return self.decode_graphs.run(input_ids, model_input.positions, metadata)
+        return self.model(input_ids, model_input.positions, self.kv_caches, metadata)
+
+    @torch.inference_mode()
+    def launch(self, model_input: ModelInput, previous: Optional["PendingStep"]) -> "PendingStep":
+        """Async scheduling: enqueue the forward and the sampling of a step whose rows only
+        sample (engine/pipeline.py checks), taking placeholder ids from the previous step's
+        device tensor; returns at once, with the ids on their way to the host."""
+        assert model_input.num_beam_rows == 0 and not model_input.prompt_logprob_groups
+        input_ids = model_input.input_ids
+        if model_input.fill_index is not None:
+            input_ids = input_ids.index_copy(0, model_input.fill_index,
+                                             previous.sampled.index_select(0, model_input.fill_rows))
+        hidden = self._forward(model_input, input_ids)
+        if model_input.logits_indices.numel() == 0:
+            return PendingStep.start(torch.empty(0, dtype=torch.long, device=hidden.device))
+        logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
+        return PendingStep.start(self.sampler.sample_ids(logits, model_input.sampling_metadata))
+
+    @torch.inference_mode()
+    def execute(self, model_input: ModelInput) -> ModelOutput:
+        assert model_input.fill_index is None, "placeholders need launch() and the previous step"
+        hidden = self._forward(model_input, model_input.input_ids)
         if model_input.logits_indices.numel() == 0:
             return ModelOutput([], None, [], None, [])
         logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
@@ -155,6 +187,32 @@ class ModelRunner:
             prompt_logprobs.append(logprobs_for_tokens(lps, group.target_token_ids, group.num_top))
             row += count
         return ModelOutput(sampled, sample_logprobs, sampled_lps, beam_logprobs, prompt_logprobs)
+
+
+class PendingStep:
+    """A launched step's sampled ids: on the device for the next step's placeholders, and on
+    their way into pinned host memory for the engine."""
+
+    def __init__(self, sampled: torch.Tensor, host: torch.Tensor, copied) -> None:
+        self.sampled = sampled
+        self._host = host
+        self._copied = copied
+
+    @staticmethod
+    def start(sampled: torch.Tensor) -> "PendingStep":
+        if sampled.device.type != "cuda":
+            return PendingStep(sampled, sampled, None)
+        host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(sampled.device))
+        return PendingStep(sampled, host, copied)
+
+    def result(self) -> ModelOutput:
+        """Waits for the step; the same shape of output as ModelRunner.execute's."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return ModelOutput(self._host.tolist(), None, [], None, [])
 
 
 @torch.inference_mode()

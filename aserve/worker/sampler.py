@@ -90,11 +90,7 @@ class Sampler:
         raw_logprobs = None
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        processed = apply_logits_processors(logits, metadata)
-        if metadata.all_greedy:
-            sampled = processed.argmax(dim=-1)  # the common fast path: no softmax, no noise
-        else:
-            sampled = self._sample(processed, metadata)
+        sampled = self._sample_processed(logits, metadata)
         if raw_logprobs is None:
             return SamplerOutput(sampled.tolist(), None)
         asked = [p.logprobs for p in metadata.params]
@@ -104,6 +100,18 @@ class Sampler:
         return SamplerOutput([int(row[0]) for row in rows],
                              [d if k is not None else None for d, k in zip(dicts, asked)])
 
+    def sample_ids(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """The sampled ids as a device tensor, nothing copied to the host (async scheduling:
+        the next step is launched before these ids are read)."""
+        assert metadata.max_num_logprobs is None
+        return self._sample_processed(logits.float(), metadata)
+
+    def _sample_processed(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        processed = apply_logits_processors(logits, metadata)
+        if metadata.all_greedy:
+            return processed.argmax(dim=-1)  # the common fast path: no softmax, no noise
+        return self._sample(processed, metadata)
+
     def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         params, generators = metadata.params, metadata.generators
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
@@ -111,11 +119,11 @@ class Sampler:
         if not metadata.all_random:
             # Only random rows go through temperature, filtering and softmax.
             random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-            index = torch.tensor(random_rows, device=logits.device)
+            index = _to_device(random_rows, torch.long, logits.device)
             logits = logits.index_select(0, index)
             params = [params[i] for i in random_rows]
             generators = [generators[i] for i in random_rows]
-        temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+        temperature = _to_device([p.temperature for p in params], torch.float32, logits.device)
         logits = logits / temperature.unsqueeze(1)  # a new tensor: the filters below may write in place
         if metadata.any_top_k or metadata.any_top_p:
             logits = apply_top_k_top_p(logits, [p.top_k for p in params] if metadata.any_top_k else None,
@@ -138,7 +146,7 @@ class Sampler:
             noise.exponential_(generator=self._generator(device))
         elif unseeded:
             draws = torch.empty(len(unseeded), shape[1], device=device).exponential_(generator=self._generator(device))
-            noise[torch.tensor(unseeded, device=device)] = draws
+            noise[_to_device(unseeded, torch.long, device)] = draws
         # Seeded rows: in row order, so n>1 rows sharing one generator draw from it in turn, and each
         # draw is V values from its own stream whatever the batch around it.
         for i, g in enumerate(generators):
@@ -159,6 +167,15 @@ class Sampler:
             generator.manual_seed(self.seed)
             self._generators[key] = generator
         return generator
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the GPU: a plain copy from pageable
+    memory would wait for all queued work (and end async scheduling's overlap)."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
