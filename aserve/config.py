@@ -77,8 +77,9 @@ class EngineArgs:
     # dummy: random weights (uniform in [-1e-3, 1e-3], seeded by `seed`), no weight files read.
     load_format: str = "auto"
     skip_tokenizer_init: bool = False    # no tokenizer: prompts are token ids, outputs have no text
-    # Schedule step k+1 while step k runs on the GPU (engine/pipeline.py); OfflineLLM only for now.
-    async_scheduling: bool = False
+    # Schedule step k+1 while step k runs on the GPU (engine/pipeline.py): measured faster on
+    # every bench/workloads.py workload on an H100. Engine.step (OfflineLLM) only for now.
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:

@@ -287,7 +287,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--async-scheduling", action="store_true",
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule step k+1 while step k runs on the GPU (engine/pipeline.py)")
     p.add_argument("--llama-max-model-len", type=int, default=4096,
                    help="model B's max_model_len; 0: the model's 131072 (the vLLM anchor's)")

@@ -30,7 +30,7 @@ def test_greedy_tokens_equal_synchronous_steps(family, settings, llm_cache):
     if "num_gpu_blocks_override" in settings:
         # 4 requests growing to 35-72 tokens in 14 blocks of 8: running requests must preempt.
         prompts, params = prompts[:4], [SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)] * 4
-    sync = llm_cache(family, **settings)
+    sync = llm_cache(family, async_scheduling=False, **settings)
     pipelined = llm_cache(family, async_scheduling=True, **settings)
     engine = pipelined.engine
     preemptions = engine.scheduler.num_preemptions
@@ -43,7 +43,7 @@ def test_greedy_tokens_equal_synchronous_steps(family, settings, llm_cache):
 
 def test_seeded_sampling_and_stop_tokens_equal_synchronous_steps(llm_cache):
     prompts = random_prompts(22, PROMPT_LENGTHS)
-    sync = llm_cache("llama")
+    sync = llm_cache("llama", async_scheduling=False)
     pipelined = llm_cache("llama", async_scheduling=True)
     params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=24,
                              stop_token_ids=[7, 8, 9, 10, 11, 12]) for i in range(len(prompts))]
@@ -58,7 +58,7 @@ def test_requests_that_read_their_history_run_synchronously_and_correctly(llm_ca
     params = [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
               SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.5),
               SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)]
-    sync = llm_cache("llama")
+    sync = llm_cache("llama", async_scheduling=False)
     pipelined = llm_cache("llama", async_scheduling=True)
     assert _run(pipelined, prompts, params) == _run(sync, prompts, params)
     assert pipelined.engine.all_requests_pipelinable()   # they left: the next batch pipelines
