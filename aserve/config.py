@@ -78,7 +78,7 @@ class EngineArgs:
     load_format: str = "auto"
     skip_tokenizer_init: bool = False    # no tokenizer: prompts are token ids, outputs have no text
     # Schedule step k+1 while step k runs on the GPU (engine/pipeline.py): measured faster on
-    # every bench/workloads.py workload on an H100. Engine.step (OfflineLLM) only for now.
+    # every bench/workloads.py workload on an H100; the server's step driver pipelines too.
     async_scheduling: bool = True
 
     def __post_init__(self) -> None:

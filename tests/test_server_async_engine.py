@@ -68,13 +68,14 @@ async def test_a_bad_request_is_refused_at_once(async_engine, engine):
 
 
 async def test_a_slow_forward_does_not_stall_the_loop(async_engine, engine, monkeypatch):
-    real_execute = engine.execute
+    real_forward = engine.runner._forward
 
-    def slow_execute(plan):
+    def slow_forward(*args):
         time.sleep(0.1)  # stands in for a long forward pass
-        return real_execute(plan)
+        return real_forward(*args)
 
-    monkeypatch.setattr(engine, "execute", slow_execute)
+    # The forward that both synchronous and pipelined (async-scheduling) steps run.
+    monkeypatch.setattr(engine.runner, "_forward", slow_forward)
     gaps = []
 
     async def tick():

@@ -143,7 +143,7 @@ async def test_an_exception_in_one_request_fails_only_that_request(server):
 
 async def test_a_failing_forward_fails_its_requests_and_the_server_carries_on(server):
     runner = server.async_engine.engine.runner
-    original = runner.execute
+    original = runner._forward   # run by synchronous and pipelined (async-scheduling) steps alike
     calls = []
 
     def broken_once(*args, **kwargs):
@@ -152,11 +152,11 @@ async def test_a_failing_forward_fails_its_requests_and_the_server_carries_on(se
             raise RuntimeError("injected forward failure")
         return original(*args, **kwargs)
 
-    server.call(lambda: setattr(runner, "execute", broken_once))
+    server.call(lambda: setattr(runner, "_forward", broken_once))
     try:
         status, resp = await post(server, "/v1/completions", {"prompt": "Hello", "max_tokens": 4})
     finally:
-        server.call(lambda: setattr(runner, "execute", original))
+        server.call(lambda: setattr(runner, "_forward", original))
     assert status == 500 and "injected forward failure" in assert_openai_error(resp)["message"]
     async with aiohttp.ClientSession() as session:
         async with session.get(server.url + "/health") as health:

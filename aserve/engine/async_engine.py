@@ -190,15 +190,11 @@ class AsyncEngine:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                plan = engine.schedule()
-                try:
-                    model_output = await loop.run_in_executor(self._executor, engine.execute, plan)
-                except Exception as exc:
-                    # The forward failed for this step's batch: those requests end with the
-                    # error, every other request (and the server) carries on.
-                    outputs = engine.fail_step(plan, exc)
-                else:
-                    outputs = engine.process(plan, model_output)
+                # Scheduling and output processing run here, on the loop; the model work (the
+                # forward, waiting for the GPU) in the worker thread. A failed forward ends that
+                # step's requests with the error; every other request carries on. With async
+                # scheduling the next step is already on the GPU while this one's outputs go out.
+                outputs = await self._drive(engine.step_gen(), loop)
                 self.num_steps += 1
                 self._dispatch(outputs)
                 # Let handlers write what this step produced before the next forward starts
@@ -211,6 +207,20 @@ class AsyncEngine:
             logger.exception("The engine's step driver failed; the server can serve no more requests")
             self._dead = exc
             self._fail_all(EngineDeadError(f"The engine failed: {exc!r}"))
+
+    async def _drive(self, gen, loop) -> list[RequestOutput]:
+        """Run a step generator (Engine.step_gen), its model work in the worker thread."""
+        try:
+            work = next(gen)
+            while True:
+                try:
+                    result = await loop.run_in_executor(self._executor, work)
+                except Exception as exc:
+                    work = gen.throw(exc)
+                    continue
+                work = gen.send(result)
+        except StopIteration as stop:
+            return stop.value
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

@@ -20,7 +20,7 @@ from aserve.attention import get_attention_backend
 from aserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import OutputProcessor
-from aserve.engine.pipeline import StepPipeline, can_pipeline
+from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
 from aserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -193,14 +193,21 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One step of continuous batching; with async scheduling, the next step is already
         on the GPU when this returns."""
-        if self.pipeline is not None:
-            return self.pipeline.step()
-        return self.run_step(self.schedule())
+        return run_step_gen(self.step_gen())
 
-    def run_step(self, plan: StepPlan) -> list[RequestOutput]:
-        """Execute a scheduled step and apply its results, synchronously."""
+    def step_gen(self) -> StepGen:
+        """One step as a generator that yields its model work (callables) and is sent their
+        results, for a driver that runs that work elsewhere (the server's worker thread);
+        returns the step's outputs. A failure of the model work fails that step's requests."""
+        if self.pipeline is not None:
+            return (yield from self.pipeline.step_gen())
+        return (yield from self.sync_step_gen(self.schedule()))
+
+    def sync_step_gen(self, plan: StepPlan) -> StepGen:
+        if plan.model_input is None:
+            return self.process(plan, None)
         try:
-            output = self.execute(plan)
+            output = yield functools.partial(self.execute, plan)
         except Exception as exc:
             return self.fail_step(plan, exc)
         return self.process(plan, output)

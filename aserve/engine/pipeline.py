@@ -15,7 +15,8 @@ step k+1: that one token of work is thrown away.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+import functools
+from typing import TYPE_CHECKING, Any, Callable, Generator, Optional
 
 from aserve.engine.request import Request
 
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
 
 # Stands in a sequence's token list for a token still being sampled on the device.
 PLACEHOLDER_TOKEN = -1
+
+# A step as a generator: it yields each piece of model work (launching a forward, waiting for
+# its ids) as a callable and is sent back the result, so one step's logic serves both the
+# synchronous Engine.step and the server's driver, which runs that work off the event loop.
+StepGen = Generator[Callable[[], Any], Any, list]
 
 
 def can_pipeline(request: Request) -> bool:
@@ -40,16 +46,19 @@ class StepPipeline:
         self.engine = engine
         self.in_flight: Optional[tuple["StepPlan", "PendingStep"]] = None
 
-    def step(self) -> list["RequestOutput"]:
+    def step_gen(self) -> StepGen:
+        """One step (see Engine.step_gen for the protocol): returns step k's outputs, leaving
+        step k+1 launched when every request can be pipelined."""
         engine = self.engine
         if self.in_flight is None:
             plan = engine.schedule()
             if plan.model_input is None or not engine.all_requests_pipelinable():
-                return engine.run_step(plan)
+                return (yield from engine.sync_step_gen(plan))
             try:
-                self.in_flight = (plan, engine.runner.launch(plan.model_input, None))
+                pending = yield functools.partial(engine.runner.launch, plan.model_input, None)
             except Exception as exc:
                 return engine.fail_step(plan, exc)
+            self.in_flight = (plan, pending)
         plan, pending = self.in_flight
         self.in_flight = None
         placeholder_rows = _advance(plan)
@@ -59,11 +68,11 @@ class StepPipeline:
             next_plan = engine.schedule(placeholder_rows)
             if next_plan.model_input is not None:
                 try:
-                    next_pending = engine.runner.launch(next_plan.model_input, pending)
+                    next_pending = yield functools.partial(engine.runner.launch, next_plan.model_input, pending)
                 except Exception as exc:  # reported after step k, which may still be fine
                     launch_error = exc
         try:
-            output = pending.result()
+            output = yield pending.result
         except Exception as exc:
             _remove_placeholders(plan)
             outputs = engine.fail_step(plan, exc)
@@ -75,6 +84,21 @@ class StepPipeline:
         elif next_pending is not None:
             self.in_flight = (next_plan, next_pending)
         return outputs
+
+
+def run_step_gen(gen: StepGen):
+    """Drive a step generator on this thread: each piece of model work runs in place."""
+    try:
+        work = next(gen)
+        while True:
+            try:
+                result = work()
+            except Exception as exc:
+                work = gen.throw(exc)
+                continue
+            work = gen.send(result)
+    except StopIteration as stop:
+        return stop.value
 
 
 def _advance(plan: "StepPlan") -> dict[int, int]:
