@@ -53,3 +53,21 @@ def test_input_upload_returns_each_array_in_its_shape_and_dtype():
     assert a.tolist() == list(range(5)) and b.numel() == 0 and c.tolist() == [[0, 1, 2], [3, 4, 5]]
     (d,) = uploader.upload([np.array([7, 8], dtype=np.int64)], torch.int32)
     assert d.dtype == torch.int32 and d.tolist() == [7, 8]
+
+
+def test_a_gpu_without_nvrtc_falls_back_to_the_torch_attention(monkeypatch):
+    from aserve.attention import get_attention_backend
+    from aserve.cuda import fused
+
+    monkeypatch.setattr(fused, "kernels_available", lambda: False)
+    assert get_attention_backend(torch.device("cuda"), 128).name == "torch"
+
+
+def test_aserve_kernels_torch_forces_the_reference_and_bad_values_are_refused(monkeypatch):
+    from aserve.attention import get_attention_backend
+
+    monkeypatch.setenv("ASERVE_KERNELS", "torch")
+    assert get_attention_backend(torch.device("cuda"), 128).name == "torch"
+    monkeypatch.setenv("ASERVE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="ASERVE_KERNELS"):
+        get_attention_backend(torch.device("cuda"), 128)

@@ -8,12 +8,16 @@ GPU time at batch 1 (bench/RESULTS.md).
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from typing import Optional
 
 import torch
 
-from aserve.cuda.compiler import FLOAT, INT, INT64, POINTER, load_module
+from aserve.cuda.compiler import FLOAT, INT, INT64, POINTER, load_module, nvrtc_version
+
+logger = logging.getLogger(__name__)
 
 _DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # ASERVE_KERNELS=torch turns every aserve CUDA kernel off (the torch reference runs instead).
@@ -21,10 +25,26 @@ KERNELS_ENV = "ASERVE_KERNELS"
 
 
 def kernels_enabled() -> bool:
+    """Whether aserve's CUDA kernels may run: not turned off, and NVRTC and the driver API
+    are there (without them a GPU still serves, through the torch ops, with a warning)."""
     choice = os.environ.get(KERNELS_ENV, "auto")
     if choice not in ("auto", "torch"):
         raise ValueError(f"{KERNELS_ENV} must be auto or torch, got {choice!r}")
-    return choice == "auto"
+    return choice == "auto" and kernels_available()
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_available() -> bool:
+    try:
+        from cuda.bindings import driver  # noqa: F401
+
+        nvrtc_version()
+        return True
+    except Exception as exc:  # no cuda-python, or no NVRTC library for it
+        logger.warning("aserve's CUDA kernels are unavailable (%s: %s); attention and the fused "
+                       "layer ops fall back to slower torch code. Install NVRTC with "
+                       'pip install "cuda-python[all]".', type(exc).__name__, exc)
+        return False
 
 
 def usable(x: torch.Tensor) -> bool:
