@@ -204,6 +204,7 @@ class Engine:
         return (yield from self.sync_step_gen(self.schedule()))
 
     def sync_step_gen(self, plan: StepPlan) -> StepGen:
+        """A scheduled step run synchronously: execute, then process (step_gen's protocol)."""
         if plan.model_input is None:
             return self.process(plan, None)
         try:
