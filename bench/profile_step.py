@@ -6,6 +6,7 @@ Builds model B (Llama-3.1-8B shape, bf16) or A (OPT-125m shape, fp16) of bench/w
 dummy weights, starts --batch requests of --context prompt tokens, and once they decode,
 times --steps steps: host milliseconds in schedule / execute / process (execute includes the
 wait for the GPU), then a torch.profiler table of the GPU kernels over the same number of steps.
+Steps run synchronously here (async_scheduling off), so each phase can be timed on its own.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ def main() -> None:
     hf_config(args.model, tiny=False).save_pretrained(folder)
     engine = Engine(EngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True,
                                dtype=MODEL_DTYPES[args.model], max_model_len=4096,
-                               enforce_eager=args.enforce_eager))
+                               enforce_eager=args.enforce_eager,
+                               # The phases are timed one after another, so steps run synchronously.
+                               async_scheduling=False))
     prompts = np.random.RandomState(0).randint(100, 30000, size=(args.batch, args.context)).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=10 * args.steps + 64, ignore_eos=True)
     for prompt in prompts:
