@@ -91,6 +91,10 @@ def engine_overhead(llm, args) -> dict:
     # Real steps until every request is decoding (prefills done).
     while engine.scheduler.waiting or any(r.seqs[0].num_output_tokens == 0 for r in engine.scheduler.running):
         engine.step()
+    # The phases are timed one by one below: no step may stay in flight (async scheduling).
+    pipeline, engine.pipeline = engine.pipeline, None
+    if pipeline is not None:
+        pipeline.drain()
 
     def fake_execute(plan):
         rows = plan.model_input.num_sample_rows
@@ -107,6 +111,7 @@ def engine_overhead(llm, args) -> dict:
         t3 = time.perf_counter()
         timings.append((t1 - t0, t3 - t2))
     engine.abort_request([f"overhead-{i}" for i in range(args.num_prompts)])
+    engine.pipeline = pipeline
     timings.sort(key=sum)
     med = timings[len(timings) // 2]
     return {"running_requests": args.num_prompts, "median_step_ms": round(sum(med) * 1e3, 3),

@@ -81,3 +81,18 @@ def test_abort_while_a_step_is_in_flight_frees_the_blocks(llm_cache):
     assert set(finished) == {"abort-0", "abort-2"}
     assert all(len(o.outputs[0].token_ids) == 50 for o in finished.values())
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_drain_finishes_the_step_in_flight_and_launches_none(llm_cache):
+    engine = llm_cache("llama", async_scheduling=True).engine
+    engine.add_request("drain-0", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True))
+    engine.step()
+    assert engine.pipeline.in_flight is not None
+    engine.pipeline.drain()
+    assert engine.pipeline.in_flight is None
+    seq = engine.requests["drain-0"].seqs[0]
+    assert seq.num_computed_tokens == seq.num_tokens - 1    # consistent for a synchronous step
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert [len(o.outputs[0].token_ids) for o in finished] == [10]

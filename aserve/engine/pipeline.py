@@ -86,6 +86,20 @@ class StepPipeline:
         return outputs
 
 
+    def drain(self) -> list["RequestOutput"]:
+        """Finish the step in flight without launching another (before driving the engine's
+        phases by hand, as a benchmark does)."""
+        if self.in_flight is None:
+            return []
+        plan, pending = self.in_flight
+        self.in_flight = None
+        try:
+            output = pending.result()
+        except Exception as exc:
+            return self.engine.fail_step(plan, exc)
+        return self.engine.process(plan, output)
+
+
 def run_step_gen(gen: StepGen):
     """Drive a step generator on this thread: each piece of model work runs in place."""
     try:
