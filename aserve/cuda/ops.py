@@ -20,8 +20,9 @@ from aserve.cuda.compiler import FLOAT, INT, INT64, POINTER, load_module
 # batches. The kernel holds at most MAX_PARTITION tokens' block ids and MAX_SPLITS splits.
 MIN_PARTITION = 128
 MAX_PARTITION = 1024
-# CTAs per multiprocessor the split count aims for: 16 beat 2, 4, 8 and 32 in an H100 sweep
-# (bench/kernels.py --sweep, bench/RESULTS.md), mostly through shorter tails of the last wave.
+# CTAs per multiprocessor the split count aims for: 16 was the fastest of 2, 4, 8, 16 and 32 in
+# one H100 sweep (bench/kernels.py --sweep, bench/RESULTS.md); runs moved ~15% between
+# machines, so this is a lead to re-measure, not a proven optimum.
 _CTAS_PER_SM = 16
 # Query heads one CTA serves from the same KV head: more means fewer re-reads of K/V under
 # multi-query attention, but more registers (8 keeps every build free of spills).
