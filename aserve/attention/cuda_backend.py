@@ -51,13 +51,13 @@ class CudaAttentionBackend:
         if key.dtype != k_cache.dtype:
             key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
         ops.reshape_and_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
+        if not metadata.is_all_decode and query.dtype == torch.float32:
+            return reference_paged_attention(query, kv_cache, metadata, scale, sliding_window)
         out = torch.empty_like(query)
         if metadata.is_all_decode:  # the common step, and the only one CUDA graphs capture
             ops.paged_decode_attention(out, query, k_cache, v_cache, metadata.block_tables,
                                        metadata.seq_lens, scale, metadata.max_seq_len, sliding_window)
             return out
-        if query.dtype == torch.float32:
-            return reference_paged_attention(query, kv_cache, metadata, scale, sliding_window)
         plan = metadata.backend_cache.get("cuda")
         if plan is None:
             plan = metadata.backend_cache["cuda"] = _plan_step(metadata, k_cache.shape[1])

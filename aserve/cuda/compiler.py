@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 _SOURCE_DIR = Path(__file__).parent
 # Headers every kernel may #include, handed to NVRTC by name (no include path is needed).
 _HEADERS = ("common.cuh",)
@@ -128,8 +130,6 @@ def _check_cu(result, what: str):
 def _ensure_context(device_index: int) -> None:
     """Make the device's primary context (the one torch uses) current on this thread: driver
     calls from a thread where torch has not yet run anything would otherwise find none."""
-    import torch
-
     torch.cuda.init()
     driver = _driver()
     current = _check_cu(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
@@ -147,12 +147,6 @@ class Kernel:
         self.module = module  # keeps the CUmodule alive as long as the function is used
         self.name = name
         self.function = function
-
-    def set_max_dynamic_shared_memory(self, num_bytes: int) -> None:
-        driver = _driver()
-        attribute = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        _check_cu(driver.cuFuncSetAttribute(self.function, attribute, num_bytes),
-                  f"cuFuncSetAttribute({self.name})")
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
                args: Sequence, arg_types: Sequence, stream: int) -> None:
@@ -184,8 +178,6 @@ _lock = threading.Lock()
 def load_module(source_name: str, options: Sequence[str], device_index: int) -> LoadedModule:
     """The module of source_name compiled with options for the GPU device_index, compiled
     (or read from the disk cache) and loaded once per process."""
-    import torch
-
     key = (source_name, tuple(options), device_index)
     module = _modules.get(key)
     if module is None:
@@ -200,3 +192,14 @@ def load_module(source_name: str, options: Sequence[str], device_index: int) -> 
 
 # ctypes types for Kernel.launch argument lists.
 POINTER, INT, INT64, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
+# The dtypes the kernels take, with their -DDTYPE values (common.cuh).
+KERNEL_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def device_index(tensor: torch.Tensor) -> int:
+    return tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+
+
+def current_stream(tensor: torch.Tensor) -> int:
+    """The handle of torch's current stream on the tensor's device (graph capture included)."""
+    return torch.cuda.current_stream(tensor.device).cuda_stream

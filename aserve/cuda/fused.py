@@ -15,11 +15,11 @@ from typing import Optional
 
 import torch
 
-from aserve.cuda.compiler import FLOAT, INT, INT64, POINTER, load_module, nvrtc_version
+from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream,
+                                  device_index, load_module, nvrtc_version)
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # ASERVE_KERNELS=torch turns every aserve CUDA kernel off (the torch reference runs instead).
 KERNELS_ENV = "ASERVE_KERNELS"
 
@@ -49,16 +49,11 @@ def kernels_available() -> bool:
 
 def usable(x: torch.Tensor) -> bool:
     """Whether the fused kernels can take x: on a GPU, in a supported dtype, kernels enabled."""
-    return x.is_cuda and x.dtype in _DTYPE_IDS and kernels_enabled()
+    return x.is_cuda and x.dtype in KERNEL_DTYPES and kernels_enabled()
 
 
 def _module(x: torch.Tensor):
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    return load_module("layer_ops.cu", [f"-DDTYPE={_DTYPE_IDS[x.dtype]}"], index)
-
-
-def _stream(x: torch.Tensor) -> int:
-    return torch.cuda.current_stream(x.device).cuda_stream
+    return load_module("layer_ops.cu", [f"-DDTYPE={KERNEL_DTYPES[x.dtype]}"], device_index(x))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +80,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             (out.data_ptr(), rows.data_ptr(), res_rows.data_ptr() if res_rows is not None else 0,
              weight.data_ptr(), rows.stride(0), res_rows.stride(0) if res_rows is not None else 0,
              out.stride(0), hidden, float(eps)),
-            (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT, FLOAT), _stream(x))
+            (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT, FLOAT), current_stream(x))
     return out.view(x.shape)
 
 
@@ -106,7 +101,7 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         (num_tokens, 1, 1), (threads, 1, 1), 0,
         (query.data_ptr(), key.data_ptr(), positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
          query.stride(0), key.stride(0), num_heads, num_kv_heads, head_dim),
-        (POINTER,) * 5 + (INT64, INT64, INT, INT, INT), _stream(query))
+        (POINTER,) * 5 + (INT64, INT64, INT, INT, INT), current_stream(query))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -120,5 +115,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _module(x).kernel("silu_and_mul").launch(
             (rows.shape[0], chunks, 1), (threads, 1, 1), 0,
             (out.data_ptr(), rows.data_ptr(), rows.stride(0), out.stride(0), d),
-            (POINTER, POINTER, INT64, INT64, INT), _stream(x))
+            (POINTER, POINTER, INT64, INT64, INT), current_stream(x))
     return out.view(*x.shape[:-1], d)

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from aserve.cuda.compiler import FLOAT, INT, INT64, POINTER, load_module
+from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream,
+                                  device_index, load_module)
 
 # Context tokens one decode CTA covers (a launch argument): small partitions split a short
 # batch's contexts over more CTAs to fill the GPU; large ones avoid partial outputs for big
@@ -29,7 +30,6 @@ _CTAS_PER_SM = 16
 MAX_GROUP = 8
 MAX_SPLITS = 1024
 _NUM_THREADS = 128
-_DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_SIZES = (64, 80, 96, 128, 256)
 
 
@@ -41,7 +41,7 @@ def decode_group_size(num_heads: int, num_kv_heads: int) -> int:
 
 def paged_attention_options(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> list[str]:
     """The -D options of one build of paged_attention.cu."""
-    return [f"-DDTYPE={_DTYPE_IDS[dtype]}", f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}",
+    return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}",
             f"-DGROUP={group}"]
 
 
@@ -64,14 +64,6 @@ def decode_partition(num_seqs: int, ctas_per_seq: int, max_seq_len: int, block_s
         raise ValueError(f"context of {max_seq_len} tokens exceeds the decode kernel's "
                          f"{MAX_SPLITS * MAX_PARTITION}")
     return partition, splits
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _device_index(tensor: torch.Tensor) -> int:
-    return tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
 
 
 def _check_rows(name: str, tensor: torch.Tensor) -> None:
@@ -99,8 +91,8 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     if head_dim not in HEAD_SIZES:
         raise ValueError(f"head_dim {head_dim} has no decode kernel; supported: {HEAD_SIZES}")
-    if query.dtype not in _DTYPE_IDS or k_cache.dtype != query.dtype or out.dtype != query.dtype:
-        raise ValueError(f"query, cache and out must share one of {list(_DTYPE_IDS)}, got "
+    if query.dtype not in KERNEL_DTYPES or k_cache.dtype != query.dtype or out.dtype != query.dtype:
+        raise ValueError(f"query, cache and out must share one of {list(KERNEL_DTYPES)}, got "
                          f"{query.dtype}, {k_cache.dtype}, {out.dtype}")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
@@ -114,16 +106,16 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     group = decode_group_size(num_heads, num_kv_heads)
     ctas_per_seq = num_heads // group
     partition, splits = decode_partition(num_seqs, ctas_per_seq, max_seq_len, block_size,
-                                         _num_sms(_device_index(query)))
+                                         _num_sms(device_index(query)))
     module = load_module("paged_attention.cu", paged_attention_options(query.dtype, head_dim, block_size, group),
-                         _device_index(query))
+                         device_index(query))
     if splits > 1:
         partial_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
         partial_stats = torch.empty(2, num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
         partial_ptrs = (partial_out.data_ptr(), partial_stats[0].data_ptr(), partial_stats[1].data_ptr())
     else:
         partial_ptrs = (0, 0, 0)
-    stream = _stream(query.device)
+    stream = current_stream(query)
     module.kernel("paged_decode").launch(
         (ctas_per_seq, num_seqs, splits), (_NUM_THREADS, 1, 1), 0,
         (out.data_ptr(), *partial_ptrs, query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
@@ -155,12 +147,12 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
     if row_bytes % 16:
         raise ValueError(f"a token's keys ({row_bytes} bytes) must be a multiple of 16 bytes")
     units = row_bytes // 16
-    module = load_module("cache_ops.cu", [], _device_index(key))
+    module = load_module("cache_ops.cu", [], device_index(key))
     module.kernel("reshape_and_cache").launch(
         (num_tokens, 1, 1), (min(256, max(32, units)), 1, 1), 0,
         (key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
          key.stride(0) * element // 16, value.stride(0) * element // 16, units),
-        (POINTER,) * 5 + (INT64, INT64, INT), _stream(key.device))
+        (POINTER,) * 5 + (INT64, INT64, INT), current_stream(key))
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], pairs: torch.Tensor) -> None:
@@ -174,8 +166,8 @@ def copy_blocks(kv_caches: list[torch.Tensor], pairs: torch.Tensor) -> None:
     block_bytes = first[0, 0].numel() * first.element_size()
     assert block_bytes % 16 == 0 and all(c.is_contiguous() and c.shape == first.shape for c in kv_caches)
     layer_ptrs = torch.tensor([c.data_ptr() for c in kv_caches], dtype=torch.int64).to(first.device)
-    module = load_module("cache_ops.cu", [], _device_index(first))
+    module = load_module("cache_ops.cu", [], device_index(first))
     module.kernel("copy_blocks").launch(
         (pairs.shape[0], len(kv_caches), 2), (256, 1, 1), 0,
         (layer_ptrs.data_ptr(), pairs.data_ptr(), num_blocks, block_bytes // 16),
-        (POINTER, POINTER, INT64, INT64), _stream(first.device))
+        (POINTER, POINTER, INT64, INT64), current_stream(first))

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Optional, Union
 
+from aserve.engine.pipeline import resume_step
 from aserve.outputs import RequestOutput
 from aserve.sampling_params import SamplingParams
 
@@ -210,17 +211,15 @@ class AsyncEngine:
 
     async def _drive(self, gen, loop) -> list[RequestOutput]:
         """Run a step generator (Engine.step_gen), its model work in the worker thread."""
-        try:
-            work = next(gen)
-            while True:
-                try:
-                    result = await loop.run_in_executor(self._executor, work)
-                except Exception as exc:
-                    work = gen.throw(exc)
-                    continue
-                work = gen.send(result)
-        except StopIteration as stop:
-            return stop.value
+        work, outputs = resume_step(gen, started=False)
+        while work is not None:
+            try:
+                result = await loop.run_in_executor(self._executor, work)
+            except Exception as exc:
+                work, outputs = resume_step(gen, error=exc)
+            else:
+                work, outputs = resume_step(gen, result)
+        return outputs
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

@@ -100,19 +100,29 @@ class StepPipeline:
         return self.engine.process(plan, output)
 
 
-def run_step_gen(gen: StepGen):
-    """Drive a step generator on this thread: each piece of model work runs in place."""
+def resume_step(gen: StepGen, result: Any = None, error: Optional[BaseException] = None,
+                started: bool = True) -> tuple[Optional[Callable[[], Any]], Optional[list]]:
+    """Advance a step generator with the result (or the error) of its last piece of work:
+    (the next piece of work, None), or (None, the step's outputs) once it has finished."""
     try:
-        work = next(gen)
-        while True:
-            try:
-                result = work()
-            except Exception as exc:
-                work = gen.throw(exc)
-                continue
-            work = gen.send(result)
+        if not started:
+            return next(gen), None
+        return (gen.throw(error) if error is not None else gen.send(result)), None
     except StopIteration as stop:
-        return stop.value
+        return None, stop.value
+
+
+def run_step_gen(gen: StepGen) -> list:
+    """Drive a step generator on this thread: each piece of model work runs in place."""
+    work, outputs = resume_step(gen, started=False)
+    while work is not None:
+        try:
+            result = work()
+        except Exception as exc:
+            work, outputs = resume_step(gen, error=exc)
+        else:
+            work, outputs = resume_step(gen, result)
+    return outputs
 
 
 def _advance(plan: "StepPlan") -> dict[int, int]:
