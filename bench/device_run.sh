@@ -4,6 +4,7 @@
 #     STAGES="tests bench" WORKLOADS=A,A1,B1,B bash bench/device_run.sh
 # Stages, each bounded by `timeout` (one device call may run 600 s: split the stages over calls):
 #   tests    the CUDA tests (-m cuda), then the engine-vs-transformers tests on the card
+#   kernels  bench/kernels.py (paged decode vs the copy ceiling) and bench/gemv.py (vs cuBLAS)
 #   serving  the serving benchmark against `python -m aserve` on the opt-125m shape
 #   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200)
 # Output goes to stdout and, when $OUT is set, to $OUT/device_run.log; the workloads' table is last.
@@ -14,6 +15,7 @@ STAGES=${STAGES:-tests bench}
 WORKLOADS=${WORKLOADS:-A,A1,B1,B}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-300}
 SERVING_TIMEOUT=${SERVING_TIMEOUT:-300}
+KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-150}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-540}
 bench_log=/tmp/workloads.log
 status_file=/tmp/device_run.status   # a file: run() may sit in a pipeline's subshell
@@ -35,6 +37,11 @@ stage_tests() {
     run "engine tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_engine_greedy.py tests/test_engine_logprobs.py tests/test_engine_beam_search.py \
         tests/test_engine_sampling.py tests/test_sampler.py tests/test_load_format.py
+}
+
+stage_kernels() {
+    run "decode kernel" "$KERNELS_TIMEOUT" python3 bench/kernels.py ${KERNELS_ARGS:-}
+    run "gemv" "$KERNELS_TIMEOUT" python3 bench/gemv.py ${GEMV_ARGS:-}
 }
 
 stage_serving() {
@@ -71,7 +78,7 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    for stage in tests serving bench; do  # this order, so the workloads' table comes last
+    for stage in tests kernels serving bench; do  # this order, so the workloads' table comes last
         case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
     done
     echo "=== steps:"

@@ -5,7 +5,10 @@
 Prints one JSON line per measurement: the device-to-device copy ceiling (bytes read + written),
 then the paged decode kernel on random bf16 inputs, counting the K/V bytes it must read, with
 its share of the ceiling (the issue's goal: at least 70% at batch 64, context 2048, 32/8
-heads, head size 128). Also a batch-1, 8k-context case, where the context split must fill the GPU.
+heads, head size 128). Also a batch-1, 8k-context case, where the context split must fill the
+GPU, and batch-1 short contexts (the single-stream workload B1). Kernels are timed inside CUDA
+graphs, as the engine runs them: a lone launch through cuda-python costs more host time than
+a short kernel's whole run.
 """
 
 from __future__ import annotations
@@ -40,6 +43,20 @@ def time_ms(fn, repeat: int = 50, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def time_graph_ms(fn, launches: int = 20, repeat: int = 10) -> float:
+    """Device time of one fn() call: `launches` calls captured in one CUDA graph, replayed,
+    the median replay divided by launches. Unlike time_ms this leaves out the host's launch
+    cost (tens of microseconds through cuda-python, more than a small kernel's whole run),
+    as the engine's decode graphs do."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    return time_ms(graph.replay, repeat=repeat, warmup=2) / launches
+
+
 def copy_bandwidth() -> float:
     """Bytes read + written per second of a 2 GiB device-to-device copy."""
     src = torch.randn(1 << 29, device="cuda")
@@ -61,13 +78,35 @@ def decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, b
     def run():
         ops.paged_decode_attention(out, query, cache[0], cache[1], tables, seq_lens, head_dim ** -0.5, context)
 
-    ms = time_ms(run)
+    ms = time_graph_ms(run)
     kv_bytes = 2 * batch * context * kv_heads * head_dim * cache.element_size()
     bandwidth = kv_bytes / (ms / 1e3)
     return dict(kernel="paged_decode", batch=batch, context=context, heads=heads, kv_heads=kv_heads,
                 head_dim=head_dim, block_size=block_size, dtype=str(dtype).replace("torch.", ""),
                 ms=round(ms, 4), kv_gbytes=round(kv_bytes / 1e9, 3), gbps=round(bandwidth / 1e9, 1),
                 of_copy_ceiling=round(bandwidth / ceiling, 3))
+
+
+def compare_variants(args, shapes, ceiling: float) -> None:
+    """Each build of args.variants on each shape, in args.rounds interleaved rounds (so a clock
+    or thermal drift hits every build alike); prints every timing, then each build's median."""
+    results: dict[tuple, list[float]] = {}
+    for _ in range(args.rounds):
+        for variant in args.variants:
+            ops.DECODE_TUNING.clear()
+            ops.DECODE_TUNING.update(variant)
+            for batch, context, block_size in shapes:
+                result = decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
+                                torch.bfloat16, ceiling)
+                results.setdefault((json.dumps(variant), batch, context, block_size), []).append(result["ms"])
+                print(json.dumps(dict(result, variant=variant)), flush=True)
+    ops.DECODE_TUNING.clear()
+    for (variant, batch, context, block_size), times in results.items():
+        ms = statistics.median(times)
+        kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * 2
+        print(json.dumps(dict(summary=True, variant=json.loads(variant), batch=batch, context=context,
+                              block_size=block_size, median_ms=round(ms, 4), runs=times,
+                              of_copy_ceiling=round(kv_bytes / (ms / 1e3) / ceiling, 3))), flush=True)
 
 
 def main() -> None:
@@ -79,24 +118,33 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="also try other split depths (CTAs per SM)")
+    p.add_argument("--variants", type=json.loads, default=None,
+                   help='JSON list of builds to compare, e.g. \'[{}, {"UNROLL": 2}]\' (-D options of '
+                        'paged_attention.cu; {} is the default build), timed in interleaved rounds')
+    p.add_argument("--rounds", type=int, default=3, help="rounds of --variants")
     args = p.parse_args()
     ceiling = copy_bandwidth()
     print(json.dumps(dict(kernel="d2d_copy", device=torch.cuda.get_device_name(), gbps=round(ceiling / 1e9, 1))))
     shapes = [(args.batch, args.context, args.block_size), (args.batch, args.context, 32),
-              (1, 8192, args.block_size), (256, 640, args.block_size)]
+              (1, 8192, args.block_size), (256, 640, args.block_size), (1, 512, args.block_size),
+              (1, 128, args.block_size)]
     for batch, context, block_size in shapes:
         print(json.dumps(decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
                                 torch.bfloat16, ceiling)), flush=True)
+    if args.variants is not None:
+        compare_variants(args, shapes, ceiling)
+        return
     if args.sweep:
-        # How deep the launcher fills the GPU with context splits (ops._CTAS_PER_SM).
-        default = ops._CTAS_PER_SM
-        for ctas in (2, 8, 16, 32):
-            ops._CTAS_PER_SM = ctas
+        # How deep the launcher fills the GPU with context splits (ops._CTAS_PER_SM), and the
+        # smallest partition (ops.MIN_PARTITION), which decides a lone sequence's split count.
+        defaults = ops._CTAS_PER_SM, ops.MIN_PARTITION
+        for ctas, min_partition in ((8, 32), (12, 32), (24, 32), (32, 32), (16, 64), (16, 128)):
+            ops._CTAS_PER_SM, ops.MIN_PARTITION = ctas, min_partition
             for batch, context, block_size in shapes:
                 result = decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
                                 torch.bfloat16, ceiling)
-                print(json.dumps(dict(result, ctas_per_sm=ctas)), flush=True)
-        ops._CTAS_PER_SM = default
+                print(json.dumps(dict(result, ctas_per_sm=ctas, min_partition=min_partition)), flush=True)
+        ops._CTAS_PER_SM, ops.MIN_PARTITION = defaults
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1.5e-3, torch.bfloat16: 1e-2}
 # (query heads, KV heads): multi-head, grouped (4 and 7 per KV head), multi-query.
 HEADS = [(4, 4), (8, 2), (14, 2), (16, 1)]
 # Context lengths: a single token, shorter than a block, block multiples and off by one around
-# them, several decode partitions (512 tokens each).
+# them, several decode partitions (the longer ones are split over CTAs and combined).
 LENGTHS = [1, 7, 16, 17, 33, 511, 512, 513, 1500]
 
 
@@ -90,6 +90,48 @@ def test_paged_decode_matches_reference(dtype, head_dim, heads, block_size):
     ref = _decode_reference(query, kv_cache, tables, lengths, scale)
     for i in range(len(lengths)):   # every sequence on its own: a short one cannot hide in the norm
         assert _relative_error(out[i], ref[i]) < TOLERANCE[dtype], (lengths[i], _relative_error(out[i], ref[i]))
+
+
+@pytest.mark.parametrize("tuning", [{"NUM_THREADS": 256}, {"UNROLL": 2}, {"UNROLL": 1, "MAX_STAGES": 2},
+                                    {"MIN_BLOCKS": 4}, {"SMEM_BUDGET": 40960}])
+def test_paged_decode_tuning_builds_match_reference(tuning, monkeypatch):
+    """The builds bench/kernels.py --variants compares compute the same attention."""
+    from aserve.cuda import ops
+
+    monkeypatch.setattr(ops, "DECODE_TUNING", dict(tuning))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    dtype, block_size, num_heads, num_kv_heads, head_dim = torch.bfloat16, 16, 32, 8, 128
+    lengths = [1, 17, 300, 2048, 1111]
+    num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 5
+    kv_cache = _random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
+    tables = _random_tables(lengths, block_size, num_blocks, gen)
+    query = torch.randn(len(lengths), num_heads, head_dim, generator=gen, device="cuda").to(dtype)
+    out = torch.full_like(query, float("nan"))
+    ops.paged_decode_attention(out, query, kv_cache[0], kv_cache[1], tables,
+                               torch.tensor(lengths, dtype=torch.int32, device="cuda"), 0.09, 2048)
+    ref = _decode_reference(query, kv_cache, tables, lengths, 0.09)
+    for i in range(len(lengths)):
+        assert _relative_error(out[i], ref[i]) < TOLERANCE[dtype], (tuning, lengths[i])
+
+
+def test_paged_decode_split_counters_are_left_zero():
+    """The last split of each sequence resets its counter, so back-to-back launches of other
+    shapes (and graph replays) start from zero."""
+    from aserve.cuda import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    dtype, block_size, num_heads, num_kv_heads, head_dim = torch.float16, 16, 8, 2, 64
+    for lengths in ([4000, 3, 900], [129, 2500], [4096] * 6):
+        num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 1
+        kv_cache = _random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
+        tables = _random_tables(lengths, block_size, num_blocks, gen)
+        query = torch.randn(len(lengths), num_heads, head_dim, generator=gen, device="cuda").to(dtype)
+        out = torch.empty_like(query)
+        ops.paged_decode_attention(out, query, kv_cache[0], kv_cache[1], tables,
+                                   torch.tensor(lengths, dtype=torch.int32, device="cuda"), 0.125, 4096)
+        ref = _decode_reference(query, kv_cache, tables, lengths, 0.125)
+        assert _relative_error(out, ref) < TOLERANCE[dtype], lengths
+        assert int(ops._split_counters[0].count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -240,7 +282,8 @@ FUSED_TOLERANCE = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [64, 896, 4096, 5120])
+# 100 is no whole number of 16-byte vectors (the scalar kernel); the rest run in vectors.
+@pytest.mark.parametrize("hidden", [64, 100, 896, 4096, 5120])
 def test_fused_rms_norm_matches_torch_layer(dtype, hidden, monkeypatch):
     from aserve.models.layers.layernorm import RMSNorm
 
@@ -261,7 +304,8 @@ def test_fused_rms_norm_matches_torch_layer(dtype, hidden, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 4, 2), (128, 32, 8), (80, 6, 6)])
+# A half head of 36 is no whole number of 16-bit vectors (the scalar kernel, but for float32).
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 4, 2), (128, 32, 8), (80, 6, 6), (72, 4, 1)])
 def test_fused_rotary_matches_torch_layer(dtype, head_dim, num_heads, num_kv_heads, monkeypatch):
     from aserve.models.layers.rotary import RotaryEmbedding
 
@@ -284,7 +328,7 @@ def test_fused_rotary_matches_torch_layer(dtype, head_dim, num_heads, num_kv_hea
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width", [128, 14336])
+@pytest.mark.parametrize("width", [100, 128, 14336])
 def test_fused_silu_and_mul_matches_torch_layer(dtype, width, monkeypatch):
     from aserve.models.layers.activation import ActAndMul
 

@@ -65,3 +65,16 @@ __device__ __forceinline__ void unpack_vec(const uint4 raw, float* out) {
 __device__ __forceinline__ void load_vec(const scalar_t* p, float* out) {
     unpack_vec(*reinterpret_cast<const uint4*>(p), out);
 }
+
+// VEC floats rounded to the element type, as one 16-byte vector.
+__device__ __forceinline__ uint4 pack_vec(const float* in) {
+#if DTYPE == 0
+    return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
+#else
+    unsigned words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        words[i] = (unsigned)from_float(in[2 * i]) | ((unsigned)from_float(in[2 * i + 1]) << 16);
+    return make_uint4(words[0], words[1], words[2], words[3]);
+#endif
+}

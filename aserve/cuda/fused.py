@@ -62,6 +62,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
+# 16-byte vectors each rms_norm_vec thread keeps in registers (RMS_VECS in layer_ops.cu).
+_RMS_VECS = 4
+
+
+def _vectorizable(width: int, tensors: list[torch.Tensor], strides: list[int]) -> bool:
+    """Whether rows of `width` elements can move in 16-byte vectors: width and every row
+    stride a whole number of vectors, every tensor's base pointer on a 16-byte boundary."""
+    vec = 16 // tensors[0].element_size()
+    return (width % vec == 0 and all(s % vec == 0 for s in strides)
+            and all(t.data_ptr() % 16 == 0 for t in tensors))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """weight * (h * rsqrt(mean(h^2, -1) + eps)).to(x.dtype), as HF's LlamaRMSNorm, with h = x,
@@ -75,11 +87,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         assert res_rows.stride(1) == 1 and residual.dtype == x.dtype
     if rows.shape[0]:
         weight = weight.to(x.dtype).contiguous()
-        _module(x).kernel("rms_norm").launch(
-            (rows.shape[0], 1, 1), (min(1024, 32 * ((hidden + 255) // 256)), 1, 1), 0,
+        res_stride = res_rows.stride(0) if res_rows is not None else 0
+        operands = [out, rows, weight] + ([res_rows] if res_rows is not None else [])
+        vectors = hidden * x.element_size() // 16
+        if (_vectorizable(hidden, operands, [rows.stride(0), res_stride, out.stride(0)])
+                and vectors <= _RMS_VECS * 1024):
+            # Threads enough that each holds at most _RMS_VECS vectors: all its loads in flight.
+            name, threads = "rms_norm_vec", min(1024, 32 * -(-vectors // (32 * _RMS_VECS)))
+        else:
+            name, threads = "rms_norm", min(1024, 32 * ((hidden + 255) // 256))
+        _module(x).kernel(name).launch(
+            (rows.shape[0], 1, 1), (threads, 1, 1), 0,
             (out.data_ptr(), rows.data_ptr(), res_rows.data_ptr() if res_rows is not None else 0,
-             weight.data_ptr(), rows.stride(0), res_rows.stride(0) if res_rows is not None else 0,
-             out.stride(0), hidden, float(eps)),
+             weight.data_ptr(), rows.stride(0), res_stride, out.stride(0), hidden, float(eps)),
             (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT, FLOAT), current_stream(x))
     return out.view(x.shape)
 
@@ -96,8 +116,11 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     positions = positions.to(torch.int64).contiguous()
     num_heads, num_kv_heads = query.shape[1] // head_dim, key.shape[1] // head_dim
     pairs = (num_heads + num_kv_heads) * (head_dim // 2)
+    name = "rotary_embedding"
+    if _vectorizable(head_dim // 2, [query, key], [query.stride(0), key.stride(0), head_dim]):
+        name, pairs = "rotary_embedding_vec", pairs * query.element_size() // 16
     threads = min(512, 32 * ((pairs + 31) // 32))
-    _module(query).kernel("rotary_embedding").launch(
+    _module(query).kernel(name).launch(
         (num_tokens, 1, 1), (threads, 1, 1), 0,
         (query.data_ptr(), key.data_ptr(), positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
          query.stride(0), key.stride(0), num_heads, num_kv_heads, head_dim),
@@ -111,8 +134,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.shape[0], d, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         threads = 256
-        chunks = max(1, min(8, d // (threads * 8)))  # a few CTAs per row when rows are wide
-        _module(x).kernel("silu_and_mul").launch(
+        name, items = "silu_and_mul", d
+        if _vectorizable(d, [rows, out], [rows.stride(0), out.stride(0)]):
+            name, items = "silu_and_mul_vec", d * x.element_size() // 16
+        # Enough CTAs per row that one row (a decode step) is spread over several SMs, at
+        # most 64 (a long prompt's rows give parallelism of their own).
+        chunks = max(1, min(64, -(-items // threads)))
+        _module(x).kernel(name).launch(
             (rows.shape[0], chunks, 1), (threads, 1, 1), 0,
             (out.data_ptr(), rows.data_ptr(), rows.stride(0), out.stride(0), d),
             (POINTER, POINTER, INT64, INT64, INT), current_stream(x))

@@ -29,6 +29,57 @@ __device__ float block_sum(float v) {
     return partial[0];
 }
 
+// 16-byte vectors of a row each thread of rms_norm_vec keeps in registers between its passes.
+#define RMS_VECS 4
+
+// rms_norm (below) in 16-byte vectors, for rows of a multiple of VEC elements on 16-byte
+// boundaries, at most RMS_VECS * blockDim.x vectors: every load of a thread is in flight at
+// once, so a decode step's row costs one memory round trip instead of one per element.
+extern "C" __global__ void rms_norm_vec(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                        scalar_t* __restrict__ residual, const scalar_t* __restrict__ weight,
+                                        i64 x_stride, i64 residual_stride, i64 out_stride, int hidden, float eps) {
+    const int vectors = hidden / VEC;
+    const uint4* row = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
+    uint4* res = residual ? reinterpret_cast<uint4*>(residual + blockIdx.x * residual_stride) : nullptr;
+    const uint4* w = reinterpret_cast<const uint4*>(weight);
+    uint4 h_raw[RMS_VECS], w_raw[RMS_VECS];
+    float squares = 0.f;
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
+        w_raw[j] = w[v];                            // with the row's loads, not after the reduction
+        float h[VEC];
+        unpack_vec(row[v], h);
+        if (res) {
+            float r[VEC];
+            unpack_vec(res[v], r);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) h[i] += r[i];
+            h_raw[j] = pack_vec(h);                 // rounded to the dtype, as the model's add
+            res[v] = h_raw[j];
+            unpack_vec(h_raw[j], h);
+        } else {
+            h_raw[j] = row[v];
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) squares += h[i] * h[i];
+    }
+    const float inv_rms = rsqrtf(block_sum(squares) / hidden + eps);
+    uint4* dst = reinterpret_cast<uint4*>(out + blockIdx.x * out_stride);
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
+        float h[VEC], wf[VEC], o[VEC];
+        unpack_vec(h_raw[j], h);
+        unpack_vec(w_raw[j], wf);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o[i] = wf[i] * round_dtype(h[i] * inv_rms);
+        dst[v] = pack_vec(o);
+    }
+}
+
 // Llama's RMSNorm, one CTA per row: weight * (h * rsqrt(mean(h^2) + eps)).to(dtype), where
 // h = x, or, with a residual, h = residual + x (rounded to the dtype, as the model's own add),
 // which is also stored back into the residual: the decoder layer's add and norm in one pass.
@@ -78,6 +129,54 @@ extern "C" __global__ void rotary_embedding(scalar_t* __restrict__ query, scalar
         // x * cos + rotate_half(x) * sin, each product rounded as its own tensor would be.
         x[i] = from_float(round_dtype(x1 * c) + round_dtype(-x2 * s));
         x[i + half] = from_float(round_dtype(x2 * c) + round_dtype(x1 * s));
+    }
+}
+
+// rotary_embedding (below) in 16-byte vectors, for a half head size that is a multiple of VEC
+// and rows on 16-byte boundaries: each thread rotates VEC pairs with one load of each half.
+extern "C" __global__ void rotary_embedding_vec(scalar_t* __restrict__ query, scalar_t* __restrict__ key,
+                                                const i64* __restrict__ positions,
+                                                const float* __restrict__ cos_cache,
+                                                const float* __restrict__ sin_cache,
+                                                i64 q_stride, i64 k_stride, int num_heads, int num_kv_heads,
+                                                int head_dim) {
+    const int token = blockIdx.x;
+    const int half = head_dim / 2, half_vecs = half / VEC;
+    const i64 pos = positions[token];
+    const float* cos_row = cos_cache + pos * head_dim;
+    const float* sin_row = sin_cache + pos * head_dim;
+    for (int idx = threadIdx.x; idx < (num_heads + num_kv_heads) * half_vecs; idx += blockDim.x) {
+        const int head = idx / half_vecs, i = (idx % half_vecs) * VEC;
+        scalar_t* x = head < num_heads ? query + token * q_stride + (i64)head * head_dim
+                                       : key + token * k_stride + (i64)(head - num_heads) * head_dim;
+        float x1[VEC], x2[VEC], o1[VEC], o2[VEC];
+        unpack_vec(*reinterpret_cast<const uint4*>(x + i), x1);
+        unpack_vec(*reinterpret_cast<const uint4*>(x + i + half), x2);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            const float c = round_dtype(cos_row[i + k]), s = round_dtype(sin_row[i + k]);
+            o1[k] = round_dtype(x1[k] * c) + round_dtype(-x2[k] * s);
+            o2[k] = round_dtype(x2[k] * c) + round_dtype(x1[k] * s);
+        }
+        *reinterpret_cast<uint4*>(x + i) = pack_vec(o1);
+        *reinterpret_cast<uint4*>(x + i + half) = pack_vec(o2);
+    }
+}
+
+// silu_and_mul (below) in 16-byte vectors, for d a multiple of VEC and rows on 16-byte
+// boundaries; grid (tokens, column chunks), one vector of gate and up per thread and pass.
+extern "C" __global__ void silu_and_mul_vec(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                            i64 x_stride, i64 out_stride, int d) {
+    const uint4* gate = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
+    const uint4* up = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride + d);
+    uint4* dst = reinterpret_cast<uint4*>(out + blockIdx.x * out_stride);
+    for (int v = blockIdx.y * blockDim.x + threadIdx.x; v < d / VEC; v += gridDim.y * blockDim.x) {
+        float g[VEC], u[VEC], o[VEC];
+        unpack_vec(gate[v], g);
+        unpack_vec(up[v], u);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o[i] = round_dtype(g[i] / (1.f + expf(-g[i]))) * u[i];
+        dst[v] = pack_vec(o);
     }
 }
 

@@ -19,12 +19,17 @@ from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, cur
 # Context tokens one decode CTA covers (a launch argument): small partitions split a short
 # batch's contexts over more CTAs to fill the GPU; large ones avoid partial outputs for big
 # batches. The kernel holds at most MAX_PARTITION tokens' block ids and MAX_SPLITS splits.
-MIN_PARTITION = 128
+# A partition of 32 tokens is one shared-memory tile of the common builds: a lone sequence's
+# attention then takes one memory round trip per CTA instead of several.
+MIN_PARTITION = 32
 MAX_PARTITION = 1024
-# CTAs per multiprocessor the split count aims for: 16 was the fastest of 2, 4, 8, 16 and 32 in
-# one H100 sweep (bench/kernels.py --sweep, bench/RESULTS.md); runs moved ~15% between
-# machines, so this is a lead to re-measure, not a proven optimum.
-_CTAS_PER_SM = 16
+# The last split of a sequence combines all of its splits serially; beyond this many splits
+# that tail costs more than the extra parallelism gains (a lone 8k context gets 64 splits).
+MAX_WANTED_SPLITS = 64
+# CTAs per multiprocessor the split count aims for: 8 and 12 were the fastest of 8, 12, 16, 24
+# and 32 (timed in CUDA graphs) on an H100 at batch 64 x 2048 and 256 x 640 tokens, 2-9% ahead
+# of 16 (bench/kernels.py --sweep, bench/RESULTS.md).
+_CTAS_PER_SM = 12
 # Query heads one CTA serves from the same KV head: more means fewer re-reads of K/V under
 # multi-query attention, but more registers (8 keeps every build free of spills).
 MAX_GROUP = 8
@@ -39,10 +44,38 @@ def decode_group_size(num_heads: int, num_kv_heads: int) -> int:
     return max(g for g in range(1, min(q_per_kv, MAX_GROUP) + 1) if q_per_kv % g == 0)
 
 
+# Extra -D options of paged_attention.cu (NUM_THREADS, UNROLL, MIN_BLOCKS, SMEM_BUDGET, ...);
+# bench/kernels.py --variants sets them to compare builds; empty means the source's defaults.
+DECODE_TUNING: dict[str, int] = {}
+
+
 def paged_attention_options(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> list[str]:
     """The -D options of one build of paged_attention.cu."""
     return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}",
-            f"-DGROUP={group}"]
+            f"-DGROUP={group}", *(f"-D{k}={v}" for k, v in sorted(DECODE_TUNING.items()))]
+
+
+_split_counters: dict[int, torch.Tensor] = {}
+# Every counter buffer ever handed out: a captured CUDA graph keeps using the one it saw.
+_retired_counters: list[torch.Tensor] = []
+
+
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters (one per sequence and head group) with which the splits of a decode
+    launch find the last of them; the kernel leaves them zero again. Grow-only and kept alive,
+    because CUDA graphs hold their address."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    counters = _split_counters.get(index)
+    if counters is None or counters.numel() < size:
+        if torch.cuda.is_current_stream_capturing():
+            # A capture records the zero-fill but does not run it; the eager warm-up before each
+            # capture (worker/cuda_graphs.py) allocates the counters first.
+            raise RuntimeError("decode split counters must be allocated before CUDA graph capture")
+        if counters is not None:
+            _retired_counters.append(counters)
+        counters = torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device)
+        _split_counters[index] = counters
+    return counters
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,7 +87,8 @@ def decode_partition(num_seqs: int, ctas_per_seq: int, max_seq_len: int, block_s
                      num_sms: int) -> tuple[int, int]:
     """(partition size, number of splits) for a decode launch: enough splits that the grid
     fills the GPU a few CTAs deep, in partitions of whole blocks within the kernel's limits."""
-    wanted_splits = max(1, math.ceil(_CTAS_PER_SM * num_sms / max(1, num_seqs * ctas_per_seq)))
+    wanted_splits = max(1, min(MAX_WANTED_SPLITS,
+                               math.ceil(_CTAS_PER_SM * num_sms / max(1, num_seqs * ctas_per_seq))))
     unit = max(block_size, 32)
     partition = math.ceil(max(1, max_seq_len) / wanted_splits)
     partition = max(partition, math.ceil(max_seq_len / MAX_SPLITS), MIN_PARTITION, block_size)
@@ -112,21 +146,17 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     if splits > 1:
         partial_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
         partial_stats = torch.empty(2, num_seqs, num_heads, splits, dtype=torch.float32, device=query.device)
-        partial_ptrs = (partial_out.data_ptr(), partial_stats[0].data_ptr(), partial_stats[1].data_ptr())
+        partial_ptrs = (partial_out.data_ptr(), partial_stats[0].data_ptr(), partial_stats[1].data_ptr(),
+                        _counters(query.device, num_seqs * ctas_per_seq).data_ptr())
     else:
-        partial_ptrs = (0, 0, 0)
-    stream = current_stream(query)
+        partial_ptrs = (0, 0, 0, 0)
+    threads = DECODE_TUNING.get("NUM_THREADS", _NUM_THREADS)
     module.kernel("paged_decode").launch(
-        (ctas_per_seq, num_seqs, splits), (_NUM_THREADS, 1, 1), 0,
+        (ctas_per_seq, num_seqs, splits), (threads, 1, 1), 0,
         (out.data_ptr(), *partial_ptrs, query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
          block_tables.data_ptr(), seq_lens.data_ptr(), query.stride(0), out.stride(0), block_tables.stride(0),
          num_heads, num_kv_heads, float(scale), splits, partition, int(sliding_window or 0)),
-        (POINTER,) * 9 + (INT64, INT64, INT, INT, INT, FLOAT, INT, INT, INT), stream)
-    if splits > 1:
-        module.kernel("paged_decode_reduce").launch(
-            (num_heads, num_seqs, 1), (_NUM_THREADS, 1, 1), 0,
-            (out.data_ptr(), *partial_ptrs, seq_lens.data_ptr(), out.stride(0), num_heads, splits, partition),
-            (POINTER,) * 5 + (INT64, INT, INT, INT), stream)
+        (POINTER,) * 10 + (INT64, INT64, INT, INT, INT, FLOAT, INT, INT, INT), current_stream(query))
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,

@@ -3,24 +3,29 @@
 //
 // One thread block (CTA) takes one KV head, GROUP of the query heads that share it, one
 // sequence and one partition of its context, so each key and value is read once for all the
-// query heads of its group (grouped-query attention costs no extra bytes). Each token slot of
-// a warp keeps an online softmax (running max, sum and weighted values), so keys and values of
-// a pass are loaded together and nothing waits between a score phase and a value phase; slots
-// and warps are merged at the end. Long contexts are split over several CTAs (grid.z) so that
-// even one sequence fills the GPU; each split writes an unnormalised partial output with its
-// max and exp-sum, and paged_decode_reduce combines them. With one split the CTA writes the
-// final output itself.
+// query heads of its group (grouped-query attention costs no extra bytes).
+//
+// Keys and values stream through shared memory in tiles of TILE tokens with cp.async, STAGES
+// tiles in flight: the copies of the next tiles run while the warps compute on this one, and
+// in-flight bytes take no registers. (A version that loaded into registers and then computed
+// reached 81% of the copy bandwidth on an H100 at batch 64 x 2048 tokens, this one 89%;
+// bench/RESULTS.md.) Each token slot of a warp keeps an online softmax (running max, sum and
+// weighted values) over the tokens it visits; slots and warps are merged at the end.
+//
+// Long contexts are split over several CTAs (grid.z) so that even one sequence fills the GPU.
+// Each split writes an unnormalised partial output with its max and exp-sum; the split that
+// finishes last (an atomic counter per sequence and head group) combines them, so no second
+// kernel is launched. A sequence with one split writes its output directly.
 //
 // Compile-time configuration (-D, set by aserve/cuda/ops.py): DTYPE, HEAD_DIM, BLOCK_SIZE, GROUP.
 // The partition size is a launch argument (a multiple of BLOCK_SIZE, at most MAX_PARTITION),
 // so the launcher can trade split count against work per CTA for each batch shape.
 #include "common.cuh"
 
+#ifndef NUM_THREADS
 #define NUM_THREADS 128
+#endif
 #define NUM_WARPS (NUM_THREADS / 32)
-// Tokens per slot in one pass (their keys and values are all in flight at once); fewer for big
-// query-head groups, whose registers would otherwise spill.
-#define UNROLL (GROUP > 4 ? 2 : 4)
 #define MAX_PARTITION 1024
 #define MAX_SPLITS 1024
 
@@ -30,6 +35,29 @@
 #define CPL ((CHUNKS + LANES - 1) / LANES)         // vectors per lane
 #define TPW (32 / LANES)                           // tokens a warp covers at once
 #define TOKENS_PER_PASS (NUM_WARPS * TPW)
+#ifndef SMEM_BUDGET
+#define SMEM_BUDGET (32 * 1024)                    // bytes of key and value stages per CTA
+#endif
+// Tokens per slot in one tile: fewer for big query-head groups, whose registers would
+// otherwise spill, and few enough that two stages fit SMEM_BUDGET.
+#define UNROLL_FIT (SMEM_BUDGET / (2 * 2 * TOKENS_PER_PASS * CHUNKS * 16))
+#ifndef UNROLL
+#define UNROLL_WANTED (GROUP > 4 ? 2 : 4)
+#define UNROLL (UNROLL_FIT < UNROLL_WANTED ? UNROLL_FIT : UNROLL_WANTED)
+#endif
+#define TILE (TOKENS_PER_PASS * UNROLL)            // tokens per shared-memory stage
+#define TILE_VECS (TILE * CHUNKS)                  // 16-byte vectors of one tile's keys (or values)
+// As many stages as fit SMEM_BUDGET, at most MAX_STAGES, at least 2.
+#ifndef MAX_STAGES
+#define MAX_STAGES 4
+#endif
+#define STAGES_FIT (SMEM_BUDGET / (2 * TILE_VECS * 16))
+#define STAGES (STAGES_FIT >= MAX_STAGES ? MAX_STAGES : STAGES_FIT >= 2 ? STAGES_FIT : 2)
+static_assert(UNROLL >= 1 && 2 * STAGES * TILE_VECS * 16 <= SMEM_BUDGET, "stages exceed SMEM_BUDGET");
+// The warps' merge buffer reuses the stage buffers once the last tile is consumed.
+#define MERGE_VECS ((NUM_WARPS * GROUP * HEAD_DIM + 3) / 4)
+#define STAGE_AREA_VECS (2 * STAGES * TILE_VECS)
+#define SMEM_VECS (STAGE_AREA_VECS > MERGE_VECS ? STAGE_AREA_VECS : MERGE_VECS)
 
 #define NEG_INF (-__int_as_float(0x7f800000))
 
@@ -45,11 +73,29 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(NUM_THREADS)
+// 16 bytes global -> shared without passing through registers; src_bytes 0 fills zeros (a
+// token past the partition's end).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// CTAs per SM the register allocation must allow: 4 (at most 128 registers) measured 3-6%
+// faster than the compiler's free choice for groups of 4 (bench/RESULTS.md); big groups need
+// their registers.
+#ifndef MIN_BLOCKS
+#define MIN_BLOCKS (GROUP > 4 ? 1 : 4)
+#endif
+
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, MIN_BLOCKS)
 paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, HEAD_DIM] rows of out_stride
              float* __restrict__ partial_out,         // [num_seqs, num_heads, max_splits, HEAD_DIM]
              float* __restrict__ partial_max,         // [num_seqs, num_heads, max_splits]
              float* __restrict__ partial_sum,         // [num_seqs, num_heads, max_splits]
+             int* __restrict__ split_counters,        // [num_seqs * gridDim.x], zero between launches
              const scalar_t* __restrict__ query,      // [num_seqs, num_heads, HEAD_DIM] rows of q_stride
              const scalar_t* __restrict__ k_cache,
              const scalar_t* __restrict__ v_cache,
@@ -58,10 +104,12 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
              i64 q_stride, i64 out_stride, int bt_stride,
              int num_heads, int num_kv_heads, float scale, int max_splits, int partition,
              int sliding_window) {
-    // partition (tokens per split) is a multiple of BLOCK_SIZE, at most MAX_PARTITION.
     __shared__ int blocks[MAX_PARTITION / BLOCK_SIZE];
     __shared__ float warp_max_s[NUM_WARPS][GROUP], warp_sum_s[NUM_WARPS][GROUP];
-    __shared__ float warp_acc[NUM_WARPS][GROUP][HEAD_DIM];
+    __shared__ uint4 smem[SMEM_VECS];
+    __shared__ bool is_last_split;
+    uint4* k_tiles = smem;                            // [STAGES][TILE][CHUNKS]
+    uint4* v_tiles = smem + STAGES * TILE_VECS;       // [STAGES][TILE][CHUNKS]
 
     const int q_per_kv = num_heads / num_kv_heads;
     const int groups_per_kv = q_per_kv / GROUP;
@@ -73,15 +121,17 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     const int part_start = split * partition;
     if (part_start >= seq_len) return;
     const int part_end = min(part_start + partition, seq_len);
+    const int num_splits = min(max_splits, (seq_len + partition - 1) / partition);
     // Keys before the sliding window are invisible to the (last) query.
     const int first_visible = sliding_window > 0 ? max(0, seq_len - sliding_window) : 0;
     const int t_begin = max(part_start, first_visible);
+    const int num_tiles = t_begin < part_end ? (part_end - t_begin + TILE - 1) / TILE : 0;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int sub = lane / LANES;                    // which of the warp's TPW tokens
     const int lane_in_row = lane % LANES;
 
-    // The partition's block ids, once, so no key load waits on a block-table load.
+    // The partition's block ids, once, so no copy waits on a block-table load.
     const int* table = block_tables + (i64)seq * bt_stride + part_start / BLOCK_SIZE;
     for (int i = threadIdx.x; i * BLOCK_SIZE < part_end - part_start; i += NUM_THREADS) blocks[i] = table[i];
 
@@ -104,6 +154,30 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     }
     __syncthreads();
 
+    // Copies tile `tile` (tokens from t_begin + tile * TILE) into stage `stage`; tokens past
+    // the partition come as zeros and are masked out of the softmax.
+    auto load_tile = [&](int tile, int stage) {
+        const int tile_start = t_begin + tile * TILE;
+#pragma unroll
+        for (int i = 0; i < (TILE_VECS + NUM_THREADS - 1) / NUM_THREADS; ++i) {
+            const int v = threadIdx.x + i * NUM_THREADS;
+            if (TILE_VECS % NUM_THREADS != 0 && v >= TILE_VECS) break;
+            const int token = v / CHUNKS, chunk = v % CHUNKS;
+            const int t = tile_start + token;
+            const bool valid = t < part_end;
+            const int local = valid ? t - part_start : 0;
+            const i64 row = ((i64)blocks[local / BLOCK_SIZE] * BLOCK_SIZE + local % BLOCK_SIZE) * num_kv_heads + kvh;
+            const i64 offset = row * HEAD_DIM + chunk * VEC;
+            cp_async16(k_tiles + stage * TILE_VECS + v, k_cache + offset, valid ? 16 : 0);
+            cp_async16(v_tiles + stage * TILE_VECS + v, v_cache + offset, valid ? 16 : 0);
+        }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < num_tiles) load_tile(s, s);
+        cp_async_commit();                            // empty groups keep the wait counts uniform
+    }
+
     // Online softmax: each token slot (LANES lanes) keeps its own running max, sum and
     // weighted values over the tokens it visits; slots and warps are merged at the end.
     float m[GROUP], l[GROUP], acc[GROUP][CPL][VEC];
@@ -116,34 +190,29 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
 #pragma unroll
             for (int i = 0; i < VEC; ++i) acc[g][c][i] = 0.f;
     }
-    for (int t0 = t_begin + warp * TPW; t0 < part_end; t0 += TOKENS_PER_PASS * UNROLL) {
-        // Every load of the pass first (keys and values), then the arithmetic.
-        uint4 k_raw[UNROLL][CPL], v_raw[UNROLL][CPL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const int t = t0 + u * TOKENS_PER_PASS + sub;
-            const int local = t - part_start;
-            const i64 row = t < part_end
-                ? ((i64)blocks[local / BLOCK_SIZE] * BLOCK_SIZE + local % BLOCK_SIZE) * num_kv_heads + kvh : 0;
-#pragma unroll
-            for (int c = 0; c < CPL; ++c) {
-                const int chunk = lane_in_row + c * LANES;
-                if (t < part_end && chunk < CHUNKS) {
-                    k_raw[u][c] = *reinterpret_cast<const uint4*>(k_cache + row * HEAD_DIM + chunk * VEC);
-                    v_raw[u][c] = *reinterpret_cast<const uint4*>(v_cache + row * HEAD_DIM + chunk * VEC);
-                } else {
-                    k_raw[u][c] = make_uint4(0, 0, 0, 0);
-                    v_raw[u][c] = make_uint4(0, 0, 0, 0);
-                }
-            }
-        }
+    for (int tile = 0; tile < num_tiles; ++tile) {
+        cp_async_wait<STAGES - 2>();                 // this thread's copies of `tile` landed
+        __syncthreads();                              // everyone's did; the oldest stage is free
+        if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
+        cp_async_commit();
+        const uint4* k_tile = k_tiles + (tile % STAGES) * TILE_VECS;
+        const uint4* v_tile = v_tiles + (tile % STAGES) * TILE_VECS;
+        const int tile_start = t_begin + tile * TILE;
+
         float s[UNROLL][GROUP];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
+            const int token = u * TOKENS_PER_PASS + warp * TPW + sub;
             float k[CPL][VEC];
 #pragma unroll
-            for (int c = 0; c < CPL; ++c) unpack_vec(k_raw[u][c], k[c]);
-            const bool valid = t0 + u * TOKENS_PER_PASS + sub < part_end;
+            for (int c = 0; c < CPL; ++c) {
+                const int chunk = lane_in_row + c * LANES;
+                if (chunk < CHUNKS) unpack_vec(k_tile[token * CHUNKS + chunk], k[c]);
+                else
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) k[c][i] = 0.f;
+            }
+            const bool valid = tile_start + token < part_end;
 #pragma unroll
             for (int g = 0; g < GROUP; ++g) {
                 float dot = 0.f;
@@ -154,6 +223,16 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
 #pragma unroll
                 for (int o = LANES / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
                 s[u][g] = valid ? dot : NEG_INF;
+            }
+        }
+        uint4 v_raw[UNROLL][CPL];                     // unpacked per use: fewer registers
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int token = u * TOKENS_PER_PASS + warp * TPW + sub;
+#pragma unroll
+            for (int c = 0; c < CPL; ++c) {
+                const int chunk = lane_in_row + c * LANES;
+                v_raw[u][c] = chunk < CHUNKS ? v_tile[token * CHUNKS + chunk] : make_uint4(0, 0, 0, 0);
             }
         }
 #pragma unroll
@@ -173,13 +252,13 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
             for (int u = 0; u < UNROLL; ++u) {
                 const float p = exp2f(s[u][g] - m_new);
                 l[g] += p;
-                float v[CPL][VEC];
 #pragma unroll
-                for (int c = 0; c < CPL; ++c) unpack_vec(v_raw[u][c], v[c]);
+                for (int c = 0; c < CPL; ++c) {
+                    float v[VEC];
+                    unpack_vec(v_raw[u][c], v);
 #pragma unroll
-                for (int c = 0; c < CPL; ++c)
-#pragma unroll
-                    for (int i = 0; i < VEC; ++i) acc[g][c][i] += p * v[c][i];
+                    for (int i = 0; i < VEC; ++i) acc[g][c][i] += p * v[i];
+                }
             }
         }
     }
@@ -202,7 +281,11 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
                     acc[g][c][i] = a * acc[g][c][i] + b * __shfl_xor_sync(0xffffffffu, acc[g][c][i], o);
         }
     }
-    // ... then the warps, through shared memory.
+    // ... then the warps, through shared memory (the stage buffers, now that every copy has
+    // landed and every warp is past its last tile).
+    cp_async_wait<0>();
+    __syncthreads();
+    float* warp_acc = reinterpret_cast<float*>(smem);  // [NUM_WARPS][GROUP][HEAD_DIM]
     if (sub == 0) {
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
@@ -212,7 +295,7 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
                 const int chunk = lane_in_row + c * LANES;
                 if (chunk < CHUNKS) {
 #pragma unroll
-                    for (int i = 0; i < VEC; ++i) warp_acc[warp][g][chunk * VEC + i] = acc[g][c][i];
+                    for (int i = 0; i < VEC; ++i) warp_acc[(warp * GROUP + g) * HEAD_DIM + chunk * VEC + i] = acc[g][c][i];
                 }
             }
         }
@@ -228,54 +311,79 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
         for (int w = 0; w < NUM_WARPS; ++w) {
             const float mw = warp_max_s[w][g];
             const float a = mw == NEG_INF ? 0.f : exp2f(mw - m_all);
-            total += a * warp_acc[w][g][d];
+            total += a * warp_acc[(w * GROUP + g) * HEAD_DIM + d];
             sum += a * warp_sum_s[w][g];
         }
         const int head = head0 + g;
-        if (max_splits == 1) {
+        if (num_splits == 1) {
             out[seq * out_stride + (i64)head * HEAD_DIM + d] = from_float(total / sum);
         } else {
             const i64 slot = ((i64)seq * num_heads + head) * max_splits + split;
             partial_out[slot * HEAD_DIM + d] = total;
-            // The split's max stays in log2 units; paged_decode_reduce expects them so.
+            // The split's max stays in log2 units, as the combination below expects.
             if (d == 0) { partial_max[slot] = m_all; partial_sum[slot] = sum; }
         }
     }
-}
+    if (num_splits == 1) return;
 
-// Combines the splits of paged_decode: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s
-// (maxima in log2 units, as paged_decode keeps them). Grid (num_heads, num_seqs). Splits past a
-// sequence's length were never written and are skipped.
-extern "C" __global__ void __launch_bounds__(NUM_THREADS)
-paged_decode_reduce(scalar_t* __restrict__ out, const float* __restrict__ partial_out,
-                    const float* __restrict__ partial_max, const float* __restrict__ partial_sum,
-                    const int* __restrict__ seq_lens, i64 out_stride, int num_heads, int max_splits,
-                    int partition) {
-    __shared__ float weight[MAX_SPLITS];
-    __shared__ float inv_total;
-    const int head = blockIdx.x, seq = blockIdx.y;
-    const int seq_len = seq_lens[seq];
-    if (seq_len == 0) return;
-    const int num_splits = min(max_splits, (seq_len + partition - 1) / partition);
-    const i64 base = ((i64)seq * num_heads + head) * max_splits;
-    if (threadIdx.x < 32) {
-        float m = NEG_INF;
-        for (int s = threadIdx.x; s < num_splits; s += 32) m = fmaxf(m, partial_max[base + s]);
-        m = warp_max(m);
-        float total = 0.f;
-        for (int s = threadIdx.x; s < num_splits; s += 32) {
-            // A split wholly before a sliding window has sum 0 and max -inf: weight 0.
-            const float w = partial_sum[base + s] > 0.f ? exp2f(partial_max[base + s] - m) : 0.f;
-            weight[s] = w;
-            total += w * partial_sum[base + s];
-        }
-        total = warp_sum(total);
-        if (threadIdx.x == 0) inv_total = 1.f / total;
+    // The last split of this sequence and head group to finish combines all of them:
+    // out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s. The fence publishes this split's
+    // partials before its count; the last one resets the counter for the next launch.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int* counter = split_counters + (i64)seq * gridDim.x + blockIdx.x;
+        is_last_split = atomicAdd(counter, 1) == num_splits - 1;
+        if (is_last_split) *counter = 0;
     }
     __syncthreads();
-    for (int d = threadIdx.x; d < HEAD_DIM; d += NUM_THREADS) {
-        float acc = 0.f;
-        for (int s = 0; s < num_splits; ++s) acc += weight[s] * partial_out[(base + s) * HEAD_DIM + d];
-        out[seq * out_stride + (i64)head * HEAD_DIM + d] = from_float(acc * inv_total);
+    if (!is_last_split) return;
+    __threadfence();
+    // One warp per query head: first the global max and total over the splits (lanes over
+    // splits), then the weighted sum of partial outputs (lanes over the head's dimensions,
+    // 16-byte loads, several splits in flight). __ldcg reads L2: other SMs wrote these.
+    constexpr int D4 = HEAD_DIM / 4;                     // float4s in one partial row
+    constexpr int D4_PER_LANE = (D4 + 31) / 32;
+    for (int g = warp; g < GROUP; g += NUM_WARPS) {
+        const int head = head0 + g;
+        const i64 base = ((i64)seq * num_heads + head) * max_splits;
+        float m_all = NEG_INF;
+        for (int s = lane; s < num_splits; s += 32) m_all = fmaxf(m_all, __ldcg(partial_max + base + s));
+        m_all = warp_max(m_all);
+        float total = 0.f;
+        for (int s = lane; s < num_splits; s += 32) {
+            // A split wholly before a sliding window has sum 0 and max -inf: weight 0.
+            const float sum = __ldcg(partial_sum + base + s);
+            total += sum > 0.f ? exp2f(__ldcg(partial_max + base + s) - m_all) * sum : 0.f;
+        }
+        const float inv_total = 1.f / warp_sum(total);
+        float4 acc_d[D4_PER_LANE];
+#pragma unroll
+        for (int j = 0; j < D4_PER_LANE; ++j) acc_d[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int s = 0; s < num_splits; ++s) {
+            const float sum = __ldcg(partial_sum + base + s);
+            const float w = sum > 0.f ? exp2f(__ldcg(partial_max + base + s) - m_all) : 0.f;
+            const float4* row = reinterpret_cast<const float4*>(partial_out + (base + s) * HEAD_DIM);
+#pragma unroll
+            for (int j = 0; j < D4_PER_LANE; ++j) {
+                const int d4 = lane + j * 32;
+                if (d4 < D4) {
+                    const float4 o = __ldcg(row + d4);
+                    acc_d[j].x += w * o.x; acc_d[j].y += w * o.y; acc_d[j].z += w * o.z; acc_d[j].w += w * o.w;
+                }
+            }
+        }
+        scalar_t* dst = out + seq * out_stride + (i64)head * HEAD_DIM;
+#pragma unroll
+        for (int j = 0; j < D4_PER_LANE; ++j) {
+            const int d4 = lane + j * 32;
+            if (d4 < D4) {
+                dst[4 * d4] = from_float(acc_d[j].x * inv_total);
+                dst[4 * d4 + 1] = from_float(acc_d[j].y * inv_total);
+                dst[4 * d4 + 2] = from_float(acc_d[j].z * inv_total);
+                dst[4 * d4 + 3] = from_float(acc_d[j].w * inv_total);
+            }
+        }
     }
 }
