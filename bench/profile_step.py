@@ -1,12 +1,15 @@
 """Where a decode step's time goes: host time per engine phase, and the GPU kernels.
 
     python bench/profile_step.py [--model llama|opt] [--batch 1] [--context 128] [--steps 32]
+                                 [--async-scheduling]
 
 Builds model B (Llama-3.1-8B shape, bf16) or A (OPT-125m shape, fp16) of bench/workloads.py with
 dummy weights, starts --batch requests of --context prompt tokens, and once they decode,
 times --steps steps: host milliseconds in schedule / execute / process (execute includes the
 wait for the GPU), then a torch.profiler table of the GPU kernels over the same number of steps.
-Steps run synchronously here (async_scheduling off), so each phase can be timed on its own.
+Steps run synchronously here (async_scheduling off), so each phase can be timed on its own;
+with --async-scheduling (the engine's default) the host phases overlap the GPU and only the
+wall time per step and the kernel table are printed.
 """
 
 from __future__ import annotations
@@ -35,15 +38,22 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="profile the engine's pipelined steps (no per-phase host times)")
+    p.add_argument("--no-gemv", action="store_true", help="decode matmuls in cuBLAS, not aserve's GEMV")
     args = p.parse_args()
+    if args.no_gemv:
+        from aserve.models.layers import linear
+
+        linear.USE_GEMV = False
 
     folder = tempfile.mkdtemp(prefix="aserve-profile-")
     hf_config(args.model, tiny=False).save_pretrained(folder)
     engine = Engine(EngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True,
                                dtype=MODEL_DTYPES[args.model], max_model_len=4096,
                                enforce_eager=args.enforce_eager,
-                               # The phases are timed one after another, so steps run synchronously.
-                               async_scheduling=False))
+                               # Phases are timed one after another only in synchronous steps.
+                               async_scheduling=args.async_scheduling))
     prompts = np.random.RandomState(0).randint(100, 30000, size=(args.batch, args.context)).tolist()
     params = SamplingParams(temperature=0.0, max_tokens=10 * args.steps + 64, ignore_eos=True)
     for prompt in prompts:
@@ -52,8 +62,16 @@ def main() -> None:
     for _ in range(-(-args.batch * args.context // engine.scheduler_config.max_num_batched_tokens) + 8):
         engine.step()
 
+    if args.async_scheduling:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        print(f"wall ms per decode step (pipelined, batch {args.batch}): "
+              f"{(time.perf_counter() - start) * 1e3 / args.steps:.3f}")
     phases = {"schedule": [], "execute": [], "process": []}
-    for _ in range(args.steps):
+    for _ in range(0 if args.async_scheduling else args.steps):
         t0 = time.perf_counter()
         plan = engine.schedule()
         t1 = time.perf_counter()
@@ -64,9 +82,10 @@ def main() -> None:
         for name, value in zip(phases, (t1 - t0, t2 - t1, t3 - t2)):
             value *= 1e3
             phases[name].append(value)
-    total = sum(statistics.median(v) for v in phases.values())
-    print(f"host ms per decode step (median of {args.steps}, batch {args.batch}): "
-          + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items()) + f", total {total:.3f}")
+    if not args.async_scheduling:
+        total = sum(statistics.median(v) for v in phases.values())
+        print(f"host ms per decode step (median of {args.steps}, batch {args.batch}): "
+              + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items()) + f", total {total:.3f}")
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -79,7 +98,7 @@ def main() -> None:
     gpu_total = sum(e.self_device_time_total for e in events) / 1e3 / args.steps
     print(f"GPU busy ms per step: {gpu_total:.3f}")
     print(f"{'kernel':90s} {'ms/step':>8s} {'calls/step':>10s}")
-    for e in events[:22]:
+    for e in events[:30]:
         print(f"{e.key[:90]:90s} {e.self_device_time_total / 1e3 / args.steps:8.3f} {e.count / args.steps:10.1f}")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from aserve.cuda import compiler, ops
+from aserve.cuda.gemv import GEMV_MAX_ROWS, gemv_options
 
 
 def _nvrtc_available() -> bool:
@@ -28,11 +29,12 @@ def fresh_cubin_cache(tmp_path, monkeypatch):
 
 
 def _decode_builds():
-    """Every dtype and head size at the largest query-head group (most registers), and the
-    other block size and group shapes on one dtype."""
+    """Every dtype and head size at the largest query-head group (most registers) and at 4 (the
+    longest tiles, most shared memory), and the other block size and group shapes on one dtype."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for head_dim in ops.HEAD_SIZES:
             yield dtype, head_dim, 16, ops.MAX_GROUP
+            yield dtype, head_dim, 16, 4
     for block_size, group in ((32, 1), (32, 4), (16, 7), (8, 2), (64, 4), (128, 8)):
         yield torch.bfloat16, 128, block_size, group
 
@@ -54,6 +56,14 @@ def test_cache_ops_compile(arch):
 @pytest.mark.parametrize("dtype_id", [0, 1, 2])
 def test_fused_layer_ops_compile(arch, dtype_id):
     assert compiler.compile_cubin("layer_ops.cu", [f"-DDTYPE={dtype_id}"], arch)[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype_id", [0, 1, 2])
+@pytest.mark.parametrize("rows", range(1, GEMV_MAX_ROWS + 1))
+def test_every_gemv_build_compiles(arch, dtype_id, rows):
+    dtype = next(d for d, i in compiler.KERNEL_DTYPES.items() if i == dtype_id)
+    assert compiler.compile_cubin("gemv.cu", gemv_options(dtype, rows), arch)[:4] == b"\x7fELF"
 
 
 def test_cubins_are_cached_on_disk_per_options_and_arch(tmp_path):

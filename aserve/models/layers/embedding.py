@@ -13,7 +13,7 @@ from torch import nn
 
 from aserve.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                                 tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce)
-from aserve.models.layers.linear import divide
+from aserve.models.layers.linear import divide, linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -73,6 +73,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [N, vocab_size] in float32 (sampling wants float32)."""
-        logits = F.linear(hidden_states, self.weight, self.bias)
+        logits = linear(hidden_states, self.weight, self.bias)
         logits = tensor_model_parallel_all_gather(logits)
         return logits.float()

@@ -15,8 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aserve.cuda.gemv import GEMV_MAX_ROWS, gemv, gemv_usable
 from aserve.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                                 tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce)
+
+
+# Decode steps of at most GEMV_MAX_ROWS tokens on a GPU run aserve's GEMV kernel instead of
+# cuBLAS, which streamed some decode-step weights at about half the copy bandwidth
+# (bench/RESULTS.md). bench/profile_step.py --no-gemv turns it off to compare.
+USE_GEMV = True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x @ weight^T + bias, as torch.nn.functional.linear."""
+    if USE_GEMV and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda and gemv_usable(x, weight):
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def divide(numerator: int, denominator: int) -> int:
@@ -63,7 +77,7 @@ class ColumnParallelLinear(nn.Module):
         _copy(param, loaded_weight.narrow(0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = linear(x, self.weight, self.bias)
         return tensor_model_parallel_all_gather(out) if self.gather_output else out
 
 
@@ -167,8 +181,8 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel and self.tp_size > 1:
             x = x.chunk(self.tp_size, dim=-1)[self.tp_rank]
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = tensor_model_parallel_all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias)
+        out = tensor_model_parallel_all_reduce(linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
 
 
@@ -186,7 +200,7 @@ class ReplicatedLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 def load_named_weights(module: nn.Module, weights, stacked_params=(), rename=None) -> None:

@@ -1,0 +1,133 @@
+// Weight-streaming GEMV for decode-time linear layers: y[m, n] = x[m, :] . W[n, :] (+ bias[n])
+// for a few rows of x (M = 1..4) and W [N, K] row-major (torch.nn.Linear's layout). At these
+// sizes the matmul is a single pass over W, so its speed is the speed of reading W from HBM;
+// cuBLAS reached about half the copy ceiling on an H100 for Llama-8B's o_proj at batch 1.
+//
+// Each warp owns WEIGHT_ROWS consecutive rows of W (outputs n) and walks K with 16-byte loads,
+// lane i taking vectors i, i + 32, ... so each warp-wide load is 512 contiguous bytes; UNROLL
+// such loads per W row are issued before any is used, which keeps enough bytes in flight to
+// cover HBM latency. Partial sums stay in registers (fp32) and meet in a shuffle reduction.
+// x is read with __ldg: it is small (at most M * K elements) and every warp of the GPU reads
+// it, so after the first touch it comes from L1/L2, at no cost to the HBM stream.
+//
+// Compile-time configuration (-D, set by aserve/cuda/gemv.py): DTYPE, ROWS (M, so the
+// accumulators are a fixed register array), WEIGHT_ROWS and UNROLL.
+#include "common.cuh"
+
+#ifndef ROWS
+#define ROWS 1
+#endif
+#ifndef WEIGHT_ROWS
+#define WEIGHT_ROWS 2
+#endif
+#ifndef UNROLL
+#define UNROLL 4
+#endif
+
+// Threads per CTA at most, and the CTAs per SM that ptxas must leave room for: 128 registers a
+// thread. With that budget it issues all of a step's W loads before the first FMA; asked for
+// more occupancy (fewer registers), it sinks each load next to its use, and a warp then waits
+// out one HBM round trip per load instead of one per step.
+#define MAX_THREADS 128
+#define MIN_CTAS_PER_SM 4
+
+static_assert(ROWS * WEIGHT_ROWS <= 32, "each sum is stored by a lane of its own");
+
+// W is read exactly once: keep it out of L1 so that x, which is re-read by every warp, stays.
+// volatile: without it NVVM moves each load down to its first use, serializing the step.
+__device__ __forceinline__ uint4 load_weight(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// One step: UNROLL vectors per lane of each W row (32 * UNROLL per warp), the lane's first being
+// vector `lane_vec`. GUARDED is the last, partial step: vectors past the row's end read as zero.
+template <bool GUARDED>
+__device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], const uint4* const (&w)[WEIGHT_ROWS],
+                                           const uint4* const (&xv)[ROWS], int lane_vec, int num_vecs) {
+    // Every load of the step before any arithmetic: these are the loads that hide latency.
+    uint4 wv[UNROLL][WEIGHT_ROWS];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int v = lane_vec + 32 * u;
+#pragma unroll
+        for (int r = 0; r < WEIGHT_ROWS; ++r)
+            wv[u][r] = (!GUARDED || v < num_vecs) ? load_weight(w[r] + v) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int v = lane_vec + 32 * u;
+        float xf[ROWS][VEC];
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m)
+            unpack_vec((!GUARDED || v < num_vecs) ? __ldg(xv[m] + v) : make_uint4(0, 0, 0, 0), xf[m]);
+#pragma unroll
+        for (int r = 0; r < WEIGHT_ROWS; ++r) {
+            float wf[VEC];
+            unpack_vec(wv[u][r], wf);
+#pragma unroll
+            for (int m = 0; m < ROWS; ++m)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[r][m] = fmaf(wf[e], xf[m][e], acc[r][m]);
+        }
+    }
+}
+
+// out [ROWS, n] (scalar_t, or float when out_float32), x rows x_stride elements apart, weight
+// [n, k] contiguous, bias [n] or null. k * sizeof(scalar_t) and x_stride * sizeof(scalar_t)
+// are multiples of 16 and the pointers 16-byte aligned (the wrapper checks). Grid: enough
+// warps of blockDim.x / 32 per CTA to give each WEIGHT_ROWS rows of W.
+extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_CTAS_PER_SM)
+gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+     const scalar_t* __restrict__ bias, i64 x_stride, int n, int k, int out_float32) {
+    const int lane = threadIdx.x % 32;
+    const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * WEIGHT_ROWS;
+    if (first >= n) return;  // warp-uniform: the shuffles below see all 32 lanes or none
+    const int num_vecs = k / VEC;
+    // Rows past the end re-read the last row rather than branch: the warp stays converged and
+    // those sums are simply not stored.
+    const uint4* w[WEIGHT_ROWS];
+#pragma unroll
+    for (int r = 0; r < WEIGHT_ROWS; ++r)
+        w[r] = reinterpret_cast<const uint4*>(weight + (i64)min(first + r, n - 1) * k);
+    const uint4* xv[ROWS];
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) xv[m] = reinterpret_cast<const uint4*>(x + m * x_stride);
+
+    float acc[WEIGHT_ROWS][ROWS];
+#pragma unroll
+    for (int r = 0; r < WEIGHT_ROWS; ++r)
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m) acc[r][m] = 0.f;
+
+    // Steps are counted per warp (not per lane) so that only the last one needs bounds checks.
+    const int step = 32 * UNROLL;
+    int base = 0;
+    for (; base + step <= num_vecs; base += step) accumulate<false>(acc, w, xv, base + lane, num_vecs);
+    if (base < num_vecs) accumulate<true>(acc, w, xv, base + lane, num_vecs);
+
+#pragma unroll
+    for (int r = 0; r < WEIGHT_ROWS; ++r)
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m)
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
+
+    // Every lane now holds every sum; lane r * ROWS + m stores (r, m), so the stores go out in
+    // parallel, each picked by a compile-time index (a run-time index would put acc in local memory).
+#pragma unroll
+    for (int r = 0; r < WEIGHT_ROWS; ++r) {
+        const int row = first + r;
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m) {
+            if (lane != r * ROWS + m || row >= n) continue;
+            float y = acc[r][m];
+            if (bias) y += to_float(bias[row]);
+            const i64 at = (i64)m * n + row;
+            if (out_float32) static_cast<float*>(out)[at] = y;
+            else static_cast<scalar_t*>(out)[at] = from_float(y);
+        }
+    }
+}

@@ -1,0 +1,139 @@
+"""A weight-streaming GEMV (gemv.cu) for decode-time linear layers: y = x @ W^T (+ bias) for
+x of 1 to GEMV_MAX_ROWS rows, reading W once at close to the card's copy bandwidth.
+
+A decode step at small batch is a chain of matrix-vector products, each bound by reading its
+weight from HBM; the profile of a Llama-8B step at batch 1 on an H100 found cuBLAS streaming
+o_proj's weight at about 1.6 TB/s against a ~2.95 TB/s copy ceiling (bench/gemv.py measures
+both). Callers check `gemv_usable(x, weight)` and fall back to torch.nn.functional.linear,
+the reference tests/test_cuda_gemv.py compares against.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_stream, device_index,
+                                  load_module)
+from aserve.cuda.fused import kernels_enabled
+
+GEMV_MAX_ROWS = 4
+
+# (rows of W per warp, unrolled steps over K) by the rows of x: a lane has 8 16-byte W loads in
+# flight per step (4 KB per warp), which ptxas keeps hoisted ahead of the FMAs within the
+# kernel's 128-register budget, and two W rows per warp share each read of x. (2, 4) was the
+# fastest or within noise of it at every row count on the OPT-125m shapes in one H100 sweep
+# (bench/gemv.py --sweep; bench/RESULTS.md); (4, 2) at 4 rows lost up to 25% there.
+_GEOMETRY = {1: (2, 4), 2: (2, 4), 3: (2, 4), 4: (2, 4)}
+# Warps per CTA at most (gemv.cu's MAX_THREADS / 32). Few rows of W per CTA keep the grid fine
+# grained, so the last wave of a layer that does not divide evenly across SMs is short.
+_MAX_WARPS_PER_CTA = 4
+
+
+def gemv_options(dtype: torch.dtype, rows: int) -> list[str]:
+    """The -D options of the gemv.cu build for x of `rows` rows in `dtype`."""
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"dtype must be one of {list(KERNEL_DTYPES)}, got {dtype}")
+    if not 1 <= rows <= GEMV_MAX_ROWS:
+        raise ValueError(f"rows must be 1 to {GEMV_MAX_ROWS}, got {rows}")
+    weight_rows, unroll = _GEOMETRY[rows]
+    return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DROWS={rows}", f"-DWEIGHT_ROWS={weight_rows}",
+            f"-DUNROLL={unroll}"]
+
+
+def _unsupported(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
+    """Why the kernel cannot take x [M, K] and weight [N, K], or None when it can."""
+    if x.dim() != 2:
+        return f"x must be 2-D [M, K], got shape {tuple(x.shape)}"
+    if weight.dim() != 2:
+        return f"weight must be 2-D [N, K], got shape {tuple(weight.shape)}"
+    if not x.is_cuda:
+        return f"x must be on a CUDA device, got {x.device}"
+    if weight.device != x.device:
+        return f"weight must be on x's device {x.device}, got {weight.device}"
+    if x.dtype not in KERNEL_DTYPES:
+        return f"x: dtype must be one of {list(KERNEL_DTYPES)}, got {x.dtype}"
+    if weight.dtype != x.dtype:
+        return f"weight: dtype {weight.dtype} must equal x's {x.dtype}"
+    rows, k = x.shape
+    if not 1 <= rows <= GEMV_MAX_ROWS:
+        return f"x must have 1 to {GEMV_MAX_ROWS} rows, got {rows}"
+    if weight.shape[1] != k:
+        return f"weight has {weight.shape[1]} columns, x has {k}"
+    if not weight.is_contiguous():
+        return f"weight must be contiguous, got strides {tuple(weight.stride())}"
+    element = x.element_size()
+    # 16-byte vector loads: every row of x and W must start on a 16-byte boundary.
+    if (k * element) % 16:
+        return f"weight/x: a row of K={k} elements ({k * element} bytes) must be a multiple of 16 bytes"
+    if x.stride(1) != 1:
+        return f"x: each row must be contiguous, got strides {tuple(x.stride())}"
+    if x.data_ptr() % 16 or (rows > 1 and (x.stride(0) * element) % 16):
+        return "x: rows must start on 16-byte boundaries"
+    if weight.data_ptr() % 16:
+        return "weight must start on a 16-byte boundary"
+    return None
+
+
+def gemv_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether gemv can take x [M, K] @ weight[N, K]^T: on a GPU, 1 to GEMV_MAX_ROWS rows, a
+    kernel dtype shared by both, weight contiguous, rows 16-byte aligned, kernels enabled."""
+    return _unsupported(x, weight) is None and kernels_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _warps_per_cta(num_warps: int, num_sms: int) -> int:
+    """Fewer warps per CTA while the grid would leave SMs idle: a small layer (OPT-125m's 768
+    outputs are 384 warps) then spreads over every SM's load units instead of a third of them."""
+    warps = _MAX_WARPS_PER_CTA
+    while warps > 1 and -(-num_warps // warps) < num_sms:
+        warps //= 2
+    return warps
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias [N]) as a new [M, N] tensor, M = 1..GEMV_MAX_ROWS,
+    accumulated in float32 and rounded once to out_dtype (x's dtype, or float32 for logits).
+
+    x's rows may be strided (a row slice of a wider tensor) but each must be dense; weight is
+    contiguous (torch.nn.Linear's layout); both share a dtype of KERNEL_DTYPES. Rows must be
+    16-byte aligned. Launches on torch's current stream and allocates only the output, so CUDA
+    graphs capture it. Raises ValueError naming the argument that does not fit.
+    """
+    problem = _unsupported(x, weight)
+    if problem is not None:
+        raise ValueError(problem)
+    rows, k = x.shape
+    n = weight.shape[0]
+    if bias is not None:
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+        if bias.stride(0) != 1:
+            raise ValueError(f"bias must be contiguous, got stride {bias.stride(0)}")
+    if out_dtype is None:
+        out_dtype = x.dtype
+    if out_dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be x's dtype {x.dtype} or torch.float32, got {out_dtype}")
+    out = torch.empty(rows, n, dtype=out_dtype, device=x.device)
+    if n == 0:
+        return out
+    weight_rows, _ = _GEOMETRY[rows]
+    index = device_index(x)
+    num_warps = -(-n // weight_rows)
+    warps_per_cta = _warps_per_cta(num_warps, _num_sms(index))
+    module = load_module("gemv.cu", gemv_options(x.dtype, rows), index)
+    module.kernel("gemv").launch(
+        (-(-num_warps // warps_per_cta), 1, 1), (32 * warps_per_cta, 1, 1), 0,
+        (out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
+         x.stride(0), n, k, int(out_dtype == torch.float32)),
+        (POINTER, POINTER, POINTER, POINTER, INT64, INT, INT, INT), current_stream(x))
+    return out
