@@ -9,6 +9,7 @@ nothing (seq_len 0). The decode kernel's grid is fixed at capture by max_seq_len
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -62,17 +63,28 @@ class DecodeGraphs:
         """Capture every batch size, largest first so the smaller graphs reuse its memory."""
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        # Capture on a side stream (as torch.cuda.graph requires), after one eager warm-up run
-        # that compiles and loads every kernel outside the capture.
-        for batch in reversed(self.sizes):
-            metadata = self._metadata(batch)
-            args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, metadata)
-            self.model(*args)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[batch] = self.model(*args)
-            self.graphs[batch] = graph
+        # A garbage collection inside a capture may destroy an unreferenced CUDA graph of an
+        # earlier engine in this process, and freeing one is not permitted while capturing
+        # (it invalidates the capture: seen as a cuBLAS failure in a GPU test). Collect first,
+        # then keep the collector off until the captures are done.
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            # Capture on a side stream (as torch.cuda.graph requires), after one eager warm-up
+            # run that compiles and loads every kernel outside the capture.
+            for batch in reversed(self.sizes):
+                metadata = self._metadata(batch)
+                args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, metadata)
+                self.model(*args)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[batch] = self.model(*args)
+                self.graphs[batch] = graph
+        finally:
+            if was_enabled:
+                gc.enable()
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
 
