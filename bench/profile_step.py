@@ -50,7 +50,9 @@ def main() -> None:
     folder = tempfile.mkdtemp(prefix="aserve-profile-")
     hf_config(args.model, tiny=False).save_pretrained(folder)
     engine = Engine(EngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True,
-                               dtype=MODEL_DTYPES[args.model], max_model_len=4096,
+                               dtype=MODEL_DTYPES[args.model],
+                               # OPT-125m has 2048 positions; Llama's 4096 as in workloads.py.
+                               max_model_len=2048 if args.model == "opt" else 4096,
                                enforce_eager=args.enforce_eager,
                                # Phases are timed one after another only in synchronous steps.
                                async_scheduling=args.async_scheduling))
