@@ -106,6 +106,13 @@ extern "C" __global__ void rms_norm(scalar_t* __restrict__ out, const scalar_t* 
     }
 }
 
+// One rotated pair: x * cos + rotate_half(x) * sin, each product rounded as its own tensor
+// would be; c and s are already rounded to the dtype.
+__device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s, float& o1, float& o2) {
+    o1 = round_dtype(x1 * c) + round_dtype(-x2 * s);
+    o2 = round_dtype(x2 * c) + round_dtype(x1 * s);
+}
+
 // Rotary embedding in place (rotate-half form, as HF's Llama): per token, every query and key
 // head's pairs (i, i + half) rotate by the angle of the token's position. cos/sin tables are
 // float32 [max_position, head_dim]; HF casts them to the model dtype first, and so does this.
@@ -125,14 +132,14 @@ extern "C" __global__ void rotary_embedding(scalar_t* __restrict__ query, scalar
         scalar_t* x = head < num_heads ? query + token * q_stride + (i64)head * head_dim
                                        : key + token * k_stride + (i64)(head - num_heads) * head_dim;
         const float c = round_dtype(cos_row[i]), s = round_dtype(sin_row[i]);
-        const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
-        // x * cos + rotate_half(x) * sin, each product rounded as its own tensor would be.
-        x[i] = from_float(round_dtype(x1 * c) + round_dtype(-x2 * s));
-        x[i + half] = from_float(round_dtype(x2 * c) + round_dtype(x1 * s));
+        float o1, o2;
+        rotate_pair(to_float(x[i]), to_float(x[i + half]), c, s, o1, o2);
+        x[i] = from_float(o1);
+        x[i + half] = from_float(o2);
     }
 }
 
-// rotary_embedding (below) in 16-byte vectors, for a half head size that is a multiple of VEC
+// rotary_embedding (above) in 16-byte vectors, for a half head size that is a multiple of VEC
 // and rows on 16-byte boundaries: each thread rotates VEC pairs with one load of each half.
 extern "C" __global__ void rotary_embedding_vec(scalar_t* __restrict__ query, scalar_t* __restrict__ key,
                                                 const i64* __restrict__ positions,
@@ -154,9 +161,7 @@ extern "C" __global__ void rotary_embedding_vec(scalar_t* __restrict__ query, sc
         unpack_vec(*reinterpret_cast<const uint4*>(x + i + half), x2);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            const float c = round_dtype(cos_row[i + k]), s = round_dtype(sin_row[i + k]);
-            o1[k] = round_dtype(x1[k] * c) + round_dtype(-x2[k] * s);
-            o2[k] = round_dtype(x2[k] * c) + round_dtype(x1[k] * s);
+            rotate_pair(x1[k], x2[k], round_dtype(cos_row[i + k]), round_dtype(sin_row[i + k]), o1[k], o2[k]);
         }
         *reinterpret_cast<uint4*>(x + i) = pack_vec(o1);
         *reinterpret_cast<uint4*>(x + i + half) = pack_vec(o2);
