@@ -200,6 +200,12 @@ def device_index(tensor: torch.Tensor) -> int:
     return tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
 
 
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of the GPU device_index: launchers size grids by it."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def current_stream(tensor: torch.Tensor) -> int:
     """The handle of torch's current stream on the tensor's device (graph capture included)."""
     return torch.cuda.current_stream(tensor.device).cuda_stream

@@ -10,13 +10,12 @@ the reference tests/test_cuda_gemv.py compares against.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 
 from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_stream, device_index,
-                                  load_module)
+                                  load_module, num_sms)
 from aserve.cuda.fused import kernels_enabled
 
 GEMV_MAX_ROWS = 4
@@ -83,11 +82,6 @@ def gemv_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return _unsupported(x, weight) is None and kernels_enabled()
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _warps_per_cta(num_warps: int, num_sms: int) -> int:
     """Fewer warps per CTA while the grid would leave SMs idle: a small layer (OPT-125m's 768
     outputs are 384 warps) then spreads over every SM's load units instead of a third of them."""
@@ -123,13 +117,24 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         out_dtype = x.dtype
     if out_dtype not in (x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be x's dtype {x.dtype} or torch.float32, got {out_dtype}")
+    return launch_gemv(x, weight, bias, out_dtype)
+
+
+def launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """gemv without its argument checks, for a caller that has checked gemv_usable(x, weight)
+    and passes a bias (if any) of x's dtype and device, [N] and contiguous: the model's linear
+    layers, which would otherwise check every input twice per decode step."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    out_dtype = out_dtype or x.dtype
     out = torch.empty(rows, n, dtype=out_dtype, device=x.device)
     if n == 0:
         return out
     weight_rows, _ = _GEOMETRY[rows]
     index = device_index(x)
     num_warps = -(-n // weight_rows)
-    warps_per_cta = _warps_per_cta(num_warps, _num_sms(index))
+    warps_per_cta = _warps_per_cta(num_warps, num_sms(index))
     module = load_module("gemv.cu", gemv_options(x.dtype, rows), index)
     module.kernel("gemv").launch(
         (-(-num_warps // warps_per_cta), 1, 1), (32 * warps_per_cta, 1, 1), 0,

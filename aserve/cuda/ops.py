@@ -7,14 +7,13 @@ aserve/worker/kv_cache.py for copy_blocks); tests/test_cuda_kernels.py compares 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import torch
 
 from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream,
-                                  device_index, load_module)
+                                  device_index, load_module, num_sms)
 
 # Context tokens one decode CTA covers (a launch argument): small partitions split a short
 # batch's contexts over more CTAs to fill the GPU; large ones avoid partial outputs for big
@@ -78,11 +77,6 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
     return counters
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def decode_partition(num_seqs: int, ctas_per_seq: int, max_seq_len: int, block_size: int,
                      num_sms: int) -> tuple[int, int]:
     """(partition size, number of splits) for a decode launch: enough splits that the grid
@@ -140,7 +134,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     group = decode_group_size(num_heads, num_kv_heads)
     ctas_per_seq = num_heads // group
     partition, splits = decode_partition(num_seqs, ctas_per_seq, max_seq_len, block_size,
-                                         _num_sms(device_index(query)))
+                                         num_sms(device_index(query)))
     module = load_module("paged_attention.cu", paged_attention_options(query.dtype, head_dim, block_size, group),
                          device_index(query))
     if splits > 1:

@@ -90,7 +90,11 @@ class ModelRunner:
         starts = np.fromiter((item.start for item in scheduled), dtype=np.int64, count=len(scheduled))
         counts = np.fromiter((item.num_new_tokens for item in scheduled), dtype=np.int64, count=len(scheduled))
         ends = starts + counts
-        if int(counts.max()) == 1:       # decode steps: one token per sequence
+        query_start = np.zeros(len(scheduled) + 1, dtype=np.int32)
+        np.cumsum(counts, out=query_start[1:])     # each sequence's first token in the step
+        query_lens = counts.tolist()
+        seq_lens = ends.tolist()
+        if max(query_lens) == 1:         # decode steps: one token per sequence
             input_ids = [item.seq.token_ids[item.start] for item in scheduled]
         else:
             input_ids = [t for item in scheduled
@@ -98,11 +102,11 @@ class ModelRunner:
         fill_index: list[int] = []
         fill_rows: list[int] = []
         if placeholder_rows:
-            last_token = np.cumsum(counts) - 1
+            next_start = query_start[1:].tolist()
             for i, item in enumerate(scheduled):
                 row = placeholder_rows.get(item.seq.seq_id)
-                if row is not None and ends[i] == len(item.seq.token_ids):
-                    fill_index.append(int(last_token[i]))   # the sequence's last token: a placeholder
+                if row is not None and seq_lens[i] == len(item.seq.token_ids):
+                    fill_index.append(next_start[i] - 1)   # the sequence's last token: a placeholder
                     fill_rows.append(row)
         tables = [self.block_manager.block_table(item.seq.seq_id) for item in scheduled]
         table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
@@ -110,17 +114,12 @@ class ModelRunner:
         block_tables = np.zeros((len(tables), width), dtype=np.int32)
         block_tables[np.arange(width) < table_lens[:, None]] = np.fromiter(
             itertools.chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
-        # Token t of sequence i sits at position starts[i] + (t - first token of i).
+        # Token t of sequence i sits at position starts[i] + (t - query_start[i]).
         seq_index = np.repeat(np.arange(len(scheduled)), counts)
-        token_start = np.cumsum(counts) - counts
-        positions_np = starts[seq_index] + np.arange(len(seq_index)) - token_start[seq_index]
+        positions_np = starts[seq_index] + np.arange(len(seq_index)) - query_start[seq_index]
         # The cache slot of every token from its sequence's block table.
         slots = (block_tables[seq_index, positions_np // self.block_size].astype(np.int64)
                  * self.block_size + positions_np % self.block_size)
-        query_start = np.zeros(len(scheduled) + 1, dtype=np.int32)
-        np.cumsum(counts, out=query_start[1:])
-        query_lens = counts.tolist()
-        seq_lens = ends.tolist()
         input_ids_t, positions_t, slots_t, logits_indices_t, fill_index_t, fill_rows_t = self.uploader.upload(
             [np.array(input_ids, dtype=np.int64), positions_np, slots,
              np.array(row_plan.logits_indices, dtype=np.int64), np.array(fill_index, dtype=np.int64),
@@ -130,7 +129,7 @@ class ModelRunner:
         metadata = AttentionMetadata(
             num_tokens=len(input_ids), query_start_loc=query_start_t, seq_lens=seq_lens_t,
             block_tables=block_tables_t, slot_mapping=slots_t,
-            max_query_len=int(counts.max()), max_seq_len=int(ends.max()),
+            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
         return ModelInput(
             input_ids=input_ids_t,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aserve.cuda.gemv import GEMV_MAX_ROWS, gemv, gemv_usable
+from aserve.cuda.gemv import GEMV_MAX_ROWS, gemv_usable, launch_gemv
 from aserve.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
                                 tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce)
 
@@ -29,7 +29,7 @@ USE_GEMV = True
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight^T + bias, as torch.nn.functional.linear."""
     if USE_GEMV and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda and gemv_usable(x, weight):
-        return gemv(x, weight, bias)
+        return launch_gemv(x, weight, bias)   # a layer's bias shares its weight's dtype and device
     return F.linear(x, weight, bias)
 
 
