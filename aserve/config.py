@@ -8,6 +8,9 @@ from typing import Optional
 import torch
 
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+# Chunked prefill keeps steps short; long prompts are simply spread over several steps. A GPU
+# wants larger steps: its matrix units need thousands of rows to run at full rate.
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "float32": torch.float32, "float": torch.float32}
 
@@ -47,7 +50,32 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """How the model is sharded over processes: tensor_parallel_size ranks, spread evenly over
+    nnodes machines; rank r runs on node r // ranks_per_node, on its GPU r % ranks_per_node.
+    Node 0 (the head) holds rank 0, which is the engine's own process; master_addr and
+    master_port name the head's rendezvous store (None: loopback and a free port, one node)."""
+
     tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+    def node_ranks(self, node: Optional[int] = None) -> range:
+        """The ranks of a node (default: this one)."""
+        node = self.node_rank if node is None else node
+        return range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node)
+
+    def local_rank(self, rank: int) -> int:
+        return rank % self.ranks_per_node
 
 
 @dataclass
@@ -70,6 +98,12 @@ class EngineArgs:
     seed: int = 0
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
+    # Several machines (torchrun's names): the head (node_rank 0) runs the engine and serves;
+    # the others run `python -m aserve --headless` and start their ranks.
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
     enforce_eager: bool = False
     # Decode steps with a longer context than this run eagerly (no CUDA graph), as in vLLM.
     max_seq_len_to_capture: int = 8192
@@ -96,8 +130,22 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}.")
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet; use 1.")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}.")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            raise ValueError(f"nnodes must be at least 1 and divide tensor_parallel_size "
+                             f"({self.tensor_parallel_size}), got {self.nnodes}.")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}.")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise ValueError(f"master_port must be a TCP port (1-65535), got {self.master_port}.")
+        if self.nnodes > 1 and (self.master_addr is None or self.master_port is None):
+            raise ValueError("several nodes (nnodes > 1) need master_addr and master_port: the "
+                             "head node's address and a free port on it, the same on every node.")
+
+    def parallel_config(self) -> ParallelConfig:
+        return ParallelConfig(self.tensor_parallel_size, self.nnodes, self.node_rank,
+                              self.master_addr, self.master_port)
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -107,6 +155,9 @@ class EngineArgs:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
+        return self.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device.type, 2048)
 
     def resolve_dtype(self, hf_config, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":

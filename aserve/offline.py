@@ -19,7 +19,9 @@ class OfflineLLM:
     """vLLM's `LLM` for batch jobs: `OfflineLLM(model=...).generate(prompts, SamplingParams())`.
 
     model: a local Hugging Face folder or a hub id; None uses the built-in default model.
-    Other keyword arguments are EngineArgs fields (dtype, max_model_len, block_size, ...).
+    Other keyword arguments are EngineArgs fields (dtype, max_model_len, block_size,
+    tensor_parallel_size, ...). With tensor_parallel_size > 1 the other ranks run in worker
+    processes until shutdown() (or the end of a `with` block, or of the program).
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs) -> None:
@@ -32,6 +34,16 @@ class OfflineLLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def shutdown(self) -> None:
+        """End the worker processes of a tensor-parallel engine; no generate() after this."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "OfflineLLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def generate(self, prompts: Union[PromptInput, Sequence[PromptInput]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,

@@ -6,7 +6,11 @@
 #   tests    the CUDA tests (-m cuda), then the engine-vs-transformers tests on the card
 #   kernels  bench/kernels.py (paged decode vs the copy ceiling) and bench/gemv.py (vs cuBLAS)
 #   serving  the serving benchmark against `python -m aserve` on the opt-125m shape
-#   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200)
+#   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200;
+#            BASELINE="" leaves transformers out)
+#   previous the same workloads, engine only, run by an earlier version of aserve unpacked in
+#            $PREVIOUS_DIR (default .previous/: `git archive REV | tar -x -C .previous`, carried),
+#            just before `bench`: a regression check within one lease
 # Output goes to stdout and, when $OUT is set, to $OUT/device_run.log; the workloads' table is last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,10 +65,19 @@ stage_serving() {
     grep -iE "error|exception" /tmp/server.log | head -5
 }
 
+stage_previous() {
+    local dir=${PREVIOUS_DIR:-.previous}
+    if [ ! -f "$dir/bench/workloads.py" ]; then echo "=== previous: no $dir/bench/workloads.py"; return; fi
+    # shellcheck disable=SC2086
+    run "previous workloads" "$BENCH_TIMEOUT" env PYTHONPATH="$PWD/$dir:${PYTHONPATH:-}" \
+        python3 "$dir/bench/workloads.py" --workloads "$WORKLOADS" --time-limit $((BENCH_TIMEOUT - 15)) \
+        ${PREVIOUS_ARGS:-} 2>&1 | tee /tmp/previous.log
+}
+
 stage_bench() {
     # --time-limit leaves the script time to print its table if a model runs long.
     # shellcheck disable=SC2086
-    run "workloads" "$BENCH_TIMEOUT" python3 bench/workloads.py --baseline hf --workloads "$WORKLOADS" \
+    run "workloads" "$BENCH_TIMEOUT" python3 bench/workloads.py ${BASELINE---baseline hf} --workloads "$WORKLOADS" \
         --time-limit $((BENCH_TIMEOUT - 15)) ${BENCH_ARGS:-} 2>&1 | tee "$bench_log"
 }
 
@@ -78,15 +91,16 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    for stage in tests kernels serving bench; do  # this order, so the workloads' table comes last
+    for stage in tests kernels serving previous bench; do  # this order: the workloads' table comes last
         case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
     done
     echo "=== steps:"
     cat "$status_file" 2>/dev/null
+    if [ -s /tmp/previous.log ]; then echo "previous version:"; sed -n '/^| workload |/,$p' /tmp/previous.log; fi
     if [ -s "$bench_log" ]; then sed -n '/^| workload |/,$p' "$bench_log"; fi
 }
 
-rm -f "$bench_log" "$status_file"
+rm -f "$bench_log" "$status_file" /tmp/previous.log
 if [ -n "${OUT:-}" ]; then
     main 2>&1 | tee "$OUT/device_run.log"
 else

@@ -34,7 +34,8 @@ def random_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[lis
 def run_aserve(args, prompts) -> dict:
     llm = OfflineLLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens,
-                     kv_cache_memory_gb=args.kv_cache_memory_gb)
+                     kv_cache_memory_gb=args.kv_cache_memory_gb,
+                     tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)   # warm-up
     _sync()
@@ -78,8 +79,11 @@ def engine_overhead(llm, args) -> dict:
 
     The model's execute() is replaced by a stand-in that returns the same shapes of output
     (one token per sampled row), so schedule + prepare inputs + process outputs are timed.
+    With tensor parallelism the stand-in also sends the step to the other ranks, as a real
+    step does (as a dry run, which they receive, unpack and drop), and that send is timed too.
     """
     from aserve.worker.model_runner import ModelOutput
+    from aserve.worker.step_arrays import STEP_DRY_RUN
 
     engine = llm.engine
     engine.stream_outputs = False
@@ -100,22 +104,34 @@ def engine_overhead(llm, args) -> dict:
         rows = plan.model_input.num_sample_rows
         return ModelOutput([11] * rows, None, [None] * rows, None, [])
 
-    timings = []
+    timings, sends, message_bytes = [], [], 0
     for _ in range(args.overhead_steps):
         t0 = time.perf_counter()
         plan = engine.schedule()
         t1 = time.perf_counter()
-        output = fake_execute(plan)
+        if engine.workers is not None:
+            engine.workers.send_step(STEP_DRY_RUN, plan.model_input.arrays)
+            message_bytes = sum(p.nbytes for p in plan.model_input.arrays.pack(STEP_DRY_RUN))
         t2 = time.perf_counter()
-        engine.process(plan, output)
+        output = fake_execute(plan)
         t3 = time.perf_counter()
-        timings.append((t1 - t0, t3 - t2))
+        engine.process(plan, output)
+        t4 = time.perf_counter()
+        timings.append((t1 - t0, t2 - t1, t4 - t3))
+        sends.append(t2 - t1)
     engine.abort_request([f"overhead-{i}" for i in range(args.num_prompts)])
     engine.pipeline = pipeline
     timings.sort(key=sum)
     med = timings[len(timings) // 2]
-    return {"running_requests": args.num_prompts, "median_step_ms": round(sum(med) * 1e3, 3),
-            "schedule_and_prepare_ms": round(med[0] * 1e3, 3), "process_ms": round(med[1] * 1e3, 3)}
+    result = {"running_requests": args.num_prompts, "tensor_parallel_size": args.tensor_parallel_size,
+              "median_step_ms": round(sum(med) * 1e3, 3),
+              "schedule_and_prepare_ms": round(med[0] * 1e3, 3), "process_ms": round(med[2] * 1e3, 3)}
+    if engine.workers is not None:
+        sends.sort()
+        result.update(send_step_p50_ms=round(sends[len(sends) // 2] * 1e3, 3),
+                      send_step_p90_ms=round(sends[int(len(sends) * 0.9)] * 1e3, 3),
+                      step_message_bytes=message_bytes)
+    return result
 
 
 def _figures(name, num_requests, in_tokens, out_tokens, elapsed) -> dict:
@@ -141,6 +157,7 @@ def main():
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--baseline", choices=["hf"], default=None)
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--engine-overhead", action="store_true")
@@ -161,6 +178,7 @@ def main():
         print(json.dumps({"ratio_output_tokens_per_s": round(ours["output_tokens_per_s"] / base["output_tokens_per_s"], 2)}))
     if args.engine_overhead:
         print(json.dumps(engine_overhead(llm, args)))
+    llm.shutdown()
 
 
 def _model_path(model) -> str:

@@ -179,10 +179,12 @@ def run_aserve(model_dir: str, dtype: str, max_model_len: int, workloads: list[W
     llm = OfflineLLM(model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
                      max_model_len=max_model_len, gpu_memory_utilization=0.9, seed=0,
                      max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                     enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+                     enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+                     tensor_parallel_size=args.tensor_parallel_size)
     _sync()
     print(json.dumps({"engine_start_s": round(time.perf_counter() - start, 2), "model": name,
                       "dtype": dtype, "max_model_len": max_model_len,
+                      "tensor_parallel_size": args.tensor_parallel_size,
                       "num_kv_blocks": llm.engine.cache_config.num_blocks}), flush=True)
     for w in workloads:
         prompts = prompts_for(w)
@@ -199,7 +201,9 @@ def run_aserve(model_dir: str, dtype: str, max_model_len: int, workloads: list[W
         counts = {len(o.outputs[0].token_ids) for o in outputs}
         assert counts == {w.output_len}, f"{w.name}: output lengths {counts}, expected {w.output_len}"
         _result(w, "aserve", name, dtype, len(prompts), w.output_len * len(prompts), elapsed,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                tensor_parallel_size=args.tensor_parallel_size)
+    llm.shutdown()
 
 
 def run_model_group(model: str, names: list[str], args) -> None:
@@ -287,6 +291,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model (workers)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule step k+1 while step k runs on the GPU (engine/pipeline.py)")
     p.add_argument("--llama-max-model-len", type=int, default=4096,

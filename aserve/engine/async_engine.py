@@ -27,6 +27,9 @@ from aserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("aserve.engine")
 
+# How long shutdown waits for the step in flight of an engine that has died.
+_SHUTDOWN_STEP_WAIT_S = 5.0
+
 
 class EngineDeadError(RuntimeError):
     """The step driver failed; no request can be served any more."""
@@ -94,6 +97,7 @@ class AsyncEngine:
         self._wakeup: Optional[asyncio.Event] = None
         self._driver: Optional[asyncio.Task] = None
         self._dead: Optional[BaseException] = None
+        self._died: Optional[asyncio.Event] = None
         self._finished_listeners: list[Callable[[RequestOutput], None]] = []
         self.num_steps = 0
 
@@ -107,8 +111,13 @@ class AsyncEngine:
         """Start the step driver on the running loop."""
         if self._driver is not None:
             return
+        loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._driver = asyncio.get_running_loop().create_task(self._run(), name="aserve-step-driver")
+        self._died = asyncio.Event()
+        self._driver = loop.create_task(self._run(), name="aserve-step-driver")
+        workers = getattr(self.engine, "workers", None)
+        if workers is not None:  # a tensor-parallel rank failed: this engine can do nothing more
+            workers.add_failure_listener(lambda exc: loop.call_soon_threadsafe(self._die, exc))
 
     async def shutdown(self) -> None:
         """Stop stepping, end every open stream, and release the worker thread."""
@@ -120,9 +129,23 @@ class AsyncEngine:
                 pass
             self._driver = None
         self._fail_all(EngineDeadError("The server is shutting down."))
-        # Wait for a forward still in flight without blocking the loop while it ends.
-        await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._executor.shutdown(wait=True, cancel_futures=True))
+        loop = asyncio.get_running_loop()
+        # Wait for a forward still in flight without blocking the loop while it ends; a dead
+        # engine's step may never end (a collective with a dead rank), so not forever.
+        try:
+            await asyncio.wait_for(loop.run_in_executor(
+                None, lambda: self._executor.shutdown(wait=True, cancel_futures=True)),
+                _SHUTDOWN_STEP_WAIT_S if self._dead is not None else None)
+        except asyncio.TimeoutError:
+            logger.warning("a model step is still running; shutting down without it")
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:   # the worker processes of a tensor-parallel engine
+            await loop.run_in_executor(None, shutdown)
+
+    async def wait_until_dead(self) -> BaseException:
+        """Returns (with the cause) once the engine has failed for good."""
+        await self._died.wait()
+        return self._dead
 
     @property
     def is_running(self) -> bool:
@@ -206,8 +229,18 @@ class AsyncEngine:
             raise
         except BaseException as exc:  # the engine itself failed: no step can be trusted now
             logger.exception("The engine's step driver failed; the server can serve no more requests")
+            self._die(exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """The engine failed for good: every open request ends with the error, /health turns
+        503, and wait_until_dead() returns (the server then exits)."""
+        if self._dead is None:
             self._dead = exc
-            self._fail_all(EngineDeadError(f"The engine failed: {exc!r}"))
+            self._fail_all(EngineDeadError(f"The engine failed: {exc}"))
+            if self._driver is not None and not self._driver.done() \
+                    and self._driver is not asyncio.current_task():
+                self._driver.cancel()   # it may be waiting on a step that will never end
+        self._died.set()
 
     async def _drive(self, gen, loop) -> list[RequestOutput]:
         """Run a step generator (Engine.step_gen), its model work in the worker thread."""

@@ -16,25 +16,25 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-from aserve.attention import get_attention_backend
 from aserve.config import CacheConfig, EngineArgs, SchedulerConfig
+from aserve.distributed.group import TensorParallelError
+from aserve.distributed.rendezvous import rank_device
+from aserve.distributed.workers import WorkerGroup
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import OutputProcessor
 from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
 from aserve.engine.scheduler import Scheduler, SchedulerOutput
-from aserve.models.loader import create_model_config, load_model, load_tokenizer
+from aserve.models.loader import check_tensor_parallel_split, create_model_config, load_tokenizer
 from aserve.outputs import RequestOutput
-from aserve.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
-from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner, profile_forward
+from aserve.worker.kv_cache import bytes_per_block
+from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner
 from aserve.worker.row_planner import plan_rows
+from aserve.worker.runner_setup import build_model_runner
+from aserve.worker.step_inputs import build_step_arrays
 
 logger = logging.getLogger(__name__)
-
-# Chunked prefill keeps steps short; long prompts are simply spread over several steps. A GPU
-# wants larger steps: its matrix units need thousands of rows to run at full rate.
-_DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 
 
 @dataclass(frozen=True)
@@ -63,34 +63,41 @@ class Engine:
         started = time.perf_counter()
         args = args or EngineArgs()
         self.args = args
-        self.device = args.resolve_device()
+        self.parallel_config = args.parallel_config()
+        if self.parallel_config.node_rank != 0:
+            raise ValueError("the engine runs on the head node (node_rank 0); other nodes run "
+                             "`python -m aserve --headless`, which starts their ranks.")
         self.model_config = create_model_config(args)
+        check_tensor_parallel_split(self.model_config, self.parallel_config.world_size)
+        self.device = args.resolve_device()
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(self.model_config)
-        self.model = load_model(self.model_config, self.device)
+        self.workers: Optional[WorkerGroup] = None
+        if self.parallel_config.world_size > 1:
+            self.device = rank_device(self.parallel_config, 0, self.device.type)
+            self.workers = WorkerGroup(args, self.model_config, self.parallel_config)
+            try:
+                self.runner = self.workers.run_guarded(self._build_rank0_runner)
+            except BaseException:
+                self.workers.shutdown(graceful=False)
+                raise
+            self.runner.send_step = self.workers.send_step
+        else:
+            self.runner = build_model_runner(args, self.model_config, self.device)
         max_len = self.model_config.max_model_len
         self.scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=(args.max_num_batched_tokens
-                                    or _DEFAULT_MAX_NUM_BATCHED_TOKENS.get(self.device.type, 2048)),
+            max_num_batched_tokens=args.resolve_max_num_batched_tokens(self.device),
             max_num_seqs=args.max_num_seqs, max_model_len=max_len)
-        dtype = self.model_config.dtype
-        profile = functools.partial(
-            profile_forward, self.model, self.device, dtype,
-            min(self.scheduler_config.max_num_batched_tokens, max_len), args.max_num_seqs, args.block_size)
-        num_blocks = args.num_gpu_blocks_override or num_blocks_for_budget(
-            self.model, args.block_size, dtype, self.device, args.kv_cache_memory_gb,
-            args.gpu_memory_utilization, profile)
+        num_blocks = self.runner.num_blocks
         self.cache_config = CacheConfig(args.block_size, num_blocks, 0)
-        kv_caches = allocate_kv_caches(self.model, num_blocks, args.block_size, dtype, self.device)
         self.block_manager = BlockManager(num_blocks, args.block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        self.runner = ModelRunner(self.model, kv_caches, self.block_manager, self.device, args.seed)
-        block_bytes = bytes_per_block(self.model, args.block_size, dtype)
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB); maximum concurrency for %d-token "
+        self.model = self.runner.model
+        block_bytes = bytes_per_block(self.model, args.block_size, self.model_config.dtype)
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB%s); maximum concurrency for %d-token "
                     "requests: %.2fx", num_blocks, args.block_size, num_blocks * block_bytes / (1 << 30),
-                    max_len, num_blocks * args.block_size / max_len)
-        if self._uses_decode_graphs():
-            graphs = self.runner.capture_decode_graphs(args.max_num_seqs,
-                                                       min(max_len, args.max_seq_len_to_capture))
+                    " on each rank" if self.workers else "", max_len, num_blocks * args.block_size / max_len)
+        graphs = self.runner.decode_graphs
+        if graphs is not None:
             logger.info("captured CUDA graphs of decode steps for %d batch sizes (1 to %d, contexts up "
                         "to %d tokens) in %.1f s", len(graphs.sizes), graphs.sizes[-1],
                         graphs.max_seq_len, graphs.capture_seconds)
@@ -108,13 +115,22 @@ class Engine:
         self._unpipelinable: set[str] = set()
         self.pipeline = StepPipeline(self) if args.async_scheduling else None
         self.startup_seconds = time.perf_counter() - started
-        logger.info("engine ready in %.1f s: %s on %s, %d KV blocks of %d tokens",
-                    self.startup_seconds, self.model_config.model, self.device, num_blocks, args.block_size)
+        logger.info("engine ready in %.1f s: %s on %s%s, %d KV blocks of %d tokens",
+                    self.startup_seconds, self.model_config.model, self.device,
+                    f" and {self.parallel_config.world_size - 1} more ranks" if self.workers else "",
+                    num_blocks, args.block_size)
 
-    def _uses_decode_graphs(self) -> bool:
-        # Graphs bake in the CUDA kernels' launches; the torch reference plans on the host.
-        return (self.device.type == "cuda" and not self.args.enforce_eager
-                and get_attention_backend(self.device, self.model.head_dim).name == "cuda")
+    def _build_rank0_runner(self) -> ModelRunner:
+        """Rank 0's part of a tensor-parallel start-up (the workers do the same at once)."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)   # this runs in a start-up thread
+        group = self.workers.connect(self.device)
+        return build_model_runner(self.args, self.model_config, self.device, group)
+
+    def shutdown(self) -> None:
+        """End the worker ranks (tensor parallelism); the engine serves no more steps."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: Optional[str], prompt: Union[str, list[int]], params,
@@ -155,7 +171,8 @@ class Engine:
         if sched.is_empty:
             return StepPlan(sched, None, [])
         rows = plan_rows(sched)
-        return StepPlan(sched, self.runner.prepare(sched, rows.row_plan, placeholder_rows), rows.spans)
+        arrays = build_step_arrays(sched, rows.row_plan, self.block_manager, placeholder_rows)
+        return StepPlan(sched, self.runner.model_input(arrays, rows.row_plan), rows.spans)
 
     def execute(self, plan: StepPlan) -> Optional[ModelOutput]:
         """The model forward and sampling; touches nothing but the plan and the KV cache."""
@@ -182,7 +199,15 @@ class Engine:
         return self._report(changed.values())
 
     def fail_step(self, plan: StepPlan, exc: BaseException) -> list[RequestOutput]:
-        """execute() raised: end the requests of that step with the error, keep serving."""
+        """execute() raised: end the requests of that step with the error, keep serving.
+        With tensor parallelism, a failed collective or a dead worker is raised instead: the
+        ranks are out of step and no later step could be trusted."""
+        if self.workers is not None:
+            failure = self.workers.wait_for_failure(2.0 if isinstance(exc, TensorParallelError) else 0.0)
+            if failure is not None:
+                raise failure from exc
+        if isinstance(exc, TensorParallelError):
+            raise exc
         logger.error("model step failed: %r", exc)
         failed = {item.request.request_id: item.request for item in plan.sched.scheduled
                   if not item.request.is_finished}
@@ -199,6 +224,8 @@ class Engine:
         """One step as a generator that yields its model work (callables) and is sent their
         results, for a driver that runs that work elsewhere (the server's worker thread);
         returns the step's outputs. A failure of the model work fails that step's requests."""
+        if self.workers is not None:
+            self.workers.raise_if_failed()
         if self.pipeline is not None:
             return (yield from self.pipeline.step_gen())
         return (yield from self.sync_step_gen(self.schedule()))

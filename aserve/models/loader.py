@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from aserve.config import EngineArgs, ModelConfig
+from aserve.distributed import SINGLE_RANK, TensorParallelGroup, building_with
 from aserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from aserve.models.registry import get_model_class, resolve_architecture
 
@@ -161,16 +162,30 @@ def fill_dummy_weights(model: nn.Module, seed: int, bound: float = 1e-3) -> None
         param.uniform_(-bound, bound, generator=generator)
 
 
-def load_model(model_config: ModelConfig, device) -> nn.Module:
-    """Build the model directly on `device` in model_config.dtype and load its weights
-    (random ones drawn there for load_format "dummy": no weight file is read)."""
+def check_tensor_parallel_split(model_config: ModelConfig, world_size: int) -> None:
+    """Refuse, with ValueError, a model whose layers cannot be split over world_size ranks,
+    before any process starts or any weight is read: the model is built on the meta device as
+    rank 0 of world_size, so every layer's own divisibility check runs, with no memory."""
+    if world_size == 1:
+        return
+    try:
+        with torch.device("meta"), building_with(TensorParallelGroup.layout_only(0, world_size)):
+            get_model_class(model_config.architecture)(model_config.hf_config)
+    except ValueError as exc:
+        raise ValueError(f"{model_config.model} cannot be split over tensor_parallel_size="
+                         f"{world_size}: {exc}. Choose a size that divides it.") from None
+
+
+def load_model(model_config: ModelConfig, device, group: TensorParallelGroup = SINGLE_RANK) -> nn.Module:
+    """Build the model (this rank's shard of it) directly on `device` in model_config.dtype and
+    load its weights (random ones drawn there for load_format "dummy": no weight file is read)."""
     model_cls = get_model_class(model_config.architecture)
     previous_dtype = torch.get_default_dtype()
     # Parameters are created in the serving dtype on the target device, so a model is never
     # materialised twice (first in float32 on the CPU) on its way there.
     torch.set_default_dtype(model_config.dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), building_with(group):
             model = model_cls(model_config.hf_config)
     finally:
         torch.set_default_dtype(previous_dtype)

@@ -262,9 +262,15 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     return runner, bound
 
 
+# An engine that died keeps answering 503 this long (so clients and balancers see why) before
+# the server exits non-zero for a supervisor to restart it.
+DEAD_ENGINE_GRACE_S = 3.0
+
+
 async def serve(state: ServerState, host: str, port: int,
-                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> int:
+    """Serve until SIGINT or SIGTERM (then shut down gracefully and return 0), or until the
+    engine dies (then return 1, after DEAD_ENGINE_GRACE_S)."""
     runner, bound = await start_site(build_app(state, max_body_bytes), host, port)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"aserve: serving model {state.served_model_name!r} (max_model_len {state.max_model_len}) "
@@ -277,8 +283,19 @@ async def serve(state: ServerState, host: str, port: int,
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
             pass
+    stopped = loop.create_task(stop.wait())
+    died = loop.create_task(state.async_engine.wait_until_dead())
+    status = 0
     try:
-        await stop.wait()
+        await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
+        if died.done() and not stopped.done():
+            logger.error("the engine failed (%s); the server exits in %.0f s", died.result(),
+                         DEAD_ENGINE_GRACE_S)
+            await asyncio.wait({stopped}, timeout=DEAD_ENGINE_GRACE_S)
+            status = 1
     finally:
+        stopped.cancel()
+        died.cancel()
         logger.info("shutting down")
         await runner.cleanup()
+    return status

@@ -61,9 +61,25 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="CPU: the KV cache's memory budget in GiB; default: 1.")
     e.add_argument("--enforce-eager", action="store_true", help="GPU: do not capture CUDA graphs.")
-    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="GPUs to shard the model over (accepted; only 1 works for now). (default: %(default)s)")
     e.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu. (default: %(default)s)")
+
+    d = p.add_argument_group("parallelism (several GPUs, several nodes)")
+    d.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="Ranks to shard the model over: one per GPU (worker processes beside this "
+                        "one), or CPU processes on a machine without GPUs. (default: %(default)s)")
+    d.add_argument("--nnodes", type=int, default=_env_int("NNODES", 1),
+                   help="Machines the ranks are spread over (evenly). (default: $NNODES or 1)")
+    d.add_argument("--node-rank", type=int, default=_env_int("NODE_RANK", _env_int("GROUP_RANK", 0)),
+                   help="This machine's number: 0 is the head, which serves; others run --headless. "
+                        "(default: $NODE_RANK, $GROUP_RANK or 0)")
+    d.add_argument("--master-addr", default=os.environ.get("MASTER_ADDR"),
+                   help="The head's address, which every node can reach. (default: $MASTER_ADDR; "
+                        "one node: 127.0.0.1)")
+    d.add_argument("--master-port", type=int, default=_env_int("MASTER_PORT", None),
+                   help="A free port on the head for the ranks' rendezvous. (default: $MASTER_PORT; "
+                        "one node: any free port)")
+    d.add_argument("--headless", action="store_true",
+                   help="Run this node's ranks only (no server): for every node but the head.")
 
     s = p.add_argument_group("server")
     s.add_argument("--host", default="localhost",
@@ -77,6 +93,14 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _env_int(name: str, default):
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise SystemExit(f"error: ${name} must be an integer, got {value!r}") from None
+
+
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         model=ns.model, tokenizer=ns.tokenizer, served_model_name=ns.served_model_name,
@@ -84,7 +108,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         kv_cache_memory_gb=ns.kv_cache_memory_gb, gpu_memory_utilization=ns.gpu_memory_utilization,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs, seed=ns.seed,
         trust_remote_code=ns.trust_remote_code, tensor_parallel_size=ns.tensor_parallel_size,
-        enforce_eager=ns.enforce_eager, load_format=ns.load_format,
+        nnodes=ns.nnodes, node_rank=ns.node_rank, master_addr=ns.master_addr,
+        master_port=ns.master_port, enforce_eager=ns.enforce_eager, load_format=ns.load_format,
         skip_tokenizer_init=ns.skip_tokenizer_init)
 
 
@@ -118,6 +143,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         engine_args = engine_args_from(ns)
     except ValueError as exc:  # a bad flag value: say which, without a traceback
         raise SystemExit(f"error: {exc}") from None
+    if ns.headless:
+        from aserve.distributed.headless import run_headless
+
+        try:
+            sys.exit(run_headless(engine_args))
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     chat_template = load_chat_template(ns.chat_template)
     api_key = resolve_api_key(ns)
 
@@ -127,14 +159,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
     async_engine = AsyncEngine.from_engine_args(engine_args)
     state = state_from_engine(async_engine, api_key=api_key, chat_template=chat_template)
-    _run(serve(state, ns.host, ns.port))
+    status = _run(serve(state, ns.host, ns.port))
+    if status:
+        # The engine died: exit non-zero so a supervisor restarts the server. os._exit, because
+        # a model step stuck in a collective of a dead rank would keep a normal exit waiting.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
-def _run(coro) -> None:
+def _run(coro):
     try:
         import uvloop
     except ImportError:  # uvloop has no Windows build: plain asyncio still works
         import asyncio
-        asyncio.run(coro)
-        return
-    uvloop.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)

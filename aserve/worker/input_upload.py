@@ -2,8 +2,9 @@
 
 Each host-to-device copy from pageable memory costs tens of microseconds of host time, and a
 step has half a dozen input tensors: on a GPU this was most of the engine's host time per
-decode step at batch 1. The arrays are packed into a reused pinned buffer and copied once,
-asynchronously; the device tensors are slices of that one copy.
+decode step at batch 1. A step's inputs arrive packed in one flat array per dtype
+(StepArrays); each goes through a reused pinned buffer in one asynchronous copy, and the
+device tensors are slices of that copy.
 """
 
 from __future__ import annotations
@@ -21,19 +22,11 @@ class InputUploader:
         # The last copy out of each staging buffer: it must finish before the buffer is refilled.
         self._copied: dict[torch.dtype, Optional[torch.cuda.Event]] = {}
 
-    def upload(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
-        """The arrays (any shapes) as tensors of `dtype` on the device, in one transfer."""
-        flat = np.concatenate([a.ravel() for a in arrays]).astype(_NUMPY[dtype], copy=False)
-        host = torch.from_numpy(flat)
-        if self.device.type == "cuda":
-            host = self._to_device(host, dtype)
-        out, offset = [], 0
-        for a in arrays:
-            out.append(host[offset:offset + a.size].view(a.shape))
-            offset += a.size
-        return out
-
-    def _to_device(self, host: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def upload(self, flat: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D array as a tensor of `dtype` on the device, in one transfer."""
+        host = torch.from_numpy(np.ascontiguousarray(flat, dtype=_NUMPY[dtype]))
+        if self.device.type != "cuda":
+            return host
         n = host.numel()
         staging = self._staging.get(dtype)
         if staging is None or staging.numel() < n:

@@ -1,27 +1,31 @@
-"""ModelRunner: turns a SchedulerOutput into model inputs, runs the model and samples.
+"""ModelRunner: a step's model inputs on the device, the model, and sampling.
 
-prepare() reads engine state and must run on the engine's thread; execute() touches only the
-ModelInput it is given, so the async engine can run it in a worker thread (or, on a GPU,
-launch it) while the event loop keeps serving.
+Rank 0 turns each step's host arrays (worker/step_inputs.py) into a ModelInput on the engine's
+thread; execute() and launch() touch only the ModelInput they are given, so the async engine
+can run them in a worker thread (or, on a GPU, launch them) while the event loop keeps serving.
+With tensor parallelism every rank holds a ModelRunner over its shard: rank 0 sends each step's
+arrays to the others before running it, and they run the same forward (worker_step), so the
+collectives inside line up; only rank 0 samples.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from aserve.attention import AttentionMetadata
-from aserve.engine.block_manager import BlockManager
-from aserve.engine.scheduler import SchedulerOutput
+from aserve.distributed import SINGLE_RANK, TensorParallelGroup
+from aserve.distributed.group import TensorParallelError
 from aserve.outputs import Logprob
 from aserve.worker.cuda_graphs import DecodeGraphs
 from aserve.worker.input_upload import InputUploader
 from aserve.worker.kv_cache import copy_blocks
 from aserve.worker.sampler import Sampler, SamplingMetadata, logprobs_for_tokens
+from aserve.worker.step_arrays import STEP_EXECUTE, STEP_LAUNCH, StepArrays
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class ModelInput:
     # sampled ids[fill_rows], copied in on the device at launch.
     fill_index: Optional[torch.Tensor] = None
     fill_rows: Optional[torch.Tensor] = None
+    # The host arrays these tensors were made from: what rank 0 sends to the other ranks.
+    arrays: Optional[StepArrays] = None
 
 
 @dataclass
@@ -61,16 +67,21 @@ class ModelOutput:
 
 
 class ModelRunner:
-    def __init__(self, model, kv_caches: list[torch.Tensor], block_manager: BlockManager,
-                 device: torch.device, seed: int) -> None:
+    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
+                 seed: int, group: TensorParallelGroup = SINGLE_RANK) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.block_manager = block_manager
-        self.block_size = block_manager.block_size
+        self.block_size = block_size
+        self.num_blocks = kv_caches[0].shape[1] if kv_caches else 0
         self.device = device
+        self.group = group
         self.sampler = Sampler(seed=seed)
         self.decode_graphs: Optional[DecodeGraphs] = None
         self.uploader = InputUploader(device)
+        # Rank 0 of several: send_step(kind, arrays) hands each step to the other ranks.
+        self.send_step: Optional[Callable[[int, StepArrays], None]] = None
+        # Ranks 1..N-1: the previous launched step's sampled ids, broadcast by rank 0.
+        self._last_sampled: Optional[torch.Tensor] = None
 
     def capture_decode_graphs(self, max_num_seqs: int, max_seq_len_to_capture: int) -> DecodeGraphs:
         """Capture CUDA graphs of decode steps; later decode steps that fit replay them."""
@@ -81,69 +92,35 @@ class ModelRunner:
         return graphs
 
     # ---------------------------------------------------------------- inputs (engine thread)
-    def prepare(self, sched: SchedulerOutput, row_plan: "RowPlan",
-                placeholder_rows: Optional[dict[int, int]] = None) -> ModelInput:
-        # Per-sequence Python only gathers what numpy cannot reach (token ids, table lists);
-        # the per-token arrays are built vectorised: at 256 running decodes these loops were
-        # a visible share of the host's step time, which bounds the small model's throughput.
-        scheduled = sched.scheduled
-        starts = np.fromiter((item.start for item in scheduled), dtype=np.int64, count=len(scheduled))
-        counts = np.fromiter((item.num_new_tokens for item in scheduled), dtype=np.int64, count=len(scheduled))
-        ends = starts + counts
-        query_start = np.zeros(len(scheduled) + 1, dtype=np.int32)
-        np.cumsum(counts, out=query_start[1:])     # each sequence's first token in the step
-        query_lens = counts.tolist()
-        seq_lens = ends.tolist()
-        if max(query_lens) == 1:         # decode steps: one token per sequence
-            input_ids = [item.seq.token_ids[item.start] for item in scheduled]
-        else:
-            input_ids = [t for item in scheduled
-                         for t in item.seq.token_ids[item.start:item.start + item.num_new_tokens]]
-        fill_index: list[int] = []
-        fill_rows: list[int] = []
-        if placeholder_rows:
-            next_start = query_start[1:].tolist()
-            for i, item in enumerate(scheduled):
-                row = placeholder_rows.get(item.seq.seq_id)
-                if row is not None and seq_lens[i] == len(item.seq.token_ids):
-                    fill_index.append(next_start[i] - 1)   # the sequence's last token: a placeholder
-                    fill_rows.append(row)
-        tables = [self.block_manager.block_table(item.seq.seq_id) for item in scheduled]
-        table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
-        width = int(table_lens.max())
-        block_tables = np.zeros((len(tables), width), dtype=np.int32)
-        block_tables[np.arange(width) < table_lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
-        # Token t of sequence i sits at position starts[i] + (t - query_start[i]).
-        seq_index = np.repeat(np.arange(len(scheduled)), counts)
-        positions_np = starts[seq_index] + np.arange(len(seq_index)) - query_start[seq_index]
-        # The cache slot of every token from its sequence's block table.
-        slots = (block_tables[seq_index, positions_np // self.block_size].astype(np.int64)
-                 * self.block_size + positions_np % self.block_size)
-        input_ids_t, positions_t, slots_t, logits_indices_t, fill_index_t, fill_rows_t = self.uploader.upload(
-            [np.array(input_ids, dtype=np.int64), positions_np, slots,
-             np.array(row_plan.logits_indices, dtype=np.int64), np.array(fill_index, dtype=np.int64),
-             np.array(fill_rows, dtype=np.int64)], torch.int64)
-        query_start_t, seq_lens_t, block_tables_t = self.uploader.upload(
-            [query_start, ends.astype(np.int32), block_tables], torch.int32)
+    def model_input(self, arrays: StepArrays, row_plan: Optional["RowPlan"] = None) -> ModelInput:
+        """The step's tensors on the device (one upload per dtype); row_plan says what rank 0
+        samples (None on the other ranks, which only run the forward)."""
+        input_ids, positions, slots, logits_indices, fill_index, fill_rows = arrays.int64_views(
+            self.uploader.upload(arrays.int64, torch.int64))
+        query_start, seq_lens, block_tables = arrays.int32_views(
+            self.uploader.upload(arrays.int32, torch.int32))
+        host_query_start, host_seq_lens, _ = arrays.int32_views(arrays.int32)
         metadata = AttentionMetadata(
-            num_tokens=len(input_ids), query_start_loc=query_start_t, seq_lens=seq_lens_t,
-            block_tables=block_tables_t, slot_mapping=slots_t,
-            max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
+            num_tokens=arrays.num_tokens, query_start_loc=query_start, seq_lens=seq_lens,
+            block_tables=block_tables, slot_mapping=slots, max_query_len=arrays.max_query_len,
+            max_seq_len=arrays.max_seq_len,
+            query_lens_cpu=([1] * arrays.num_seqs if arrays.max_query_len == 1
+                            else np.diff(host_query_start).tolist()),
+            seq_lens_cpu=host_seq_lens.tolist())
         return ModelInput(
-            input_ids=input_ids_t,
-            positions=positions_t,
+            input_ids=input_ids,
+            positions=positions,
             attn_metadata=metadata,
-            block_copies=sched.block_copies,
-            logits_indices=logits_indices_t,
-            num_sample_rows=row_plan.num_sample_rows,
-            num_beam_rows=row_plan.num_beam_rows,
-            sampling_metadata=row_plan.sampling_metadata,
-            needs_sampled_logprob=row_plan.needs_sampled_logprob,
-            prompt_logprob_groups=row_plan.prompt_logprob_groups,
-            fill_index=fill_index_t if fill_index else None,
-            fill_rows=fill_rows_t if fill_index else None)
+            block_copies=arrays.block_copies() if arrays.num_copies else [],
+            logits_indices=logits_indices,
+            num_sample_rows=row_plan.num_sample_rows if row_plan else arrays.num_logits,
+            num_beam_rows=row_plan.num_beam_rows if row_plan else 0,
+            sampling_metadata=row_plan.sampling_metadata if row_plan else None,
+            needs_sampled_logprob=row_plan.needs_sampled_logprob if row_plan else [],
+            prompt_logprob_groups=row_plan.prompt_logprob_groups if row_plan else [],
+            fill_index=fill_index,
+            fill_rows=fill_rows,
+            arrays=arrays)
 
     # ---------------------------------------------------------------- execution (any thread)
     def _forward(self, model_input: ModelInput, input_ids: torch.Tensor) -> torch.Tensor:
@@ -159,23 +136,36 @@ class ModelRunner:
         sample (engine/pipeline.py checks), taking placeholder ids from the previous step's
         device tensor; returns at once, with the ids on their way to the host."""
         assert model_input.num_beam_rows == 0 and not model_input.prompt_logprob_groups
+        self._send(STEP_LAUNCH, model_input)
         input_ids = model_input.input_ids
         if model_input.fill_index is not None:
             input_ids = input_ids.index_copy(0, model_input.fill_index,
                                              previous.sampled.index_select(0, model_input.fill_rows))
-        hidden = self._forward(model_input, input_ids)
-        if model_input.logits_indices.numel() == 0:
-            return PendingStep.start(torch.empty(0, dtype=torch.long, device=hidden.device))
-        logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
-        return PendingStep.start(self.sampler.sample_ids(logits, model_input.sampling_metadata))
+        with self._collectives():
+            hidden = self._forward(model_input, input_ids)
+            if model_input.logits_indices.numel() == 0:
+                return PendingStep.start(torch.empty(0, dtype=torch.long, device=hidden.device))
+            logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
+        error = None
+        try:
+            sampled = self.sampler.sample_ids(logits, model_input.sampling_metadata)
+        except Exception as exc:  # the other ranks wait for ids all the same: send zeros
+            sampled, error = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device), exc
+        with self._collectives():
+            self.group.broadcast(sampled)   # the next step's placeholders, on every rank
+        if error is not None:
+            raise error
+        return PendingStep.start(sampled)
 
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> ModelOutput:
         assert model_input.fill_index is None, "placeholders need launch() and the previous step"
-        hidden = self._forward(model_input, model_input.input_ids)
-        if model_input.logits_indices.numel() == 0:
-            return ModelOutput([], None, [], None, [])
-        logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
+        self._send(STEP_EXECUTE, model_input)
+        with self._collectives():
+            hidden = self._forward(model_input, model_input.input_ids)
+            if model_input.logits_indices.numel() == 0:
+                return ModelOutput([], None, [], None, [])
+            logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
         n_sample, n_beam = model_input.num_sample_rows, model_input.num_beam_rows
 
         sampled, sample_logprobs, sampled_lps = [], None, []
@@ -196,6 +186,42 @@ class ModelRunner:
             prompt_logprobs.append(logprobs_for_tokens(lps, group.target_token_ids, group.num_top))
             row += count
         return ModelOutput(sampled, sample_logprobs, sampled_lps, beam_logprobs, prompt_logprobs)
+
+    @torch.inference_mode()
+    def worker_step(self, kind: int, model_input: ModelInput) -> None:
+        """Ranks 1..N-1: rank 0's step on this shard, joining every collective rank 0 makes
+        (the forward's, the logits gather, and for launched steps the sampled-id broadcast)."""
+        input_ids = model_input.input_ids
+        if model_input.fill_index is not None:
+            input_ids = input_ids.index_copy(0, model_input.fill_index,
+                                             self._last_sampled.index_select(0, model_input.fill_rows))
+        hidden = self._forward(model_input, input_ids)
+        rows = model_input.logits_indices.numel()
+        if rows:
+            self.model.compute_logits(hidden[model_input.logits_indices])
+        if kind == STEP_LAUNCH:
+            sampled = torch.empty(rows, dtype=torch.long, device=self.device)
+            if rows:
+                self.group.broadcast(sampled)
+            self._last_sampled = sampled
+
+    def _send(self, kind: int, model_input: ModelInput) -> None:
+        if self.send_step is not None:
+            self.send_step(kind, model_input.arrays)
+
+    @contextlib.contextmanager
+    def _collectives(self):
+        """A failure among collectives leaves the ranks out of step: nothing after it can be
+        trusted, so it is raised as TensorParallelError, which stops the engine."""
+        if not self.group.is_parallel:
+            yield
+            return
+        try:
+            yield
+        except TensorParallelError:
+            raise
+        except Exception as exc:
+            raise TensorParallelError(f"a tensor-parallel step failed: {exc}") from exc
 
 
 class PendingStep:

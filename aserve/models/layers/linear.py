@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aserve.cuda.gemv import GEMV_MAX_ROWS, gemv_usable, launch_gemv
-from aserve.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
-                                tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce)
+from aserve.distributed import current_group
 
 
 # Decode steps of at most GEMV_MAX_ROWS tokens on a GPU run aserve's GEMV kernel instead of
@@ -33,10 +32,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return F.linear(x, weight, bias)
 
 
-def divide(numerator: int, denominator: int) -> int:
+def divide(numerator: int, denominator: int, what: str = "a layer size") -> int:
     """numerator / denominator, which must divide exactly (a shard count must be whole)."""
     if numerator % denominator:
-        raise ValueError(f"{numerator} is not divisible by tensor parallel size {denominator}")
+        raise ValueError(f"{what} ({numerator}) is not divisible by tensor_parallel_size {denominator}")
     return numerator // denominator
 
 
@@ -57,10 +56,11 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
                  gather_output: bool = False):
         super().__init__()
-        self.tp_rank = get_tensor_model_parallel_rank()
-        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp = current_group()
+        self.tp_rank, self.tp_size = self.tp.rank, self.tp.world_size
         self.input_size, self.output_size = input_size, output_size
-        self.output_size_per_partition = divide(output_size, self.tp_size)
+        self.output_size_per_partition = divide(output_size, self.tp_size,
+                                                f"the output size of {type(self).__name__}")
         self.gather_output = gather_output
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size),
                                    requires_grad=False)
@@ -78,7 +78,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = linear(x, self.weight, self.bias)
-        return tensor_model_parallel_all_gather(out) if self.gather_output else out
+        return self.tp.all_gather(out) if self.gather_output else out
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -91,6 +91,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = True,
                  gather_output: bool = False):
         self.output_sizes = list(output_sizes)
+        for size in self.output_sizes:  # each projection is split on its own
+            divide(size, current_group().world_size, f"a projection of {type(self).__name__}")
         super().__init__(input_size, sum(self.output_sizes), bias, gather_output)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
@@ -115,16 +117,20 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden_size: int, head_size: int, total_num_heads: int,
                  total_num_kv_heads: Optional[int] = None, bias: bool = True):
-        tp_size = get_tensor_model_parallel_world_size()
+        tp_size = current_group().world_size
         total_num_kv_heads = total_num_kv_heads or total_num_heads
         self.head_size = head_size
         self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
-        self.num_heads = divide(total_num_heads, tp_size)
+        self.num_heads = divide(total_num_heads, tp_size, "the number of attention heads")
         if tp_size >= total_num_kv_heads:
             self.num_kv_heads = 1
-            self.num_kv_head_replicas = divide(tp_size, total_num_kv_heads)
+            if tp_size % total_num_kv_heads:
+                raise ValueError(f"tensor_parallel_size {tp_size} is not a multiple of the number of "
+                                 f"key/value heads ({total_num_kv_heads}), so they cannot be replicated "
+                                 f"evenly over the ranks")
+            self.num_kv_head_replicas = tp_size // total_num_kv_heads
         else:
-            self.num_kv_heads = divide(total_num_kv_heads, tp_size)
+            self.num_kv_heads = divide(total_num_kv_heads, tp_size, "the number of key/value heads")
             self.num_kv_head_replicas = 1
         output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
         super().__init__(hidden_size, output_size, bias, gather_output=False)
@@ -157,10 +163,11 @@ class RowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
                  input_is_parallel: bool = True):
         super().__init__()
-        self.tp_rank = get_tensor_model_parallel_rank()
-        self.tp_size = get_tensor_model_parallel_world_size()
+        self.tp = current_group()
+        self.tp_rank, self.tp_size = self.tp.rank, self.tp.world_size
         self.input_size, self.output_size = input_size, output_size
-        self.input_size_per_partition = divide(input_size, self.tp_size)
+        self.input_size_per_partition = divide(input_size, self.tp_size,
+                                               f"the input size of {type(self).__name__}")
         self.input_is_parallel = input_is_parallel
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition),
                                    requires_grad=False)
@@ -182,7 +189,7 @@ class RowParallelLinear(nn.Module):
             x = x.chunk(self.tp_size, dim=-1)[self.tp_rank]
         if self.tp_size == 1:
             return linear(x, self.weight, self.bias)
-        out = tensor_model_parallel_all_reduce(linear(x, self.weight))
+        out = self.tp.all_reduce(linear(x, self.weight))
         return out + self.bias if self.bias is not None else out
 
 
