@@ -14,7 +14,7 @@ import time
 import pytest
 
 from aserve import OfflineLLM, SamplingParams
-from aserve.distributed.workers import WorkerFailedError
+from aserve.executor.worker_group import WorkerFailedError
 from hf_reference import hf_greedy, random_prompts
 from server_fixtures import free_port
 from tiny_models import FAMILIES, make_tiny_model, tiny_model_dir

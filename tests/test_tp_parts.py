@@ -13,7 +13,7 @@ import torch
 
 from aserve.config import EngineArgs
 from aserve.distributed import SINGLE_RANK, TensorParallelGroup, building_with
-from aserve.distributed.shm_ring import RingClosed, ShmRing
+from aserve.executor.shm_ring import RingClosed, ShmRing
 from aserve.models.layers import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
                                   VocabParallelEmbedding)
 from aserve.models.layers.embedding import ParallelLMHead

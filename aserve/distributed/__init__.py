@@ -1,9 +1,9 @@
-"""Tensor parallelism: the process group the layers use, and the processes behind it.
+"""Tensor-parallel process groups: what a rank is, and the collectives the layers use.
 
 - group.py: TensorParallelGroup (rank, world size, collectives) and the group current while
   a model is built;
-- (rank 0) workers.py starts and watches the other ranks; plan_channel.py sends them each step;
-- (ranks 1..N-1) worker_proc.py is a worker's whole life; headless.py starts a node's ranks.
+- rendezvous.py: the head's store, each rank's device, and the process groups it connects.
+The processes themselves are aserve/executor's.
 """
 
 from aserve.distributed.group import (SINGLE_RANK, TensorParallelGroup, building_with, current_group,

@@ -26,7 +26,7 @@ SAFE_COLLECTIVES_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICA
 # that), e.g. to run the worker machinery on a one-GPU machine; CUDA graphs are then off.
 BACKEND_ENV = "ASERVE_TP_BACKEND"
 # Collectives wait this long for a slow rank (a rank still loading its weights) before failing;
-# a rank that dies is noticed at once by other means (workers.py).
+# a rank that dies is noticed at once by other means (executor/worker_group.py).
 TIMEOUT_ENV = "ASERVE_DIST_TIMEOUT_S"
 _DEFAULT_TIMEOUT_S = 1800
 # Remote ranks wait for the next step inside a broadcast: an idle server must not time out.

@@ -19,7 +19,7 @@ import torch
 from aserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from aserve.distributed.group import TensorParallelError
 from aserve.distributed.rendezvous import rank_device
-from aserve.distributed.workers import WorkerGroup
+from aserve.executor.worker_group import WorkerGroup
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import OutputProcessor
 from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
@@ -30,9 +30,9 @@ from aserve.models.loader import check_tensor_parallel_split, create_model_confi
 from aserve.outputs import RequestOutput
 from aserve.worker.kv_cache import bytes_per_block
 from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner
-from aserve.worker.row_planner import plan_rows
+from aserve.engine.row_planner import plan_rows
 from aserve.worker.runner_setup import build_model_runner
-from aserve.worker.step_inputs import build_step_arrays
+from aserve.engine.step_inputs import build_step_arrays
 
 logger = logging.getLogger(__name__)
 

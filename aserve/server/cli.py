@@ -144,7 +144,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except ValueError as exc:  # a bad flag value: say which, without a traceback
         raise SystemExit(f"error: {exc}") from None
     if ns.headless:
-        from aserve.distributed.headless import run_headless
+        from aserve.executor.headless import run_headless
 
         try:
             sys.exit(run_headless(engine_args))

@@ -1,6 +1,6 @@
 """ModelRunner: a step's model inputs on the device, the model, and sampling.
 
-Rank 0 turns each step's host arrays (worker/step_inputs.py) into a ModelInput on the engine's
+Rank 0 turns each step's host arrays (engine/step_inputs.py) into a ModelInput on the engine's
 thread; execute() and launch() touch only the ModelInput they are given, so the async engine
 can run them in a worker thread (or, on a GPU, launch them) while the event loop keeps serving.
 With tensor parallelism every rank holds a ModelRunner over its shard: rank 0 sends each step's

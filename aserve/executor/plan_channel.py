@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from aserve.distributed.shm_ring import ShmRing
+from aserve.executor.shm_ring import ShmRing
 
 
 def _broadcast(group, tensor: torch.Tensor) -> None:

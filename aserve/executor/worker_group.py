@@ -27,10 +27,10 @@ import torch
 
 from aserve.config import EngineArgs, ModelConfig, ParallelConfig
 from aserve.distributed.group import TensorParallelError, TensorParallelGroup
-from aserve.distributed.plan_channel import PlanSender
+from aserve.executor.plan_channel import PlanSender
 from aserve.distributed.rendezvous import connect, head_address, open_store, use_safe_collectives_env
-from aserve.distributed.shm_ring import ShmRing
-from aserve.distributed.worker_proc import WorkerSpec, worker_main
+from aserve.executor.shm_ring import ShmRing
+from aserve.executor.worker_proc import WorkerSpec, worker_main
 from aserve.worker.step_arrays import SHUTDOWN, StepArrays, control_message
 
 logger = logging.getLogger(__name__)

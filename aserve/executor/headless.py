@@ -16,8 +16,8 @@ import threading
 
 from aserve.config import EngineArgs
 from aserve.distributed.rendezvous import use_safe_collectives_env
-from aserve.distributed.worker_proc import WorkerSpec, worker_main
-from aserve.distributed.workers import _end_processes, _without_user_main
+from aserve.executor.worker_proc import WorkerSpec, worker_main
+from aserve.executor.worker_group import _end_processes, _without_user_main
 from aserve.models.loader import check_tensor_parallel_split, create_model_config
 
 logger = logging.getLogger("aserve.headless")

@@ -62,9 +62,9 @@ def worker_main(spec: WorkerSpec, conn: multiprocessing.connection.Connection) -
 def _serve(spec: WorkerSpec, conn) -> None:
     import torch
 
-    from aserve.distributed.plan_channel import PlanReceiver
+    from aserve.executor.plan_channel import PlanReceiver
     from aserve.distributed.rendezvous import connect, open_store, rank_device, use_safe_collectives_env
-    from aserve.distributed.shm_ring import ShmRing
+    from aserve.executor.shm_ring import ShmRing
     from aserve.models.loader import create_model_config
     from aserve.worker.runner_setup import build_model_runner
     from aserve.worker.step_arrays import SHUTDOWN, STEP_DRY_RUN, StepArrays
