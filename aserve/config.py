@@ -114,6 +114,9 @@ class EngineArgs:
     # Schedule step k+1 while step k runs on the GPU (engine/pipeline.py): measured faster on
     # every bench/workloads.py workload on an H100; the server's step driver pipelines too.
     async_scheduling: bool = True
+    # Reuse the KV blocks of prompt prefixes already computed (engine/prefix_cache.py); on by
+    # default, as in vLLM.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:

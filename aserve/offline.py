@@ -35,6 +35,10 @@ class OfflineLLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (e.g. after changing the weights); True."""
+        return self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """End the worker processes of a tensor-parallel engine; no generate() after this."""
         self.engine.shutdown()

@@ -50,6 +50,8 @@ class RequestOutput:
     # Set when the request failed inside the engine; the message says why.
     error: Optional[str] = None
     metrics: Optional["RequestMetrics"] = None
+    # Prompt tokens whose KV came from the prefix cache (None before the request is scheduled).
+    num_cached_tokens: Optional[int] = None
 
 
 @dataclass

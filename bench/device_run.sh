@@ -40,7 +40,8 @@ stage_tests() {
     # The engine against transformers (float32) on the card, and dummy loading on CUDA.
     run "engine tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_engine_greedy.py tests/test_engine_logprobs.py tests/test_engine_beam_search.py \
-        tests/test_engine_sampling.py tests/test_sampler.py tests/test_load_format.py
+        tests/test_engine_sampling.py tests/test_sampler.py tests/test_load_format.py \
+        tests/test_engine_prefix_caching.py
 }
 
 stage_kernels() {

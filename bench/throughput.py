@@ -35,7 +35,8 @@ def run_aserve(args, prompts) -> dict:
     llm = OfflineLLM(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens,
                      kv_cache_memory_gb=args.kv_cache_memory_gb,
-                     tensor_parallel_size=args.tensor_parallel_size)
+                     tensor_parallel_size=args.tensor_parallel_size,
+                     enable_prefix_caching=args.enable_prefix_caching)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)   # warm-up
     _sync()
@@ -124,6 +125,7 @@ def engine_overhead(llm, args) -> dict:
     timings.sort(key=sum)
     med = timings[len(timings) // 2]
     result = {"running_requests": args.num_prompts, "tensor_parallel_size": args.tensor_parallel_size,
+              "prefix_caching": args.enable_prefix_caching,
               "median_step_ms": round(sum(med) * 1e3, 3),
               "schedule_and_prepare_ms": round(med[0] * 1e3, 3), "process_ms": round(med[2] * 1e3, 3)}
     if engine.workers is not None:
@@ -158,6 +160,7 @@ def main():
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--baseline", choices=["hf"], default=None)
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--engine-overhead", action="store_true")

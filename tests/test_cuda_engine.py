@@ -51,3 +51,21 @@ def test_bfloat16_chunked_prefill_and_graphs_agree_with_eager(llm_cache):
         lx = x.outputs[0].logprobs[0][x.outputs[0].token_ids[0]].logprob
         ly = y.outputs[0].logprobs[0][y.outputs[0].token_ids[0]].logprob
         assert abs(lx - ly) < 0.1
+
+
+def test_bfloat16_cached_prefixes_agree_with_computing_them(llm_cache):
+    """Chunks over a cached prefix (flash attention over context gathered from the paged
+    cache) give what computing the whole prompt gives, in bfloat16 with graphs on."""
+    system = random_prompts(8, [70])[0]
+    prompts = [system + p for p in random_prompts(9, [5, 12, 30])]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1)
+    cached = llm_cache("llama", dtype="bfloat16", enable_prefix_caching=True)
+    plain = llm_cache("llama", dtype="bfloat16", enable_prefix_caching=False)
+    cached.generate([system + [7, 7]], params, use_tqdm=False)
+    a = cached.generate(prompts, params, use_tqdm=False)
+    b = plain.generate(prompts, params, use_tqdm=False)
+    assert all(o.num_cached_tokens == 64 for o in a)
+    for x, y in zip(a, b):
+        lx = x.outputs[0].logprobs[0][x.outputs[0].token_ids[0]].logprob
+        ly = y.outputs[0].logprobs[0][y.outputs[0].token_ids[0]].logprob
+        assert abs(lx - ly) < 0.1

@@ -3,25 +3,38 @@
 A block holds the keys and values of block_size consecutive tokens of one sequence. Blocks
 are reference counted: forked sequences (the n samples or beams of one prompt) share the
 prompt's blocks, and the first write into a shared block copies it first (copy-on-write).
+
+With prefix caching, a full block keeps its content key (engine/prefix_cache.py) after its
+last owner frees it: it sits in the free queue, evictable, until a new request whose prompt
+starts with the same tokens takes it back (a hit) or an allocation needs it (then it is
+evicted, least recently freed first). Without prefix caching freed blocks are reused newest
+first, which keeps the working set warm.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Optional
+
+from aserve.engine.prefix_cache import PrefixCache
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache must hold at least one block, got {num_blocks}.")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # A stack: freshly freed blocks are reused first, which keeps the working set warm.
-        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        # Free blocks in the order they were freed (oldest first); cached ones among them.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks - 1, -1, -1))
         self._ref_counts = [0] * num_blocks
         self._tables: dict[int, list[int]] = {}
+        self.prefix_cache: Optional[PrefixCache] = PrefixCache(block_size) if enable_prefix_caching else None
 
     # ---------------------------------------------------------------- observation
     @property
     def num_free_blocks(self) -> int:
+        """Blocks an allocation may take: the unused ones and the evictable cached ones."""
         return len(self._free)
 
     @property
@@ -37,6 +50,9 @@ class BlockManager:
 
     def ref_count(self, block: int) -> int:
         return self._ref_counts[block]
+
+    def is_free(self, block: int) -> bool:
+        return block in self._free
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -78,10 +94,41 @@ class BlockManager:
         return count
 
     def _take(self) -> int:
-        block = self._free.pop()
+        # With caching the least recently freed block goes first (a cached prefix freed long
+        # ago is the least likely to be asked for again); without, the most recent.
+        block, _ = self._free.popitem(last=self.prefix_cache is None)
         assert self._ref_counts[block] == 0, "a free block must have no owner"
+        if self.prefix_cache is not None:
+            self.prefix_cache.evict(block)
         self._ref_counts[block] = 1
         return block
+
+    # ---------------------------------------------------------------- prefix caching
+    def take_cached_prefix(self, seq_id: int, token_ids: list[int]) -> int:
+        """Give a sequence that has no blocks yet the cached blocks of its longest cached
+        prefix; returns how many tokens they hold. The last token is always left to compute,
+        so the step that computes it has logits to sample from."""
+        cache = self.prefix_cache
+        if cache is None:
+            return 0
+        hits = cache.longest_prefix(token_ids, len(token_ids) - 1)
+        cache.count_query(len(token_ids), len(hits) * self.block_size)
+        for block in hits:
+            if self._ref_counts[block] == 0:
+                del self._free[block]   # revived: no longer evictable
+            self._ref_counts[block] += 1
+        self._tables[seq_id] = list(hits)
+        cache.start(seq_id, hits)
+        return len(hits) * self.block_size
+
+    def cache_computed_blocks(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """The sequence's first num_computed tokens have their KV in the cache now."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.register(seq_id, self._tables.get(seq_id, []), token_ids, num_computed)
+
+    def reset_prefix_cache(self) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
 
     # ---------------------------------------------------------------- sharing and release
     def fork(self, parent_id: int, child_id: int) -> None:
@@ -90,12 +137,24 @@ class BlockManager:
         for block in table:
             self._ref_counts[block] += 1
         self._tables[child_id] = list(table)
+        if self.prefix_cache is not None:
+            self.prefix_cache.fork(parent_id, child_id)
 
-    def free(self, seq_id: int) -> None:
-        """Release the sequence's blocks; a block returns to the pool when no one holds it."""
-        for block in self._tables.pop(seq_id, ()):
+    def free(self, seq_id: int, keep_cached: bool = True) -> None:
+        """Release the sequence's blocks; a block returns to the pool when no one holds it.
+        keep_cached=False also forgets the content of the blocks it frees (their KV may be
+        wrong: a step that failed)."""
+        table = self._tables.pop(seq_id, ())
+        cache = self.prefix_cache
+        if cache is not None:
+            cache.drop(seq_id)
+        # The last blocks first: a sequence's tail is the least shared part of its prefix, so
+        # it should be the first of its blocks to be evicted.
+        for block in reversed(table):
             count = self._ref_counts[block] - 1
             assert count >= 0, "reference counts never go negative"
             self._ref_counts[block] = count
             if count == 0:
-                self._free.append(block)
+                if cache is not None and not keep_cached:
+                    cache.evict(block)
+                self._free[block] = None

@@ -54,6 +54,8 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     num_preemptions: int
+    prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0       # of those, found there
 
 
 class Engine:
@@ -89,7 +91,8 @@ class Engine:
             max_num_seqs=args.max_num_seqs, max_model_len=max_len)
         num_blocks = self.runner.num_blocks
         self.cache_config = CacheConfig(args.block_size, num_blocks, 0)
-        self.block_manager = BlockManager(num_blocks, args.block_size)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self._caching, self._block_size = args.enable_prefix_caching, args.block_size
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         self.model = self.runner.model
         block_bytes = bytes_per_block(self.model, args.block_size, self.model_config.dtype)
@@ -245,6 +248,9 @@ class Engine:
         request, seq = item.request, item.seq
         if not computed_already_advanced:
             seq.num_computed_tokens += item.num_new_tokens
+        if self._caching and seq.num_computed_tokens // self._block_size > item.start // self._block_size:
+            # This step filled a block: its KV is computed now, so it may be cached.
+            self.block_manager.cache_computed_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
         self.prompt_tokens_total += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - item.start)
         if request.metrics.first_scheduled_time is None:
             request.metrics.first_scheduled_time = now
@@ -284,8 +290,8 @@ class Engine:
         for seq in request.seqs:
             if seq.finish_reason is None:
                 seq.finish_reason = "abort"
-        if not request.is_finished:
-            self.scheduler.remove_request(request)
+        if not request.is_finished:  # its blocks' content is not trusted: none stays cached
+            self.scheduler.remove_request(request, keep_cached=False)
 
     def _report(self, requests: Iterable[Request]) -> list[RequestOutput]:
         outputs = []
@@ -306,7 +312,14 @@ class Engine:
             num_used_blocks=bm.num_used_blocks, num_total_blocks=bm.num_blocks,
             kv_cache_usage=bm.usage, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.prefix_cache.query_tokens if bm.prefix_cache else 0,
+            prefix_cache_hits=bm.prefix_cache.hit_tokens if bm.prefix_cache else 0)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's reset_prefix_cache; e.g. after a weight change)."""
+        self.block_manager.reset_prefix_cache()
+        return True
 
     def get_request_status(self, request_id: str) -> Optional[RequestStatus]:
         request = self.requests.get(request_id)

@@ -154,4 +154,5 @@ class OutputProcessor:
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
             prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
-            outputs=outputs, finished=finished, error=request.error, metrics=request.metrics)
+            outputs=outputs, finished=finished, error=request.error, metrics=request.metrics,
+            num_cached_tokens=request.num_cached_tokens)

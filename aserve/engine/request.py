@@ -98,6 +98,8 @@ class Request:
         self.beam_outputs: Optional[list] = None
         self.error: Optional[str] = None
         self.num_preemptions = 0
+        # Prompt tokens found in the prefix cache when first admitted (None until then).
+        self.num_cached_tokens: Optional[int] = None
 
     @property
     def live_seqs(self) -> list[Sequence]:

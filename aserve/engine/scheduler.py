@@ -5,6 +5,10 @@ tokens; a step grants as many as the budget allows (a long prompt is thus chunke
 and samples the sequence when the grant reaches its end. Running requests are served first,
 oldest first; when the KV cache runs out of blocks, the most recently arrived running request
 is preempted by recompute: its blocks are freed and it waits again, first in line.
+
+With prefix caching, a request that starts (or restarts after a preemption) takes the cached
+blocks of its longest cached prefix: its num_computed_tokens starts past them, and nothing
+else here knows the difference.
 """
 
 from __future__ import annotations
@@ -54,14 +58,15 @@ class Scheduler:
         request.arrival_order = next(self._arrivals)
         self.waiting.append(request)
 
-    def remove_request(self, request: Request) -> None:
-        """Take a finished or aborted request out of the queues and free all its blocks."""
+    def remove_request(self, request: Request, keep_cached: bool = True) -> None:
+        """Take a finished or aborted request out of the queues and free all its blocks
+        (keep_cached=False: their content is not trusted, e.g. the step computing it failed)."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         for seq in request.seqs:
-            self.block_manager.free(seq.seq_id)
+            self.block_manager.free(seq.seq_id, keep_cached)
         request.status = RequestStatus.FINISHED
 
     @property
@@ -101,9 +106,13 @@ class Scheduler:
             if width + request.params.best_of > self.config.max_num_seqs:
                 break
             seqs = request.live_seqs
+            self._take_cached_prefix(request, seqs)
             grants = self._grants(seqs, budget)
             if not any(grants) or not self._fits(seqs, grants):
+                self._give_back_cached_prefix(seqs)   # it tries again next step
                 break  # waiting requests never preempt running ones
+            if request.num_cached_tokens is None:   # as vLLM: what its first admission found
+                request.num_cached_tokens = seqs[0].num_computed_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             bisect.insort(self.running, request, key=lambda r: r.arrival_order)
@@ -112,6 +121,23 @@ class Scheduler:
 
         num_tokens = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, copies, preempted, num_tokens)
+
+    def _take_cached_prefix(self, request: Request, seqs: list[Sequence]) -> None:
+        """Start each sequence of a request being admitted on its longest cached prefix.
+        Prompt logprobs need every prompt position's logits, so such a request computes its
+        whole prompt (as in vLLM)."""
+        bm = self.block_manager
+        if bm.prefix_cache is None or request.prompt_logprobs is not None:
+            return
+        for seq in seqs:  # a waiting request holds no blocks (a preempted one freed them)
+            seq.num_computed_tokens = bm.take_cached_prefix(seq.seq_id, seq.token_ids)
+
+    def _give_back_cached_prefix(self, seqs: list[Sequence]) -> None:
+        if self.block_manager.prefix_cache is None:
+            return
+        for seq in seqs:
+            self.block_manager.free(seq.seq_id)
+            seq.num_computed_tokens = 0
 
     @staticmethod
     def _grants(seqs: list[Sequence], budget: int) -> list[int]:

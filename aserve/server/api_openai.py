@@ -25,7 +25,7 @@ from aserve.server.protocol import (APIError, ChatChoice, ChatChoiceLogprobs, Ch
                                     ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                     ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
                                     CompletionLogProbs, CompletionRequest, CompletionResponse,
-                                    DeltaMessage, UsageInfo)
+                                    DeltaMessage, PromptTokensDetails, UsageInfo)
 
 logger = logging.getLogger("aserve.server")
 _MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps to the same value
@@ -179,7 +179,9 @@ def _chat_logprobs(state, token_ids, logprobs, top_n: int) -> list[ChatTokenLogp
 def _usage(finals: list[Optional[RequestOutput]]) -> UsageInfo:
     prompt = sum(len(f.prompt_token_ids) for f in finals if f is not None)
     completion = sum(len(o.token_ids) for f in finals if f is not None for o in f.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(f.num_cached_tokens or 0 for f in finals if f is not None)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 class _Sent:

@@ -175,6 +175,12 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    """vLLM's POST /reset_prefix_cache: forget every cached prompt prefix."""
+    request.app[STATE].async_engine.engine.reset_prefix_cache()
+    return web.Response(status=200)
+
+
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     card = ModelCard(id=state.served_model_name, created=state.created, root=state.model_root,
@@ -222,6 +228,7 @@ def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) 
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     api_generate.add_routes(app)
     api_openai.add_routes(app)
 

@@ -61,6 +61,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="CPU: the KV cache's memory budget in GiB; default: 1.")
     e.add_argument("--enforce-eager", action="store_true", help="GPU: do not capture CUDA graphs.")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="Reuse the KV cache of prompt prefixes already computed (shared system "
+                        "prompts, earlier turns of a chat). (default: on)")
     e.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu. (default: %(default)s)")
 
     d = p.add_argument_group("parallelism (several GPUs, several nodes)")
@@ -110,6 +113,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         trust_remote_code=ns.trust_remote_code, tensor_parallel_size=ns.tensor_parallel_size,
         nnodes=ns.nnodes, node_rank=ns.node_rank, master_addr=ns.master_addr,
         master_port=ns.master_port, enforce_eager=ns.enforce_eager, load_format=ns.load_format,
+        enable_prefix_caching=ns.enable_prefix_caching,
         skip_tokenizer_init=ns.skip_tokenizer_init)
 
 

@@ -98,6 +98,10 @@ class ServerMetrics:
         scalar("counter", "aserve:prompt_tokens_total", "Prompt tokens computed.", stats.prompt_tokens_total)
         scalar("counter", "aserve:generation_tokens_total", "Tokens generated.",
                stats.generation_tokens_total)
+        scalar("counter", "aserve:prefix_cache_queries_total",
+               "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
+        scalar("counter", "aserve:prefix_cache_hits_total",
+               "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         name = "aserve:request_success_total"
         lines += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
         for reason, n in sorted(self.finished_by_reason.items()):
@@ -116,6 +120,7 @@ async def log_status_periodically(async_engine, interval_s: Callable[[], float])
     stats = async_engine.get_stats()
     # Plain ints: get_stats may hand back the same object each time.
     last_prompt, last_gen = stats.prompt_tokens_total, stats.generation_tokens_total
+    last_queries, last_hits = stats.prefix_cache_queries, stats.prefix_cache_hits
     last_time = time.monotonic()
     while True:
         await asyncio.sleep(interval_s())
@@ -128,10 +133,13 @@ async def log_status_periodically(async_engine, interval_s: Callable[[], float])
         elapsed = max(now - last_time, 1e-9)
         prompt_tps = (stats.prompt_tokens_total - last_prompt) / elapsed
         gen_tps = (stats.generation_tokens_total - last_gen) / elapsed
+        queries = stats.prefix_cache_queries - last_queries
+        hit_rate = 100.0 * (stats.prefix_cache_hits - last_hits) / queries if queries else 0.0
         if stats.num_running or stats.num_waiting or prompt_tps or gen_tps:
             logger.info("Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
-                        "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%",
-                        prompt_tps, gen_tps, stats.num_running, stats.num_waiting,
-                        100.0 * stats.kv_cache_usage)
+                        "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
+                        "Prefix cache hit rate: %.1f%%", prompt_tps, gen_tps, stats.num_running,
+                        stats.num_waiting, 100.0 * stats.kv_cache_usage, hit_rate)
         last_prompt, last_gen = stats.prompt_tokens_total, stats.generation_tokens_total
+        last_queries, last_hits = stats.prefix_cache_queries, stats.prefix_cache_hits
         last_time = now

@@ -131,10 +131,15 @@ class CompletionChoice(BaseModel):
     stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0   # prompt tokens served from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class CompletionResponse(BaseModel):
