@@ -123,3 +123,56 @@ def test_every_block_is_free_after_any_mix_of_finished_and_aborted_requests(seed
         sched.remove_request(request)
     assert bm.num_free_blocks == num_blocks
     assert all(bm.ref_count(b) == 0 for b in range(num_blocks))
+
+
+def test_a_decode_token_needs_no_block_only_inside_an_unshared_block():
+    bm = BlockManager(10, 4)
+    bm.allocate(0, 0, 6)                  # positions 0-5: blocks 0-3 and 4-7
+    assert bm.has_own_slot(0, 6) and bm.has_own_slot(0, 7)
+    assert not bm.has_own_slot(0, 8)      # the next block does not exist yet
+    bm.fork(0, 1)
+    assert not bm.has_own_slot(0, 6)      # shared: the write must copy first
+    assert not bm.has_own_slot(5, 0)      # no such sequence
+
+
+def test_decode_steps_reuse_their_row_plan_until_the_batch_changes():
+    from aserve.engine.row_planner import RowPlanner
+
+    bm = BlockManager(64, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=100), bm)
+    planner = RowPlanner()
+    requests = [_request(f"r{i}", 5) for i in range(3)]
+    for r in requests:
+        sched.add_request(r)
+
+    def step():
+        out = sched.schedule()
+        for item in out.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.samples:
+                item.seq.token_ids.append(1)
+        return out
+
+    first = step()
+    assert not first.decode_only          # prompts
+    plans = [planner.plan(out) for out in (step(), step())]
+    assert plans[0] is plans[1] and plans[0].row_plan.logits_indices == [0, 1, 2]
+    sched.remove_request(requests[1])
+    out = step()
+    assert out.decode_only and planner.plan(out) is not plans[0]
+    assert planner.plan(out).row_plan.logits_indices == [0, 1]
+
+
+def test_a_row_plan_that_reads_output_tokens_is_never_reused():
+    from aserve.engine.row_planner import plan_rows
+
+    bm = BlockManager(64, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=100), bm)
+    params = SamplingParams(temperature=1.0, max_tokens=8, repetition_penalty=1.2)
+    request = Request("p", None, [1, 2, 3], params, 0.0, Sequence([1, 2, 3], None, False), None)
+    sched.add_request(request)
+    out = sched.schedule()
+    request.seqs[0].num_computed_tokens = 3
+    request.seqs[0].token_ids.append(9)
+    out = sched.schedule()
+    assert out.decode_only and not plan_rows(out).reusable

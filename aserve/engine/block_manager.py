@@ -54,6 +54,12 @@ class BlockManager:
     def is_free(self, block: int) -> bool:
         return block in self._free
 
+    def has_own_slot(self, seq_id: int, position: int) -> bool:
+        """Whether the sequence can write token `position` with no new block and no copy."""
+        table = self._tables.get(seq_id)
+        return (table is not None and position < len(table) * self.block_size
+                and self._ref_counts[table[position // self.block_size]] == 1)
+
     def blocks_for_tokens(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

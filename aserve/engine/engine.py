@@ -30,7 +30,7 @@ from aserve.models.loader import check_tensor_parallel_split, create_model_confi
 from aserve.outputs import RequestOutput
 from aserve.worker.kv_cache import bytes_per_block
 from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner
-from aserve.engine.row_planner import plan_rows
+from aserve.engine.row_planner import RowPlanner
 from aserve.worker.runner_setup import build_model_runner
 from aserve.engine.step_inputs import build_step_arrays
 
@@ -94,6 +94,7 @@ class Engine:
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self._caching, self._block_size = args.enable_prefix_caching, args.block_size
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.row_planner = RowPlanner()
         self.model = self.runner.model
         block_bytes = bytes_per_block(self.model, args.block_size, self.model_config.dtype)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB%s); maximum concurrency for %d-token "
@@ -173,7 +174,7 @@ class Engine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return StepPlan(sched, None, [])
-        rows = plan_rows(sched)
+        rows = self.row_planner.plan(sched)
         arrays = build_step_arrays(sched, rows.row_plan, self.block_manager, placeholder_rows)
         return StepPlan(sched, self.runner.model_input(arrays, rows.row_plan), rows.spans)
 
