@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
+
+from aserve.structured_output.params import StructuredOutputsParams
 
 # Below this temperature sampling is treated as greedy, as vLLM does, to avoid dividing by ~0.
 _GREEDY_EPS = 1e-5
@@ -44,6 +46,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None
+    # The output must match a JSON schema, regex, choice or grammar (a StructuredOutputsParams
+    # or a mapping of its fields); guided_decoding is vLLM's earlier name for the same.
+    structured_outputs: Optional[Any] = None
+    guided_decoding: Optional[Any] = None
     # Filled by the engine, never by users: the tokenizer's EOS ids (ignored when ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -61,6 +67,12 @@ class SamplingParams:
             self.logit_bias = _parse_logit_bias(self.logit_bias)
         if self.top_k == 0:
             self.top_k = -1  # OpenAI-style clients send 0 for "off"
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("give structured_outputs or guided_decoding (its older name), not both.")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_any(self.structured_outputs)
         self._verify()
         self.all_stop_token_ids = set(self.stop_token_ids)
 
@@ -103,6 +115,8 @@ class SamplingParams:
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
         if self.use_beam_search:
+            if self.structured_outputs is not None:
+                raise ValueError("structured_outputs cannot be used with beam search.")
             if self.best_of == 1:
                 raise ValueError("best_of must be greater than 1 when using beam search, got 1.")
             if self.temperature > _GREEDY_EPS:

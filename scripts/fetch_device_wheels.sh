@@ -15,6 +15,7 @@ WHEELS=(
     orjson==3.13.0
     pytest-asyncio==1.5.0
     openai==2.54.0             # the last major on httpx (3.x needs httpx2, not on the image)
+    llguidance==1.9.1          # structured outputs (abi3: one wheel for every Python 3)
     distro==1.9.0              # openai's dependencies the image lacks
     jiter==0.19.0
     sniffio==1.3.1
@@ -26,7 +27,8 @@ rm -rf "$new"
 trap 'rm -rf "$new"' EXIT
 # --only-binary with --platform also takes pure-Python (py3-none-any) wheels.
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 \
     -d "$new" "${WHEELS[@]}"
 rm -rf .whl
 mv "$new" .whl

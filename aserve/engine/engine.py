@@ -33,6 +33,7 @@ from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner
 from aserve.engine.row_planner import RowPlanner
 from aserve.worker.runner_setup import build_model_runner
 from aserve.engine.step_inputs import build_step_arrays
+from aserve.structured_output.backend import GrammarBackend
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,14 @@ class Engine:
                         graphs.max_seq_len, graphs.capture_seconds)
         self.outputs = OutputProcessor(self.tokenizer, self.block_manager, max_len)
         self.requests: dict[str, Request] = {}
+        self.grammars = (GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+                         if self.tokenizer is not None else None)
         self.factory = RequestFactory(self.tokenizer, self.model_config, self.scheduler_config,
-                                      self.block_manager, self.device)
+                                      self.block_manager, self.device, self.grammars)
+        # Structured-output requests whose grammar matcher is still being made, and those
+        # whose matcher failed (reported with the next step's outputs).
+        self._awaiting_grammar: list[Request] = []
+        self._failed_early: list[tuple[Request, str]] = []
         # Offline use wants only final outputs; building per-step outputs costs time.
         self.stream_outputs = True
         self.prompt_tokens_total = 0
@@ -135,6 +142,8 @@ class Engine:
         """End the worker ranks (tensor parallelism); the engine serves no more steps."""
         if self.workers is not None:
             self.workers.shutdown()
+        if self.grammars is not None:
+            self.grammars.shutdown()
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: Optional[str], prompt: Union[str, list[int]], params,
@@ -149,7 +158,10 @@ class Engine:
         self.requests[request_id] = request
         if not can_pipeline(request):
             self._unpipelinable.add(request_id)
-        self.scheduler.add_request(request)
+        if request.pending_matcher is not None:
+            self._awaiting_grammar.append(request)
+        else:
+            self.scheduler.add_request(request)
         return request_id
 
     def abort_request(self, request_ids: Union[str, Iterable[str]]) -> None:
@@ -157,12 +169,16 @@ class Engine:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             request = self.requests.pop(request_id, None)
             self._unpipelinable.discard(request_id)
-            if request is not None and not request.is_finished:
+            if request is not None and request in self._awaiting_grammar:
+                self._awaiting_grammar.remove(request)
+                request.pending_matcher.cancel()
+                request.status = RequestStatus.FINISHED
+            elif request is not None and not request.is_finished:
                 self.scheduler.remove_request(request)
 
     def has_unfinished_requests(self) -> bool:
         in_flight = self.pipeline is not None and self.pipeline.in_flight is not None
-        return self.scheduler.num_unfinished > 0 or in_flight
+        return self.scheduler.num_unfinished > 0 or in_flight or bool(self._awaiting_grammar)
 
     def all_requests_pipelinable(self) -> bool:
         return not self._unpipelinable
@@ -171,12 +187,32 @@ class Engine:
     def schedule(self, placeholder_rows: Optional[dict[int, int]] = None) -> StepPlan:
         """Choose this step's work and build its inputs. placeholder_rows (async scheduling):
         for sequences whose last token is still being sampled, its row in that step's ids."""
+        if self._awaiting_grammar:
+            self._admit_grammar_ready()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return StepPlan(sched, None, [])
         rows = self.row_planner.plan(sched)
         arrays = build_step_arrays(sched, rows.row_plan, self.block_manager, placeholder_rows)
         return StepPlan(sched, self.runner.model_input(arrays, rows.row_plan), rows.spans)
+
+    def _admit_grammar_ready(self) -> None:
+        """Queue the structured-output requests whose matcher is made; fail those whose grammar
+        could not be made (their outputs go out with the next step's)."""
+        still = []
+        for request in self._awaiting_grammar:
+            future = request.pending_matcher
+            if not future.done():
+                still.append(request)
+                continue
+            request.pending_matcher = None
+            try:
+                request.seqs[0].matcher = future.result()
+            except Exception as exc:
+                self._failed_early.append((request, f"structured_outputs: {exc}"))
+                continue
+            self.scheduler.add_request(request)
+        self._awaiting_grammar = still
 
     def execute(self, plan: StepPlan) -> Optional[ModelOutput]:
         """The model forward and sampling; touches nothing but the plan and the KV cache."""
@@ -189,6 +225,12 @@ class Engine:
         """Apply a step's results. computed_already_advanced: async scheduling counted the
         step's tokens as computed when it scheduled the next step."""
         changed: dict[str, Request] = {}
+        while self._failed_early:
+            request, message = self._failed_early.pop()
+            request.error = message
+            request.seqs[0].finish_reason = "abort"
+            request.status = RequestStatus.FINISHED
+            changed[request.request_id] = request
         now = time.monotonic()
         for item, span in zip(plan.sched.scheduled, plan.row_spans):
             request = item.request

@@ -37,6 +37,8 @@ class OutputProcessor:
                      logprobs: Optional[dict[int, Logprob]], token_logprob: Optional[float]) -> None:
         params = request.params
         seq.token_ids.append(token_id)
+        if seq.matcher is not None:
+            _advance_grammar(seq.matcher, token_id)
         if token_logprob is not None:
             seq.cumulative_logprob += token_logprob
         if seq.logprobs is not None and logprobs is not None:
@@ -57,6 +59,8 @@ class OutputProcessor:
                 return
         if num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length", None)
+        elif seq.matcher is not None and seq.matcher.is_stopped():
+            self._finish(seq, "stop", None)   # the grammar is complete: it allows nothing more
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.finish_reason = reason
@@ -156,3 +160,10 @@ class OutputProcessor:
             prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
             outputs=outputs, finished=finished, error=request.error, metrics=request.metrics,
             num_cached_tokens=request.num_cached_tokens)
+
+
+def _advance_grammar(matcher, token_id: int) -> None:
+    """Feed a sampled token to a structured-output sequence's grammar."""
+    if not matcher.consume_token(token_id) or matcher.is_error():
+        # The mask allowed only tokens the grammar accepts: this is a fault, the request fails.
+        raise RuntimeError(f"the grammar refused sampled token {token_id}: {matcher.get_error()}")

@@ -8,7 +8,8 @@ k+1's batch, where the model runner copies in step k's sampled id on the device.
 ids arrive, the placeholders are taken out and the real tokens are appended as usual.
 
 Only requests whose sampling needs nothing of the host's token history qualify (one sample,
-no beams, no penalties, no min_tokens, no logprobs); while any other request is in the engine,
+no beams, no penalties, no min_tokens, no logprobs, no grammar: its mask for step k+1 needs
+step k's token on the host); while any other request is in the engine,
 steps run synchronously. A request that finishes at step k has already been scheduled into
 step k+1: that one token of work is thrown away.
 """
@@ -38,7 +39,8 @@ def can_pipeline(request: Request) -> bool:
     """Whether the request's sampling is blind to its own history on the host."""
     p = request.params
     return (request.beam_state is None and p.n == 1 and p.best_of == 1 and not p.needs_penalties
-            and not p.min_tokens and p.logprobs is None and p.prompt_logprobs is None)
+            and not p.min_tokens and p.logprobs is None and p.prompt_logprobs is None
+            and p.structured_outputs is None)
 
 
 class StepPipeline:

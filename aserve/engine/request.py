@@ -30,7 +30,7 @@ class Sequence:
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "cumulative_logprob", "logprobs", "detokenizer", "finish_reason",
-                 "stop_reason", "output_index")
+                 "stop_reason", "output_index", "matcher")
 
     def __init__(self, prompt_token_ids: list[int], detokenizer, want_logprobs: bool) -> None:
         self.seq_id = next(_seq_ids)
@@ -43,6 +43,8 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.stop_reason = None
         self.output_index = 0  # the CompletionOutput index this sequence reports as
+        # Structured outputs: the grammar's state after this sequence's output (llguidance).
+        self.matcher = None
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +75,7 @@ class Sequence:
         child.finish_reason = None
         child.stop_reason = None
         child.output_index = self.output_index
+        child.matcher = self.matcher.deep_copy() if self.matcher is not None else None
         return child
 
 
@@ -100,6 +103,8 @@ class Request:
         self.num_preemptions = 0
         # Prompt tokens found in the prefix cache when first admitted (None until then).
         self.num_cached_tokens: Optional[int] = None
+        # Structured outputs: the matcher being made for it (the request waits for it).
+        self.pending_matcher = None
 
     @property
     def live_seqs(self) -> list[Sequence]:

@@ -20,8 +20,9 @@ from aserve.sampling_params import SamplingParams
 
 class RequestFactory:
     def __init__(self, tokenizer, model_config: ModelConfig, scheduler_config: SchedulerConfig,
-                 block_manager: BlockManager, device: torch.device) -> None:
+                 block_manager: BlockManager, device: torch.device, grammars=None) -> None:
         self.tokenizer = tokenizer
+        self.grammars = grammars   # GrammarBackend, or None without a tokenizer
         self.model_config = model_config
         self.scheduler_config = scheduler_config
         self.block_manager = block_manager
@@ -39,6 +40,11 @@ class RequestFactory:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop={params.stop!r}: stop strings need a tokenizer, and this engine "
                              f"has none (skip_tokenizer_init); use stop_token_ids.")
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured_outputs need a tokenizer, and this engine has none "
+                                 "(skip_tokenizer_init).")
+            self.grammars.check(params.structured_outputs)
         if params.use_beam_search or self.tokenizer is None:
             detokenizer = None  # beams are decoded once, when the search ends; no tokenizer: no text
         else:
@@ -52,6 +58,8 @@ class RequestFactory:
             generator.manual_seed(params.seed)
         seq = Sequence(prompt_ids, detokenizer, want_logprobs=params.logprobs is not None)
         request = Request(request_id, prompt_text, prompt_ids, params, arrival_time, seq, generator)
+        if params.structured_outputs is not None:
+            request.pending_matcher = self.grammars.matcher(params.structured_outputs)
         if params.use_beam_search:
             eos = set() if params.ignore_eos else (self.eos_token_ids | set(params.stop_token_ids))
             request.beam_state = BeamSearchState(

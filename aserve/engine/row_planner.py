@@ -59,7 +59,7 @@ def plan_rows(sched: SchedulerOutput) -> PlannedRows:
     beam_idx: list[int] = []
     prompt_idx: list[int] = []
     groups: list[PromptLogprobRows] = []
-    params, generators, prompt_ids, output_ids, wants_lp = [], [], [], [], []
+    params, generators, prompt_ids, output_ids, wants_lp, matchers = [], [], [], [], [], []
     spans: list[RowSpan] = []
     beam_first: dict[str, int] = {}
     offset = 0
@@ -91,7 +91,7 @@ def plan_rows(sched: SchedulerOutput) -> PlannedRows:
             else:
                 p = request.params
                 count = p.best_of if request.needs_fork else 1
-                if count > 1 or p.needs_penalties or p.min_tokens:
+                if count > 1 or p.needs_penalties or p.min_tokens or seq.matcher is not None:
                     reusable = False
                 span.sample_start, span.sample_count = len(sample_idx), count
                 sample_idx.extend([last] * count)
@@ -103,9 +103,12 @@ def plan_rows(sched: SchedulerOutput) -> PlannedRows:
                     prompt_ids.append(request.prompt_token_ids)
                     output_ids.append(outputs)
                     wants_lp.append(p.logprobs is not None or p.best_of > p.n)
+                    matchers.append(seq.matcher)
         spans.append(span)
         offset += n
-    metadata = (SamplingMetadata.build(params, generators, prompt_ids, output_ids)
+    constrained = any(m is not None for m in matchers)
+    metadata = (SamplingMetadata.build(params, generators, prompt_ids, output_ids,
+                                       matchers if constrained else None)
                 if params else None)
     row_plan = RowPlan(
         logits_indices=sample_idx + beam_idx + prompt_idx,

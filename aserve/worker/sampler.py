@@ -15,6 +15,7 @@ import torch
 
 from aserve.outputs import Logprob
 from aserve.sampling_params import SamplingParams
+from aserve.structured_output.bitmask import masked_logits
 from aserve.worker.logits_processors import apply_logits_processors, apply_min_p, apply_top_k_top_p
 
 
@@ -29,6 +30,8 @@ class SamplingMetadata:
     generators: list[Optional[torch.Generator]]
     prompt_token_ids: list[list[int]]
     output_token_ids: list[list[int]]
+    # Per row: the grammar matcher of a structured-output sequence, else None.
+    matchers: Optional[list] = None
     all_greedy: bool = field(init=False)
     all_random: bool = field(init=False)
     any_penalties: bool = field(init=False)
@@ -39,6 +42,7 @@ class SamplingMetadata:
     any_top_p: bool = field(init=False)
     any_min_p: bool = field(init=False)
     max_num_logprobs: Optional[int] = field(init=False)  # None: no row asks, skip log_softmax
+    grammar_rows: list[int] = field(init=False)           # rows with a matcher
 
     def __post_init__(self) -> None:
         params = self.params
@@ -56,14 +60,16 @@ class SamplingMetadata:
             any_top_p=any(p.top_p < 1.0 for p in random),
             any_min_p=any(p.min_p > 0.0 for p in random),
             max_num_logprobs=max(asked) if asked else None,
+            grammar_rows=[i for i, m in enumerate(self.matchers) if m is not None] if self.matchers else [],
         )
         for name, value in flags.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
 
     @staticmethod
     def build(params: list[SamplingParams], generators: list[Optional[torch.Generator]],
-              prompt_token_ids: list[list[int]], output_token_ids: list[list[int]]) -> "SamplingMetadata":
-        return SamplingMetadata(params, generators, prompt_token_ids, output_token_ids)
+              prompt_token_ids: list[list[int]], output_token_ids: list[list[int]],
+              matchers: Optional[list] = None) -> "SamplingMetadata":
+        return SamplingMetadata(params, generators, prompt_token_ids, output_token_ids, matchers)
 
 
 @dataclass
@@ -108,6 +114,9 @@ class Sampler:
 
     def _sample_processed(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         processed = apply_logits_processors(logits, metadata)
+        if metadata.grammar_rows:  # a new tensor: the caller's raw logits stay as they are
+            rows = metadata.grammar_rows
+            processed = masked_logits(processed, rows, [metadata.matchers[i] for i in rows])
         if metadata.all_greedy:
             return processed.argmax(dim=-1)  # the common fast path: no softmax, no noise
         return self._sample(processed, metadata)
