@@ -5,10 +5,11 @@ import os as _os
 
 from aserve.config import EngineArgs
 from aserve.outputs import CompletionOutput, Logprob, RequestOutput
-from aserve.sampling_params import SamplingParams
+from aserve.sampling_params import BeamSearchParams, SamplingParams
+from aserve.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
-__all__ = ["OfflineLLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob",
-           "EngineArgs"]
+__all__ = ["OfflineLLM", "LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
+           "Logprob", "EngineArgs", "StructuredOutputsParams", "GuidedDecodingParams"]
 __version__ = "0.1.0"
 
 
@@ -31,7 +32,7 @@ _configure_logging()
 def __getattr__(name: str):
     # Imported lazily: the engine pulls in the models and transformers, which light users
     # of aserve (protocol types, sampling params) should not pay for.
-    if name == "OfflineLLM":
+    if name in ("OfflineLLM", "LLM"):   # LLM: vLLM's name, for scripts written for vLLM
         from aserve.offline import OfflineLLM
         return OfflineLLM
     raise AttributeError(f"module 'aserve' has no attribute {name!r}")

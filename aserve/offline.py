@@ -9,10 +9,10 @@ from tqdm.auto import tqdm
 
 from aserve.config import EngineArgs
 from aserve.engine.engine import Engine
+from aserve.offline_inputs import (BeamSearchOutput, BeamSearchSequence, PromptInput, as_prompt_list,
+                                   chat_prompt_ids, is_conversation)
 from aserve.outputs import RequestOutput
-from aserve.sampling_params import SamplingParams
-
-PromptInput = Union[str, list[int]]
+from aserve.sampling_params import BeamSearchParams, SamplingParams
 
 
 class OfflineLLM:
@@ -54,11 +54,11 @@ class OfflineLLM:
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate for every prompt; returns RequestOutputs in the prompts' order.
 
-        A prompt is a string or a list of token ids. An invalid prompt or parameter raises
-        ValueError naming the prompt's index before any work starts, and leaves the engine
-        as it was.
+        A prompt is a string, a list of token ids, or vLLM's {"prompt": text} or
+        {"prompt_token_ids": ids}. An invalid prompt or parameter raises ValueError naming
+        the prompt's index before any work starts, and leaves the engine as it was.
         """
-        prompts = _as_prompt_list(prompts)
+        prompts = as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -69,6 +69,33 @@ class OfflineLLM:
         ids = self._add_all(prompts, sampling_params)
         finished = self._run(len(ids), use_tqdm)
         return [finished[i] for i in ids]
+
+    def chat(self, messages, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             use_tqdm: bool = True, chat_template: Optional[str] = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation (a list of {"role", "content"} messages) or a list
+        of conversations, each rendered with the chat template (the tokenizer's, or
+        chat_template) and generated for; one RequestOutput per conversation."""
+        conversations = [messages] if is_conversation(messages) else list(messages)
+        prompts = [chat_prompt_ids(self.engine.tokenizer, c, chat_template, add_generation_prompt,
+                                   continue_final_message, chat_template_kwargs) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: params.beam_width beams per prompt, best first; each
+        sequence's tokens and text include its prompt."""
+        results = self.generate(as_prompt_list(prompts), params.to_sampling_params(), use_tqdm=use_tqdm)
+        tokenizer = self.engine.tokenizer
+        outputs = []
+        for result in results:
+            sequences = []
+            for beam in result.outputs:
+                tokens = list(result.prompt_token_ids) + list(beam.token_ids)
+                text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
+                sequences.append(BeamSearchSequence(tokens, beam.cumulative_logprob or 0.0, text,
+                                                    beam.finish_reason, beam.stop_reason))
+            outputs.append(BeamSearchOutput(sequences))
+        return outputs
 
     def _add_all(self, prompts, sampling_params) -> list[str]:
         ids: list[str] = []
@@ -107,15 +134,3 @@ class OfflineLLM:
         finally:
             bar.close()
         return finished
-
-
-def _as_prompt_list(prompts) -> list[PromptInput]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-        return [list(prompts)]  # one prompt given as token ids
-    if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts must be a string, a list of strings or token-id lists, got "
-                         f"{type(prompts).__name__}.")
-    return list(prompts)

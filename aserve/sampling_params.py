@@ -187,3 +187,21 @@ def _parse_logit_bias(logit_bias) -> dict[int, float]:
             raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token_id}.")
         parsed[token_id] = float(bias)
     return parsed
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's parameters of LLM.beam_search: beam_width beams, all returned, best first."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def to_sampling_params(self) -> SamplingParams:
+        return SamplingParams(use_beam_search=True, n=self.beam_width, best_of=self.beam_width,
+                              max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                              temperature=self.temperature, length_penalty=self.length_penalty,
+                              include_stop_str_in_output=self.include_stop_str_in_output)

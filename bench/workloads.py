@@ -164,7 +164,7 @@ def run_hf(config, dtype: torch.dtype, workloads: list[Workload], args, name: st
                     time.perf_counter() - start, batch_size=args.hf_batch_size)
     finally:
         torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
-        del model
+        model = None  # frees the weights (gc below) before the engine takes the card
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
