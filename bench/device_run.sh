@@ -5,7 +5,8 @@
 # Stages, each bounded by `timeout` (one device call may run 600 s: split the stages over calls):
 #   tests    the CUDA tests (-m cuda), then the engine-vs-transformers tests on the card
 #   kernels  bench/kernels.py (paged decode vs the copy ceiling) and bench/gemv.py (vs cuBLAS)
-#   serving  the serving benchmark against `python -m aserve` on the opt-125m shape
+#   serving  bench/serving.py against `python -m aserve` on models A and B (random weights), at
+#            Poisson 10 and 40 req/s and all at once (SERVING_MODELS, SERVING_RATES)
 #   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200;
 #            BASELINE="" leaves transformers out)
 #   previous the same workloads, engine only, run by an earlier version of aserve unpacked in
@@ -53,17 +54,24 @@ stage_serving() {
     if ! python3 -c "import pydantic, orjson" 2>/dev/null; then
         echo "=== serving: skipped, pydantic/orjson missing (carry .whl)"; return
     fi
-    python3 bench/make_random_model.py --shape opt-125m --out /tmp/opt-125m --dtype float16
-    python3 -m aserve --model /tmp/opt-125m --port 8123 > /tmp/server.log 2>&1 &
-    local server=$!
-    for _ in $(seq 120); do curl -sf localhost:8123/health >/dev/null && break; sleep 1; done
-    for rate in 40 inf; do
-        run "serving rate=$rate" "$SERVING_TIMEOUT" python3 bench/serving.py --base-url http://localhost:8123 \
-            --num-prompts 400 --request-rate $rate --input-len 128 --output-len 128 --ignore-eos 2>&1 | tail -24
+    # The offline workloads' shapes and lengths (A: 128 in, 128 out; B: 512 in, 256 out),
+    # random weights, random token-id prompts; SERVING_MODELS / SERVING_RATES choose.
+    for model in ${SERVING_MODELS:-A B}; do
+        local shape=opt-125m dtype=float16 input=128 output=128
+        [ "$model" = B ] && shape=llama-3.1-8b dtype=bfloat16 input=512 output=256
+        python3 bench/make_random_model.py --shape $shape --out /tmp/$shape --dtype $dtype --config-only
+        python3 -m aserve --model /tmp/$shape --load-format dummy --port 8123 > /tmp/server.log 2>&1 &
+        local server=$!
+        for _ in $(seq 180); do curl -sf localhost:8123/health >/dev/null && break; sleep 1; done
+        for rate in ${SERVING_RATES:-10 40 inf}; do
+            run "serving $model rate=$rate" "$SERVING_TIMEOUT" python3 bench/serving.py \
+                --base-url http://localhost:8123 --request-rate $rate --input-len $input \
+                --output-len $output --random-token-ids 30000 --ignore-eos 2>&1 | tail -24
+        done
+        kill $server
+        wait $server 2>/dev/null
+        grep -iE "error|exception" /tmp/server.log | head -5
     done
-    kill $server
-    wait $server 2>/dev/null
-    grep -iE "error|exception" /tmp/server.log | head -5
 }
 
 stage_previous() {

@@ -28,6 +28,11 @@ SHAPES = {
     "qwen2-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                        max_position_embeddings=32768, tie_word_embeddings=True)),
+    # meta-llama/Llama-3.1-8B (bench/workloads.py's model B; its rope scaling left out)
+    "llama-3.1-8b": ("LlamaConfig", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                         max_position_embeddings=131072, rope_theta=500000.0,
+                                         rms_norm_eps=1e-5)),
     # a Llama of ~1B parameters (TinyLlama-1.1B's shape)
     "llama-1b": ("LlamaConfig", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                      num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -56,12 +61,20 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--config-only", action="store_true",
+                        help="write the config and tokenizer, no weights: serve with --load-format dummy")
     args = parser.parse_args()
 
     import transformers
 
     config_name, fields = SHAPES[args.shape]
-    config = getattr(transformers, config_name)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = getattr(transformers, config_name)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                                torch_dtype=args.dtype)
+    if args.config_only:
+        config.save_pretrained(args.out)
+        synthetic_tokenizer(config.vocab_size).save_pretrained(args.out)
+        print(f"{args.shape}: config and tokenizer in {args.out} (serve with --load-format dummy)")
+        return
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype))
     model.save_pretrained(args.out)

@@ -7,7 +7,10 @@ inter-token latency (ITL, the gap between streamed chunks), at mean / p50 / p90 
 
 It speaks plain OpenAI, so it runs unchanged against aserve, vLLM or any compatible URL:
     python -m aserve --model facebook/opt-125m &
-    python bench/serving.py --base-url http://localhost:8000 --num-prompts 200 --request-rate 10
+    python bench/serving.py --base-url http://localhost:8000 --num-prompts 1000 --request-rate 10
+--random-token-ids V sends each prompt as --input-len random token ids below V (OpenAI's
+prompt-as-ids form): exact lengths and no shared prefix, the offline workloads' prompts (the
+default, English words, repeats words, which a prefix cache partly reuses).
 vLLM's `ignore_eos` extra (fixed output lengths) is sent only with --ignore-eos.
 Token counts come from the final usage chunk (stream_options.include_usage); a server that
 sends none is measured in chunks instead (--no-usage to stop asking).
@@ -45,8 +48,10 @@ class Result:
     itls: list[float] = field(default_factory=list)
 
 
-def make_prompt(rng: random.Random, num_words: int) -> str:
-    return " ".join(rng.choice(_WORDS) for _ in range(num_words))
+def make_prompt(rng: random.Random, length: int, vocab: Optional[int] = None):
+    if vocab:  # token ids, as bench/workloads.py draws them
+        return [rng.randrange(100, vocab) for _ in range(length)]
+    return " ".join(rng.choice(_WORDS) for _ in range(length))
 
 
 async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: str) -> Result:
@@ -114,7 +119,7 @@ async def run(args) -> dict:
                 resp.raise_for_status()
                 model = (await resp.json())["data"][0]["id"]
         rng = random.Random(args.seed)
-        prompts = [make_prompt(rng, args.input_len) for _ in range(args.num_prompts)]
+        prompts = [make_prompt(rng, args.input_len, args.random_token_ids) for _ in range(args.num_prompts)]
         print(f"Benchmarking {model} at {args.base_url}: {args.num_prompts} requests, "
               f"rate {args.request_rate}/s, ~{args.input_len} words in, {args.output_len} tokens out",
               flush=True)
@@ -188,11 +193,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--base-url", default="http://localhost:8000", help="server root (no /v1)")
     p.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"])
     p.add_argument("--model", default=None, help="default: the first model of /v1/models")
-    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="Poisson arrival rate in requests/s; inf sends all at once")
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
-    p.add_argument("--input-len", type=int, default=128, help="prompt length in words")
+    p.add_argument("--input-len", type=int, default=128, help="prompt length in words (or token ids)")
+    p.add_argument("--random-token-ids", type=int, default=None, metavar="VOCAB",
+                   help="prompts of random token ids below VOCAB (completions only)")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos (fixed output length)")
@@ -201,6 +208,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", default=None, help="also write the summary here")
     args = p.parse_args(argv)
+    if args.random_token_ids and args.endpoint.endswith("chat/completions"):
+        p.error("--random-token-ids sends token-id prompts, which only /v1/completions takes")
     summary = asyncio.run(run(args))
     print_summary(summary)
     if args.result_json:
