@@ -7,6 +7,7 @@ the allowed range, so that no bad value ever reaches the engine's batched tensor
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -16,6 +17,21 @@ from aserve.structured_output.params import StructuredOutputsParams
 _GREEDY_EPS = 1e-5
 # vLLM's default max_logprobs: enough for OpenAI's API (at most 5 / 20), bounded work per row.
 MAX_LOGPROBS = 20
+# vLLM's (and OpenAI's) temperature range.
+MAX_TEMPERATURE = 2.0
+# vLLM only asks for a finite positive repetition penalty; the sampler divides and multiplies
+# float32 logits by it, where 1e308 is inf and 1e-300 is 0: this range keeps every logit finite
+# and is far wider than any useful penalty (HF and vLLM examples use 1.0 to 2.0).
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+# Stop strings are checked against every new token of every sample: their number and length
+# bound that work (10k stop strings with n=256 held the event loop 1.4 s a step). OpenAI allows
+# 4 strings; vLLM sets no limit; these bounds leave room for any chat template's stop words.
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256
+# Seeds are int64, as in vLLM's API (torch generators take no more).
+_INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
+_BOOL_FIELDS = ("use_beam_search", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+                "spaces_between_special_tokens")
 
 
 @dataclass
@@ -84,14 +100,17 @@ class SamplingParams:
             raise ValueError(f"best_of must be greater than or equal to n, got n={self.n} and best_of={self.best_of}.")
         _number_in("presence_penalty", self.presence_penalty, -2.0, 2.0)
         _number_in("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        _number_above("repetition_penalty", self.repetition_penalty, 0.0, "greater than 0", upper=float("inf"))
-        _number_at_least("temperature", self.temperature, 0.0)
+        _number_in("repetition_penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
+        _number_in("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         _number_above("top_p", self.top_p, 0.0, "in (0, 1]", upper=1.0)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
             raise ValueError(f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k!r}.")
         _number_in("min_p", self.min_p, 0.0, 1.0)
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if self.seed is not None:
+            _int_in("seed", self.seed, *_INT64_RANGE)
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.max_tokens is not None:
             _int_at_least("max_tokens", self.max_tokens, 1)
         _int_at_least("min_tokens", self.min_tokens, 0)
@@ -104,14 +123,19 @@ class SamplingParams:
                 _int_at_least(name, value, 0)
                 if value > MAX_LOGPROBS:
                     raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}.")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")
         for s in self.stop:
             if not isinstance(s, str) or s == "":
                 raise ValueError(f"stop must contain only non-empty strings, got {s!r}.")
+            if len(s) > MAX_STOP_STRING_CHARS:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters "
+                                 f"long, got one of {len(s)}.")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}.")
-        if not isinstance(self.length_penalty, (int, float)) or isinstance(self.length_penalty, bool):
-            raise ValueError(f"length_penalty must be a number, got {self.length_penalty!r}.")
+        if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
         if self.use_beam_search:
@@ -152,6 +176,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _int_in(name: str, value, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}.")
+
+
 def _int_at_least(name: str, value, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an integer at least {low}, got {value!r}.")
@@ -160,11 +189,6 @@ def _int_at_least(name: str, value, low: int) -> None:
 def _number_in(name: str, value, low: float, high: float) -> None:
     if not _is_number(value) or not (low <= value <= high):
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}.")
-
-
-def _number_at_least(name: str, value, low: float) -> None:
-    if not _is_number(value) or value < low or value != value:
-        raise ValueError(f"{name} must be a number at least {low}, got {value!r}.")
 
 
 def _number_above(name: str, value, low: float, wording: str, upper: float) -> None:

@@ -7,6 +7,8 @@ generate() runs with use_cache=False and our loop forwards the same [num_beams, 
 near-ties cannot make the two disagree for numerical reasons.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -196,3 +198,24 @@ def test_final_before_done_joins_live_beams():
     assert res[0].score == pytest.approx(float(lp[0, 1]))
     with pytest.raises(RuntimeError):
         state.step(beams, lp.expand(2, 4))
+
+
+@pytest.mark.parametrize("lp", [1e308, 800.0, -800.0, -1e308])
+def test_an_extreme_length_penalty_ranks_in_log_space_without_overflow(lp):
+    # HF's L ** lp overflows here (OverflowError at 800 from L = 3); the search must finish and
+    # rank the hypotheses as their exact scores cum_logprob / L ** lp would.
+    model = _shared_model()
+    prompt = PROMPTS[0]
+    eos = [_greedy(model, prompt, 3)[1]]
+    ours = _ours(model, prompt, 4, 4, lp, "never", 10, eos)
+    assert len(ours) == 4
+
+    def exact_key(r):  # -ln(-score) / |lp|: higher is better, like the score, and finite
+        return math.copysign(1.0, lp) * math.log(len(r.token_ids)) - math.log(-r.cum_logprob) / abs(lp)
+
+    keys = [exact_key(r) for r in ours]
+    assert keys == sorted(keys, reverse=True)
+    lengths = [len(r.token_ids) for r in ours]
+    # A huge positive penalty favours length above all, a huge negative one brevity.
+    assert lengths[0] == (max(lengths) if lp > 0 else min(lengths))
+    assert all(r.score <= 0.0 for r in ours)  # 0 or -inf where a float32 cannot hold it, never nan

@@ -12,6 +12,12 @@ BAD_FIELDS = [
     ("repetition_penalty", 0.0), ("max_tokens", 0), ("min_tokens", -1), ("logprobs", -1),
     ("prompt_logprobs", -3), ("logprobs", 21), ("prompt_logprobs", 50), ("seed", "x"), ("stop", [""]), ("stop_token_ids", [-1]),
     ("logit_bias", {"a": 1.0}), ("early_stopping", "sometimes"),
+    # Bounds that keep every float in the sampler finite (vLLM's where it has them).
+    ("temperature", 2.5), ("temperature", 1e308), ("repetition_penalty", 1e308),
+    ("repetition_penalty", 1e-300), ("repetition_penalty", float("nan")), ("length_penalty", float("nan")),
+    ("seed", 2**64), ("seed", -(2**63) - 1),
+    ("skip_special_tokens", 1), ("ignore_eos", "false"), ("use_beam_search", "false"),
+    ("stop", ["x"] * 33), ("stop", ["x" * 257]),
 ]
 
 
@@ -19,6 +25,23 @@ BAD_FIELDS = [
 def test_each_invalid_sampling_field_is_named(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_vllm_bounds_are_accepted_at_their_edges():
+    SamplingParams(temperature=2.0, repetition_penalty=100.0, seed=(1 << 63) - 1,
+                   stop=["s" * 256] * 32)
+    SamplingParams(use_beam_search=True, best_of=2, temperature=0.0, length_penalty=1e308)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_name(llm_cache):
+    llm = llm_cache("llama")
+    vocab = llm.engine.model_config.vocab_size
+    for params, name in [(SamplingParams(stop_token_ids=[2**64 - 1]), "stop_token_ids"),
+                         (SamplingParams(logit_bias={vocab: 5.0}), "logit_bias")]:
+        with pytest.raises(ValueError, match=f"{name} holds .*{vocab - 1}"):
+            llm.generate([[5, 6]], params, use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()
+    SamplingParams(stop_token_ids=[vocab - 1], logit_bias={vocab - 1: 1.0})  # the last id is fine
 
 
 def test_cross_field_rules():

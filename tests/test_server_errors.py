@@ -59,6 +59,41 @@ async def test_bad_completion_input_is_a_400(server, body, param):
     await assert_still_serving(server)
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "h", "skip_special_tokens": 1}, "skip_special_tokens"),   # was a 500
+    ({"prompt": "h", "ignore_eos": "false"}, "ignore_eos"),                # was taken as true
+    ({"prompt": "h", "use_beam_search": "false"}, "use_beam_search"),
+    ({"prompt": "h", "temperature": 1e308}, "temperature"),                # accepted before
+    ({"prompt": "h", "repetition_penalty": 1e308}, "repetition_penalty"),
+    ({"prompt": "h", "logit_bias": {"99999": 1.0}}, "logit_bias"),        # silently ignored before
+    ({"prompt": "h", "stop_token_ids": [2**64 - 1]}, "stop_token_ids"),
+    ({"prompt": "h", "stop": ["x"] * 1000}, "stop"),
+])
+async def test_bad_generate_input_is_a_400_naming_the_field(server, body, param):
+    status, resp = await post(server, "/generate", body)
+    assert status == 400, resp
+    assert assert_openai_error(resp)["param"] == param
+    await assert_still_serving(server)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/generate", {"prompt": "h"}),
+    ("/v1/completions", {"prompt": "h"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "h"}]}),
+])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("length_penalty", [1e308, -1e308])
+async def test_beam_search_with_an_extreme_length_penalty_answers(server, path, body, stream, length_penalty):
+    # gen_len ** length_penalty overflowed: a 500, or a stream's error event after its 200.
+    body = dict(body, use_beam_search=True, best_of=2, n=2, length_penalty=length_penalty,
+                max_tokens=12, stream=stream)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + path, json=body) as resp:
+            raw = await resp.read()
+    assert resp.status == 200, raw
+    assert b"error" not in raw
+
+
 async def test_unknown_model_is_a_404(server):
     status, resp = await post(server, "/v1/completions", {"model": "gpt-5", "prompt": "Hello"})
     assert status == 404

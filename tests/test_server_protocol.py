@@ -131,6 +131,26 @@ def test_generate_takes_any_sampling_field():
     assert params.use_beam_search and params.n == 4
 
 
+def test_generate_knows_every_sampling_field():
+    from aserve.server.errors import SAMPLING_FIELDS
+    assert SAMPLING_FIELDS <= set(GenerateRequest.model_fields)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("skip_special_tokens", 1), ("ignore_eos", "false"), ("use_beam_search", "false"), ("n", "2"),
+    ("temperature", "0"), ("stop", [1]), ("stop_token_ids", ["1"]), ("logit_bias", {"1": "x"}),
+    ("early_stopping", "sometimes"), ("max_tokens", 1.5), ("stream", "true"),
+])
+def test_generate_wrong_types_are_400s_naming_the_field(field, value):
+    err = error_of(lambda: parse(GenerateRequest, {"prompt": "x", field: value}))
+    assert err.param == field, err.message
+
+
+def test_generate_passes_only_the_fields_it_was_given():
+    params = parse(GenerateRequest, {"prompt": "x", "max_tokens": 3}).to_sampling_params()
+    assert (params.max_tokens, params.n, params.temperature, params.best_of) == (3, 1, 1.0, 1)
+
+
 def test_generate_refuses_unknown_fields():
     err = error_of(parse(GenerateRequest, {"prompt": "x", "temprature": 0}).to_sampling_params)
     assert "temprature" in err.message

@@ -23,10 +23,20 @@ HF's rules, as read in transformers/generation/utils.py (5.24), and mirrored ste
   except early_stopping == "never" with length_penalty > 0, where L = max_tokens (the best case).
   early_stopping is True additionally stops as soon as the num_beams slots are filled.
 * Output: the first num_return of the hypothesis slots, which topk keeps sorted best first.
+
+Scores are compared in log space, where no length_penalty can overflow: HF's
+`gen_len ** length_penalty` raises OverflowError in Python (or is inf in float32) once
+length_penalty > ~709 / ln(gen_len). A score s = cum_logprob / L ** lp is <= 0, so it ranks as
+its key (lp * ln(L) - ln(-cum_logprob)) / c = -ln(-s) / c, with c = max(1, |lp|): that orders
+like s and stays finite for any finite lp. The reported score is -exp(-key * c), HF's value
+wherever HF's is finite (0 or -inf where a float32 cannot hold it). An empty hypothesis slot
+(HF's -1e9 placeholder) and HF's mask are -inf: any real hypothesis beats an empty slot, which
+HF's -1e9 does not guarantee once scores fall below -1e9 (a negative lp on long outputs).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -72,8 +82,10 @@ class BeamSearchState:
         self._eos = torch.tensor(sorted(self.eos_token_ids), dtype=torch.long)
         # HF: beams_to_keep = max(2, 1 + n_eos_tokens) * num_beams.
         self._k = max(2, 1 + len(self.eos_token_ids)) * beam_width
-        # Hypothesis slots, as HF's `beam_scores` / `is_sent_finished`: -1e9 placeholders at first.
-        self._scores = torch.full((beam_width,), _NEG, dtype=torch.float32)
+        # Hypothesis slots, as HF's `beam_scores` / `is_sent_finished`, ranked by keys (see the
+        # module docstring): empty (-inf) at first.
+        self._key_scale = max(1.0, abs(length_penalty))
+        self._keys = torch.full((beam_width,), -math.inf, dtype=torch.float64)
         self._finished = torch.zeros(beam_width, dtype=torch.bool)
         self._hyps: list[Optional[BeamResult]] = [None] * beam_width
         self._num_generated = 0
@@ -126,12 +138,12 @@ class BeamSearchState:
         # num_beams ranks count; their score uses the generated length, eos included.
         top_mask = torch.arange(top_lp.numel()) < nb
         just_finished = hits & top_mask & torch.tensor(valid)
-        cand = top_lp / (gen_len ** self.length_penalty)
-        cand = cand + (~just_finished) * _NEG
-        merged = torch.cat([self._scores, cand])
+        cand = self._score_keys(top_lp, gen_len)
+        cand = cand.masked_fill(~just_finished, -math.inf)
+        merged = torch.cat([self._keys, cand])
         keep = torch.topk(merged, k=nb)[1].tolist()
         old_hyps, old_fin = self._hyps, self._finished
-        self._scores = merged[keep]
+        self._keys = merged[keep]
         self._hyps, fin = [], []
         for j in keep:
             if j < nb:
@@ -142,7 +154,7 @@ class BeamSearchState:
                 if just_finished[c]:
                     p, t = parents[c], int(tokens[c])
                     self._hyps.append(BeamResult(beams[p].token_ids + [t], float(top_lp[c]),
-                                                 float(cand[c]), bool(hit_eos[c])))
+                                                 self._score_from_key(cand[c]), bool(hit_eos[c])))
                     fin.append(True)
                 else:
                     self._hyps.append(None)
@@ -155,8 +167,8 @@ class BeamSearchState:
             hyp_len = self.max_tokens  # HF: max_length - decoder_prompt_len
         else:
             hyp_len = gen_len  # HF: cur_len - decoder_prompt_len, after cur_len += 1
-        best_possible = best_running / (hyp_len ** self.length_penalty)
-        worst = torch.where(self._finished, self._scores.min(), torch.tensor(_NEG))
+        best_possible = self._score_keys(best_running.reshape(1), hyp_len)
+        worst = torch.where(self._finished, self._keys.min(), torch.tensor(-math.inf, dtype=torch.float64))
         improvement_possible = bool(torch.any(best_possible > worst))
         all_full = bool(self._finished.all()) and self.early_stopping is True  # HF uses `is True`
         # at_max: every candidate hit a stopping criterion, so there is no valid continuation.
@@ -165,6 +177,19 @@ class BeamSearchState:
             return []
         return [BeamChoice(parents[c], int(tokens[c]), float(top_lp[c]))
                 for c in next_idx if not hits[c] and valid[c]]
+
+    def _score_keys(self, cum_logprobs: torch.Tensor, length: int) -> torch.Tensor:
+        """The ranking keys (float64) of the scores cum_logprob / length ** lp: higher is better,
+        as for the scores; a cum_logprob of 0 (a certain beam) is the best, +inf."""
+        scale = self._key_scale
+        # clamp: a sum of log-probabilities is <= 0; were rounding ever to make one positive, it
+        # counts as certain instead of taking the log of a negative number (nan).
+        neg_log = torch.log((-cum_logprobs.to(torch.float64)).clamp_min(0.0))
+        return (self.length_penalty / scale) * math.log(length) - neg_log / scale
+
+    def _score_from_key(self, key: torch.Tensor) -> float:
+        """The score a key stands for, as a float32 value like HF's."""
+        return float(torch.exp(-key * self._key_scale).neg().to(torch.float32))
 
     def final(self, beams: Optional[list[Beam]] = None) -> list[BeamResult]:
         """The best num_return hypotheses, best first, as HF's sequences[:num_return_sequences].
@@ -176,15 +201,16 @@ class BeamSearchState:
         """
         if not self._done and beams:
             nb = self.beam_width
-            lens = [max(len(b.token_ids), 1) for b in beams]
             cum = torch.tensor([b.cum_logprob for b in beams], dtype=torch.float32)
-            cand = torch.stack([cum[i] / (lens[i] ** self.length_penalty) for i in range(len(beams))])
-            merged = torch.cat([self._scores, cand])
+            cand = torch.cat([self._score_keys(cum[i:i + 1], max(len(b.token_ids), 1))
+                              for i, b in enumerate(beams)])
+            merged = torch.cat([self._keys, cand])
             keep = torch.topk(merged, k=nb)[1].tolist()
             hyps = [self._hyps[j] if j < nb else
-                    BeamResult(list(beams[j - nb].token_ids), float(cum[j - nb]), float(cand[j - nb]),
-                               False) for j in keep]
-            self._scores, self._hyps = merged[keep], hyps
+                    BeamResult(list(beams[j - nb].token_ids), float(cum[j - nb]),
+                               self._score_from_key(cand[j - nb]), False) for j in keep]
+            self._keys, self._hyps = merged[keep], hyps
             self._finished = torch.tensor([h is not None for h in hyps])
             self._done = True
         return [h for h in self._hyps[: self.num_return] if h is not None]
+

@@ -32,6 +32,7 @@ class RequestFactory:
     def create(self, request_id: str, prompt: Union[str, list[int]],
                params: Optional[SamplingParams], arrival_time: float) -> Request:
         params = (params or SamplingParams()).clone()
+        self._check_token_ids(params)
         prompt_text, prompt_ids = self._tokenize(prompt)
         self._check_lengths(len(prompt_ids), params)
         params.all_stop_token_ids = set(params.stop_token_ids)
@@ -67,6 +68,16 @@ class RequestFactory:
                 early_stopping=params.early_stopping, max_tokens=params.max_tokens,
                 eos_token_ids=eos, prompt_len=len(prompt_ids))
         return request
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        # Ids index the logits' columns: one past the vocabulary would be silently ignored
+        # (logit_bias) or could never match (stop_token_ids), so they are refused, as in vLLM.
+        vocab = self.model_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise ValueError(f"{name} holds token ids outside the vocabulary (valid ids are 0 "
+                                 f"to {vocab - 1}): {outside[:5]}.")
 
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
