@@ -43,12 +43,12 @@ class ServerThread:
     """A real server in a daemon thread. Use as a context manager, or start() / stop()."""
 
     def __init__(self, engine_args: Optional[EngineArgs] = None, *, api_key: Optional[str] = None,
-                 chat_template: Optional[str] = None, max_body_bytes: Optional[int] = None,
+                 chat_template: Optional[str] = None, limits=None,
                  tokenizer_chat_template: Any = "keep"):
         self.engine_args = engine_args or small_engine_args()
         self.api_key = api_key
         self.chat_template = chat_template
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits  # an HttpLimits, else the defaults
         self.tokenizer_chat_template = tokenizer_chat_template
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.state = None
@@ -124,7 +124,8 @@ class ServerThread:
 
     async def _serve(self) -> None:
         from aserve.engine.async_engine import AsyncEngine
-        from aserve.server.app import DEFAULT_MAX_BODY_BYTES, build_app, start_site, state_from_engine
+        from aserve.server.app import build_app, state_from_engine
+        from aserve.server.http_server import start_site
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
@@ -133,8 +134,9 @@ class ServerThread:
             async_engine.engine.tokenizer.chat_template = self.tokenizer_chat_template
         self.state = state_from_engine(async_engine, api_key=self.api_key, chat_template=self.chat_template)
         self.state.status_interval_s = 1.0
-        app = build_app(self.state, self.max_body_bytes or DEFAULT_MAX_BODY_BYTES)
-        runner, self.port = await start_site(app, "127.0.0.1", 0)
+        if self.limits is not None:
+            self.state.limits = self.limits
+        runner, self.port = await start_site(build_app(self.state), "127.0.0.1", 0, self.state.limits)
         self._ready.set()
         try:
             await self._stop.wait()

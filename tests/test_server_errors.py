@@ -8,6 +8,7 @@ import aiohttp
 import orjson
 import pytest
 
+from aserve.server.http_server import HttpLimits
 from server_fixtures import ServerThread
 
 MAX_BODY = 64 * 1024
@@ -15,7 +16,7 @@ MAX_BODY = 64 * 1024
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerThread(max_body_bytes=MAX_BODY) as s:
+    with ServerThread(limits=HttpLimits(max_body_bytes=MAX_BODY)) as s:
         yield s
 
 

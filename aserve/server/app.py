@@ -23,13 +23,11 @@ from pydantic import BaseModel
 from aserve.engine.async_engine import AsyncEngine, EngineDeadError
 from aserve.server.metrics import ServerMetrics, log_status_periodically
 from aserve.server.errors import APIError, bad_request_from_value_error, parse_request
+from aserve.server.http_server import HttpLimits, error_response, read_body, start_site
 from aserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                     TokenizeRequest, TokenizeResponse)
 
 logger = logging.getLogger("aserve.server")
-
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # far above any real prompt, far below harm
-
 
 @dataclass
 class ServerState:
@@ -46,6 +44,7 @@ class ServerState:
     status_interval_s: float = 5.0
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Optional[ServerMetrics] = None
+    limits: HttpLimits = field(default_factory=HttpLimits)
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.served_model_name:
@@ -99,13 +98,9 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def error_response(err: APIError) -> web.Response:
-    return web.Response(body=err.body(), status=err.status, content_type="application/json")
-
-
 async def read_request(request: web.Request, model_cls: type[BaseModel]) -> Any:
-    """Read and validate a JSON body (aiohttp enforces client_max_size while reading)."""
-    raw = await request.read()
+    """Read and validate a JSON body (within the server's size and time limits)."""
+    raw = await read_body(request, request.app[STATE].limits)
     return parse_request(raw, model_cls)
 
 
@@ -126,9 +121,6 @@ async def error_middleware(request: web.Request, handler):
         return await handler(request)
     except APIError as err:
         return error_response(err)
-    except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(APIError(413, f"The request body is too large: {exc.text or ''}".strip(),
-                                       code="request_too_large"))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -149,7 +141,9 @@ def _auth_middleware(api_key: str):
     @web.middleware
     async def auth(request: web.Request, handler):
         if request.path.startswith("/v1"):
-            given = request.headers.get("Authorization", "").encode()
+            # surrogateescape: aiohttp keeps a header's undecodable (non-UTF-8) bytes as
+            # surrogates, which a plain encode() refuses (that was a 500, not a 401).
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             # compare_digest: the time taken must not reveal how much of the key matched.
             if not hmac.compare_digest(given, expected):
                 return error_response(APIError(401, "Incorrect API key provided. Pass it as "
@@ -212,14 +206,14 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 # ----------------------------------------------------------------------------- the app
-def build_app(state: ServerState, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
+def build_app(state: ServerState) -> web.Application:
     """The aiohttp application serving state's engine; starts and stops the engine with itself."""
     from aserve.server import api_generate, api_openai
 
     middlewares = [error_middleware]
     if state.api_key:
         middlewares.append(_auth_middleware(state.api_key))
-    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
+    app = web.Application(middlewares=middlewares, client_max_size=state.limits.max_body_bytes)
     app[STATE] = state
     if state.metrics is None:
         state.metrics = ServerMetrics(state.async_engine, state.served_model_name)
@@ -259,26 +253,15 @@ def state_from_engine(async_engine: AsyncEngine, api_key: Optional[str] = None,
                        chat_template=chat_template, api_key=api_key)
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving app; returns the runner (for cleanup) and the bound port (port 0 picks one)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, bound
-
-
 # An engine that died keeps answering 503 this long (so clients and balancers see why) before
 # the server exits non-zero for a supervisor to restart it.
 DEAD_ENGINE_GRACE_S = 3.0
 
 
-async def serve(state: ServerState, host: str, port: int,
-                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> int:
+async def serve(state: ServerState, host: str, port: int) -> int:
     """Serve until SIGINT or SIGTERM (then shut down gracefully and return 0), or until the
     engine dies (then return 1, after DEAD_ENGINE_GRACE_S)."""
-    runner, bound = await start_site(build_app(state, max_body_bytes), host, port)
+    runner, bound = await start_site(build_app(state), host, port, state.limits)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"aserve: serving model {state.served_model_name!r} (max_model_len {state.max_model_len}) "
           f"at http://{shown_host}:{bound}  (OpenAI API at http://{shown_host}:{bound}/v1)",

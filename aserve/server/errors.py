@@ -18,9 +18,12 @@ class APIError(Exception):
     """An error for the client, carried to the door and written as OpenAI's error body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None, close: bool = False):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers   # e.g. Retry-After on a 503
+        self.close = close       # the connection cannot carry another request (a broken body)
 
     def body(self) -> bytes:
         return orjson.dumps(ErrorResponse(error=ErrorInfo(
