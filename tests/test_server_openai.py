@@ -96,6 +96,30 @@ def test_echo_returns_the_prompt_first(client, server):
     assert len(choice.logprobs.tokens) == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_n_gives_every_choice_the_prompt_and_its_own_tokens(client, server, stream):
+    kwargs = dict(model=server.model_name, prompt=PROMPT, max_tokens=5, temperature=1.0, seed=3,
+                  n=2, echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    if stream:
+        by_index: dict = {}
+        for chunk in client.completions.create(stream=True, **kwargs):
+            for c in chunk.choices:
+                lp = by_index.setdefault(c.index, {"tokens": [], "offsets": []})
+                lp["tokens"] += c.logprobs.tokens
+                lp["offsets"] += c.logprobs.text_offset
+        choices = [by_index[0], by_index[1]]
+    else:
+        resp = client.completions.create(**kwargs)
+        choices = [{"tokens": c.logprobs.tokens, "offsets": c.logprobs.text_offset} for c in resp.choices]
+    prompt_tokens = len(client.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=1,
+                                                  echo=True, logprobs=0).choices[0].logprobs.tokens) - 1
+    for lp in choices:
+        assert len(lp["tokens"]) == prompt_tokens + 5
+        assert lp["tokens"][:prompt_tokens] == choices[0]["tokens"][:prompt_tokens]
+        text_offsets = [sum(len(t) for t in lp["tokens"][:k]) for k in range(len(lp["tokens"]))]
+        assert lp["offsets"] == text_offsets
+
+
 def test_stop_string_ends_the_text_before_it(client, server, offline):
     full = offline_greedy(offline, PROMPT, 16).text
     assert len(full) >= 8, "the model's greedy text is too short to pick a stop string from"

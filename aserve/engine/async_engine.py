@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable, Optional, Union
 
 from aserve.engine.pipeline import resume_step
+from aserve.engine.request_factory import TokenizedPrompt
 from aserve.outputs import RequestOutput
 from aserve.sampling_params import SamplingParams
 
@@ -29,6 +30,9 @@ logger = logging.getLogger("aserve.engine")
 
 # How long shutdown waits for the step in flight of an engine that has died.
 _SHUTDOWN_STEP_WAIT_S = 5.0
+# A step's outputs are handed to their streams this many at a time, the loop free in between:
+# 256 outputs at once (each waking a handler) would hold /health back for the whole batch.
+DISPATCH_BATCH = 16
 
 
 class EngineDeadError(RuntimeError):
@@ -156,7 +160,7 @@ class AsyncEngine:
         return self._dead
 
     # ----------------------------------------------------------------- requests
-    def add_request(self, request_id: str, prompt: Union[str, list[int]],
+    def add_request(self, request_id: str, prompt: Union[str, list[int], TokenizedPrompt],
                     params: SamplingParams, arrival_time: Optional[float] = None) -> RequestStream:
         """Queue a request and return its stream. ValueError (a bad request) passes through."""
         if not self.is_running:
@@ -220,7 +224,7 @@ class AsyncEngine:
                 # scheduling the next step is already on the GPU while this one's outputs go out.
                 outputs = await self._drive(engine.step_gen(), loop)
                 self.num_steps += 1
-                self._dispatch(outputs)
+                await self._dispatch(outputs)
                 # Let handlers write what this step produced before the next forward starts
                 # (the executor future already yields once; this keeps fairness when a step
                 # produced nothing, e.g. a plan with no tokens, instead of a busy spin).
@@ -254,8 +258,10 @@ class AsyncEngine:
                 work, outputs = resume_step(gen, result)
         return outputs
 
-    def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for output in outputs:
+    async def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for index, output in enumerate(outputs):
+            if index and index % DISPATCH_BATCH == 0:
+                await asyncio.sleep(0)
             stream = self._streams.get(output.request_id)
             if output.finished:
                 self._streams.pop(output.request_id, None)

@@ -6,6 +6,7 @@ a request the engine accepts always fits, alone, in the KV cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -16,6 +17,15 @@ from aserve.engine.block_manager import BlockManager
 from aserve.engine.detokenizer import IncrementalDetokenizer
 from aserve.engine.request import Request, Sequence
 from aserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenizedPrompt:
+    """A text prompt with its token ids, tokenized by the caller (the server tokenizes off its
+    event loop, with the same `tokenizer.encode` as the engine would)."""
+
+    text: str
+    token_ids: list[int]
 
 
 class RequestFactory:
@@ -29,7 +39,7 @@ class RequestFactory:
         self.device = device
         self.eos_token_ids = _eos_token_ids(tokenizer, model_config)
 
-    def create(self, request_id: str, prompt: Union[str, list[int]],
+    def create(self, request_id: str, prompt: Union[str, list[int], TokenizedPrompt],
                params: Optional[SamplingParams], arrival_time: float) -> Request:
         params = (params or SamplingParams()).clone()
         self._check_token_ids(params)
@@ -80,6 +90,10 @@ class RequestFactory:
                                  f"to {vocab - 1}): {outside[:5]}.")
 
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, TokenizedPrompt):
+            if not prompt.token_ids:
+                raise ValueError("prompt must not be empty.")
+            return prompt.text, prompt.token_ids
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt must be a list of token ids: this engine has no tokenizer "

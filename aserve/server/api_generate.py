@@ -14,6 +14,7 @@ from aiohttp import web
 
 from aserve.outputs import RequestOutput
 from aserve.server.app import STATE, add_request_or_400, json_response, read_request
+from aserve.server.prompts import prepare_prompt
 from aserve.server.protocol import APIError, GenerateRequest, GenerateResponse
 
 
@@ -25,11 +26,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     req = await read_request(request, GenerateRequest)
     params = req.to_sampling_params()
-    if isinstance(req.prompt, list):
-        if not req.prompt:
-            raise APIError(400, "prompt must not be empty.", param="prompt")
-        state.check_token_ids(req.prompt)
-    stream = add_request_or_400(state, f"generate-{uuid.uuid4().hex}", req.prompt, params)
+    prompt = await prepare_prompt(state, req.prompt)
+    stream = add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
     try:
         if not req.stream:
             final = None

@@ -19,29 +19,30 @@ import orjson
 from aiohttp import web
 
 from aserve.engine.async_engine import EngineDeadError
+from aserve.engine.request_factory import TokenizedPrompt
 from aserve.outputs import RequestOutput
 from aserve.server.app import STATE, ServerState, add_request_or_400, json_response, read_request
+from aserve.server.openai_logprobs import add_completion_logprobs, chat_logprobs, copy_completion_logprobs
+from aserve.server.prompts import chat_prompt_ids, prepare_prompt
 from aserve.server.protocol import (APIError, ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
-                                    ChatStreamChoice, ChatTokenLogprob, ChatTopLogprob, CompletionChoice,
+                                    ChatStreamChoice, CompletionChoice,
                                     CompletionLogProbs, CompletionRequest, CompletionResponse,
                                     DeltaMessage, PromptTokensDetails, UsageInfo)
 
 logger = logging.getLogger("aserve.server")
-_MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM clamps to the same value
 
 
 # ----------------------------------------------------------------------------- shared plumbing
-def _add_all(state: ServerState, base_id: str, prompts: list, params_for) -> list:
-    """Queue every prompt; if one is refused, abort those already queued and raise its 400."""
+async def _add_all(state: ServerState, base_id: str, prompts: list, params_for) -> list:
+    """Prepare (tokenize) every prompt, then queue them all; if one is refused, abort those
+    already queued and raise its 400. params_for(num_prompt_tokens) gives each its params."""
+    prepared = [await prepare_prompt(state, prompt) for prompt in prompts]
     streams = []
     try:
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, list):
-                if not prompt:
-                    raise APIError(400, "prompt must not be empty.", param="prompt")
-                state.check_token_ids(prompt)
-            streams.append(add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(prompt)))
+        for i, prompt in enumerate(prepared):
+            num_tokens = len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)
+            streams.append(add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(num_tokens)))
     except BaseException:
         for s in streams:
             s.close()
@@ -128,54 +129,6 @@ async def _stream_or_report(response: web.StreamResponse, streaming) -> None:
         await _send_error_and_done(response, str(exc) if expected else f"Internal server error: {exc!r}")
 
 
-def _token_text(state: ServerState, token_id: int, lp) -> str:
-    if lp is not None and lp.decoded_token is not None:
-        return lp.decoded_token
-    return state.decode([token_id])
-
-
-def _clamp(x: float) -> float:
-    return max(float(x), _MIN_LOGPROB)
-
-
-def _add_completion_logprobs(state, out: CompletionLogProbs, token_ids, logprobs, offset: int) -> int:
-    """Append tokens (with their logprob dicts, None where unknown) in the completions shape."""
-    logprobs = logprobs or [None] * len(token_ids)
-    for token_id, entry in zip(token_ids, logprobs):
-        chosen = entry.get(token_id) if entry else None
-        token = _token_text(state, token_id, chosen)
-        out.tokens.append(token)
-        out.token_logprobs.append(_clamp(chosen.logprob) if chosen else None)
-        out.top_logprobs.append(_top_by_text(state, entry) if entry else None)
-        out.text_offset.append(offset)
-        offset += len(token)
-    return offset
-
-
-def _top_by_text(state, entry) -> dict[str, float]:
-    # OpenAI keys top_logprobs by token text; two tokens can share a text (partial UTF-8
-    # bytes decode to the same '\ufffd'): keep the likelier, so the chosen token never loses.
-    top: dict[str, float] = {}
-    for token_id, lp in entry.items():
-        text = _token_text(state, token_id, lp)
-        top[text] = max(top.get(text, _MIN_LOGPROB), _clamp(lp.logprob))
-    return top
-
-
-def _chat_logprobs(state, token_ids, logprobs, top_n: int) -> list[ChatTokenLogprob]:
-    content = []
-    for token_id, entry in zip(token_ids, logprobs or []):
-        chosen = entry.get(token_id) if entry else None
-        token = _token_text(state, token_id, chosen)
-        top = sorted((entry or {}).items(), key=lambda kv: -kv[1].logprob)[:top_n]
-        content.append(ChatTokenLogprob(
-            token=token, logprob=_clamp(chosen.logprob) if chosen else _MIN_LOGPROB,
-            bytes=list(token.encode("utf-8")),
-            top_logprobs=[ChatTopLogprob(token=(s := _token_text(state, t, lp)), logprob=_clamp(lp.logprob),
-                                         bytes=list(s.encode("utf-8"))) for t, lp in top]))
-    return content
-
-
 def _usage(finals: list[Optional[RequestOutput]]) -> UsageInfo:
     prompt = sum(len(f.prompt_token_ids) for f in finals if f is not None)
     completion = sum(len(o.token_ids) for f in finals if f is not None for o in f.outputs)
@@ -206,36 +159,37 @@ async def completions(request: web.Request) -> web.StreamResponse:
     params = req.to_sampling_params()
     prompts = req.prompts()
 
-    def params_for(prompt):
-        if params.max_tokens is not None:
-            return params
-        n = len(prompt) if isinstance(prompt, list) else len(state.require_tokenizer("prompt")(prompt).input_ids)
-        return _fill_max_tokens(state, params, n)
-
     request_id = f"cmpl-{uuid.uuid4().hex}"
     model, created = state.served_model_name, int(time.time())
-    streams = _add_all(state, request_id, prompts, params_for)
+    streams = await _add_all(state, request_id, prompts,
+                             lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
 
     def prompt_text(i: int, out: RequestOutput) -> str:
         if isinstance(prompts[i], str):
             return prompts[i]
         return out.prompt if out.prompt is not None else state.decode(prompts[i])
 
+    async def echoed_logprobs(out: RequestOutput) -> tuple[CompletionLogProbs, int]:
+        """The logprobs every choice of an echoing request starts with (built once for its n)."""
+        lps = CompletionLogProbs()
+        if not req.echo:
+            return lps, 0
+        return lps, await add_completion_logprobs(state, lps, out.prompt_token_ids, out.prompt_logprobs, 0)
+
     try:
         if not req.stream:
             finals = await asyncio.gather(*(_last(s) for s in streams))
             choices = []
             for i, out in enumerate(finals):
+                prompt_lps, prompt_end = (await echoed_logprobs(out) if req.logprobs is not None
+                                          else (None, 0))
                 for j, o in enumerate(out.outputs):
                     text, lps = o.text, None
                     if req.echo:
                         text = prompt_text(i, out) + text
-                    if req.logprobs is not None:
-                        lps, offset = CompletionLogProbs(), 0
-                        if req.echo:
-                            offset = _add_completion_logprobs(state, lps, out.prompt_token_ids,
-                                                              out.prompt_logprobs, 0)
-                        _add_completion_logprobs(state, lps, o.token_ids, o.logprobs, offset)
+                    if prompt_lps is not None:
+                        lps = copy_completion_logprobs(prompt_lps)
+                        await add_completion_logprobs(state, lps, o.token_ids, o.logprobs, prompt_end)
                     choices.append(CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                                     finish_reason=o.finish_reason, stop_reason=o.stop_reason))
             return json_response(CompletionResponse(id=request_id, created=created, model=model,
@@ -243,7 +197,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
         response = await _open_sse(request)
         await _stream_or_report(response, _stream_completions(
-            state, req, params, request_id, created, streams, prompt_text, response))
+            state, req, params, request_id, created, streams, prompt_text, echoed_logprobs, response))
         return response
     finally:
         for s in streams:
@@ -251,9 +205,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_completions(state, req, params, request_id, created, streams, prompt_text,
-                              response) -> None:
+                              echoed_logprobs, response) -> None:
     model = state.served_model_name
     sent: dict[tuple[int, int], _Sent] = {}
+    echoed: dict[int, tuple[CompletionLogProbs, int]] = {}  # by prompt: built once for its n
     finals: list[Optional[RequestOutput]] = [None] * len(streams)
     async for i, out in _merged(streams):
         finals[i] = out
@@ -272,12 +227,14 @@ async def _stream_completions(state, req, params, request_id, created, streams, 
             if not st.started and req.echo:
                 text = prompt_text(i, out) + text
                 if lps is not None:
-                    st.offset = _add_completion_logprobs(state, lps, out.prompt_token_ids,
-                                                         out.prompt_logprobs, st.offset)
+                    if i not in echoed:
+                        echoed[i] = await echoed_logprobs(out)
+                    lps = copy_completion_logprobs(echoed[i][0])
+                    st.offset = echoed[i][1]
             if lps is not None:
-                st.offset = _add_completion_logprobs(state, lps, new_ids,
-                                                     (o.logprobs or [])[st.num_tokens:] or None,
-                                                     st.offset)
+                st.offset = await add_completion_logprobs(state, lps, new_ids,
+                                                          (o.logprobs or [])[st.num_tokens:] or None,
+                                                          st.offset)
             st.started = True
             st.text_len, st.num_tokens = len(o.text), len(o.token_ids)
             st.done = o.finish_reason is not None
@@ -306,19 +263,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
     state.check_model(req.model)
     params = req.to_sampling_params()
-    prompt_ids = state.chat_prompt_ids(req.conversation(), req.add_generation_prompt)
-    params = _fill_max_tokens(state, params, len(prompt_ids))
+    prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt)
     top_n = req.top_logprobs or 0
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     model, created = state.served_model_name, int(time.time())
-    (stream,) = _add_all(state, request_id, [prompt_ids], lambda _: params)
+    (stream,) = await _add_all(state, request_id, [prompt_ids],
+                               lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
     try:
         if not req.stream:
             final = await _last(stream)
             choices = [ChatChoice(index=j, message=ChatResponseMessage(content=o.text),
-                                  logprobs=ChatChoiceLogprobs(content=_chat_logprobs(state, o.token_ids,
-                                                                                     o.logprobs, top_n))
-                                  if req.logprobs else None,
+                                  logprobs=ChatChoiceLogprobs(content=await chat_logprobs(
+                                      state, o.token_ids, o.logprobs, top_n)) if req.logprobs else None,
                                   finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                        for j, o in enumerate(final.outputs)]
             return json_response(ChatCompletionResponse(id=request_id, created=created, model=model,
@@ -353,7 +309,7 @@ async def _stream_chat(state, req, params, request_id, created, stream, response
             new_ids = o.token_ids[st.num_tokens:]
             lps = None
             if req.logprobs and new_ids:
-                lps = ChatChoiceLogprobs(content=_chat_logprobs(
+                lps = ChatChoiceLogprobs(content=await chat_logprobs(
                     state, new_ids, (o.logprobs or [])[st.num_tokens:], top_n))
             st.text_len, st.num_tokens = len(o.text), len(o.token_ids)
             st.done = o.finish_reason is not None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from concurrent.futures import ThreadPoolExecutor
 import hmac
 import logging
 import signal
@@ -24,6 +25,7 @@ from aserve.engine.async_engine import AsyncEngine, EngineDeadError
 from aserve.server.metrics import ServerMetrics, log_status_periodically
 from aserve.server.errors import APIError, bad_request_from_value_error, parse_request
 from aserve.server.http_server import HttpLimits, error_response, read_body, start_site
+from aserve.server.prompts import chat_prompt_ids, max_prompt_chars, refuse_giant_prompts, tokenize_text
 from aserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                     TokenizeRequest, TokenizeResponse)
 
@@ -45,6 +47,10 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Optional[ServerMetrics] = None
     limits: HttpLimits = field(default_factory=HttpLimits)
+    max_prompt_chars: int = 0  # longer text prompts cannot fit (prompts.max_prompt_chars)
+    # Tokenization and chat templates run here, off the event loop (prompts.py).
+    prompt_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
+        max_workers=2, thread_name_prefix="aserve-prompts"))
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.served_model_name:
@@ -70,23 +76,6 @@ class ServerState:
         """Text of token ids; empty without a tokenizer (outputs then carry ids only)."""
         return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
 
-    def chat_prompt_ids(self, conversation: list[dict], add_generation_prompt: bool) -> list[int]:
-        """Render messages with the chat template and tokenize them as vLLM does (no extra BOS)."""
-        self.require_tokenizer("messages")
-        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise APIError(400, "This model has no chat template, so /v1/chat/completions cannot "
-                                "render messages. Start the server with --chat-template "
-                                "<file or Jinja string>, or use /v1/completions.", param="messages")
-        try:
-            text = self.tokenizer.apply_chat_template(
-                conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
-                tokenize=False)
-        except Exception as exc:  # template errors are about the messages the user sent
-            raise APIError(400, f"The chat template could not render these messages: {exc}",
-                           param="messages") from None
-        return self.tokenizer(text, add_special_tokens=False).input_ids
-
 
 STATE = web.AppKey("aserve_state", ServerState)
 
@@ -100,8 +89,9 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 async def read_request(request: web.Request, model_cls: type[BaseModel]) -> Any:
     """Read and validate a JSON body (within the server's size and time limits)."""
-    raw = await read_body(request, request.app[STATE].limits)
-    return parse_request(raw, model_cls)
+    state = request.app[STATE]
+    raw = await read_body(request, state.limits)
+    return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body))
 
 
 def add_request_or_400(state: ServerState, request_id: str, prompt, params):
@@ -190,9 +180,9 @@ async def tokenize(request: web.Request) -> web.Response:
         raise APIError(400, "Give exactly one of prompt or messages.", param="prompt")
     if req.messages is not None:
         conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
-        tokens = state.chat_prompt_ids(conversation, req.add_generation_prompt)
+        tokens = await chat_prompt_ids(state, conversation, req.add_generation_prompt)
     else:
-        tokens = state.require_tokenizer("prompt")(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        tokens = await tokenize_text(state, req.prompt, req.add_special_tokens)
     return json_response(TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len,
                                           tokens=tokens))
 
@@ -238,6 +228,7 @@ def build_app(state: ServerState) -> web.Application:
         yield
         status_task.cancel()
         await state.async_engine.shutdown()
+        state.prompt_pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -247,10 +238,12 @@ def state_from_engine(async_engine: AsyncEngine, api_key: Optional[str] = None,
                       chat_template: Optional[str] = None) -> ServerState:
     """Read what the server needs from the engine's model config."""
     mc = async_engine.engine.model_config
+    tokenizer = async_engine.engine.tokenizer
     return ServerState(async_engine=async_engine, served_model_name=mc.served_model_name,
                        max_model_len=mc.max_model_len, vocab_size=mc.vocab_size,
-                       tokenizer=async_engine.engine.tokenizer, model_root=mc.model,
-                       chat_template=chat_template, api_key=api_key)
+                       tokenizer=tokenizer, model_root=mc.model,
+                       chat_template=chat_template, api_key=api_key,
+                       max_prompt_chars=max_prompt_chars(tokenizer, mc.max_model_len))
 
 
 # An engine that died keeps answering 503 this long (so clients and balancers see why) before

@@ -6,7 +6,7 @@ Every failure a client can cause becomes an APIError at the door, and leaves as 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -54,14 +54,18 @@ def bad_request_from_value_error(exc: ValueError) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
-def parse_request(raw: bytes, model_cls: type[BaseModel]) -> Any:
-    """Parse a JSON body into model_cls, turning every failure into a 400 with OpenAI's shape."""
+def parse_request(raw: bytes, model_cls: type[BaseModel],
+                  precheck: Optional[Callable[[dict], None]] = None) -> Any:
+    """Parse a JSON body into model_cls, turning every failure into a 400 with OpenAI's shape.
+    precheck(body) sees the parsed JSON object before validation (cheap early refusals)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    if precheck is not None:
+        precheck(data)
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
