@@ -50,8 +50,16 @@ async def test_cancelling_the_consumer_aborts_and_frees_blocks(async_engine, eng
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    stats = engine.get_stats()
+    stats = await until_idle(engine)  # the engine thread applies the abort at its next step boundary
     assert stats.num_used_blocks == 0 and stats.num_running == 0 and stats.num_waiting == 0
+    assert async_engine.num_aborted == 1
+
+
+async def until_idle(engine, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while engine.get_stats().num_used_blocks and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return engine.get_stats()
 
 
 async def test_the_driver_sleeps_while_idle(async_engine):
@@ -63,7 +71,7 @@ async def test_the_driver_sleeps_while_idle(async_engine):
 
 async def test_a_bad_request_is_refused_at_once(async_engine, engine):
     with pytest.raises(ValueError):
-        async_engine.add_request("r3", [5] * 5000, SamplingParams())
+        await async_engine.add_request("r3", [5] * 5000, SamplingParams())
     assert async_engine.num_open_streams == 0 and not engine.has_unfinished_requests()
 
 
@@ -93,9 +101,37 @@ async def test_a_slow_forward_does_not_stall_the_loop(async_engine, engine, monk
 
 
 async def test_an_abort_from_elsewhere_ends_the_consumer(async_engine):
-    stream = async_engine.add_request("r5", "Hello", SamplingParams(max_tokens=1000, ignore_eos=True))
+    stream = await async_engine.add_request("r5", "Hello", SamplingParams(max_tokens=1000, ignore_eos=True))
     await stream.__anext__()
     async_engine.abort("r5")
     with pytest.raises(RuntimeError, match="aborted"):
         async for _ in stream:
             pass
+
+
+async def test_a_steps_python_work_does_not_stall_the_loop(async_engine, engine, monkeypatch):
+    # Scheduling and output processing are Python (~20 ms a step for 300 requests on a CPU
+    # core): they run in the engine thread, which yields the GIL every switch interval.
+    real_process = engine.process
+
+    def slow_process(*args, **kwargs):
+        end = time.perf_counter() + 0.1
+        while time.perf_counter() < end:  # pure-Python work, holding the GIL between switches
+            pass
+        return real_process(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "process", slow_process)
+    gaps = []
+
+    async def tick():
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(0.005)
+            gaps.append(time.perf_counter() - start)
+
+    ticker = asyncio.create_task(tick())
+    outputs = [o async for o in async_engine.generate(
+        "r6", "Hello", SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))]
+    ticker.cancel()
+    assert outputs[-1].finished
+    assert len(gaps) > 15 and max(gaps) < 0.05, f"the loop stalled {max(gaps) * 1000:.0f} ms"

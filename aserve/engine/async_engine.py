@@ -1,16 +1,18 @@
-"""AsyncEngine: the Engine driven by one coroutine on the server's event loop.
+"""AsyncEngine: the Engine driven from the server's event loop, its steps in a thread of their own.
 
-The step driver sleeps while there is no work and wakes when a request arrives. Each step's
-cheap bookkeeping (schedule, process) runs on the loop; the model forward (Engine.execute)
-runs in a single worker thread, so the loop keeps answering HTTP (and /health) while the
-model computes: torch releases the GIL inside its kernels, and on GPU the thread simply waits
-on the device. One thread, because the engine's execute must never run twice at once.
+The Engine (not thread-safe) is only ever touched by one worker thread, the engine thread,
+which runs whole steps there: scheduling, the model forward, sampling and output processing.
+The event loop's only work is HTTP: it hands new requests and aborts to the engine thread,
+which applies them between steps, in order, and hands each step's outputs back. So the loop
+never holds a step's Python work (~20 ms for 300 requests on a CPU core) and answers /health
+and the token streams while the engine computes: the engine thread yields the GIL at least
+every switch interval (5 ms) and inside torch's kernels; on a GPU it simply waits on the device.
 
 Each request gets a RequestStream: an async iterator of its cumulative RequestOutputs.
 Outputs are cumulative, so the stream keeps only the newest one: a slow consumer skips
 intermediate states instead of growing a queue, and never misses the final state.
 Closing a stream before it finished (the consumer was cancelled, the client went away)
-aborts the request, which frees its KV blocks.
+aborts the request, which frees its KV blocks at the engine's next step boundary.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
-from aserve.engine.pipeline import resume_step
+from aserve.engine.pipeline import run_step_gen
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.outputs import RequestOutput
 from aserve.sampling_params import SamplingParams
@@ -41,6 +44,25 @@ class EngineDeadError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The request was aborted before it finished."""
+
+
+@dataclass
+class _Add:
+    """A request for the engine thread to add; `accepted` gets its result (None or the error)."""
+
+    request_id: str
+    prompt: Any
+    params: SamplingParams
+    arrival_time: float
+    accepted: asyncio.Future
+
+
+@dataclass
+class _Call:
+    """A function for the engine thread to run between steps (e.g. resetting the prefix cache)."""
+
+    fn: Callable[[], Any]
+    done: asyncio.Future
 
 
 class RequestStream:
@@ -92,18 +114,25 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """Owns an Engine and the coroutine that steps it; the server's only way into the engine."""
+    """Owns an Engine, the thread that steps it and the coroutine that drives that thread; the
+    server's only way into the engine."""
 
     def __init__(self, engine):
         self.engine = engine
         self._streams: dict[str, RequestStream] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-execute")
+        # The engine thread: the only thread that touches the Engine once the driver runs.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-engine")
+        # Adds, aborts (request ids) and calls for the engine thread, applied in this order.
+        self._inbox: list = []
+        self._in_flight: list = []  # the inbox being applied now (its futures end with the turn)
+        self._engine_busy = False   # the engine had unfinished requests after its last turn
         self._wakeup: Optional[asyncio.Event] = None
         self._driver: Optional[asyncio.Task] = None
         self._dead: Optional[BaseException] = None
         self._died: Optional[asyncio.Event] = None
         self._finished_listeners: list[Callable[[RequestOutput], None]] = []
         self.num_steps = 0
+        self.num_aborted = 0
 
     @classmethod
     def from_engine_args(cls, args) -> "AsyncEngine":
@@ -124,7 +153,8 @@ class AsyncEngine:
             workers.add_failure_listener(lambda exc: loop.call_soon_threadsafe(self._die, exc))
 
     async def shutdown(self) -> None:
-        """Stop stepping, end every open stream, and release the worker thread."""
+        """Stop stepping, end every open stream, and release the engine thread. The engine is
+        left empty (its requests aborted, no step in flight) unless it died."""
         if self._driver is not None:
             self._driver.cancel()
             try:
@@ -134,7 +164,9 @@ class AsyncEngine:
             self._driver = None
         self._fail_all(EngineDeadError("The server is shutting down."))
         loop = asyncio.get_running_loop()
-        # Wait for a forward still in flight without blocking the loop while it ends; a dead
+        if self._dead is None:  # after the step in flight (one thread: it queues behind it)
+            await loop.run_in_executor(self._executor, self._empty_engine)
+        # Wait for a step still in flight without blocking the loop while it ends; a dead
         # engine's step may never end (a collective with a dead rank), so not forever.
         try:
             await asyncio.wait_for(loop.run_in_executor(
@@ -160,24 +192,33 @@ class AsyncEngine:
         return self._dead
 
     # ----------------------------------------------------------------- requests
-    def add_request(self, request_id: str, prompt: Union[str, list[int], TokenizedPrompt],
-                    params: SamplingParams, arrival_time: Optional[float] = None) -> RequestStream:
-        """Queue a request and return its stream. ValueError (a bad request) passes through."""
+    async def add_request(self, request_id: str, prompt: Union[str, list[int], TokenizedPrompt],
+                          params: SamplingParams, arrival_time: Optional[float] = None) -> RequestStream:
+        """Hand a request to the engine; returns its stream once the engine has taken it (at its
+        next step boundary). The engine's ValueError (a bad request) is raised here."""
         if not self.is_running:
             raise EngineDeadError(f"The engine is not running: {self._dead or 'not started'}.")
         if request_id in self._streams:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        self.engine.add_request(request_id, prompt, params,
-                                arrival_time=time.monotonic() if arrival_time is None else arrival_time)
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
-        self._wakeup.set()
+        accepted = asyncio.get_running_loop().create_future()
+        self._post(_Add(request_id, prompt, params,
+                        time.monotonic() if arrival_time is None else arrival_time, accepted))
+        try:
+            await accepted
+        except BaseException:
+            if accepted.cancelled():  # its caller left: abort whatever the engine took
+                stream.close()
+            else:                     # refused: the engine holds nothing of it
+                self._streams.pop(request_id, None)
+            raise
         return stream
 
     async def generate(self, request_id: str, prompt: Union[str, list[int]],
                        params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Convenience: an async generator of the request's outputs; aborts when left early."""
-        stream = self.add_request(request_id, prompt, params)
+        stream = await self.add_request(request_id, prompt, params)
         try:
             async for output in stream:
                 yield output
@@ -185,23 +226,32 @@ class AsyncEngine:
             stream.close()
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (frees its blocks); unknown or finished ids are ignored."""
+        """Abort a request (its blocks are freed at the engine's next step boundary); unknown or
+        finished ids are ignored."""
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
         if not stream.finished:  # aborted by someone else than its consumer: wake the consumer
             stream._fail(RequestAbortedError(f"Request {request_id} was aborted."))
-        try:
-            self.engine.abort_request(request_id)
-        except Exception:  # an abort must never take the caller down with it
-            logger.exception("aborting request %s failed", request_id)
+        self.num_aborted += 1
+        self._post(request_id)
         logger.info("Aborted request %s.", request_id)
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn() in the engine thread between two steps (where the Engine may be touched)."""
+        if not self.is_running:
+            return fn()  # no engine thread runs: this thread may touch it
+        done = asyncio.get_running_loop().create_future()
+        self._post(_Call(fn, done))
+        return await done
 
     def add_finished_listener(self, listener: Callable[[RequestOutput], None]) -> None:
         """Call listener(output) with the final output of every request (metrics use it)."""
         self._finished_listeners.append(listener)
 
     def get_stats(self):
+        # Counters and lengths only, read while the engine thread may be stepping: no lock (a
+        # scrape never waits for a step), and each value is read whole.
         return self.engine.get_stats()
 
     @property
@@ -209,31 +259,71 @@ class AsyncEngine:
         return len(self._streams)
 
     # ----------------------------------------------------------------- the step driver
+    def _post(self, op) -> None:
+        self._inbox.append(op)
+        if self._wakeup is not None:
+            self._wakeup.set()
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        engine = self.engine
         try:
             while True:
-                if not engine.has_unfinished_requests():
+                if not self._inbox and not self._engine_busy:
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
-                # Scheduling and output processing run here, on the loop; the model work (the
-                # forward, waiting for the GPU) in the worker thread. A failed forward ends that
-                # step's requests with the error; every other request carries on. With async
-                # scheduling the next step is already on the GPU while this one's outputs go out.
-                outputs = await self._drive(engine.step_gen(), loop)
-                self.num_steps += 1
+                ops, self._inbox = self._inbox, []
+                self._in_flight = ops
+                outputs, results, stepped, self._engine_busy = await loop.run_in_executor(
+                    self._executor, self._engine_turn, ops)
+                self._in_flight = []
+                for future, result, error in results:
+                    if not future.done():  # an add whose caller left is cancelled already
+                        future.set_exception(error) if error is not None else future.set_result(result)
+                self.num_steps += stepped
                 await self._dispatch(outputs)
-                # Let handlers write what this step produced before the next forward starts
-                # (the executor future already yields once; this keeps fairness when a step
-                # produced nothing, e.g. a plan with no tokens, instead of a busy spin).
+                # A turn that produced nothing (a plan with no tokens) must not spin.
                 await asyncio.sleep(0 if outputs else 0.001)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the engine itself failed: no step can be trusted now
             logger.exception("The engine's step driver failed; the server can serve no more requests")
             self._die(exc)
+
+    def _engine_turn(self, ops: list):
+        """In the engine thread: apply the adds, aborts and calls queued since the last turn, in
+        order, then run one step when there is work. A failed forward or sampler ends that
+        step's requests with the error (Engine.step_gen); every other request carries on."""
+        engine = self.engine
+        results = []
+        for op in ops:
+            if isinstance(op, str):
+                try:
+                    engine.abort_request(op)
+                except Exception:  # an abort must never take the engine down with it
+                    logger.exception("aborting request %s failed", op)
+            elif isinstance(op, _Add):
+                try:
+                    engine.add_request(op.request_id, op.prompt, op.params, arrival_time=op.arrival_time)
+                except Exception as exc:  # a bad request: its own 400 (or 500), nobody else's
+                    results.append((op.accepted, None, exc))
+                else:
+                    results.append((op.accepted, None, None))
+            else:
+                try:
+                    results.append((op.done, op.fn(), None))
+                except Exception as exc:
+                    results.append((op.done, None, exc))
+        stepped = engine.has_unfinished_requests()
+        outputs = run_step_gen(engine.step_gen()) if stepped else []
+        return outputs, results, int(stepped), engine.has_unfinished_requests()
+
+    def _empty_engine(self) -> None:
+        """In the engine thread: abort every request left and finish a step still in flight."""
+        engine = self.engine
+        engine.abort_request(list(engine.requests))
+        while engine.has_unfinished_requests():
+            run_step_gen(engine.step_gen())
 
     def _die(self, exc: BaseException) -> None:
         """The engine failed for good: every open request ends with the error, /health turns
@@ -246,30 +336,21 @@ class AsyncEngine:
                 self._driver.cancel()   # it may be waiting on a step that will never end
         self._died.set()
 
-    async def _drive(self, gen, loop) -> list[RequestOutput]:
-        """Run a step generator (Engine.step_gen), its model work in the worker thread."""
-        work, outputs = resume_step(gen, started=False)
-        while work is not None:
-            try:
-                result = await loop.run_in_executor(self._executor, work)
-            except Exception as exc:
-                work, outputs = resume_step(gen, error=exc)
-            else:
-                work, outputs = resume_step(gen, result)
-        return outputs
-
     async def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for index, output in enumerate(outputs):
             if index and index % DISPATCH_BATCH == 0:
                 await asyncio.sleep(0)
-            stream = self._streams.get(output.request_id)
             if output.finished:
-                self._streams.pop(output.request_id, None)
+                stream = self._streams.pop(output.request_id, None)
+                if stream is None:  # aborted while its last step ran: counted as aborted
+                    continue
                 for listener in self._finished_listeners:
                     try:
                         listener(output)
                     except Exception:
                         logger.exception("a finished-request listener failed")
+            else:
+                stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream._put(output)
 
@@ -277,3 +358,9 @@ class AsyncEngine:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(exc)
+        pending, self._inbox = self._in_flight + self._inbox, []
+        self._in_flight = []
+        for op in pending:
+            future = op.accepted if isinstance(op, _Add) else getattr(op, "done", None)
+            if future is not None and not future.done():
+                future.set_exception(exc)

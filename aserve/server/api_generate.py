@@ -27,7 +27,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     req = await read_request(request, GenerateRequest)
     params = req.to_sampling_params()
     prompt = await prepare_prompt(state, req.prompt)
-    stream = add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
+    stream = await add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
     try:
         if not req.stream:
             final = None

@@ -35,19 +35,21 @@ logger = logging.getLogger("aserve.server")
 
 # ----------------------------------------------------------------------------- shared plumbing
 async def _add_all(state: ServerState, base_id: str, prompts: list, params_for) -> list:
-    """Prepare (tokenize) every prompt, then queue them all; if one is refused, abort those
-    already queued and raise its 400. params_for(num_prompt_tokens) gives each its params."""
+    """Prepare (tokenize) every prompt, then queue them all at once (the engine takes them at
+    one step boundary); if one is refused, abort those taken and raise its error.
+    params_for(num_prompt_tokens) gives each its params."""
     prepared = [await prepare_prompt(state, prompt) for prompt in prompts]
-    streams = []
-    try:
-        for i, prompt in enumerate(prepared):
-            num_tokens = len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)
-            streams.append(add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(num_tokens)))
-    except BaseException:
-        for s in streams:
-            s.close()
-        raise
-    return streams
+    added = await asyncio.gather(*(
+        add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
+            len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)))
+        for i, prompt in enumerate(prepared)), return_exceptions=True)
+    errors = [a for a in added if isinstance(a, BaseException)]
+    if errors:
+        for stream in added:
+            if not isinstance(stream, BaseException):
+                stream.close()
+        raise errors[0]
+    return added
 
 
 def _fill_max_tokens(state: ServerState, params, prompt_ids_len: int):

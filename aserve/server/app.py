@@ -94,10 +94,10 @@ async def read_request(request: web.Request, model_cls: type[BaseModel]) -> Any:
     return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body))
 
 
-def add_request_or_400(state: ServerState, request_id: str, prompt, params):
+async def add_request_or_400(state: ServerState, request_id: str, prompt, params):
     """Queue one request; the engine's ValueError (context length, empty prompt...) is a 400."""
     try:
-        return state.async_engine.add_request(request_id, prompt, params)
+        return await state.async_engine.add_request(request_id, prompt, params)
     except EngineDeadError as exc:
         raise APIError(503, str(exc), type="server_error", code="engine_dead") from None
     except ValueError as exc:
@@ -161,7 +161,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def reset_prefix_cache(request: web.Request) -> web.Response:
     """vLLM's POST /reset_prefix_cache: forget every cached prompt prefix."""
-    request.app[STATE].async_engine.engine.reset_prefix_cache()
+    async_engine = request.app[STATE].async_engine
+    await async_engine.call(async_engine.engine.reset_prefix_cache)
     return web.Response(status=200)
 
 

@@ -1,0 +1,44 @@
+"""/health stays fast while the server is busy: `python -m aserve` under 256 streams, heavy
+streams (logprobs, echo, n=2), a giant prompt and the most stop strings allowed, all at once.
+The figures are printed (pytest -s) for bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import statistics
+
+import load_client
+from aserve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from server_fixtures import subprocess_server
+from test_server_event_loop import HealthProbe
+
+P99_LIMIT_S = 0.100
+
+
+def load_bodies() -> list[dict]:
+    light = [{"prompt": f"Request {i}: tell me", "max_tokens": 48, "ignore_eos": True, "stream": True,
+              "temperature": 0.8, "seed": i} for i in range(256)]
+    heavy = [{"prompt": "word " * 300, "max_tokens": 48, "ignore_eos": True, "stream": True,
+              "logprobs": 5, "echo": True, "n": 2} for _ in range(32)]
+    giant = [{"prompt": "word " * 2_000_000, "max_tokens": 4}]
+    stops = [{"prompt": "Hello", "max_tokens": 48, "n": 16, "stream": True, "ignore_eos": True,
+              "stop": [chr(65 + i) * MAX_STOP_STRING_CHARS for i in range(MAX_STOP_STRINGS)]}]
+    return light + heavy + giant + stops
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def test_health_p99_stays_under_100ms_under_heavy_load():
+    with subprocess_server("--kv-cache-memory-gb", "0.3") as (url, _, _log):
+        url = url.replace("localhost", "127.0.0.1")
+        with HealthProbe(int(url.rsplit(":", 1)[1])) as probe:
+            statuses = load_client.result(load_client.start(url, load_bodies()))["statuses"]
+        latencies = probe.latencies
+    assert statuses.count(200) == len(statuses) - 1 and statuses.count(400) == 1  # the giant one
+    p50, p99, worst = (percentile(latencies, 0.5), percentile(latencies, 0.99), max(latencies))
+    print(f"\n/health under load: {len(latencies)} probes, p50 {p50 * 1e3:.1f} ms, "
+          f"p99 {p99 * 1e3:.1f} ms, max {worst * 1e3:.1f} ms (mean {statistics.mean(latencies) * 1e3:.1f})")
+    assert len(latencies) >= 100
+    assert p99 < P99_LIMIT_S, f"/health p99 {p99 * 1e3:.0f} ms"
