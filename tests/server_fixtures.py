@@ -145,18 +145,21 @@ class ServerThread:
 
 
 @contextmanager
-def subprocess_server(*args: str, env: Optional[dict] = None,
-                      timeout: float = 180.0) -> Iterator[tuple[str, subprocess.Popen, str]]:
+def subprocess_server(*args: str, env: Optional[dict] = None, timeout: float = 180.0,
+                      preexec_fn: Optional[Callable[[], None]] = None
+                      ) -> Iterator[tuple[str, subprocess.Popen, str]]:
     """Run `python -m aserve *args --port <free>`; yield (url, process, log path) once /health is 200.
 
     The output goes to a file, not a pipe: a pipe nobody reads would block the server when full.
+    preexec_fn runs in the child before the server starts (e.g. to lower a resource limit).
     """
     port = free_port()
     cmd = [sys.executable, "-m", "aserve", *args, "--port", str(port)]
     full_env = dict(os.environ, **(env or {}))
     log = tempfile.NamedTemporaryFile("w+", prefix="aserve-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            preexec_fn=preexec_fn)
     url = f"http://localhost:{port}"  # the default --host is localhost
     try:
         deadline = time.monotonic() + timeout

@@ -133,6 +133,7 @@ class AsyncEngine:
         self._finished_listeners: list[Callable[[RequestOutput], None]] = []
         self.num_steps = 0
         self.num_aborted = 0
+        self._num_pending_adds = 0  # adds handed over whose result has not come back
 
     @classmethod
     def from_engine_args(cls, args) -> "AsyncEngine":
@@ -205,6 +206,7 @@ class AsyncEngine:
         accepted = asyncio.get_running_loop().create_future()
         self._post(_Add(request_id, prompt, params,
                         time.monotonic() if arrival_time is None else arrival_time, accepted))
+        self._num_pending_adds += 1
         try:
             await accepted
         except BaseException:
@@ -258,6 +260,11 @@ class AsyncEngine:
     def num_open_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests taken but not yet scheduled: on their way to the engine, or in its queue."""
+        return self.get_stats().num_waiting + self._num_pending_adds
+
     # ----------------------------------------------------------------- the step driver
     def _post(self, op) -> None:
         self._inbox.append(op)
@@ -277,6 +284,7 @@ class AsyncEngine:
                 outputs, results, stepped, self._engine_busy = await loop.run_in_executor(
                     self._executor, self._engine_turn, ops)
                 self._in_flight = []
+                self._num_pending_adds -= sum(isinstance(op, _Add) for op in ops)
                 for future, result, error in results:
                     if not future.done():  # an add whose caller left is cancelled already
                         future.set_exception(error) if error is not None else future.set_result(result)
@@ -360,6 +368,7 @@ class AsyncEngine:
             stream._fail(exc)
         pending, self._inbox = self._in_flight + self._inbox, []
         self._in_flight = []
+        self._num_pending_adds = 0
         for op in pending:
             future = op.accepted if isinstance(op, _Add) else getattr(op, "done", None)
             if future is not None and not future.done():

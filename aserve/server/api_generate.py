@@ -26,8 +26,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     req = await read_request(request, GenerateRequest)
     params = req.to_sampling_params()
-    prompt = await prepare_prompt(state, req.prompt)
-    stream = await add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
+    with state.admit():
+        prompt = await prepare_prompt(state, req.prompt)
+        stream = await add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
     try:
         if not req.stream:
             final = None

@@ -37,7 +37,7 @@ logger = logging.getLogger("aserve.server")
 async def _add_all(state: ServerState, base_id: str, prompts: list, params_for) -> list:
     """Prepare (tokenize) every prompt, then queue them all at once (the engine takes them at
     one step boundary); if one is refused, abort those taken and raise its error.
-    params_for(num_prompt_tokens) gives each its params."""
+    params_for(num_prompt_tokens) gives each its params. Call within state.admit()."""
     prepared = [await prepare_prompt(state, prompt) for prompt in prompts]
     added = await asyncio.gather(*(
         add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
@@ -163,8 +163,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     request_id = f"cmpl-{uuid.uuid4().hex}"
     model, created = state.served_model_name, int(time.time())
-    streams = await _add_all(state, request_id, prompts,
-                             lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
+    with state.admit(len(prompts)):
+        streams = await _add_all(state, request_id, prompts,
+                                 lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
 
     def prompt_text(i: int, out: RequestOutput) -> str:
         if isinstance(prompts[i], str):
@@ -265,12 +266,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
     state.check_model(req.model)
     params = req.to_sampling_params()
-    prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt)
     top_n = req.top_logprobs or 0
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     model, created = state.served_model_name, int(time.time())
-    (stream,) = await _add_all(state, request_id, [prompt_ids],
-                               lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
+    with state.admit():
+        prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt)
+        (stream,) = await _add_all(state, request_id, [prompt_ids],
+                                   lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
     try:
         if not req.stream:
             final = await _last(stream)

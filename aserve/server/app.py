@@ -23,6 +23,8 @@ from pydantic import BaseModel
 
 from aserve.engine.async_engine import AsyncEngine, EngineDeadError
 from aserve.server.metrics import ServerMetrics, log_status_periodically
+from aserve.server.open_files import watch_open_files
+from aserve.server.admission import Admission
 from aserve.server.errors import APIError, bad_request_from_value_error, parse_request
 from aserve.server.http_server import HttpLimits, error_response, read_body, start_site
 from aserve.server.prompts import chat_prompt_ids, max_prompt_chars, refuse_giant_prompts, tokenize_text
@@ -47,10 +49,16 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Optional[ServerMetrics] = None
     limits: HttpLimits = field(default_factory=HttpLimits)
+    admission: Admission = field(default_factory=Admission)
     max_prompt_chars: int = 0  # longer text prompts cannot fit (prompts.max_prompt_chars)
     # Tokenization and chat templates run here, off the event loop (prompts.py).
     prompt_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=2, thread_name_prefix="aserve-prompts"))
+
+    def admit(self, count: int = 1):
+        """A context in which `count` new engine requests are prepared and handed to the engine
+        (Admission: a 503 while draining or past the waiting-queue bound)."""
+        return self.admission.admit(self.async_engine, count)
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.served_model_name:
@@ -224,10 +232,12 @@ def build_app(state: ServerState) -> web.Application:
         gc.collect()
         gc.freeze()
         state.async_engine.start()
-        status_task = asyncio.get_running_loop().create_task(
-            log_status_periodically(state.async_engine, lambda: state.status_interval_s))
+        loop = asyncio.get_running_loop()
+        watchers = [loop.create_task(log_status_periodically(state.async_engine, lambda: state.status_interval_s)),
+                    loop.create_task(watch_open_files())]
         yield
-        status_task.cancel()
+        for task in watchers:
+            task.cancel()
         await state.async_engine.shutdown()
         state.prompt_pool.shutdown(wait=False, cancel_futures=True)
 

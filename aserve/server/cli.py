@@ -13,6 +13,8 @@ import sys
 from typing import Optional
 
 from aserve.config import LOAD_FORMATS, EngineArgs
+from aserve.server.admission import DEFAULT_MAX_WAITING
+from aserve.server.http_server import HttpLimits
 
 API_KEY_ENV = "ASERVE_API_KEY"
 
@@ -91,6 +93,15 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None,
                    help=f"If set, every /v1 request needs 'Authorization: Bearer <key>'; "
                         f"default: the {API_KEY_ENV} environment variable.")
+    s.add_argument("--max-waiting-queue-length", type=int, default=DEFAULT_MAX_WAITING,
+                   help="Most requests waiting to be scheduled (tokenizing included); past it, new "
+                        "requests get 503 with Retry-After. 0: unbounded. (default: %(default)s)")
+    s.add_argument("--timeout-keep-alive", type=float, default=HttpLimits.keep_alive_timeout_s,
+                   help="Seconds an idle connection stays open, and the most a client may take to "
+                        "send a request's head (uvicorn's and vLLM's flag). (default: %(default)s)")
+    s.add_argument("--body-read-timeout", type=float, default=HttpLimits.body_read_timeout_s,
+                   help="Seconds a client may take to send a request's body; past it, 408. "
+                        "(default: %(default)s)")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="Log level. (default: %(default)s)")
     return p
@@ -158,11 +169,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     api_key = resolve_api_key(ns)
 
     from aserve.engine.async_engine import AsyncEngine
+    from aserve.server.admission import Admission
     from aserve.server.app import serve, state_from_engine
+    from aserve.server.open_files import raise_open_file_limit
 
+    raise_open_file_limit()
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
     async_engine = AsyncEngine.from_engine_args(engine_args)
     state = state_from_engine(async_engine, api_key=api_key, chat_template=chat_template)
+    state.admission = Admission(ns.max_waiting_queue_length)
+    state.limits = HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive,
+                              body_read_timeout_s=ns.body_read_timeout)
     status = _run(serve(state, ns.host, ns.port))
     if status:
         # The engine died: exit non-zero so a supervisor restarts the server. os._exit, because
