@@ -125,6 +125,8 @@ class EngineArgs:
             raise ValueError(f"dtype must be one of auto, float16, bfloat16, float32, got {self.dtype!r}.")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}.")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -157,7 +159,12 @@ class EngineArgs:
     def resolve_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible to it"
+            raise ValueError(f"device {self.device!r} was asked for, but torch {torch.__version__} has no "
+                             f"CUDA ({build}): use --device cpu (or auto), or install a CUDA build of torch.")
+        return device
 
     def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
         return self.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device.type, 2048)

@@ -162,19 +162,7 @@ def subprocess_server(*args: str, env: Optional[dict] = None, timeout: float = 1
                             preexec_fn=preexec_fn)
     url = f"http://localhost:{port}"  # the default --host is localhost
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{_read(log.name)}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not answer /health in time:\n{_read(log.name)}")
-            time.sleep(0.2)
+        wait_for_health(url, proc, log.name, timeout)
         yield url, proc, log.name
     finally:
         proc.terminate()
@@ -184,6 +172,23 @@ def subprocess_server(*args: str, env: Optional[dict] = None, timeout: float = 1
             proc.kill()
             proc.wait()
         log.close()
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, log_path: str, timeout: float = 180.0) -> None:
+    """Wait until url/health answers 200 (the server binds first and answers 503 while loading)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{_read(log_path)}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server did not answer /health in time:\n{_read(log_path)}")
+        time.sleep(0.2)
 
 
 def _read(path: str) -> str:

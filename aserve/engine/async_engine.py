@@ -43,7 +43,12 @@ class EngineDeadError(RuntimeError):
 
 
 class RequestAbortedError(RuntimeError):
-    """The request was aborted before it finished."""
+    """The request was aborted before it finished, by someone else than its consumer (the
+    server shutting down); `code` names why, for the client's error body."""
+
+    def __init__(self, message: str, code: str = "request_aborted"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -227,17 +232,25 @@ class AsyncEngine:
         finally:
             stream.close()
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, error: Optional[RequestAbortedError] = None) -> None:
         """Abort a request (its blocks are freed at the engine's next step boundary); unknown or
-        finished ids are ignored."""
+        finished ids are ignored. A consumer still reading gets `error` (by default a
+        RequestAbortedError)."""
         stream = self._streams.pop(request_id, None)
         if stream is None:
             return
         if not stream.finished:  # aborted by someone else than its consumer: wake the consumer
-            stream._fail(RequestAbortedError(f"Request {request_id} was aborted."))
+            stream._fail(error or RequestAbortedError(f"Request {request_id} was aborted."))
         self.num_aborted += 1
         self._post(request_id)
         logger.info("Aborted request %s.", request_id)
+
+    def abort_all(self, error: RequestAbortedError) -> int:
+        """Abort every open request, each consumer getting `error`; returns how many."""
+        request_ids = list(self._streams)
+        for request_id in request_ids:
+            self.abort(request_id, error)
+        return len(request_ids)
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn() in the engine thread between two steps (where the Engine may be touched)."""

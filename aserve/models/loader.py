@@ -27,7 +27,13 @@ def _hub_error(model: str, cause: BaseException) -> OSError:
         f"Model {model!r} is neither a local folder nor in the Hugging Face cache, and the "
         f"Hugging Face hub could not be reached to download it ({type(cause).__name__}: {cause}). "
         f"Pass the path of a local folder that holds config.json, the tokenizer files and the "
-        f"weights (*.safetensors or pytorch_model*.bin), e.g. --model /path/to/model.")
+        f"weights (*.safetensors or pytorch_model*.bin), e.g. --model /path/to/model. On a "
+        f"machine without network, set HF_HUB_OFFLINE=1 to fail at once instead of after the "
+        f"hub's retries.")
+
+
+# Any of these makes a folder a tokenizer's (the rest, e.g. merges.txt, come with one of them).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def resolve_model_path(model: str, revision: Optional[str] = None, load_format: str = "auto") -> str:
@@ -88,14 +94,15 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         model_path = resolve_model_path(model, args.revision, args.load_format)
         default_name = model
     tokenizer_path = resolve_model_path(args.tokenizer, args.revision) if args.tokenizer else model_path
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise ValueError(f"{model_path} has no config.json: pass the folder of a Hugging Face model "
+                         f"(config.json, tokenizer files, weights), or its hub id.")
     hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     architecture = resolve_architecture(hf_config)
     dtype = args.resolve_dtype(hf_config, args.resolve_device())
 
     limit = _max_positions(hf_config)
     if args.max_model_len is not None:
-        if args.max_model_len < 1:
-            raise ValueError(f"max_model_len must be at least 1, got {args.max_model_len}.")
         if limit is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len {args.max_model_len} is longer than the model supports "
                              f"({limit} positions in its config); use at most {limit}.")
@@ -203,5 +210,11 @@ def load_tokenizer(model_config: ModelConfig, trust_remote_code: Optional[bool] 
 
     if trust_remote_code is None:
         trust_remote_code = model_config.trust_remote_code
-    return AutoTokenizer.from_pretrained(model_config.tokenizer_path, use_fast=True,
-                                         trust_remote_code=trust_remote_code)
+    path = model_config.tokenizer_path
+    # Without these, transformers' own error is misleading (it asks to install sentencepiece).
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES) \
+            and not glob.glob(os.path.join(path, "*.tiktoken")):
+        raise ValueError(f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): pass the "
+                         f"model's tokenizer (--tokenizer <folder or hub id>, OfflineLLM's tokenizer=), "
+                         f"or serve token ids only (--skip-tokenizer-init).")
+    return AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=trust_remote_code)

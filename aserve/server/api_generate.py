@@ -2,7 +2,8 @@
 
 Body: {"prompt": str or token ids, "stream": bool, ...any SamplingParams field}.
 Answer: {"text": [prompt + output for each of n]}. Streaming sends one JSON object per line,
-each holding the full text so far, and ends by closing the stream.
+each holding the full text so far, and ends by closing the stream (after an {"error": ...}
+line when the request failed or the server aborted it).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import orjson
 from aiohttp import web
 
 from aserve.outputs import RequestOutput
-from aserve.server.app import STATE, add_request_or_400, json_response, read_request
+from aserve.server.app import STATE, add_request_or_400, json_response, note_usage, read_request
 from aserve.server.prompts import prepare_prompt
-from aserve.server.protocol import APIError, GenerateRequest, GenerateResponse
+from aserve.server.protocol import GenerateRequest, GenerateResponse
+from aserve.server.streaming import open_stream, request_failed, send_json_line_error, stream_or_report
 
 
 def _texts(output: RequestOutput, prompt_text: str) -> list[str]:
@@ -35,24 +37,32 @@ async def generate(request: web.Request) -> web.StreamResponse:
             async for final in stream:
                 pass
             if final.error:
-                raise APIError(500, f"The request failed: {final.error}", type="server_error")
+                raise request_failed(final.error)
+            _note_usage(request, final)
             return json_response(GenerateResponse(text=_texts(final, _prompt_text(state, req, final))))
-
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
-        prompt_text = None
-        async for output in stream:
-            if output.error:
-                line = {"error": {"message": f"The request failed: {output.error}", "type": "server_error"}}
-            else:
-                if prompt_text is None:
-                    prompt_text = _prompt_text(state, req, output)
-                line = GenerateResponse(text=_texts(output, prompt_text)).model_dump()
-            await response.write(orjson.dumps(line) + b"\n")
-        await response.write_eof()
+        response = await open_stream(request, "application/x-ndjson")
+        await stream_or_report(request, response, _stream(request, state, req, stream, response),
+                               send_json_line_error)
         return response
     finally:
         stream.close()  # aborts the request if we leave early (client gone, error)
+
+
+async def _stream(request, state, req: GenerateRequest, stream, response: web.StreamResponse) -> None:
+    prompt_text = None
+    async for output in stream:
+        if output.error:
+            raise request_failed(output.error)
+        if prompt_text is None:
+            prompt_text = _prompt_text(state, req, output)
+        await response.write(orjson.dumps(GenerateResponse(text=_texts(output, prompt_text)).model_dump()) + b"\n")
+        if output.finished:
+            _note_usage(request, output)
+    await response.write_eof()
+
+
+def _note_usage(request: web.Request, output: RequestOutput) -> None:
+    note_usage(request, len(output.prompt_token_ids), sum(len(o.token_ids) for o in output.outputs))
 
 
 def _prompt_text(state, req: GenerateRequest, output: RequestOutput) -> str:

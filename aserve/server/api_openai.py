@@ -18,12 +18,13 @@ from typing import AsyncIterator, Optional
 import orjson
 from aiohttp import web
 
-from aserve.engine.async_engine import EngineDeadError
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.outputs import RequestOutput
-from aserve.server.app import STATE, ServerState, add_request_or_400, json_response, read_request
+from aserve.server.app import STATE, ServerState, add_request_or_400, json_response, note_usage, read_request
 from aserve.server.openai_logprobs import add_completion_logprobs, chat_logprobs, copy_completion_logprobs
 from aserve.server.prompts import chat_prompt_ids, prepare_prompt
+from aserve.server.streaming import (open_stream, request_failed, send_sse, send_sse_error_and_done,
+                                     stream_or_report)
 from aserve.server.protocol import (APIError, ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
                                     ChatStreamChoice, CompletionChoice,
@@ -66,7 +67,7 @@ async def _last(stream) -> RequestOutput:
     async for final in stream:
         pass
     if final.error:
-        raise APIError(500, f"The request failed: {final.error}", type="server_error")
+        raise request_failed(final.error)
     return final
 
 
@@ -103,38 +104,11 @@ async def _merged(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
             t.cancel()
 
 
-async def _open_sse(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    return response
-
-
-async def _send(response: web.StreamResponse, body: dict) -> None:
-    await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
-
-
-async def _send_error_and_done(response: web.StreamResponse, message: str) -> None:
-    await _send(response, {"error": {"message": message, "type": "server_error", "param": None,
-                                     "code": None}})
-    await response.write(b"data: [DONE]\n\n")
-
-
-async def _stream_or_report(response: web.StreamResponse, streaming) -> None:
-    """Run a streaming coroutine; once headers are sent, an error can only go in the stream."""
-    try:
-        await streaming
-    except Exception as exc:
-        expected = isinstance(exc, (APIError, EngineDeadError))
-        if not expected:
-            logger.error("streaming a response failed", exc_info=exc)
-        await _send_error_and_done(response, str(exc) if expected else f"Internal server error: {exc!r}")
-
-
-def _usage(finals: list[Optional[RequestOutput]]) -> UsageInfo:
+def _usage(request: web.Request, finals: list[Optional[RequestOutput]]) -> UsageInfo:
     prompt = sum(len(f.prompt_token_ids) for f in finals if f is not None)
     completion = sum(len(o.token_ids) for f in finals if f is not None for o in f.outputs)
     cached = sum(f.num_cached_tokens or 0 for f in finals if f is not None)
+    note_usage(request, prompt, completion)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
@@ -196,18 +170,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     choices.append(CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                                     finish_reason=o.finish_reason, stop_reason=o.stop_reason))
             return json_response(CompletionResponse(id=request_id, created=created, model=model,
-                                                    choices=choices, usage=_usage(finals)))
+                                                    choices=choices, usage=_usage(request, finals)))
 
-        response = await _open_sse(request)
-        await _stream_or_report(response, _stream_completions(
-            state, req, params, request_id, created, streams, prompt_text, echoed_logprobs, response))
+        response = await open_stream(request, "text/event-stream")
+        await stream_or_report(request, response, _stream_completions(
+            request, state, req, params, request_id, created, streams, prompt_text, echoed_logprobs,
+            response), send_sse_error_and_done)
         return response
     finally:
         for s in streams:
             s.close()  # aborts whatever has not finished: the client left, or something failed
 
 
-async def _stream_completions(state, req, params, request_id, created, streams, prompt_text,
+async def _stream_completions(request, state, req, params, request_id, created, streams, prompt_text,
                               echoed_logprobs, response) -> None:
     model = state.served_model_name
     sent: dict[tuple[int, int], _Sent] = {}
@@ -216,8 +191,7 @@ async def _stream_completions(state, req, params, request_id, created, streams, 
     async for i, out in _merged(streams):
         finals[i] = out
         if out.error:
-            await _send_error_and_done(response, f"The request failed: {out.error}")
-            return
+            raise request_failed(out.error)
         if _holds_back(params) and not out.finished:
             continue
         for j, o in enumerate(out.outputs):
@@ -244,11 +218,12 @@ async def _stream_completions(state, req, params, request_id, created, streams, 
             if text or st.done or (lps is not None and lps.tokens):
                 choice = CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                           finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                await _send(response, CompletionResponse(id=request_id, created=created, model=model,
-                                                         choices=[choice]).model_dump())
+                await send_sse(response, CompletionResponse(id=request_id, created=created, model=model,
+                                                            choices=[choice]).model_dump())
+    usage = _usage(request, finals)
     if req.stream_options and req.stream_options.include_usage:
-        await _send(response, CompletionResponse(id=request_id, created=created, model=model,
-                                                 choices=[], usage=_usage(finals)).model_dump())
+        await send_sse(response, CompletionResponse(id=request_id, created=created, model=model,
+                                                    choices=[], usage=usage).model_dump())
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
 
@@ -282,27 +257,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                   finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                        for j, o in enumerate(final.outputs)]
             return json_response(ChatCompletionResponse(id=request_id, created=created, model=model,
-                                                        choices=choices, usage=_usage([final])))
+                                                        choices=choices, usage=_usage(request, [final])))
 
-        response = await _open_sse(request)
-        await _stream_or_report(response, _stream_chat(state, req, params, request_id, created,
-                                                       stream, response))
+        response = await open_stream(request, "text/event-stream")
+        await stream_or_report(request, response, _stream_chat(
+            request, state, req, params, request_id, created, stream, response), send_sse_error_and_done)
         return response
     finally:
         stream.close()
 
 
-async def _stream_chat(state, req, params, request_id, created, stream, response) -> None:
+async def _stream_chat(request, state, req, params, request_id, created, stream, response) -> None:
     model, top_n = state.served_model_name, req.top_logprobs or 0
     for j in range(params.n):  # the role comes first, before any content, as OpenAI does
-        await _send(response, _chunk(request_id, created, model, ChatStreamChoice(
+        await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
             index=j, delta=DeltaMessage(role="assistant", content=""))))
     sent = [_Sent() for _ in range(params.n)]
     final = None
     async for final in stream:
         if final.error:
-            await _send_error_and_done(response, f"The request failed: {final.error}")
-            return
+            raise request_failed(final.error)
         if _holds_back(params) and not final.finished:
             continue
         for j, o in enumerate(final.outputs[:params.n]):
@@ -318,12 +292,13 @@ async def _stream_chat(state, req, params, request_id, created, stream, response
             st.text_len, st.num_tokens = len(o.text), len(o.token_ids)
             st.done = o.finish_reason is not None
             if text or st.done or lps is not None:
-                await _send(response, _chunk(request_id, created, model, ChatStreamChoice(
+                await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
                     index=j, delta=DeltaMessage(content=text or None), logprobs=lps,
                     finish_reason=o.finish_reason, stop_reason=o.stop_reason)))
+    usage = _usage(request, [final])
     if req.stream_options and req.stream_options.include_usage:
-        await _send(response, ChatCompletionChunk(id=request_id, created=created, model=model,
-                                                  choices=[], usage=_usage([final])).model_dump())
+        await send_sse(response, ChatCompletionChunk(id=request_id, created=created, model=model,
+                                                     choices=[], usage=usage).model_dump())
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
 

@@ -1,6 +1,7 @@
-"""The aiohttp application: shared state, middlewares (errors, API key), small routes, serving.
+"""The aiohttp application: shared state, middlewares (access log, errors, readiness, API key)
+and the small routes. serving.py runs it (bind, load, signals, drain).
 
-One process, one uvloop loop: the HTTP handlers and the AsyncEngine's step driver share it.
+One process, one uvloop loop for HTTP; the AsyncEngine steps the engine in a thread of its own.
 Handlers are cancelled when their client disconnects (handler_cancellation=True), which closes
 their request streams and so aborts the requests and frees their KV blocks.
 """
@@ -9,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from concurrent.futures import ThreadPoolExecutor
 import hmac
 import logging
-import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,12 +21,13 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from aserve.engine.async_engine import AsyncEngine, EngineDeadError
+from aserve.engine.async_engine import AsyncEngine
+from aserve.server.access_log import USAGE, access_log_middleware
+from aserve.server.admission import Admission
+from aserve.server.errors import APIError, api_error_from, bad_request_from_value_error, parse_request
+from aserve.server.http_server import HttpLimits, error_response, read_body
 from aserve.server.metrics import ServerMetrics, log_status_periodically
 from aserve.server.open_files import watch_open_files
-from aserve.server.admission import Admission
-from aserve.server.errors import APIError, bad_request_from_value_error, parse_request
-from aserve.server.http_server import HttpLimits, error_response, read_body, start_site
 from aserve.server.prompts import chat_prompt_ids, max_prompt_chars, refuse_giant_prompts, tokenize_text
 from aserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                     TokenizeRequest, TokenizeResponse)
@@ -35,25 +36,43 @@ logger = logging.getLogger("aserve.server")
 
 @dataclass
 class ServerState:
-    """What every handler needs; one per app."""
+    """What every handler needs; one per app. The engine's part is set by attach() once the
+    model has loaded (the server binds its port and answers /health before that)."""
 
-    async_engine: AsyncEngine
-    served_model_name: str
-    max_model_len: int
-    vocab_size: int
-    tokenizer: Any
-    model_root: str = ""
     chat_template: Optional[str] = None
     api_key: Optional[str] = None
+    log_requests: bool = True   # the per-request access log line (--disable-log-requests)
     status_interval_s: float = 5.0
     created: int = field(default_factory=lambda: int(time.time()))
-    metrics: Optional[ServerMetrics] = None
     limits: HttpLimits = field(default_factory=HttpLimits)
     admission: Admission = field(default_factory=Admission)
-    max_prompt_chars: int = 0  # longer text prompts cannot fit (prompts.max_prompt_chars)
     # Tokenization and chat templates run here, off the event loop (prompts.py).
     prompt_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=2, thread_name_prefix="aserve-prompts"))
+    # ---- from the engine (attach)
+    async_engine: Optional[AsyncEngine] = None
+    served_model_name: str = ""
+    max_model_len: int = 0
+    vocab_size: int = 0
+    tokenizer: Any = None
+    model_root: str = ""
+    max_prompt_chars: int = 0  # longer text prompts cannot fit (prompts.max_prompt_chars)
+    metrics: Optional[ServerMetrics] = None
+    background: list = field(default_factory=list)  # tasks running while the engine serves
+
+    @property
+    def ready(self) -> bool:
+        return self.async_engine is not None
+
+    def attach(self, async_engine: AsyncEngine) -> None:
+        """Take the loaded engine and read what the server needs from its model config."""
+        mc = async_engine.engine.model_config
+        self.tokenizer = async_engine.engine.tokenizer
+        self.served_model_name, self.model_root = mc.served_model_name, mc.model
+        self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
+        self.max_prompt_chars = max_prompt_chars(self.tokenizer, mc.max_model_len)
+        self.metrics = ServerMetrics(async_engine, mc.served_model_name)
+        self.async_engine = async_engine
 
     def admit(self, count: int = 1):
         """A context in which `count` new engine requests are prepared and handed to the engine
@@ -106,10 +125,13 @@ async def add_request_or_400(state: ServerState, request_id: str, prompt, params
     """Queue one request; the engine's ValueError (context length, empty prompt...) is a 400."""
     try:
         return await state.async_engine.add_request(request_id, prompt, params)
-    except EngineDeadError as exc:
-        raise APIError(503, str(exc), type="server_error", code="engine_dead") from None
     except ValueError as exc:
         raise bad_request_from_value_error(exc) from None
+
+
+def note_usage(request: web.Request, prompt_tokens: int, completion_tokens: int) -> None:
+    """Tokens in and out of this request, for its access log line."""
+    request[USAGE] = (prompt_tokens, completion_tokens)
 
 
 # ----------------------------------------------------------------------------- middlewares
@@ -117,20 +139,27 @@ async def add_request_or_400(state: ServerState, request_id: str, prompt, params
 async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
-    except APIError as err:
-        return error_response(err)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         return error_response(APIError(exc.status, exc.reason or "HTTP error",
                                        type="invalid_request_error" if exc.status < 500 else "server_error"))
-    except EngineDeadError as exc:
-        return error_response(APIError(503, str(exc), type="server_error", code="engine_dead"))
-    except (asyncio.CancelledError, ConnectionResetError):
+    except (asyncio.CancelledError, ConnectionError):  # the client left: nothing to answer
         raise
-    except Exception as exc:  # one request's bug must end that request only
-        logger.exception("request %s %s failed", request.method, request.path)
-        return error_response(APIError(500, f"Internal server error: {exc!r}", type="server_error"))
+    except Exception as exc:
+        err = api_error_from(exc)
+        if err is None:  # one request's bug must end that request only
+            logger.exception("request %s %s failed", request.method, request.path)
+            err = APIError(500, f"Internal server error: {exc!r}", type="server_error")
+        return error_response(err)
+
+
+@web.middleware
+async def readiness_middleware(request: web.Request, handler):
+    if not request.app[STATE].ready:
+        raise APIError(503, "The model is still loading; retry shortly.", type="server_error",
+                       code="model_loading", headers={"Retry-After": "5"})
+    return await handler(request)
 
 
 def _auth_middleware(api_key: str):
@@ -154,11 +183,17 @@ def _auth_middleware(api_key: str):
 
 # ----------------------------------------------------------------------------- small routes
 async def health(request: web.Request) -> web.Response:
-    engine = request.app[STATE].async_engine
-    if engine.is_running:
-        return web.Response(status=200)
-    return error_response(APIError(503, f"The engine is not running: {engine.dead_error!r}",
-                                   type="server_error", code="engine_dead"))
+    """200 while the server takes requests; 503 while loading, draining or dead (the reason in
+    OpenAI's error body). Reads two flags: never waits for a step."""
+    state = request.app[STATE]
+    engine = state.async_engine
+    if not engine.is_running:
+        return error_response(APIError(503, f"The engine is not running: {engine.dead_error!r}",
+                                       type="server_error", code="engine_dead"))
+    if state.admission.draining:
+        return error_response(APIError(503, "The server is shutting down.", type="server_error",
+                                       code="server_shutting_down"))
+    return web.Response(status=200)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -206,16 +241,17 @@ async def detokenize(request: web.Request) -> web.Response:
 
 # ----------------------------------------------------------------------------- the app
 def build_app(state: ServerState) -> web.Application:
-    """The aiohttp application serving state's engine; starts and stops the engine with itself."""
+    """The aiohttp application serving state's engine; starts and stops the engine with itself
+    when it is ready at start (else serving.py starts it once it has loaded)."""
     from aserve.server import api_generate, api_openai
 
-    middlewares = [error_middleware]
+    middlewares = [error_middleware, readiness_middleware]
+    if state.log_requests:
+        middlewares.insert(0, access_log_middleware)
     if state.api_key:
         middlewares.append(_auth_middleware(state.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=state.limits.max_body_bytes)
     app[STATE] = state
-    if state.metrics is None:
-        state.metrics = ServerMetrics(state.async_engine, state.served_model_name)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
@@ -226,70 +262,40 @@ def build_app(state: ServerState) -> web.Application:
     api_openai.add_routes(app)
 
     async def lifecycle(app: web.Application):
-        # The model, torch and transformers leave a huge heap of long-lived objects; a full GC
-        # pass over it stalls the loop for ~200 ms. Freezing them (as vLLM does) keeps later
-        # collections short, so /health and the token streams never see such a pause.
-        gc.collect()
-        gc.freeze()
-        state.async_engine.start()
-        loop = asyncio.get_running_loop()
-        watchers = [loop.create_task(log_status_periodically(state.async_engine, lambda: state.status_interval_s)),
-                    loop.create_task(watch_open_files())]
+        if state.ready:
+            start_engine(state)
         yield
-        for task in watchers:
-            task.cancel()
-        await state.async_engine.shutdown()
-        state.prompt_pool.shutdown(wait=False, cancel_futures=True)
+        await stop_engine(state)
 
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
+def start_engine(state: ServerState) -> None:
+    """Start the attached engine's driver and the tasks that watch it."""
+    # The model, torch and transformers leave a huge heap of long-lived objects; a full GC
+    # pass over it stalls the loop for ~200 ms. Freezing them (as vLLM does) keeps later
+    # collections short, so /health and the token streams never see such a pause.
+    gc.collect()
+    gc.freeze()
+    state.async_engine.start()
+    loop = asyncio.get_running_loop()
+    state.background = [
+        loop.create_task(log_status_periodically(state.async_engine, lambda: state.status_interval_s)),
+        loop.create_task(watch_open_files())]
+
+
+async def stop_engine(state: ServerState) -> None:
+    for task in state.background:
+        task.cancel()
+    if state.ready:
+        await state.async_engine.shutdown()
+    state.prompt_pool.shutdown(wait=False, cancel_futures=True)
+
+
 def state_from_engine(async_engine: AsyncEngine, api_key: Optional[str] = None,
                       chat_template: Optional[str] = None) -> ServerState:
-    """Read what the server needs from the engine's model config."""
-    mc = async_engine.engine.model_config
-    tokenizer = async_engine.engine.tokenizer
-    return ServerState(async_engine=async_engine, served_model_name=mc.served_model_name,
-                       max_model_len=mc.max_model_len, vocab_size=mc.vocab_size,
-                       tokenizer=tokenizer, model_root=mc.model,
-                       chat_template=chat_template, api_key=api_key,
-                       max_prompt_chars=max_prompt_chars(tokenizer, mc.max_model_len))
-
-
-# An engine that died keeps answering 503 this long (so clients and balancers see why) before
-# the server exits non-zero for a supervisor to restart it.
-DEAD_ENGINE_GRACE_S = 3.0
-
-
-async def serve(state: ServerState, host: str, port: int) -> int:
-    """Serve until SIGINT or SIGTERM (then shut down gracefully and return 0), or until the
-    engine dies (then return 1, after DEAD_ENGINE_GRACE_S)."""
-    runner, bound = await start_site(build_app(state), host, port, state.limits)
-    shown_host = f"[{host}]" if ":" in host else host
-    print(f"aserve: serving model {state.served_model_name!r} (max_model_len {state.max_model_len}) "
-          f"at http://{shown_host}:{bound}  (OpenAI API at http://{shown_host}:{bound}/v1)",
-          flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
-            pass
-    stopped = loop.create_task(stop.wait())
-    died = loop.create_task(state.async_engine.wait_until_dead())
-    status = 0
-    try:
-        await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
-        if died.done() and not stopped.done():
-            logger.error("the engine failed (%s); the server exits in %.0f s", died.result(),
-                         DEAD_ENGINE_GRACE_S)
-            await asyncio.wait({stopped}, timeout=DEAD_ENGINE_GRACE_S)
-            status = 1
-    finally:
-        stopped.cancel()
-        died.cancel()
-        logger.info("shutting down")
-        await runner.cleanup()
-    return status
+    """A ready state around a loaded engine."""
+    state = ServerState(api_key=api_key, chat_template=chat_template)
+    state.attach(async_engine)
+    return state

@@ -7,16 +7,20 @@ not reachable from other machines until asked to be (--host 0.0.0.0).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
+import traceback
 from typing import Optional
 
 from aserve.config import LOAD_FORMATS, EngineArgs
 from aserve.server.admission import DEFAULT_MAX_WAITING
 from aserve.server.http_server import HttpLimits
+from aserve.server.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 
 API_KEY_ENV = "ASERVE_API_KEY"
+DEBUG_ENV = "ASERVE_DEBUG"
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -102,6 +106,14 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--body-read-timeout", type=float, default=HttpLimits.body_read_timeout_s,
                    help="Seconds a client may take to send a request's body; past it, 408. "
                         "(default: %(default)s)")
+    s.add_argument("--shutdown-timeout", type=float, default=DEFAULT_SHUTDOWN_TIMEOUT_S,
+                   help="On SIGTERM or SIGINT, seconds the requests in flight may take to finish "
+                        "before they are aborted; a second signal exits at once (vLLM's flag, "
+                        "whose default is 0). (default: %(default)s)")
+    s.add_argument("--disable-log-requests", action="store_true",
+                   help="No access log line per request (method, path, status, latency, tokens).")
+    s.add_argument("--debug", action="store_true",
+                   help=f"Show the traceback of a start-up error (also ${DEBUG_ENV}=1).")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="Log level. (default: %(default)s)")
     return p
@@ -146,14 +158,27 @@ def resolve_api_key(ns: argparse.Namespace) -> Optional[str]:
     return ns.api_key or os.environ.get(API_KEY_ENV) or None
 
 
+def configure_logging(level: str) -> None:
+    """Every line once, in one format, on stderr."""
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # aserve's default handler, and huggingface_hub's (installed on import, and propagating to
+    # the root handler above), would print each of their lines twice; transformers' prints in
+    # a format of its own. Route all three through the root handler alone.
+    import huggingface_hub  # noqa: F401 - installs its handler, which goes now
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()
+    for name in ("aserve", "huggingface_hub"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    logging.getLogger("aserve").setLevel(level.upper())
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ns = make_parser().parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # The server logs through the root handler configured above; the package's own default
-    # handler would print every aserve line twice.
-    logging.getLogger("aserve").handlers.clear()
-    logging.getLogger("aserve").setLevel(ns.log_level.upper())
+    configure_logging(ns.log_level)
     try:
         engine_args = engine_args_from(ns)
     except ValueError as exc:  # a bad flag value: say which, without a traceback
@@ -166,28 +191,47 @@ def main(argv: Optional[list[str]] = None) -> None:
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
     chat_template = load_chat_template(ns.chat_template)
-    api_key = resolve_api_key(ns)
 
     from aserve.engine.async_engine import AsyncEngine
     from aserve.server.admission import Admission
-    from aserve.server.app import serve, state_from_engine
+    from aserve.server.app import ServerState
     from aserve.server.open_files import raise_open_file_limit
+    from aserve.server.serving import serve
 
     raise_open_file_limit()
+    state = ServerState(
+        api_key=resolve_api_key(ns), chat_template=chat_template,
+        log_requests=not ns.disable_log_requests, admission=Admission(ns.max_waiting_queue_length),
+        limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
-    async_engine = AsyncEngine.from_engine_args(engine_args)
-    state = state_from_engine(async_engine, api_key=api_key, chat_template=chat_template)
-    state.admission = Admission(ns.max_waiting_queue_length)
-    state.limits = HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive,
-                              body_read_timeout_s=ns.body_read_timeout)
-    status = _run(serve(state, ns.host, ns.port))
-    if status:
-        # The engine died: exit non-zero so a supervisor restarts the server. os._exit, because
-        # a model step stuck in a collective of a dead rank would keep a normal exit waiting.
+    try:
+        status = _run(serve(state, ns.host, ns.port, shutdown_timeout_s=ns.shutdown_timeout,
+                            load_engine=lambda: AsyncEngine.from_engine_args(engine_args)))
+    except Exception as exc:  # the port, the model, the device: one line, with what to do
+        if ns.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"error: {describe_startup_error(exc, ns.host, ns.port)}", file=sys.stderr, flush=True)
+        if not ns.debug:
+            print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        os._exit(1)  # a loading thread (or worker ranks) may still be running
+    if status or not state.ready:
+        # The engine died (exit non-zero so a supervisor restarts the server), or a signal
+        # came while the model was loading. os._exit: a model step stuck in a collective of
+        # a dead rank, or the loading thread, would keep a normal exit waiting.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def describe_startup_error(exc: BaseException, host: str, port: int) -> str:
+    """One line saying what went wrong and what to do (the messages of aserve's own checks
+    already say both)."""
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is already in use (another server?): stop it, or pass "
+                f"another --port.")
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    return message if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {message}"
 
 
 def _run(coro):

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import orjson
 from pydantic import BaseModel, ValidationError
 
+from aserve.engine.async_engine import EngineDeadError, RequestAbortedError
 from aserve.sampling_params import SamplingParams
 
 
@@ -39,6 +40,17 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+def api_error_from(exc: BaseException) -> Optional[APIError]:
+    """The client's answer for an exception a handler may meet; None for a bug (a 500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), type="server_error", code="engine_dead")
+    if isinstance(exc, RequestAbortedError):  # ended by the server (shutting down), not the client
+        return APIError(503, str(exc), type="server_error", code=exc.code)
+    return None
 
 
 SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids"}

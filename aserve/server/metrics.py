@@ -104,7 +104,11 @@ class ServerMetrics:
                "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         name = "aserve:request_success_total"
         lines += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
-        for reason, n in sorted(self.finished_by_reason.items()):
+        # Requests aborted (a client that left, a shutdown) never finish in the engine: the
+        # AsyncEngine counts them, under vLLM's finished_reason="abort".
+        reasons = Counter(self.finished_by_reason)
+        reasons["abort"] += self.async_engine.num_aborted
+        for reason, n in sorted(reasons.items()):
             lines.append(f'{name}{{{lab},finished_reason="{_escape(reason)}"}} {n}')
         for hist in (self.ttft, self.tpot, self.e2e):
             lines += hist.render(lab)

@@ -1,0 +1,63 @@
+"""Streamed answers (server-sent events for /v1, JSON lines for /generate): once the headers
+are out, an error can only travel inside the stream, as its last event.
+
+A client that leaves mid-stream is no error: the write fails with a ConnectionError, the
+handler returns, and closing its request streams aborts the requests (the engine logs one INFO
+line for each); nothing is logged as a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from aserve.server.access_log import CLIENT_GONE
+from aserve.server.errors import APIError, api_error_from
+
+logger = logging.getLogger("aserve.server")
+
+
+async def open_stream(request: web.Request, content_type: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    return response
+
+
+async def send_sse(response: web.StreamResponse, body: dict) -> None:
+    await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
+
+
+async def send_sse_error_and_done(response: web.StreamResponse, err: APIError) -> None:
+    """OpenAI's error body as the stream's last event, then [DONE]."""
+    await response.write(b"data: " + err.body() + b"\n\ndata: [DONE]\n\n")
+
+
+async def send_json_line_error(response: web.StreamResponse, err: APIError) -> None:
+    await response.write(err.body() + b"\n")
+
+
+def request_failed(error: str) -> APIError:
+    """The error of a request the engine ended with one (a fault in its step)."""
+    return APIError(500, f"The request failed: {error}", type="server_error")
+
+
+async def stream_or_report(request: web.Request, response: web.StreamResponse, streaming: Awaitable,
+                           send_error: Callable[[web.StreamResponse, APIError], Awaitable]) -> None:
+    """Run a streaming coroutine; an error it raises goes into the stream as its last event."""
+    try:
+        await streaming
+    except ConnectionError:
+        request[CLIENT_GONE] = True
+    except Exception as exc:
+        err = api_error_from(exc)
+        if err is None:
+            logger.error("streaming a response failed", exc_info=exc)
+            err = APIError(500, f"Internal server error: {exc!r}", type="server_error")
+        try:
+            await send_error(response, err)
+            await response.write_eof()
+        except ConnectionError:
+            request[CLIENT_GONE] = True
