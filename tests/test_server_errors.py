@@ -177,6 +177,35 @@ async def test_an_exception_in_one_request_fails_only_that_request(server):
     await assert_still_serving(server)
 
 
+@pytest.mark.parametrize("pipelined", [True, False])
+async def test_a_sampling_fault_of_one_request_fails_that_request_only(server, monkeypatch, pipelined):
+    # A logits processor that breaks on one request's parameters (seed 4242). Plain sampled
+    # requests run pipelined (async scheduling); logprobs make steps synchronous.
+    from aserve.worker import sampler
+
+    original = sampler.apply_logits_processors
+
+    def poisoned(logits, metadata):
+        if any(p.seed == 4242 for p in metadata.params):
+            raise RuntimeError("injected sampler fault")
+        return original(logits, metadata)
+
+    monkeypatch.setattr(sampler, "apply_logits_processors", poisoned)
+    extra = {} if pipelined else {"logprobs": 1}
+    healthy = [{"prompt": f"Hello {i}", "max_tokens": 24, "ignore_eos": True, "seed": i, **extra}
+               for i in range(8)]
+    bad = {"prompt": "Hello", "max_tokens": 24, "ignore_eos": True, "seed": 4242, **extra}
+    results = await asyncio.gather(*(post(server, "/v1/completions", body) for body in [bad] + healthy),
+                                   _stream_text(server, dict(bad, stream=True)))
+    (bad_status, bad_body), *ok, (stream_status, streamed) = results
+    assert bad_status == 500 and "injected sampler fault" in assert_openai_error(bad_body)["message"]
+    assert stream_status == 200 and b"injected sampler fault" in streamed and streamed.endswith(b"data: [DONE]\n\n")
+    assert [status for status, _ in ok] == [200] * 8
+    assert all(body["usage"]["completion_tokens"] == 24 for _, body in ok)
+    monkeypatch.undo()
+    await assert_still_serving(server)
+
+
 async def test_a_failing_forward_fails_its_requests_and_the_server_carries_on(server):
     runner = server.async_engine.engine.runner
     original = runner._forward   # run by synchronous and pipelined (async-scheduling) steps alike

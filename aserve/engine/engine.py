@@ -308,6 +308,10 @@ class Engine:
                 self._count_token(request, now, len(request.live_seqs))
         else:
             rows = range(span.sample_start, span.sample_start + span.sample_count)
+            if output.sample_errors:  # sampling failed for this request alone: it fails (process)
+                for row in rows:
+                    if row in output.sample_errors:
+                        raise output.sample_errors[row]
             if span.sample_count > 1:
                 self.outputs.fork_for_samples(request)
                 seqs = request.seqs

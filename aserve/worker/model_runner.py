@@ -11,7 +11,7 @@ collectives inside line up; only rank 0 samples.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -24,7 +24,7 @@ from aserve.outputs import Logprob
 from aserve.worker.cuda_graphs import DecodeGraphs
 from aserve.worker.input_upload import InputUploader
 from aserve.worker.kv_cache import copy_blocks
-from aserve.worker.sampler import Sampler, SamplingMetadata, logprobs_for_tokens
+from aserve.worker.sampler import Sampler, SamplerOutput, SamplingMetadata, logprobs_for_tokens
 from aserve.worker.step_arrays import STEP_EXECUTE, STEP_LAUNCH, StepArrays
 
 
@@ -64,6 +64,8 @@ class ModelOutput:
     sampled_token_logprobs: list[Optional[float]]
     beam_logprobs: Optional[torch.Tensor]             # [num_beam_rows, V] on the CPU
     prompt_logprobs: list[list[dict[int, Logprob]]]   # one list per PromptLogprobRows group
+    # Sample rows whose sampling failed (their ids are placeholders): only their requests fail.
+    sample_errors: dict[int, Exception] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -146,16 +148,22 @@ class ModelRunner:
             if model_input.logits_indices.numel() == 0:
                 return PendingStep.start(torch.empty(0, dtype=torch.long, device=hidden.device))
             logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
-        error = None
+        error, row_errors = None, {}
         try:
-            sampled = self.sampler.sample_ids(logits, model_input.sampling_metadata)
+            try:
+                sampled = self.sampler.sample_ids(logits, model_input.sampling_metadata)
+            except Exception:
+                rows, row_errors = _sample_rows_apart(logits, model_input.sampling_metadata,
+                                                      self.sampler.sample_ids)
+                failed = torch.zeros(1, dtype=torch.long, device=logits.device)
+                sampled = torch.cat([ids if ids is not None else failed for ids in rows])
         except Exception as exc:  # the other ranks wait for ids all the same: send zeros
             sampled, error = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device), exc
         with self._collectives():
             self.group.broadcast(sampled)   # the next step's placeholders, on every rank
         if error is not None:
             raise error
-        return PendingStep.start(sampled)
+        return PendingStep.start(sampled, row_errors)
 
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> ModelOutput:
@@ -168,10 +176,17 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
         n_sample, n_beam = model_input.num_sample_rows, model_input.num_beam_rows
 
-        sampled, sample_logprobs, sampled_lps = [], None, []
+        sampled, sample_logprobs, sampled_lps, row_errors = [], None, [], {}
         if n_sample:
             sample_logits = logits[:n_sample]
-            out = self.sampler(sample_logits, model_input.sampling_metadata)
+            metadata = model_input.sampling_metadata
+            try:
+                out = self.sampler(sample_logits, metadata)
+            except Exception:
+                rows, row_errors = _sample_rows_apart(sample_logits, metadata, self.sampler)
+                out = SamplerOutput([r.sampled_token_ids[0] if r else 0 for r in rows],
+                                    [r.logprobs[0] if r and r.logprobs else None for r in rows]
+                                    if metadata.max_num_logprobs is not None else None)
             sampled, sample_logprobs = out.sampled_token_ids, out.logprobs
             sampled_lps = _sampled_token_logprobs(sample_logits, sampled, sample_logprobs,
                                                   model_input.needs_sampled_logprob)
@@ -185,7 +200,7 @@ class ModelRunner:
             lps = torch.log_softmax(logits[row:row + count], dim=-1)
             prompt_logprobs.append(logprobs_for_tokens(lps, group.target_token_ids, group.num_top))
             row += count
-        return ModelOutput(sampled, sample_logprobs, sampled_lps, beam_logprobs, prompt_logprobs)
+        return ModelOutput(sampled, sample_logprobs, sampled_lps, beam_logprobs, prompt_logprobs, row_errors)
 
     @torch.inference_mode()
     def worker_step(self, kind: int, model_input: ModelInput) -> None:
@@ -228,26 +243,28 @@ class PendingStep:
     """A launched step's sampled ids: on the device for the next step's placeholders, and on
     their way into pinned host memory for the engine."""
 
-    def __init__(self, sampled: torch.Tensor, host: torch.Tensor, copied) -> None:
+    def __init__(self, sampled: torch.Tensor, host: torch.Tensor, copied,
+                 row_errors: Optional[dict[int, Exception]] = None) -> None:
         self.sampled = sampled
         self._host = host
         self._copied = copied
+        self._row_errors = row_errors or {}
 
     @staticmethod
-    def start(sampled: torch.Tensor) -> "PendingStep":
+    def start(sampled: torch.Tensor, row_errors: Optional[dict[int, Exception]] = None) -> "PendingStep":
         if sampled.device.type != "cuda":
-            return PendingStep(sampled, sampled, None)
+            return PendingStep(sampled, sampled, None, row_errors)
         host = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
         host.copy_(sampled, non_blocking=True)
         copied = torch.cuda.Event()
         copied.record(torch.cuda.current_stream(sampled.device))
-        return PendingStep(sampled, host, copied)
+        return PendingStep(sampled, host, copied, row_errors)
 
     def result(self) -> ModelOutput:
         """Waits for the step; the same shape of output as ModelRunner.execute's."""
         if self._copied is not None:
             self._copied.synchronize()
-        return ModelOutput(self._host.tolist(), None, [], None, [])
+        return ModelOutput(self._host.tolist(), None, [], None, [], self._row_errors)
 
 
 @torch.inference_mode()
@@ -282,6 +299,25 @@ class RowPlan:
     sampling_metadata: Optional[SamplingMetadata]
     needs_sampled_logprob: list[bool]
     prompt_logprob_groups: list[PromptLogprobRows]
+
+
+def _sample_rows_apart(logits: torch.Tensor, metadata: SamplingMetadata, sample):
+    """The batch's sampling failed: sample each row alone, so that the fault is tied to the
+    rows (requests) that cause it. Returns each row's `sample(row_logits, row_metadata)` (None
+    where it failed) and each failed row's error; raises when every row fails (then nothing
+    ties the fault to a request, and the step fails as a whole)."""
+    results, errors = [], {}
+    for row in range(logits.shape[0]):
+        one = SamplingMetadata.build([metadata.params[row]], [metadata.generators[row]],
+                                     [metadata.prompt_token_ids[row]], [metadata.output_token_ids[row]])
+        try:
+            results.append(sample(logits[row:row + 1], one))
+        except Exception as exc:
+            errors[row] = exc
+            results.append(None)
+    if len(errors) == len(results):
+        raise next(iter(errors.values()))
+    return results, errors
 
 
 def _sampled_token_logprobs(logits: torch.Tensor, sampled: list[int], sample_logprobs,
