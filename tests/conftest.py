@@ -15,6 +15,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true",
+                     help="the long reliability runs for bench/ (bench/reliability.sh): many more "
+                          "fuzzed requests, a larger disconnect storm")
+
+
+@pytest.fixture(scope="session")
+def fuzz_long(request) -> bool:
+    return request.config.getoption("--fuzz-long")
+
+
 @pytest.fixture(scope="session")
 def llama_dir() -> str:
     from tiny_models import tiny_model_dir

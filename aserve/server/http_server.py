@@ -77,7 +77,9 @@ def _stop_reading(request: web.Request) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    return (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().rstrip(".")
+    """One line (aiohttp's parser messages add the offending line and a caret under it)."""
+    text = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0]
+    return (text[:200] + "...") if len(text) > 200 else text.rstrip(".")
 
 
 class _RequestHandler(web_protocol.RequestHandler):
