@@ -3,7 +3,6 @@ before it is tokenized, and tokenizing and chat templates run off the loop."""
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import threading
 import time

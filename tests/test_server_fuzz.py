@@ -13,7 +13,6 @@ import gzip
 import http.client
 import json
 import socket
-import time
 import zlib
 from collections import Counter
 

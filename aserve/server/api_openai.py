@@ -15,7 +15,6 @@ import time
 import uuid
 from typing import AsyncIterator, Optional
 
-import orjson
 from aiohttp import web
 
 from aserve.engine.request_factory import TokenizedPrompt
@@ -23,13 +22,12 @@ from aserve.outputs import RequestOutput
 from aserve.server.app import STATE, ServerState, add_request_or_400, json_response, note_usage, read_request
 from aserve.server.openai_logprobs import add_completion_logprobs, chat_logprobs, copy_completion_logprobs
 from aserve.server.prompts import chat_prompt_ids, prepare_prompt
+from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
+                                    ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
+                                    CompletionChoice, CompletionLogProbs, CompletionRequest,
+                                    CompletionResponse, DeltaMessage, PromptTokensDetails, UsageInfo)
 from aserve.server.streaming import (open_stream, request_failed, send_sse, send_sse_error_and_done,
                                      stream_or_report)
-from aserve.server.protocol import (APIError, ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk,
-                                    ChatCompletionRequest, ChatCompletionResponse, ChatResponseMessage,
-                                    ChatStreamChoice, CompletionChoice,
-                                    CompletionLogProbs, CompletionRequest, CompletionResponse,
-                                    DeltaMessage, PromptTokensDetails, UsageInfo)
 
 logger = logging.getLogger("aserve.server")
 

@@ -309,7 +309,8 @@ def _sample_rows_apart(logits: torch.Tensor, metadata: SamplingMetadata, sample)
     results, errors = [], {}
     for row in range(logits.shape[0]):
         one = SamplingMetadata.build([metadata.params[row]], [metadata.generators[row]],
-                                     [metadata.prompt_token_ids[row]], [metadata.output_token_ids[row]])
+                                     [metadata.prompt_token_ids[row]], [metadata.output_token_ids[row]],
+                                     [metadata.matchers[row]] if metadata.matchers else None)
         try:
             results.append(sample(logits[row:row + 1], one))
         except Exception as exc:
