@@ -9,6 +9,7 @@
 #            Poisson 10 and 40 req/s and all at once (SERVING_MODELS, SERVING_RATES)
 #   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200;
 #            BASELINE="" leaves transformers out)
+#   structured  bench/structured.py: model A with 0, 50% and 100% of its requests under a JSON schema
 #   previous the same workloads, engine only, run by an earlier version of aserve unpacked in
 #            $PREVIOUS_DIR (default .previous/: `git archive REV | tar -x -C .previous`, carried),
 #            just before `bench`: a regression check within one lease
@@ -38,7 +39,9 @@ run() {  # run NAME SECONDS CMD...: one step, bounded, its exit status reported
 
 stage_tests() {
     run "cuda tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/
-    # The engine against transformers (float32) on the card, and dummy loading on CUDA.
+    # The engine against transformers (float32) on the card, and dummy loading on CUDA
+    # (ENGINE_TESTS=0 leaves them out).
+    [ "${ENGINE_TESTS:-1}" = 0 ] && return
     run "engine tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider \
         tests/test_engine_greedy.py tests/test_engine_logprobs.py tests/test_engine_beam_search.py \
         tests/test_engine_sampling.py tests/test_sampler.py tests/test_load_format.py \
@@ -62,7 +65,11 @@ stage_serving() {
         python3 bench/make_random_model.py --shape $shape --out /tmp/$shape --dtype $dtype --config-only
         python3 -m aserve --model /tmp/$shape --load-format dummy --port 8123 > /tmp/server.log 2>&1 &
         local server=$!
-        for _ in $(seq 180); do curl -sf localhost:8123/health >/dev/null && break; sleep 1; done
+        for _ in $(seq 180); do
+            curl -sf localhost:8123/health >/dev/null && break
+            kill -0 $server 2>/dev/null || { echo "=== serving $model: the server exited"; tail -5 /tmp/server.log; break; }
+            sleep 1
+        done
         for rate in ${SERVING_RATES:-10 40 inf}; do
             run "serving $model rate=$rate" "$SERVING_TIMEOUT" python3 bench/serving.py \
                 --base-url http://localhost:8123 --request-rate $rate --input-len $input \
@@ -72,6 +79,10 @@ stage_serving() {
         wait $server 2>/dev/null
         grep -iE "error|exception" /tmp/server.log | head -5
     done
+}
+
+stage_structured() {
+    run "structured outputs" "${STRUCTURED_TIMEOUT:-240}" python3 bench/structured.py ${STRUCTURED_ARGS:-}
 }
 
 stage_previous() {
@@ -100,7 +111,7 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    for stage in tests kernels serving previous bench; do  # this order: the workloads' table comes last
+    for stage in tests kernels structured serving previous bench; do  # this order: the workloads' table comes last
         case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
     done
     echo "=== steps:"

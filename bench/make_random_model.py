@@ -70,6 +70,9 @@ def main() -> None:
     config_name, fields = SHAPES[args.shape]
     config = getattr(transformers, config_name)(**fields, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                                                 torch_dtype=args.dtype)
+    # from_config() records the model class; a bare config must name it for the loader.
+    config.architectures = [transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[
+        config.model_type]]
     if args.config_only:
         config.save_pretrained(args.out)
         synthetic_tokenizer(config.vocab_size).save_pretrained(args.out)
