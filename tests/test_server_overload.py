@@ -49,6 +49,22 @@ async def test_past_the_waiting_bound_new_requests_get_503_and_accepted_ones_fin
     assert status == 200, body
 
 
+async def test_a_burst_as_large_as_the_queue_is_taken_whole(server):
+    # Each request counts once while it waits: tokenizing, on its way to the engine, or queued.
+    # (It was counted twice on its way to the engine, so a burst of the bound's size got 503s
+    # whenever the engine was slow to take requests: here it is held busy while they arrive.)
+    engine_busy = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+        server.async_engine.call(lambda: time.sleep(1.5)), server.loop))
+    async with aiohttp.ClientSession() as session:
+        sent = []
+        for _ in range(MAX_WAITING):
+            sent.append(asyncio.ensure_future(post(session, server, dict(BODY, max_tokens=4))))
+            await asyncio.sleep(0.15)
+        results = await asyncio.gather(*sent)
+    await engine_busy
+    assert [status for status, _, _ in results] == [200] * MAX_WAITING, results
+
+
 async def test_a_batch_larger_than_the_queue_can_ever_hold_is_a_400(server):
     async with aiohttp.ClientSession() as session:
         status, _, body = await post(session, server, dict(BODY, prompt=["Hi"] * (MAX_WAITING + 1)))
