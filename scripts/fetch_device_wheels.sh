@@ -19,6 +19,7 @@ WHEELS=(
     distro==1.9.0              # openai's dependencies the image lacks
     jiter==0.19.0
     sniffio==1.3.1
+    py-spy==0.4.3              # bench: profiling the server under load (bench/profile_server.sh)
 )
 
 # A fresh folder, swapped in at the end: two versions of one package would make pip refuse.

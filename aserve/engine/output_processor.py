@@ -134,12 +134,15 @@ class OutputProcessor:
 
     # ---------------------------------------------------------------- reporting
     def make_output(self, request: Request) -> RequestOutput:
-        finished = request.error is not None or all(s.is_finished for s in request.seqs)
+        seqs = request.seqs
+        # A streaming server makes one output per request per step: the common one sequence
+        # is checked without a generator (its cost showed in the server's profile).
+        finished = request.error is not None or (
+            seqs[0].finish_reason is not None if len(seqs) == 1 else all(s.is_finished for s in seqs))
         if request.beam_outputs is not None:
             outputs = request.beam_outputs
         else:
             params = request.params
-            seqs = request.seqs
             if finished and params.best_of > params.n:
                 seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
             track = params.logprobs is not None or params.best_of > params.n
