@@ -326,3 +326,40 @@ def test_generate_takes_structured_outputs_and_guided_decoding(server):
     bad = requests.post(server.url + "/generate", json={"prompt": "x", "guided_decoding": {"regex": "(("}},
                         timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "guided_decoding"
+
+
+def test_constrained_requests_added_and_abandoned_from_many_threads_leave_the_engine_clean(server):
+    """Grammars compile in the backend's threads while the engine thread steps and the loop
+    adds and aborts: clients that leave mid-compile or mid-output leave nothing behind."""
+    def schema(i: int) -> dict:   # distinct schemas: each compiles anew
+        return {"type": "object", "properties": {f"k{i}": {"type": "integer"}, "s": {"enum": [str(i), "x"]}},
+                "required": [f"k{i}", "s"], "additionalProperties": False}
+
+    def one(i: int):
+        body = {"prompt": "go", "max_tokens": 60, "seed": i, "guided_json": schema(i), "stream": i % 3 == 0}
+        try:   # a third leave at once, a third mid-stream, a third wait for their answer
+            response = _post_with_timeout(server, body, 0.05 if i % 3 == 1 else 120)
+        except requests.exceptions.Timeout:
+            return None
+        if body["stream"]:
+            next(response.iter_lines())
+            response.close()
+            return None
+        return response.json()["choices"][0]
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = [a for a in pool.map(one, range(24)) if a is not None]
+    assert answers
+    for choice in answers:
+        if choice["finish_reason"] == "stop":
+            assert set(json.loads(choice["text"])) <= {"s"} | {f"k{i}" for i in range(24)}
+    stats = server.wait_until(lambda s: s.num_used_blocks == 0 and s.num_running == 0 and s.num_waiting == 0)
+    assert (stats.num_used_blocks, stats.num_running, stats.num_waiting) == (0, 0, 0), stats
+    assert server.call(lambda: server.async_engine.engine._awaiting_grammar) == []
+    assert _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 5, "guided_choice": ["ok"]}).json()[
+        "choices"][0]["text"] == "ok"
+
+
+def _post_with_timeout(server, body: dict, timeout: float) -> requests.Response:
+    return requests.post(server.url + "/v1/completions", json={"model": server.model_name, **body},
+                         timeout=timeout, stream=body.get("stream", False))
