@@ -135,6 +135,13 @@ def test_structured_outputs_object_and_guided_json(server):
     assert json.loads(body.json()["choices"][0]["text"]) is not None   # compact JSON: it finishes
 
 
+def test_the_own_backend_may_be_named_and_fallback_declined(server):
+    for extra in ({"guided_choice": ["a", "b"], "guided_decoding_backend": "guidance"},
+                  {"structured_outputs": {"choice": ["a", "b"], "disable_fallback": True}}):
+        response = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 5, **extra})
+        assert response.status_code == 200 and response.json()["choices"][0]["text"] in ("a", "b"), response.text
+
+
 def test_streamed_deltas_concatenate_to_valid_output(client, server):
     stream = client.chat.completions.create(
         model=server.model_name, messages=USER, max_tokens=400, seed=7, stream=True,
@@ -174,7 +181,7 @@ def test_named_tool_choice_gives_a_parsed_call(client, server):
         model=server.model_name, messages=USER, tools=TOOLS, max_tokens=300, seed=10, n=2,
         tool_choice={"type": "function", "function": {"name": "get_weather"}})
     for choice in response.choices:
-        assert choice.finish_reason == "tool_calls" and not choice.message.content
+        assert choice.finish_reason == "tool_calls" and choice.message.content == ""   # vLLM's answer
         (call,) = choice.message.tool_calls
         _check_call(call, "get_weather")
 
@@ -263,7 +270,8 @@ def test_auto_tool_choice_without_the_flags_is_a_400(server):
     ("/v1/completions", {"guided_choice": []}, "guided_choice", "choice"),
     ("/v1/completions", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex", "one output constraint"),
     ("/v1/completions", {"guided_whitespace_pattern": " *"}, "guided_whitespace_pattern", "not supported"),
-    ("/v1/completions", {"guided_decoding_backend": "xgrammar"}, "guided_decoding_backend", "not supported"),
+    ("/v1/completions", {"guided_regex": "a", "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend",
+     "not available"),
     ("/v1/completions", {"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs", "structural_tag"),
     ("/v1/completions", {"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs",
      "whitespace_pattern"),

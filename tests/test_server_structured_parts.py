@@ -40,7 +40,7 @@ def test_each_field_gives_its_constraint():
     (dict(guided_choice=[]), "guided_choice"),
     (dict(structured_outputs={"regex": "a", "json": {}}), "structured_outputs"),
     (dict(guided_whitespace_pattern=" "), "guided_whitespace_pattern"),
-    (dict(guided_decoding_backend="xgrammar"), "guided_decoding_backend"),
+    (dict(guided_regex="a", guided_decoding_backend="xgrammar"), "guided_decoding_backend"),
     (dict(response_format={"type": "structural_tag"}), "response_format"),
 ])
 def test_bad_constraint_fields_are_400s_naming_them(fields, param):
@@ -76,7 +76,7 @@ def test_bad_tool_fields_are_400s(tools, choice, message):
 def test_outputs_become_calls():
     named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
     content, calls = calls_from_output(named, '{"city": "Paris"}')
-    assert content is None and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
+    assert content == "" and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
     assert calls[0].id.startswith("chatcmpl-tool-")
     required = plan_tools([WEATHER, TIME], "required", None)
     _, calls = calls_from_output(required, '[{"name": "get_time", "parameters": {}}, '

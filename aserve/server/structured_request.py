@@ -26,16 +26,23 @@ _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "cho
 _UNSUPPORTED = {
     "guided_whitespace_pattern": "aserve's grammar backend (llguidance) takes no whitespace pattern; "
                                  "use structured_outputs.disable_any_whitespace",
-    "guided_decoding_backend": "aserve has one grammar backend (llguidance) and no per-request choice",
 }
+# guided_decoding_backend names the engine's own backend, or is refused as vLLM refuses a
+# backend other than the one it was started with.
+_OWN_BACKEND = ("guidance", "llguidance", "auto")
 # The request fields this module reads (the protocol declares them on both routes).
-FIELDS = ("response_format", "structured_outputs", *_GUIDED, *_UNSUPPORTED)
+FIELDS = ("response_format", "structured_outputs", *_GUIDED, *_UNSUPPORTED, "guided_decoding_backend")
 
 
 def structured_outputs_from(response_format: Any = None, structured_outputs: Any = None,
                             **guided: Any) -> Optional[StructuredOutputsParams]:
     """The request's StructuredOutputsParams, or None when it asks for free text."""
     given = {name: value for name, value in guided.items() if value is not None}
+    backend = given.pop("guided_decoding_backend", None)
+    if backend is not None and backend not in _OWN_BACKEND:
+        raise APIError(400, f"guided_decoding_backend {backend!r} is not available: this server's "
+                            "structured outputs use llguidance ('guidance'); leave the field out.",
+                       param="guided_decoding_backend")
     for name in sorted(given):
         if name in _UNSUPPORTED:
             raise APIError(400, f"{name} is not supported: {_UNSUPPORTED[name]}.", param=name)
@@ -83,7 +90,8 @@ def constraint_field(request: Any) -> str:
     """The name of the field that carries a request's constraint (for its errors)."""
     for name in FIELDS:
         value = getattr(request, name, None)
-        if value is not None and (name != "response_format" or _get(value, "type") != "text"):
+        if value is not None and name != "guided_decoding_backend" and (
+                name != "response_format" or _get(value, "type") != "text"):
             return name
     return "tool_choice"   # a tool call's constraint
 

@@ -154,16 +154,17 @@ def _history_call(index: int, call: Any) -> dict:
 
 # ----------------------------------------------------------------------------- the output
 def calls_from_output(plan: ToolPlan, text: str) -> tuple[Optional[str], list[ToolCall]]:
-    """(the message content, the tool calls) of a finished output under plan."""
+    """(the message content, the tool calls) of a finished output under plan. A forced call's
+    message has content "", as vLLM answers (clients test its length)."""
     if plan.mode == "named":
-        return None, [ToolCall(plan.name, text, new_call_id())]
+        return "", [ToolCall(plan.name, text, new_call_id())]
     if plan.mode == "required":
         try:
             items = json.loads(text)
         except ValueError:   # cut off by max_tokens: no call could be formed
             return text, []
-        return None, [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id())
-                      for i in items]
+        return "", [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id())
+                    for i in items]
     if plan.mode == "auto":
         return PARSERS[plan.parser]().extract(text)
     return text, []
