@@ -112,6 +112,10 @@ def test_guided_regex_choice_and_grammar(client, server):
     out = client.chat.completions.create(model=server.model_name, messages=USER, max_tokens=10, seed=4,
                                          n=4, extra_body={"guided_choice": choices})
     assert all(c.message.content in choices for c in out.choices)
+    gbnf = 'root ::= "SELECT " col " FROM " table\ncol ::= "id" | "name"\ntable ::= "users" | "t" [0-9]\n'
+    out = client.completions.create(model=server.model_name, prompt="SQL:", max_tokens=20, seed=5, n=3,
+                                    extra_body={"guided_grammar": gbnf})
+    assert all(re.fullmatch(r"SELECT (id|name) FROM (users|t[0-9])", c.text) for c in out.choices)
     grammar = 'start: expr\nexpr: NUM | "(" expr OP expr ")"\nOP: "+" | "*"\nNUM: /[0-9]{1,2}/\n'
     out = client.completions.create(model=server.model_name, prompt="Sum:", max_tokens=60, seed=5, n=3,
                                     extra_body={"guided_grammar": grammar})
@@ -249,6 +253,28 @@ def test_auto_tool_choice_parses_hermes_calls_or_answers_text(client, server):
                                               max_tokens=8, seed=13)
     choice = response.choices[0]
     assert choice.message.content and not choice.message.tool_calls and choice.finish_reason == "length"
+
+
+def test_auto_tool_choice_finds_hermes_calls_in_the_text(client, server):
+    # A regex makes the random model write what a Hermes model writes: text, then a call.
+    hermes = r'Let me see\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Rome|Oslo)", ' \
+             r'"unit": "celsius", "days": [1-7]\}\}\n</tool_call>'
+    response = client.chat.completions.create(model=server.model_name, messages=USER, tools=TOOLS, seed=14,
+                                              max_tokens=100, extra_body={"guided_regex": hermes})
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me see.\n"
+    _check_call(choice.message.tool_calls[0], "get_weather")
+    stream = client.chat.completions.create(model=server.model_name, messages=USER, tools=TOOLS, seed=14,
+                                            max_tokens=100, stream=True, extra_body={"guided_regex": hermes})
+    content, fragments, finish = "", [], None
+    for chunk in stream:
+        content += chunk.choices[0].delta.content or ""
+        fragments += chunk.choices[0].delta.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert content == "Let me see.\n" and finish == "tool_calls"
+    assert fragments[0].id.startswith("chatcmpl-tool-") and fragments[0].function.name == "get_weather"
+    arguments = "".join(f.function.arguments or "" for f in fragments)
+    assert json.loads(arguments) == json.loads(choice.message.tool_calls[0].function.arguments)
 
 
 def test_auto_tool_choice_without_the_flags_is_a_400(server):
