@@ -397,3 +397,31 @@ def test_constrained_requests_added_and_abandoned_from_many_threads_leave_the_en
 def _post_with_timeout(server, body: dict, timeout: float) -> requests.Response:
     return requests.post(server.url + "/v1/completions", json={"model": server.model_name, **body},
                          timeout=timeout, stream=body.get("stream", False))
+
+
+def test_a_grammar_failing_inside_the_engine_fails_its_request_alone_with_a_400(server):
+    grammars = server.async_engine.engine.grammars
+
+    def refuse(params):
+        raise ValueError(f"structured_outputs.{params.kind} is not usable: refused for this test")
+
+    grammars._new_matcher = refuse   # the door's check passes; the engine's matcher fails
+    try:
+        failed = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 5, "guided_regex": "[0-9]{3}"})
+    finally:
+        del grammars._new_matcher
+    assert failed.status_code == 400, failed.text
+    assert failed.json()["error"]["param"] == "structured_outputs" and "refused" in failed.json()["error"]["message"]
+    ok = _post(server, "/v1/completions", {"prompt": "x", "max_tokens": 5, "guided_regex": "[0-9]{3}"})
+    assert re.fullmatch("[0-9]{3}", ok.json()["choices"][0]["text"])
+
+
+def test_required_tools_with_refs_to_their_defs_compile(server):
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+    tool = {"type": "function", "function": {"name": "move", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "required": ["to"],
+        "$defs": {"Point": point}}}}
+    response = _post(server, "/v1/chat/completions", {"messages": USER, "tools": [tool], "tool_choice": "required",
+                                                      "max_tokens": 5})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"].lstrip().startswith("[")

@@ -174,3 +174,15 @@ def test_history_tool_calls_reach_the_template_with_object_arguments():
     conversation = req.conversation()
     assert conversation[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}
     assert conversation[2]["tool_call_id"] == "c1" and conversation[2]["content"] == "sunny"
+
+
+def test_required_schema_lifts_each_tools_defs_to_the_top():
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    tool = {"type": "function", "function": {"name": "move", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "$defs": {"Point": point}}}}
+    schema = json.loads(plan_tools([tool, TIME], "required", None).constraint.spec)
+    assert schema["$defs"] == {"Point": point}
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    other = {"type": "function", "function": {"name": "jump", "parameters": {"$defs": {"Point": {"type": "string"}}}}}
+    with pytest.raises(APIError, match="differs"):
+        plan_tools([tool, other], "required", None)

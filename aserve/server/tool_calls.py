@@ -118,11 +118,23 @@ def _named_choice(tool_choice: Any) -> str:
 
 
 def _required_schema(tools: list[Tool]) -> dict:
-    """A JSON array of one or more calls, each naming one tool with parameters valid for it."""
-    call = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.name]},
-                                               "parameters": t.parameters},
-             "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": call}}
+    """A JSON array of one or more calls, each naming one tool with parameters valid for it.
+    Each tool's $defs move to the top, where its "#/$defs/..." references now point (as vLLM)."""
+    defs: dict = {}
+    calls = []
+    for tool in tools:
+        parameters = dict(tool.parameters)
+        for name, definition in (parameters.pop("$defs", None) or {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise APIError(400, f"tools: the $defs entry {name!r} of {tool.name!r} differs from another "
+                                    "tool's of the same name.", param="tools")
+        calls.append({"type": "object", "properties": {"name": {"type": "string", "enum": [tool.name]},
+                                                        "parameters": parameters},
+                      "required": ["name", "parameters"], "additionalProperties": False})
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if defs:
+        schema["$defs"] = defs
+    return schema
 
 
 def template_messages(conversation: list[dict], messages: list) -> list[dict]:
