@@ -172,11 +172,10 @@ def calls_from_output(plan: ToolPlan, text: str) -> tuple[Optional[str], list[To
         return "", [ToolCall(plan.name, text, new_call_id())]
     if plan.mode == "required":
         try:
-            items = json.loads(text)
-        except ValueError:   # cut off by max_tokens: no call could be formed
+            return "", [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id())
+                        for i in json.loads(text)]
+        except (ValueError, KeyError, TypeError):   # cut off (max_tokens, a stop string): no calls
             return text, []
-        return "", [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id())
-                    for i in items]
     if plan.mode == "auto":
         return PARSERS[plan.parser]().extract(text)
     return text, []
