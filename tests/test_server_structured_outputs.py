@@ -425,3 +425,36 @@ def test_required_tools_with_refs_to_their_defs_compile(server):
                                                       "max_tokens": 5})
     assert response.status_code == 200, response.text
     assert response.json()["choices"][0]["message"]["content"].lstrip().startswith("[")
+
+
+def test_the_openai_clients_parse_helper_gets_its_pydantic_model(client, server):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=8)
+        population: int = Field(ge=0)
+        kind: Literal["town", "city"]
+
+    response = client.chat.completions.parse(model=server.model_name, messages=USER, max_tokens=200, seed=15,
+                                             response_format=City)
+    city = response.choices[0].message.parsed
+    assert isinstance(city, City) and len(city.name) <= 8 and city.kind in ("town", "city")
+
+
+def test_the_parse_helper_gets_strict_pydantic_tool_arguments(client, server):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        city: str = Field(max_length=8)
+        unit: Literal["celsius", "fahrenheit"]
+
+    response = client.chat.completions.parse(
+        model=server.model_name, messages=USER, max_tokens=200, seed=16,
+        tools=[openai.pydantic_function_tool(GetWeather)],
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}})
+    arguments = response.choices[0].message.tool_calls[0].function.parsed_arguments
+    assert isinstance(arguments, GetWeather) and arguments.unit in ("celsius", "fahrenheit")
