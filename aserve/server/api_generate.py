@@ -29,8 +29,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     req = await read_request(request, GenerateRequest)
     params = req.to_sampling_params()
-    await check_grammar(state, params, "guided_decoding" if req.guided_decoding is not None else "structured_outputs")
     with state.admit():
+        await check_grammar(state, params, "guided_decoding" if req.guided_decoding is not None else "structured_outputs")
         prompt = await prepare_prompt(state, req.prompt)
         stream = await add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
     try:

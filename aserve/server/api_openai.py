@@ -133,12 +133,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     req: CompletionRequest = await read_request(request, CompletionRequest)
     state.check_model(req.model)
     params = req.to_sampling_params()
-    await check_grammar(state, params, constraint_field(req))
     prompts = req.prompts()
 
     request_id = f"cmpl-{uuid.uuid4().hex}"
     model, created = state.served_model_name, int(time.time())
-    with state.admit(len(prompts)):
+    with state.admit(len(prompts)):  # a draining or full server refuses before any compile
+        await check_grammar(state, params, constraint_field(req))
         streams = await _add_all(state, request_id, prompts,
                                  lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
 
@@ -243,11 +243,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.check_model(req.model)
     tool_plan = plan_tools(req.tools, req.tool_choice, state.tool_call_parser)
     params = req.to_sampling_params(tool_plan.constraint)
-    await check_grammar(state, params, constraint_field(req))
     top_n = req.top_logprobs or 0
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     model, created = state.served_model_name, int(time.time())
     with state.admit():
+        await check_grammar(state, params, constraint_field(req))
         prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt,
                                            tools=tool_plan.template_tools())
         (stream,) = await _add_all(state, request_id, [prompt_ids],
