@@ -108,6 +108,8 @@ async def check_grammar(state: "ServerState", params: Any, param: str) -> None:
     if grammars is None:
         raise APIError(400, "Structured outputs need a tokenizer, and this server runs without one "
                             "(--skip-tokenizer-init).", param=param)
+    if grammars.is_validated(so):   # a schema seen before: no thread hop
+        return
     try:
         await asyncio.wrap_future(grammars.validate(so))
     except ValueError as exc:

@@ -61,6 +61,13 @@ class GrammarBackend:
             raise ValueError(f"structured_outputs.{params.kind} is not usable: {error.strip()}")
         entry[1] = True
 
+    def is_validated(self, params: StructuredOutputsParams) -> bool:
+        """Whether check() has passed for this grammar already (a dict lookup, never a compile:
+        callers on an event loop skip the thread hop for a schema seen before)."""
+        with self._lock:
+            entry = self._grammars.get((params.kind, params.spec, params.disable_any_whitespace))
+        return entry is not None and entry[1]
+
     def validate(self, params: StructuredOutputsParams) -> Future:
         """check() in this backend's pool: a future that raises check()'s ValueError."""
         return self._executor.submit(self.check, params)
