@@ -44,12 +44,13 @@ class ServerThread:
 
     def __init__(self, engine_args: Optional[EngineArgs] = None, *, api_key: Optional[str] = None,
                  chat_template: Optional[str] = None, limits=None,
-                 tokenizer_chat_template: Any = "keep"):
+                 tokenizer_chat_template: Any = "keep", tool_call_parser: Optional[str] = None):
         self.engine_args = engine_args or small_engine_args()
         self.api_key = api_key
         self.chat_template = chat_template
         self.limits = limits  # an HttpLimits, else the defaults
         self.tokenizer_chat_template = tokenizer_chat_template
+        self.tool_call_parser = tool_call_parser   # as --enable-auto-tool-choice --tool-call-parser
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.state = None
         self.port: Optional[int] = None
@@ -134,6 +135,7 @@ class ServerThread:
             async_engine.engine.tokenizer.chat_template = self.tokenizer_chat_template
         self.state = state_from_engine(async_engine, api_key=self.api_key, chat_template=self.chat_template)
         self.state.status_interval_s = 1.0
+        self.state.tool_call_parser = self.tool_call_parser
         if self.limits is not None:
             self.state.limits = self.limits
         runner, self.port = await start_site(build_app(self.state), "127.0.0.1", 0, self.state.limits)

@@ -42,6 +42,7 @@ async def test_generate_with_token_ids_works(server):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}, "messages"),
     ("/tokenize", {"prompt": "Hello"}, "prompt"),
     ("/detokenize", {"tokens": [5, 6]}, "tokens"),
+    ("/v1/completions", {"prompt": [5, 6], "guided_choice": ["a"]}, "guided_choice"),   # grammars need one
 ])
 async def test_text_needs_a_tokenizer_and_gets_a_400(server, path, body, param):
     status, reply = await post(server, path, {"model": server.model_name, **body})

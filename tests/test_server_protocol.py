@@ -113,10 +113,17 @@ def test_chat_top_logprobs_need_logprobs():
     assert error_of(req.to_sampling_params).param == "top_logprobs"
 
 
-def test_chat_tools_are_refused_not_ignored():
+def test_chat_functions_are_refused_not_ignored():
     req = parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}],
-                                        "tools": [{"type": "function"}]})
-    assert error_of(req.to_sampling_params).param == "tools"
+                                        "functions": [{"name": "f"}]})
+    assert error_of(req.to_sampling_params).param == "functions"
+
+
+def test_chat_malformed_tools_are_refused():
+    from aserve.server.tool_calls import plan_tools
+    req = parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}],
+                                        "tools": [{"type": "function"}], "tool_choice": "none"})
+    assert error_of(lambda: plan_tools(req.tools, req.tool_choice, None)).param == "tools"
 
 
 def test_chat_text_parts_are_joined():

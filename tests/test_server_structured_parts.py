@@ -8,7 +8,8 @@ import pytest
 
 from aserve.server.errors import APIError
 from aserve.server.structured_request import structured_outputs_from
-from aserve.server.tool_calls import calls_from_output, parse_hermes, plan_tools
+from aserve.server.tool_calls import calls_from_output, choice_stream, plan_tools, response_message
+from aserve.server.tool_parsers import HermesToolParser
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
                                              "parameters": {"type": "object",
@@ -39,6 +40,8 @@ def test_each_field_gives_its_constraint():
     (dict(guided_choice=[]), "guided_choice"),
     (dict(structured_outputs={"regex": "a", "json": {}}), "structured_outputs"),
     (dict(guided_whitespace_pattern=" "), "guided_whitespace_pattern"),
+    (dict(guided_regex="a", guided_decoding_backend="xgrammar"), "guided_decoding_backend"),
+    (dict(response_format={"type": "structural_tag"}), "response_format"),
 ])
 def test_bad_constraint_fields_are_400s_naming_them(fields, param):
     with pytest.raises(APIError) as info:
@@ -73,7 +76,7 @@ def test_bad_tool_fields_are_400s(tools, choice, message):
 def test_outputs_become_calls():
     named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
     content, calls = calls_from_output(named, '{"city": "Paris"}')
-    assert content is None and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
+    assert content == "" and calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Paris"}
     assert calls[0].id.startswith("chatcmpl-tool-")
     required = plan_tools([WEATHER, TIME], "required", None)
     _, calls = calls_from_output(required, '[{"name": "get_time", "parameters": {}}, '
@@ -83,8 +86,103 @@ def test_outputs_become_calls():
 
 def test_hermes_parser():
     text = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
-    content, calls = parse_hermes(text)
-    assert content == "Let me check." and calls[0].name == "get_weather"
+    content, calls = HermesToolParser().extract(text)
+    assert content == "Let me check.\n" and calls[0].name == "get_weather"   # vLLM keeps it unstripped
     assert json.loads(calls[0].arguments) == {"city": "Rome"}
-    assert parse_hermes("no calls here") == ("no calls here", [])
-    assert parse_hermes("<tool_call>{broken</tool_call>") == ("<tool_call>{broken</tool_call>", [])
+    assert HermesToolParser().extract("no calls here") == ("no calls here", [])
+    assert HermesToolParser().extract("<tool_call>{broken</tool_call>") == ("<tool_call>{broken</tool_call>", [])
+    # a last block the output ended inside still counts when its JSON is whole
+    content, calls = HermesToolParser().extract('<tool_call>{"name": "get_time", "arguments": {}}')
+    assert content is None and [c.name for c in calls] == ["get_time"]
+
+
+def _stream(parser, text: str, size: int):
+    """Feed text in pieces of size characters; (content, {index: [name, arguments]}, headers seen)."""
+    content, calls = "", {}
+    deltas = [parser.feed(text[i:i + size]) for i in range(0, len(text), size)] + [parser.finish()]
+    for delta in deltas:
+        content += delta.content
+        for fragment in delta.tool_calls:
+            if "id" in fragment:
+                assert fragment["id"].startswith("chatcmpl-tool-") and fragment["type"] == "function"
+                assert fragment["index"] not in calls
+                calls[fragment["index"]] = [fragment["function"]["name"], fragment["function"]["arguments"]]
+            else:
+                assert set(fragment) == {"index", "function"}
+                calls[fragment["index"]][1] += fragment["function"]["arguments"]
+    return content, calls
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 13, 1000])
+def test_hermes_stream_sends_content_then_calls_whatever_the_chunking(size):
+    text = ('Sure <tool_c: <tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>')
+    parser = HermesToolParser()
+    content, calls = _stream(parser, text, size)
+    assert content == "Sure <tool_c: " and parser.called
+    assert [c[0] for c in calls.values()] == ["get_weather", "get_time"]
+    assert json.loads(calls[0][1]) == {"city": "Rome"} and json.loads(calls[1][1]) == {}
+    content, calls = _stream(HermesToolParser(), "plain text < not a tag", size)
+    assert content == "plain text < not a tag" and calls == {}
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 1000])
+def test_required_stream_sends_each_call_with_its_arguments(size):
+    plan = plan_tools([WEATHER, TIME], "required", None)
+    text = ('[ {"name": "get_weather", "parameters": {"city": "Rome \\"}{, ]\\\\"}},\n'
+            ' {"parameters" : {}, "name":"get_time"} ]')
+    stream = choice_stream(plan)
+    _, calls = _stream(stream, text, size)
+    assert stream.called and [c[0] for c in calls.values()] == ["get_weather", "get_time"]
+    assert json.loads(calls[0][1]) == {"city": 'Rome "}{, ]\\'} and json.loads(calls[1][1]) == {}
+
+
+def test_named_stream_is_one_call_of_the_whole_text():
+    plan = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
+    stream = choice_stream(plan)
+    _, calls = _stream(stream, '{"city": "Oslo"}', 4)
+    assert calls == {0: ["get_weather", '{"city": "Oslo"}']}
+    assert choice_stream(plan_tools([WEATHER], "none", None)) is None
+
+
+def test_finish_reasons_of_calls():
+    named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
+    assert response_message(named, '{"city": "Oslo"}', "stop")[2] == "tool_calls"
+    assert response_message(named, '{"city": "Os', "length")[2] == "length"
+    assert response_message(plan_tools([WEATHER], "none", None), "hi", "stop") == ("hi", [], "stop")
+
+
+def test_constraint_and_forced_tool_call_do_not_mix():
+    class Request:
+        guided_regex = "a"
+
+    from aserve.server.structured_request import request_constraint
+    forced = plan_tools([WEATHER], "required", None).constraint
+    with pytest.raises(APIError, match="cannot be combined") as info:
+        request_constraint(Request(), forced)
+    assert info.value.param == "guided_regex"
+    assert request_constraint(object(), forced) is forced
+
+
+def test_history_tool_calls_reach_the_template_with_object_arguments():
+    from aserve.server.protocol import ChatCompletionRequest
+    req = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]})
+    conversation = req.conversation()
+    assert conversation[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}
+    assert conversation[2]["tool_call_id"] == "c1" and conversation[2]["content"] == "sunny"
+
+
+def test_required_schema_lifts_each_tools_defs_to_the_top():
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    tool = {"type": "function", "function": {"name": "move", "parameters": {
+        "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "$defs": {"Point": point}}}}
+    schema = json.loads(plan_tools([tool, TIME], "required", None).constraint.spec)
+    assert schema["$defs"] == {"Point": point}
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    other = {"type": "function", "function": {"name": "jump", "parameters": {"$defs": {"Point": {"type": "string"}}}}}
+    with pytest.raises(APIError, match="differs"):
+        plan_tools([tool, other], "required", None)

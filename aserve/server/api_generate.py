@@ -18,6 +18,7 @@ from aserve.server.app import STATE, add_request_or_400, json_response, note_usa
 from aserve.server.prompts import prepare_prompt
 from aserve.server.protocol import GenerateRequest, GenerateResponse
 from aserve.server.streaming import open_stream, request_failed, send_json_line_error, stream_or_report
+from aserve.server.structured_request import check_grammar
 
 
 def _texts(output: RequestOutput, prompt_text: str) -> list[str]:
@@ -29,6 +30,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     req = await read_request(request, GenerateRequest)
     params = req.to_sampling_params()
     with state.admit():
+        await check_grammar(state, params, "guided_decoding" if req.guided_decoding is not None else "structured_outputs")
         prompt = await prepare_prompt(state, req.prompt)
         stream = await add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
     try:

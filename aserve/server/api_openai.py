@@ -28,6 +28,8 @@ from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompleti
                                     CompletionResponse, DeltaMessage, PromptTokensDetails, UsageInfo)
 from aserve.server.streaming import (open_stream, request_failed, send_sse, send_sse_error_and_done,
                                      stream_or_report)
+from aserve.server.structured_request import check_grammar, constraint_field
+from aserve.server.tool_calls import choice_stream, finish_reason, plan_tools, response_message
 
 logger = logging.getLogger("aserve.server")
 
@@ -135,7 +137,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     request_id = f"cmpl-{uuid.uuid4().hex}"
     model, created = state.served_model_name, int(time.time())
-    with state.admit(len(prompts)):
+    with state.admit(len(prompts)):  # a draining or full server refuses before any compile
+        await check_grammar(state, params, constraint_field(req))
         streams = await _add_all(state, request_id, prompts,
                                  lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
 
@@ -238,35 +241,43 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state: ServerState = request.app[STATE]
     req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
     state.check_model(req.model)
-    params = req.to_sampling_params()
+    tool_plan = plan_tools(req.tools, req.tool_choice, state.tool_call_parser)
+    params = req.to_sampling_params(tool_plan.constraint)
     top_n = req.top_logprobs or 0
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     model, created = state.served_model_name, int(time.time())
     with state.admit():
-        prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt)
+        await check_grammar(state, params, constraint_field(req))
+        prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt,
+                                           tools=tool_plan.template_tools())
         (stream,) = await _add_all(state, request_id, [prompt_ids],
                                    lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
     try:
         if not req.stream:
             final = await _last(stream)
-            choices = [ChatChoice(index=j, message=ChatResponseMessage(content=o.text),
-                                  logprobs=ChatChoiceLogprobs(content=await chat_logprobs(
-                                      state, o.token_ids, o.logprobs, top_n)) if req.logprobs else None,
-                                  finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                       for j, o in enumerate(final.outputs)]
+            choices = []
+            for j, o in enumerate(final.outputs):
+                content, tool_calls, finish = response_message(tool_plan, o.text, o.finish_reason)
+                choices.append(ChatChoice(
+                    index=j, message=ChatResponseMessage(content=content, tool_calls=tool_calls),
+                    logprobs=ChatChoiceLogprobs(content=await chat_logprobs(
+                        state, o.token_ids, o.logprobs, top_n)) if req.logprobs else None,
+                    finish_reason=finish, stop_reason=o.stop_reason))
             return json_response(ChatCompletionResponse(id=request_id, created=created, model=model,
                                                         choices=choices, usage=_usage(request, [final])))
 
         response = await open_stream(request, "text/event-stream")
         await stream_or_report(request, response, _stream_chat(
-            request, state, req, params, request_id, created, stream, response), send_sse_error_and_done)
+            request, state, req, params, request_id, created, stream, response, tool_plan),
+            send_sse_error_and_done)
         return response
     finally:
         stream.close()
 
 
-async def _stream_chat(request, state, req, params, request_id, created, stream, response) -> None:
+async def _stream_chat(request, state, req, params, request_id, created, stream, response, tool_plan) -> None:
     model, top_n = state.served_model_name, req.top_logprobs or 0
+    tool_streams = [choice_stream(tool_plan) for _ in range(params.n)]  # None: plain content
     for j in range(params.n):  # the role comes first, before any content, as OpenAI does
         await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
             index=j, delta=DeltaMessage(role="assistant", content=""))))
@@ -289,10 +300,19 @@ async def _stream_chat(request, state, req, params, request_id, created, stream,
                     state, new_ids, (o.logprobs or [])[st.num_tokens:], top_n))
             st.text_len, st.num_tokens = len(o.text), len(o.token_ids)
             st.done = o.finish_reason is not None
-            if text or st.done or lps is not None:
+            tool_deltas, finish = None, o.finish_reason
+            if tool_streams[j] is not None:  # the text becomes tool-call fragments (and content)
+                delta = tool_streams[j].feed(text)
+                if st.done:
+                    rest = tool_streams[j].finish()
+                    delta.content += rest.content
+                    delta.tool_calls += rest.tool_calls
+                    finish = finish_reason(o.finish_reason, tool_streams[j].called)
+                text, tool_deltas = delta.content, delta.tool_calls or None
+            if text or tool_deltas or st.done or lps is not None:
                 await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
-                    index=j, delta=DeltaMessage(content=text or None), logprobs=lps,
-                    finish_reason=o.finish_reason, stop_reason=o.stop_reason)))
+                    index=j, delta=DeltaMessage(content=text or None, tool_calls=tool_deltas), logprobs=lps,
+                    finish_reason=finish, stop_reason=o.stop_reason)))
     usage = _usage(request, [final])
     if req.stream_options and req.stream_options.include_usage:
         await send_sse(response, ChatCompletionChunk(id=request_id, created=created, model=model,

@@ -41,6 +41,8 @@ class ServerState:
 
     chat_template: Optional[str] = None
     api_key: Optional[str] = None
+    # tool_choice "auto": the --tool-call-parser, set only with --enable-auto-tool-choice (as vLLM).
+    tool_call_parser: Optional[str] = None
     log_requests: bool = True   # the per-request access log line (--disable-log-requests)
     status_interval_s: float = 5.0
     created: int = field(default_factory=lambda: int(time.time()))

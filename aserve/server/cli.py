@@ -18,6 +18,7 @@ from aserve.config import LOAD_FORMATS, EngineArgs
 from aserve.server.admission import DEFAULT_MAX_WAITING
 from aserve.server.http_server import HttpLimits
 from aserve.server.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
+from aserve.server.tool_parsers import PARSERS
 
 API_KEY_ENV = "ASERVE_API_KEY"
 DEBUG_ENV = "ASERVE_DEBUG"
@@ -47,6 +48,12 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--chat-template", default=None,
                    help="Chat template for /v1/chat/completions: a Jinja file or an inline Jinja "
                         "string; default: the tokenizer's.")
+    m.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='Chat: let the model decide to call tools (tool_choice "auto", the default '
+                        "when a request has tools); needs --tool-call-parser.")
+    m.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                   help="How the model writes its tool calls, for tool_choice \"auto\": hermes "
+                        "(<tool_call>{...}</tool_call>, Hermes, Qwen2.5 and others).")
     m.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code.")
     m.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
                    help="Weights to read: auto (safetensors, else pytorch_model*.bin), safetensors, "
@@ -191,6 +198,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         except ValueError as exc:
             raise SystemExit(f"error: {exc}") from None
     chat_template = load_chat_template(ns.chat_template)
+    if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
+        raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser (e.g. hermes).")
 
     from aserve.engine.async_engine import AsyncEngine
     from aserve.server.admission import Admission
@@ -201,6 +210,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     raise_open_file_limit()
     state = ServerState(
         api_key=resolve_api_key(ns), chat_template=chat_template,
+        tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
         log_requests=not ns.disable_log_requests, admission=Admission(ns.max_waiting_queue_length),
         limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)

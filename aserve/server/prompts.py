@@ -12,7 +12,7 @@ client for 30-48 s before its 400.)
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.server.errors import APIError
@@ -72,8 +72,9 @@ async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]]):
 
 
 async def chat_prompt_ids(state: "ServerState", conversation: list[dict],
-                          add_generation_prompt: bool) -> list[int]:
-    """Messages rendered with the chat template and tokenized (no extra BOS, as vLLM), off the loop."""
+                          add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> list[int]:
+    """Messages rendered with the chat template and tokenized (no extra BOS, as vLLM), off the
+    loop; tools (OpenAI's request shape) reach the template as its `tools` variable."""
     tokenizer = state.require_tokenizer("messages")
     template = state.chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -85,7 +86,7 @@ async def chat_prompt_ids(state: "ServerState", conversation: list[dict],
         try:
             text = tokenizer.apply_chat_template(
                 conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
-                tokenize=False)
+                tools=tools, tokenize=False)
         except Exception as exc:  # template errors are about the messages the user sent
             raise APIError(400, f"The chat template could not render these messages: {exc}",
                            param="messages") from None

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aserve.sampling_params import SamplingParams
 from aserve.server.errors import SAMPLING_FIELDS, APIError, bad_request_from_value_error
+from aserve.server.structured_request import request_constraint
+from aserve.server.tool_calls import template_messages
 
 
 
@@ -55,6 +57,16 @@ class _SamplingRequest(_Strict):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    # Structured outputs: OpenAI's and vLLM's fields, read (and refused when wrong or
+    # unsupported, by name) in structured_request.py.
+    response_format: Optional[Any] = None
+    structured_outputs: Optional[Any] = None
+    guided_json: Optional[Any] = None
+    guided_regex: Optional[Any] = None
+    guided_choice: Optional[Any] = None
+    guided_grammar: Optional[Any] = None
+    guided_whitespace_pattern: Optional[Any] = None
+    guided_decoding_backend: Optional[Any] = None
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -62,7 +74,7 @@ class _SamplingRequest(_Strict):
                            param="stream_options")
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                         prompt_logprobs: Optional[int]) -> SamplingParams:
+                         prompt_logprobs: Optional[int], tool_constraint=None) -> SamplingParams:
         # Beam search is deterministic: its natural temperature is 0, so that is the default.
         default_temperature = 0.0 if self.use_beam_search else 1.0
         try:
@@ -79,7 +91,7 @@ class _SamplingRequest(_Strict):
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
-                logit_bias=self.logit_bias)
+                logit_bias=self.logit_bias, structured_outputs=request_constraint(self, tool_constraint))
         except ValueError as exc:
             raise bad_request_from_value_error(exc) from None
 
@@ -161,6 +173,8 @@ class ChatMessage(_Strict):
     role: str
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[Any]] = None   # an assistant's earlier calls
+    tool_call_id: Optional[str] = None       # a "tool" message answers this call
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -179,36 +193,33 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
-    # Tools and structured output change what the model must produce: refuse them loudly
-    # rather than answer as if they had been honoured.
-    tools: Optional[list[Any]] = None
-    functions: Optional[list[Any]] = None
-    response_format: Optional[dict[str, Any]] = None
+    # Tool calling (tool_calls.py); parallel_tool_calls is accepted and, as in vLLM, ignored.
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+    functions: Optional[list[Any]] = None   # OpenAI's deprecated form: refused, not ignored
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, tool_constraint=None) -> SamplingParams:
+        """tool_constraint: the grammar a named or "required" tool_choice forces."""
         if not self.messages:
             raise APIError(400, "messages must contain at least one message.", param="messages")
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} are not supported by this server.", param=name)
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise APIError(400, "response_format other than 'text' is not supported.",
-                           param="response_format")
+        if self.functions:
+            raise APIError(400, "functions are not supported by this server; use tools.", param="functions")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
         self.check_stream_options()
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, None)
+        return self._sampling_params(max_tokens, logprobs, None, tool_constraint)
 
-    def conversation(self) -> list[dict[str, str]]:
+    def conversation(self) -> list[dict[str, Any]]:
         out = []
         for m in self.messages:
             msg = {"role": m.role, "content": m.text()}
             if m.name:
                 msg["name"] = m.name
             out.append(msg)
-        return out
+        return template_messages(out, self.messages)
 
 
 class ChatTopLogprob(BaseModel):
@@ -228,6 +239,7 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    tool_calls: list[dict] = Field(default_factory=list)   # vLLM's default: an empty list
 
 
 class ChatChoice(BaseModel):
@@ -250,6 +262,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict]] = None   # OpenAI's tool-call fragments (tool_parsers.Delta)
 
 
 class ChatStreamChoice(BaseModel):
@@ -341,6 +354,8 @@ class GenerateRequest(_Strict):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[str, float]] = None
+    structured_outputs: Optional[Any] = None   # StructuredOutputsParams' fields, as a JSON object
+    guided_decoding: Optional[Any] = None      # its older name
 
     def to_sampling_params(self) -> SamplingParams:
         unknown = sorted(self.model_extra or {})

@@ -40,7 +40,11 @@ async def send_json_line_error(response: web.StreamResponse, err: APIError) -> N
 
 
 def request_failed(error: str) -> APIError:
-    """The error of a request the engine ended with one (a fault in its step)."""
+    """The error of a request the engine ended with one (a fault in its step). A grammar the
+    engine could not compile is the request's own fault: a 400 (the door's check usually
+    finds it first)."""
+    if error.startswith("structured_outputs"):
+        return APIError(400, error, param="structured_outputs")
     return APIError(500, f"The request failed: {error}", type="server_error")
 
 

@@ -3,27 +3,51 @@
 OpenAI: response_format {"type": "text" | "json_object" | "json_schema", "json_schema":
 {"name", "schema", "strict"}}. vLLM: structured_outputs {json | regex | choice | grammar |
 json_object}, and the older guided_json, guided_regex, guided_choice and guided_grammar.
-At most one of them per request; anything wrong is a 400 naming the field.
+At most one of them per request; anything wrong is a 400 naming the field. vLLM options aserve
+does not honour (guided_whitespace_pattern, guided_decoding_backend, structural tags) are
+refused by name rather than ignored: a client relying on them would get output it did not ask
+for.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import asyncio
+from typing import TYPE_CHECKING, Any, Optional
 
 from aserve.server.errors import APIError
 from aserve.structured_output import StructuredOutputsParams
 
+if TYPE_CHECKING:
+    from aserve.server.app import ServerState
+
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
            "guided_grammar": "grammar"}
+# vLLM's request fields about structured outputs that aserve does not support, with why.
+_UNSUPPORTED = {
+    "guided_whitespace_pattern": "aserve's grammar backend (llguidance) takes no whitespace pattern; "
+                                 "use structured_outputs.disable_any_whitespace",
+}
+# guided_decoding_backend names the engine's own backend, or is refused as vLLM refuses a
+# backend other than the one it was started with.
+_OWN_BACKEND = ("guidance", "llguidance", "auto")
+# The request fields this module reads (the protocol declares them on both routes).
+FIELDS = ("response_format", "structured_outputs", *_GUIDED, *_UNSUPPORTED, "guided_decoding_backend")
 
 
 def structured_outputs_from(response_format: Any = None, structured_outputs: Any = None,
                             **guided: Any) -> Optional[StructuredOutputsParams]:
     """The request's StructuredOutputsParams, or None when it asks for free text."""
     given = {name: value for name, value in guided.items() if value is not None}
-    unknown = set(given) - set(_GUIDED)
-    if unknown:
-        raise APIError(400, f"{sorted(unknown)[0]} is not supported.", param=sorted(unknown)[0])
+    backend = given.pop("guided_decoding_backend", None)
+    if backend is not None and backend not in _OWN_BACKEND:
+        raise APIError(400, f"guided_decoding_backend {backend!r} is not available: this server's "
+                            "structured outputs use llguidance ('guidance'); leave the field out.",
+                       param="guided_decoding_backend")
+    for name in sorted(given):
+        if name in _UNSUPPORTED:
+            raise APIError(400, f"{name} is not supported: {_UNSUPPORTED[name]}.", param=name)
+        if name not in _GUIDED:
+            raise APIError(400, f"{name} is not supported.", param=name)
     fields = dict(given)
     if structured_outputs is not None:
         fields["structured_outputs"] = structured_outputs
@@ -42,8 +66,54 @@ def structured_outputs_from(response_format: Any = None, structured_outputs: Any
         if name == "response_format":
             return _from_response_format(value, constraint_format)
         return StructuredOutputsParams(**{_GUIDED[name]: _plain(value)})
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise APIError(400, f"{name}: {exc}", param=name) from None
+
+
+def structured_outputs_of(request: Any) -> Optional[StructuredOutputsParams]:
+    """structured_outputs_from() on a request model's fields (those it declares)."""
+    return structured_outputs_from(**{name: getattr(request, name, None) for name in FIELDS})
+
+
+def request_constraint(request: Any, tool_constraint: Optional[StructuredOutputsParams] = None
+                       ) -> Optional[StructuredOutputsParams]:
+    """The one constraint of a request: its own fields', or the one its tool_choice forces."""
+    own = structured_outputs_of(request)
+    if own is not None and tool_constraint is not None:
+        field = constraint_field(request)
+        raise APIError(400, f"{field} cannot be combined with a named or \"required\" tool_choice, "
+                            "which constrains the output itself.", param=field)
+    return own if own is not None else tool_constraint
+
+
+def constraint_field(request: Any) -> str:
+    """The name of the field that carries a request's constraint (for its errors)."""
+    for name in FIELDS:
+        value = getattr(request, name, None)
+        if value is not None and name != "guided_decoding_backend" and (
+                name != "response_format" or _get(value, "type") != "text"):
+            return name
+    return "tool_choice"   # a tool call's constraint
+
+
+async def check_grammar(state: "ServerState", params: Any, param: str) -> None:
+    """Compile the request's grammar against the tokenizer now, in the grammar backend's
+    threads: a schema, regex or grammar that parses but cannot be compiled is a 400 before
+    anything is streamed, never a failure inside the engine. The engine's own check of the
+    same grammar is then a cache hit, so the engine thread never waits for a compile."""
+    so = getattr(params, "structured_outputs", None)
+    if so is None:
+        return
+    grammars = getattr(state.async_engine.engine, "grammars", None)
+    if grammars is None:
+        raise APIError(400, "Structured outputs need a tokenizer, and this server runs without one "
+                            "(--skip-tokenizer-init).", param=param)
+    if grammars.is_validated(so):   # a schema seen before: no thread hop
+        return
+    try:
+        await asyncio.wrap_future(grammars.validate(so))
+    except ValueError as exc:
+        raise APIError(400, f"{param}: {exc}", param=param) from None
 
 
 def _response_format_kind(response_format: Any) -> Optional[str]:
@@ -52,6 +122,9 @@ def _response_format_kind(response_format: Any) -> Optional[str]:
     kind = _get(response_format, "type")
     if kind == "text":
         return None
+    if kind == "structural_tag":
+        raise APIError(400, "response_format type structural_tag is not supported by aserve; use "
+                            "json_object or json_schema.", param="response_format")
     if kind not in ("json_object", "json_schema"):
         raise APIError(400, "response_format.type must be text, json_object or json_schema, "
                             f"got {kind!r}.", param="response_format")
@@ -62,7 +135,7 @@ def _from_response_format(response_format: Any, kind: str) -> StructuredOutputsP
     if kind == "json_object":
         return StructuredOutputsParams(json_object=True)
     spec = _get(response_format, "json_schema")
-    schema = _get(spec, "schema") if spec is not None else None
+    schema = _get(spec, "schema") if isinstance(spec, dict) else None
     if schema is None:
         raise ValueError("type json_schema needs json_schema.schema (the JSON schema).")
     return StructuredOutputsParams(json=_plain(schema))

@@ -2,24 +2,26 @@
 
 - tool_choice "none": the tools reach the chat template, the output is plain text.
 - a named function ({"type": "function", "function": {"name": ...}}): the output is forced
-  to JSON valid against that function's parameters and returned as its call (finish_reason
-  "stop", as OpenAI and vLLM answer a forced call).
+  to JSON valid against that function's parameters and returned as its call.
 - "required": the output is forced to a JSON array of {"name", "parameters"} objects, one of
-  the tools each; they become the calls (finish_reason "tool_calls").
+  the tools each; they become the calls.
 - "auto": the model decides, through its chat template; a tool-call parser finds the calls
-  in the text (--enable-auto-tool-choice --tool-call-parser hermes, as in vLLM). PARSERS is
-  the seam for other formats.
+  in the text (--enable-auto-tool-choice --tool-call-parser hermes, as in vLLM).
+  tool_parsers.PARSERS is the seam for other formats.
+A choice that made calls ends with finish_reason "tool_calls" (vLLM's streamed answer; its
+unstreamed one says "stop" for forced calls: one answer for both here), unless max_tokens cut
+it off ("length"). Call ids are "chatcmpl-tool-<hex>", as vLLM's.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from aserve.server.errors import APIError
+from aserve.server.tool_parsers import (PARSERS, Delta, ToolCall, ToolParser, call_arguments, call_header,
+                                        new_call_id)
 from aserve.structured_output import StructuredOutputsParams
 
 
@@ -31,18 +33,12 @@ class Tool:
 
 
 @dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: str          # JSON text, as OpenAI sends it
-    id: str
-
-
-@dataclass(frozen=True)
 class ToolPlan:
     mode: str               # "none" | "auto" | "required" | "named"
     tools: list[Tool]
     constraint: Optional[StructuredOutputsParams] = None
-    name: Optional[str] = None
+    name: Optional[str] = None     # the named function
+    parser: Optional[str] = None   # "auto": the --tool-call-parser
 
     def template_tools(self) -> Optional[list[dict]]:
         """The tools as the chat template expects them (OpenAI's request shape)."""
@@ -50,10 +46,6 @@ class ToolPlan:
             return None
         return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
                                                   "parameters": t.parameters}} for t in self.tools]
-
-
-def new_call_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
 # ----------------------------------------------------------------------------- the request
@@ -71,9 +63,9 @@ def plan_tools(tools: Any, tool_choice: Any, auto_parser: Optional[str]) -> Tool
             if auto_parser is None:
                 raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and '
                                     '--tool-call-parser to be set on the server.', param="tool_choice")
-            return ToolPlan("auto", parsed)
+            return ToolPlan("auto", parsed, parser=auto_parser)
         if tool_choice == "required":
-            return ToolPlan("required", parsed, StructuredOutputsParams(json=_required_schema(parsed)))
+            return ToolPlan("required", parsed, _constraint(_required_schema(parsed)))
         raise APIError(400, "tool_choice must be none, auto, required or a named function, got "
                             f"{tool_choice!r}.", param="tool_choice")
     name = _named_choice(tool_choice)
@@ -81,12 +73,21 @@ def plan_tools(tools: Any, tool_choice: Any, auto_parser: Optional[str]) -> Tool
     if not match:
         raise APIError(400, f"tool_choice names the function {name!r}, which is not among the tools.",
                        param="tool_choice")
-    return ToolPlan("named", parsed, StructuredOutputsParams(json=match[0].parameters), name)
+    return ToolPlan("named", parsed, _constraint(match[0].parameters), name)
+
+
+def _constraint(schema: dict) -> StructuredOutputsParams:
+    try:
+        return StructuredOutputsParams(json=schema)
+    except ValueError as exc:   # e.g. a schema too large to compile per request
+        raise APIError(400, f"tools: {exc}", param="tools") from None
 
 
 def _parse_tools(tools: Any) -> list[Tool]:
     if tools is None:
         return []
+    if not isinstance(tools, list):
+        raise APIError(400, "tools must be a list of functions.", param="tools")
     parsed, names = [], set()
     for index, tool in enumerate(_plain(tools)):
         function = tool.get("function") if isinstance(tool, dict) else None
@@ -117,51 +118,207 @@ def _named_choice(tool_choice: Any) -> str:
 
 
 def _required_schema(tools: list[Tool]) -> dict:
-    """A JSON array of one or more calls, each naming one tool with parameters valid for it."""
-    call = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.name]},
-                                               "parameters": t.parameters},
-             "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    return {"type": "array", "minItems": 1, "items": {"anyOf": call}}
+    """A JSON array of one or more calls, each naming one tool with parameters valid for it.
+    Each tool's $defs move to the top, where its "#/$defs/..." references now point (as vLLM)."""
+    defs: dict = {}
+    calls = []
+    for tool in tools:
+        parameters = dict(tool.parameters)
+        for name, definition in (parameters.pop("$defs", None) or {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise APIError(400, f"tools: the $defs entry {name!r} of {tool.name!r} differs from another "
+                                    "tool's of the same name.", param="tools")
+        calls.append({"type": "object", "properties": {"name": {"type": "string", "enum": [tool.name]},
+                                                        "parameters": parameters},
+                      "required": ["name", "parameters"], "additionalProperties": False})
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def template_messages(conversation: list[dict], messages: list) -> list[dict]:
+    """The conversation with each message's tool_calls and tool_call_id, as chat templates
+    take them: like vLLM, a call's arguments (JSON text on the wire) become an object, which
+    templates such as Qwen's and Hermes' write out with tojson."""
+    for msg, message in zip(conversation, messages):
+        if message.tool_call_id is not None:
+            msg["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            msg["tool_calls"] = [_history_call(i, call) for i, call in enumerate(_plain(message.tool_calls))]
+    return conversation
+
+
+def _history_call(index: int, call: Any) -> dict:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise APIError(400, f"messages: tool_calls[{index}] must be {{\"id\", \"type\": \"function\", "
+                            "\"function\": {\"name\", \"arguments\"}}.", param="messages")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass   # not JSON: the template gets the text as sent
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": function["name"], "arguments": arguments}}
 
 
 # ----------------------------------------------------------------------------- the output
 def calls_from_output(plan: ToolPlan, text: str) -> tuple[Optional[str], list[ToolCall]]:
-    """(the message content, the tool calls) of a finished output under plan."""
+    """(the message content, the tool calls) of a finished output under plan. A forced call's
+    message has content "", as vLLM answers (clients test its length)."""
     if plan.mode == "named":
-        return None, [ToolCall(plan.name, text, new_call_id())]
+        return "", [ToolCall(plan.name, text, new_call_id())]
     if plan.mode == "required":
         try:
-            items = json.loads(text)
-        except ValueError:   # cut off by max_tokens: no call could be formed
+            return "", [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id())
+                        for i in json.loads(text)]
+        except (ValueError, KeyError, TypeError):   # cut off (max_tokens, a stop string): no calls
             return text, []
-        return None, [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id())
-                      for i in items]
     if plan.mode == "auto":
-        return PARSERS["hermes"](text)
+        return PARSERS[plan.parser]().extract(text)
     return text, []
 
 
-def parse_hermes(text: str) -> tuple[Optional[str], list[ToolCall]]:
-    """Hermes-style calls (Qwen2.5, Hermes, many others): <tool_call>{"name": ...,
-    "arguments": {...}}</tool_call> blocks; the text before the first is the content."""
-    if "<tool_call>" not in text:
-        return text, []
-    calls = []
-    for body in _HERMES.findall(text):
-        try:
-            call = json.loads(body)
-            calls.append(ToolCall(call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False),
-                                  new_call_id()))
-        except (ValueError, KeyError, TypeError):
-            return text, []   # not a well-formed call: the text is plain content
-    content = text[:text.index("<tool_call>")].strip()
-    return (content or None), calls
+def response_message(plan: ToolPlan, text: str, finish: Optional[str]
+                     ) -> tuple[Optional[str], list[dict], Optional[str]]:
+    """(content, tool_calls in OpenAI's shape, finish_reason) of a finished choice's message."""
+    content, calls = calls_from_output(plan, text)
+    tool_calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                  for c in calls]
+    return content, tool_calls, finish_reason(finish, bool(calls))
 
 
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+def finish_reason(finish: Optional[str], called: bool) -> Optional[str]:
+    """OpenAI's "tool_calls" when the model ended by making calls; a cut-off stays "length"."""
+    return "tool_calls" if called and finish == "stop" else finish
 
-# --tool-call-parser NAME -> a function of the finished text: (content, calls).
-PARSERS: dict[str, Callable[[str], tuple[Optional[str], list[ToolCall]]]] = {"hermes": parse_hermes}
+
+def choice_stream(plan: ToolPlan) -> Optional[ToolParser]:
+    """The per-choice stream transformer for plan, or None when the text is plain content."""
+    if plan.mode == "named":
+        return _NamedStream(plan.name)
+    if plan.mode == "required":
+        return _RequiredStream()
+    if plan.mode == "auto":
+        return PARSERS[plan.parser]()
+    return None
+
+
+class _NamedStream(ToolParser):
+    """A forced call: the whole output is the arguments of one call to the named function."""
+
+    def __init__(self, name: str) -> None:
+        self._name, self._sent = name, False
+
+    @property
+    def called(self) -> bool:
+        return self._sent
+
+    def feed(self, text: str) -> Delta:
+        if not text:
+            return Delta()
+        if not self._sent:
+            self._sent = True
+            return Delta(tool_calls=[call_header(0, self._name, text)])
+        return Delta(tool_calls=[call_arguments(0, text)])
+
+    def finish(self) -> Delta:
+        return Delta()
+
+
+class _RequiredStream(ToolParser):
+    """tool_choice "required": the output is a JSON array of {"name", "parameters"} objects
+    (the grammar's shape, name first). A character scanner sends each call's header once its
+    name is complete, then the text of its parameters as it arrives."""
+
+    def __init__(self) -> None:
+        self._depth = 0                    # [ and { open outside strings (2: a call object)
+        self._in_string = self._escape = False
+        self._reading = False              # the string is a key or value of the call object
+        self._string = ""
+        self._key: Optional[str] = None
+        self._after_colon = False
+        self._capturing = self._args_started = False   # inside the "parameters" value
+        self._args: list[str] = []
+        self._index, self._name, self._header_sent, self._held = -1, None, False, ""
+        self._num_sent = 0
+
+    @property
+    def called(self) -> bool:
+        return self._num_sent > 0
+
+    def feed(self, text: str) -> Delta:
+        out = Delta()
+        for ch in text:
+            self._step(ch, out)
+        self._send_args(out)
+        return out
+
+    def finish(self) -> Delta:
+        return Delta()
+
+    def _step(self, ch: str, out: Delta) -> None:
+        if self._capturing and not self._in_string and self._depth == 2 and ch in ",}":
+            self._capturing = False        # the parameters value ended
+            self._send_args(out)
+        if self._capturing and (self._args_started or not ch.isspace()):
+            self._args_started = True
+            self._args.append(ch)
+        if self._in_string:
+            if self._escape:
+                self._escape = False
+            elif ch == "\\":
+                self._escape = True
+            elif ch == '"':
+                self._in_string = False
+                if self._reading:
+                    self._end_string(out)
+                return
+            if self._reading:
+                self._string += ch
+            return
+        if ch == '"':
+            self._in_string, self._string = True, ""
+            self._reading = self._depth == 2 and not self._capturing
+        elif ch in "[{":
+            self._depth += 1
+            if self._depth == 2:           # a new call
+                self._index += 1
+                self._name, self._key, self._header_sent, self._held = None, None, False, ""
+                self._after_colon = False
+        elif ch in "]}":
+            self._depth -= 1
+        elif self._depth == 2 and not self._capturing:
+            if ch == ":":
+                self._after_colon = True
+                if self._key == "parameters":
+                    self._capturing, self._args_started = True, False
+            elif ch == ",":
+                self._after_colon, self._key = False, None
+
+    def _end_string(self, out: Delta) -> None:
+        value = json.loads('"' + self._string + '"')   # undoes the escapes
+        if not self._after_colon:
+            self._key = value
+            return
+        self._after_colon = False
+        if self._key == "name":
+            self._name = value
+            self._send_args(out)           # the header goes out now
+
+    def _send_args(self, out: Delta) -> None:
+        text = "".join(self._args)
+        self._args.clear()
+        if self._name is None:             # parameters before the name: held for the header
+            self._held += text
+        elif not self._header_sent:
+            out.tool_calls.append(call_header(self._index, self._name, self._held + text))
+            self._header_sent, self._held = True, ""
+            self._num_sent += 1
+        elif text:
+            out.tool_calls.append(call_arguments(self._index, text))
 
 
 def _plain(value: Any) -> Any:

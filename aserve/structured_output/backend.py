@@ -5,6 +5,13 @@ Chosen over xgrammar and outlines-core (bench/RESULTS.md has the figures): an MI
 regexes and Lark grammars (GBNF converted), and masks computed on demand with no up-front
 tables per grammar. A grammar's text is compiled once per (kind, spec) and cached; each
 sequence gets its own matcher, made off the caller's thread.
+
+Thread safety: the server validates a request's grammar at the door (validate(), in this
+backend's pool), the engine thread checks it again when the request is added (check(), then a
+cache hit, so the engine thread never compiles a grammar the server has seen) and asks for its
+matcher (matcher(), made in the pool). The grammar cache is the only shared state: a lock
+guards it. Matchers are used by one thread at a time: the pool makes one, the engine thread
+alone uses it after that.
 """
 
 from __future__ import annotations
@@ -31,7 +38,8 @@ class GrammarBackend:
         # llguidance's view of the tokenizer (about a second for a 128k vocabulary): built in
         # the background from the start, so the first structured request rarely waits for it.
         self._ll_tokenizer: Future = self._executor.submit(self._build_tokenizer)
-        self._grammars: OrderedDict[tuple[str, str, bool], str] = OrderedDict()
+        # (kind, spec, whitespace) -> [grammar text, validated against the tokenizer yet].
+        self._grammars: OrderedDict[tuple[str, str, bool], list] = OrderedDict()
         self._lock = threading.Lock()
 
     def _build_tokenizer(self):
@@ -41,13 +49,28 @@ class GrammarBackend:
 
     # ------------------------------------------------------------------ at the door
     def check(self, params: StructuredOutputsParams) -> None:
-        """ValueError naming the field when the schema, regex or grammar cannot be used."""
+        """ValueError naming the field when the schema, regex or grammar cannot be used (a full
+        compile against the tokenizer, done once per grammar: later calls are cache hits)."""
         import llguidance
 
-        grammar = self._grammar(params)
-        error = llguidance.LLMatcher.validate_grammar(grammar, self._ll_tokenizer.result())
+        entry = self._entry(params)
+        if entry[1]:
+            return
+        error = llguidance.LLMatcher.validate_grammar(entry[0], self._ll_tokenizer.result())
         if error:
             raise ValueError(f"structured_outputs.{params.kind} is not usable: {error.strip()}")
+        entry[1] = True
+
+    def is_validated(self, params: StructuredOutputsParams) -> bool:
+        """Whether check() has passed for this grammar already (a dict lookup, never a compile:
+        callers on an event loop skip the thread hop for a schema seen before)."""
+        with self._lock:
+            entry = self._grammars.get((params.kind, params.spec, params.disable_any_whitespace))
+        return entry is not None and entry[1]
+
+    def validate(self, params: StructuredOutputsParams) -> Future:
+        """check() in this backend's pool: a future that raises check()'s ValueError."""
+        return self._executor.submit(self.check, params)
 
     def matcher(self, params: StructuredOutputsParams) -> Future:
         """A future of a fresh matcher at the start of the grammar (made in a worker thread)."""
@@ -56,25 +79,25 @@ class GrammarBackend:
     def _new_matcher(self, params: StructuredOutputsParams):
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._ll_tokenizer.result(), self._grammar(params))
+        matcher = llguidance.LLMatcher(self._ll_tokenizer.result(), self._entry(params)[0])
         if matcher.is_error():
             raise ValueError(f"structured_outputs.{params.kind} is not usable: {matcher.get_error()}")
         return matcher
 
     # ------------------------------------------------------------------ grammars
-    def _grammar(self, params: StructuredOutputsParams) -> str:
+    def _entry(self, params: StructuredOutputsParams) -> list:
         key = (params.kind, params.spec, params.disable_any_whitespace)
         with self._lock:
-            grammar = self._grammars.get(key)
-            if grammar is not None:
+            entry = self._grammars.get(key)
+            if entry is not None:
                 self._grammars.move_to_end(key)
-                return grammar
-        grammar = _compile(params)
+                return entry
+        entry = [_compile(params), False]   # outside the lock: a large schema takes a while
         with self._lock:
-            self._grammars[key] = grammar
+            entry = self._grammars.setdefault(key, entry)
             if len(self._grammars) > _GRAMMAR_CACHE_SIZE:
                 self._grammars.popitem(last=False)
-        return grammar
+        return entry
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

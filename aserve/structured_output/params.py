@@ -55,6 +55,8 @@ class StructuredOutputsParams:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"structured_outputs must be an object, got {type(value).__name__}.")
+        # vLLM's disable_fallback asks not to fall back to another backend: there is none.
+        value = {k: v for k, v in value.items() if k != "disable_fallback"}
         unknown = set(value) - {f for f in cls.__dataclass_fields__ if f not in ("kind", "spec")}
         if unknown:
             raise ValueError(f"structured_outputs has unknown fields: {', '.join(sorted(unknown))}.")
