@@ -11,8 +11,9 @@ max_tokens like a free one); the rest are free with ignore_eos. Default engine s
 graphs, async scheduling), one warm-up round, then one timed round per fraction.
 
 Prints one JSON line per fraction: output tokens/s, elapsed, the mean output length of the
-constrained and free requests, and how many constrained outputs that ran to completion parse
-and validate against the schema (a cut-off one, finish_reason "length", is a valid prefix only).
+constrained and free requests, how many constrained outputs a fresh matcher of the schema
+accepts token by token (a cut-off one, finish_reason "length", as a prefix), and how many ran
+to completion and then parse and validate against the schema.
 """
 
 from __future__ import annotations
@@ -47,7 +48,23 @@ def _params(constrained: bool, output_len: int):
     return SamplingParams(temperature=1.0, max_tokens=output_len, ignore_eos=True)
 
 
-def _round(llm, prompts, fraction: float, output_len: int) -> dict:
+def _grammar_checker(hf_tokenizer):
+    """A function telling whether a token sequence is one the schema's grammar accepts (as a
+    prefix: an output cut at max_tokens is one), replayed through a fresh llguidance matcher."""
+    import llguidance
+    import llguidance.hf
+
+    tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA))
+
+    def accepts(token_ids, eos_id) -> bool:
+        matcher = llguidance.LLMatcher(tokenizer, grammar)
+        ids = token_ids[:-1] if token_ids and token_ids[-1] == eos_id else token_ids
+        return all(matcher.consume_token(t) for t in ids) and not matcher.is_error()
+    return accepts
+
+
+def _round(llm, prompts, fraction: float, output_len: int, accepts) -> dict:
     every = round(1 / fraction) if fraction else 0
     constrained = [bool(every) and i % every == 0 for i in range(len(prompts))] if fraction < 1 else \
         [True] * len(prompts)
@@ -56,10 +73,13 @@ def _round(llm, prompts, fraction: float, output_len: int) -> dict:
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     lengths = {True: [], False: []}
-    complete = valid = 0
+    complete = valid = grammatical = 0
+    eos_id = llm.get_tokenizer().eos_token_id
     for c, out in zip(constrained, outputs):
         sample = out.outputs[0]
         lengths[c].append(len(sample.token_ids))
+        if c:
+            grammatical += accepts(list(sample.token_ids), eos_id)
         if c and sample.finish_reason == "stop":
             complete += 1
             valid += _validates(sample.text)
@@ -68,7 +88,8 @@ def _round(llm, prompts, fraction: float, output_len: int) -> dict:
     return {"fraction_constrained": fraction, "requests": len(prompts), "output_tokens": total,
             "output_tokens_per_s": round(total / elapsed, 1), "elapsed_s": round(elapsed, 3),
             "mean_len_constrained": mean[True], "mean_len_free": mean[False],
-            "constrained_complete": complete, "complete_and_valid": valid}
+            "constrained_in_grammar": grammatical, "constrained_complete": complete,
+            "complete_and_valid": valid}
 
 
 def _validates(text: str) -> bool:
@@ -104,6 +125,7 @@ def main() -> None:
         config.save_pretrained(folder)
         print(json.dumps({"tokenizer_trained_s": round(time.perf_counter() - start, 1),
                           "vocab": config.vocab_size}), flush=True)
+        accepts = _grammar_checker(tokenizer)
         llm = OfflineLLM(model=folder, load_format="dummy", dtype="float32" if args.tiny else MODEL_DTYPES["opt"],
                          max_model_len=2048, seed=0)
         rng = np.random.RandomState(0)
@@ -114,7 +136,7 @@ def main() -> None:
         llm.generate([{"prompt_token_ids": q} for q in prompts[:8]],
                      SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
         for fraction in [float(f) for f in args.fractions.split(",")]:
-            print(json.dumps(_round(llm, prompts, fraction, args.output_len)), flush=True)
+            print(json.dumps(_round(llm, prompts, fraction, args.output_len, accepts)), flush=True)
         llm.shutdown()
 
 

@@ -53,6 +53,16 @@ def test_json_schema_outputs_parse_and_validate(llm):
             jsonschema.validate(json.loads(out.text), PERSON)
 
 
+def test_properties_come_in_the_schemas_order(llm):
+    # As OpenAI's structured outputs: keys in the order the schema declares them (the schema
+    # was once re-serialized with sorted keys, which reordered the output).
+    schema = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    for out in _texts(llm, _sample(5, S(json=schema, disable_any_whitespace=True), max_tokens=60)):
+        assert out.finish_reason == "stop", out.text
+        assert list(json.loads(out.text)) == ["zeta", "alpha"], out.text
+
+
 def test_a_json_schema_given_as_text_and_any_json_object(llm):
     for out in _texts(llm, _sample(4, S(json=json.dumps({"type": "array", "items": {"type": "integer"},
                                                           "minItems": 1, "maxItems": 4}),

@@ -75,7 +75,8 @@ def _spec_text(kind: str, value: Any) -> str:
                 raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from None
         if not isinstance(value, (dict, bool)):
             raise ValueError("structured_outputs.json must be a JSON schema (an object).")
-        return _json.dumps(value, sort_keys=True)
+        # Key order kept: the grammar writes an object's properties in the schema's order.
+        return _json.dumps(value)
     if kind == "choice":
         if (not isinstance(value, list) or not value or len(value) > MAX_CHOICES
                 or not all(isinstance(c, str) and c for c in value)):
