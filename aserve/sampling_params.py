@@ -107,7 +107,7 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k!r}.")
         _number_in("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
-            _int_in("seed", self.seed, *_INT64_RANGE)
+            _int_in("seed", self.seed, *_INT64_RANGE, bound_name="the signed 64-bit range")
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
@@ -176,9 +176,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _int_in(name: str, value, low: int, high: int) -> None:
+def _int_in(name: str, value, low: int, high: int, bound_name: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}.")
+        named = f" ({bound_name})" if bound_name else ""
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]{named}, got {value!r}.")
 
 
 def _int_at_least(name: str, value, low: int) -> None:

@@ -92,14 +92,14 @@ class RequestFactory:
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, TokenizedPrompt):
             if not prompt.token_ids:
-                raise ValueError("prompt must not be empty.")
+                raise ValueError("prompt is empty: the decoder prompt cannot be empty.")
             return prompt.text, prompt.token_ids
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt must be a list of token ids: this engine has no tokenizer "
                                  "(skip_tokenizer_init).")
             if not prompt:
-                raise ValueError("prompt must not be empty.")
+                raise ValueError("prompt is empty: the decoder prompt cannot be empty.")
             return prompt, self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError("prompt must be a non-empty string or a non-empty list of token ids.")

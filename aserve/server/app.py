@@ -24,7 +24,8 @@ from pydantic import BaseModel
 from aserve.engine.async_engine import AsyncEngine
 from aserve.server.access_log import USAGE, access_log_middleware
 from aserve.server.admission import Admission
-from aserve.server.errors import APIError, api_error_from, bad_request_from_value_error, parse_request
+from aserve.server.errors import (APIError, api_error_from, bad_request_from_value_error,
+                                  check_json_content_type, parse_request)
 from aserve.server.http_server import HttpLimits, error_response, read_body
 from aserve.server.metrics import ServerMetrics, log_status_periodically
 from aserve.server.open_files import watch_open_files
@@ -80,7 +81,8 @@ class ServerState:
         return self.admission.admit(self.async_engine, count)
 
     def check_model(self, name: Optional[str]) -> None:
-        if name is not None and name != self.served_model_name:
+        # vLLM serves its base model for a missing or empty name ("" as some clients send).
+        if name and name != self.served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", param="model",
                            code="model_not_found")
 
@@ -117,6 +119,7 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 async def read_request(request: web.Request, model_cls: type[BaseModel]) -> Any:
     """Read and validate a JSON body (within the server's size and time limits)."""
     state = request.app[STATE]
+    check_json_content_type(request.headers.get("Content-Type"))
     raw = await read_body(request, state.limits)
     return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body))
 

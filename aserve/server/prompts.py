@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 # <0xNN> one byte as six); normalizers may still merge characters (NFKC composes accents),
 # hence the slack, and a floor for tokenizers whose vocabulary says little.
 _CHARS_PER_TOKEN_SLACK = 2
+# vLLM's words: clients match on them.
+EMPTY_PROMPT = "The decoder prompt cannot be empty."
 _MIN_CHARS_PER_TOKEN = 16
 
 
@@ -61,11 +63,11 @@ async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]]):
     if isinstance(prompt, str):
         _check_text(state, prompt, "prompt")
         tokenizer = state.require_tokenizer("prompt")
-        if not prompt:  # the engine's own words for it
-            raise APIError(400, "prompt must not be empty.", param="prompt")
+        if not prompt:
+            raise APIError(400, EMPTY_PROMPT, param="prompt")
         return TokenizedPrompt(prompt, await run_off_loop(state, tokenizer.encode, prompt))
     if not prompt:
-        raise APIError(400, "prompt must not be empty.", param="prompt")
+        raise APIError(400, EMPTY_PROMPT, param="prompt")
     _check_length(state, prompt)
     state.check_token_ids(prompt)
     return prompt

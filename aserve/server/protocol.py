@@ -101,7 +101,7 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(p, str):
             return [p]
         if not p:
-            raise APIError(400, "prompt must not be empty.", param="prompt")
+            raise APIError(400, "The decoder prompt cannot be empty.", param="prompt")
         if isinstance(p[0], int):
             return [p]
         return list(p)
