@@ -54,7 +54,7 @@ def api_error_from(exc: BaseException) -> Optional[APIError]:
     return None
 
 
-SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids"}
+SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids", "bad_words_token_ids"}
 
 
 def bad_request_from_value_error(exc: ValueError) -> APIError:
