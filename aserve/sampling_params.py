@@ -184,6 +184,10 @@ class SamplingParams:
                     raise ValueError("bad_words must be non-blank strings of at most "
                                      f"{MAX_STOP_STRING_CHARS} characters, got {w!r}.")
             self.bad_words = list(self.bad_words)
+        if self.use_beam_search:  # beams are ranked on the raw distribution: a mask would be ignored
+            for name in ("allowed_token_ids", "bad_words"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} cannot be used with beam search.")
         if self.truncate_prompt_tokens is not None:
             t = self.truncate_prompt_tokens
             if not isinstance(t, int) or isinstance(t, bool) or not (t == -1 or t >= 1):

@@ -70,6 +70,12 @@ def test_bad_values_are_value_errors_naming_the_field(field, value):
         SamplingParams(**{field: value})
 
 
+@pytest.mark.parametrize("field, value", [("allowed_token_ids", [1]), ("bad_words", ["x"])])
+def test_masks_are_refused_with_beam_search_which_would_ignore_them(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(use_beam_search=True, n=2, temperature=0, **{field: value})
+
+
 # ------------------------------------------------------------------ through the engine
 def _greedy(llm, prompt, **kwargs):
     params = SamplingParams(temperature=0.0, ignore_eos=True, **kwargs)

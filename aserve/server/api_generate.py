@@ -29,7 +29,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     req = await read_request(request, GenerateRequest)
     params = req.to_sampling_params()
     with state.admit():
-        prompt = await prepare_prompt(state, req.prompt)
+        prompt = await prepare_prompt(state, req.prompt, truncate_prompt_tokens=params.truncate_prompt_tokens)
         stream = await add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
     try:
         if not req.stream:

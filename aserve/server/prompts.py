@@ -12,7 +12,8 @@ client for 30-48 s before its 400.)
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.server.errors import APIError
@@ -40,6 +41,7 @@ def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
     """On a parsed JSON body, before validation (which costs ~1 s per million ids): a 400 for
     any prompt that cannot fit. Shapes that validation will refuse anyway are left to it."""
     prompt = body.get("prompt")
+    truncated = body.get("truncate_prompt_tokens") is not None  # a long id list is then cut, not refused
     if isinstance(prompt, str):
         _check_text(state, prompt, "prompt")
     elif isinstance(prompt, list) and prompt:
@@ -47,9 +49,9 @@ def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
             for one in prompt:
                 if isinstance(one, str):
                     _check_text(state, one, "prompt")
-                elif isinstance(one, list):
+                elif isinstance(one, list) and not truncated:
                     _check_length(state, one)
-        else:
+        elif not truncated:
             _check_length(state, prompt)
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -58,26 +60,70 @@ def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
             raise _too_long(state, chars, "messages")
 
 
-async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]]):
-    """A text prompt tokenized off the loop (TokenizedPrompt), or a token-id prompt checked."""
+async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]], add_special_tokens: bool = True,
+                         truncate_prompt_tokens: Optional[int] = None):
+    """A text prompt tokenized off the loop (TokenizedPrompt), or a token-id prompt checked;
+    either cut to its last truncate_prompt_tokens tokens (-1: the context length) first."""
     if isinstance(prompt, str):
         _check_text(state, prompt, "prompt")
         tokenizer = state.require_tokenizer("prompt")
         if not prompt:
             raise APIError(400, EMPTY_PROMPT, param="prompt")
-        return TokenizedPrompt(prompt, await run_off_loop(state, tokenizer.encode, prompt))
+        ids = await run_off_loop(state, lambda: tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        return TokenizedPrompt(prompt, _truncate(state, ids, truncate_prompt_tokens))
     if not prompt:
         raise APIError(400, EMPTY_PROMPT, param="prompt")
+    prompt = _truncate(state, prompt, truncate_prompt_tokens)
     _check_length(state, prompt)
     state.check_token_ids(prompt)
     return prompt
 
 
-async def chat_prompt_ids(state: "ServerState", conversation: list[dict],
-                          add_generation_prompt: bool) -> list[int]:
-    """Messages rendered with the chat template and tokenized (no extra BOS, as vLLM), off the loop."""
+def _truncate(state: "ServerState", token_ids: list[int], keep: Optional[int]) -> list[int]:
+    # A keep above the context length is left for the engine to refuse, with its message.
+    if keep is None or (keep != -1 and keep > state.max_model_len):
+        return token_ids
+    return token_ids[-(state.max_model_len if keep == -1 else keep):]
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How messages become a prompt beyond the messages themselves (vLLM's chat extras)."""
+
+    continue_final_message: bool = False  # the last message stays open for the model to continue
+    add_special_tokens: bool = False      # BOS on top of what the template writes
+    chat_template: Optional[str] = None   # this request's template, in place of the server's
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # more variables for the template
+    documents: Optional[list[dict[str, str]]] = None       # for templates that do RAG
+    truncate_prompt_tokens: Optional[int] = None
+
+
+# apply_chat_template arguments that would change what it returns (token ids, a dict) or
+# replace the conversation: never taken from chat_template_kwargs.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "tokenize", "return_dict", "return_tensors",
+                                       "return_assistant_tokens_mask", "tokenizer_kwargs", "padding",
+                                       "truncation", "max_length"})
+
+
+async def chat_prompt_ids(state: "ServerState", conversation: list[dict], add_generation_prompt: bool,
+                          options: Optional[ChatTemplateOptions] = None) -> list[int]:
+    """Messages rendered with the chat template and tokenized (no extra BOS unless asked, as
+    vLLM), off the loop."""
+    options = options or ChatTemplateOptions()
     tokenizer = state.require_tokenizer("messages")
-    template = state.chat_template or getattr(tokenizer, "chat_template", None)
+    template = options.chat_template or state.chat_template or getattr(tokenizer, "chat_template", None)
+    template_kwargs = dict(add_generation_prompt=add_generation_prompt,
+                           continue_final_message=options.continue_final_message)
+    if options.documents is not None:
+        template_kwargs["documents"] = options.documents
+    reserved = _RESERVED_TEMPLATE_KWARGS & set(options.chat_template_kwargs or ())
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(sorted(reserved))}.",
+                       param="chat_template_kwargs")
+    template_kwargs.update(options.chat_template_kwargs or {})  # as vLLM: they may override the above
+    if template_kwargs["continue_final_message"] and not conversation:
+        raise APIError(400, "continue_final_message needs a final message to continue.",
+                       param="continue_final_message")
     if not template:
         raise APIError(400, "This model has no chat template, so /v1/chat/completions cannot "
                             "render messages. Start the server with --chat-template "
@@ -85,13 +131,13 @@ async def chat_prompt_ids(state: "ServerState", conversation: list[dict],
 
     def render() -> list[int]:
         try:
-            text = tokenizer.apply_chat_template(
-                conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
-                tokenize=False)
-        except Exception as exc:  # template errors are about the messages the user sent
+            text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                                 **template_kwargs)
+        except Exception as exc:  # template errors are about the messages (or template) the user sent
             raise APIError(400, f"The chat template could not render these messages: {exc}",
                            param="messages") from None
-        return tokenizer(text, add_special_tokens=False).input_ids
+        ids = tokenizer(text, add_special_tokens=options.add_special_tokens).input_ids
+        return _truncate(state, ids, options.truncate_prompt_tokens)
 
     return await run_off_loop(state, render)
 

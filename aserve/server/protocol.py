@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from aserve.sampling_params import SamplingParams
 from aserve.server.errors import SAMPLING_FIELDS, APIError, bad_request_from_value_error
+from aserve.server.protocol_vllm import VllmChatFields, VllmCompletionFields, VllmSamplingFields
 
 
 
@@ -24,10 +25,21 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: Optional[bool] = None
+    # vLLM's: usage on every chunk. vLLM's include_usage defaults to true, so asking for it
+    # implies the final usage chunk too, unless include_usage is false (then neither).
+    continuous_usage_stats: bool = False
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.continuous_usage_stats and self.include_usage is not False
+
+    @property
+    def final_usage(self) -> bool:
+        return bool(self.include_usage) or self.continuous_usage
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(_Strict, VllmSamplingFields):
     """The sampling fields shared by /v1/completions and /v1/chat/completions (vLLM's extras too)."""
 
     model: Optional[str] = None
@@ -63,6 +75,9 @@ class _SamplingRequest(_Strict):
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
                          prompt_logprobs: Optional[int]) -> SamplingParams:
+        self.check_vllm_fields(self.stream)
+        if self.stream and prompt_logprobs == 0:
+            prompt_logprobs = None  # vLLM allows 0 with stream, and streams none: none computed
         # Beam search is deterministic: its natural temperature is 0, so that is the default.
         default_temperature = 0.0 if self.use_beam_search else 1.0
         try:
@@ -79,7 +94,7 @@ class _SamplingRequest(_Strict):
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
-                logit_bias=self.logit_bias)
+                logit_bias=self.logit_bias, **self.vllm_sampling_kwargs())
         except ValueError as exc:
             raise bad_request_from_value_error(exc) from None
 
@@ -88,7 +103,7 @@ class _SamplingRequest(_Strict):
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(_SamplingRequest, VllmCompletionFields):
     prompt: PromptInput
     suffix: Optional[str] = None
     max_tokens: Optional[int] = 16
@@ -112,7 +127,9 @@ class CompletionRequest(_SamplingRequest):
                            param="suffix")
         self.check_stream_options()
         # echo with logprobs returns the prompt's logprobs too, as OpenAI's API does.
-        prompt_logprobs = self.logprobs if (self.echo and self.logprobs is not None) else None
+        prompt_logprobs = self.prompt_logprobs
+        if prompt_logprobs is None and self.echo and self.logprobs is not None:
+            prompt_logprobs = self.logprobs
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
 
 
@@ -123,12 +140,24 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one prompt logprob entry (its Logprob)."""
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# vLLM's prompt_logprobs: per prompt position, None for the first, else token id -> entry.
+PromptLogprobsOut = list[Optional[dict[str, PromptLogprob]]]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token
+    prompt_logprobs: Optional[PromptLogprobsOut] = None  # vLLM's extra, on the choice
 
 
 class PromptTokensDetails(BaseModel):
@@ -172,7 +201,7 @@ class ChatMessage(_Strict):
         return "".join(part.text or "" for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
@@ -196,10 +225,14 @@ class ChatCompletionRequest(_SamplingRequest):
                            param="response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+        if self.top_logprobs is not None and self.top_logprobs < -1:
+            raise APIError(400, f"top_logprobs must be -1 (the whole vocabulary) or at least 0, got "
+                                f"{self.top_logprobs}.", param="top_logprobs")
         self.check_stream_options()
+        self.check_chat_fields(self.add_generation_prompt)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, None)
+        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
     def conversation(self) -> list[dict[str, str]]:
         out = []
@@ -245,6 +278,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Optional[UsageInfo] = None
+    prompt_logprobs: Optional[PromptLogprobsOut] = None  # vLLM's extra, on the response
 
 
 class DeltaMessage(BaseModel):
@@ -286,17 +320,24 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(_Strict):
+    """vLLM's two tokenize requests in one: a prompt, or messages rendered as chat does."""
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
-    add_special_tokens: bool = True
+    # None: vLLM's default, true for a prompt, false for messages (their template writes BOS).
+    add_special_tokens: Optional[bool] = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_token_strs: bool = False
 
 
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: Optional[list[str]] = None
 
 
 class DetokenizeRequest(_Strict):
@@ -341,6 +382,9 @@ class GenerateRequest(_Strict):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[str, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    truncate_prompt_tokens: Optional[int] = None
 
     def to_sampling_params(self) -> SamplingParams:
         unknown = sorted(self.model_extra or {})
