@@ -73,15 +73,21 @@ def apply_logit_bias(logits: torch.Tensor, logit_biases: Sequence[Optional[dict[
 
 
 def apply_allowed_token_ids(logits: torch.Tensor, allowed: Sequence[Optional[Sequence[int]]]) -> None:
-    """In place: rows with an allowed list keep those logits and get -inf everywhere else."""
-    vocab_size = logits.shape[1]
+    """In place: rows with an allowed list keep those logits and get -inf everywhere else.
+    Only index lists cross to the device (no [rows, V] mask is built on the host)."""
+    vocab_size, device = logits.shape[1], logits.device
     rows = [i for i, ids in enumerate(allowed) if ids is not None]
-    mask = torch.ones(len(rows), vocab_size, dtype=torch.bool)
-    for r, i in enumerate(rows):
-        ids = [t for t in allowed[i] if 0 <= t < vocab_size]
-        mask[r, ids] = False
-    index = torch.tensor(rows, device=logits.device)
-    logits.index_put_((index,), logits.index_select(0, index).masked_fill_(mask.to(logits.device), _NEG_INF))
+    keep_rows, keep_cols = [], []
+    for i in rows:
+        for token_id in allowed[i]:
+            if 0 <= token_id < vocab_size:
+                keep_rows.append(i)
+                keep_cols.append(token_id)
+    keep = (torch.tensor(keep_rows, dtype=torch.long, device=device),
+            torch.tensor(keep_cols, dtype=torch.long, device=device))
+    kept = logits[keep]
+    logits[torch.tensor(rows, device=device)] = _NEG_INF
+    logits[keep] = kept
 
 
 def apply_bad_words(logits: torch.Tensor, bad_words_token_ids: Sequence[Sequence[Sequence[int]]],
