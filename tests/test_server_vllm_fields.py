@@ -89,6 +89,13 @@ def test_prompt_logprobs_minus_one_or_streamed_are_refused(server, client, body)
         assert bad_request(call)["param"] == "prompt_logprobs"
 
 
+def test_streamed_echo_with_logprobs_0_still_gets_the_prompt_s_logprobs(client, server):
+    chunks = list(complete(client, server, max_tokens=2, echo=True, logprobs=0, stream=True,
+                           extra_body={"prompt_logprobs": 0}))
+    tokens = [t for c in chunks for choice in c.choices if choice.logprobs for t in choice.logprobs.tokens]
+    assert len(tokens) == len(server.state.tokenizer.encode(PROMPT)) + 2
+
+
 def test_logprobs_minus_one_beyond_max_logprobs_is_a_400_naming_the_flag(client, server):
     assert "max-logprobs" in bad_request(lambda: complete(client, server, logprobs=-1))["message"]
     assert "max-logprobs" in bad_request(lambda: chat(client, server, logprobs=True, top_logprobs=-1))["message"]

@@ -76,8 +76,6 @@ class _SamplingRequest(_Strict, VllmSamplingFields):
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
                          prompt_logprobs: Optional[int]) -> SamplingParams:
         self.check_vllm_fields(self.stream)
-        if self.stream and prompt_logprobs == 0:
-            prompt_logprobs = None  # vLLM allows 0 with stream, and streams none: none computed
         # Beam search is deterministic: its natural temperature is 0, so that is the default.
         default_temperature = 0.0 if self.use_beam_search else 1.0
         try:
@@ -127,7 +125,7 @@ class CompletionRequest(_SamplingRequest, VllmCompletionFields):
                            param="suffix")
         self.check_stream_options()
         # echo with logprobs returns the prompt's logprobs too, as OpenAI's API does.
-        prompt_logprobs = self.prompt_logprobs
+        prompt_logprobs = self.requested_prompt_logprobs()
         if prompt_logprobs is None and self.echo and self.logprobs is not None:
             prompt_logprobs = self.logprobs
         return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
@@ -232,7 +230,7 @@ class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
         self.check_chat_fields(self.add_generation_prompt)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs)
+        return self._sampling_params(max_tokens, logprobs, self.requested_prompt_logprobs())
 
     def conversation(self) -> list[dict[str, str]]:
         out = []

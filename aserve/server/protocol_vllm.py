@@ -70,6 +70,12 @@ class VllmSamplingFields(_Strict):
             raise APIError(400, f"truncate_prompt_tokens must be -1 or at least 1, got "
                                 f"{self.truncate_prompt_tokens}.", param="truncate_prompt_tokens")
 
+    def requested_prompt_logprobs(self) -> Optional[int]:
+        # vLLM takes 0 with stream=true, and a stream carries none: then none are computed.
+        if getattr(self, "stream", False) and self.prompt_logprobs == 0:
+            return None
+        return self.prompt_logprobs
+
     def vllm_sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams fields these carry (those the request set)."""
         return {"allowed_token_ids": self.allowed_token_ids, "bad_words": self.bad_words,
