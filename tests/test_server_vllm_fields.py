@@ -226,6 +226,25 @@ def test_truncate_prompt_tokens_keeps_the_end_of_the_prompt(client, server):
     assert chat_resp.usage.prompt_tokens == 3
 
 
+def test_truncation_cuts_a_huge_id_list_before_validating_it_and_bounds_keep(client, server):
+    ids = [i % 500 + 10 for i in range(300_000)]
+    resp = complete(client, server, prompt=[ids, ids[:20]], max_tokens=1, extra_body={"truncate_prompt_tokens": 4})
+    assert resp.usage.prompt_tokens == 8
+    body = bad_request(lambda: complete(client, server, prompt=ids[:20], extra_body={
+        "truncate_prompt_tokens": server.state.max_model_len + 1}))
+    assert body["param"] == "truncate_prompt_tokens"
+
+
+def test_generate_truncates_too(server):
+    import urllib.request
+    ids = [i % 500 + 10 for i in range(server.state.max_model_len + 10)]
+    request = urllib.request.Request(server.url + "/generate", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"prompt": ids, "max_tokens": 1,
+                                                      "truncate_prompt_tokens": 5}).encode())
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        assert resp.status == 200 and len(json.loads(resp.read())["text"]) == 1
+
+
 def test_add_special_tokens_false_drops_bos_from_a_completion_prompt(client, server):
     with_bos = complete(client, server, max_tokens=1).usage.prompt_tokens
     without = complete(client, server, max_tokens=1, extra_body={"add_special_tokens": False}).usage.prompt_tokens

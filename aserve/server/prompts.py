@@ -39,9 +39,11 @@ def max_prompt_chars(tokenizer, max_model_len: int) -> int:
 
 def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
     """On a parsed JSON body, before validation (which costs ~1 s per million ids): a 400 for
-    any prompt that cannot fit. Shapes that validation will refuse anyway are left to it."""
+    any prompt that cannot fit. Shapes that validation will refuse anyway are left to it.
+    With truncate_prompt_tokens, token-id lists are cut here, before validation, so a long one
+    costs no more to validate than one that fits."""
+    _truncate_id_lists_early(state, body)
     prompt = body.get("prompt")
-    truncated = body.get("truncate_prompt_tokens") is not None  # a long id list is then cut, not refused
     if isinstance(prompt, str):
         _check_text(state, prompt, "prompt")
     elif isinstance(prompt, list) and prompt:
@@ -49,15 +51,30 @@ def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
             for one in prompt:
                 if isinstance(one, str):
                     _check_text(state, one, "prompt")
-                elif isinstance(one, list) and not truncated:
+                elif isinstance(one, list):
                     _check_length(state, one)
-        elif not truncated:
+        else:
             _check_length(state, prompt)
     messages = body.get("messages")
     if isinstance(messages, list):
         chars = sum(_content_chars(m.get("content")) for m in messages if isinstance(m, dict))
         if chars > state.max_prompt_chars:
             raise _too_long(state, chars, "messages")
+
+
+def _truncate_id_lists_early(state: "ServerState", body: dict[str, Any]) -> None:
+    keep = body.get("truncate_prompt_tokens")
+    if not isinstance(keep, int) or isinstance(keep, bool) or not (keep == -1 or keep >= 1):
+        return  # absent, or a bad value that validation refuses by name
+    if keep > state.max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens must be at most the maximum context length "
+                            f"({state.max_model_len}), got {keep}.", param="truncate_prompt_tokens")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
+        if isinstance(prompt[0], list):
+            body["prompt"] = [_truncate(state, one, keep) if isinstance(one, list) else one for one in prompt]
+        else:
+            body["prompt"] = _truncate(state, prompt, keep)
 
 
 async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]], add_special_tokens: bool = True,
