@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Any
 
 import orjson
 
-# Shorter integers are exact in orjson (|n| < 10**18 < 2**63).
-_LONG_DIGIT_RUN = re.compile(rb"\d{19}")
+# Shorter integers are exact in orjson (|n| < 10**18 < 2**63). The run is found by mapping
+# every digit to b"0" and everything else to b" ", then a plain bytes.find: ~70 ms for a 20 MB
+# body, where a regex took ~700 ms of the event loop.
+_DIGIT_RUN = b"0" * 19
+_DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 
 
 def loads_exact(raw: bytes) -> Any:
     """JSON text to Python values, every integer exact; JSONDecodeError / ValueError if invalid."""
     data = orjson.loads(raw)
-    if _LONG_DIGIT_RUN.search(raw) is None:
+    if raw.translate(_DIGITS_TO_ZERO).find(_DIGIT_RUN) == -1:
         return data
     # Python's int() refuses more than 4300 digits: a ValueError, reported as invalid JSON.
     return json.loads(raw, parse_float=_finite_float)
