@@ -270,7 +270,7 @@ def test_request_id_names_the_response(client, server):
 
 
 def test_their_neutral_values_and_unknown_fields_are_accepted(client, server):
-    body = {"priority": 0, "logits_processors": None, "not_a_vllm_field": 1}
+    body = {"priority": 0, "logits_processors": [], "vllm_xargs": {}, "not_a_vllm_field": 1}
     assert complete(client, server, extra_body=body).choices and chat(client, server, extra_body=body).choices
 
 

@@ -56,7 +56,8 @@ class VllmSamplingFields(_Strict):
     def check_vllm_fields(self, stream: bool) -> None:
         """A 400 for a vLLM field this server cannot honour, or one used as vLLM forbids."""
         for name, unused in UNIMPLEMENTED_FIELDS.items():
-            if getattr(self, name) != unused:
+            value = getattr(self, name)
+            if value != unused and not (isinstance(value, (list, dict)) and not value):  # [] / {}: none
                 raise APIError(400, f"{name} is not supported by this server.", param=name)
         if self.prompt_logprobs is not None:
             if self.prompt_logprobs < 0:  # vLLM refuses -1 here (the whole vocabulary per position)
