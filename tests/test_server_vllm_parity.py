@@ -120,3 +120,25 @@ def test_an_empty_or_missing_model_means_the_served_model(server, model):
         status, answer = post(server, path, json.dumps(payload))
         assert status == 200, answer
         assert answer["model"] == server.model_name
+
+
+# ----------------------------------------------------------------------------- the parser itself
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}",       # more digits than Python's int() takes
+    b'{"prompt": "\\ud800", "seed": 12345678901234567890}',  # a lone surrogate, on the exact path
+    b'{"prompt": "x", "seed": 12345678901234567890, "t": 1e400}',
+    b'{"prompt": "x", "seed": 12345678901234567890, "t": NaN}',
+])
+def test_bodies_the_exact_path_sees_are_refused_as_orjson_refuses_them(raw):
+    from aserve.server.errors import APIError, parse_request
+    from aserve.server.protocol import CompletionRequest
+    with pytest.raises(APIError) as info:
+        parse_request(raw, CompletionRequest)
+    assert info.value.status == 400 and "JSON" in info.value.message
+
+
+def test_exact_parsing_keeps_floats_floats_and_ints_exact():
+    from aserve.server.json_body import loads_exact
+    data = loads_exact(b'{"a": 123456789012345678901234567890, "b": 1.5, "c": -9223372036854775809, "d": 1e30}')
+    assert data == {"a": 123456789012345678901234567890, "b": 1.5, "c": -9223372036854775809, "d": 1e30}
+    assert isinstance(data["d"], float) and isinstance(data["a"], int)
