@@ -96,6 +96,18 @@ def test_streamed_echo_with_logprobs_0_still_gets_the_prompt_s_logprobs(client, 
     assert len(tokens) == len(server.state.tokenizer.encode(PROMPT)) + 2
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_0_returns_the_prompt_alone_to_score_it(client, server, stream):
+    resp = complete(client, server, max_tokens=0, echo=True, logprobs=1, stream=stream)
+    choices = [c for r in (resp if stream else [resp]) for c in r.choices]
+    assert "".join(c.text for c in choices) == PROMPT
+    tokens = [t for c in choices if c.logprobs for t in c.logprobs.tokens]
+    token_logprobs = [lp for c in choices if c.logprobs for lp in c.logprobs.token_logprobs]
+    assert len(tokens) == len(server.state.tokenizer.encode(PROMPT))
+    assert token_logprobs[0] is None and all(lp <= 0 for lp in token_logprobs[1:])
+    assert bad_request(lambda: complete(client, server, max_tokens=0))["param"] == "max_tokens"
+
+
 def test_logprobs_minus_one_beyond_max_logprobs_is_a_400_naming_the_flag(client, server):
     assert "max-logprobs" in bad_request(lambda: complete(client, server, logprobs=-1))["message"]
     assert "max-logprobs" in bad_request(lambda: chat(client, server, logprobs=True, top_logprobs=-1))["message"]

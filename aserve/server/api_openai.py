@@ -167,12 +167,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 prompt_logprobs = (await prompt_logprobs_out(out.prompt_logprobs)
                                    if out.prompt_logprobs is not None else None)
                 for j, o in enumerate(out.outputs):
-                    text, lps = o.text, None
+                    text, lps = ("" if req.echo_only else o.text), None
                     if req.echo:
                         text = prompt_text(i, out) + text
                     if prompt_lps is not None:
                         lps = copy_completion_logprobs(prompt_lps)
-                        await add_completion_logprobs(state, lps, o.token_ids, o.logprobs, prompt_end, as_ids)
+                        if not req.echo_only:
+                            await add_completion_logprobs(state, lps, o.token_ids, o.logprobs, prompt_end, as_ids)
                     choices.append(CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                                     finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                                                     prompt_logprobs=prompt_logprobs))
@@ -214,8 +215,8 @@ async def _stream_completions(request, state, req, params, request_id, created, 
             st = sent.setdefault((i, j), _Sent())
             if st.done:
                 continue
-            text = o.text[st.text_len:]
-            new_ids = o.token_ids[st.num_tokens:]
+            text = "" if req.echo_only else o.text[st.text_len:]
+            new_ids = [] if req.echo_only else o.token_ids[st.num_tokens:]
             lps = CompletionLogProbs() if req.logprobs is not None else None
             if not st.started and req.echo:
                 text = prompt_text(i, out) + text

@@ -128,7 +128,14 @@ class CompletionRequest(_SamplingRequest, VllmCompletionFields):
         prompt_logprobs = self.requested_prompt_logprobs()
         if prompt_logprobs is None and self.echo and self.logprobs is not None:
             prompt_logprobs = self.logprobs
-        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
+        # echo with max_tokens 0 (vLLM's): the prompt alone comes back, to score it; the engine
+        # still takes one step (it generates at least one token), which usage counts, as vLLM.
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+
+    @property
+    def echo_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
 
 
 class CompletionLogProbs(BaseModel):
