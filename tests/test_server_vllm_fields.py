@@ -325,7 +325,26 @@ def test_continue_final_message_with_add_generation_prompt_is_refused(client, se
         tokenize(client, messages=MESSAGES, continue_final_message=True)
 
 
-def test_add_generation_prompt_false_and_a_request_chat_template(client, server):
+@pytest.fixture
+def trusted(server):
+    """The server as --trust-request-chat-template starts it."""
+    server.state.trust_request_chat_template = True
+    yield
+    server.state.trust_request_chat_template = False
+
+
+def test_a_request_chat_template_needs_the_operator_s_trust(client, server):
+    template = "{{ messages[0]['content'] }}"
+    for body in ({"chat_template": template}, {"chat_template_kwargs": {"chat_template": template}}):
+        error = bad_request(lambda: chat(client, server, extra_body=body))
+        assert "--trust-request-chat-template" in error["message"] and error["param"] == "chat_template"
+    with pytest.raises(openai.BadRequestError):
+        tokenize(client, messages=MESSAGES, chat_template=template)
+    from aserve.server.cli import make_parser
+    assert make_parser().parse_args(["--trust-request-chat-template"]).trust_request_chat_template
+
+
+def test_add_generation_prompt_false_and_a_request_chat_template(client, server, trusted):
     with_prompt = tokenize(client, messages=MESSAGES)["tokens"]
     without = tokenize(client, messages=MESSAGES, add_generation_prompt=False)["tokens"]
     assert with_prompt[:len(without)] == without and len(with_prompt) > len(without)
@@ -336,7 +355,7 @@ def test_add_generation_prompt_false_and_a_request_chat_template(client, server)
     assert resp.usage.prompt_tokens == expected
 
 
-def test_documents_reach_the_template(client, server):
+def test_documents_reach_the_template(client, server, trusted):
     template = "{% for d in documents %}<{{ d['title'] }}:{{ d['text'] }}>{% endfor %}{{ messages[-1]['content'] }}"
     documents = [{"title": "t1", "text": "alpha"}, {"title": "t2", "text": "beta"}]
     body = {"chat_template": template, "documents": documents}
@@ -345,7 +364,7 @@ def test_documents_reach_the_template(client, server):
     assert resp.usage.prompt_tokens == expected
 
 
-def test_a_broken_request_template_is_a_400(client, server):
+def test_a_broken_request_template_is_a_400(client, server, trusted):
     assert bad_request(lambda: chat(client, server, extra_body={"chat_template": "{% for %}"}))
 
 

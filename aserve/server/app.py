@@ -45,6 +45,7 @@ class ServerState:
     api_key: Optional[str] = None
     log_requests: bool = True   # the per-request access log line (--disable-log-requests)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens 'token_id:N' (a request may override)
+    trust_request_chat_template: bool = False  # a request's own chat_template is rendered
     status_interval_s: float = 5.0
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)

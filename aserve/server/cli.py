@@ -116,6 +116,9 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="Logprobs name each token as 'token_id:N' (a request's "
                         "return_tokens_as_token_ids overrides this).")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="Render a request's own chat_template (refused by default, as vLLM: a "
+                        "template is code the server runs).")
     s.add_argument("--disable-log-requests", action="store_true",
                    help="No access log line per request (method, path, status, latency, tokens).")
     s.add_argument("--debug", action="store_true",
@@ -208,6 +211,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     state = ServerState(
         api_key=resolve_api_key(ns), chat_template=chat_template,
         log_requests=not ns.disable_log_requests, return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
+        trust_request_chat_template=ns.trust_request_chat_template,
         admission=Admission(ns.max_waiting_queue_length),
         limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)

@@ -128,16 +128,22 @@ async def chat_prompt_ids(state: "ServerState", conversation: list[dict], add_ge
     vLLM), off the loop."""
     options = options or ChatTemplateOptions()
     tokenizer = state.require_tokenizer("messages")
-    template = options.chat_template or state.chat_template or getattr(tokenizer, "chat_template", None)
+    kwargs = dict(options.chat_template_kwargs or {})
+    request_template = options.chat_template or kwargs.pop("chat_template", None)
+    if request_template is not None and not state.trust_request_chat_template:
+        # A template is code the server runs: a client's only with the operator's consent, as vLLM.
+        raise APIError(400, "Request chat templates require --trust-request-chat-template.",
+                       param="chat_template")
+    template = request_template or state.chat_template or getattr(tokenizer, "chat_template", None)
     template_kwargs = dict(add_generation_prompt=add_generation_prompt,
                            continue_final_message=options.continue_final_message)
     if options.documents is not None:
         template_kwargs["documents"] = options.documents
-    reserved = _RESERVED_TEMPLATE_KWARGS & set(options.chat_template_kwargs or ())
+    reserved = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(sorted(reserved))}.",
                        param="chat_template_kwargs")
-    template_kwargs.update(options.chat_template_kwargs or {})  # as vLLM: they may override the above
+    template_kwargs.update(kwargs)  # as vLLM: they may override the above
     if template_kwargs["continue_final_message"] and not conversation:
         raise APIError(400, "continue_final_message needs a final message to continue.",
                        param="continue_final_message")
