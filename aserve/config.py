@@ -28,6 +28,8 @@ class ModelConfig:
     trust_remote_code: bool
     seed: int
     load_format: str = "auto"
+    # The most logprobs one request may ask for (-1 = the whole vocabulary), as vLLM.
+    max_logprobs: int = 20
 
     @property
     def vocab_size(self) -> int:
@@ -117,6 +119,8 @@ class EngineArgs:
     # Reuse the KV blocks of prompt prefixes already computed (engine/prefix_cache.py); on by
     # default, as in vLLM.
     enable_prefix_caching: bool = True
+    # Most logprobs (and prompt logprobs) a request may ask for; -1 means no bound (vLLM's).
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -125,6 +129,8 @@ class EngineArgs:
             raise ValueError(f"dtype must be one of auto, float16, bfloat16, float32, got {self.dtype!r}.")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}.")
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (no bound) or at least 0, got {self.max_logprobs}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
         if self.max_num_seqs < 1:

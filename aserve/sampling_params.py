@@ -15,8 +15,6 @@ from aserve.structured_output.params import StructuredOutputsParams
 
 # Below this temperature sampling is treated as greedy, as vLLM does, to avoid dividing by ~0.
 _GREEDY_EPS = 1e-5
-# vLLM's default max_logprobs: enough for OpenAI's API (at most 5 / 20), bounded work per row.
-MAX_LOGPROBS = 20
 # vLLM's (and OpenAI's) temperature range.
 MAX_TEMPERATURE = 2.0
 # vLLM only asks for a finite positive repetition penalty; the sampler divides and multiplies
@@ -66,8 +64,17 @@ class SamplingParams:
     # or a mapping of its fields); guided_decoding is vLLM's earlier name for the same.
     structured_outputs: Optional[Any] = None
     guided_decoding: Optional[Any] = None
+    # Only these token ids may be sampled (vLLM's allowed_token_ids).
+    allowed_token_ids: Optional[list[int]] = None
+    # Words that must never be generated: the last token of each word's spelling is banned
+    # whenever the output ends with the tokens before it (vLLM's bad_words).
+    bad_words: Optional[list[str]] = None
+    # Keep only the prompt's last k tokens (-1: as many as the context holds).
+    truncate_prompt_tokens: Optional[int] = None
     # Filled by the engine, never by users: the tokenizer's EOS ids (ignored when ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+    # Filled by the engine from bad_words: each word's token ids, as spelled alone and after a space.
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         if self.best_of is None:
@@ -107,7 +114,7 @@ class SamplingParams:
             raise ValueError(f"top_k must be -1 (disable), 0 (disable) or at least 1, got {self.top_k!r}.")
         _number_in("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
-            _int_in("seed", self.seed, *_INT64_RANGE)
+            _int_in("seed", self.seed, *_INT64_RANGE, bound_name="the signed 64-bit range")
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}.")
@@ -119,10 +126,8 @@ class SamplingParams:
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None:
-                _int_at_least(name, value, 0)
-                if value > MAX_LOGPROBS:
-                    raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}.")
+            if value is not None:  # -1: the whole vocabulary; the engine bounds it (max_logprobs)
+                _int_at_least(name, value, -1)
         if len(self.stop) > MAX_STOP_STRINGS:
             raise ValueError(f"stop must hold at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}.")
         for s in self.stop:
@@ -134,6 +139,7 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}.")
+        self._verify_vllm_extras()
         if not _is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}.")
         if self.early_stopping not in (True, False, "never"):
@@ -158,6 +164,35 @@ class SamplingParams:
             if self.is_greedy and self.best_of > 1:
                 raise ValueError(f"best_of must be 1 when using greedy sampling (temperature 0), got {self.best_of}.")
 
+    def _verify_vllm_extras(self) -> None:
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must be a non-empty list of token ids, got "
+                                 f"{self.allowed_token_ids!r}.")
+            for t in self.allowed_token_ids:
+                if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                    raise ValueError(f"allowed_token_ids must be non-negative integers, got {t!r}.")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)):
+                raise ValueError(f"bad_words must be a list of strings, got {self.bad_words!r}.")
+            if len(self.bad_words) > MAX_STOP_STRINGS:  # each is matched every step, as stops are
+                raise ValueError(f"bad_words must hold at most {MAX_STOP_STRINGS} words, got "
+                                 f"{len(self.bad_words)}.")
+            for w in self.bad_words:
+                if not isinstance(w, str) or not w.strip() or len(w) > MAX_STOP_STRING_CHARS:
+                    raise ValueError("bad_words must be non-blank strings of at most "
+                                     f"{MAX_STOP_STRING_CHARS} characters, got {w!r}.")
+            self.bad_words = list(self.bad_words)
+        if self.use_beam_search:  # beams are ranked on the raw distribution: a mask would be ignored
+            for name in ("allowed_token_ids", "bad_words"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} cannot be used with beam search.")
+        if self.truncate_prompt_tokens is not None:
+            t = self.truncate_prompt_tokens
+            if not isinstance(t, int) or isinstance(t, bool) or not (t == -1 or t >= 1):
+                raise ValueError(f"truncate_prompt_tokens must be -1 or at least 1, got {t!r}.")
+
     # ---------------------------------------------------------------- derived facts
     @property
     def is_greedy(self) -> bool:
@@ -168,6 +203,11 @@ class SamplingParams:
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
 
+    @property
+    def reads_output_history(self) -> bool:
+        """Whether sampling looks at the tokens generated so far (on the host)."""
+        return self.needs_penalties or bool(self.min_tokens) or bool(self.bad_words_token_ids)
+
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)
 
@@ -176,9 +216,10 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _int_in(name: str, value, low: int, high: int) -> None:
+def _int_in(name: str, value, low: int, high: int, bound_name: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}.")
+        named = f" ({bound_name})" if bound_name else ""
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]{named}, got {value!r}.")
 
 
 def _int_at_least(name: str, value, low: int) -> None:

@@ -9,8 +9,10 @@ from aserve import SamplingParams
 BAD_FIELDS = [
     ("n", 0), ("best_of", 0), ("temperature", -0.5), ("top_p", 0.0), ("top_p", 1.5),
     ("top_k", -2), ("min_p", 1.5), ("presence_penalty", 3.0), ("frequency_penalty", -2.5),
-    ("repetition_penalty", 0.0), ("max_tokens", 0), ("min_tokens", -1), ("logprobs", -1),
-    ("prompt_logprobs", -3), ("logprobs", 21), ("prompt_logprobs", 50), ("seed", "x"), ("stop", [""]), ("stop_token_ids", [-1]),
+    ("repetition_penalty", 0.0), ("max_tokens", 0), ("min_tokens", -1), ("logprobs", -2),
+    # (-1 is the whole vocabulary; counts above max_logprobs are the engine's to refuse, as in
+    # vLLM: tests/test_vllm_sampling_extras.py.)
+    ("prompt_logprobs", -3), ("seed", "x"), ("stop", [""]), ("stop_token_ids", [-1]),
     ("logit_bias", {"a": 1.0}), ("early_stopping", "sometimes"),
     # Bounds that keep every float in the sampler finite (vLLM's where it has them).
     ("temperature", 2.5), ("temperature", 1e308), ("repetition_penalty", 1e308),

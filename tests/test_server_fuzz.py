@@ -99,6 +99,21 @@ ROUTES = {
     "/detokenize": {"model": MODEL, "tokens": TOKEN_IDS},
 }
 
+# vLLM's extra fields (protocol_vllm.py), with the values that are refused by name among them.
+VLLM_EXTRAS = {
+    "prompt_logprobs": st.integers(-1, 3), "allowed_token_ids": st.lists(st.integers(0, 1023), max_size=4),
+    "bad_words": st.lists(st.text(max_size=8), max_size=3), "truncate_prompt_tokens": st.integers(-1, 80),
+    "return_tokens_as_token_ids": st.booleans(), "request_id": TEXT, "priority": st.integers(0, 1),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans(),
+                                                          "continuous_usage_stats": st.booleans()}),
+}
+ROUTES["/v1/completions"].update(VLLM_EXTRAS, add_special_tokens=st.booleans())
+ROUTES["/v1/chat/completions"].update(
+    VLLM_EXTRAS, echo=st.booleans(), continue_final_message=st.booleans(), add_special_tokens=st.booleans(),
+    chat_template=st.sampled_from(["{% for m in messages %}{{ m['content'] }}{% endfor %}", "{% bad"]),
+    chat_template_kwargs=st.dictionaries(st.text(max_size=6), JSON_LEAF, max_size=2),
+    documents=st.lists(st.fixed_dictionaries({"title": TEXT, "text": TEXT}), max_size=2))
+ROUTES["/tokenize"].update(continue_final_message=st.booleans(), return_token_strs=st.booleans())
 
 REQUIRED = {"/generate": ["prompt"], "/v1/completions": ["prompt"], "/v1/chat/completions": ["messages"],
             "/tokenize": [], "/detokenize": ["tokens"]}

@@ -66,7 +66,7 @@ def test_a_prompt_of_the_wrong_shape_is_a_400():
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -1.0), ("top_p", 1.5), ("n", 0), ("max_tokens", 0), ("presence_penalty", 3.0),
-    ("top_k", -5), ("min_p", 2.0), ("logprobs", 50),
+    ("top_k", -5), ("min_p", 2.0), ("logprobs", -2),
 ])
 def test_out_of_range_values_are_400s_naming_the_field(field, value):
     req = parse(CompletionRequest, {"prompt": "x", field: value})

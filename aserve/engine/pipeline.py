@@ -38,8 +38,8 @@ StepGen = Generator[Callable[[], Any], Any, list]
 def can_pipeline(request: Request) -> bool:
     """Whether the request's sampling is blind to its own history on the host."""
     p = request.params
-    return (request.beam_state is None and p.n == 1 and p.best_of == 1 and not p.needs_penalties
-            and not p.min_tokens and p.logprobs is None and p.prompt_logprobs is None
+    return (request.beam_state is None and p.n == 1 and p.best_of == 1 and not p.reads_output_history
+            and p.logprobs is None and p.prompt_logprobs is None
             and p.structured_outputs is None)
 
 

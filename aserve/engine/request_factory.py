@@ -43,8 +43,11 @@ class RequestFactory:
                params: Optional[SamplingParams], arrival_time: float) -> Request:
         params = (params or SamplingParams()).clone()
         self._check_token_ids(params)
+        self._resolve_logprobs(params)
         prompt_text, prompt_ids = self._tokenize(prompt)
+        prompt_ids = self._truncate(prompt_ids, params.truncate_prompt_tokens)
         self._check_lengths(len(prompt_ids), params)
+        params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         params.all_stop_token_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             params.all_stop_token_ids |= self.eos_token_ids
@@ -79,11 +82,26 @@ class RequestFactory:
                 eos_token_ids=eos, prompt_len=len(prompt_ids))
         return request
 
+    def _resolve_logprobs(self, params: SamplingParams) -> None:
+        """-1 asks for the whole vocabulary; any count is bounded by max_logprobs (each one
+        costs a top-k column per row and step), as vLLM bounds it."""
+        vocab, bound = self.model_config.vocab_size, self.model_config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is None:
+                continue
+            count = vocab if value == -1 else value
+            if bound != -1 and count > bound:
+                raise ValueError(f"{name} must be at most {bound} (the server's --max-logprobs), got "
+                                 f"{value}{' (the whole vocabulary)' if value == -1 else ''}.")
+            setattr(params, name, min(count, vocab))
+
     def _check_token_ids(self, params: SamplingParams) -> None:
         # Ids index the logits' columns: one past the vocabulary would be silently ignored
         # (logit_bias) or could never match (stop_token_ids), so they are refused, as in vLLM.
         vocab = self.model_config.vocab_size
-        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
             outside = [t for t in ids if t >= vocab]
             if outside:
                 raise ValueError(f"{name} holds token ids outside the vocabulary (valid ids are 0 "
@@ -92,14 +110,14 @@ class RequestFactory:
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, TokenizedPrompt):
             if not prompt.token_ids:
-                raise ValueError("prompt must not be empty.")
+                raise ValueError("prompt is empty: the decoder prompt cannot be empty.")
             return prompt.text, prompt.token_ids
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt must be a list of token ids: this engine has no tokenizer "
                                  "(skip_tokenizer_init).")
             if not prompt:
-                raise ValueError("prompt must not be empty.")
+                raise ValueError("prompt is empty: the decoder prompt cannot be empty.")
             return prompt, self.tokenizer.encode(prompt)
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError("prompt must be a non-empty string or a non-empty list of token ids.")
@@ -108,6 +126,33 @@ class RequestFactory:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {token!r}.")
         return None, list(prompt)
+
+    def _truncate(self, prompt_ids: list[int], keep: Optional[int]) -> list[int]:
+        """The prompt's last `keep` tokens (vLLM truncates on the left, keeping the recent end)."""
+        if keep is None:
+            return prompt_ids
+        max_len = self.model_config.max_model_len
+        if keep == -1:
+            keep = max_len
+        elif keep > max_len:
+            raise ValueError(f"truncate_prompt_tokens must be at most the maximum context length "
+                             f"({max_len}), got {keep}.")
+        return prompt_ids[-keep:]
+
+    def _bad_words_token_ids(self, bad_words: Optional[list[str]]) -> list[list[int]]:
+        """Each bad word as the model would spell it at the start of a text and after a space
+        (byte-level BPE and SentencePiece spell the two differently)."""
+        if not bad_words:
+            return []
+        if self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer, and this engine has none (skip_tokenizer_init).")
+        spellings: list[list[int]] = []
+        for word in bad_words:
+            for text in (word, " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in spellings:
+                    spellings.append(ids)
+        return spellings
 
     def _check_lengths(self, prompt_len: int, params: SamplingParams) -> None:
         max_len = self.model_config.max_model_len

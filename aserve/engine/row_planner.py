@@ -91,12 +91,12 @@ def plan_rows(sched: SchedulerOutput) -> PlannedRows:
             else:
                 p = request.params
                 count = p.best_of if request.needs_fork else 1
-                if count > 1 or p.needs_penalties or p.min_tokens or seq.matcher is not None:
+                if count > 1 or p.reads_output_history or seq.matcher is not None:
                     reusable = False
                 span.sample_start, span.sample_count = len(sample_idx), count
                 sample_idx.extend([last] * count)
-                # Output ids are only copied where penalties or min_tokens read them.
-                outputs = seq.output_token_ids if (p.needs_penalties or p.min_tokens) else []
+                # Output ids are only copied where penalties, min_tokens or bad_words read them.
+                outputs = seq.output_token_ids if p.reads_output_history else []
                 for _ in range(count):
                     params.append(p)
                     generators.append(request.generator)

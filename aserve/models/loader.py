@@ -114,7 +114,8 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         model=model, model_path=model_path, tokenizer_path=tokenizer_path, hf_config=hf_config,
         architecture=architecture, dtype=dtype, max_model_len=max_model_len,
         served_model_name=args.served_model_name or default_name,
-        trust_remote_code=args.trust_remote_code, seed=args.seed, load_format=args.load_format)
+        trust_remote_code=args.trust_remote_code, seed=args.seed, load_format=args.load_format,
+        max_logprobs=args.max_logprobs)
 
 
 def _weight_files(model_path: str, suffix: str, index_name: str) -> list[str]:

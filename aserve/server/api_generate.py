@@ -31,7 +31,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     params = req.to_sampling_params()
     with state.admit():
         await check_grammar(state, params, "guided_decoding" if req.guided_decoding is not None else "structured_outputs")
-        prompt = await prepare_prompt(state, req.prompt)
+        prompt = await prepare_prompt(state, req.prompt, truncate_prompt_tokens=params.truncate_prompt_tokens)
         stream = await add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
     try:
         if not req.stream:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from typing import AsyncIterator, Optional
 
 from aiohttp import web
@@ -20,7 +19,9 @@ from aiohttp import web
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.outputs import RequestOutput
 from aserve.server.app import STATE, ServerState, add_request_or_400, json_response, note_usage, read_request
-from aserve.server.openai_logprobs import add_completion_logprobs, chat_logprobs, copy_completion_logprobs
+from aserve.server.chat_reply import chat_reply, template_options
+from aserve.server.openai_logprobs import (add_completion_logprobs, chat_logprobs, copy_completion_logprobs,
+                                           prompt_logprobs_out)
 from aserve.server.prompts import chat_prompt_ids, prepare_prompt
 from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
@@ -35,11 +36,13 @@ logger = logging.getLogger("aserve.server")
 
 
 # ----------------------------------------------------------------------------- shared plumbing
-async def _add_all(state: ServerState, base_id: str, prompts: list, params_for) -> list:
+async def _add_all(state: ServerState, base_id: str, prompts: list, params_for,
+                   add_special_tokens: bool = True, truncate_prompt_tokens: Optional[int] = None) -> list:
     """Prepare (tokenize) every prompt, then queue them all at once (the engine takes them at
     one step boundary); if one is refused, abort those taken and raise its error.
     params_for(num_prompt_tokens) gives each its params. Call within state.admit()."""
-    prepared = [await prepare_prompt(state, prompt) for prompt in prompts]
+    prepared = [await prepare_prompt(state, prompt, add_special_tokens, truncate_prompt_tokens)
+                for prompt in prompts]
     added = await asyncio.gather(*(
         add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
             len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)))
@@ -134,25 +137,28 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state.check_model(req.model)
     params = req.to_sampling_params()
     prompts = req.prompts()
+    as_ids = req.tokens_as_ids(state.return_tokens_as_token_ids)
 
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    request_id = req.response_id("cmpl")
     model, created = state.served_model_name, int(time.time())
     with state.admit(len(prompts)):  # a draining or full server refuses before any compile
         await check_grammar(state, params, constraint_field(req))
         streams = await _add_all(state, request_id, prompts,
-                                 lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
+                                 lambda num_tokens: _fill_max_tokens(state, params, num_tokens),
+                                 req.add_special_tokens, req.truncate_prompt_tokens)
 
     def prompt_text(i: int, out: RequestOutput) -> str:
         if isinstance(prompts[i], str):
             return prompts[i]
-        return out.prompt if out.prompt is not None else state.decode(prompts[i])
+        return out.prompt if out.prompt is not None else state.decode(out.prompt_token_ids)
 
     async def echoed_logprobs(out: RequestOutput) -> tuple[CompletionLogProbs, int]:
         """The logprobs every choice of an echoing request starts with (built once for its n)."""
         lps = CompletionLogProbs()
         if not req.echo:
             return lps, 0
-        return lps, await add_completion_logprobs(state, lps, out.prompt_token_ids, out.prompt_logprobs, 0)
+        return lps, await add_completion_logprobs(state, lps, out.prompt_token_ids, out.prompt_logprobs, 0,
+                                                  as_ids)
 
     try:
         if not req.stream:
@@ -161,31 +167,44 @@ async def completions(request: web.Request) -> web.StreamResponse:
             for i, out in enumerate(finals):
                 prompt_lps, prompt_end = (await echoed_logprobs(out) if req.logprobs is not None
                                           else (None, 0))
+                prompt_logprobs = (await prompt_logprobs_out(out.prompt_logprobs)
+                                   if out.prompt_logprobs is not None else None)
                 for j, o in enumerate(out.outputs):
-                    text, lps = o.text, None
+                    text, lps = ("" if req.echo_only else o.text), None
                     if req.echo:
                         text = prompt_text(i, out) + text
                     if prompt_lps is not None:
                         lps = copy_completion_logprobs(prompt_lps)
-                        await add_completion_logprobs(state, lps, o.token_ids, o.logprobs, prompt_end)
+                        if not req.echo_only:
+                            await add_completion_logprobs(state, lps, o.token_ids, o.logprobs, prompt_end, as_ids)
                     choices.append(CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
-                                                    finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                                                    finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                                                    prompt_logprobs=prompt_logprobs))
             return json_response(CompletionResponse(id=request_id, created=created, model=model,
                                                     choices=choices, usage=_usage(request, finals)))
 
         response = await open_stream(request, "text/event-stream")
         await stream_or_report(request, response, _stream_completions(
             request, state, req, params, request_id, created, streams, prompt_text, echoed_logprobs,
-            response), send_sse_error_and_done)
+            response, as_ids), send_sse_error_and_done)
         return response
     finally:
         for s in streams:
             s.close()  # aborts whatever has not finished: the client left, or something failed
 
 
+def _choice_usage(out: RequestOutput, completion_tokens: int) -> UsageInfo:
+    """vLLM's continuous usage: this prompt's tokens and this choice's tokens so far."""
+    prompt = len(out.prompt_token_ids)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion_tokens,
+                     total_tokens=prompt + completion_tokens)
+
+
 async def _stream_completions(request, state, req, params, request_id, created, streams, prompt_text,
-                              echoed_logprobs, response) -> None:
+                              echoed_logprobs, response, as_ids) -> None:
     model = state.served_model_name
+    options = req.stream_options
+    continuous = options is not None and options.continuous_usage
     sent: dict[tuple[int, int], _Sent] = {}
     echoed: dict[int, tuple[CompletionLogProbs, int]] = {}  # by prompt: built once for its n
     finals: list[Optional[RequestOutput]] = [None] * len(streams)
@@ -199,8 +218,8 @@ async def _stream_completions(request, state, req, params, request_id, created, 
             st = sent.setdefault((i, j), _Sent())
             if st.done:
                 continue
-            text = o.text[st.text_len:]
-            new_ids = o.token_ids[st.num_tokens:]
+            text = "" if req.echo_only else o.text[st.text_len:]
+            new_ids = [] if req.echo_only else o.token_ids[st.num_tokens:]
             lps = CompletionLogProbs() if req.logprobs is not None else None
             if not st.started and req.echo:
                 text = prompt_text(i, out) + text
@@ -212,26 +231,36 @@ async def _stream_completions(request, state, req, params, request_id, created, 
             if lps is not None:
                 st.offset = await add_completion_logprobs(state, lps, new_ids,
                                                           (o.logprobs or [])[st.num_tokens:] or None,
-                                                          st.offset)
+                                                          st.offset, as_ids)
             st.started = True
             st.text_len, st.num_tokens = len(o.text), len(o.token_ids)
             st.done = o.finish_reason is not None
             if text or st.done or (lps is not None and lps.tokens):
                 choice = CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                           finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                await send_sse(response, CompletionResponse(id=request_id, created=created, model=model,
-                                                            choices=[choice]).model_dump())
+                chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
+                                           usage=_choice_usage(out, len(o.token_ids)) if continuous else None)
+                await send_sse(response, _without_prompt_logprobs(chunk.model_dump()))
     usage = _usage(request, finals)
-    if req.stream_options and req.stream_options.include_usage:
+    if options is not None and options.final_usage:
         await send_sse(response, CompletionResponse(id=request_id, created=created, model=model,
                                                     choices=[], usage=usage).model_dump())
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
 
 
+def _without_prompt_logprobs(body: dict) -> dict:
+    # vLLM's stream choices have no prompt_logprobs field (streams never carry them).
+    for choice in body["choices"]:
+        choice.pop("prompt_logprobs", None)
+    return body
+
+
 # ----------------------------------------------------------------------------- /v1/chat/completions
-def _chunk(request_id: str, created: int, model: str, choice: ChatStreamChoice) -> dict:
-    body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]).model_dump()
+def _chunk(request_id: str, created: int, model: str, choice: ChatStreamChoice,
+           usage: Optional[UsageInfo] = None) -> dict:
+    body = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice],
+                               usage=usage).model_dump()
     delta = body["choices"][0]["delta"]
     body["choices"][0]["delta"] = {k: v for k, v in delta.items() if v is not None}
     return body
@@ -243,13 +272,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.check_model(req.model)
     tool_plan = plan_tools(req.tools, req.tool_choice, state.tool_call_parser)
     params = req.to_sampling_params(tool_plan.constraint)
-    top_n = req.top_logprobs or 0
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    reply = chat_reply(req, state.return_tokens_as_token_ids)
+    request_id = req.response_id("chatcmpl")
     model, created = state.served_model_name, int(time.time())
     with state.admit():
         await check_grammar(state, params, constraint_field(req))
         prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt,
-                                           tools=tool_plan.template_tools())
+                                           template_options(req), tools=tool_plan.template_tools())
         (stream,) = await _add_all(state, request_id, [prompt_ids],
                                    lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
     try:
@@ -258,29 +287,49 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             choices = []
             for j, o in enumerate(final.outputs):
                 content, tool_calls, finish = response_message(tool_plan, o.text, o.finish_reason)
+                if reply.echoed and content is not None:
+                    content = reply.echoed + content
                 choices.append(ChatChoice(
-                    index=j, message=ChatResponseMessage(content=content, tool_calls=tool_calls),
+                    index=j, message=ChatResponseMessage(role=reply.role, content=content, tool_calls=tool_calls),
                     logprobs=ChatChoiceLogprobs(content=await chat_logprobs(
-                        state, o.token_ids, o.logprobs, top_n)) if req.logprobs else None,
+                        state, o.token_ids, o.logprobs, reply.top_n, reply.as_ids)) if req.logprobs else None,
                     finish_reason=finish, stop_reason=o.stop_reason))
+            prompt_logprobs = (await prompt_logprobs_out(final.prompt_logprobs)
+                               if final.prompt_logprobs is not None else None)
             return json_response(ChatCompletionResponse(id=request_id, created=created, model=model,
-                                                        choices=choices, usage=_usage(request, [final])))
+                                                        choices=choices, usage=_usage(request, [final]),
+                                                        prompt_logprobs=prompt_logprobs))
 
         response = await open_stream(request, "text/event-stream")
         await stream_or_report(request, response, _stream_chat(
-            request, state, req, params, request_id, created, stream, response, tool_plan),
+            request, state, req, params, reply, request_id, created, stream, response, len(prompt_ids),
+            tool_plan),
             send_sse_error_and_done)
         return response
     finally:
         stream.close()
 
 
-async def _stream_chat(request, state, req, params, request_id, created, stream, response, tool_plan) -> None:
-    model, top_n = state.served_model_name, req.top_logprobs or 0
+async def _stream_chat(request, state, req, params, reply, request_id, created, stream, response,
+                       num_prompt_tokens: int, tool_plan) -> None:
+    model = state.served_model_name
+    options = req.stream_options
+    continuous = options is not None and options.continuous_usage
     tool_streams = [choice_stream(tool_plan) for _ in range(params.n)]  # None: plain content
+
+    def usage_so_far(completion_tokens: int) -> Optional[UsageInfo]:
+        if not continuous:
+            return None
+        return UsageInfo(prompt_tokens=num_prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=num_prompt_tokens + completion_tokens)
+
     for j in range(params.n):  # the role comes first, before any content, as OpenAI does
         await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
-            index=j, delta=DeltaMessage(role="assistant", content=""))))
+            index=j, delta=DeltaMessage(role=reply.role, content="")), usage_so_far(0)))
+    if reply.echoed:  # then the echoed message, as vLLM streams it
+        for j in range(params.n):
+            await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
+                index=j, delta=DeltaMessage(content=reply.echoed)), usage_so_far(0)))
     sent = [_Sent() for _ in range(params.n)]
     final = None
     async for final in stream:
@@ -297,7 +346,7 @@ async def _stream_chat(request, state, req, params, request_id, created, stream,
             lps = None
             if req.logprobs and new_ids:
                 lps = ChatChoiceLogprobs(content=await chat_logprobs(
-                    state, new_ids, (o.logprobs or [])[st.num_tokens:], top_n))
+                    state, new_ids, (o.logprobs or [])[st.num_tokens:], reply.top_n, reply.as_ids))
             st.text_len, st.num_tokens = len(o.text), len(o.token_ids)
             st.done = o.finish_reason is not None
             tool_deltas, finish = None, o.finish_reason
@@ -312,9 +361,9 @@ async def _stream_chat(request, state, req, params, request_id, created, stream,
             if text or tool_deltas or st.done or lps is not None:
                 await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
                     index=j, delta=DeltaMessage(content=text or None, tool_calls=tool_deltas), logprobs=lps,
-                    finish_reason=finish, stop_reason=o.stop_reason)))
+                    finish_reason=finish, stop_reason=o.stop_reason), usage_so_far(len(o.token_ids))))
     usage = _usage(request, [final])
-    if req.stream_options and req.stream_options.include_usage:
+    if options is not None and options.final_usage:
         await send_sse(response, ChatCompletionChunk(id=request_id, created=created, model=model,
                                                      choices=[], usage=usage).model_dump())
     await response.write(b"data: [DONE]\n\n")

@@ -24,11 +24,13 @@ from pydantic import BaseModel
 from aserve.engine.async_engine import AsyncEngine
 from aserve.server.access_log import USAGE, access_log_middleware
 from aserve.server.admission import Admission
-from aserve.server.errors import APIError, api_error_from, bad_request_from_value_error, parse_request
+from aserve.server.errors import (APIError, api_error_from, bad_request_from_value_error,
+                                  check_json_content_type, parse_request)
 from aserve.server.http_server import HttpLimits, error_response, read_body
 from aserve.server.metrics import ServerMetrics, log_status_periodically
 from aserve.server.open_files import watch_open_files
-from aserve.server.prompts import chat_prompt_ids, max_prompt_chars, refuse_giant_prompts, tokenize_text
+from aserve.server.prompts import (ChatTemplateOptions, chat_prompt_ids, max_prompt_chars, refuse_giant_prompts,
+                                   tokenize_text)
 from aserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                     TokenizeRequest, TokenizeResponse)
 
@@ -44,6 +46,8 @@ class ServerState:
     # tool_choice "auto": the --tool-call-parser, set only with --enable-auto-tool-choice (as vLLM).
     tool_call_parser: Optional[str] = None
     log_requests: bool = True   # the per-request access log line (--disable-log-requests)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens 'token_id:N' (a request may override)
+    trust_request_chat_template: bool = False  # a request's own chat_template is rendered
     status_interval_s: float = 5.0
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)
@@ -82,7 +86,8 @@ class ServerState:
         return self.admission.admit(self.async_engine, count)
 
     def check_model(self, name: Optional[str]) -> None:
-        if name is not None and name != self.served_model_name:
+        # vLLM serves its base model for a missing or empty name ("" as some clients send).
+        if name and name != self.served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", param="model",
                            code="model_not_found")
 
@@ -119,6 +124,7 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 async def read_request(request: web.Request, model_cls: type[BaseModel]) -> Any:
     """Read and validate a JSON body (within the server's size and time limits)."""
     state = request.app[STATE]
+    check_json_content_type(request.headers.get("Content-Type"))
     raw = await read_body(request, state.limits)
     return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body))
 
@@ -225,12 +231,19 @@ async def tokenize(request: web.Request) -> web.Response:
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "Give exactly one of prompt or messages.", param="prompt")
     if req.messages is not None:
+        if req.continue_final_message and req.add_generation_prompt:
+            raise APIError(400, "Cannot set both continue_final_message and add_generation_prompt "
+                                "to true.", param="continue_final_message")
         conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
-        tokens = await chat_prompt_ids(state, conversation, req.add_generation_prompt)
+        tokens = await chat_prompt_ids(state, conversation, req.add_generation_prompt, ChatTemplateOptions(
+            continue_final_message=req.continue_final_message, add_special_tokens=bool(req.add_special_tokens),
+            chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs))
     else:
-        tokens = await tokenize_text(state, req.prompt, req.add_special_tokens)
+        add_special_tokens = True if req.add_special_tokens is None else req.add_special_tokens
+        tokens = await tokenize_text(state, req.prompt, add_special_tokens)
+    token_strs = state.tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None
     return json_response(TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len,
-                                          tokens=tokens))
+                                          tokens=tokens, token_strs=token_strs))
 
 
 async def detokenize(request: web.Request) -> web.Response:

@@ -59,6 +59,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Weights to read: auto (safetensors, else pytorch_model*.bin), safetensors, "
                         "pt, or dummy (random weights, no weight files needed; for benchmarks). "
                         "(default: %(default)s)")
+    m.add_argument("--max-logprobs", type=int, default=20,
+                   help="Most logprobs or prompt logprobs one request may ask for; -1: no bound, so "
+                        "logprobs -1 (the whole vocabulary) is served. (default: %(default)s)")
     m.add_argument("--skip-tokenizer-init", action="store_true",
                    help="Load no tokenizer: prompts must be token ids and outputs carry no text.")
 
@@ -117,6 +120,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="On SIGTERM or SIGINT, seconds the requests in flight may take to finish "
                         "before they are aborted; a second signal exits at once (vLLM's flag, "
                         "whose default is 0). (default: %(default)s)")
+    s.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="Logprobs name each token as 'token_id:N' (a request's "
+                        "return_tokens_as_token_ids overrides this).")
+    s.add_argument("--trust-request-chat-template", action="store_true",
+                   help="Render a request's own chat_template (refused by default, as vLLM: a "
+                        "template is code the server runs).")
     s.add_argument("--disable-log-requests", action="store_true",
                    help="No access log line per request (method, path, status, latency, tokens).")
     s.add_argument("--debug", action="store_true",
@@ -144,7 +153,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         nnodes=ns.nnodes, node_rank=ns.node_rank, master_addr=ns.master_addr,
         master_port=ns.master_port, enforce_eager=ns.enforce_eager, load_format=ns.load_format,
         enable_prefix_caching=ns.enable_prefix_caching,
-        skip_tokenizer_init=ns.skip_tokenizer_init)
+        skip_tokenizer_init=ns.skip_tokenizer_init, max_logprobs=ns.max_logprobs)
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -211,7 +220,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     state = ServerState(
         api_key=resolve_api_key(ns), chat_template=chat_template,
         tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
-        log_requests=not ns.disable_log_requests, admission=Admission(ns.max_waiting_queue_length),
+        log_requests=not ns.disable_log_requests, return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
+        trust_request_chat_template=ns.trust_request_chat_template,
+        admission=Admission(ns.max_waiting_queue_length),
         limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
     try:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from aserve.engine.async_engine import EngineDeadError, RequestAbortedError
 from aserve.sampling_params import SamplingParams
+from aserve.server.json_body import loads_exact
 
 
 class APIError(Exception):
@@ -53,7 +54,7 @@ def api_error_from(exc: BaseException) -> Optional[APIError]:
     return None
 
 
-SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids"}
+SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids", "bad_words_token_ids"}
 
 
 def bad_request_from_value_error(exc: ValueError) -> APIError:
@@ -66,13 +67,27 @@ def bad_request_from_value_error(exc: ValueError) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
+def check_json_content_type(content_type: Optional[str]) -> None:
+    """A body sent with a content type other than JSON is a 400, as vLLM answers (a form post
+    of a JSON text is a client's mistake). No content type at all is accepted: scripts that
+    send none exist, and the body must still be JSON."""
+    if not content_type:
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type and media_type != "application/json":
+        raise APIError(400, f"Unsupported Media Type: {media_type!r}. Only 'application/json' is "
+                            "allowed: send the body as JSON with Content-Type: application/json.",
+                       code="unsupported_media_type")
+
+
 def parse_request(raw: bytes, model_cls: type[BaseModel],
                   precheck: Optional[Callable[[dict], None]] = None) -> Any:
     """Parse a JSON body into model_cls, turning every failure into a 400 with OpenAI's shape.
-    precheck(body) sees the parsed JSON object before validation (cheap early refusals)."""
+    precheck(body) sees the parsed JSON object before validation (cheap early refusals).
+    Integers stay exact however large (json_body.loads_exact), so range checks see them."""
     try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        data = loads_exact(raw)
+    except ValueError as exc:  # orjson.JSONDecodeError is one; so is a too-long integer
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")

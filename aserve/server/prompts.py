@@ -12,6 +12,7 @@ client for 30-48 s before its 400.)
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from aserve.engine.request_factory import TokenizedPrompt
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 # <0xNN> one byte as six); normalizers may still merge characters (NFKC composes accents),
 # hence the slack, and a floor for tokenizers whose vocabulary says little.
 _CHARS_PER_TOKEN_SLACK = 2
+# vLLM's words: clients match on them.
+EMPTY_PROMPT = "The decoder prompt cannot be empty."
 _MIN_CHARS_PER_TOKEN = 16
 
 
@@ -36,7 +39,10 @@ def max_prompt_chars(tokenizer, max_model_len: int) -> int:
 
 def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
     """On a parsed JSON body, before validation (which costs ~1 s per million ids): a 400 for
-    any prompt that cannot fit. Shapes that validation will refuse anyway are left to it."""
+    any prompt that cannot fit. Shapes that validation will refuse anyway are left to it.
+    With truncate_prompt_tokens, token-id lists are cut here, before validation, so a long one
+    costs no more to validate than one that fits."""
+    _truncate_id_lists_early(state, body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         _check_text(state, prompt, "prompt")
@@ -56,27 +62,93 @@ def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
             raise _too_long(state, chars, "messages")
 
 
-async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]]):
-    """A text prompt tokenized off the loop (TokenizedPrompt), or a token-id prompt checked."""
+def _truncate_id_lists_early(state: "ServerState", body: dict[str, Any]) -> None:
+    keep = body.get("truncate_prompt_tokens")
+    if not isinstance(keep, int) or isinstance(keep, bool) or not (keep == -1 or keep >= 1):
+        return  # absent, or a bad value that validation refuses by name
+    if keep > state.max_model_len:
+        raise APIError(400, f"truncate_prompt_tokens must be at most the maximum context length "
+                            f"({state.max_model_len}), got {keep}.", param="truncate_prompt_tokens")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
+        if isinstance(prompt[0], list):
+            body["prompt"] = [_truncate(state, one, keep) if isinstance(one, list) else one for one in prompt]
+        else:
+            body["prompt"] = _truncate(state, prompt, keep)
+
+
+async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]], add_special_tokens: bool = True,
+                         truncate_prompt_tokens: Optional[int] = None):
+    """A text prompt tokenized off the loop (TokenizedPrompt), or a token-id prompt checked;
+    either cut to its last truncate_prompt_tokens tokens (-1: the context length) first."""
     if isinstance(prompt, str):
         _check_text(state, prompt, "prompt")
         tokenizer = state.require_tokenizer("prompt")
-        if not prompt:  # the engine's own words for it
-            raise APIError(400, "prompt must not be empty.", param="prompt")
-        return TokenizedPrompt(prompt, await run_off_loop(state, tokenizer.encode, prompt))
+        if not prompt:
+            raise APIError(400, EMPTY_PROMPT, param="prompt")
+        ids = await run_off_loop(state, lambda: tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        return TokenizedPrompt(prompt, _truncate(state, ids, truncate_prompt_tokens))
     if not prompt:
-        raise APIError(400, "prompt must not be empty.", param="prompt")
+        raise APIError(400, EMPTY_PROMPT, param="prompt")
+    prompt = _truncate(state, prompt, truncate_prompt_tokens)
     _check_length(state, prompt)
     state.check_token_ids(prompt)
     return prompt
 
 
-async def chat_prompt_ids(state: "ServerState", conversation: list[dict],
-                          add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> list[int]:
-    """Messages rendered with the chat template and tokenized (no extra BOS, as vLLM), off the
-    loop; tools (OpenAI's request shape) reach the template as its `tools` variable."""
+def _truncate(state: "ServerState", token_ids: list[int], keep: Optional[int]) -> list[int]:
+    # A keep above the context length is left for the engine to refuse, with its message.
+    if keep is None or (keep != -1 and keep > state.max_model_len):
+        return token_ids
+    return token_ids[-(state.max_model_len if keep == -1 else keep):]
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How messages become a prompt beyond the messages themselves (vLLM's chat extras)."""
+
+    continue_final_message: bool = False  # the last message stays open for the model to continue
+    add_special_tokens: bool = False      # BOS on top of what the template writes
+    chat_template: Optional[str] = None   # this request's template, in place of the server's
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # more variables for the template
+    documents: Optional[list[dict[str, str]]] = None       # for templates that do RAG
+    truncate_prompt_tokens: Optional[int] = None
+
+
+# apply_chat_template arguments that would change what it returns (token ids, a dict) or
+# replace the conversation: never taken from chat_template_kwargs.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "tokenize", "return_dict", "return_tensors",
+                                       "return_assistant_tokens_mask", "tokenizer_kwargs", "padding",
+                                       "truncation", "max_length"})
+
+
+async def chat_prompt_ids(state: "ServerState", conversation: list[dict], add_generation_prompt: bool,
+                          options: Optional[ChatTemplateOptions] = None,
+                          tools: Optional[list[dict]] = None) -> list[int]:
+    """Messages rendered with the chat template and tokenized (no extra BOS unless asked, as
+    vLLM), off the loop; tools (OpenAI's request shape) reach the template as its `tools`
+    variable."""
+    options = options or ChatTemplateOptions()
     tokenizer = state.require_tokenizer("messages")
-    template = state.chat_template or getattr(tokenizer, "chat_template", None)
+    kwargs = dict(options.chat_template_kwargs or {})
+    request_template = options.chat_template or kwargs.pop("chat_template", None)
+    if request_template is not None and not state.trust_request_chat_template:
+        # A template is code the server runs: a client's only with the operator's consent, as vLLM.
+        raise APIError(400, "Request chat templates require --trust-request-chat-template.",
+                       param="chat_template")
+    template = request_template or state.chat_template or getattr(tokenizer, "chat_template", None)
+    template_kwargs = dict(add_generation_prompt=add_generation_prompt,
+                           continue_final_message=options.continue_final_message)
+    if options.documents is not None:
+        template_kwargs["documents"] = options.documents
+    reserved = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(sorted(reserved))}.",
+                       param="chat_template_kwargs")
+    template_kwargs.update(kwargs)  # as vLLM: they may override the above
+    if template_kwargs["continue_final_message"] and not conversation:
+        raise APIError(400, "continue_final_message needs a final message to continue.",
+                       param="continue_final_message")
     if not template:
         raise APIError(400, "This model has no chat template, so /v1/chat/completions cannot "
                             "render messages. Start the server with --chat-template "
@@ -84,13 +156,13 @@ async def chat_prompt_ids(state: "ServerState", conversation: list[dict],
 
     def render() -> list[int]:
         try:
-            text = tokenizer.apply_chat_template(
-                conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
-                tools=tools, tokenize=False)
-        except Exception as exc:  # template errors are about the messages the user sent
+            text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                                 tools=tools, **template_kwargs)
+        except Exception as exc:  # template errors are about the messages (or template) the user sent
             raise APIError(400, f"The chat template could not render these messages: {exc}",
                            param="messages") from None
-        return tokenizer(text, add_special_tokens=False).input_ids
+        ids = tokenizer(text, add_special_tokens=options.add_special_tokens).input_ids
+        return _truncate(state, ids, options.truncate_prompt_tokens)
 
     return await run_off_loop(state, render)
 

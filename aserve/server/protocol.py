@@ -16,6 +16,7 @@ from aserve.sampling_params import SamplingParams
 from aserve.server.errors import SAMPLING_FIELDS, APIError, bad_request_from_value_error
 from aserve.server.structured_request import request_constraint
 from aserve.server.tool_calls import template_messages
+from aserve.server.protocol_vllm import VllmChatFields, VllmCompletionFields, VllmSamplingFields
 
 
 
@@ -26,10 +27,21 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = False
+    include_usage: Optional[bool] = None
+    # vLLM's: usage on every chunk. vLLM's include_usage defaults to true, so asking for it
+    # implies the final usage chunk too, unless include_usage is false (then neither).
+    continuous_usage_stats: bool = False
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.continuous_usage_stats and self.include_usage is not False
+
+    @property
+    def final_usage(self) -> bool:
+        return bool(self.include_usage) or self.continuous_usage
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(_Strict, VllmSamplingFields):
     """The sampling fields shared by /v1/completions and /v1/chat/completions (vLLM's extras too)."""
 
     model: Optional[str] = None
@@ -75,6 +87,7 @@ class _SamplingRequest(_Strict):
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
                          prompt_logprobs: Optional[int], tool_constraint=None) -> SamplingParams:
+        self.check_vllm_fields(self.stream)
         # Beam search is deterministic: its natural temperature is 0, so that is the default.
         default_temperature = 0.0 if self.use_beam_search else 1.0
         try:
@@ -91,7 +104,8 @@ class _SamplingRequest(_Strict):
                 max_tokens=max_tokens, min_tokens=self.min_tokens, logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
-                logit_bias=self.logit_bias, structured_outputs=request_constraint(self, tool_constraint))
+                logit_bias=self.logit_bias, structured_outputs=request_constraint(self, tool_constraint),
+                **self.vllm_sampling_kwargs())
         except ValueError as exc:
             raise bad_request_from_value_error(exc) from None
 
@@ -100,7 +114,7 @@ class _SamplingRequest(_Strict):
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(_SamplingRequest, VllmCompletionFields):
     prompt: PromptInput
     suffix: Optional[str] = None
     max_tokens: Optional[int] = 16
@@ -113,7 +127,7 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(p, str):
             return [p]
         if not p:
-            raise APIError(400, "prompt must not be empty.", param="prompt")
+            raise APIError(400, "The decoder prompt cannot be empty.", param="prompt")
         if isinstance(p[0], int):
             return [p]
         return list(p)
@@ -124,8 +138,17 @@ class CompletionRequest(_SamplingRequest):
                            param="suffix")
         self.check_stream_options()
         # echo with logprobs returns the prompt's logprobs too, as OpenAI's API does.
-        prompt_logprobs = self.logprobs if (self.echo and self.logprobs is not None) else None
-        return self._sampling_params(self.max_tokens, self.logprobs, prompt_logprobs)
+        prompt_logprobs = self.requested_prompt_logprobs()
+        if prompt_logprobs is None and self.echo and self.logprobs is not None:
+            prompt_logprobs = self.logprobs
+        # echo with max_tokens 0 (vLLM's): the prompt alone comes back, to score it; the engine
+        # still takes one step (it generates at least one token), which usage counts, as vLLM.
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+
+    @property
+    def echo_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
 
 
 class CompletionLogProbs(BaseModel):
@@ -135,12 +158,24 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one prompt logprob entry (its Logprob)."""
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+# vLLM's prompt_logprobs: per prompt position, None for the first, else token id -> entry.
+PromptLogprobsOut = list[Optional[dict[str, PromptLogprob]]]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token
+    prompt_logprobs: Optional[PromptLogprobsOut] = None  # vLLM's extra, on the choice
 
 
 class PromptTokensDetails(BaseModel):
@@ -186,7 +221,7 @@ class ChatMessage(_Strict):
         return "".join(part.text or "" for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
@@ -207,10 +242,14 @@ class ChatCompletionRequest(_SamplingRequest):
             raise APIError(400, "functions are not supported by this server; use tools.", param="functions")
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true.", param="top_logprobs")
+        if self.top_logprobs is not None and self.top_logprobs < -1:
+            raise APIError(400, f"top_logprobs must be -1 (the whole vocabulary) or at least 0, got "
+                                f"{self.top_logprobs}.", param="top_logprobs")
         self.check_stream_options()
+        self.check_chat_fields(self.add_generation_prompt)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, None, tool_constraint)
+        return self._sampling_params(max_tokens, logprobs, self.requested_prompt_logprobs(), tool_constraint)
 
     def conversation(self) -> list[dict[str, Any]]:
         out = []
@@ -257,6 +296,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Optional[UsageInfo] = None
+    prompt_logprobs: Optional[PromptLogprobsOut] = None  # vLLM's extra, on the response
 
 
 class DeltaMessage(BaseModel):
@@ -299,17 +339,24 @@ class ModelList(BaseModel):
 
 
 class TokenizeRequest(_Strict):
+    """vLLM's two tokenize requests in one: a prompt, or messages rendered as chat does."""
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
-    add_special_tokens: bool = True
+    # None: vLLM's default, true for a prompt, false for messages (their template writes BOS).
+    add_special_tokens: Optional[bool] = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    return_token_strs: bool = False
 
 
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: Optional[list[str]] = None
 
 
 class DetokenizeRequest(_Strict):
@@ -356,6 +403,9 @@ class GenerateRequest(_Strict):
     logit_bias: Optional[dict[str, float]] = None
     structured_outputs: Optional[Any] = None   # StructuredOutputsParams' fields, as a JSON object
     guided_decoding: Optional[Any] = None      # its older name
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
+    truncate_prompt_tokens: Optional[int] = None
 
     def to_sampling_params(self) -> SamplingParams:
         unknown = sorted(self.model_extra or {})

@@ -1,4 +1,5 @@
-"""Batched logits processing for the sampler: bias, min_tokens, penalties, top-k/top-p/min-p.
+"""Batched logits processing for the sampler: allowed tokens, bias, min_tokens, bad words,
+penalties, top-k/top-p/min-p.
 
 Every function works on the logits' own device with whole-batch tensor ops; the only Python
 loops build index lists from the per-request token lists, which live in Python on the engine side.
@@ -19,20 +20,26 @@ _NEG_INF = float("-inf")
 
 
 def apply_logits_processors(logits: torch.Tensor, metadata: "SamplingMetadata") -> torch.Tensor:
-    """logit_bias, then min_tokens, then repetition/frequency/presence penalties (vLLM's order).
+    """allowed_token_ids, logit_bias, min_tokens, bad_words, then repetition/frequency/presence
+    penalties (vLLM's order).
 
     Returns a new tensor when anything applies, else `logits` itself: the caller's tensor is never
     modified (the engine may reuse it for prompt logprobs or beams), so callers must not modify
     the result in place without knowing which case they got.
     """
-    if not (metadata.any_logit_bias or metadata.any_min_tokens or metadata.any_penalties):
+    if not (metadata.any_logit_bias or metadata.any_min_tokens or metadata.any_penalties
+            or metadata.any_allowed_token_ids or metadata.any_bad_words):
         return logits
     logits = logits.clone()
+    if metadata.any_allowed_token_ids:
+        apply_allowed_token_ids(logits, [p.allowed_token_ids for p in metadata.params])
     if metadata.any_logit_bias:
         apply_logit_bias(logits, [p.logit_bias for p in metadata.params])
     if metadata.any_min_tokens:
         apply_min_tokens(logits, [p.min_tokens for p in metadata.params],
                          [p.all_stop_token_ids for p in metadata.params], metadata.output_token_ids)
+    if metadata.any_bad_words:
+        apply_bad_words(logits, [p.bad_words_token_ids for p in metadata.params], metadata.output_token_ids)
     if metadata.any_penalties:
         params = metadata.params
         rows = [i for i, p in enumerate(params) if p.needs_penalties]
@@ -63,6 +70,43 @@ def apply_logit_bias(logits: torch.Tensor, logit_biases: Sequence[Optional[dict[
         device = logits.device
         logits.index_put_((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
                           torch.tensor(values, dtype=logits.dtype, device=device), accumulate=True)
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, allowed: Sequence[Optional[Sequence[int]]]) -> None:
+    """In place: rows with an allowed list keep those logits and get -inf everywhere else.
+    Only index lists cross to the device (no [rows, V] mask is built on the host)."""
+    vocab_size, device = logits.shape[1], logits.device
+    rows = [i for i, ids in enumerate(allowed) if ids is not None]
+    keep_rows, keep_cols = [], []
+    for i in rows:
+        for token_id in allowed[i]:
+            if 0 <= token_id < vocab_size:
+                keep_rows.append(i)
+                keep_cols.append(token_id)
+    keep = (torch.tensor(keep_rows, dtype=torch.long, device=device),
+            torch.tensor(keep_cols, dtype=torch.long, device=device))
+    kept = logits[keep]
+    logits[torch.tensor(rows, device=device)] = _NEG_INF
+    logits[keep] = kept
+
+
+def apply_bad_words(logits: torch.Tensor, bad_words_token_ids: Sequence[Sequence[Sequence[int]]],
+                    output_token_ids: Sequence[Sequence[int]]) -> None:
+    """In place: a word's last token gets -inf whenever the row's output ends with the word's
+    other tokens (a one-token word is banned outright), so no bad word is ever completed."""
+    vocab_size = logits.shape[1]
+    rows, cols = [], []
+    for i, (words, output) in enumerate(zip(bad_words_token_ids, output_token_ids)):
+        for word in words:
+            prefix = len(word) - 1
+            if prefix > len(output) or (prefix and list(output[-prefix:]) != list(word[:-1])):
+                continue
+            if 0 <= word[-1] < vocab_size:
+                rows.append(i)
+                cols.append(word[-1])
+    if rows:
+        device = logits.device
+        logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = _NEG_INF
 
 
 def apply_min_tokens(logits: torch.Tensor, min_tokens: Sequence[int], stop_token_ids: Sequence[set[int]],

@@ -1,6 +1,6 @@
 """The sampler: one batched step from logits [N, V] to one token id (and logprobs) per row.
 
-Order (vLLM's): logit_bias, min_tokens, penalties -> greedy rows take the argmax; random rows
+Order (vLLM's): allowed_token_ids, logit_bias, min_tokens, bad_words, penalties -> greedy rows take the argmax; random rows
 divide by temperature, apply top-k, top-p, min-p and sample by an exponential race, drawing each
 row's noise only from that row's generator so seeded requests reproduce in any batch.
 Returned logprobs describe the raw model distribution (log_softmax before any processing).
@@ -37,6 +37,8 @@ class SamplingMetadata:
     any_penalties: bool = field(init=False)
     any_logit_bias: bool = field(init=False)
     any_min_tokens: bool = field(init=False)
+    any_allowed_token_ids: bool = field(init=False)
+    any_bad_words: bool = field(init=False)
     # The next three only look at random rows: greedy rows never use them.
     any_top_k: bool = field(init=False)
     any_top_p: bool = field(init=False)
@@ -56,6 +58,8 @@ class SamplingMetadata:
             any_logit_bias=any(p.logit_bias for p in params),
             any_min_tokens=any(p.all_stop_token_ids and len(out) < p.min_tokens
                                for p, out in zip(params, self.output_token_ids)),
+            any_allowed_token_ids=any(p.allowed_token_ids is not None for p in params),
+            any_bad_words=any(p.bad_words_token_ids for p in params),
             any_top_k=any(p.top_k > 0 for p in random),
             any_top_p=any(p.top_p < 1.0 for p in random),
             any_min_p=any(p.min_p > 0.0 for p in random),

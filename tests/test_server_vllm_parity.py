@@ -1,0 +1,144 @@
+"""vLLM's API at the door, on a real server: exact integers, content types, the empty prompt,
+the model name, as vLLM answers them (issue 14)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+
+import openai
+import pytest
+
+from server_fixtures import ServerThread
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0, timeout=60)
+
+
+def post_raw(server, path: str, data: bytes, content_type=None) -> tuple[int, dict]:
+    """POST with exactly this Content-Type header, or none at all (http.client adds none;
+    urllib would add a form type of its own)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        conn.request("POST", path, body=data, headers={"Content-Type": content_type} if content_type else {})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def post(server, path: str, body_text: str) -> tuple[int, dict]:
+    return post_raw(server, path, body_text.encode(), "application/json")
+
+
+# ----------------------------------------------------------------------------- seed and integers
+@pytest.mark.parametrize("seed", [INT64_MIN, INT64_MAX])
+def test_seed_accepts_the_whole_signed_64_bit_range(client, server, seed):
+    resp = client.completions.create(model=server.model_name, prompt="Hi", max_tokens=2, seed=seed)
+    assert resp.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("seed", [INT64_MIN - 1, INT64_MAX + 1, 10 ** 30])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_seed_outside_int64_is_a_400_naming_the_bound_and_the_exact_value(server, seed, route):
+    # Written by hand: the integer must reach the server as the literal digits.
+    prompt = '"prompt": "Hi"' if route == "/v1/completions" else '"messages": [{"role": "user", "content": "Hi"}]'
+    status, body = post(server, route, f'{{{prompt}, "max_tokens": 2, "seed": {seed}}}')
+    assert status == 400, body
+    error = body["error"]
+    assert error["param"] == "seed"
+    assert str(seed) in error["message"] and "64-bit" in error["message"], error["message"]
+    assert str(INT64_MAX) in error["message"]
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "n", "logprobs", "min_tokens"])
+def test_huge_integers_stay_integers_in_every_field(server, field):
+    status, body = post(server, "/v1/completions", f'{{"prompt": "Hi", "{field}": {10 ** 25}}}')
+    assert status == 400, body
+    message = body["error"]["message"]
+    assert str(10 ** 25) in message and "e+25" not in message, message
+
+
+def test_a_float_is_still_refused_where_an_integer_belongs(server):
+    status, body = post(server, "/v1/completions", '{"prompt": "Hi", "seed": 1.5e30}')
+    assert status == 400 and body["error"]["param"] == "seed", body
+
+
+def test_a_prompt_with_long_digit_runs_is_served(client, server):
+    resp = client.completions.create(model=server.model_name, prompt="call 12345678901234567890123",
+                                     max_tokens=2)
+    assert resp.choices[0].text is not None
+
+
+# ----------------------------------------------------------------------------- content type
+def test_a_form_content_type_is_refused_with_a_400(server):
+    status, body = post_raw(server, "/v1/completions", b'{"prompt": "Hi", "max_tokens": 2}',
+                            "application/x-www-form-urlencoded")
+    assert status == 400, body
+    assert "application/json" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "multipart/form-data; boundary=x"])
+def test_other_non_json_content_types_are_refused_on_every_json_route(server, content_type):
+    for path, body in [("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "Hi"}]}'),
+                       ("/tokenize", b'{"prompt": "Hi"}'), ("/generate", b'{"prompt": "Hi"}')]:
+        status, answer = post_raw(server, path, body, content_type)
+        assert status == 400, (path, answer)
+
+
+def test_json_with_a_charset_and_a_missing_content_type_are_accepted(server):
+    body = b'{"prompt": "Hi", "max_tokens": 2}'
+    assert post_raw(server, "/v1/completions", body, "application/json; charset=utf-8")[0] == 200
+    assert post_raw(server, "/v1/completions", body, None)[0] == 200
+
+
+# ----------------------------------------------------------------------------- prompt and model
+@pytest.mark.parametrize("prompt", ["", []])
+def test_an_empty_prompt_says_what_vllm_says(client, server, prompt):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server.model_name, prompt=prompt, max_tokens=2)
+    assert "decoder prompt cannot be empty" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("model", ["", None])
+def test_an_empty_or_missing_model_means_the_served_model(server, model):
+    body = {"prompt": "Hi", "max_tokens": 2}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    if model is not None:
+        body["model"] = chat["model"] = model
+    for path, payload in [("/v1/completions", body), ("/v1/chat/completions", chat)]:
+        status, answer = post(server, path, json.dumps(payload))
+        assert status == 200, answer
+        assert answer["model"] == server.model_name
+
+
+# ----------------------------------------------------------------------------- the parser itself
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}",       # more digits than Python's int() takes
+    b'{"prompt": "\\ud800", "seed": 12345678901234567890}',  # a lone surrogate, on the exact path
+    b'{"prompt": "x", "seed": 12345678901234567890, "t": 1e400}',
+    b'{"prompt": "x", "seed": 12345678901234567890, "t": NaN}',
+])
+def test_bodies_the_exact_path_sees_are_refused_as_orjson_refuses_them(raw):
+    from aserve.server.errors import APIError, parse_request
+    from aserve.server.protocol import CompletionRequest
+    with pytest.raises(APIError) as info:
+        parse_request(raw, CompletionRequest)
+    assert info.value.status == 400 and "JSON" in info.value.message
+
+
+def test_exact_parsing_keeps_floats_floats_and_ints_exact():
+    from aserve.server.json_body import loads_exact
+    data = loads_exact(b'{"a": 123456789012345678901234567890, "b": 1.5, "c": -9223372036854775809, "d": 1e30}')
+    assert data == {"a": 123456789012345678901234567890, "b": 1.5, "c": -9223372036854775809, "d": 1e30}
+    assert isinstance(data["d"], float) and isinstance(data["a"], int)
