@@ -27,6 +27,7 @@ from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompleti
                                     ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
                                     CompletionChoice, CompletionLogProbs, CompletionRequest,
                                     CompletionResponse, DeltaMessage, PromptTokensDetails, UsageInfo)
+from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
 from aserve.server.streaming import (open_stream, request_failed, send_sse, send_sse_error_and_done,
                                      stream_or_report)
 from aserve.server.structured_request import check_grammar, constraint_field
@@ -235,7 +236,13 @@ async def _stream_completions(request, state, req, params, request_id, created, 
             st.started = True
             st.text_len, st.num_tokens = len(o.text), len(o.token_ids)
             st.done = o.finish_reason is not None
-            if text or st.done or (lps is not None and lps.tokens):
+            # A chunk for every step that brought tokens, even with no text yet (a token that is
+            # part of a character): clients that count chunks as tokens count right, as with vLLM.
+            if text or new_ids or st.done or (lps is not None and lps.tokens):
+                if lps is None and not continuous:  # the common chunk, without pydantic
+                    await send_sse(response, completion_text_chunk(
+                        request_id, created, model, i * params.n + j, text, o.finish_reason, o.stop_reason))
+                    continue
                 choice = CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                           finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                 chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
@@ -358,9 +365,18 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                     delta.tool_calls += rest.tool_calls
                     finish = finish_reason(o.finish_reason, tool_streams[j].called)
                 text, tool_deltas = delta.content, delta.tool_calls or None
-            if text or tool_deltas or st.done or lps is not None:
+            # One chunk per step that brought tokens, even with no character yet (empty content),
+            # as vLLM streams, so clients that count chunks as tokens count right. Not inside a
+            # tool call, whose text the parser holds back.
+            plain = tool_streams[j] is None
+            content = text if text or (plain and new_ids and not st.done) else None
+            if plain and lps is None and not continuous:
+                if text or new_ids or st.done:  # the common chunk, built without pydantic
+                    await send_sse(response, chat_content_chunk(request_id, created, model, j, content,
+                                                                finish, o.stop_reason))
+            elif content is not None or tool_deltas or st.done or lps is not None:
                 await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
-                    index=j, delta=DeltaMessage(content=text or None, tool_calls=tool_deltas), logprobs=lps,
+                    index=j, delta=DeltaMessage(content=content, tool_calls=tool_deltas), logprobs=lps,
                     finish_reason=finish, stop_reason=o.stop_reason), usage_so_far(len(o.token_ids))))
     usage = _usage(request, [final])
     if options is not None and options.final_usage:

@@ -1,0 +1,79 @@
+"""Streams send one chunk per step that brought tokens, also when those tokens make no
+character yet (part of a UTF-8 sequence): empty text, as vLLM streams, so a client that counts
+chunks as tokens (vLLM's benchmark does) counts right. And the plain chunks, built without
+pydantic, are the same JSON as the response models give."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from aserve.server.api_openai import _chunk, _without_prompt_logprobs
+from aserve.server.protocol import ChatStreamChoice, CompletionChoice, CompletionResponse, DeltaMessage
+from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
+from server_fixtures import ServerThread
+
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread() as s:
+        yield s
+
+
+def _lead_byte_token(server) -> int:
+    """The byte-level token of 0xE2, the first byte of a three-byte character: alone it is no text."""
+    tokenizer = server.async_engine.engine.tokenizer
+    # GPT-2's byte-level alphabet writes bytes 0xAE-0xFF as the characters of the same code.
+    token_id = tokenizer.convert_tokens_to_ids(chr(0xE2))
+    assert token_id != tokenizer.unk_token_id and tokenizer.decode([token_id]) in ("", "\ufffd")
+    return token_id
+
+
+def _events(server, path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        assert resp.status == 200
+        lines = [line[len("data: "):] for line in resp.read().decode().split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_completion_stream_sends_a_chunk_per_token_even_without_text(server):
+    body = {"model": server.model_name, "prompt": "Hello", "max_tokens": MAX_TOKENS, "stream": True,
+            "temperature": 0, "ignore_eos": True, "logit_bias": {str(_lead_byte_token(server)): 100}}
+    chunks = [e for e in _events(server, "/v1/completions", body) if e["choices"]]
+    assert len(chunks) == MAX_TOKENS
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == [""] * (MAX_TOKENS - 1)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_stream_sends_a_chunk_per_token_even_without_content(server):
+    body = {"model": server.model_name, "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": MAX_TOKENS, "stream": True, "temperature": 0, "ignore_eos": True,
+            "logit_bias": {str(_lead_byte_token(server)): 100}}
+    chunks = [e for e in _events(server, "/v1/chat/completions", body) if e["choices"]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    tokens = chunks[1:]
+    assert len(tokens) == MAX_TOKENS
+    assert [c["choices"][0]["delta"] for c in tokens[:-1]] == [{"content": ""}] * (MAX_TOKENS - 1)
+    assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("finish_reason, stop_reason", [(None, None), ("stop", "END"), ("stop", 7)])
+def test_plain_chunks_are_the_models_json(finish_reason, stop_reason):
+    choice = CompletionChoice(index=3, text="hé", finish_reason=finish_reason, stop_reason=stop_reason)
+    model_body = _without_prompt_logprobs(
+        CompletionResponse(id="cmpl-1", created=5, model="m", choices=[choice]).model_dump())
+    plain = completion_text_chunk("cmpl-1", 5, "m", 3, "hé", finish_reason, stop_reason)
+    assert json.dumps(plain) == json.dumps(model_body)  # same keys in the same order
+    for content in ("hé", "", None):
+        model_body = _chunk("chatcmpl-1", 5, "m", ChatStreamChoice(
+            index=1, delta=DeltaMessage(content=content), finish_reason=finish_reason,
+            stop_reason=stop_reason))
+        plain = chat_content_chunk("chatcmpl-1", 5, "m", 1, content, finish_reason, stop_reason)
+        assert json.dumps(plain) == json.dumps(model_body)
