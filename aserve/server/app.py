@@ -43,6 +43,13 @@ class ServerState:
     api_key: Optional[str] = None
     log_requests: bool = True   # the per-request access log line (--disable-log-requests)
     status_interval_s: float = 5.0
+    metrics_prefix: str = "aserve"   # /metrics names are `<prefix>:<vLLM's name>` (--metrics-prefix)
+    log_stats: bool = True           # the periodic status line (--disable-log-stats turns it off)
+    # vLLM's optional routes and headers (request_tracking.py, api_server_info.py).
+    enable_server_load_tracking: bool = False
+    enable_tokenizer_info_endpoint: bool = False
+    enable_request_id_headers: bool = False
+    server_load: int = 0             # requests in flight on the tracked routes (GET /load)
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)
     admission: Admission = field(default_factory=Admission)
@@ -71,7 +78,7 @@ class ServerState:
         self.served_model_name, self.model_root = mc.served_model_name, mc.model
         self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
         self.max_prompt_chars = max_prompt_chars(self.tokenizer, mc.max_model_len)
-        self.metrics = ServerMetrics(async_engine, mc.served_model_name)
+        self.metrics = ServerMetrics(async_engine, mc.served_model_name, self.metrics_prefix)
         self.async_engine = async_engine
 
     def admit(self, count: int = 1):
@@ -294,8 +301,8 @@ async def stop_engine(state: ServerState) -> None:
 
 
 def state_from_engine(async_engine: AsyncEngine, api_key: Optional[str] = None,
-                      chat_template: Optional[str] = None) -> ServerState:
-    """A ready state around a loaded engine."""
-    state = ServerState(api_key=api_key, chat_template=chat_template)
+                      chat_template: Optional[str] = None, **options) -> ServerState:
+    """A ready state around a loaded engine; options: other ServerState fields."""
+    state = ServerState(api_key=api_key, chat_template=chat_template, **options)
     state.attach(async_engine)
     return state
