@@ -367,7 +367,9 @@ class Engine:
                 outputs.append(self.outputs.make_output(request))
                 if self.stats is not None:
                     self.stats.on_finished(request, finish_reason_of(request), time.monotonic())
-            elif self.stream_outputs:
+            elif self.stream_outputs and request.beam_state is None:
+                # A beam search's answer is its final beams (vLLM's too): the live beams of
+                # a step are not prefixes of it, so there is nothing to stream before the end.
                 outputs.append(self.outputs.make_output(request))
         return outputs
 
