@@ -250,15 +250,20 @@ async def detokenize(request: web.Request) -> web.Response:
 def build_app(state: ServerState) -> web.Application:
     """The aiohttp application serving state's engine; starts and stops the engine with itself
     when it is ready at start (else serving.py starts it once it has loaded)."""
-    from aserve.server import api_generate, api_openai
+    from aserve.server import api_generate, api_openai, api_sagemaker, api_server_info
+    from aserve.server.request_tracking import add_request_id_header, load_tracking_middleware
 
     middlewares = [error_middleware, readiness_middleware]
     if state.log_requests:
         middlewares.insert(0, access_log_middleware)
     if state.api_key:
         middlewares.append(_auth_middleware(state.api_key))
+    if state.enable_server_load_tracking:  # innermost: requests refused at the door are no load
+        middlewares.append(load_tracking_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=state.limits.max_body_bytes)
     app[STATE] = state
+    if state.enable_request_id_headers:
+        app.on_response_prepare.append(add_request_id_header)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
@@ -267,6 +272,8 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     api_generate.add_routes(app)
     api_openai.add_routes(app)
+    api_sagemaker.add_routes(app)
+    api_server_info.add_routes(app, state.enable_tokenizer_info_endpoint)
 
     async def lifecycle(app: web.Application):
         if state.ready:
@@ -287,9 +294,10 @@ def start_engine(state: ServerState) -> None:
     gc.freeze()
     state.async_engine.start()
     loop = asyncio.get_running_loop()
-    state.background = [
-        loop.create_task(log_status_periodically(state.async_engine, lambda: state.status_interval_s)),
-        loop.create_task(watch_open_files())]
+    state.background = [loop.create_task(watch_open_files())]
+    if state.log_stats:
+        state.background.append(loop.create_task(
+            log_status_periodically(state.async_engine, lambda: state.status_interval_s)))
 
 
 async def stop_engine(state: ServerState) -> None:
