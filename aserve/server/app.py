@@ -174,7 +174,9 @@ def _auth_middleware(api_key: str):
 
     @web.middleware
     async def auth(request: web.Request, handler):
-        if request.path.startswith("/v1"):
+        # /invocations runs the /v1 completions: vLLM leaves it open, which would let a
+        # client around the key; aserve guards it too.
+        if request.path.startswith("/v1") or request.path == "/invocations":
             # surrogateescape: aiohttp keeps a header's undecodable (non-UTF-8) bytes as
             # surrogates, which a plain encode() refuses (that was a 500, not a 401).
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")

@@ -129,7 +129,7 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help="Interface to listen on; 0.0.0.0 (or ::) listens on all interfaces. (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="Port to listen on. (default: %(default)s)")
     s.add_argument("--api-key", default=None,
-                   help=f"If set, every /v1 request needs 'Authorization: Bearer <key>'; "
+                   help=f"If set, every /v1 request (and /invocations) needs 'Authorization: Bearer <key>'; "
                         f"default: the {API_KEY_ENV} environment variable.")
     s.add_argument("--max-waiting-queue-length", type=int, default=DEFAULT_MAX_WAITING,
                    help="Most requests waiting to be scheduled (tokenizing included); past it, new "
