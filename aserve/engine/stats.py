@@ -86,28 +86,38 @@ class EngineStatsRecorder:
                                                   h["time_to_first_token_seconds"],
                                                   h["inter_token_latency_seconds"])
         self.finished_by_reason: Counter[str] = Counter()
-        # Inter-token latencies of the step being applied, by the time of each request's
-        # previous token: the requests of one step mostly share it, so a step observes a few
-        # values however many requests it holds.
-        self._itl_since: Counter[float] = Counter()
+        # Inter-token latencies of the step being applied. Most requests of a step had their
+        # previous token in the step before, so they share one latency: a count of those, and
+        # a list of the others' (after a preemption, a long prefill of others, ...). Per token
+        # this costs a compare and an add, not a histogram observation.
+        self._last_step_time = -1.0
+        self._itl_from_last_step = 0
+        self._itl_others: list[float] = []
 
     # ---------------------------------------------------------------- per step
     def on_token(self, metrics, now: float) -> None:
         """A request got its next token(s) in the step applied at `now`."""
-        if metrics.first_token_time is None:
+        last = metrics.last_token_time
+        metrics.last_token_time = now
+        if last == self._last_step_time:
+            self._itl_from_last_step += 1
+        elif last is None:
             self._ttft.observe(max(0.0, now - metrics.arrival_time))
         else:
-            self._itl_since[metrics.last_token_time] += 1
-        metrics.last_token_time = now
+            self._itl_others.append(now - last)
 
     def on_step(self, num_tokens: int, now: float) -> None:
-        """A step was applied: it computed num_tokens prompt and generated tokens."""
+        """A step was applied at `now`: it computed num_tokens prompt and generated tokens."""
         if num_tokens:
             self._iteration.observe(num_tokens)
-        if self._itl_since:
-            for since, count in self._itl_since.items():
-                self._itl.observe(max(0.0, now - since), count)
-            self._itl_since.clear()
+        if self._itl_from_last_step:
+            self._itl.observe(max(0.0, now - self._last_step_time), self._itl_from_last_step)
+            self._itl_from_last_step = 0
+        if self._itl_others:
+            for latency in self._itl_others:
+                self._itl.observe(max(0.0, latency))
+            self._itl_others.clear()
+        self._last_step_time = now
 
     # ---------------------------------------------------------------- per request
     def on_finished(self, request, reason: str, now: float) -> None:
