@@ -23,15 +23,22 @@ def test_buckets_follow_vllms_1_2_5_series():
 
 def test_inter_token_latency_is_the_time_since_each_requests_own_last_token():
     rec = EngineStatsRecorder(2048)
-    a, b = RequestMetrics(arrival_time=0.0), RequestMetrics(arrival_time=0.5)
+    a = SimpleNamespace(metrics=RequestMetrics(arrival_time=0.0), prompt_token_ids=[1] * 40,
+                        num_cached_tokens=32)
+    b = SimpleNamespace(metrics=RequestMetrics(arrival_time=0.5), prompt_token_ids=[1] * 8,
+                        num_cached_tokens=0)
     for now, got in ((1.0, (a, b)), (2.0, (a,)), (3.0, (a, b)), (3.5, (b,))):
-        for m in got:
-            rec.on_token(m, now)
+        for request in got:
+            rec.on_token(request, now)
         rec.on_step(len(got), now)
     # a: 1 -> 2 -> 3; b skipped the step at 2 (preempted, say): 1 -> 3 -> 3.5.
     assert observed(rec, "inter_token_latency_seconds") == (4, 1.0 + 1.0 + 2.0 + 0.5)
     assert observed(rec, "time_to_first_token_seconds") == (2, 1.0 + 0.5)
     assert observed(rec, "iteration_tokens_total") == (4, 6)
+    # Each prompt counted once, at its first token, by where its KV came from.
+    assert rec.prompt_tokens_by_source == {"local_compute": 8 + 8, "local_cache_hit": 32,
+                                           "external_kv_transfer": 0}
+    assert (rec.prompt_tokens_cached, rec.prompt_tokens_recomputed) == (32, 0)
 
 
 def test_a_finished_request_reports_vllms_phases():
@@ -52,6 +59,18 @@ def test_a_finished_request_reports_vllms_phases():
                 "request_params_max_tokens": 5, "request_max_num_generation_tokens": 5}
     for name, value in expected.items():
         assert observed(rec, name) == (1, value), name
+
+
+def test_a_request_aborted_while_waiting_reports_no_phase_it_never_reached():
+    rec = EngineStatsRecorder(2048)
+    request = SimpleNamespace(metrics=RequestMetrics(arrival_time=1.0), params=SamplingParams(max_tokens=9),
+                              error=None, prompt_token_ids=[1, 2], num_cached_tokens=None, seqs=[],
+                              beam_outputs=None)
+    rec.on_finished(request, "abort", now=4.0)
+    assert observed(rec, "e2e_request_latency_seconds") == (1, 3.0)
+    for name in ("request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds"):
+        assert observed(rec, name) == (0, 0.0), name
 
 
 def test_finish_reason_of_a_beam_search_comes_from_its_final_beams():

@@ -23,6 +23,9 @@ VLLM_METRICS = {
     "prefix_cache_hits": "counter",
     "num_preemptions": "counter",
     "prompt_tokens": "counter",
+    "prompt_tokens_by_source": "counter",
+    "prompt_tokens_cached": "counter",
+    "prompt_tokens_recomputed": "counter",
     "generation_tokens": "counter",
     "request_success": "counter",
     "iteration_tokens_total": "histogram",
@@ -134,6 +137,11 @@ def test_every_vllm_metric_has_its_name_type_and_labels(server):
     assert value(metrics["request_generation_tokens"], "_sum") == generated
     assert value(metrics["iteration_tokens_total"], "_sum") == generated + value(metrics["prompt_tokens"])
     assert value(metrics["time_to_first_token_seconds"], "_count") == finished
+    prompts = value(metrics["request_prompt_tokens"], "_sum")
+    by_source = metrics["prompt_tokens_by_source"]
+    assert (value(by_source, source="local_compute") + value(by_source, source="local_cache_hit")
+            == prompts)
+    assert value(by_source, source="local_cache_hit") == value(metrics["prompt_tokens_cached"])
     # One inter-token latency per request per step after its first token.
     assert value(metrics["inter_token_latency_seconds"], "_count") >= 4 * 179
     assert (value(metrics["time_per_output_token_seconds"], "_count")

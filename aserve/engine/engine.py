@@ -345,7 +345,7 @@ class Engine:
     def _count_token(self, request: Request, now: float, count: int) -> None:
         self.generation_tokens_total += count
         if self.stats is not None:
-            self.stats.on_token(request.metrics, now)
+            self.stats.on_token(request, now)
         request.metrics.num_generation_tokens += count
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now

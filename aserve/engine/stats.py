@@ -86,6 +86,13 @@ class EngineStatsRecorder:
                                                   h["time_to_first_token_seconds"],
                                                   h["inter_token_latency_seconds"])
         self.finished_by_reason: Counter[str] = Counter()
+        # Prompt tokens of requests that finished their prefill, by where their KV came from
+        # (vLLM's sources; aserve has no external KV transfer, and never recomputes a cached
+        # token: the block holding a prompt's last token is never taken from the cache).
+        self.prompt_tokens_by_source: Counter[str] = Counter(
+            {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": 0})
+        self.prompt_tokens_cached = 0
+        self.prompt_tokens_recomputed = 0
         # Inter-token latencies of the step being applied. Most requests of a step had their
         # previous token in the step before, so they share one latency: a count of those, and
         # a list of the others' (after a preemption, a long prefill of others, ...). Per token
@@ -95,14 +102,19 @@ class EngineStatsRecorder:
         self._itl_others: list[float] = []
 
     # ---------------------------------------------------------------- per step
-    def on_token(self, metrics, now: float) -> None:
+    def on_token(self, request, now: float) -> None:
         """A request got its next token(s) in the step applied at `now`."""
+        metrics = request.metrics
         last = metrics.last_token_time
         metrics.last_token_time = now
         if last == self._last_step_time:
             self._itl_from_last_step += 1
-        elif last is None:
+        elif last is None:   # its first token: the prefill is done
             self._ttft.observe(max(0.0, now - metrics.arrival_time))
+            cached = request.num_cached_tokens or 0
+            self.prompt_tokens_by_source["local_compute"] += len(request.prompt_token_ids) - cached
+            self.prompt_tokens_by_source["local_cache_hit"] += cached
+            self.prompt_tokens_cached += cached
         else:
             self._itl_others.append(now - last)
 
@@ -127,18 +139,18 @@ class EngineStatsRecorder:
         num_prompt = len(request.prompt_token_ids)
         num_generated = m.num_generation_tokens
         h["e2e_request_latency_seconds"].observe(max(0.0, now - m.arrival_time))
-        scheduled = m.first_scheduled_time
-        h["request_queue_time_seconds"].observe(max(0.0, (scheduled or now) - m.arrival_time))
+        # As vLLM: the phases a request reached are observed, no more (one aborted while
+        # waiting has no queue time yet; one aborted in its prefill has no prefill time).
+        scheduled, first, last = m.first_scheduled_time, m.first_token_time, m.last_token_time
         if scheduled is not None:
-            first, last = m.first_token_time, m.last_token_time
-            prefill = (first - scheduled) if first is not None else 0.0
-            decode = (last - first) if first is not None and last is not None else 0.0
-            inference = ((last if last is not None else now) - scheduled)
-            h["request_prefill_time_seconds"].observe(max(0.0, prefill))
-            h["request_decode_time_seconds"].observe(max(0.0, decode))
-            h["request_inference_time_seconds"].observe(max(0.0, inference))
+            h["request_queue_time_seconds"].observe(max(0.0, scheduled - m.arrival_time))
+        if scheduled is not None and first is not None and last is not None:
+            decode = max(0.0, last - first)
+            h["request_prefill_time_seconds"].observe(max(0.0, first - scheduled))
+            h["request_decode_time_seconds"].observe(decode)
+            h["request_inference_time_seconds"].observe(max(0.0, last - scheduled))
             if num_generated > 1:
-                h["request_time_per_output_token_seconds"].observe(max(0.0, decode / (num_generated - 1)))
+                h["request_time_per_output_token_seconds"].observe(decode / (num_generated - 1))
         h["request_prompt_tokens"].observe(num_prompt)
         h["request_generation_tokens"].observe(num_generated)
         cached = request.num_cached_tokens or 0

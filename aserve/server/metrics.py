@@ -97,6 +97,14 @@ class ServerMetrics:
                stats.prompt_tokens_total)
         scalar("counter", "generation_tokens_total", "Number of generation tokens processed.",
                stats.generation_tokens_total)
+        if recorder is not None:
+            name = header("prompt_tokens_by_source_total", "counter", "Number of prompt tokens by source.")
+            for source, n in recorder.prompt_tokens_by_source.items():
+                lines.append(f'{name}{{{lab},source="{source}"}} {n}')
+            scalar("counter", "prompt_tokens_cached_total", "Number of cached prompt tokens (local + external).",
+                   recorder.prompt_tokens_cached)
+            scalar("counter", "prompt_tokens_recomputed_total",
+                   "Number of cached tokens recomputed for forward pass.", recorder.prompt_tokens_recomputed)
         name = header("request_success_total", "counter", "Count of successfully processed requests.")
         reasons = dict(recorder.finished_by_reason) if recorder is not None else {}
         for reason in (*FINISH_REASONS, *sorted(set(reasons) - set(FINISH_REASONS))):
