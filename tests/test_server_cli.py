@@ -130,8 +130,9 @@ def test_vllm_flags_without_meaning_are_accepted_with_one_warning_each(caplog):
     assert all("ignored" in r.getMessage() for r in caplog.records)
 
 
-def test_unknown_and_unsafe_flags_are_still_refused():
-    for argv in (["--no-such-flag"], ["--ssl-keyfile", "k.pem"], ["--pipeline-parallel-size", "2"]):
+def test_unknown_unsafe_and_bad_flags_are_still_refused():
+    for argv in (["--no-such-flag"], ["--ssl-keyfile", "k.pem"], ["--pipeline-parallel-size", "2"],
+                 ["--metrics-prefix", "no spaces"]):
         with pytest.raises(SystemExit) as exc:
             parse_args(argv)
         assert exc.value.code == 2, argv

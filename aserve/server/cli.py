@@ -148,7 +148,8 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help="/metrics names are PREFIX:<vLLM's name>; `vllm` serves vLLM's own names, "
                         "for its Grafana dashboards. (default: %(default)s)")
     s.add_argument("--enable-server-load-tracking", action="store_true",
-                   help="Serve GET /load: the number of requests in flight (vLLM's).")
+                   help="Count the requests in flight for GET /load (vLLM's; without it /load "
+                        "answers 0).")
     s.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="Serve GET /tokenizer_info: the tokenizer's settings and chat template "
                         "(vLLM's; off by default, as it exposes the template).")
