@@ -10,7 +10,7 @@ import torch
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # Chunked prefill keeps steps short; long prompts are simply spread over several steps. A GPU
 # wants larger steps: its matrix units need thousands of rows to run at full rate.
-_DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "float32": torch.float32, "float": torch.float32}
 
@@ -87,7 +87,11 @@ class EngineArgs:
     model: Optional[str] = None          # None: the built-in default model
     tokenizer: Optional[str] = None
     served_model_name: Optional[str] = None
-    revision: Optional[str] = None
+    revision: Optional[str] = None       # a hub model's branch, tag or commit
+    # The tokenizer's revision (a separate --tokenizer repo's; default: the model's revision
+    # when the tokenizer is the model's own, else the repo's default branch).
+    tokenizer_revision: Optional[str] = None
+    download_dir: Optional[str] = None   # where hub downloads go (default: the Hugging Face cache)
     dtype: str = "auto"
     device: str = "auto"                 # auto: cuda when available, else cpu
     max_model_len: Optional[int] = None
@@ -173,7 +177,7 @@ class EngineArgs:
         return device
 
     def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
-        return self.max_num_batched_tokens or _DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device.type, 2048)
+        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device.type, 2048)
 
     def resolve_dtype(self, hf_config, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":

@@ -2,7 +2,7 @@
 # Fill .whl/ (git-ignored) with the wheels the GPU machine's image lacks, for bench/device_run.sh
 # to install there (that machine reaches no package index). The image (Python 3.12, x86_64) has
 # torch, transformers, aiohttp, uvloop, numba, pytest, hypothesis, httpx, anyio and tqdm, but not
-# the server's pydantic and orjson, nor the tests' pytest-asyncio and openai.
+# the server's pydantic and orjson, nor the tests' pytest-asyncio, openai and prometheus_client.
 # Pinned; run on a machine that reaches PyPI:  bash scripts/fetch_device_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,7 @@ WHEELS=(
     pytest-asyncio==1.5.0
     openai==2.54.0             # the last major on httpx (3.x needs httpx2, not on the image)
     llguidance==1.9.1          # structured outputs (abi3: one wheel for every Python 3)
+    prometheus_client==0.26.0  # its text parser reads /metrics in tests/test_server_metrics.py
     distro==1.9.0              # openai's dependencies the image lacks
     jiter==0.19.0
     sniffio==1.3.1

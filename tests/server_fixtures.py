@@ -44,13 +44,15 @@ class ServerThread:
 
     def __init__(self, engine_args: Optional[EngineArgs] = None, *, api_key: Optional[str] = None,
                  chat_template: Optional[str] = None, limits=None,
-                 tokenizer_chat_template: Any = "keep", tool_call_parser: Optional[str] = None):
+                 tokenizer_chat_template: Any = "keep", tool_call_parser: Optional[str] = None,
+                 state_options: Optional[dict] = None):
         self.engine_args = engine_args or small_engine_args()
         self.api_key = api_key
         self.chat_template = chat_template
         self.limits = limits  # an HttpLimits, else the defaults
         self.tokenizer_chat_template = tokenizer_chat_template
         self.tool_call_parser = tool_call_parser   # as --enable-auto-tool-choice --tool-call-parser
+        self.state_options = state_options or {}  # other ServerState fields (the CLI's flags)
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.state = None
         self.port: Optional[int] = None
@@ -133,7 +135,8 @@ class ServerThread:
         async_engine = AsyncEngine.from_engine_args(self.engine_args)
         if self.tokenizer_chat_template != "keep":  # e.g. None: a model without a chat template
             async_engine.engine.tokenizer.chat_template = self.tokenizer_chat_template
-        self.state = state_from_engine(async_engine, api_key=self.api_key, chat_template=self.chat_template)
+        self.state = state_from_engine(async_engine, api_key=self.api_key, chat_template=self.chat_template,
+                                       **self.state_options)
         self.state.status_interval_s = 1.0
         self.state.tool_call_parser = self.tool_call_parser
         if self.limits is not None:

@@ -1,4 +1,5 @@
-"""--api-key: every /v1 route wants 'Authorization: Bearer <key>'; the rest stays open."""
+"""--api-key: every /v1 route, and /invocations (which serves the same completions), wants
+'Authorization: Bearer <key>'; the rest stays open."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def server():
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
                                      {"Authorization": f"Basic {KEY}"}])
 @pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
-                                          ("POST", "/v1/chat/completions")])
+                                          ("POST", "/v1/chat/completions"), ("POST", "/invocations")])
 async def test_v1_routes_refuse_a_missing_or_wrong_key(server, headers, method, path):
     async with aiohttp.ClientSession() as session:
         async with session.request(method, server.url + path, headers=headers,

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import openai
+import logging
+import os
+import urllib.request
 
-from aserve.server.cli import engine_args_from, load_chat_template, make_parser
+import openai
+import pytest
+
+import aserve
+from aserve.config import EngineArgs
+from aserve.server.cli import engine_args_from, load_chat_template, make_parser, parse_args
+from aserve.server.vllm_flags import IGNORED_VLLM_FLAGS, warn_ignored_vllm_flags
 from server_fixtures import subprocess_server
 
 VLLM_FLAGS = ["--model", "--tokenizer", "--served-model-name", "--host", "--port", "--dtype",
@@ -55,3 +63,119 @@ def test_chat_template_may_be_a_file_or_inline(tmp_path):
     assert load_chat_template(str(path)) == template
     assert load_chat_template("{{ messages[0]['content'] }}\\n") == "{{ messages[0]['content'] }}\n"
     assert load_chat_template(None) is None
+
+
+# ----------------------------------------------------------------------------- a vLLM user's CLI
+def hub_cache_with_two_revisions(root) -> str:
+    """A Hugging Face cache (as --download-dir) holding `acme/tiny` at two revisions: main, a
+    tiny Llama of 512 positions, and the tag v2, the same model with 256."""
+    from tiny_models import make_tiny_model
+
+    repo = root / "models--acme--tiny"
+    for ref, commit, positions in (("main", "a" * 40, 512), ("v2", "b" * 40, 256)):
+        make_tiny_model("llama", repo / "snapshots" / commit, max_position_embeddings=positions)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return str(root)
+
+
+def test_every_engine_args_field_has_its_flag():
+    dests = {action.dest for action in make_parser()._actions}
+    assert EngineArgs.field_names() <= dests, EngineArgs.field_names() - dests
+
+
+def test_new_flags_reach_engine_args():
+    ns = parse_args(["--revision", "r1", "--tokenizer-revision", "t1", "--download-dir", "/d",
+                     "--no-async-scheduling", "--max-seq-len-to-capture", "1024",
+                     "--num-gpu-blocks-override", "64", "--no-enable-prefix-caching"])
+    args = engine_args_from(ns)
+    assert (args.revision, args.tokenizer_revision, args.download_dir, args.async_scheduling,
+            args.max_seq_len_to_capture, args.num_gpu_blocks_override, args.enable_prefix_caching) == (
+        "r1", "t1", "/d", False, 1024, 64, False)
+    defaults = engine_args_from(parse_args([]))
+    assert defaults.async_scheduling and defaults.enable_prefix_caching
+    assert defaults.max_seq_len_to_capture == EngineArgs().max_seq_len_to_capture
+
+
+def test_serve_takes_the_model_as_its_first_argument():
+    ns = parse_args(["serve", "facebook/opt-125m", "--port", "9000"])
+    assert (ns.model, ns.port) == ("facebook/opt-125m", 9000)
+    assert parse_args(["serve", "--model", "m"]).model == "m"   # --model still works after serve
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["serve", "a", "--model", "b"])
+    assert exc.value.code == 2
+
+
+def test_version_flag_prints_the_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"aserve {aserve.__version__}"
+
+
+def test_help_shows_the_real_defaults():
+    text = " ".join(make_parser().format_help().split())
+    assert "default: 8192 on a GPU" in text and "2048 on CPU" in text   # max_num_batched_tokens
+    assert "(default: on)" in text and "--async-scheduling, --no-async-scheduling" in text
+    assert "(default: 8192)" in text   # max_seq_len_to_capture
+
+
+def test_vllm_flags_without_meaning_are_accepted_with_one_warning_each(caplog):
+    ns = parse_args(["--swap-space", "4", "--enable-chunked-prefill", "--no-enable-chunked-prefill",
+                     "-O3", "--uvicorn-log-level=info", "--swap-space", "8"])
+    with caplog.at_level(logging.WARNING, logger="aserve.server"):
+        warn_ignored_vllm_flags(ns)
+    warned = [r.getMessage().split()[0] for r in caplog.records]
+    assert warned == ["--swap-space", "--enable-chunked-prefill", "--no-enable-chunked-prefill", "-O",
+                      "--uvicorn-log-level"]
+    assert all("ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_unsafe_and_bad_flags_are_still_refused():
+    for argv in (["--no-such-flag"], ["--ssl-keyfile", "k.pem"], ["--pipeline-parallel-size", "2"],
+                 ["--metrics-prefix", "no spaces"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(argv)
+        assert exc.value.code == 2, argv
+    assert "--ssl-keyfile" not in IGNORED_VLLM_FLAGS and "--quantization" not in IGNORED_VLLM_FLAGS
+
+
+def test_revision_and_download_dir_choose_the_snapshot(tmp_path):
+    from aserve.models.loader import create_model_config
+
+    cache = hub_cache_with_two_revisions(tmp_path)
+    main = create_model_config(EngineArgs(model="acme/tiny", download_dir=cache, device="cpu"))
+    v2 = create_model_config(EngineArgs(model="acme/tiny", revision="v2", download_dir=cache, device="cpu"))
+    assert (main.max_model_len, v2.max_model_len) == (512, 256)
+    assert v2.tokenizer_path == v2.model_path and v2.model_path.endswith("b" * 40)
+    tok = create_model_config(EngineArgs(model="acme/tiny", tokenizer_revision="v2", download_dir=cache,
+                                         device="cpu"))
+    assert tok.model_path.endswith("a" * 40) and tok.tokenizer_path.endswith("b" * 40)
+
+
+def test_aserve_serve_model_with_vllm_flags(tmp_path):
+    # `python -m aserve serve MODEL` as `vllm serve MODEL`, with a vLLM launch script's flags.
+    cache = hub_cache_with_two_revisions(tmp_path)
+    with subprocess_server("serve", "acme/tiny", "--revision", "v2", "--download-dir", cache,
+                           "--kv-cache-memory-gb", "0.05", "--swap-space", "4",
+                           "--enable-chunked-prefill", "--disable-log-stats", "--metrics-prefix", "vllm",
+                           "--enable-server-load-tracking", "--enable-tokenizer-info-endpoint",
+                           "--enable-request-id-headers",
+                           env={"HF_HUB_OFFLINE": "1"}) as (url, proc, log_path):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=60)
+        model = client.models.list().data[0]
+        assert model.id == "acme/tiny" and model.model_extra["max_model_len"] == 256
+        raw = client.completions.with_raw_response.create(model=model.id, prompt="Hi", max_tokens=2)
+        assert raw.parse().usage.completion_tokens and raw.headers["X-Request-Id"]
+        for path in ("/load", "/tokenizer_info"):
+            with urllib.request.urlopen(url + path, timeout=10) as resp:
+                assert resp.status == 200, path
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            assert b"\nvllm:request_success_total{" in resp.read()
+        with open(log_path) as f:
+            log = f.read()
+    assert log.count("--swap-space is a vLLM flag") == 1 and log.count("--enable-chunked-prefill is") == 1
+
+
+def test_console_script_is_declared():
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")) as f:
+        assert 'aserve = "aserve.__main__:main"' in f.read()

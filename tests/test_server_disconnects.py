@@ -50,7 +50,7 @@ async def metrics(session, url: str) -> dict[str, float]:
     async with session.get(url + "/metrics") as resp:
         text = await resp.text()
     found = {m.group(1): float(m.group(2)) for m in
-             re.finditer(r'^(aserve:[a-z_]+)\{model_name="[^"]*"\} (\S+)$', text, re.M)}
+             re.finditer(r'^(aserve:[a-z_]+)\{model_name="[^"]*",engine="0"\} (\S+)$', text, re.M)}
     aborts = re.search(r'aserve:request_success_total\{[^}]*finished_reason="abort"\} (\S+)', text)
     found["aborted"] = float(aborts.group(1)) if aborts else 0.0
     return found

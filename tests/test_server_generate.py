@@ -60,6 +60,17 @@ async def test_streamed_beam_search_ends_with_the_plain_answer(server):
     assert lines[-1]["text"] == orjson.loads(raw)["text"]
 
 
+async def test_streamed_beam_search_sends_no_frame_without_new_text(server):
+    # The README's example once streamed ~15 frames of the prompt alone before the beams came.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.url + "/generate", json={**QUICKSTART, "stream": True}) as resp:
+            frames = [orjson.loads(line)["text"] async for line in resp.content if line.strip()]
+    prompt_only = [QUICKSTART["prompt"]] * len(frames[0])
+    assert frames and all(frame != prompt_only for frame in frames), frames
+    assert all(a != b for a, b in zip(frames, frames[1:])), frames
+    assert all(len(frame) == QUICKSTART["n"] for frame in frames)
+
+
 async def test_bad_sampling_field_is_a_400_in_openai_shape(server):
     status, raw = await post(server.url + "/generate", {"prompt": "x", "n": 0})
     assert status == 400

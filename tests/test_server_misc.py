@@ -56,7 +56,7 @@ async def test_metrics_are_prometheus_text_and_count_requests(server):
                  "aserve:e2e_request_latency_seconds"):
         assert f"# TYPE {hist} histogram" in text
         assert value(f"{hist}_count") >= 1
-        assert f'{hist}_bucket{{model_name="{server.model_name}",le="+Inf"}}' in text
+        assert f'{hist}_bucket{{model_name="{server.model_name}",engine="0",le="+Inf"}}' in text
     assert re.search(r'aserve:request_success_total\{[^}]*finished_reason="length"\} [1-9]', text)
 
 

@@ -138,6 +138,9 @@ class AsyncEngine:
         self._finished_listeners: list[Callable[[RequestOutput], None]] = []
         self.num_steps = 0
         self.num_aborted = 0
+        # The engine records vLLM's request and step statistics for /metrics (engine/stats.py).
+        enable_stats = getattr(engine, "enable_stats", None)
+        self.stats = enable_stats() if enable_stats is not None else None
         self._num_pending_adds = 0  # adds handed over whose result has not come back
 
     @classmethod
@@ -243,7 +246,6 @@ class AsyncEngine:
             stream._fail(error or RequestAbortedError(f"Request {request_id} was aborted."))
         self.num_aborted += 1
         self._post(request_id)
-        logger.info("Aborted request %s.", request_id)
 
     def abort_all(self, error: RequestAbortedError) -> int:
         """Abort every open request, each consumer getting `error`; returns how many."""
@@ -319,10 +321,14 @@ class AsyncEngine:
         results = []
         for op in ops:
             if isinstance(op, str):
+                if op not in engine.requests:   # it finished first: nothing to abort
+                    continue
                 try:
                     engine.abort_request(op)
                 except Exception:  # an abort must never take the engine down with it
                     logger.exception("aborting request %s failed", op)
+                else:  # logged here, where it happens: the log and /metrics' count agree
+                    logger.info("Aborted request %s.", op)
             elif isinstance(op, _Add):
                 try:
                     engine.add_request(op.request_id, op.prompt, op.params, arrival_time=op.arrival_time)

@@ -26,6 +26,7 @@ from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
 from aserve.engine.scheduler import Scheduler, SchedulerOutput
+from aserve.engine.stats import EngineStatsRecorder, finish_reason_of
 from aserve.models.loader import check_tensor_parallel_split, create_model_config, load_tokenizer
 from aserve.outputs import RequestOutput
 from aserve.worker.kv_cache import bytes_per_block
@@ -120,6 +121,8 @@ class Engine:
         self.stream_outputs = True
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        # Request and step statistics for /metrics (enable_stats); None offline, as in vLLM.
+        self.stats: Optional[EngineStatsRecorder] = None
         self._ids = itertools.count()
         # Requests whose sampling reads their token history on the host: while any is here,
         # steps run synchronously (see engine/pipeline.py).
@@ -130,6 +133,12 @@ class Engine:
                     self.startup_seconds, self.model_config.model, self.device,
                     f" and {self.parallel_config.world_size - 1} more ranks" if self.workers else "",
                     num_blocks, args.block_size)
+
+    def enable_stats(self) -> EngineStatsRecorder:
+        """Record vLLM's request and step statistics from now on (the server's /metrics)."""
+        if self.stats is None:
+            self.stats = EngineStatsRecorder(self.model_config.max_model_len)
+        return self.stats
 
     def _build_rank0_runner(self) -> ModelRunner:
         """Rank 0's part of a tensor-parallel start-up (the workers do the same at once)."""
@@ -169,12 +178,16 @@ class Engine:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             request = self.requests.pop(request_id, None)
             self._unpipelinable.discard(request_id)
-            if request is not None and request in self._awaiting_grammar:
+            if request is None or request.is_finished:
+                continue
+            if request in self._awaiting_grammar:
                 self._awaiting_grammar.remove(request)
                 request.pending_matcher.cancel()
                 request.status = RequestStatus.FINISHED
-            elif request is not None and not request.is_finished:
+            else:
                 self.scheduler.remove_request(request)
+            if self.stats is not None:
+                self.stats.on_finished(request, "abort", time.monotonic())
 
     def has_unfinished_requests(self) -> bool:
         in_flight = self.pipeline is not None and self.pipeline.in_flight is not None
@@ -225,6 +238,7 @@ class Engine:
         """Apply a step's results. computed_already_advanced: async scheduling counted the
         step's tokens as computed when it scheduled the next step."""
         changed: dict[str, Request] = {}
+        tokens_before = self.prompt_tokens_total + self.generation_tokens_total
         while self._failed_early:
             request, message = self._failed_early.pop()
             request.error = message
@@ -242,6 +256,8 @@ class Engine:
                 logger.exception("request %s failed", request.request_id)
                 self._fail(request, f"internal error: {exc!r}")
             changed[request.request_id] = request
+        if self.stats is not None:
+            self.stats.on_step(self.prompt_tokens_total + self.generation_tokens_total - tokens_before, now)
         return self._report(changed.values())
 
     def fail_step(self, plan: StepPlan, exc: BaseException) -> list[RequestOutput]:
@@ -328,6 +344,8 @@ class Engine:
 
     def _count_token(self, request: Request, now: float, count: int) -> None:
         self.generation_tokens_total += count
+        if self.stats is not None:
+            self.stats.on_token(request, now)
         request.metrics.num_generation_tokens += count
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
@@ -347,7 +365,11 @@ class Engine:
                 self.requests.pop(request.request_id, None)
                 self._unpipelinable.discard(request.request_id)
                 outputs.append(self.outputs.make_output(request))
-            elif self.stream_outputs:
+                if self.stats is not None:
+                    self.stats.on_finished(request, finish_reason_of(request), time.monotonic())
+            elif self.stream_outputs and request.beam_state is None:
+                # A beam search's answer is its final beams (vLLM's too): the live beams of
+                # a step are not prefixes of it, so there is nothing to stream before the end.
                 outputs.append(self.outputs.make_output(request))
         return outputs
 

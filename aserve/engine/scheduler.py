@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -131,6 +132,8 @@ class Scheduler:
                 request.num_cached_tokens = seqs[0].num_computed_tokens
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.metrics.first_scheduled_time is None:   # its queue time ends here
+                request.metrics.first_scheduled_time = time.monotonic()
             bisect.insort(self.running, request, key=lambda r: r.arrival_order)
             width += request.params.best_of
             budget -= self._take(request, seqs, grants, scheduled, copies)

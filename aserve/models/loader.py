@@ -36,12 +36,14 @@ def _hub_error(model: str, cause: BaseException) -> OSError:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
-def resolve_model_path(model: str, revision: Optional[str] = None, load_format: str = "auto") -> str:
+def resolve_model_path(model: str, revision: Optional[str] = None, load_format: str = "auto",
+                       download_dir: Optional[str] = None) -> str:
     """The local folder of `model`: a folder as is, else a hub id from the cache or downloaded.
 
     Only the config, tokenizer and one weight format are fetched: load_format's (none for
     dummy), or for auto safetensors when the repo has them, else .bin. Raises OSError when the
-    model is neither a local folder nor cached and the hub cannot be reached.
+    model is neither a local folder nor cached and the hub cannot be reached. download_dir:
+    the hub cache to use instead of Hugging Face's default (vLLM's --download-dir).
     """
     expanded = os.path.expanduser(model)
     if os.path.isdir(expanded):
@@ -54,7 +56,8 @@ def resolve_model_path(model: str, revision: Optional[str] = None, load_format: 
     all_patterns = _META_PATTERNS + (["*.safetensors", "*.bin"] if weights is None else weights)
     try:  # the cache first: no network needed for a model used before
         return snapshot_download(model, revision=revision, allow_patterns=all_patterns,
-                                 ignore_patterns=_IGNORE_PATTERNS, local_files_only=True)
+                                 ignore_patterns=_IGNORE_PATTERNS, local_files_only=True,
+                                 cache_dir=download_dir)
     except Exception:
         pass
     try:
@@ -64,9 +67,20 @@ def resolve_model_path(model: str, revision: Optional[str] = None, load_format: 
             files = HfApi().list_repo_files(model, revision=revision)
             weights = ["*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"]
         return snapshot_download(model, revision=revision, allow_patterns=_META_PATTERNS + weights,
-                                 ignore_patterns=_IGNORE_PATTERNS)
+                                 ignore_patterns=_IGNORE_PATTERNS, cache_dir=download_dir)
     except Exception as e:  # offline, unknown repo, gated repo, invalid id: all one message
         raise _hub_error(model, e) from e
+
+
+def _tokenizer_path(args: EngineArgs, model_path: str) -> str:
+    """The tokenizer's folder, as vLLM picks it: --tokenizer at --tokenizer-revision (the repo's
+    default branch if none), else the model's own, at --tokenizer-revision if given."""
+    if args.tokenizer is None and (args.tokenizer_revision is None or args.model is None
+                                   or args.tokenizer_revision == args.revision):
+        return model_path
+    # "dummy": the config and tokenizer files only, never a second copy of weights.
+    return resolve_model_path(args.tokenizer or args.model, args.tokenizer_revision, "dummy",
+                              args.download_dir)
 
 
 def _max_positions(hf_config) -> Optional[int]:
@@ -91,9 +105,9 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         default_name = DEFAULT_MODEL_NAME
     else:
         model = args.model
-        model_path = resolve_model_path(model, args.revision, args.load_format)
+        model_path = resolve_model_path(model, args.revision, args.load_format, args.download_dir)
         default_name = model
-    tokenizer_path = resolve_model_path(args.tokenizer, args.revision) if args.tokenizer else model_path
+    tokenizer_path = _tokenizer_path(args, model_path)
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise ValueError(f"{model_path} has no config.json: pass the folder of a Hugging Face model "
                          f"(config.json, tokenizer files, weights), or its hub id.")

@@ -51,13 +51,18 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request, state, req: GenerateRequest, stream, response: web.StreamResponse) -> None:
-    prompt_text = None
+    prompt_text, sent = None, None
     async for output in stream:
         if output.error:
             raise request_failed(output.error)
         if prompt_text is None:
             prompt_text = _prompt_text(state, req, output)
-        await response.write(orjson.dumps(GenerateResponse(text=_texts(output, prompt_text)).model_dump()) + b"\n")
+        texts = _texts(output, prompt_text)
+        # A step may add no text (a token that completes no character yet, a possible stop
+        # string held back): a frame that repeats the last one tells the client nothing.
+        if texts != sent:
+            await response.write(orjson.dumps(GenerateResponse(text=texts).model_dump()) + b"\n")
+            sent = texts
         if output.finished:
             _note_usage(request, output)
     await response.write_eof()

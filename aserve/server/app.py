@@ -49,6 +49,13 @@ class ServerState:
     return_tokens_as_token_ids: bool = False  # logprobs name tokens 'token_id:N' (a request may override)
     trust_request_chat_template: bool = False  # a request's own chat_template is rendered
     status_interval_s: float = 5.0
+    metrics_prefix: str = "aserve"   # /metrics names are `<prefix>:<vLLM's name>` (--metrics-prefix)
+    log_stats: bool = True           # the periodic status line (--disable-log-stats turns it off)
+    # vLLM's optional routes and headers (request_tracking.py, api_server_info.py).
+    enable_server_load_tracking: bool = False
+    enable_tokenizer_info_endpoint: bool = False
+    enable_request_id_headers: bool = False
+    server_load: int = 0             # requests in flight on the tracked routes (GET /load)
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)
     admission: Admission = field(default_factory=Admission)
@@ -77,7 +84,7 @@ class ServerState:
         self.served_model_name, self.model_root = mc.served_model_name, mc.model
         self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
         self.max_prompt_chars = max_prompt_chars(self.tokenizer, mc.max_model_len)
-        self.metrics = ServerMetrics(async_engine, mc.served_model_name)
+        self.metrics = ServerMetrics(async_engine, mc.served_model_name, self.metrics_prefix)
         self.async_engine = async_engine
 
     def admit(self, count: int = 1):
@@ -175,7 +182,9 @@ def _auth_middleware(api_key: str):
 
     @web.middleware
     async def auth(request: web.Request, handler):
-        if request.path.startswith("/v1"):
+        # /invocations runs the /v1 completions: vLLM leaves it open, which would let a
+        # client around the key; aserve guards it too.
+        if request.path.startswith("/v1") or request.path == "/invocations":
             # surrogateescape: aiohttp keeps a header's undecodable (non-UTF-8) bytes as
             # surrogates, which a plain encode() refuses (that was a 500, not a 401).
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
@@ -258,15 +267,20 @@ async def detokenize(request: web.Request) -> web.Response:
 def build_app(state: ServerState) -> web.Application:
     """The aiohttp application serving state's engine; starts and stops the engine with itself
     when it is ready at start (else serving.py starts it once it has loaded)."""
-    from aserve.server import api_generate, api_openai
+    from aserve.server import api_generate, api_openai, api_sagemaker, api_server_info
+    from aserve.server.request_tracking import add_request_id_header, load_tracking_middleware
 
     middlewares = [error_middleware, readiness_middleware]
     if state.log_requests:
         middlewares.insert(0, access_log_middleware)
     if state.api_key:
         middlewares.append(_auth_middleware(state.api_key))
+    if state.enable_server_load_tracking:  # innermost: requests refused at the door are no load
+        middlewares.append(load_tracking_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=state.limits.max_body_bytes)
     app[STATE] = state
+    if state.enable_request_id_headers:
+        app.on_response_prepare.append(add_request_id_header)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
@@ -275,6 +289,8 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     api_generate.add_routes(app)
     api_openai.add_routes(app)
+    api_sagemaker.add_routes(app)
+    api_server_info.add_routes(app, state.enable_tokenizer_info_endpoint)
 
     async def lifecycle(app: web.Application):
         if state.ready:
@@ -295,9 +311,10 @@ def start_engine(state: ServerState) -> None:
     gc.freeze()
     state.async_engine.start()
     loop = asyncio.get_running_loop()
-    state.background = [
-        loop.create_task(log_status_periodically(state.async_engine, lambda: state.status_interval_s)),
-        loop.create_task(watch_open_files())]
+    state.background = [loop.create_task(watch_open_files())]
+    if state.log_stats:
+        state.background.append(loop.create_task(
+            log_status_periodically(state.async_engine, lambda: state.status_interval_s)))
 
 
 async def stop_engine(state: ServerState) -> None:
@@ -309,8 +326,8 @@ async def stop_engine(state: ServerState) -> None:
 
 
 def state_from_engine(async_engine: AsyncEngine, api_key: Optional[str] = None,
-                      chat_template: Optional[str] = None) -> ServerState:
-    """A ready state around a loaded engine."""
-    state = ServerState(api_key=api_key, chat_template=chat_template)
+                      chat_template: Optional[str] = None, **options) -> ServerState:
+    """A ready state around a loaded engine; options: other ServerState fields."""
+    state = ServerState(api_key=api_key, chat_template=chat_template, **options)
     state.attach(async_engine)
     return state

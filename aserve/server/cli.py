@@ -14,37 +14,58 @@ import sys
 import traceback
 from typing import Optional
 
-from aserve.config import LOAD_FORMATS, EngineArgs
+from aserve import __version__
+from aserve.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, LOAD_FORMATS, EngineArgs
 from aserve.server.admission import DEFAULT_MAX_WAITING
 from aserve.server.http_server import HttpLimits
 from aserve.server.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 from aserve.server.tool_parsers import PARSERS
+from aserve.server.vllm_flags import add_ignored_vllm_flags, warn_ignored_vllm_flags
 
 API_KEY_ENV = "ASERVE_API_KEY"
 DEBUG_ENV = "ASERVE_DEBUG"
+_ENGINE_DEFAULTS = EngineArgs()
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser(serve: bool = False) -> argparse.ArgumentParser:
+    """The command line; serve=True: `aserve serve MODEL ...`, vLLM's form, whose first
+    positional argument is the model."""
     p = argparse.ArgumentParser(
-        prog="python -m aserve",
+        prog="aserve serve" if serve else "python -m aserve",
         description="Serve a model over HTTP: vLLM's /generate and OpenAI's /v1 API "
                     "(/v1/models, /v1/completions, /v1/chat/completions), plus /health, /metrics, "
-                    "/tokenize and /detokenize.",
+                    "/tokenize and /detokenize. Also `aserve serve MODEL [flags]` (or `python -m "
+                    "aserve serve MODEL`), as `vllm serve MODEL`. vLLM flags that mean nothing "
+                    "here are accepted with a warning (see README: Command line).",
         epilog="Example: python -m aserve --model facebook/opt-125m  "
                "(add --host 0.0.0.0 to listen on all interfaces).",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"aserve {__version__}")
     m = p.add_argument_group("model")
+    if serve:
+        m.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="Hugging Face model id or local folder (the same as --model).")
     m.add_argument("--model", default=None,
                    help="Hugging Face model id or local folder; default: the built-in tiny random "
                         "model (no download, gibberish output), for trying the server out.")
+    m.add_argument("--revision", default=None,
+                   help="The model's branch, tag or commit on the hub; default: its default branch.")
     m.add_argument("--tokenizer", default=None, help="Tokenizer id or folder; default: the model's.")
+    m.add_argument("--tokenizer-revision", default=None,
+                   help="The tokenizer's branch, tag or commit on the hub; default: --revision for "
+                        "the model's own tokenizer, the default branch of a --tokenizer repo.")
+    m.add_argument("--download-dir", default=None,
+                   help="Where hub models are cached and downloaded; default: the Hugging Face "
+                        "cache ($HF_HOME, ~/.cache/huggingface).")
     m.add_argument("--served-model-name", default=None,
                    help="The model name the API reports and expects in requests; default: --model.")
     m.add_argument("--dtype", default="auto", choices=["auto", "float16", "half", "bfloat16", "float32", "float"],
-                   help="Weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU. (default: %(default)s)")
+                   help="Weight and activation dtype; auto: the checkpoint's on GPU (float16 for a "
+                        "float32 checkpoint, as vLLM), float32 on CPU. (default: %(default)s)")
     m.add_argument("--max-model-len", type=int, default=None,
                    help="Context length (prompt + output); default: the model's.")
-    m.add_argument("--seed", type=int, default=0, help="Random seed of sampling. (default: %(default)s)")
+    m.add_argument("--seed", type=int, default=_ENGINE_DEFAULTS.seed,
+                   help="Random seed of sampling. (default: %(default)s)")
     m.add_argument("--chat-template", default=None,
                    help="Chat template for /v1/chat/completions: a Jinja file or an inline Jinja "
                         "string; default: the tokenizer's.")
@@ -66,18 +87,31 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Load no tokenizer: prompts must be token ids and outputs carry no text.")
 
     e = p.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=256, help="Most sequences in one step. (default: %(default)s)")
+    e.add_argument("--max-num-seqs", type=int, default=_ENGINE_DEFAULTS.max_num_seqs,
+                   help="Most sequences in one step. (default: %(default)s)")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="Most tokens computed in one step (chunked prefill splits longer prompts); "
-                        "default: 2048.")
-    e.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128],
+                        f"default: {DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on a GPU (vLLM's API "
+                        f"server's), {DEFAULT_MAX_NUM_BATCHED_TOKENS['cpu']} on CPU.")
+    e.add_argument("--block-size", type=int, default=_ENGINE_DEFAULTS.block_size, choices=[8, 16, 32, 64, 128],
                    help="Tokens per KV cache block. (default: %(default)s)")
-    e.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    e.add_argument("--gpu-memory-utilization", type=float, default=_ENGINE_DEFAULTS.gpu_memory_utilization,
                    help="GPU: the fraction of GPU memory the model and KV cache may use. (default: %(default)s)")
     e.add_argument("--kv-cache-memory-gb", type=float, default=None,
                    help="CPU: the KV cache's memory budget in GiB; default: 1.")
+    e.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="Exactly this many KV cache blocks, whatever the memory (testing, "
+                        "debugging); default: as many as the memory budget holds.")
     e.add_argument("--enforce-eager", action="store_true", help="GPU: do not capture CUDA graphs.")
-    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+    e.add_argument("--max-seq-len-to-capture", type=int, default=_ENGINE_DEFAULTS.max_seq_len_to_capture,
+                   help="GPU: decode steps with a longer context than this run without a CUDA "
+                        "graph. (default: %(default)s)")
+    e.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                   default=_ENGINE_DEFAULTS.async_scheduling,
+                   help="Schedule step k+1 while step k runs on the device (requests with "
+                        "penalties, logprobs, n > 1 or beams step synchronously). (default: on)")
+    e.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=_ENGINE_DEFAULTS.enable_prefix_caching,
                    help="Reuse the KV cache of prompt prefixes already computed (shared system "
                         "prompts, earlier turns of a chat). (default: on)")
     e.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda or cpu. (default: %(default)s)")
@@ -105,7 +139,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Interface to listen on; 0.0.0.0 (or ::) listens on all interfaces. (default: %(default)s)")
     s.add_argument("--port", type=int, default=8000, help="Port to listen on. (default: %(default)s)")
     s.add_argument("--api-key", default=None,
-                   help=f"If set, every /v1 request needs 'Authorization: Bearer <key>'; "
+                   help=f"If set, every /v1 request (and /invocations) needs 'Authorization: Bearer <key>'; "
                         f"default: the {API_KEY_ENV} environment variable.")
     s.add_argument("--max-waiting-queue-length", type=int, default=DEFAULT_MAX_WAITING,
                    help="Most requests waiting to be scheduled (tokenizing included); past it, new "
@@ -126,13 +160,51 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-request-chat-template", action="store_true",
                    help="Render a request's own chat_template (refused by default, as vLLM: a "
                         "template is code the server runs).")
-    s.add_argument("--disable-log-requests", action="store_true",
+    s.add_argument("--metrics-prefix", default="aserve", type=_metrics_prefix,
+                   help="/metrics names are PREFIX:<vLLM's name>; `vllm` serves vLLM's own names, "
+                        "for its Grafana dashboards. (default: %(default)s)")
+    s.add_argument("--enable-server-load-tracking", action="store_true",
+                   help="Count the requests in flight for GET /load (vLLM's; without it /load "
+                        "answers 0).")
+    s.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="Serve GET /tokenizer_info: the tokenizer's settings and chat template "
+                        "(vLLM's; off by default, as it exposes the template).")
+    s.add_argument("--enable-request-id-headers", action="store_true",
+                   help="Put X-Request-Id on every response: the client's own, else a new one.")
+    s.add_argument("--disable-log-requests", "--disable-uvicorn-access-log", action="store_true",
                    help="No access log line per request (method, path, status, latency, tokens).")
+    s.add_argument("--disable-log-stats", action="store_true",
+                   help="No periodic status line (throughput, running and waiting requests, KV "
+                        "cache use); /metrics still counts.")
     s.add_argument("--debug", action="store_true",
                    help=f"Show the traceback of a start-up error (also ${DEBUG_ENV}=1).")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="Log level. (default: %(default)s)")
+    add_ignored_vllm_flags(p)
     return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line, in either form: `[python -m] aserve [serve MODEL] [flags]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve = bool(argv) and argv[0] == "serve"
+    parser = make_parser(serve=serve)
+    ns = parser.parse_args(argv[1:] if serve else argv)
+    tag = getattr(ns, "model_tag", None)
+    if tag is not None:
+        if ns.model is not None and ns.model != tag:
+            parser.error(f"the model is given twice, as {tag!r} and --model {ns.model!r}: give one.")
+        ns.model = tag
+    return ns
+
+
+def _metrics_prefix(value: str) -> str:
+    # A Prometheus metric name: [a-zA-Z_:][a-zA-Z0-9_:]*; the prefix is its first part.
+    import re
+
+    if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Prometheus name prefix (letters, digits, _).")
+    return value
 
 
 def _env_int(name: str, default):
@@ -144,16 +216,8 @@ def _env_int(name: str, default):
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=ns.model, tokenizer=ns.tokenizer, served_model_name=ns.served_model_name,
-        dtype=ns.dtype, device=ns.device, max_model_len=ns.max_model_len, block_size=ns.block_size,
-        kv_cache_memory_gb=ns.kv_cache_memory_gb, gpu_memory_utilization=ns.gpu_memory_utilization,
-        max_num_batched_tokens=ns.max_num_batched_tokens, max_num_seqs=ns.max_num_seqs, seed=ns.seed,
-        trust_remote_code=ns.trust_remote_code, tensor_parallel_size=ns.tensor_parallel_size,
-        nnodes=ns.nnodes, node_rank=ns.node_rank, master_addr=ns.master_addr,
-        master_port=ns.master_port, enforce_eager=ns.enforce_eager, load_format=ns.load_format,
-        enable_prefix_caching=ns.enable_prefix_caching,
-        skip_tokenizer_init=ns.skip_tokenizer_init, max_logprobs=ns.max_logprobs)
+    """Every EngineArgs field from the flag of the same name."""
+    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names() if hasattr(ns, name)})
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -193,8 +257,9 @@ def configure_logging(level: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ns = make_parser().parse_args(argv)
+    ns = parse_args(argv)
     configure_logging(ns.log_level)
+    warn_ignored_vllm_flags(ns)
     try:
         engine_args = engine_args_from(ns)
     except ValueError as exc:  # a bad flag value: say which, without a traceback
@@ -223,6 +288,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         log_requests=not ns.disable_log_requests, return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
         trust_request_chat_template=ns.trust_request_chat_template,
         admission=Admission(ns.max_waiting_queue_length),
+        log_stats=not ns.disable_log_stats, metrics_prefix=ns.metrics_prefix,
+        enable_server_load_tracking=ns.enable_server_load_tracking,
+        enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
+        enable_request_id_headers=ns.enable_request_id_headers,
         limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
     try:

@@ -1,118 +1,133 @@
 """Server metrics: /metrics in Prometheus' text format, and the periodic one-line status log.
 
-Gauges and token counters are read from Engine.get_stats() at scrape time (the engine owns
-those facts); latency histograms are fed by the AsyncEngine with each finished request.
-Names mirror vLLM's (prefix `aserve:` instead of `vllm:`) so dashboards port by a rename.
-Written by hand: the format is a few lines of text, not worth a dependency.
+The names, types, labels and buckets are vLLM's v1 engine's (vllm/v1/metrics/loggers.py), with
+the prefix `aserve:` in place of `vllm:` (`--metrics-prefix vllm` restores vLLM's, so its
+Grafana dashboards work unchanged). Gauges and token counters are read from Engine.get_stats()
+at scrape time; histograms and finish reasons from the engine's EngineStatsRecorder, which the
+engine thread feeds. A scrape copies counters and lists: no lock, nothing per request, never a
+wait for a step. Written by hand: the format is a few lines of text, not worth a dependency.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import time
-from collections import Counter
 from typing import Callable
-
-from aserve.outputs import RequestOutput
 
 logger = logging.getLogger("aserve.server")
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
-                 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+# vLLM's finish reasons, always rendered (a dashboard's rate() needs the series from the start);
+# "error" is aserve's: a request the engine failed.
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
-
-class Histogram:
-    """A cumulative-bucket histogram, rendered the way Prometheus expects."""
-
-    def __init__(self, name: str, help: str, buckets: tuple[float, ...]):
-        self.name, self.help, self.buckets = name, help, buckets
-        self.counts = [0] * (len(buckets) + 1)  # the last slot is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self, labels: str) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, n in zip((*self.buckets, float("inf")), self.counts):
-            cumulative += n
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            lines.append(f'{self.name}_bucket{{{labels},le="{le}"}} {cumulative}')
-        lines.append(f"{self.name}_sum{{{labels}}} {self.sum}")
-        lines.append(f"{self.name}_count{{{labels}}} {self.count}")
-        return lines
+# (name without prefix, help) of each histogram, in the order rendered.
+HISTOGRAMS = (
+    ("iteration_tokens_total", "Histogram of number of tokens per engine_step."),
+    ("time_to_first_token_seconds", "Histogram of time to first token in seconds."),
+    ("inter_token_latency_seconds", "Histogram of inter-token latency in seconds."),
+    ("request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request."),
+    ("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds."),
+    ("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request."),
+    ("request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request."),
+    ("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request."),
+    ("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request."),
+    ("request_prompt_tokens", "Number of prefill tokens processed."),
+    ("request_generation_tokens", "Number of generation tokens processed."),
+    ("request_prefill_kv_computed_tokens",
+     "Histogram of new KV tokens computed during prefill (excluding cached tokens)."),
+    ("request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens."),
+    ("request_params_n", "Histogram of the n request parameter."),
+    ("request_params_max_tokens", "Histogram of the max_tokens request parameter."),
+)
+# Older vLLM dashboards plot time_per_output_token_seconds: vLLM emitted it with the same
+# observations as inter_token_latency_seconds until it retired the name; so does aserve.
+ALIASES = {"time_per_output_token_seconds": ("inter_token_latency_seconds",
+                                             "Histogram of time per output token in seconds "
+                                             "(the same as inter_token_latency_seconds).")}
 
 
 class ServerMetrics:
     """Everything /metrics reports for one served model."""
 
-    def __init__(self, async_engine, model_name: str):
+    def __init__(self, async_engine, model_name: str, prefix: str = "aserve"):
         self.async_engine = async_engine
-        self.labels = f'model_name="{_escape(model_name)}"'
-        self.ttft = Histogram("aserve:time_to_first_token_seconds",
-                              "Time from arrival to the first generated token.", _LATENCY_BUCKETS)
-        self.tpot = Histogram("aserve:time_per_output_token_seconds",
-                              "Mean time between output tokens of a request after the first.",
-                              _TPOT_BUCKETS)
-        self.e2e = Histogram("aserve:e2e_request_latency_seconds",
-                             "Time from arrival to the last token of a request.", _LATENCY_BUCKETS)
-        self.finished_by_reason: Counter[str] = Counter()
-        async_engine.add_finished_listener(self.on_request_finished)
-
-    def on_request_finished(self, output: RequestOutput) -> None:
-        reason = "error" if output.error else (output.outputs[0].finish_reason if output.outputs else None)
-        self.finished_by_reason[reason or "abort"] += 1
-        m = output.metrics
-        if m is None or output.error:
-            return
-        if m.first_token_time is not None:
-            self.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
-        if m.finished_time is not None:
-            self.e2e.observe(max(0.0, m.finished_time - m.arrival_time))
-            num_tokens = m.num_generation_tokens or max((len(o.token_ids) for o in output.outputs), default=0)
-            if m.first_token_time is not None and num_tokens > 1:
-                self.tpot.observe(max(0.0, (m.finished_time - m.first_token_time) / (num_tokens - 1)))
+        self.prefix = prefix
+        # vLLM's labels: the served model and the engine's index (one engine here).
+        self.labels = f'model_name="{_escape(model_name)}",engine="0"'
+        engine = async_engine.engine
+        cache, args = engine.cache_config, getattr(engine, "args", None)
+        # vLLM's cache_config_info: an info metric, a gauge at 1 whose labels are the settings.
+        self.cache_info = {
+            "block_size": cache.block_size, "num_gpu_blocks": cache.num_blocks,
+            "num_cpu_blocks": "None", "cache_dtype": "auto",
+            "gpu_memory_utilization": getattr(args, "gpu_memory_utilization", ""),
+            "enable_prefix_caching": getattr(args, "enable_prefix_caching", ""),
+            "engine": "0"}
 
     def render(self) -> str:
         stats = self.async_engine.get_stats()
-        lab = self.labels
+        recorder = self.async_engine.stats
+        p, lab = self.prefix, self.labels
         lines: list[str] = []
 
-        def scalar(kind: str, name: str, help: str, value) -> None:
-            lines.extend([f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name}{{{lab}}} {value}"])
+        def header(name: str, kind: str, help: str) -> str:
+            lines.extend([f"# HELP {p}:{name} {help}", f"# TYPE {p}:{name} {kind}"])
+            return f"{p}:{name}"
 
-        scalar("gauge", "aserve:num_requests_running", "Requests being computed.", stats.num_running)
-        scalar("gauge", "aserve:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
-        scalar("gauge", "aserve:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).",
+        def scalar(kind: str, name: str, help: str, value) -> None:
+            header(name, kind, help)
+            lines.append(f"{p}:{name}{{{lab}}} {value}")
+
+        scalar("gauge", "num_requests_running", "Number of requests in model execution batches.",
+               stats.num_running)
+        scalar("gauge", "num_requests_waiting", "Number of requests waiting to be processed.",
+               stats.num_waiting)
+        scalar("gauge", "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
                float(stats.kv_cache_usage))
-        scalar("gauge", "aserve:kv_cache_used_blocks", "KV cache blocks in use.", stats.num_used_blocks)
-        scalar("gauge", "aserve:kv_cache_total_blocks", "KV cache blocks in all.", stats.num_total_blocks)
-        scalar("counter", "aserve:prompt_tokens_total", "Prompt tokens computed.", stats.prompt_tokens_total)
-        scalar("counter", "aserve:generation_tokens_total", "Tokens generated.",
+        scalar("gauge", "kv_cache_used_blocks", "KV cache blocks in use (aserve's).", stats.num_used_blocks)
+        scalar("gauge", "kv_cache_total_blocks", "KV cache blocks in all (aserve's).", stats.num_total_blocks)
+        scalar("counter", "prefix_cache_queries_total",
+               "Prefix cache queries, in terms of number of queried tokens.", stats.prefix_cache_queries)
+        scalar("counter", "prefix_cache_hits_total",
+               "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits)
+        scalar("counter", "num_preemptions_total", "Cumulative number of preemption from the engine.",
+               stats.num_preemptions)
+        scalar("counter", "prompt_tokens_total", "Number of prefill tokens processed.",
+               stats.prompt_tokens_total)
+        scalar("counter", "generation_tokens_total", "Number of generation tokens processed.",
                stats.generation_tokens_total)
-        scalar("counter", "aserve:prefix_cache_queries_total",
-               "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
-        scalar("counter", "aserve:prefix_cache_hits_total",
-               "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
-        name = "aserve:request_success_total"
-        lines += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
-        # Requests aborted (a client that left, a shutdown) never finish in the engine: the
-        # AsyncEngine counts them, under vLLM's finished_reason="abort".
-        reasons = Counter(self.finished_by_reason)
-        reasons["abort"] += self.async_engine.num_aborted
-        for reason, n in sorted(reasons.items()):
-            lines.append(f'{name}{{{lab},finished_reason="{_escape(reason)}"}} {n}')
-        for hist in (self.ttft, self.tpot, self.e2e):
-            lines += hist.render(lab)
+        if recorder is not None:
+            name = header("prompt_tokens_by_source_total", "counter", "Number of prompt tokens by source.")
+            for source, n in recorder.prompt_tokens_by_source.items():
+                lines.append(f'{name}{{{lab},source="{source}"}} {n}')
+            scalar("counter", "prompt_tokens_cached_total", "Number of cached prompt tokens (local + external).",
+                   recorder.prompt_tokens_cached)
+            scalar("counter", "prompt_tokens_recomputed_total",
+                   "Number of cached tokens recomputed for forward pass.", recorder.prompt_tokens_recomputed)
+        name = header("request_success_total", "counter", "Count of successfully processed requests.")
+        reasons = dict(recorder.finished_by_reason) if recorder is not None else {}
+        for reason in (*FINISH_REASONS, *sorted(set(reasons) - set(FINISH_REASONS))):
+            lines.append(f'{name}{{{lab},finished_reason="{_escape(reason)}"}} {reasons.get(reason, 0)}')
+        if recorder is not None:
+            for hist_name, help in HISTOGRAMS:
+                self._histogram(lines, hist_name, help, recorder.histograms[hist_name])
+            for alias, (source, help) in ALIASES.items():
+                self._histogram(lines, alias, help, recorder.histograms[source])
+        name = header("cache_config_info", "gauge", "Information of the LLMEngine CacheConfig")
+        info = ",".join(f'{k}="{_escape(str(v))}"' for k, v in self.cache_info.items())
+        lines.append(f"{name}{{{info}}} 1.0")
         return "\n".join(lines) + "\n"
+
+    def _histogram(self, lines: list[str], name: str, help: str, hist) -> None:
+        full, lab = f"{self.prefix}:{name}", self.labels
+        lines.extend([f"# HELP {full} {help}", f"# TYPE {full} histogram"])
+        cumulative, total = hist.snapshot()
+        for bound, n in zip((*hist.buckets, "+Inf"), cumulative):
+            le = bound if bound == "+Inf" else repr(float(bound))
+            lines.append(f'{full}_bucket{{{lab},le="{le}"}} {n}')
+        lines.append(f"{full}_count{{{lab}}} {cumulative[-1]}")
+        lines.append(f"{full}_sum{{{lab}}} {total}")
 
 
 def _escape(value: str) -> str:

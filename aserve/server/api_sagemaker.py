@@ -1,0 +1,44 @@
+"""SageMaker's routes, as vLLM serves them: /ping (health) and /invocations (one route for
+every generation API, the handler chosen by the body's shape).
+
+SageMaker sends every request to POST /invocations and probes GET /ping. vLLM tries its
+request types in order, chat first: a body with `messages` is a chat completion, one with
+`prompt` a completion; anything else is a 400 naming what was expected.
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from aserve.server.app import STATE, health
+from aserve.server.errors import APIError
+from aserve.server.http_server import read_body
+
+
+async def ping(request: web.Request) -> web.StreamResponse:
+    """GET or POST /ping: /health's answer (200, or 503 with the reason)."""
+    return await health(request)
+
+
+async def invocations(request: web.Request) -> web.StreamResponse:
+    from aserve.server import api_openai
+
+    # aiohttp keeps the body once read, so the chosen handler reads it again for free.
+    raw = await read_body(request, request.app[STATE].limits)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
+    if isinstance(body, dict) and "messages" in body:
+        return await api_openai.chat_completions(request)
+    if isinstance(body, dict) and "prompt" in body:
+        return await api_openai.completions(request)
+    raise APIError(400, "Cannot find suitable handler for request. Expected one of: "
+                        "ChatCompletionRequest (with `messages`), CompletionRequest (with `prompt`).")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/ping", ping)
+    app.router.add_post("/ping", ping)
+    app.router.add_post("/invocations", invocations)
