@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from aserve.server.admission import DEFAULT_MAX_WAITING
 from server_fixtures import free_port, subprocess_server
 from tiny_models import tiny_model_dir
 
@@ -122,7 +123,7 @@ def test_the_port_answers_503_loading_until_the_model_is_ready_then_the_log_says
     assert (503, "model_loading") in seen and seen[-1][0] == 200, seen
     assert 0 not in [status for status, _ in seen[seen.index((503, "model_loading")):]]  # bound all along
     for fact in ("dtype float32", "on cpu", "max_model_len 2048", "max_num_seqs 256",
-                 "max_num_batched_tokens 2048", "max waiting requests 1024", "API key required: yes",
+                 "max_num_batched_tokens 2048", f"max waiting requests {DEFAULT_MAX_WAITING}", "API key required: yes",
                  f"http://localhost:{port}"):
         assert fact in log, fact
 

@@ -2,10 +2,11 @@
 past the bound on waiting requests (vLLM's --max-waiting-queue-length). A refusal is a 503
 with Retry-After and OpenAI's error body; requests already accepted are never dropped.
 
-Waiting counts every request taken in but not yet running: those past the door whose prompts
-are being tokenized or handed to the engine thread (counted here, from the door until the
-engine has taken them), and the scheduler's waiting queue. Counting from the door keeps a burst
-of arrivals from all passing the check before any of them reaches the engine.
+Waiting counts every request taken in but not yet running, each once: those past the door whose
+prompts are being tokenized (counted here, from the door until handed_over()), those handed to
+the engine thread and not yet taken, and the scheduler's waiting queue (both counted by
+AsyncEngine.num_waiting). Counting from the door keeps a burst of arrivals from all passing the
+check before any of them reaches the engine.
 
 The default bound is generous: a benchmark's burst of a thousand or more requests at once is
 ordinary traffic for a server of this class (vLLM bounds nothing by default), and must queue,
@@ -15,12 +16,17 @@ not fail. The bound is there so that a flood cannot grow the queue, and its late
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import contextvars
+from typing import Iterator, Optional
 
 from aserve.server.errors import APIError
 
 DEFAULT_MAX_WAITING = 4096  # 16 x the default max_num_seqs; 0 means unbounded (vLLM's default)
 RETRY_AFTER_S = 1
+
+# The requests of the admission the current task is in that are not handed to the engine yet
+# (a list, so that the tasks a handler gathers share it).
+_NOT_HANDED: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("aserve_not_handed", default=None)
 
 
 class Admission:
@@ -43,16 +49,26 @@ class Admission:
                 raise APIError(400, f"This request holds {count} prompts, and the server queues at "
                                     f"most {self.max_waiting} (--max-waiting-queue-length): send "
                                     f"fewer prompts per request.", param="prompt")
-            # The scheduler's queue only: requests on their way to it are in self.preparing
-            # (async_engine.num_waiting counts those too, which would count them twice).
-            waiting = async_engine.get_stats().num_waiting + self.preparing
+            waiting = async_engine.num_waiting + self.preparing
             if waiting + count > self.max_waiting:
                 raise APIError(503, f"The server is overloaded: {waiting} requests are already "
                                     f"waiting (at most {self.max_waiting}). Retry after "
                                     f"{RETRY_AFTER_S} s.", type="server_error",
                                code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)})
+        not_handed = [count]
+        token = _NOT_HANDED.set(not_handed)
         self.preparing += count
         try:
             yield
         finally:
-            self.preparing -= count
+            self.preparing -= not_handed[0]
+            _NOT_HANDED.reset(token)
+
+    def handed_over(self) -> None:
+        """One request of the current admission goes to the engine, which counts it from now on
+        (as waiting, and as an open stream): it leaves `preparing`, so it is never counted twice.
+        (It was, and a burst of a bound's size got 503s; a drain logged twice its requests.)"""
+        not_handed = _NOT_HANDED.get()
+        if not_handed is not None and not_handed[0] > 0:
+            not_handed[0] -= 1
+            self.preparing -= 1

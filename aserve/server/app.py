@@ -138,6 +138,7 @@ async def read_request(request: web.Request, model_cls: type[BaseModel]) -> Any:
 
 async def add_request_or_400(state: ServerState, request_id: str, prompt, params):
     """Queue one request; the engine's ValueError (context length, empty prompt...) is a 400."""
+    state.admission.handed_over()  # from here on the engine counts it
     try:
         return await state.async_engine.add_request(request_id, prompt, params)
     except ValueError as exc:
