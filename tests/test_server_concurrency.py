@@ -40,7 +40,7 @@ async def scrape(session, url: str) -> dict[str, float]:
     async with session.get(url + "/metrics") as resp:
         text = await resp.text()
     return {m.group(1): float(m.group(2))
-            for m in re.finditer(r"^(aserve:[a-z_]+)\{model_name=\"[^\"]*\"\} (\S+)$", text, re.M)}
+            for m in re.finditer(r'^(aserve:[a-z_]+)\{model_name="[^"]*",engine="0"\} (\S+)$', text, re.M)}
 
 
 async def wait_for_metric(session, url, name, predicate, timeout=20.0) -> dict[str, float]:
