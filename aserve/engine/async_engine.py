@@ -289,29 +289,40 @@ class AsyncEngine:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
+            turn = None  # the engine thread's turn in flight
             while True:
-                if not self._inbox and not self._engine_busy:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                ops, self._inbox = self._inbox, []
-                self._in_flight = ops
-                outputs, results, stepped, self._engine_busy = await loop.run_in_executor(
-                    self._executor, self._engine_turn, ops)
+                if turn is None:
+                    if not self._inbox and not self._engine_busy:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
+                        continue
+                    turn = self._start_turn(loop)
+                ops = self._in_flight
+                outputs, results, stepped, self._engine_busy = await turn
                 self._in_flight = []
                 self._num_pending_adds -= sum(isinstance(op, _Add) for op in ops)
                 for future, result, error in results:
                     if not future.done():  # an add whose caller left is cancelled already
                         future.set_exception(error) if error is not None else future.set_result(result)
                 self.num_steps += stepped
+                # The next turn starts before this one's outputs go out: the engine thread steps
+                # (and the GPU runs) while the loop writes them to their streams, instead of
+                # waiting for the last write. Outputs are snapshots, safe to read meanwhile;
+                # what the handlers post now (aborts, adds) waits for the turn after. A turn that
+                # produced nothing (a plan with no tokens) must not spin: the next waits 1 ms.
+                turn = self._start_turn(loop) if outputs and (self._inbox or self._engine_busy) else None
                 await self._dispatch(outputs)
-                # A turn that produced nothing (a plan with no tokens) must not spin.
                 await asyncio.sleep(0 if outputs else 0.001)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the engine itself failed: no step can be trusted now
             logger.exception("The engine's step driver failed; the server can serve no more requests")
             self._die(exc)
+
+    def _start_turn(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
+        ops, self._inbox = self._inbox, []
+        self._in_flight = ops
+        return loop.run_in_executor(self._executor, self._engine_turn, ops)
 
     def _engine_turn(self, ops: list):
         """In the engine thread: apply the adds, aborts and calls queued since the last turn, in
