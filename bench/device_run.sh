@@ -71,8 +71,12 @@ stage_serving() {
             sleep 1
         done
         for rate in ${SERVING_RATES:-10 40 inf}; do
+            # SERVING_NUM_PROMPTS bounds the runs at a finite rate (1000 at 10/s take 100 s).
+            local num_prompts=1000
+            [ "$rate" != inf ] && num_prompts=${SERVING_NUM_PROMPTS:-1000}
             run "serving $model rate=$rate" "$SERVING_TIMEOUT" python3 bench/serving.py \
                 --base-url http://localhost:8123 --request-rate $rate --input-len $input \
+                --num-prompts $num_prompts \
                 --output-len $output --random-token-ids 30000 --ignore-eos 2>&1 | tail -24
         done
         kill $server

@@ -17,11 +17,12 @@ shape=opt-125m dtype=float16 input=128 output=128
 [ "$MODEL" = B ] && shape=llama-3.1-8b dtype=bfloat16 input=512 output=256
 python3 bench/make_random_model.py --shape $shape --out /tmp/$shape --dtype $dtype --config-only
 
-serve_and_bench() {  # serve_and_bench LABEL [py-spy args...]: one server, one benchmark run
-    local label=$1
-    shift
-    "$@" python3 -m aserve --model /tmp/$shape --load-format dummy --port 8124 --disable-log-requests \
-        > /tmp/profiled_server.log 2>&1 &
+serve_and_bench() {  # serve_and_bench LABEL DIR [py-spy args...]: one server (aserve as in DIR), one run
+    local label=$1 dir=$2
+    shift 2
+    # From DIR: `python -m` puts the working directory first on sys.path.
+    (cd "$dir" && exec "$@" python3 -m aserve --model /tmp/$shape --load-format dummy --port 8124 \
+        --disable-log-requests) > /tmp/profiled_server.log 2>&1 &
     local server=$!
     for _ in $(seq 120); do
         curl -sf localhost:8124/health >/dev/null && break
@@ -36,22 +37,19 @@ serve_and_bench() {  # serve_and_bench LABEL [py-spy args...]: one server, one b
     wait $server 2>/dev/null
 }
 
-# SWITCH_INTERVALS="0.005 0.0005": one unprofiled run per GIL switch interval (the engine's
-# ASERVE_SWITCH_INTERVAL_S); by default one run at the engine's own setting.
-for interval in ${SWITCH_INTERVALS:-default}; do
-    if [ "$interval" = default ]; then
-        serve_and_bench "without the profiler"
-    else
-        serve_and_bench "switch interval $interval" env ASERVE_SWITCH_INTERVAL_S=$interval
-    fi
-done
+# PREVIOUS_DIR (an earlier version unpacked: `git archive REV | tar -x -C .previous`, carried):
+# the same run against that version's server first, for a before/after in one lease.
+if [ -n "${PREVIOUS_DIR:-}" ]; then
+    serve_and_bench "previous version" "$PREVIOUS_DIR" env PYTHONPATH="$PWD/$PREVIOUS_DIR:${PYTHONPATH:-}"
+fi
+serve_and_bench "without the profiler" .
 if [ "${PROFILE:-1}" = 0 ]; then
     exit 0
 elif [ -x "$PYSPY" ]; then
     # PYSPY_ARGS=--gil samples only the thread holding the GIL: where the one process's Python
     # time goes, engine thread and event loop together.
     # shellcheck disable=SC2086
-    serve_and_bench "under py-spy" "$PYSPY" record --nonblocking --threads -r 200 -f raw ${PYSPY_ARGS:-} \
+    serve_and_bench "under py-spy" . "$PYSPY" record --nonblocking --threads -r 200 -f raw ${PYSPY_ARGS:-} \
         -o "$out/server_profile.txt" --
     python3 bench/profile_summary.py "$out/server_profile.txt" --top ${TOP:-30} > "$out/profile_summary.txt"
     head -${SUMMARY_LINES:-80} "$out/profile_summary.txt"
