@@ -147,8 +147,11 @@ def test_named_stream_is_one_call_of_the_whole_text():
 
 def test_finish_reasons_of_calls():
     named = plan_tools([WEATHER], {"type": "function", "function": {"name": "get_weather"}}, None)
-    assert response_message(named, '{"city": "Oslo"}', "stop")[2] == "tool_calls"
+    assert response_message(named, '{"city": "Oslo"}', "stop")[2] == "stop"   # as OpenAI, for a named call
     assert response_message(named, '{"city": "Os', "length")[2] == "length"
+    required = plan_tools([WEATHER], "required", None)
+    called = '[{"name": "get_weather", "parameters": {"city": "Oslo"}}]'
+    assert response_message(required, called, "stop")[2] == "tool_calls"
     assert response_message(plan_tools([WEATHER], "none", None), "hi", "stop") == ("hi", [], "stop")
 
 

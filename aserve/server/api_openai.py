@@ -363,7 +363,7 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                     rest = tool_streams[j].finish()
                     delta.content += rest.content
                     delta.tool_calls += rest.tool_calls
-                    finish = finish_reason(o.finish_reason, tool_streams[j].called)
+                    finish = finish_reason(tool_plan, o.finish_reason, tool_streams[j].called)
                 text, tool_deltas = delta.content, delta.tool_calls or None
             # One chunk per step that brought tokens, even with no character yet (empty content),
             # as vLLM streams, so clients that count chunks as tokens count right. Not inside a

@@ -187,12 +187,14 @@ def response_message(plan: ToolPlan, text: str, finish: Optional[str]
     content, calls = calls_from_output(plan, text)
     tool_calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                   for c in calls]
-    return content, tool_calls, finish_reason(finish, bool(calls))
+    return content, tool_calls, finish_reason(plan, finish, bool(calls))
 
 
-def finish_reason(finish: Optional[str], called: bool) -> Optional[str]:
-    """OpenAI's "tool_calls" when the model ended by making calls; a cut-off stays "length"."""
-    return "tool_calls" if called and finish == "stop" else finish
+def finish_reason(plan: ToolPlan, finish: Optional[str], called: bool) -> Optional[str]:
+    """OpenAI's (and vLLM's): "tool_calls" when the model ended by making calls of its own
+    choosing ("auto") or of a "required" choice, but "stop" for a call to a named function;
+    a cut-off stays "length"."""
+    return "tool_calls" if called and finish == "stop" and plan.mode != "named" else finish
 
 
 def choice_stream(plan: ToolPlan) -> Optional[ToolParser]:
