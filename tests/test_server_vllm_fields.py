@@ -174,6 +174,13 @@ def test_continuous_usage_stats_put_usage_on_every_chunk(client, server, route):
     assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
 
 
+def test_stream_options_without_include_usage_gives_the_usage_chunk_as_vllm(client, server):
+    chunks = list(complete(client, server, stream=True, stream_options={}))  # vLLM's default: true
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    chunks = list(complete(client, server, stream=True))                   # no stream_options: none
+    assert all(c.usage is None for c in chunks)
+
+
 def test_without_continuous_usage_only_the_last_chunk_has_usage(client, server):
     chunks = list(complete(client, server, stream=True, stream_options={"include_usage": True}))
     assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]

@@ -27,9 +27,10 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
+    # As vLLM: once stream_options is given, include_usage defaults to true (OpenAI leaves it
+    # unset); a stream without stream_options has no usage chunk.
     include_usage: Optional[bool] = None
-    # vLLM's: usage on every chunk. vLLM's include_usage defaults to true, so asking for it
-    # implies the final usage chunk too, unless include_usage is false (then neither).
+    # vLLM's: usage on every chunk too, unless include_usage is false (then neither).
     continuous_usage_stats: bool = False
 
     @property
@@ -38,7 +39,7 @@ class StreamOptions(_Strict):
 
     @property
     def final_usage(self) -> bool:
-        return bool(self.include_usage) or self.continuous_usage
+        return self.include_usage is not False
 
 
 class _SamplingRequest(_Strict, VllmSamplingFields):
