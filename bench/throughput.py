@@ -87,7 +87,8 @@ def engine_overhead(llm, args) -> dict:
     from aserve.worker.step_arrays import STEP_DRY_RUN
 
     engine = llm.engine
-    engine.stream_outputs = False
+    # --stream-outputs: every step reports every request, as the server's engine does.
+    engine.stream_outputs = args.stream_outputs
     params = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
     max_len = engine.model_config.max_model_len
     params.max_tokens = max_len - args.input_len
@@ -125,6 +126,7 @@ def engine_overhead(llm, args) -> dict:
     timings.sort(key=sum)
     med = timings[len(timings) // 2]
     result = {"running_requests": args.num_prompts, "tensor_parallel_size": args.tensor_parallel_size,
+              "stream_outputs": args.stream_outputs,
               "prefix_caching": args.enable_prefix_caching,
               "median_step_ms": round(sum(med) * 1e3, 3),
               "schedule_and_prepare_ms": round(med[0] * 1e3, 3), "process_ms": round(med[2] * 1e3, 3)}
@@ -165,6 +167,8 @@ def main():
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--engine-overhead", action="store_true")
     parser.add_argument("--overhead-steps", type=int, default=50)
+    parser.add_argument("--stream-outputs", action="store_true",
+                        help="with --engine-overhead: an output per request per step, as the server")
     args = parser.parse_args()
 
     vocab = _vocab_size(args.model)
