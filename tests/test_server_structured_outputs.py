@@ -461,3 +461,17 @@ def test_the_parse_helper_gets_strict_pydantic_tool_arguments(client, server):
         tool_choice={"type": "function", "function": {"name": "GetWeather"}})
     arguments = response.choices[0].message.tool_calls[0].function.parsed_arguments
     assert isinstance(arguments, GetWeather) and arguments.unit in ("celsius", "fahrenheit")
+
+
+def test_a_grammar_the_requests_other_constraints_contradict_is_a_400(client, server):
+    # Found by the long fuzz: the grammar and allowed_token_ids left no token to sample.
+    letters = [server.async_engine.engine.tokenizer.convert_tokens_to_ids(c) for c in "abc"]
+    body = {"allowed_token_ids": letters, "guided_json": {"type": "object"}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server.model_name, prompt="Hi", max_tokens=8, extra_body=body)
+    assert "no token satisfies both the grammar" in info.value.message
+    stream = client.completions.create(model=server.model_name, prompt="Hi", max_tokens=8, stream=True,
+                                       extra_body=body)
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+    assert "no token satisfies both the grammar" in str(info.value)

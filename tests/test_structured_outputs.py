@@ -165,3 +165,16 @@ def test_an_engine_without_a_tokenizer_refuses_structured_outputs():
     llm = OfflineLLM(kv_cache_memory_gb=0.05, skip_tokenizer_init=True)
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate([[5, 6, 7]], SamplingParams(structured_outputs=S(regex="a")), use_tqdm=False)
+
+
+def test_a_grammar_the_requests_other_constraints_contradict_ends_that_request_alone(llm):
+    # allowed_token_ids leave no token the JSON grammar allows first ("{"): the request ends with
+    # a clear error (no internal error, no traceback), and the free request beside it is served.
+    tokenizer = llm.get_tokenizer()
+    letters = [tokenizer.convert_tokens_to_ids(c) for c in "abc"]
+    contradicted = SamplingParams(temperature=0.0, max_tokens=8, allowed_token_ids=letters,
+                                  structured_outputs=S(json_object=True))
+    free = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    bad, good = llm.generate(["Hello", "Hello"], [contradicted, free], use_tqdm=False)
+    assert bad.finished and bad.error.startswith("structured_outputs: no token satisfies both")
+    assert good.error is None and len(good.outputs[0].token_ids) == 8

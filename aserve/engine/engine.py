@@ -21,7 +21,7 @@ from aserve.distributed.group import TensorParallelError
 from aserve.distributed.rendezvous import rank_device
 from aserve.executor.worker_group import WorkerGroup
 from aserve.engine.block_manager import BlockManager
-from aserve.engine.output_processor import OutputProcessor
+from aserve.engine.output_processor import GrammarConflictError, OutputProcessor
 from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
@@ -252,6 +252,9 @@ class Engine:
                 continue
             try:
                 self._apply(item, span, output, now, computed_already_advanced)
+            except GrammarConflictError as exc:  # the request contradicts itself: no fault here
+                logger.info("request %s ended: %s", request.request_id, exc)
+                self._fail(request, str(exc))
             except Exception as exc:  # one request's failure must not stop the others
                 logger.exception("request %s failed", request.request_id)
                 self._fail(request, f"internal error: {exc!r}")

@@ -165,8 +165,18 @@ class OutputProcessor:
             num_cached_tokens=request.num_cached_tokens)
 
 
+class GrammarConflictError(ValueError):
+    """A structured-output request sampled a token its grammar refuses. The sampler masks every
+    token the grammar refuses, so this happens when the request's other constraints masked
+    every token the grammar allows (allowed_token_ids, bad_words, a logit_bias of -100,
+    min_tokens holding back the EOS a finished grammar needs): the request's own contradiction."""
+
+
 def _advance_grammar(matcher, token_id: int) -> None:
     """Feed a sampled token to a structured-output sequence's grammar."""
     if not matcher.consume_token(token_id) or matcher.is_error():
-        # The mask allowed only tokens the grammar accepts: this is a fault, the request fails.
-        raise RuntimeError(f"the grammar refused sampled token {token_id}: {matcher.get_error()}")
+        # "structured_outputs" first: the server answers such a request's error as a 400.
+        raise GrammarConflictError(
+            "structured_outputs: no token satisfies both the grammar and the request's other "
+            "token constraints (allowed_token_ids, bad_words, logit_bias, min_tokens); the "
+            "request was ended")
