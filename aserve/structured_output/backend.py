@@ -79,7 +79,9 @@ class GrammarBackend:
     def _new_matcher(self, params: StructuredOutputsParams):
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._ll_tokenizer.result(), self._entry(params)[0])
+        # log_level 0: llguidance would print its own warnings to stderr (a whole parser state per
+        # refused token); the errors reach the request through get_error() instead.
+        matcher = llguidance.LLMatcher(self._ll_tokenizer.result(), self._entry(params)[0], log_level=0)
         if matcher.is_error():
             raise ValueError(f"structured_outputs.{params.kind} is not usable: {matcher.get_error()}")
         return matcher
