@@ -33,6 +33,11 @@ SHAPES = {
                                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                          max_position_embeddings=131072, rope_theta=500000.0,
                                          rms_norm_eps=1e-5)),
+    # Host-bound on a CPU: the engine's and the server's Python costs dominate its step (profiling
+    # the serving path without a GPU); vocab 4096 keeps the sampler cheap.
+    "opt-host": ("OPTConfig", dict(vocab_size=4096, hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                                   num_attention_heads=2, max_position_embeddings=2048,
+                                   word_embed_proj_dim=32, do_layer_norm_before=True)),
     # a Llama of ~1B parameters (TinyLlama-1.1B's shape)
     "llama-1b": ("LlamaConfig", dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                      num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,

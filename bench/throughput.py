@@ -36,7 +36,8 @@ def run_aserve(args, prompts) -> dict:
                      max_num_batched_tokens=args.max_num_batched_tokens,
                      kv_cache_memory_gb=args.kv_cache_memory_gb,
                      tensor_parallel_size=args.tensor_parallel_size,
-                     enable_prefix_caching=args.enable_prefix_caching)
+                     enable_prefix_caching=args.enable_prefix_caching, load_format=args.load_format,
+                     skip_tokenizer_init=args.skip_tokenizer_init)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[: min(4, len(prompts))], params, use_tqdm=False)   # warm-up
     _sync()
@@ -163,6 +164,9 @@ def main():
     parser.add_argument("--kv-cache-memory-gb", type=float, default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--load-format", default="auto", help="dummy: random weights from a config alone")
+    parser.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="no detokenization (bench/workloads.py's runs): the engine's cost without text")
     parser.add_argument("--baseline", choices=["hf"], default=None)
     parser.add_argument("--hf-batch-size", type=int, default=32)
     parser.add_argument("--engine-overhead", action="store_true")

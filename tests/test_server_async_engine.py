@@ -1,5 +1,6 @@
-"""AsyncEngine without HTTP: the step driver sleeps when idle, never stalls the loop, and a
-consumer that goes away aborts its request and frees its blocks."""
+"""AsyncEngine without HTTP: the step driver sleeps when idle, never stalls the loop, the engine
+thread never waits for it, and a consumer that goes away aborts its request and frees its
+blocks."""
 
 from __future__ import annotations
 
@@ -60,6 +61,40 @@ async def until_idle(engine, timeout: float = 10.0):
     while engine.get_stats().num_used_blocks and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     return engine.get_stats()
+
+
+async def test_the_engine_steps_on_while_the_loop_is_busy(async_engine, engine):
+    """The engine thread never waits for the loop: a loop held up (parsing requests, writing
+    chunks) finds the request further along, and its stream skips to the newest output."""
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    stream = await async_engine.add_request("busy", "Hello", params)
+    try:
+        await stream.__anext__()
+        before = engine.generation_tokens_total
+        time.sleep(0.3)  # the loop is held up: no output is taken meanwhile
+        assert engine.generation_tokens_total > before + 1
+        outputs = [out async for out in stream]
+    finally:
+        stream.close()
+    assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 64
+    assert len(outputs) < 63  # the tokens of the held-up steps came in one output
+
+
+async def test_a_loop_slow_to_deliver_gets_several_steps_per_output(async_engine):
+    """Past its share of the time, the loop rests after writing and the engine hands over
+    several steps at once: fewer, bigger outputs, every token still there."""
+    async_engine.delivery_rest = 1e6  # any writing is too slow: the loop rests the most each time
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    async def run(i: int) -> list:
+        return [out async for out in async_engine.generate(f"slow-{i}", f"Story {i}:", params)]
+
+    runs = await asyncio.gather(*(run(i) for i in range(8)))
+    for outputs in runs:
+        assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 40
+        assert len(outputs) <= 10
+        texts = [out.outputs[0].text for out in outputs]
+        assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
 
 
 async def test_the_driver_sleeps_while_idle(async_engine):

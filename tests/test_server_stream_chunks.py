@@ -1,11 +1,17 @@
 """Streams send one chunk per step that brought tokens, also when those tokens make no
 character yet (part of a UTF-8 sequence): empty text, as vLLM streams, so a client that counts
 chunks as tokens (vLLM's benchmark does) counts right. And the plain chunks, built without
-pydantic, are the same JSON as the response models give."""
+pydantic, are the same JSON as the response models give.
+
+A chunk per step holds while the event loop takes each step's outputs before the next step
+ends; a loop that falls behind (a saturated server) gets several steps' tokens in one chunk,
+as vLLM's does. The tiny model's CPU steps are about as short as a round of the loop, so the
+server here slows each step down to make the first case certain."""
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -18,9 +24,20 @@ from server_fixtures import ServerThread
 MAX_TOKENS = 6
 
 
+STEP_DELAY_S = 0.02
+
+
 @pytest.fixture(scope="module")
 def server():
     with ServerThread() as s:
+        engine = s.async_engine.engine
+        step_gen = engine.step_gen
+
+        def slow_step_gen():  # in the engine thread, before each step
+            time.sleep(STEP_DELAY_S)
+            return (yield from step_gen())
+
+        engine.step_gen = slow_step_gen
         yield s
 
 

@@ -1,24 +1,33 @@
 """AsyncEngine: the Engine driven from the server's event loop, its steps in a thread of their own.
 
-The Engine (not thread-safe) is only ever touched by one worker thread, the engine thread,
-which runs whole steps there: scheduling, the model forward, sampling and output processing.
-The event loop's only work is HTTP: it hands new requests and aborts to the engine thread,
-which applies them between steps, in order, and hands each step's outputs back. So the loop
-never holds a step's Python work (~20 ms for 300 requests on a CPU core) and answers /health
-and the token streams while the engine computes: the engine thread yields the GIL at least
-every switch interval (5 ms) and inside torch's kernels; on a GPU it simply waits on the device.
+The Engine (not thread-safe) is only ever touched by one thread, the engine thread, which runs
+whole steps, one after another, for as long as there is work: scheduling, the model forward,
+sampling and output processing. The event loop's only work is HTTP: it hands new requests,
+aborts and calls to the engine thread, which applies them between steps, in order; and it takes
+the engine's outputs when it is ready for them. The engine never waits for the loop: while the
+loop parses requests or writes chunks, the engine goes on stepping, and the loop then takes
+the newest output of each request (vLLM's engine core and API server work the same way, in
+two processes). So /health and the token streams are answered while the engine computes: the
+engine thread yields the GIL at least every switch interval (5 ms) and inside torch's kernels;
+on a GPU it simply waits on the device.
 
-Each request gets a RequestStream: an async iterator of its cumulative RequestOutputs.
-Outputs are cumulative, so the stream keeps only the newest one: a slow consumer skips
-intermediate states instead of growing a queue, and never misses the final state.
-Closing a stream before it finished (the consumer was cancelled, the client went away)
-aborts the request, which frees its KV blocks at the engine's next step boundary.
+Both threads hold the GIL for their Python work, so every moment the loop spends writing
+chunks is a moment the engine does not step. At a few streams that is nothing; at 256 streams
+one round of writes (a chunk each) costs about as much as a step of a small model on a fast
+GPU, and writing every step would halve the engine's speed. So when a round of writes takes
+longer than a step / DELIVERY_REST, the loop then rests DELIVERY_REST times as long as the
+writing took before it takes the next outputs: delivery gets at most 1 / (1 + DELIVERY_REST)
+of the time. A stream then gets its tokens in chunks of a few when the server is saturated,
+and one chunk per token when it is not. Streams themselves are in request_stream.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,29 +35,31 @@ from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from aserve.engine.pipeline import run_step_gen
 from aserve.engine.request_factory import TokenizedPrompt
+from aserve.engine.request_stream import EngineDeadError, RequestAbortedError, RequestStream
 from aserve.outputs import RequestOutput
 from aserve.sampling_params import SamplingParams
+
+__all__ = ["AsyncEngine", "EngineDeadError", "RequestAbortedError", "RequestStream"]
 
 logger = logging.getLogger("aserve.engine")
 
 # How long shutdown waits for the step in flight of an engine that has died.
 _SHUTDOWN_STEP_WAIT_S = 5.0
-# A step's outputs are handed to their streams this many at a time, the loop free in between:
+# A batch of outputs is handed to its streams this many at a time, the loop free in between:
 # 256 outputs at once (each waking a handler) would hold /health back for the whole batch.
 DISPATCH_BATCH = 16
-
-
-class EngineDeadError(RuntimeError):
-    """The step driver failed; no request can be served any more."""
-
-
-class RequestAbortedError(RuntimeError):
-    """The request was aborted before it finished, by someone else than its consumer (the
-    server shutting down); `code` names why, for the client's error body."""
-
-    def __init__(self, message: str, code: str = "request_aborted"):
-        super().__init__(message)
-        self.code = code
+# After writing a batch of outputs, the loop leaves the GIL to the engine thread this many
+# times as long as the writing took, when that is longer than a step (module docstring). 0
+# takes outputs as fast as the loop can. bench/RESULTS.md (2026-12-02) has the figures that
+# chose it; ASERVE_DELIVERY_REST overrides it, for benchmarks.
+DELIVERY_REST = float(os.environ.get("ASERVE_DELIVERY_REST", "4"))
+# A rest is never longer than this: at thousands of streams, chunks still come this often.
+_MAX_REST_S = 0.1
+# A rest shorter than this is not worth a timer.
+_MIN_REST_S = 0.0005
+# How long the engine thread waits before stepping again after a step that did nothing (a
+# structured-output request waiting for its grammar).
+_IDLE_STEP_WAIT_S = 0.001
 
 
 @dataclass
@@ -70,68 +81,30 @@ class _Call:
     done: asyncio.Future
 
 
-class RequestStream:
-    """The outputs of one request, for `async for`; holds only the newest (cumulative) one."""
-
-    def __init__(self, request_id: str, owner: "AsyncEngine"):
-        self.request_id = request_id
-        self._owner = owner
-        self._latest: Optional[RequestOutput] = None
-        self._error: Optional[BaseException] = None
-        self._ready = asyncio.Event()
-        self.finished = False     # the engine reported the final output (or an error)
-        self._delivered_last = False
-
-    # -- called by the step driver
-    def _put(self, output: RequestOutput) -> None:
-        self._latest = output
-        if output.finished:
-            self.finished = True
-        self._ready.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        self._error = exc
-        self.finished = True
-        self._ready.set()
-
-    # -- called by the consumer
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._delivered_last:
-            raise StopAsyncIteration
-        await self._ready.wait()
-        self._ready.clear()
-        if self._error is not None:
-            self._delivered_last = True
-            raise self._error
-        output = self._latest
-        if output.finished:
-            self._delivered_last = True
-        return output
-
-    def close(self) -> None:
-        """Abort the request unless it already finished; safe to call more than once."""
-        if not self.finished:
-            self.finished = True  # its consumer is leaving: nobody needs waking
-            self._owner.abort(self.request_id)
-
-
 class AsyncEngine:
-    """Owns an Engine, the thread that steps it and the coroutine that drives that thread; the
-    server's only way into the engine."""
+    """Owns an Engine, the thread that steps it and the coroutine that feeds that thread and
+    delivers its outputs; the server's only way into the engine."""
 
     def __init__(self, engine):
         self.engine = engine
         self._streams: dict[str, RequestStream] = {}
         # The engine thread: the only thread that touches the Engine once the driver runs.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aserve-engine")
-        # Adds, aborts (request ids) and calls for the engine thread, applied in this order.
-        self._inbox: list = []
-        self._in_flight: list = []  # the inbox being applied now (its futures end with the turn)
-        self._engine_busy = False   # the engine had unfinished requests after its last turn
-        self._wakeup: Optional[asyncio.Event] = None
+        # Adds, aborts (request ids) and calls for the engine thread, applied in this order at
+        # its step boundaries (a deque: the loop appends while the engine thread takes).
+        self._inbox: collections.deque = collections.deque()
+        self._taken: list = []      # ops the engine thread applied, not yet handed back
+        # Wakes the engine thread when it has nothing to step: an op came, or the loop is
+        # ready for outputs.
+        self._work = threading.Event()
+        # Set by the loop when it is ready for the next outputs; the engine thread hands them
+        # over at its next step boundary (or at once, if it is idle) and clears it.
+        self._wants_outputs = False
+        self._stopping = False
+        self._batch_waiter: Optional[asyncio.Future] = None
+        self._engine_loop_done: Optional[asyncio.Future] = None
+        self.delivery_rest = DELIVERY_REST
+        self._step_seconds = 0.0    # a recent step's wall time, measured by the engine thread
         self._driver: Optional[asyncio.Task] = None
         self._dead: Optional[BaseException] = None
         self._died: Optional[asyncio.Event] = None
@@ -142,6 +115,8 @@ class AsyncEngine:
         enable_stats = getattr(engine, "enable_stats", None)
         self.stats = enable_stats() if enable_stats is not None else None
         self._num_pending_adds = 0  # adds handed over whose result has not come back
+        # One output per request per batch handed over, however many steps it spans.
+        engine.defer_outputs = True
 
     @classmethod
     def from_engine_args(cls, args) -> "AsyncEngine":
@@ -150,12 +125,12 @@ class AsyncEngine:
 
     # ----------------------------------------------------------------- life cycle
     def start(self) -> None:
-        """Start the step driver on the running loop."""
+        """Start the engine thread's loop and the driver coroutine on the running loop."""
         if self._driver is not None:
             return
         loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
         self._died = asyncio.Event()
+        self._engine_loop_done = loop.run_in_executor(self._executor, self._engine_loop, loop)
         self._driver = loop.create_task(self._run(), name="aserve-step-driver")
         workers = getattr(self.engine, "workers", None)
         if workers is not None:  # a tensor-parallel rank failed: this engine can do nothing more
@@ -164,6 +139,7 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         """Stop stepping, end every open stream, and release the engine thread. The engine is
         left empty (its requests aborted, no step in flight) unless it died."""
+        self._stop_engine_loop()
         if self._driver is not None:
             self._driver.cancel()
             try:
@@ -173,7 +149,7 @@ class AsyncEngine:
             self._driver = None
         self._fail_all(EngineDeadError("The server is shutting down."))
         loop = asyncio.get_running_loop()
-        if self._dead is None:  # after the step in flight (one thread: it queues behind it)
+        if self._dead is None:  # after the engine loop's last step (one thread: it queues behind it)
             await loop.run_in_executor(self._executor, self._empty_engine)
         # Wait for a step still in flight without blocking the loop while it ends; a dead
         # engine's step may never end (a collective with a dead rank), so not forever.
@@ -280,81 +256,76 @@ class AsyncEngine:
         """Requests taken but not yet scheduled: on their way to the engine, or in its queue."""
         return self.get_stats().num_waiting + self._num_pending_adds
 
-    # ----------------------------------------------------------------- the step driver
+    # ----------------------------------------------------------------- the engine thread
     def _post(self, op) -> None:
         self._inbox.append(op)
-        if self._wakeup is not None:
-            self._wakeup.set()
+        self._work.set()
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            turn = None  # the engine thread's turn in flight
-            while True:
-                if turn is None:
-                    if not self._inbox and not self._engine_busy:
-                        self._wakeup.clear()
-                        await self._wakeup.wait()
-                        continue
-                    turn = self._start_turn(loop)
-                ops = self._in_flight
-                outputs, results, stepped, self._engine_busy = await turn
-                self._in_flight = []
-                self._num_pending_adds -= sum(isinstance(op, _Add) for op in ops)
-                for future, result, error in results:
-                    if not future.done():  # an add whose caller left is cancelled already
-                        future.set_exception(error) if error is not None else future.set_result(result)
-                self.num_steps += stepped
-                # The next turn starts before this one's outputs go out: the engine thread steps
-                # (and the GPU runs) while the loop writes them to their streams, instead of
-                # waiting for the last write. Outputs are snapshots, safe to read meanwhile;
-                # what the handlers post now (aborts, adds) waits for the turn after. A turn that
-                # produced nothing (a plan with no tokens) must not spin: the next waits 1 ms.
-                turn = self._start_turn(loop) if outputs and (self._inbox or self._engine_busy) else None
-                await self._dispatch(outputs)
-                await asyncio.sleep(0 if outputs else 0.001)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # the engine itself failed: no step can be trusted now
-            logger.exception("The engine's step driver failed; the server can serve no more requests")
-            self._die(exc)
+    def _stop_engine_loop(self) -> None:
+        self._stopping = True
+        self._work.set()
 
-    def _start_turn(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future:
-        ops, self._inbox = self._inbox, []
-        self._in_flight = ops
-        return loop.run_in_executor(self._executor, self._engine_turn, ops)
-
-    def _engine_turn(self, ops: list):
-        """In the engine thread: apply the adds, aborts and calls queued since the last turn, in
-        order, then run one step when there is work. A failed forward or sampler ends that
-        step's requests with the error (Engine.step_gen); every other request carries on."""
+    def _engine_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the engine thread, until shutdown: apply the ops queued since the last step (in
+        order), step while there is work, and hand what came of it (outputs, the ops' results)
+        to the loop whenever the loop is ready for it. A failed forward or sampler ends that
+        step's requests with the error (Engine.step_gen); every other request carries on. An
+        exception here is the engine's own failure: the driver gets it and the engine dies."""
         engine = self.engine
-        results = []
-        for op in ops:
-            if isinstance(op, str):
-                if op not in engine.requests:   # it finished first: nothing to abort
-                    continue
-                try:
-                    engine.abort_request(op)
-                except Exception:  # an abort must never take the engine down with it
-                    logger.exception("aborting request %s failed", op)
-                else:  # logged here, where it happens: the log and /metrics' count agree
-                    logger.info("Aborted request %s.", op)
-            elif isinstance(op, _Add):
-                try:
-                    engine.add_request(op.request_id, op.prompt, op.params, arrival_time=op.arrival_time)
-                except Exception as exc:  # a bad request: its own 400 (or 500), nobody else's
-                    results.append((op.accepted, None, exc))
-                else:
-                    results.append((op.accepted, None, None))
+        outputs, results, stepped = [], [], 0
+        batch_started = time.perf_counter()
+        while not self._stopping:
+            while self._inbox:
+                op = self._inbox.popleft()
+                self._taken.append(op)
+                self._apply(op, results)
+            progressed = False
+            if engine.has_unfinished_requests():
+                tokens_before = engine.prompt_tokens_total + engine.generation_tokens_total
+                outputs += run_step_gen(engine.step_gen())
+                stepped += 1
+                progressed = tokens_before != engine.prompt_tokens_total + engine.generation_tokens_total
+            if self._wants_outputs and (outputs or results or stepped):
+                self._wants_outputs = False
+                if stepped:
+                    self._step_seconds = (time.perf_counter() - batch_started) / stepped
+                outputs += engine.take_unreported_outputs()
+                taken, self._taken = self._taken, []
+                loop.call_soon_threadsafe(self._on_batch, (outputs, results, taken, stepped))
+                outputs, results, stepped = [], [], 0
+                batch_started = time.perf_counter()
+            if progressed:
+                continue
+            # Nothing to step (or a step that did nothing): sleep until an op comes or the loop
+            # wants what is waiting. Cleared first, then checked: a set() in between is kept.
+            self._work.clear()
+            if self._inbox or self._stopping or (self._wants_outputs and (outputs or results or stepped)):
+                continue
+            self._work.wait(_IDLE_STEP_WAIT_S if engine.has_unfinished_requests() else None)
+
+    def _apply(self, op, results: list) -> None:
+        engine = self.engine
+        if isinstance(op, str):
+            if op not in engine.requests:   # it finished first: nothing to abort
+                return
+            try:
+                engine.abort_request(op)
+            except Exception:  # an abort must never take the engine down with it
+                logger.exception("aborting request %s failed", op)
+            else:  # logged here, where it happens: the log and /metrics' count agree
+                logger.info("Aborted request %s.", op)
+        elif isinstance(op, _Add):
+            try:
+                engine.add_request(op.request_id, op.prompt, op.params, arrival_time=op.arrival_time)
+            except Exception as exc:  # a bad request: its own 400 (or 500), nobody else's
+                results.append((op.accepted, None, exc))
             else:
-                try:
-                    results.append((op.done, op.fn(), None))
-                except Exception as exc:
-                    results.append((op.done, None, exc))
-        stepped = engine.has_unfinished_requests()
-        outputs = run_step_gen(engine.step_gen()) if stepped else []
-        return outputs, results, int(stepped), engine.has_unfinished_requests()
+                results.append((op.accepted, None, None))
+        else:
+            try:
+                results.append((op.done, op.fn(), None))
+            except Exception as exc:
+                results.append((op.done, None, exc))
 
     def _empty_engine(self) -> None:
         """In the engine thread: abort every request left and finish a step still in flight."""
@@ -363,9 +334,58 @@ class AsyncEngine:
         while engine.has_unfinished_requests():
             run_step_gen(engine.step_gen())
 
+    # ----------------------------------------------------------------- the driver, on the loop
+    def _on_batch(self, batch) -> None:
+        """On the loop: the engine thread handed over a batch. The ops' results are settled at
+        once (also when the driver is gone: no add may wait forever); the outputs go to the
+        driver."""
+        outputs, results, ops, stepped = batch
+        self._num_pending_adds -= sum(isinstance(op, _Add) for op in ops)
+        for future, result, error in results:
+            if not future.done():  # an add whose caller left is cancelled already
+                future.set_exception(error) if error is not None else future.set_result(result)
+        self.num_steps += stepped
+        waiter = self._batch_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(outputs)
+
+    async def _next_batch(self):
+        """The engine thread's next batch; raises what ended the engine thread's loop."""
+        self._batch_waiter = asyncio.get_running_loop().create_future()
+        self._wants_outputs = True
+        self._work.set()
+        done, _ = await asyncio.wait({self._batch_waiter, self._engine_loop_done},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if self._batch_waiter in done:
+            return self._batch_waiter.result()
+        self._batch_waiter.cancel()
+        self._engine_loop_done.result()  # raises the engine thread's failure
+        raise EngineDeadError("The engine thread stopped.")
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                outputs = await self._next_batch()
+                # The engine thread goes on stepping meanwhile; outputs are snapshots, safe to
+                # read while it does.
+                started = time.perf_counter()
+                await self._dispatch(outputs)
+                await asyncio.sleep(0)  # the streams woken last write their chunks
+                # Taking outputs every step costs the engine little while the writing is short
+                # next to a step; past that, the loop rests and the engine's batches grow.
+                rest = (time.perf_counter() - started) * self.delivery_rest
+                if rest > self._step_seconds and rest >= _MIN_REST_S:
+                    await asyncio.sleep(min(rest, _MAX_REST_S))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the engine itself failed: no step can be trusted now
+            logger.exception("The engine's step driver failed; the server can serve no more requests")
+            self._die(exc)
+
     def _die(self, exc: BaseException) -> None:
         """The engine failed for good: every open request ends with the error, /health turns
         503, and wait_until_dead() returns (the server then exits)."""
+        self._stop_engine_loop()
         if self._dead is None:
             self._dead = exc
             self._fail_all(EngineDeadError(f"The engine failed: {exc}"))
@@ -396,8 +416,9 @@ class AsyncEngine:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(exc)
-        pending, self._inbox = self._in_flight + self._inbox, []
-        self._in_flight = []
+        pending = self._taken + list(self._inbox)
+        self._inbox.clear()
+        self._taken = []
         self._num_pending_adds = 0
         for op in pending:
             future = op.accepted if isinstance(op, _Add) else getattr(op, "done", None)

@@ -119,6 +119,11 @@ class Engine:
         self._failed_early: list[tuple[Request, str]] = []
         # Offline use wants only final outputs; building per-step outputs costs time.
         self.stream_outputs = True
+        # The server's engine thread keeps stepping while its event loop is busy, and hands over
+        # one output per changed request when the loop asks (take_unreported_outputs), not one
+        # per step.
+        self.defer_outputs = False
+        self._unreported: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         # Request and step statistics for /metrics (enable_stats); None offline, as in vLLM.
@@ -178,6 +183,7 @@ class Engine:
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             request = self.requests.pop(request_id, None)
             self._unpipelinable.discard(request_id)
+            self._unreported.pop(request_id, None)
             if request is None or request.is_finished:
                 continue
             if request in self._awaiting_grammar:
@@ -373,8 +379,17 @@ class Engine:
             elif self.stream_outputs and request.beam_state is None:
                 # A beam search's answer is its final beams (vLLM's too): the live beams of
                 # a step are not prefixes of it, so there is nothing to stream before the end.
-                outputs.append(self.outputs.make_output(request))
+                if self.defer_outputs:
+                    self._unreported[request.request_id] = request
+                else:
+                    outputs.append(self.outputs.make_output(request))
         return outputs
+
+    def take_unreported_outputs(self) -> list[RequestOutput]:
+        """With defer_outputs: the newest output of each unfinished request that changed since
+        the last call (a request that finished was reported by its step, as always)."""
+        pending, self._unreported = self._unreported, {}
+        return [self.outputs.make_output(r) for r in pending.values() if not r.is_finished]
 
     # ---------------------------------------------------------------- observation
     def get_stats(self) -> EngineStats:

@@ -1,0 +1,78 @@
+"""RequestStream: one request's outputs for its consumer, and the errors a consumer may get.
+
+Outputs are cumulative, so a stream keeps only the newest one: a slow consumer skips
+intermediate states instead of growing a queue, and never misses the final state. Closing a
+stream before it finished (the consumer was cancelled, the client went away) aborts the
+request, which frees its KV blocks at the engine's next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Optional
+
+from aserve.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from aserve.engine.async_engine import AsyncEngine
+
+
+class EngineDeadError(RuntimeError):
+    """The step driver failed; no request can be served any more."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted before it finished, by someone else than its consumer (the
+    server shutting down); `code` names why, for the client's error body."""
+
+    def __init__(self, message: str, code: str = "request_aborted"):
+        super().__init__(message)
+        self.code = code
+
+
+class RequestStream:
+    """The outputs of one request, for `async for`; holds only the newest (cumulative) one."""
+
+    def __init__(self, request_id: str, owner: "AsyncEngine"):
+        self.request_id = request_id
+        self._owner = owner
+        self._latest: Optional[RequestOutput] = None
+        self._error: Optional[BaseException] = None
+        self._ready = asyncio.Event()
+        self.finished = False     # the engine reported the final output (or an error)
+        self._delivered_last = False
+
+    # -- called by the step driver
+    def _put(self, output: RequestOutput) -> None:
+        self._latest = output
+        if output.finished:
+            self.finished = True
+        self._ready.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self.finished = True
+        self._ready.set()
+
+    # -- called by the consumer
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._delivered_last:
+            raise StopAsyncIteration
+        await self._ready.wait()
+        self._ready.clear()
+        if self._error is not None:
+            self._delivered_last = True
+            raise self._error
+        output = self._latest
+        if output.finished:
+            self._delivered_last = True
+        return output
+
+    def close(self) -> None:
+        """Abort the request unless it already finished; safe to call more than once."""
+        if not self.finished:
+            self.finished = True  # its consumer is leaving: nobody needs waking
+            self._owner.abort(self.request_id)

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The server against the offline engine on model A, in one lease (issue 11's server goal):
+#     bash bench/server_vs_offline.sh          (on the GPU machine; carry .whl)
+# 1. Offline model A (bench/throughput.py: 1000 prompts of 128 random ids, 128 out, ignore_eos),
+#    without a tokenizer (as bench/workloads.py runs it) and with one (detokenizing, as the
+#    server does).
+# 2. `python -m aserve` on the same model, all 1000 requests at once (bench/serving.py), once per
+#    value of ASERVE_DELIVERY_REST in RESTS (the event loop's rest after writing a step's chunks,
+#    aserve/engine/async_engine.py), then at the Poisson RATES with the default.
+# PREVIOUS_DIR (an earlier version unpacked, carried): its server too, first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/pydantic ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+RESTS=${RESTS:-0 4}
+RATES=${RATES:-}
+model=/tmp/opt-125m
+python3 bench/make_random_model.py --shape opt-125m --out $model --dtype float16 --config-only >/dev/null
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+
+offline() {  # offline LABEL [flags]
+    local label=$1
+    shift
+    echo "=== offline A, $label: $(python3 bench/throughput.py --model $model --load-format dummy \
+        --num-prompts 1000 --input-len 128 --output-len 128 "$@" 2>/dev/null | tail -1)"
+}
+
+serve() {  # serve LABEL RATE DIR [env...]: one server, one run of bench/serving.py
+    local label=$1 rate=$2 dir=$3
+    shift 3
+    (cd "$dir" && exec env "$@" python3 -m aserve --model $model --load-format dummy --port 8125 \
+        --disable-log-requests) > /tmp/sv_server.log 2>&1 &
+    local server=$!
+    for _ in $(seq 120); do
+        curl -sf localhost:8125/health >/dev/null && break
+        kill -0 $server 2>/dev/null || { echo "=== $label: the server exited"; tail -5 /tmp/sv_server.log; return 1; }
+        sleep 1
+    done
+    local n=1000
+    [ "$rate" != inf ] && n=${RATE_PROMPTS:-300}
+    echo "=== server A, $label, rate $rate, $n prompts: $(timeout 200 python3 bench/serving.py \
+        --base-url http://localhost:8125 --request-rate "$rate" --num-prompts $n --input-len 128 \
+        --output-len 128 --random-token-ids 30000 --ignore-eos 2>&1 \
+        | grep -E 'Failed|Output token|MEAN|P50|P99' | tr -s ' ' | paste -sd' ')"
+    kill -INT $server
+    wait $server 2>/dev/null
+}
+
+offline "no tokenizer" --skip-tokenizer-init
+offline "with a tokenizer"
+if [ -n "${PREVIOUS_DIR:-}" ]; then
+    serve "previous version" inf "$PREVIOUS_DIR" PYTHONPATH="/tmp/site:$PWD/$PREVIOUS_DIR"
+fi
+for rest in $RESTS; do
+    serve "ASERVE_DELIVERY_REST=$rest" inf . ASERVE_DELIVERY_REST=$rest
+done
+for rate in $RATES; do
+    serve "default" "$rate" .
+done
+offline "no tokenizer, again" --skip-tokenizer-init
