@@ -8,6 +8,8 @@
 #    value of ASERVE_DELIVERY_REST in RESTS (the event loop's rest after writing a step's chunks,
 #    aserve/engine/async_engine.py), then at the Poisson RATES with the default.
 # PREVIOUS_DIR (an earlier version unpacked, carried): its server too, first.
+# NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
+# without a tokenizer (a diagnostic: its chunks carry no text, so only its throughput counts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -28,11 +30,12 @@ offline() {  # offline LABEL [flags]
         --num-prompts 1000 --input-len 128 --output-len 128 "$@" 2>/dev/null | tail -1)"
 }
 
-serve() {  # serve LABEL RATE DIR [env...]: one server, one run of bench/serving.py
+serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one run of bench/serving.py
     local label=$1 rate=$2 dir=$3
     shift 3
+    # shellcheck disable=SC2086
     (cd "$dir" && exec env "$@" python3 -m aserve --model $model --load-format dummy --port 8125 \
-        --disable-log-requests) > /tmp/sv_server.log 2>&1 &
+        --disable-log-requests ${SERVER_ARGS:-}) > /tmp/sv_server.log 2>&1 &
     local server=$!
     for _ in $(seq 120); do
         curl -sf localhost:8125/health >/dev/null && break
@@ -57,6 +60,9 @@ fi
 for rest in $RESTS; do
     serve "ASERVE_DELIVERY_REST=$rest" inf . ASERVE_DELIVERY_REST=$rest
 done
+if [ "${NO_TOKENIZER_SERVER:-0}" = 1 ]; then
+    SERVER_ARGS=--skip-tokenizer-init serve "--skip-tokenizer-init" inf .
+fi
 for rate in $RATES; do
     serve "default" "$rate" .
 done

@@ -86,7 +86,7 @@ async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: 
                 if event.get("usage"):
                     result.prompt_tokens = event["usage"].get("prompt_tokens", 0)
                     result.output_tokens = event["usage"].get("completion_tokens", 0)
-                if not any(_chunk_text(c) for c in event.get("choices") or []):
+                if not any(_carries_tokens(c) for c in event.get("choices") or []):
                     continue
                 now = time.perf_counter()
                 if chunks == 0:
@@ -102,10 +102,6 @@ async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: 
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         result.error = repr(exc)
     return result
-
-
-def _chunk_text(choice: dict) -> str:
-    return choice.get("text") or (choice.get("delta") or {}).get("content") or ""
 
 
 async def run(args) -> dict:
@@ -132,6 +128,16 @@ async def run(args) -> dict:
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     return summarize(args, model, results, duration)
+
+
+def _carries_tokens(choice: dict) -> bool:
+    """Whether a streamed choice is tokens arriving, text or not: a token that completes no
+    character yet, or a server without a tokenizer, still streams its tokens. A chat's first
+    chunk, which only names the role, is not."""
+    if "text" in choice:
+        return True
+    delta = choice.get("delta") or {}
+    return "role" not in delta and ("content" in delta or "tool_calls" in delta)
 
 
 def percentiles(values: list[float]) -> dict:

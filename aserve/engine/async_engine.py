@@ -62,6 +62,13 @@ _MIN_REST_S = 0.0005
 _IDLE_STEP_WAIT_S = 0.001
 
 
+def _settle(results: list) -> None:
+    """Give each op's future its result or error (the engine thread's _apply made them)."""
+    for future, result, error in results:
+        if not future.done():  # an add whose caller left is cancelled already
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+
 @dataclass
 class _Add:
     """A request for the engine thread to add; `accepted` gets its result (None or the error)."""
@@ -336,18 +343,16 @@ class AsyncEngine:
 
     # ----------------------------------------------------------------- the driver, on the loop
     def _on_batch(self, batch) -> None:
-        """On the loop: the engine thread handed over a batch. The ops' results are settled at
-        once (also when the driver is gone: no add may wait forever); the outputs go to the
-        driver."""
+        """On the loop: the engine thread handed over a batch, for the driver; with the driver
+        gone, the ops' results are settled here (no add may wait forever)."""
         outputs, results, ops, stepped = batch
         self._num_pending_adds -= sum(isinstance(op, _Add) for op in ops)
-        for future, result, error in results:
-            if not future.done():  # an add whose caller left is cancelled already
-                future.set_exception(error) if error is not None else future.set_result(result)
         self.num_steps += stepped
         waiter = self._batch_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(outputs)
+            waiter.set_result((outputs, results))
+        else:
+            _settle(results)
 
     async def _next_batch(self):
         """The engine thread's next batch; raises what ended the engine thread's loop."""
@@ -365,10 +370,19 @@ class AsyncEngine:
     async def _run(self) -> None:
         try:
             while True:
-                outputs = await self._next_batch()
+                outputs, results = await self._next_batch()
                 # The engine thread goes on stepping meanwhile; outputs are snapshots, safe to
                 # read while it does.
                 started = time.perf_counter()
+                # A burst of accepted requests resumes its handlers (each sends its headers) a
+                # group at a time, like the outputs: /health gets its turn in between.
+                try:
+                    for first in range(0, len(results), DISPATCH_BATCH):
+                        if first:
+                            await asyncio.sleep(0)
+                        _settle(results[first:first + DISPATCH_BATCH])
+                finally:  # cancelled in between (shutdown): no add may wait forever
+                    _settle(results)
                 await self._dispatch(outputs)
                 await asyncio.sleep(0)  # the streams woken last write their chunks
                 # Taking outputs every step costs the engine little while the writing is short
