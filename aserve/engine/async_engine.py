@@ -30,9 +30,9 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
+from aserve.engine.engine_ops import Add, Call, apply_op, settle
 from aserve.engine.pipeline import run_step_gen
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.engine.request_stream import EngineDeadError, RequestAbortedError, RequestStream
@@ -60,32 +60,6 @@ _MIN_REST_S = 0.0005
 # How long the engine thread waits before stepping again after a step that did nothing (a
 # structured-output request waiting for its grammar).
 _IDLE_STEP_WAIT_S = 0.001
-
-
-def _settle(results: list) -> None:
-    """Give each op's future its result or error (the engine thread's _apply made them)."""
-    for future, result, error in results:
-        if not future.done():  # an add whose caller left is cancelled already
-            future.set_exception(error) if error is not None else future.set_result(result)
-
-
-@dataclass
-class _Add:
-    """A request for the engine thread to add; `accepted` gets its result (None or the error)."""
-
-    request_id: str
-    prompt: Any
-    params: SamplingParams
-    arrival_time: float
-    accepted: asyncio.Future
-
-
-@dataclass
-class _Call:
-    """A function for the engine thread to run between steps (e.g. resetting the prefix cache)."""
-
-    fn: Callable[[], Any]
-    done: asyncio.Future
 
 
 class AsyncEngine:
@@ -195,7 +169,7 @@ class AsyncEngine:
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         accepted = asyncio.get_running_loop().create_future()
-        self._post(_Add(request_id, prompt, params,
+        self._post(Add(request_id, prompt, params,
                         time.monotonic() if arrival_time is None else arrival_time, accepted))
         self._num_pending_adds += 1
         try:
@@ -242,7 +216,7 @@ class AsyncEngine:
         if not self.is_running:
             return fn()  # no engine thread runs: this thread may touch it
         done = asyncio.get_running_loop().create_future()
-        self._post(_Call(fn, done))
+        self._post(Call(fn, done))
         return await done
 
     def add_finished_listener(self, listener: Callable[[RequestOutput], None]) -> None:
@@ -285,7 +259,7 @@ class AsyncEngine:
             while self._inbox:
                 op = self._inbox.popleft()
                 self._taken.append(op)
-                self._apply(op, results)
+                apply_op(self.engine, op, results)
             progressed = False
             if engine.has_unfinished_requests():
                 tokens_before = engine.prompt_tokens_total + engine.generation_tokens_total
@@ -310,30 +284,6 @@ class AsyncEngine:
                 continue
             self._work.wait(_IDLE_STEP_WAIT_S if engine.has_unfinished_requests() else None)
 
-    def _apply(self, op, results: list) -> None:
-        engine = self.engine
-        if isinstance(op, str):
-            if op not in engine.requests:   # it finished first: nothing to abort
-                return
-            try:
-                engine.abort_request(op)
-            except Exception:  # an abort must never take the engine down with it
-                logger.exception("aborting request %s failed", op)
-            else:  # logged here, where it happens: the log and /metrics' count agree
-                logger.info("Aborted request %s.", op)
-        elif isinstance(op, _Add):
-            try:
-                engine.add_request(op.request_id, op.prompt, op.params, arrival_time=op.arrival_time)
-            except Exception as exc:  # a bad request: its own 400 (or 500), nobody else's
-                results.append((op.accepted, None, exc))
-            else:
-                results.append((op.accepted, None, None))
-        else:
-            try:
-                results.append((op.done, op.fn(), None))
-            except Exception as exc:
-                results.append((op.done, None, exc))
-
     def _empty_engine(self) -> None:
         """In the engine thread: abort every request left and finish a step still in flight."""
         engine = self.engine
@@ -346,13 +296,13 @@ class AsyncEngine:
         """On the loop: the engine thread handed over a batch, for the driver; with the driver
         gone, the ops' results are settled here (no add may wait forever)."""
         outputs, results, ops, stepped = batch
-        self._num_pending_adds -= sum(isinstance(op, _Add) for op in ops)
+        self._num_pending_adds -= sum(isinstance(op, Add) for op in ops)
         self.num_steps += stepped
         waiter = self._batch_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result((outputs, results))
         else:
-            _settle(results)
+            settle(results)
 
     async def _next_batch(self):
         """The engine thread's next batch; raises what ended the engine thread's loop."""
@@ -380,9 +330,9 @@ class AsyncEngine:
                     for first in range(0, len(results), DISPATCH_BATCH):
                         if first:
                             await asyncio.sleep(0)
-                        _settle(results[first:first + DISPATCH_BATCH])
+                        settle(results[first:first + DISPATCH_BATCH])
                 finally:  # cancelled in between (shutdown): no add may wait forever
-                    _settle(results)
+                    settle(results)
                 await self._dispatch(outputs)
                 await asyncio.sleep(0)  # the streams woken last write their chunks
                 # Taking outputs every step costs the engine little while the writing is short
@@ -435,6 +385,6 @@ class AsyncEngine:
         self._taken = []
         self._num_pending_adds = 0
         for op in pending:
-            future = op.accepted if isinstance(op, _Add) else getattr(op, "done", None)
+            future = op.accepted if isinstance(op, Add) else getattr(op, "done", None)
             if future is not None and not future.done():
                 future.set_exception(exc)
