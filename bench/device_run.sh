@@ -13,6 +13,9 @@
 #   previous the same workloads, engine only, run by an earlier version of aserve unpacked in
 #            $PREVIOUS_DIR (default .previous/: `git archive REV | tar -x -C .previous`, carried),
 #            just before `bench`: a regression check within one lease
+#   ab       the same workloads, engine only, once per value of an environment variable, taking
+#            turns (AB_VAR, AB_VALUES; default ASERVE_PDL over "0 1 0 1"): a switch's effect in one lease
+#   profile  bench/profile_step.py $PROFILE_ARGS, once per value of AB_VAR (kernel table, step wall time)
 # Output goes to stdout and, when $OUT is set, to $OUT/device_run.log; the workloads' table is last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,6 +101,25 @@ stage_previous() {
         ${PREVIOUS_ARGS:-} 2>&1 | tee /tmp/previous.log
 }
 
+stage_ab() {
+    local var=${AB_VAR:-ASERVE_PDL} value
+    for value in ${AB_VALUES:-0 1 0 1}; do
+        # shellcheck disable=SC2086
+        run "workloads $var=$value" "${AB_TIMEOUT:-150}" env "$var=$value" python3 bench/workloads.py \
+            --workloads "$WORKLOADS" --time-limit $((${AB_TIMEOUT:-150} - 15)) ${AB_ARGS:-} 2>&1 \
+            | sed -n '/^| workload |/,$p'
+    done
+}
+
+stage_profile() {
+    local var=${AB_VAR:-ASERVE_PDL} value
+    for value in $(echo ${AB_VALUES:-0 1} | tr ' ' '\n' | sort -u); do
+        # shellcheck disable=SC2086
+        run "profile $var=$value" "${PROFILE_TIMEOUT:-120}" env "$var=$value" python3 bench/profile_step.py \
+            ${PROFILE_ARGS:---batch 1 --context 128 --async-scheduling} 2>&1 | tail -${PROFILE_LINES:-30}
+    done
+}
+
 stage_bench() {
     # --time-limit leaves the script time to print its table if a model runs long.
     # shellcheck disable=SC2086
@@ -115,7 +137,7 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    for stage in tests kernels structured serving previous bench; do  # this order: the workloads' table comes last
+    for stage in tests kernels structured serving profile ab previous bench; do  # this order: the workloads' table comes last
         case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
     done
     echo "=== steps:"

@@ -1,7 +1,7 @@
 // KV-cache maintenance: storing this step's keys and values at their slots, and copying whole
 // blocks for copy-on-write. Both move raw 16-byte units, so one build serves every dtype
 // (the caller checks that rows are multiples of 16 bytes and 16-byte aligned).
-typedef long long i64;
+#include "common.cuh"
 
 // Grid: one CTA per token. key/value rows are num_kv_heads * head_dim elements, unit_per_row
 // 16-byte units, at key_stride / value_stride units apart (they may be views into a fused qkv
@@ -10,6 +10,7 @@ extern "C" __global__ void reshape_and_cache(const uint4* __restrict__ key, cons
                                              uint4* __restrict__ k_cache, uint4* __restrict__ v_cache,
                                              const i64* __restrict__ slot_mapping,
                                              i64 key_stride, i64 value_stride, int units_per_row) {
+    start_after_previous_kernel();
     const int token = blockIdx.x;
     const i64 slot = slot_mapping[token];
     if (slot < 0) return;

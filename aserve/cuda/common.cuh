@@ -78,3 +78,29 @@ __device__ __forceinline__ uint4 pack_vec(const float* in) {
     return make_uint4(words[0], words[1], words[2], words[3]);
 #endif
 }
+
+// Programmatic dependent launch (aserve/cuda/compiler.py launches with pdl=True). Such a kernel
+// may start while the previous kernel of its stream still runs: before this wait it may only
+// read what no kernel of the step writes (weights); after it, the previous kernel has finished
+// and its writes are visible. Every kernel launched with pdl=True calls it on every path that
+// touches memory; before Hopper, or without the launch attribute, it returns at once.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Lets the next kernel of the stream be scheduled once every CTA of this one has called this
+// (or exited), so its CTAs move into SMs as this kernel's last ones drain. Called right after
+// the wait: at most one kernel waits ahead of the running one.
+__device__ __forceinline__ void allow_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Both at once, for kernels with nothing to do before their inputs are ready.
+__device__ __forceinline__ void start_after_previous_kernel() {
+    wait_for_previous_kernel();
+    allow_next_kernel();
+}

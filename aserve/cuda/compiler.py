@@ -7,6 +7,13 @@ JIT-compiled by an older driver, while a cubin of any 13.x toolkit loads). Cubin
 ~/.cache/aserve/cubins (ASERVE_CACHE_DIR overrides the root), keyed by a hash of the sources,
 the options, the architecture and NVRTC's version. Every NVRTC and driver call is checked; a
 compile error names the kernel file and carries NVRTC's log.
+
+Programmatic dependent launch (Hopper and newer): a kernel launched with pdl=True may start
+while the kernel before it in the stream is still running, and must call
+wait_for_previous_kernel() (common.cuh) before it reads anything that kernel writes or writes
+anything it reads. A decode step at batch 1 is a chain of ~300 short kernels; without this,
+each one's launch and ramp-up waits for the previous one to drain, and the GEMVs cannot start
+streaming their weights early. ASERVE_PDL=0 turns it off (to measure it, or to rule it out).
 """
 
 from __future__ import annotations
@@ -140,6 +147,32 @@ def _ensure_context(device_index: int) -> None:
     _check_cu(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
 
 
+PDL_ENV = "ASERVE_PDL"
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or newer."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_enabled(device_index: int) -> bool:
+    """Whether launches asking for programmatic dependent launch get it on this GPU."""
+    choice = os.environ.get(PDL_ENV, "1")
+    if choice not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {choice!r}")
+    return choice == "1" and _pdl_supported(device_index)
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_attributes() -> list:
+    driver = _driver()
+    attribute = driver.CUlaunchAttribute()
+    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attribute.value.programmaticStreamSerializationAllowed = 1
+    return [attribute]
+
+
 class Kernel:
     """One loaded kernel function; launch() runs it on torch's current stream."""
 
@@ -149,16 +182,31 @@ class Kernel:
         self.function = function
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
-               args: Sequence, arg_types: Sequence, stream: int) -> None:
-        """args: ints for pointers/integers, floats; arg_types: the matching ctypes types."""
-        _check_cu(_driver().cuLaunchKernel(self.function, *grid, *block, shared_mem, stream,
-                                           (tuple(args), tuple(arg_types)), 0),
-                  f"cuLaunchKernel({self.name})")
+               args: Sequence, arg_types: Sequence, stream: int, pdl: bool = False) -> None:
+        """args: ints for pointers/integers, floats; arg_types: the matching ctypes types.
+        pdl: the kernel calls wait_for_previous_kernel() before touching anything the previous
+        kernel may touch, so it may be launched while that kernel runs (see the module's doc)."""
+        driver = _driver()
+        params = (tuple(args), tuple(arg_types))
+        if not (pdl and pdl_enabled(self.module.device_index)):
+            _check_cu(driver.cuLaunchKernel(self.function, *grid, *block, shared_mem, stream, params, 0),
+                      f"cuLaunchKernel({self.name})")
+            return
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = block
+        config.sharedMemBytes = shared_mem
+        config.hStream = stream
+        config.attrs = _pdl_attributes()
+        config.numAttrs = 1
+        _check_cu(driver.cuLaunchKernelEx(config, self.function, params, 0),
+                  f"cuLaunchKernelEx({self.name})")
 
 
 class LoadedModule:
     def __init__(self, cubin: bytes, device_index: int) -> None:
         _ensure_context(device_index)
+        self.device_index = device_index
         self.handle = _check_cu(_driver().cuModuleLoadData(cubin), "cuModuleLoadData")
         self._kernels: dict[str, Kernel] = {}
 

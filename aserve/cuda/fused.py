@@ -100,7 +100,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             (rows.shape[0], 1, 1), (threads, 1, 1), 0,
             (out.data_ptr(), rows.data_ptr(), res_rows.data_ptr() if res_rows is not None else 0,
              weight.data_ptr(), rows.stride(0), res_stride, out.stride(0), hidden, float(eps)),
-            (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT, FLOAT), current_stream(x))
+            (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT, FLOAT), current_stream(x), pdl=True)
     return out.view(x.shape)
 
 
@@ -124,7 +124,7 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         (num_tokens, 1, 1), (threads, 1, 1), 0,
         (query.data_ptr(), key.data_ptr(), positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
          query.stride(0), key.stride(0), num_heads, num_kv_heads, head_dim),
-        (POINTER,) * 5 + (INT64, INT64, INT, INT, INT), current_stream(query))
+        (POINTER,) * 5 + (INT64, INT64, INT, INT, INT), current_stream(query), pdl=True)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -143,5 +143,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         _module(x).kernel(name).launch(
             (rows.shape[0], chunks, 1), (threads, 1, 1), 0,
             (out.data_ptr(), rows.data_ptr(), rows.stride(0), out.stride(0), d),
-            (POINTER, POINTER, INT64, INT64, INT), current_stream(x))
+            (POINTER, POINTER, INT64, INT64, INT), current_stream(x), pdl=True)
     return out.view(*x.shape[:-1], d)

@@ -44,9 +44,12 @@ __device__ __forceinline__ uint4 load_weight(const uint4* p) {
 
 // One step: UNROLL vectors per lane of each W row (32 * UNROLL per warp), the lane's first being
 // vector `lane_vec`. GUARDED is the last, partial step: vectors past the row's end read as zero.
+// first_step: the warp's first step: its W loads go out before the wait for the previous kernel
+// (which wrote x), so under programmatic dependent launch they overlap that kernel's tail.
 template <bool GUARDED>
 __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], const uint4* const (&w)[WEIGHT_ROWS],
-                                           const uint4* const (&xv)[ROWS], int lane_vec, int num_vecs) {
+                                           const uint4* const (&xv)[ROWS], int lane_vec, int num_vecs,
+                                           bool first_step) {
     // Every load of the step before any arithmetic: these are the loads that hide latency.
     uint4 wv[UNROLL][WEIGHT_ROWS];
 #pragma unroll
@@ -56,6 +59,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
         for (int r = 0; r < WEIGHT_ROWS; ++r)
             wv[u][r] = (!GUARDED || v < num_vecs) ? load_weight(w[r] + v) : make_uint4(0, 0, 0, 0);
     }
+    if (first_step) start_after_previous_kernel();
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int v = lane_vec + 32 * u;
@@ -84,7 +88,10 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
      const scalar_t* __restrict__ bias, i64 x_stride, int n, int k, int out_float32) {
     const int lane = threadIdx.x % 32;
     const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * WEIGHT_ROWS;
-    if (first >= n) return;  // warp-uniform: the shuffles below see all 32 lanes or none
+    if (first >= n) {  // warp-uniform: the shuffles below see all 32 lanes or none
+        start_after_previous_kernel();
+        return;
+    }
     const int num_vecs = k / VEC;
     // Rows past the end re-read the last row rather than branch: the warp stays converged and
     // those sums are simply not stored.
@@ -105,8 +112,9 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
     // Steps are counted per warp (not per lane) so that only the last one needs bounds checks.
     const int step = 32 * UNROLL;
     int base = 0;
-    for (; base + step <= num_vecs; base += step) accumulate<false>(acc, w, xv, base + lane, num_vecs);
-    if (base < num_vecs) accumulate<true>(acc, w, xv, base + lane, num_vecs);
+    for (; base + step <= num_vecs; base += step) accumulate<false>(acc, w, xv, base + lane, num_vecs, base == 0);
+    if (base < num_vecs) accumulate<true>(acc, w, xv, base + lane, num_vecs, base == 0);
+    else if (base == 0) start_after_previous_kernel();  // k == 0: nothing was loaded
 
 #pragma unroll
     for (int r = 0; r < WEIGHT_ROWS; ++r)

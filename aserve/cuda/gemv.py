@@ -140,5 +140,5 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         (-(-num_warps // warps_per_cta), 1, 1), (32 * warps_per_cta, 1, 1), 0,
         (out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
          x.stride(0), n, k, int(out_dtype == torch.float32)),
-        (POINTER, POINTER, POINTER, POINTER, INT64, INT, INT, INT), current_stream(x))
+        (POINTER, POINTER, POINTER, POINTER, INT64, INT, INT, INT), current_stream(x), pdl=True)
     return out

@@ -38,6 +38,7 @@ __device__ float block_sum(float v) {
 extern "C" __global__ void rms_norm_vec(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                         scalar_t* __restrict__ residual, const scalar_t* __restrict__ weight,
                                         i64 x_stride, i64 residual_stride, i64 out_stride, int hidden, float eps) {
+    start_after_previous_kernel();
     const int vectors = hidden / VEC;
     const uint4* row = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
     uint4* res = residual ? reinterpret_cast<uint4*>(residual + blockIdx.x * residual_stride) : nullptr;
@@ -86,6 +87,7 @@ extern "C" __global__ void rms_norm_vec(scalar_t* __restrict__ out, const scalar
 extern "C" __global__ void rms_norm(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                     scalar_t* __restrict__ residual, const scalar_t* __restrict__ weight,
                                     i64 x_stride, i64 residual_stride, i64 out_stride, int hidden, float eps) {
+    start_after_previous_kernel();
     const scalar_t* row = x + blockIdx.x * x_stride;
     scalar_t* res = residual ? residual + blockIdx.x * residual_stride : nullptr;
     float squares = 0.f;
@@ -122,6 +124,7 @@ extern "C" __global__ void rotary_embedding(scalar_t* __restrict__ query, scalar
                                             const float* __restrict__ sin_cache,
                                             i64 q_stride, i64 k_stride, int num_heads, int num_kv_heads,
                                             int head_dim) {
+    start_after_previous_kernel();
     const int token = blockIdx.x;
     const int half = head_dim / 2;
     const i64 pos = positions[token];
@@ -147,6 +150,7 @@ extern "C" __global__ void rotary_embedding_vec(scalar_t* __restrict__ query, sc
                                                 const float* __restrict__ sin_cache,
                                                 i64 q_stride, i64 k_stride, int num_heads, int num_kv_heads,
                                                 int head_dim) {
+    start_after_previous_kernel();
     const int token = blockIdx.x;
     const int half = head_dim / 2, half_vecs = half / VEC;
     const i64 pos = positions[token];
@@ -172,6 +176,7 @@ extern "C" __global__ void rotary_embedding_vec(scalar_t* __restrict__ query, sc
 // boundaries; grid (tokens, column chunks), one vector of gate and up per thread and pass.
 extern "C" __global__ void silu_and_mul_vec(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                             i64 x_stride, i64 out_stride, int d) {
+    start_after_previous_kernel();
     const uint4* gate = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
     const uint4* up = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride + d);
     uint4* dst = reinterpret_cast<uint4*>(out + blockIdx.x * out_stride);
@@ -188,6 +193,7 @@ extern "C" __global__ void silu_and_mul_vec(scalar_t* __restrict__ out, const sc
 // silu(x[:, :d]) * x[:, d:] for the fused gate/up projection; grid (tokens, column chunks).
 extern "C" __global__ void silu_and_mul(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                         i64 x_stride, i64 out_stride, int d) {
+    start_after_previous_kernel();
     const scalar_t* row = x + blockIdx.x * x_stride;
     scalar_t* dst = out + blockIdx.x * out_stride;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < d; i += gridDim.y * blockDim.x) {

@@ -150,7 +150,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
         (out.data_ptr(), *partial_ptrs, query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
          block_tables.data_ptr(), seq_lens.data_ptr(), query.stride(0), out.stride(0), block_tables.stride(0),
          num_heads, num_kv_heads, float(scale), splits, partition, int(sliding_window or 0)),
-        (POINTER,) * 10 + (INT64, INT64, INT, INT, INT, FLOAT, INT, INT, INT), current_stream(query))
+        (POINTER,) * 10 + (INT64, INT64, INT, INT, INT, FLOAT, INT, INT, INT), current_stream(query), pdl=True)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
@@ -176,7 +176,7 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Ten
         (num_tokens, 1, 1), (min(256, max(32, units)), 1, 1), 0,
         (key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
          key.stride(0) * element // 16, value.stride(0) * element // 16, units),
-        (POINTER,) * 5 + (INT64, INT64, INT), current_stream(key))
+        (POINTER,) * 5 + (INT64, INT64, INT), current_stream(key), pdl=True)
 
 
 def copy_blocks(kv_caches: list[torch.Tensor], pairs: torch.Tensor) -> None:

@@ -110,6 +110,7 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     __shared__ bool is_last_split;
     uint4* k_tiles = smem;                            // [STAGES][TILE][CHUNKS]
     uint4* v_tiles = smem + STAGES * TILE_VECS;       // [STAGES][TILE][CHUNKS]
+    start_after_previous_kernel();
 
     const int q_per_kv = num_heads / num_kv_heads;
     const int groups_per_kv = q_per_kv / GROUP;
