@@ -46,6 +46,15 @@ __device__ __forceinline__ scalar_t from_float(float f) {
 #endif
 }
 
+// Rounds a float through the model dtype, as an intermediate torch tensor of that dtype would.
+__device__ __forceinline__ float round_dtype(float x) { return to_float(from_float(x)); }
+
+// silu(gate) * up as the model computes it from tensors of its dtype: each operand already
+// rounded, the activation rounded before the product (the caller rounds the product).
+__device__ __forceinline__ float silu_times(float gate, float up) {
+    return round_dtype(gate / (1.f + expf(-gate))) * up;
+}
+
 // A 16-byte vector of VEC elements as floats.
 __device__ __forceinline__ void unpack_vec(const uint4 raw, float* out) {
 #if DTYPE == 0
@@ -91,16 +100,18 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 }
 
 // Lets the next kernel of the stream be scheduled once every CTA of this one has called this
-// (or exited), so its CTAs move into SMs as this kernel's last ones drain. Called right after
-// the wait: at most one kernel waits ahead of the running one.
+// (or exited), so its CTAs move into SMs as this kernel's last ones drain and, if it is a GEMV,
+// start streaming their weights. It orders nothing: the next kernel still waits for this one
+// to finish before it reads its output. Called first thing, so a chain of short kernels keeps
+// the GEMV after them a kernel or two ahead; the SMs' free slots bound how far.
 __device__ __forceinline__ void allow_next_kernel() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
 }
 
-// Both at once, for kernels with nothing to do before their inputs are ready.
+// Both, for kernels with nothing to do before their inputs are ready.
 __device__ __forceinline__ void start_after_previous_kernel() {
-    wait_for_previous_kernel();
     allow_next_kernel();
+    wait_for_previous_kernel();
 }

@@ -8,9 +8,6 @@
 
 #define MAX_THREADS 1024
 
-// Rounds a float through the model dtype, as an intermediate torch tensor of that dtype would.
-__device__ __forceinline__ float round_dtype(float x) { return to_float(from_float(x)); }
-
 __device__ float block_sum(float v) {
     __shared__ float partial[MAX_THREADS / 32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -185,7 +182,7 @@ extern "C" __global__ void silu_and_mul_vec(scalar_t* __restrict__ out, const sc
         unpack_vec(gate[v], g);
         unpack_vec(up[v], u);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) o[i] = round_dtype(g[i] / (1.f + expf(-g[i]))) * u[i];
+        for (int i = 0; i < VEC; ++i) o[i] = silu_times(g[i], u[i]);
         dst[v] = pack_vec(o);
     }
 }
@@ -197,8 +194,6 @@ extern "C" __global__ void silu_and_mul(scalar_t* __restrict__ out, const scalar
     const scalar_t* row = x + blockIdx.x * x_stride;
     scalar_t* dst = out + blockIdx.x * out_stride;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < d; i += gridDim.y * blockDim.x) {
-        const float g = to_float(row[i]);
-        const float activated = round_dtype(g / (1.f + expf(-g)));
-        dst[i] = from_float(activated * to_float(row[d + i]));
+        dst[i] = from_float(silu_times(to_float(row[i]), to_float(row[d + i])));
     }
 }
