@@ -62,8 +62,9 @@ def _step_inputs():
                 slots=table[tokens // BLOCK] * BLOCK + tokens % BLOCK)
 
 
-def _chain(layers, x, cos, sin, inputs, kernels: bool):
-    """The layers on x: through aserve's kernels, or through the torch reference."""
+def _chain(layers, x, cos, sin, inputs, kernels: bool, copy=torch.clone):
+    """The layers on x: through aserve's kernels, or through the torch reference. copy makes
+    the step's private copies of the residual stream and the caches."""
     from aserve.cuda import fused, ops
     from aserve.cuda.gemv import launch_gemv
 
@@ -71,10 +72,10 @@ def _chain(layers, x, cos, sin, inputs, kernels: bool):
     position = CONTEXT - 1
     positions, block_tables, seq_lens, slots = (
         inputs[name] for name in ("positions", "block_tables", "seq_lens", "slots"))
-    residual = x.clone()
+    residual = copy(x)
     h = x
     for layer in layers:
-        k_cache, v_cache = layer["k_cache"].clone(), layer["v_cache"].clone()
+        k_cache, v_cache = copy(layer["k_cache"]), copy(layer["v_cache"])
         if kernels:
             h = fused.rms_norm(h, layer["norm1"], 1e-5, residual)
             q, k, v = launch_gemv(h, layer["qkv"]).split([q_size, kv_size, kv_size], dim=-1)
@@ -116,44 +117,56 @@ def _chain(layers, x, cos, sin, inputs, kernels: bool):
     return h
 
 
-def _run(layers, x, cos, sin, graph: bool):
+# How the chain copies its inputs: clone() of a dense tensor is a device-to-device memcpy (a
+# memcpy node in a graph); mul(1) is a torch kernel. A kernel launched with PDL after either
+# must still see the copy whole.
+COPIES = {"memcpy": torch.clone, "kernel": lambda t: t.mul(1)}
+
+
+def _run(layers, x, cos, sin, graph: bool, copy):
     inputs = _step_inputs()
     if not graph:
-        out = _chain(layers, x, cos, sin, inputs, kernels=True)
+        out = _chain(layers, x, cos, sin, inputs, kernels=True, copy=copy)
         torch.cuda.synchronize()
         return out.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        _chain(layers, x, cos, sin, inputs, kernels=True)  # compiles, loads and allocates before capture
+        # Compiles, loads and allocates before the capture.
+        _chain(layers, x, cos, sin, inputs, kernels=True, copy=copy)
     torch.cuda.current_stream().wait_stream(stream)
     captured = torch.cuda.CUDAGraph()
     with torch.cuda.graph(captured):
-        out = _chain(layers, x, cos, sin, inputs, kernels=True)
+        out = _chain(layers, x, cos, sin, inputs, kernels=True, copy=copy)
     results = []
-    for _ in range(3):
+    for _ in range(5):
         captured.replay()
         torch.cuda.synchronize()
         results.append(out.clone())
-    assert all(torch.equal(r, results[0]) for r in results), "graph replays of one chain differ"
-    return results[0]
+    return results
 
 
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_dependent_chain_gives_the_same_bits_with_and_without_pdl(monkeypatch, dtype, graph):
+@pytest.mark.parametrize("copies", list(COPIES))
+def test_dependent_chain_gives_the_same_bits_with_and_without_pdl(monkeypatch, dtype, graph, copies):
     from aserve.cuda.compiler import PDL_ENV
 
     layers, x, cos, sin = _weights(dtype)
-    monkeypatch.setenv(PDL_ENV, "0")
-    without = _run(layers, x, cos, sin, graph)
-    monkeypatch.setenv(PDL_ENV, "1")
-    with_pdl = _run(layers, x, cos, sin, graph)
-    assert torch.equal(with_pdl, without)
+    outputs = {}
+    for pdl in ("0", "1"):
+        monkeypatch.setenv(PDL_ENV, pdl)
+        got = _run(layers, x, cos, sin, graph, COPIES[copies])
+        if graph:
+            differing = [i for i, r in enumerate(got) if not torch.equal(r, got[0])]
+            assert not differing, f"{PDL_ENV}={pdl}: graph replays {differing} differ from the first"
+            got = got[0]
+        outputs[pdl] = got
+    assert torch.equal(outputs["1"], outputs["0"])
     reference = _chain(layers, x, cos, sin, _step_inputs(), kernels=False).float()
-    error = ((with_pdl.float() - reference).abs().max() / reference.abs().max()).item()
+    error = ((outputs["1"].float() - reference).abs().max() / reference.abs().max()).item()
     # Twelve layers of rounding to the dtype in other places and orders; a wrong or stale input
     # anywhere in the chain costs an error of the order of the output itself.
     assert error <= {torch.float16: 0.05, torch.bfloat16: 0.15}[dtype], error

@@ -67,7 +67,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
         for (int r = 0; r < WEIGHT_ROWS; ++r)
             wv[u][r] = (!GUARDED || v < num_vecs) ? load_weight(w[r] + v) : make_uint4(0, 0, 0, 0);
     }
-    if (first_step) wait_for_previous_kernel();
+    if (first_step) start_after_previous_kernel();
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int v = lane_vec + 32 * u;
@@ -99,9 +99,8 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
     const int warp_index = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     // The first output row of this warp (SILU_AND_MUL: its one output, from W rows first, n + first).
     const int first = SILU_AND_MUL ? warp_index : warp_index * WEIGHT_ROWS;
-    allow_next_kernel();
     if (first >= n) {  // warp-uniform: the shuffles below see all 32 lanes or none
-        wait_for_previous_kernel();
+        start_after_previous_kernel();
         return;
     }
     const int num_vecs = k / VEC;
@@ -126,7 +125,7 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
     int base = 0;
     for (; base + step <= num_vecs; base += step) accumulate<false>(acc, w, xv, base + lane, num_vecs, base == 0);
     if (base < num_vecs) accumulate<true>(acc, w, xv, base + lane, num_vecs, base == 0);
-    else if (base == 0) wait_for_previous_kernel();  // k == 0: nothing was loaded
+    else if (base == 0) start_after_previous_kernel();  // k == 0: nothing was loaded
 
 #pragma unroll
     for (int r = 0; r < WEIGHT_ROWS; ++r)
