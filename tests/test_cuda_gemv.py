@@ -107,41 +107,6 @@ def test_gemv_reads_strided_rows_of_x(dtype, rows):
     _check(x, weight)
 
 
-# (2d, K): Llama-3.1-8B's gate_up, a small MLP, and a d that fills no CTA of warps.
-GATED_SHAPES = [(28672, 4096), (2 * 2816, 1024), (2 * 37, 264)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 4])
-@pytest.mark.parametrize("shape", GATED_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_gated_gemv_matches_the_separate_ops_bit_for_bit(dtype, rows, shape, with_bias):
-    """silu_and_mul=True gives exactly what the GEMV and the SiLU-and-mul kernel give one after
-    the other (it rounds where they round), and the torch reference within the dtype's bound."""
-    from aserve.cuda.fused import silu_and_mul
-    from aserve.cuda.gemv import gemv
-
-    n, k = shape
-    seed = 20011 * DTYPES.index(dtype) + 3 * n + k + 5 * rows + with_bias
-    weight = _random((n, k), dtype, seed)
-    x = _random((rows, k), dtype, seed + 1)
-    bias = _random((n,), dtype, seed + 2) if with_bias else None
-    fused_out = gemv(x, weight, bias, silu_and_mul=True)
-    assert fused_out.shape == (rows, n // 2) and fused_out.dtype == dtype
-    assert torch.equal(fused_out, silu_and_mul(gemv(x, weight, bias)))
-    gate, up = _reference(x, weight, bias).to(dtype).chunk(2, dim=-1)
-    reference = (F.silu(gate.float()).to(dtype) * up).float()
-    assert _max_error(fused_out, reference) <= TOLERANCE[dtype]
-
-
-def test_gated_gemv_rejects_an_odd_number_of_rows():
-    from aserve.cuda.gemv import gemv
-
-    x, weight = _random((1, 256), torch.bfloat16, 61), _random((63, 256), torch.bfloat16, 62)
-    with pytest.raises(ValueError, match="even number of rows"):
-        gemv(x, weight, silu_and_mul=True)
-
-
 def test_gemv_replays_in_a_cuda_graph_with_new_inputs():
     from aserve.cuda.gemv import gemv
 

@@ -19,8 +19,8 @@ extern "C" __global__ void reshape_and_cache(const uint4* __restrict__ key, cons
     uint4* kd = k_cache + slot * units_per_row;
     uint4* vd = v_cache + slot * units_per_row;
     for (int i = threadIdx.x; i < units_per_row; i += blockDim.x) {
-        kd[i] = k[i];
-        vd[i] = v[i];
+        kd[i] = load_fresh(k + i);
+        vd[i] = load_fresh(v + i);
     }
 }
 

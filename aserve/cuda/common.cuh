@@ -46,15 +46,6 @@ __device__ __forceinline__ scalar_t from_float(float f) {
 #endif
 }
 
-// Rounds a float through the model dtype, as an intermediate torch tensor of that dtype would.
-__device__ __forceinline__ float round_dtype(float x) { return to_float(from_float(x)); }
-
-// silu(gate) * up as the model computes it from tensors of its dtype: each operand already
-// rounded, the activation rounded before the product (the caller rounds the product).
-__device__ __forceinline__ float silu_times(float gate, float up) {
-    return round_dtype(gate / (1.f + expf(-gate))) * up;
-}
-
 // A 16-byte vector of VEC elements as floats.
 __device__ __forceinline__ void unpack_vec(const uint4 raw, float* out) {
 #if DTYPE == 0
@@ -88,6 +79,14 @@ __device__ __forceinline__ uint4 pack_vec(const float* in) {
 #endif
 }
 
+// Loads of what an earlier kernel of the step wrote, through L2 only. Under programmatic
+// dependent launch a kernel starts before the kernel that writes its input has finished, so
+// that input is not read-only for the kernel's lifetime, as the non-coherent path (__ldg, and
+// the compiler's own choice for const __restrict__ pointers) assumes; graph replays of a
+// decode chain that read it that way gave different bits run to run on an H200.
+__device__ __forceinline__ uint4 load_fresh(const uint4* p) { return __ldcg(p); }
+__device__ __forceinline__ float load_fresh(const scalar_t* p) { return to_float(__ldcg(p)); }
+
 // Programmatic dependent launch (aserve/cuda/compiler.py launches with pdl=True). Such a kernel
 // may start while the previous kernel of its stream still runs: before this wait it may only
 // read what no kernel of the step writes (weights); after it, the previous kernel has finished
@@ -110,7 +109,7 @@ __device__ __forceinline__ void allow_next_kernel() {
 #endif
 }
 
-// Both, for kernels with nothing to do before their inputs are ready.
+// Both at once, for kernels with nothing to do before their inputs are ready.
 __device__ __forceinline__ void start_after_previous_kernel() {
     wait_for_previous_kernel();
     allow_next_kernel();

@@ -7,15 +7,11 @@
 // lane i taking vectors i, i + 32, ... so each warp-wide load is 512 contiguous bytes; UNROLL
 // such loads per W row are issued before any is used, which keeps enough bytes in flight to
 // cover HBM latency. Partial sums stay in registers (fp32) and meet in a shuffle reduction.
-// x is read with __ldg: it is small (at most M * K elements) and every warp of the GPU reads
-// it, so after the first touch it comes from L1/L2, at no cost to the HBM stream.
-//
-// SILU_AND_MUL=1 builds the gated form for a fused [gate; up] weight [2n, K]: warp j takes
-// rows j and n + j and stores silu(x.gate_j) * (x.up_j), rounded as the unfused layers round,
-// so the MLP's activation costs no kernel of its own (and no wait in a decode step's chain).
+// x is read through L2 (load_fresh): it is small (at most M * K elements) and every warp of the
+// GPU reads it, so after the first touch it comes from L2, at no cost to the HBM stream.
 //
 // Compile-time configuration (-D, set by aserve/cuda/gemv.py): DTYPE, ROWS (M, so the
-// accumulators are a fixed register array), WEIGHT_ROWS, UNROLL and SILU_AND_MUL.
+// accumulators are a fixed register array), WEIGHT_ROWS and UNROLL.
 #include "common.cuh"
 
 #ifndef ROWS
@@ -27,10 +23,6 @@
 #ifndef UNROLL
 #define UNROLL 4
 #endif
-#ifndef SILU_AND_MUL
-#define SILU_AND_MUL 0
-#endif
-static_assert(!SILU_AND_MUL || WEIGHT_ROWS == 2, "the gated form pairs one gate row with one up row");
 
 // Threads per CTA at most, and the CTAs per SM that ptxas must leave room for: 128 registers a
 // thread. With that budget it issues all of a step's W loads before the first FMA; asked for
@@ -41,7 +33,7 @@ static_assert(!SILU_AND_MUL || WEIGHT_ROWS == 2, "the gated form pairs one gate 
 
 static_assert(ROWS * WEIGHT_ROWS <= 32, "each sum is stored by a lane of its own");
 
-// W is read exactly once: keep it out of L1 so that x, which is re-read by every warp, stays.
+// W is read exactly once and never written during a step: the non-coherent path, kept out of L1.
 // volatile: without it NVVM moves each load down to its first use, serializing the step.
 __device__ __forceinline__ uint4 load_weight(const uint4* p) {
     uint4 v;
@@ -74,7 +66,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
         float xf[ROWS][VEC];
 #pragma unroll
         for (int m = 0; m < ROWS; ++m)
-            unpack_vec((!GUARDED || v < num_vecs) ? __ldg(xv[m] + v) : make_uint4(0, 0, 0, 0), xf[m]);
+            unpack_vec((!GUARDED || v < num_vecs) ? load_fresh(xv[m] + v) : make_uint4(0, 0, 0, 0), xf[m]);
 #pragma unroll
         for (int r = 0; r < WEIGHT_ROWS; ++r) {
             float wf[VEC];
@@ -88,17 +80,14 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
 }
 
 // out [ROWS, n] (scalar_t, or float when out_float32), x rows x_stride elements apart, weight
-// [n, k] contiguous, bias [n] or null (SILU_AND_MUL: weight [2n, k], bias [2n] or null, out in
-// scalar_t). k * sizeof(scalar_t) and x_stride * sizeof(scalar_t) are multiples of 16 and the
-// pointers 16-byte aligned (the wrapper checks). Grid: enough warps of blockDim.x / 32 per CTA
-// to give each WEIGHT_ROWS rows of W (SILU_AND_MUL: one output each).
+// [n, k] contiguous, bias [n] or null. k * sizeof(scalar_t) and x_stride * sizeof(scalar_t)
+// are multiples of 16 and the pointers 16-byte aligned (the wrapper checks). Grid: enough
+// warps of blockDim.x / 32 per CTA to give each WEIGHT_ROWS rows of W.
 extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_CTAS_PER_SM)
 gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
      const scalar_t* __restrict__ bias, i64 x_stride, int n, int k, int out_float32) {
     const int lane = threadIdx.x % 32;
-    const int warp_index = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    // The first output row of this warp (SILU_AND_MUL: its one output, from W rows first, n + first).
-    const int first = SILU_AND_MUL ? warp_index : warp_index * WEIGHT_ROWS;
+    const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * WEIGHT_ROWS;
     if (first >= n) {  // warp-uniform: the shuffles below see all 32 lanes or none
         start_after_previous_kernel();
         return;
@@ -109,7 +98,7 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
     const uint4* w[WEIGHT_ROWS];
 #pragma unroll
     for (int r = 0; r < WEIGHT_ROWS; ++r)
-        w[r] = reinterpret_cast<const uint4*>(weight + (SILU_AND_MUL ? (i64)r * n + first : (i64)min(first + r, n - 1)) * k);
+        w[r] = reinterpret_cast<const uint4*>(weight + (i64)min(first + r, n - 1) * k);
     const uint4* xv[ROWS];
 #pragma unroll
     for (int m = 0; m < ROWS; ++m) xv[m] = reinterpret_cast<const uint4*>(x + m * x_stride);
@@ -134,16 +123,6 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
 
-#if SILU_AND_MUL
-    // Lane m stores row m's output: gate and up rounded as the gate_up tensor would hold them.
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-        if (lane != m) continue;
-        float gate = acc[0][m], up = acc[1][m];
-        if (bias) { gate += to_float(bias[first]); up += to_float(bias[n + first]); }
-        static_cast<scalar_t*>(out)[(i64)m * n + first] = from_float(silu_times(round_dtype(gate), round_dtype(up)));
-    }
-#else
     // Every lane now holds every sum; lane r * ROWS + m stores (r, m), so the stores go out in
     // parallel, each picked by a compile-time index (a run-time index would put acc in local memory).
 #pragma unroll
@@ -159,5 +138,4 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
             else static_cast<scalar_t*>(out)[at] = from_float(y);
         }
     }
-#endif
 }

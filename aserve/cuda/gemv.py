@@ -31,16 +31,15 @@ _GEOMETRY = {1: (2, 4), 2: (2, 4), 3: (2, 4), 4: (2, 4)}
 _MAX_WARPS_PER_CTA = 4
 
 
-def gemv_options(dtype: torch.dtype, rows: int, silu_and_mul: bool = False) -> list[str]:
-    """The -D options of the gemv.cu build for x of `rows` rows in `dtype` (silu_and_mul: the
-    gated form over a [gate; up] weight)."""
+def gemv_options(dtype: torch.dtype, rows: int) -> list[str]:
+    """The -D options of the gemv.cu build for x of `rows` rows in `dtype`."""
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"dtype must be one of {list(KERNEL_DTYPES)}, got {dtype}")
     if not 1 <= rows <= GEMV_MAX_ROWS:
         raise ValueError(f"rows must be 1 to {GEMV_MAX_ROWS}, got {rows}")
     weight_rows, unroll = _GEOMETRY[rows]
     return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DROWS={rows}", f"-DWEIGHT_ROWS={weight_rows}",
-            f"-DUNROLL={unroll}", f"-DSILU_AND_MUL={int(silu_and_mul)}"]
+            f"-DUNROLL={unroll}"]
 
 
 def _unsupported(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
@@ -93,12 +92,9 @@ def _warps_per_cta(num_warps: int, num_sms: int) -> int:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         out_dtype: Optional[torch.dtype] = None, silu_and_mul: bool = False) -> torch.Tensor:
+         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """x [M, K] @ weight[N, K]^T (+ bias [N]) as a new [M, N] tensor, M = 1..GEMV_MAX_ROWS,
     accumulated in float32 and rounded once to out_dtype (x's dtype, or float32 for logits).
-
-    silu_and_mul: weight is a fused [gate; up] projection of N = 2d rows, and the result is
-    the [M, d] tensor silu(y[:, :d]) * y[:, d:] of that y, rounded as the unfused ops round.
 
     x's rows may be strided (a row slice of a wider tensor) but each must be dense; weight is
     contiguous (torch.nn.Linear's layout); both share a dtype of KERNEL_DTYPES. Rows must be
@@ -110,10 +106,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         raise ValueError(problem)
     rows, k = x.shape
     n = weight.shape[0]
-    if silu_and_mul and n % 2:
-        raise ValueError(f"weight: a [gate; up] projection needs an even number of rows, got {n}")
-    if silu_and_mul and out_dtype not in (None, x.dtype):
-        raise ValueError(f"out_dtype: the gated form returns x's dtype {x.dtype}, got {out_dtype}")
     if bias is not None:
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
@@ -125,26 +117,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         out_dtype = x.dtype
     if out_dtype not in (x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be x's dtype {x.dtype} or torch.float32, got {out_dtype}")
-    return launch_gemv(x, weight, bias, out_dtype, silu_and_mul)
+    return launch_gemv(x, weight, bias, out_dtype)
 
 
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                out_dtype: Optional[torch.dtype] = None, silu_and_mul: bool = False) -> torch.Tensor:
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """gemv without its argument checks, for a caller that has checked gemv_usable(x, weight)
-    and passes a bias (if any) of x's dtype and device, [N] and contiguous (and, with
-    silu_and_mul, an even N and no out_dtype): the model's linear layers, which would otherwise
-    check every input twice per decode step."""
+    and passes a bias (if any) of x's dtype and device, [N] and contiguous: the model's linear
+    layers, which would otherwise check every input twice per decode step."""
     rows, k = x.shape
-    n = weight.shape[0] // 2 if silu_and_mul else weight.shape[0]  # outputs
+    n = weight.shape[0]
     out_dtype = out_dtype or x.dtype
     out = torch.empty(rows, n, dtype=out_dtype, device=x.device)
     if n == 0:
         return out
     weight_rows, _ = _GEOMETRY[rows]
     index = device_index(x)
-    num_warps = n if silu_and_mul else -(-n // weight_rows)  # the gated form: one output a warp
+    num_warps = -(-n // weight_rows)
     warps_per_cta = _warps_per_cta(num_warps, num_sms(index))
-    module = load_module("gemv.cu", gemv_options(x.dtype, rows, silu_and_mul), index)
+    module = load_module("gemv.cu", gemv_options(x.dtype, rows), index)
     module.kernel("gemv").launch(
         (-(-num_warps // warps_per_cta), 1, 1), (32 * warps_per_cta, 1, 1), 0,
         (out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,

@@ -8,6 +8,9 @@
 
 #define MAX_THREADS 1024
 
+// Rounds a float through the model dtype, as an intermediate torch tensor of that dtype would.
+__device__ __forceinline__ float round_dtype(float x) { return to_float(from_float(x)); }
+
 __device__ float block_sum(float v) {
     __shared__ float partial[MAX_THREADS / 32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -48,17 +51,17 @@ extern "C" __global__ void rms_norm_vec(scalar_t* __restrict__ out, const scalar
         if (v >= vectors) break;
         w_raw[j] = w[v];                            // with the row's loads, not after the reduction
         float h[VEC];
-        unpack_vec(row[v], h);
+        unpack_vec(load_fresh(row + v), h);
         if (res) {
             float r[VEC];
-            unpack_vec(res[v], r);
+            unpack_vec(load_fresh(res + v), r);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) h[i] += r[i];
             h_raw[j] = pack_vec(h);                 // rounded to the dtype, as the model's add
             res[v] = h_raw[j];
             unpack_vec(h_raw[j], h);
         } else {
-            h_raw[j] = row[v];
+            h_raw[j] = load_fresh(row + v);
         }
 #pragma unroll
         for (int i = 0; i < VEC; ++i) squares += h[i] * h[i];
@@ -89,9 +92,9 @@ extern "C" __global__ void rms_norm(scalar_t* __restrict__ out, const scalar_t* 
     scalar_t* res = residual ? residual + blockIdx.x * residual_stride : nullptr;
     float squares = 0.f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        float v = to_float(row[i]);
+        float v = load_fresh(row + i);
         if (res) {
-            v = round_dtype(to_float(res[i]) + v);
+            v = round_dtype(load_fresh(res + i) + v);
             res[i] = from_float(v);
         }
         squares += v * v;
@@ -100,7 +103,7 @@ extern "C" __global__ void rms_norm(scalar_t* __restrict__ out, const scalar_t* 
     scalar_t* dst = out + blockIdx.x * out_stride;
     // Each thread re-reads only the elements it wrote above: no barrier needed.
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
-        const float v = res ? to_float(res[i]) : to_float(row[i]);
+        const float v = res ? load_fresh(res + i) : load_fresh(row + i);
         dst[i] = from_float(to_float(weight[i]) * round_dtype(v * inv_rms));
     }
 }
@@ -133,7 +136,7 @@ extern "C" __global__ void rotary_embedding(scalar_t* __restrict__ query, scalar
                                        : key + token * k_stride + (i64)(head - num_heads) * head_dim;
         const float c = round_dtype(cos_row[i]), s = round_dtype(sin_row[i]);
         float o1, o2;
-        rotate_pair(to_float(x[i]), to_float(x[i + half]), c, s, o1, o2);
+        rotate_pair(load_fresh(x + i), load_fresh(x + i + half), c, s, o1, o2);
         x[i] = from_float(o1);
         x[i + half] = from_float(o2);
     }
@@ -158,8 +161,8 @@ extern "C" __global__ void rotary_embedding_vec(scalar_t* __restrict__ query, sc
         scalar_t* x = head < num_heads ? query + token * q_stride + (i64)head * head_dim
                                        : key + token * k_stride + (i64)(head - num_heads) * head_dim;
         float x1[VEC], x2[VEC], o1[VEC], o2[VEC];
-        unpack_vec(*reinterpret_cast<const uint4*>(x + i), x1);
-        unpack_vec(*reinterpret_cast<const uint4*>(x + i + half), x2);
+        unpack_vec(load_fresh(reinterpret_cast<const uint4*>(x + i)), x1);
+        unpack_vec(load_fresh(reinterpret_cast<const uint4*>(x + i + half)), x2);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
             rotate_pair(x1[k], x2[k], round_dtype(cos_row[i + k]), round_dtype(sin_row[i + k]), o1[k], o2[k]);
@@ -179,10 +182,10 @@ extern "C" __global__ void silu_and_mul_vec(scalar_t* __restrict__ out, const sc
     uint4* dst = reinterpret_cast<uint4*>(out + blockIdx.x * out_stride);
     for (int v = blockIdx.y * blockDim.x + threadIdx.x; v < d / VEC; v += gridDim.y * blockDim.x) {
         float g[VEC], u[VEC], o[VEC];
-        unpack_vec(gate[v], g);
-        unpack_vec(up[v], u);
+        unpack_vec(load_fresh(gate + v), g);
+        unpack_vec(load_fresh(up + v), u);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) o[i] = silu_times(g[i], u[i]);
+        for (int i = 0; i < VEC; ++i) o[i] = round_dtype(g[i] / (1.f + expf(-g[i]))) * u[i];
         dst[v] = pack_vec(o);
     }
 }
@@ -194,6 +197,8 @@ extern "C" __global__ void silu_and_mul(scalar_t* __restrict__ out, const scalar
     const scalar_t* row = x + blockIdx.x * x_stride;
     scalar_t* dst = out + blockIdx.x * out_stride;
     for (int i = blockIdx.y * blockDim.x + threadIdx.x; i < d; i += gridDim.y * blockDim.x) {
-        dst[i] = from_float(silu_times(to_float(row[i]), to_float(row[d + i])));
+        const float g = load_fresh(row + i);
+        const float activated = round_dtype(g / (1.f + expf(-g)));
+        dst[i] = from_float(activated * load_fresh(row + d + i));
     }
 }

@@ -144,7 +144,8 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
         for (int c = 0; c < CPL; ++c) {
             const int chunk = lane_in_row + c * LANES;
             if (chunk < CHUNKS) {
-                load_vec(query + seq * q_stride + (i64)(head0 + g) * HEAD_DIM + chunk * VEC, q[g][c]);
+                unpack_vec(load_fresh(reinterpret_cast<const uint4*>(
+                    query + seq * q_stride + (i64)(head0 + g) * HEAD_DIM + chunk * VEC)), q[g][c]);
 #pragma unroll
                 for (int i = 0; i < VEC; ++i) q[g][c][i] *= scale * 1.44269504f;
             } else {

@@ -45,7 +45,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = ActAndMul(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.act_and_mul(x, self.act_fn))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):

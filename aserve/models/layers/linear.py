@@ -17,7 +17,6 @@ from torch import nn
 
 from aserve.cuda.gemv import GEMV_MAX_ROWS, gemv_usable, launch_gemv
 from aserve.distributed import current_group
-from aserve.models.layers.activation import ActAndMul
 
 
 # Decode steps of at most GEMV_MAX_ROWS tokens on a GPU run aserve's GEMV kernel instead of
@@ -26,13 +25,9 @@ from aserve.models.layers.activation import ActAndMul
 USE_GEMV = True
 
 
-def _takes_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return USE_GEMV and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda and gemv_usable(x, weight)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight^T + bias, as torch.nn.functional.linear."""
-    if _takes_gemv(x, weight):
+    if USE_GEMV and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda and gemv_usable(x, weight):
         return launch_gemv(x, weight, bias)   # a layer's bias shares its weight's dtype and device
     return F.linear(x, weight, bias)
 
@@ -112,17 +107,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         shard = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         _copy(param.data.narrow(0, offset, shard), loaded_weight.narrow(0, self.tp_rank * shard, shard))
-
-
-    def act_and_mul(self, x: torch.Tensor, act_and_mul: ActAndMul) -> torch.Tensor:
-        """act_and_mul(self(x)) for a [gate; up] projection of two equal halves. Where a decode
-        step's GEMV takes x and the activation is SiLU, the activation and the product run in
-        the GEMV's epilogue: one kernel fewer per layer, and one fewer wait in a batch-1
-        step's chain of kernels (the same bits: it rounds where the separate ops round)."""
-        if (act_and_mul.is_silu and not self.gather_output and len(self.output_sizes) == 2
-                and self.output_sizes[0] == self.output_sizes[1] and _takes_gemv(x, self.weight)):
-            return launch_gemv(x, self.weight, self.bias, silu_and_mul=True)
-        return act_and_mul(self(x))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
