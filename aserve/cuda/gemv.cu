@@ -7,8 +7,8 @@
 // lane i taking vectors i, i + 32, ... so each warp-wide load is 512 contiguous bytes; UNROLL
 // such loads per W row are issued before any is used, which keeps enough bytes in flight to
 // cover HBM latency. Partial sums stay in registers (fp32) and meet in a shuffle reduction.
-// x is read through L2 (load_fresh): it is small (at most M * K elements) and every warp of the
-// GPU reads it, so after the first touch it comes from L2, at no cost to the HBM stream.
+// x is small (at most M * K elements) and every warp of the GPU reads it, so after the first
+// touch it comes from L1/L2 (load_x), at no cost to the HBM stream.
 //
 // Compile-time configuration (-D, set by aserve/cuda/gemv.py): DTYPE, ROWS (M, so the
 // accumulators are a fixed register array), WEIGHT_ROWS and UNROLL.
@@ -42,6 +42,19 @@ __device__ __forceinline__ uint4 load_weight(const uint4* p) {
     return v;
 }
 
+// x, which the previous kernel wrote and may still have been writing when this one started
+// (programmatic dependent launch): a plain, coherent load, which the memory model orders after
+// the wait and which L1 still serves to the other warps of the SM. Not __ldg: the
+// non-coherent path assumes x read-only for the whole kernel, and graph replays that read it
+// so gave different bits on an H200; nor L2 only (load_fresh), which cost B1 0.3 ms a token.
+// asm: a const __restrict__ pointer would let the compiler pick the non-coherent path itself.
+__device__ __forceinline__ uint4 load_x(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
 // One step: UNROLL vectors per lane of each W row (32 * UNROLL per warp), the lane's first being
 // vector `lane_vec`. GUARDED is the last, partial step: vectors past the row's end read as zero.
 // first_step: the warp's first step: its W loads go out before the wait for the previous kernel
@@ -66,7 +79,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
         float xf[ROWS][VEC];
 #pragma unroll
         for (int m = 0; m < ROWS; ++m)
-            unpack_vec((!GUARDED || v < num_vecs) ? load_fresh(xv[m] + v) : make_uint4(0, 0, 0, 0), xf[m]);
+            unpack_vec((!GUARDED || v < num_vecs) ? load_x(xv[m] + v) : make_uint4(0, 0, 0, 0), xf[m]);
 #pragma unroll
         for (int r = 0; r < WEIGHT_ROWS; ++r) {
             float wf[VEC];
