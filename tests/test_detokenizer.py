@@ -284,6 +284,60 @@ def test_finish_flushes_an_incomplete_character_as_decode_does():
     assert "".join(deltas) == detok.text == tok.decode(ids[:cut])
 
 
+def stray_byte(tok_name: str) -> int:
+    """The token of the lone byte 0xBA, a UTF-8 continuation byte that no character can start."""
+    if tok_name == "metaspace":
+        return 3 + 0xBA
+    return byte_level_tokenizer().convert_tokens_to_ids("\u00ba")  # ByteLevel's character for 0xBA
+
+
+def complete_after(tok_name: str) -> list:
+    """Ids of a character split over byte tokens, then plain text."""
+    tok = TOKENIZERS[tok_name]()
+    if tok_name == "metaspace":
+        return [3 + b for b in "€".encode()] + encode(tok, "ok")
+    return encode(tok, "€ok")
+
+
+@both_tokenizers
+@both_paths
+def test_a_long_run_of_stray_bytes_is_emitted_as_it_goes(tok_name, use_stream):
+    """Text ending in U+FFFD is held back only while a later token could complete the
+    character: a run of stray bytes streams out (as decode() shows it) with a bounded window,
+    not at the end after re-decoding the whole run on every token."""
+    tok = TOKENIZERS[tok_name]()
+    output = [stray_byte(tok_name)] * 300 + complete_after(tok_name)
+    detok = IncrementalDetokenizer(tok, [], spaces_between_special_tokens=False, use_decode_stream=use_stream)
+    deltas, held_back = [], []
+    for token_id in output:
+        detok.append(token_id)
+        deltas.append(detok.take_delta())
+        held_back.append(len(detok._ids) - detok._read)
+    detok.finish()
+    deltas.append(detok.take_delta())
+    assert "".join(deltas) == detok.text == tok.decode(output)
+    # A few tokens at most (aserve holds back up to 6), however long the run; and shown while
+    # the run goes on.
+    assert max(held_back) <= 8
+    assert len("".join(deltas[:300])) >= 290
+
+
+@both_tokenizers
+@given(runs=st.lists(st.tuples(st.integers(0, 12), st.lists(st.integers(0, 520), max_size=4)), max_size=12),
+       prompt=st.lists(st.integers(0, 520), max_size=8), skip=st.booleans())
+@HYP
+def test_stray_byte_runs_stream_to_decode_on_both_paths(tok_name, runs, prompt, skip):
+    """Runs of stray bytes (long enough to be settled early) between random ids: both paths give
+    the same deltas, and on the byte-level tokenizer (no prompt-dependent spaces) exactly decode()."""
+    tok = TOKENIZERS[tok_name]()
+    output = [i for count, ids in runs for i in [stray_byte(tok_name)] * count + ids]
+    fast, _ = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=True)
+    slow, detok = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=False)
+    assert fast == slow
+    if tok_name == "byte_level":
+        assert "".join(slow) == detok.text == tok.decode(output, skip_special_tokens=skip)
+
+
 def test_prompt_ending_inside_a_character_is_left_out_of_the_context():
     tok = byte_level_tokenizer()
     ids = encode(tok, "x 中 y")

@@ -36,6 +36,14 @@ __all__ = ["IncrementalDetokenizer", "decode_token_text"]
 _PROMPT_CONTEXT_TOKENS = 5
 _MAX_CONTEXT_TOKENS = 24
 _REPLACEMENT = "\ufffd"
+# A character's bytes are at most 4 and every token carries at least one, so an incomplete
+# character at the end of the ids spans at most their last 3 tokens.
+_MAX_INCOMPLETE_TOKENS = 3
+# Text ending in U+FFFD is held back while a later token may complete the character. Past this
+# many held-back tokens the bytes before the last 3 can no longer change: they are emitted as
+# decode() shows them. Without the bound, a run of stray bytes (a degenerate or random-weight
+# model) was held back whole and re-decoded on every token: 13 us a token and growing.
+_MAX_PENDING_TOKENS = 6
 
 
 def _backend(tokenizer):
@@ -144,7 +152,7 @@ class IncrementalDetokenizer:
         while _REPLACEMENT in text and start > 0 and end - start < _MAX_CONTEXT_TOKENS:
             start -= 1
             text = decode(prompt[start:end])
-        for _ in range(3):  # an incomplete character spans at most 3 tokens
+        for _ in range(_MAX_INCOMPLETE_TOKENS):
             if not text.endswith(_REPLACEMENT):
                 return prompt[start:end], text
             end -= 1
@@ -153,7 +161,8 @@ class IncrementalDetokenizer:
 
     def _leave_stream(self, ids: list) -> Optional[str]:
         # The Rust stream refused a decoding that rewrites text it already gave ("Invalid prefix
-        # encountered", vLLM issue 17448): go on with plain decode calls from the same window.
+        # encountered", vLLM issue 17448), or held back more than _MAX_PENDING_TOKENS: go on
+        # with plain decode calls from the same window.
         self._stream = None
         self._prefix_text = self._decode(ids[:self._read])
         return self._next_window_piece(ids)
@@ -161,12 +170,29 @@ class IncrementalDetokenizer:
     def _next_window_piece(self, ids: list) -> Optional[str]:
         text = self._decode(ids)
         prefix_text = self._prefix_text
-        if len(text) <= len(prefix_text) or text.endswith(_REPLACEMENT):
+        if len(text) <= len(prefix_text):
             return None
+        if text.endswith(_REPLACEMENT):
+            return self._settled_piece(ids, text) if len(ids) - self._read > _MAX_PENDING_TOKENS else None
         self._prefix_text = self._decode(ids[self._read:])
         del ids[:self._read]
         self._read = len(ids)
         return text[len(prefix_text):]
+
+    def _settled_piece(self, ids: list, text: str) -> Optional[str]:
+        """The text of the held-back ids but the last _MAX_INCOMPLETE_TOKENS, which no later
+        token can change, when the split there is clean: the two parts decode to `text` joined
+        (no character or leading-space rule straddles it). Else None: keep holding back."""
+        split = len(ids) - _MAX_INCOMPLETE_TOKENS
+        head = self._decode(ids[:split])
+        prefix_text = self._prefix_text
+        if (len(head) <= len(prefix_text) or not head.startswith(prefix_text)
+                or head + self._decode(ids[split:]) != text):
+            return None
+        self._prefix_text = self._decode(ids[self._read:split])
+        del ids[:self._read]
+        self._read = len(ids) - _MAX_INCOMPLETE_TOKENS
+        return head[len(prefix_text):]
 
     # ---------------------------------------------------------------- public API
 
@@ -187,10 +213,14 @@ class IncrementalDetokenizer:
             except Exception:  # noqa: BLE001
                 piece = self._leave_stream(ids)
             else:
-                if piece is None:
+                if piece is not None:
+                    del ids[:self._read]  # the emitted ids become the next context, as in the stream
+                    self._read = len(ids)
+                elif len(ids) - self._read > _MAX_PENDING_TOKENS:
+                    # The stream holds back without bound: the window path settles those ids.
+                    piece = self._leave_stream(ids)
+                else:
                     return None
-                del ids[:self._read]  # the emitted ids become the next context, as in the stream
-                self._read = len(ids)
         else:
             piece = self._next_window_piece(ids)
         if not piece:
