@@ -33,6 +33,23 @@ def small_engine_args(**overrides) -> EngineArgs:
     return EngineArgs(**kwargs)
 
 
+def module_server_and_client(**server_options):
+    """The (server, client) fixtures of a test module: one ServerThread for the module, and the
+    official `openai` client on it. Use as `server, client = module_server_and_client()`."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server():
+        with ServerThread(**server_options) as s:
+            yield s
+
+    @pytest.fixture(scope="module")
+    def client(server):
+        return server.openai_client()
+
+    return server, client
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,6 +86,14 @@ class ServerThread:
     @property
     def openai_base_url(self) -> str:
         return self.url + "/v1"
+
+    def openai_client(self, api_key: str = "EMPTY", max_retries: int = 0, timeout: float = 60, **kwargs):
+        """The official `openai` client on this server; no retries by default, so a failure
+        shows as itself."""
+        import openai
+
+        return openai.OpenAI(base_url=self.openai_base_url, api_key=api_key, max_retries=max_retries,
+                             timeout=timeout, **kwargs)
 
     @property
     def async_engine(self):

@@ -33,14 +33,14 @@ async def test_v1_routes_refuse_a_missing_or_wrong_key(server, headers, method, 
 
 
 def test_the_openai_client_with_the_key_is_served(server):
-    client = openai.OpenAI(base_url=server.openai_base_url, api_key=KEY, max_retries=0)
+    client = server.openai_client(api_key=KEY)
     assert client.models.list().data[0].id == server.model_name
     resp = client.completions.create(model=server.model_name, prompt="Hi", max_tokens=2)
     assert resp.usage.completion_tokens >= 1
 
 
 def test_the_openai_client_with_a_wrong_key_gets_authentication_error(server):
-    client = openai.OpenAI(base_url=server.openai_base_url, api_key="nope", max_retries=0)
+    client = server.openai_client(api_key="nope")
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
 

@@ -86,7 +86,7 @@ async def abort_one_stream(url: str) -> None:
 
 
 def test_every_vllm_metric_has_its_name_type_and_labels(server):
-    client = openai.OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0, timeout=120)
+    client = server.openai_client(timeout=120)
     client.completions.create(model=server.model_name, prompt="Hello", max_tokens=5, extra_body={"ignore_eos": True})
     client.completions.create(model=server.model_name, prompt="Two", max_tokens=3, n=2, temperature=1.0)
     client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "Hi"}],

@@ -82,8 +82,7 @@ async def test_detokenize_rejects_ids_outside_the_vocabulary(server):
 def test_status_line_is_logged_while_busy(server, caplog):
     server.state.status_interval_s = 0.2  # read when the logger sleeps next
     caplog.set_level(logging.INFO, logger="aserve.server")
-    import openai
-    client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+    client = server.openai_client()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and "generation throughput" not in caplog.text:
         client.completions.create(model=server.model_name, prompt="Hi", max_tokens=200,

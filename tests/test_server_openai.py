@@ -7,21 +7,13 @@ import openai
 import pytest
 
 from aserve import OfflineLLM, SamplingParams
-from server_fixtures import TEST_NUM_BLOCKS, ServerThread
+from server_fixtures import TEST_NUM_BLOCKS, module_server_and_client
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello there!"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerThread() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0, timeout=60)
+server, client = module_server_and_client()
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ async def test_a_batch_larger_than_the_queue_can_ever_hold_is_a_400(server):
 
 def test_the_openai_client_sees_the_503_and_its_retries_get_through(server):
     def run(max_retries):
-        client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=max_retries)
+        client = server.openai_client(max_retries=max_retries)
         return client.completions.create(model=server.model_name, prompt=BODY["prompt"],
                                          max_tokens=BODY["max_tokens"], extra_body={"ignore_eos": True})
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import urllib.request
 
-import openai
 import pytest
 
 from aserve.server.cli import engine_args_from, make_parser
@@ -17,13 +16,14 @@ SYSTEM = "You are a helpful assistant who answers in one short sentence. " * 4
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerThread() as s:
-        s.state.status_interval_s = 0.2
+    # Set before the start: the status logger reads its interval when it next sleeps, and its
+    # first sleep (the default 5 s) would outlast this module's tests run alone.
+    with ServerThread(state_options={"status_interval_s": 0.2}) as s:
         yield s
 
 
 def _complete(server, prompt: str):
-    client = openai.OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0)
+    client = server.openai_client()
     return client.completions.create(model=server.model_name, prompt=prompt, max_tokens=4, temperature=0)
 
 

@@ -68,7 +68,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0, timeout=120)
+    return server.openai_client(timeout=120)
 
 
 def _post(server, path: str, body: dict) -> requests.Response:

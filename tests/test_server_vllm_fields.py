@@ -9,21 +9,13 @@ import math
 import openai
 import pytest
 
-from server_fixtures import ServerThread, small_engine_args
+from server_fixtures import ServerThread, module_server_and_client, small_engine_args
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "Hello there!"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerThread() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0, timeout=60)
+server, client = module_server_and_client()
 
 
 def complete(client, server, **kwargs):

@@ -9,20 +9,12 @@ import json
 import openai
 import pytest
 
-from server_fixtures import ServerThread
+from server_fixtures import module_server_and_client
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerThread() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0, timeout=60)
+server, client = module_server_and_client()
 
 
 def post_raw(server, path: str, data: bytes, content_type=None) -> tuple[int, dict]:

@@ -8,7 +8,6 @@ import asyncio
 import re
 
 import aiohttp
-import openai
 import orjson
 import pytest
 
@@ -123,7 +122,7 @@ async def test_tokenizer_info_is_served_only_when_enabled(server, plain_server):
 
 
 def test_request_id_header_echoes_the_clients_with_the_openai_client(server):
-    client = openai.OpenAI(base_url=server.openai_base_url, api_key="EMPTY", max_retries=0, timeout=60)
+    client = server.openai_client()
     raw = client.completions.with_raw_response.create(
         model=server.model_name, prompt="Hi", max_tokens=2, extra_headers={"X-Request-Id": "my-id-42"})
     assert raw.headers["X-Request-Id"] == "my-id-42"
