@@ -20,10 +20,59 @@ if TYPE_CHECKING:
     from aserve.worker.model_runner import RowPlan
 
 
+# Decode steps of at most this many sequences are built in plain Python lists: below it the
+# ~25 numpy calls of the general path cost more than the per-sequence work they save (a lone
+# sequence's step: 75 us against ~20 us on the 2-core VM), and a lone sequence's decode (A1)
+# is bound by the host.
+SMALL_DECODE_BATCH = 16
+
+
 def build_step_arrays(sched: SchedulerOutput, row_plan: "RowPlan", block_manager: BlockManager,
                       placeholder_rows: Optional[dict[int, int]] = None) -> StepArrays:
     """placeholder_rows (async scheduling): for sequences whose last token is still being
     sampled, its row among the previous step's sampled ids."""
+    if sched.decode_only and len(sched.scheduled) <= SMALL_DECODE_BATCH:
+        return small_decode_arrays(sched, row_plan, block_manager, placeholder_rows)
+    return vectorized_step_arrays(sched, row_plan, block_manager, placeholder_rows)
+
+
+def small_decode_arrays(sched: SchedulerOutput, row_plan: "RowPlan", block_manager: BlockManager,
+                        placeholder_rows: Optional[dict[int, int]] = None) -> StepArrays:
+    """build_step_arrays of a decode-only step (one token per sequence), in plain Python: the
+    same arrays, made with one numpy call per dtype."""
+    scheduled = sched.scheduled
+    block_size = block_manager.block_size
+    tables = [block_manager.block_table(item.seq.seq_id) for item in scheduled]
+    width = max(map(len, tables))
+    input_ids, positions, slots, seq_lens, flat_tables = [], [], [], [], []
+    fill_index: list[int] = []
+    fill_rows: list[int] = []
+    for i, (item, table) in enumerate(zip(scheduled, tables)):
+        seq, position = item.seq, item.start
+        input_ids.append(seq.token_ids[position])
+        positions.append(position)
+        slots.append(table[position // block_size] * block_size + position % block_size)
+        seq_lens.append(position + 1)
+        flat_tables += table
+        flat_tables += [0] * (width - len(table))
+        if placeholder_rows:
+            row = placeholder_rows.get(seq.seq_id)
+            if row is not None and position + 1 == len(seq.token_ids):
+                fill_index.append(i)   # the sequence's last token: a placeholder
+                fill_rows.append(row)
+    logits_indices = list(row_plan.logits_indices)
+    copies = [v for pair in sched.block_copies for v in pair]
+    num = len(scheduled)
+    int64 = np.array(input_ids + positions + slots + logits_indices + fill_index + fill_rows + copies,
+                     dtype=np.int64)
+    int32 = np.array(list(range(num + 1)) + seq_lens + flat_tables, dtype=np.int32)
+    return StepArrays(int64, int32, num, num, width, len(logits_indices), len(fill_index),
+                      len(sched.block_copies), 1, max(seq_lens))
+
+
+def vectorized_step_arrays(sched: SchedulerOutput, row_plan: "RowPlan", block_manager: BlockManager,
+                           placeholder_rows: Optional[dict[int, int]] = None) -> StepArrays:
+    """build_step_arrays for any step: per-token arrays built with numpy."""
     scheduled = sched.scheduled
     block_size = block_manager.block_size
     starts = np.fromiter((item.start for item in scheduled), dtype=np.int64, count=len(scheduled))

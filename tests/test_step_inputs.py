@@ -1,0 +1,76 @@
+"""The step inputs' two builders (aserve/engine/step_inputs.py) make the same arrays.
+
+Small decode steps are built in plain Python, every other step with numpy. Each step of real
+engine runs (async scheduling's placeholder rows, n > 1 samples forking blocks, beam search's
+copy-on-write, prefix caching, chunked prefill) is built both ways and compared.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aserve import OfflineLLM, SamplingParams
+from aserve.engine import step_inputs
+from server_fixtures import TEST_NUM_BLOCKS
+
+
+def _same(a, b) -> bool:
+    fields = ("num_tokens", "num_seqs", "table_width", "num_logits", "num_fills", "num_copies",
+              "max_query_len", "max_seq_len")
+    return (all(getattr(a, f) == getattr(b, f) for f in fields)
+            and a.int64.dtype == b.int64.dtype == np.int64 and np.array_equal(a.int64, b.int64)
+            and a.int32.dtype == b.int32.dtype == np.int32 and np.array_equal(a.int32, b.int32))
+
+
+@pytest.fixture
+def compared_steps(monkeypatch):
+    """Every decode step's arrays, built both ways; the list of (small, vectorized) results."""
+    seen = []
+    vectorized = step_inputs.vectorized_step_arrays
+
+    def both(sched, row_plan, block_manager, placeholder_rows=None):
+        small = step_inputs.small_decode_arrays(sched, row_plan, block_manager, placeholder_rows)
+        general = vectorized(sched, row_plan, block_manager, placeholder_rows)
+        seen.append((small, general))
+        return general
+
+    def build(sched, row_plan, block_manager, placeholder_rows=None):
+        if sched.decode_only:
+            return both(sched, row_plan, block_manager, placeholder_rows)
+        return vectorized(sched, row_plan, block_manager, placeholder_rows)
+
+    monkeypatch.setattr("aserve.engine.engine.build_step_arrays", build)
+    return seen
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_small_decode_steps_match_the_vectorized_builder(compared_steps, async_scheduling):
+    llm = OfflineLLM(model=None, num_gpu_blocks_override=TEST_NUM_BLOCKS, device="cpu",
+                     async_scheduling=async_scheduling, max_num_batched_tokens=64)
+    prompts = ["The capital of France is", "Once upon a time " * 6, "1 2 3", "x"]
+    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts[:2], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=24), use_tqdm=False)
+    llm.generate(prompts[0], SamplingParams(n=2, use_beam_search=True, temperature=0.0, max_tokens=20),
+                 use_tqdm=False)
+    assert len(compared_steps) > 50
+    assert any(small.num_fills for small, _ in compared_steps) == async_scheduling
+    assert any(small.num_copies for small, _ in compared_steps)
+    assert any(small.table_width > 1 for small, _ in compared_steps)
+    for index, (small, general) in enumerate(compared_steps):
+        assert _same(small, general), f"decode step {index} differs"
+
+
+def test_the_dispatch_takes_the_small_builder_for_small_decode_steps_only(monkeypatch):
+    class Sched:
+        def __init__(self, n, decode_only):
+            self.scheduled = [None] * n
+            self.decode_only = decode_only
+
+    calls = []
+    monkeypatch.setattr(step_inputs, "small_decode_arrays", lambda *a: calls.append("small"))
+    monkeypatch.setattr(step_inputs, "vectorized_step_arrays", lambda *a: calls.append("vectorized"))
+    for n, decode_only in ((1, True), (step_inputs.SMALL_DECODE_BATCH, True),
+                           (step_inputs.SMALL_DECODE_BATCH + 1, True), (1, False)):
+        step_inputs.build_step_arrays(Sched(n, decode_only), None, None)
+    assert calls == ["small", "small", "vectorized", "vectorized"]
