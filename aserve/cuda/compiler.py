@@ -11,7 +11,8 @@ compile error names the kernel file and carries NVRTC's log.
 Programmatic dependent launch (Hopper and newer): a kernel launched with pdl=True may start
 while the kernel before it in the stream is still running, and must call
 wait_for_previous_kernel() (common.cuh) before it reads anything that kernel writes or writes
-anything it reads. A decode step at batch 1 is a chain of ~300 short kernels; without this,
+anything it reads, and read what earlier kernels wrote with coherent loads (load_fresh), never
+the non-coherent path (__ldg), whose data must stay unwritten for the whole kernel. A decode step at batch 1 is a chain of ~300 short kernels; without this,
 each one's launch and ramp-up waits for the previous one to drain, and the GEMVs cannot start
 streaming their weights early. ASERVE_PDL=0 turns it off (to measure it, or to rule it out).
 """
