@@ -69,7 +69,8 @@ class ServerThread:
         self.limits = limits  # an HttpLimits, else the defaults
         self.tokenizer_chat_template = tokenizer_chat_template
         self.tool_call_parser = tool_call_parser   # as --enable-auto-tool-choice --tool-call-parser
-        self.state_options = state_options or {}  # other ServerState fields (the CLI's flags)
+        # Other ServerState fields (the CLI's flags); the status line every second unless given.
+        self.state_options = {"status_interval_s": 1.0, **(state_options or {})}
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.state = None
         self.port: Optional[int] = None
@@ -162,7 +163,6 @@ class ServerThread:
             async_engine.engine.tokenizer.chat_template = self.tokenizer_chat_template
         self.state = state_from_engine(async_engine, api_key=self.api_key, chat_template=self.chat_template,
                                        **self.state_options)
-        self.state.status_interval_s = 1.0
         self.state.tool_call_parser = self.tool_call_parser
         if self.limits is not None:
             self.state.limits = self.limits

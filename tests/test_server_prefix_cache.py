@@ -16,8 +16,8 @@ SYSTEM = "You are a helpful assistant who answers in one short sentence. " * 4
 
 @pytest.fixture(scope="module")
 def server():
-    # Set before the start: the status logger reads its interval when it next sleeps, and its
-    # first sleep (the default 5 s) would outlast this module's tests run alone.
+    # Set before the start: the status logger reads its interval when it next sleeps, so a
+    # later change would wait out its first sleep (test servers' 1 s).
     with ServerThread(state_options={"status_interval_s": 0.2}) as s:
         yield s
 
