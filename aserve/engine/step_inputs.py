@@ -2,7 +2,8 @@
 
 Per-sequence Python only gathers what numpy cannot reach (token ids, block-table lists); the
 per-token arrays are built vectorised: at 256 running decodes these loops were a visible
-share of the host's step time, which bounds the small model's throughput.
+share of the host's step time, which bounds the small model's throughput. Small decode steps
+are the exception: there numpy's fixed cost per call dominates, and plain lists are cheaper.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
 # Decode steps of at most this many sequences are built in plain Python lists: below it the
 # ~25 numpy calls of the general path cost more than the per-sequence work they save (a lone
-# sequence's step: 75 us against ~20 us on the 2-core VM), and a lone sequence's decode (A1)
-# is bound by the host.
+# sequence's step: 81-125 us against 13-21 us on the 2-core VM), and a lone sequence's decode
+# (A1) is bound by the host.
 SMALL_DECODE_BATCH = 16
 
 
