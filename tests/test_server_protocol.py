@@ -6,7 +6,8 @@ import orjson
 import pytest
 
 from aserve.server.errors import APIError, parse_request
-from aserve.server.protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from aserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from aserve.server.protocol_generate import GenerateRequest
 
 
 def parse(model_cls, body):

@@ -16,7 +16,7 @@ from aiohttp import web
 from aserve.outputs import RequestOutput
 from aserve.server.app import STATE, add_request_or_400, json_response, note_usage, read_request
 from aserve.server.prompts import prepare_prompt
-from aserve.server.protocol import GenerateRequest, GenerateResponse
+from aserve.server.protocol_generate import GenerateRequest, GenerateResponse
 from aserve.server.streaming import open_stream, request_failed, send_json_line_error, stream_or_report
 from aserve.server.structured_request import check_grammar
 
