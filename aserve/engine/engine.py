@@ -26,7 +26,7 @@ from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
 from aserve.engine.scheduler import Scheduler, SchedulerOutput
-from aserve.engine.stats import EngineStatsRecorder, finish_reason_of
+from aserve.engine.stats import EngineStats, EngineStatsRecorder, finish_reason_of
 from aserve.models.loader import check_tensor_parallel_split, create_model_config, load_tokenizer
 from aserve.outputs import RequestOutput
 from aserve.worker.kv_cache import bytes_per_block
@@ -44,20 +44,6 @@ class StepPlan:
     sched: SchedulerOutput
     model_input: Optional[ModelInput]
     row_spans: list           # per scheduled sequence: RowSpan from the row planner
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_used_blocks: int
-    num_total_blocks: int
-    kv_cache_usage: float
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    num_preemptions: int
-    prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0       # of those, found there
 
 
 class Engine:

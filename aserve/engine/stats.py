@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
 # vLLM's buckets, so that dashboards' quantiles and SLO thresholds read the same.
@@ -23,6 +24,22 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 PARAMS_N_BUCKETS = (1, 2, 5, 10, 20)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's counts at one moment (Engine.get_stats: the status line, /metrics' gauges)."""
+
+    num_running: int
+    num_waiting: int
+    num_used_blocks: int
+    num_total_blocks: int
+    kv_cache_usage: float
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_preemptions: int
+    prefix_cache_queries: int = 0    # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0       # of those, found there
 
 
 def buckets_1_2_5(max_value: int) -> tuple[int, ...]:
