@@ -1,8 +1,10 @@
 """The step inputs' two builders (aserve/engine/step_inputs.py) make the same arrays.
 
-Small decode steps are built in plain Python, every other step with numpy. Each step of real
-engine runs (async scheduling's placeholder rows, n > 1 samples forking blocks, beam search's
-copy-on-write, prefix caching, chunked prefill) is built both ways and compared.
+Small decode steps are built in plain Python from the block manager's lists, every other step
+with numpy from its persistent table array. Each decode step of real engine runs (async
+scheduling's placeholder rows, n > 1 samples forking blocks, beam search's copy-on-write,
+prefix caching, chunked prefill) is built both ways and compared; the other steps' block
+tables are compared with the lists.
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ def compared_steps(monkeypatch):
     def build(sched, row_plan, block_manager, placeholder_rows=None):
         if sched.decode_only:
             return both(sched, row_plan, block_manager, placeholder_rows)
-        return vectorized(sched, row_plan, block_manager, placeholder_rows)
+        # Other steps: the block tables (gathered from the persistent array) against the lists.
+        arrays = vectorized(sched, row_plan, block_manager, placeholder_rows)
+        lists = [block_manager.block_table(item.seq.seq_id) for item in sched.scheduled]
+        width = max(map(len, lists))
+        padded = np.array([t + [0] * (width - len(t)) for t in lists], dtype=np.int32)
+        assert np.array_equal(arrays.int32_views(arrays.int32)[2], padded)
+        return arrays
 
     monkeypatch.setattr("aserve.engine.engine.build_step_arrays", build)
     return seen

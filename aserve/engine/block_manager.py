@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Optional
 
+from aserve.engine.block_table_array import BlockTableArray
 from aserve.engine.prefix_cache import PrefixCache
 
 
@@ -29,6 +30,8 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks - 1, -1, -1))
         self._ref_counts = [0] * num_blocks
         self._tables: dict[int, list[int]] = {}
+        # The same tables as rows of one array, changed wherever a list changes below.
+        self.table_array = BlockTableArray()
         self.prefix_cache: Optional[PrefixCache] = PrefixCache(block_size) if enable_prefix_caching else None
 
     # ---------------------------------------------------------------- observation
@@ -74,7 +77,10 @@ class BlockManager:
     def allocate(self, seq_id: int, num_computed: int, num_new: int) -> list[tuple[int, int]]:
         """Give the sequence room for num_new more tokens; returns the (src, dst) block copies
         that copy-on-write needs before the model writes. The caller checked the free count."""
-        table = self._tables.setdefault(seq_id, [])
+        table = self._tables.get(seq_id)
+        if table is None:
+            table = self._tables[seq_id] = []
+            self.table_array.set(seq_id, table)
         end_block = -(-(num_computed + num_new) // self.block_size)
         copies = []
         if self._count_shared_written(table, num_computed, end_block):
@@ -85,9 +91,12 @@ class BlockManager:
                     dst = self._take()
                     ref_counts[src] -= 1
                     table[index] = dst
+                    self.table_array.replace(seq_id, index, dst)
                     copies.append((src, dst))
-        while len(table) < end_block:
-            table.append(self._take())
+        if len(table) < end_block:
+            new = [self._take() for _ in range(end_block - len(table))]
+            table += new
+            self.table_array.extend(seq_id, new)
         return copies
 
     def _count_shared_written(self, table, num_computed: int, end_block: int) -> int:
@@ -124,6 +133,7 @@ class BlockManager:
                 del self._free[block]   # revived: no longer evictable
             self._ref_counts[block] += 1
         self._tables[seq_id] = list(hits)
+        self.table_array.set(seq_id, hits)
         cache.start(seq_id, hits)
         return len(hits) * self.block_size
 
@@ -143,6 +153,7 @@ class BlockManager:
         for block in table:
             self._ref_counts[block] += 1
         self._tables[child_id] = list(table)
+        self.table_array.set(child_id, table)
         if self.prefix_cache is not None:
             self.prefix_cache.fork(parent_id, child_id)
 
@@ -151,6 +162,7 @@ class BlockManager:
         keep_cached=False also forgets the content of the blocks it frees (their KV may be
         wrong: a step that failed)."""
         table = self._tables.pop(seq_id, ())
+        self.table_array.drop(seq_id)
         cache = self.prefix_cache
         if cache is not None:
             cache.drop(seq_id)

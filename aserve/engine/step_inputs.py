@@ -8,7 +8,6 @@ are the exception: there numpy's fixed cost per call dominates, and plain lists 
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -97,12 +96,7 @@ def vectorized_step_arrays(sched: SchedulerOutput, row_plan: "RowPlan", block_ma
             if row is not None and seq_lens[i] == len(item.seq.token_ids):
                 fill_index.append(next_start[i] - 1)   # the sequence's last token: a placeholder
                 fill_rows.append(row)
-    tables = [block_manager.block_table(item.seq.seq_id) for item in scheduled]
-    table_lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
-    width = int(table_lens.max())
-    block_tables = np.zeros((len(tables), width), dtype=np.int32)
-    block_tables[np.arange(width) < table_lens[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(tables), dtype=np.int32, count=int(table_lens.sum()))
+    block_tables = block_manager.table_array.gather((item.seq.seq_id for item in scheduled), len(scheduled))
     if max_query_len == 1:  # decode: token i is sequence i's, at its first uncomputed position
         seq_index = np.arange(len(scheduled))
         positions = starts
