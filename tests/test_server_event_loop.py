@@ -3,15 +3,13 @@ before it is tokenized, and tokenizing and chat templates run off the loop."""
 
 from __future__ import annotations
 
-import gc
-import http.client
-import threading
 import time
 
 import aiohttp
 import orjson
 import pytest
 
+from health_probe import HealthProbe
 from server_fixtures import ServerThread
 
 
@@ -19,47 +17,6 @@ from server_fixtures import ServerThread
 def server():
     with ServerThread() as s:
         yield s
-
-
-class HealthProbe:
-    """/health latencies from a thread of its own (so it measures the server, not this test),
-    one probe due every `interval` seconds. A probe is timed from when it was due, and the
-    probes that fell due while one waited count as waiting until it returned: a stalled loop
-    then shows in every probe it held back, not in just one (no coordinated omission)."""
-
-    def __init__(self, port: int, interval: float = 0.01):
-        self.port, self.interval, self.latencies = port, interval, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        due = time.perf_counter()
-        while not self._stop.is_set():
-            wait = due - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
-            conn.request("GET", "/health")
-            conn.getresponse().read()
-            done = time.perf_counter()
-            while due <= done:
-                self.latencies.append(done - due)
-                due += self.interval
-
-    def __enter__(self) -> "HealthProbe":
-        # This process's garbage collector must not stall the probe: late in a test run it holds
-        # every module and fixture loaded so far, and a full collection then takes 100 ms or
-        # more, which the probe would count as the server's. Objects alive now are left out of
-        # collections until the probe ends.
-        gc.collect()
-        gc.freeze()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        gc.unfreeze()
 
 
 async def post(server, path, body: bytes):

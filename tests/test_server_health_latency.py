@@ -7,9 +7,9 @@ from __future__ import annotations
 import statistics
 
 import load_client
+from health_probe import HealthProbe
 from aserve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from server_fixtures import subprocess_server
-from test_server_event_loop import HealthProbe
 
 P99_LIMIT_S = 0.100
 
