@@ -16,6 +16,8 @@
 #   ab       the same workloads, engine only, once per value of an environment variable, taking
 #            turns (AB_VAR, AB_VALUES; default ASERVE_PDL over "0 1 0 1"): a switch's effect in one lease
 #   profile  bench/profile_step.py $PROFILE_ARGS, once per value of AB_VAR (kernel table, step wall time)
+#   runprofile  bench/profile_run.py $RUN_PROFILE_ARGS (default workload B): a whole offline run's
+#            steps by kind, and the kernels of a window of its steps by group
 # Output goes to stdout and, when $OUT is set, to $OUT/device_run.log; the workloads' table is last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -120,6 +122,12 @@ stage_profile() {
     done
 }
 
+stage_runprofile() {
+    # shellcheck disable=SC2086
+    run "run profile" "${RUN_PROFILE_TIMEOUT:-200}" python3 bench/profile_run.py ${RUN_PROFILE_ARGS:-} 2>&1 \
+        | grep -v -E "^(USDT|\[W)"
+}
+
 stage_bench() {
     # --time-limit leaves the script time to print its table if a model runs long.
     # shellcheck disable=SC2086
@@ -137,7 +145,7 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    for stage in tests kernels structured serving profile ab previous bench; do  # this order: the workloads' table comes last
+    for stage in tests kernels structured serving profile runprofile ab previous bench; do  # this order: the workloads' table comes last
         case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
     done
     echo "=== steps:"

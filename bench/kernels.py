@@ -122,12 +122,17 @@ def main() -> None:
                    help='JSON list of builds to compare, e.g. \'[{}, {"UNROLL": 2}]\' (-D options of '
                         'paged_attention.cu; {} is the default build), timed in interleaved rounds')
     p.add_argument("--rounds", type=int, default=3, help="rounds of --variants")
+    p.add_argument("--shapes", default=None,
+                   help="BATCHxCONTEXT[xBLOCK],... instead of the default set, e.g. 256x640,1x512")
     args = p.parse_args()
     ceiling = copy_bandwidth()
     print(json.dumps(dict(kernel="d2d_copy", device=torch.cuda.get_device_name(), gbps=round(ceiling / 1e9, 1))))
     shapes = [(args.batch, args.context, args.block_size), (args.batch, args.context, 32),
               (1, 8192, args.block_size), (256, 640, args.block_size), (1, 512, args.block_size),
               (1, 128, args.block_size)]
+    if args.shapes:
+        shapes = [tuple(int(x) for x in (s.split("x") + [str(args.block_size)])[:3])
+                  for s in args.shapes.split(",")]
     for batch, context, block_size in shapes:
         print(json.dumps(decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
                                 torch.bfloat16, ceiling)), flush=True)
