@@ -305,13 +305,25 @@ class Engine:
         if self._caching and seq.num_computed_tokens // self._block_size > item.start // self._block_size:
             # This step filled a block: its KV is computed now, so it may be cached.
             self.block_manager.cache_computed_blocks(seq.seq_id, seq.token_ids, seq.num_computed_tokens)
-        self.prompt_tokens_total += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - item.start)
+        if item.start < seq.num_prompt_tokens:
+            self.prompt_tokens_total += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - item.start)
         if request.metrics.first_scheduled_time is None:
             request.metrics.first_scheduled_time = now
         if span.prompt_group >= 0:
             self.outputs.add_prompt_logprobs(request, span.prompt_first,
                                            output.prompt_logprobs[span.prompt_group])
         if not item.samples:
+            return
+        if span.sample_count == 1 and request.beam_state is None and not output.sample_errors:
+            # The common case (one sample, no beams): one token for this sequence, no lists.
+            row = span.sample_start
+            self.outputs.append_token(
+                request, seq, output.sampled_token_ids[row],
+                output.sample_logprobs[row] if output.sample_logprobs else None,
+                output.sampled_token_logprobs[row] if output.sampled_token_logprobs else None)
+            self._count_token(request, now, 1)
+            if seq.finish_reason is not None and not request.live_seqs:
+                self.scheduler.remove_request(request)
             return
         if request.beam_state is not None:
             if span.beam_last:  # every beam of the request has its logits: one beam step
