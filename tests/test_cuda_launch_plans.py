@@ -3,7 +3,6 @@ ladder, the decode kernel's context splits and the packed input upload."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -24,21 +23,34 @@ def test_batch_size_ladder_covers_every_batch_up_to_max_num_seqs():
         assert all(any(b >= n for b in ladder) for n in range(1, max_num_seqs + 1))
 
 
+def _partitions(seq_len: int, unit: int, splits: int) -> list[tuple[int, int]]:
+    """The kernel's division of one sequence's context (paged_attention.cu), in Python."""
+    partition = -(-(-(-seq_len // splits)) // unit) * unit
+    return [(start, min(start + partition, seq_len)) for start in range(0, seq_len, partition)]
+
+
 @pytest.mark.parametrize("num_seqs", [1, 3, 64, 256])
 @pytest.mark.parametrize("max_seq_len", [1, 15, 640, 2048, 8192, 131072])
 @pytest.mark.parametrize("block_size", [8, 16, 32, 128])
-def test_decode_partition_covers_the_context_in_whole_blocks(num_seqs, max_seq_len, block_size):
-    partition, splits = decode_partition(num_seqs, 8, max_seq_len, block_size, num_sms=132)
-    assert partition % block_size == 0            # the kernel loads whole blocks' ids
-    assert max(MIN_PARTITION, block_size) <= partition <= MAX_PARTITION
-    assert splits == math.ceil(max_seq_len / partition) and splits <= MAX_SPLITS
+def test_decode_partition_covers_every_context_in_whole_blocks(num_seqs, max_seq_len, block_size):
+    unit, splits = decode_partition(num_seqs, 8, max_seq_len, block_size, num_sms=132)
+    assert unit % block_size == 0 and unit >= MIN_PARTITION  # the kernel loads whole blocks' ids
+    assert 1 <= splits <= MAX_SPLITS
+    for seq_len in {1, max(1, max_seq_len // 3), max_seq_len - 1, max_seq_len} - {0}:
+        parts = _partitions(seq_len, unit, splits)
+        assert len(parts) <= splits and parts[-1][1] == seq_len
+        assert all(end - start <= MAX_PARTITION for start, end in parts)
+        assert all(start % unit == 0 for start, _ in parts)
 
 
 def test_decode_partition_splits_a_lone_long_context_but_not_a_full_batch():
     _, lone = decode_partition(1, 8, 8192, 16, num_sms=132)
-    _, full = decode_partition(256, 8, 640, 16, num_sms=132)
+    _, full = decode_partition(256, 8, 8192, 16, num_sms=132)
     assert lone >= 32          # one sequence still gives hundreds of CTAs
-    assert full <= 2           # 2048 CTAs per split already fill the card
+    assert full == 1           # 2048 CTAs already fill the card: none idle, even for 8k tokens
+    # A short sequence in a launch sized for long ones gets as many splits as it has units.
+    unit, splits = decode_partition(1, 8, 8192, 16, num_sms=132)
+    assert len(_partitions(640, unit, splits)) == 20
 
 
 def test_decode_partition_refuses_contexts_beyond_the_kernel():

@@ -15,13 +15,14 @@ import torch
 from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream,
                                   device_index, load_module, num_sms)
 
-# Context tokens one decode CTA covers (a launch argument): small partitions split a short
-# batch's contexts over more CTAs to fill the GPU; large ones avoid partial outputs for big
-# batches. The kernel holds at most MAX_PARTITION tokens' block ids and MAX_SPLITS splits.
-# A partition of 32 tokens is one shared-memory tile of the common builds: a lone sequence's
-# attention then takes one memory round trip per CTA instead of several.
+# How a decode launch splits contexts over CTAs: grid.z splits per sequence, and each sequence
+# divides its own context into at most that many partitions of whole units (the kernel does,
+# from the sequence's length), so the split follows real lengths even in a CUDA graph captured
+# for longer ones. MIN_PARTITION is the unit (at least a block): 32 tokens is one shared-memory
+# tile of the common builds, so a lone sequence's attention takes one memory round trip per
+# CTA. One CTA covers at most MAX_PARTITION tokens (the block ids it keeps in shared memory).
 MIN_PARTITION = 32
-MAX_PARTITION = 1024
+MAX_PARTITION = 8192
 # The last split of a sequence combines all of its splits serially; beyond this many splits
 # that tail costs more than the extra parallelism gains (a lone 8k context gets 64 splits).
 MAX_WANTED_SPLITS = 64
@@ -51,7 +52,7 @@ DECODE_TUNING: dict[str, int] = {}
 def paged_attention_options(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> list[str]:
     """The -D options of one build of paged_attention.cu."""
     return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}",
-            f"-DGROUP={group}", *(f"-D{k}={v}" for k, v in sorted(DECODE_TUNING.items()))]
+            f"-DGROUP={group}", f"-DMAX_PARTITION={MAX_PARTITION}", *(f"-D{k}={v}" for k, v in sorted(DECODE_TUNING.items()))]
 
 
 _split_counters: dict[int, torch.Tensor] = {}
@@ -79,19 +80,19 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
 
 def decode_partition(num_seqs: int, ctas_per_seq: int, max_seq_len: int, block_size: int,
                      num_sms: int) -> tuple[int, int]:
-    """(partition size, number of splits) for a decode launch: enough splits that the grid
-    fills the GPU a few CTAs deep, in partitions of whole blocks within the kernel's limits."""
-    wanted_splits = max(1, min(MAX_WANTED_SPLITS,
-                               math.ceil(_CTAS_PER_SM * num_sms / max(1, num_seqs * ctas_per_seq))))
-    unit = max(block_size, 32)
-    partition = math.ceil(max(1, max_seq_len) / wanted_splits)
-    partition = max(partition, math.ceil(max_seq_len / MAX_SPLITS), MIN_PARTITION, block_size)
-    partition = min(unit * math.ceil(partition / unit), MAX_PARTITION)
-    splits = math.ceil(max(1, max_seq_len) / partition)
+    """(unit, splits) of a decode launch: partitions are whole units of tokens, and every
+    sequence gets at most `splits` of them (grid.z): enough that the grid fills the GPU a few
+    CTAs deep, no more than the longest context has units, and enough that no partition of
+    the longest context exceeds MAX_PARTITION."""
+    unit = max(block_size, MIN_PARTITION)
+    max_seq_len = max(1, max_seq_len)
+    wanted = max(1, min(MAX_WANTED_SPLITS,
+                        math.ceil(_CTAS_PER_SM * num_sms / max(1, num_seqs * ctas_per_seq))))
+    splits = max(min(wanted, math.ceil(max_seq_len / unit)), math.ceil(max_seq_len / MAX_PARTITION))
     if splits > MAX_SPLITS:
         raise ValueError(f"context of {max_seq_len} tokens exceeds the decode kernel's "
                          f"{MAX_SPLITS * MAX_PARTITION}")
-    return partition, splits
+    return unit, splits
 
 
 def _check_rows(name: str, tensor: torch.Tensor) -> None:
@@ -133,8 +134,8 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
         return
     group = decode_group_size(num_heads, num_kv_heads)
     ctas_per_seq = num_heads // group
-    partition, splits = decode_partition(num_seqs, ctas_per_seq, max_seq_len, block_size,
-                                         num_sms(device_index(query)))
+    unit, splits = decode_partition(num_seqs, ctas_per_seq, max_seq_len, block_size,
+                                    num_sms(device_index(query)))
     module = load_module("paged_attention.cu", paged_attention_options(query.dtype, head_dim, block_size, group),
                          device_index(query))
     if splits > 1:
@@ -149,7 +150,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
         (ctas_per_seq, num_seqs, splits), (threads, 1, 1), 0,
         (out.data_ptr(), *partial_ptrs, query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
          block_tables.data_ptr(), seq_lens.data_ptr(), query.stride(0), out.stride(0), block_tables.stride(0),
-         num_heads, num_kv_heads, float(scale), splits, partition, int(sliding_window or 0)),
+         num_heads, num_kv_heads, float(scale), splits, unit, int(sliding_window or 0)),
         (POINTER,) * 10 + (INT64, INT64, INT, INT, INT, FLOAT, INT, INT, INT), current_stream(query), pdl=True)
 
 

@@ -17,17 +17,22 @@
 // finishes last (an atomic counter per sequence and head group) combines them, so no second
 // kernel is launched. A sequence with one split writes its output directly.
 //
-// Compile-time configuration (-D, set by aserve/cuda/ops.py): DTYPE, HEAD_DIM, BLOCK_SIZE, GROUP.
-// The partition size is a launch argument (a multiple of BLOCK_SIZE, at most MAX_PARTITION),
-// so the launcher can trade split count against work per CTA for each batch shape.
+// Each sequence divides its own visible context into at most grid.z partitions of whole units
+// (`unit` tokens, a multiple of BLOCK_SIZE), so the split follows the sequence's real length,
+// not the longest length the launch allows: a CUDA graph captured for 8k tokens then gives a
+// 640-token sequence as many splits as an eager launch would, and a big batch (grid.z 1) runs
+// one CTA per sequence and head group with no CTAs left idle. Splits past a sequence's
+// partitions exit at once.
+//
+// Compile-time configuration (-D, set by aserve/cuda/ops.py): DTYPE, HEAD_DIM, BLOCK_SIZE, GROUP,
+// MAX_PARTITION (the most tokens one CTA covers: the launcher chooses grid.z so that no
+// partition is longer).
 #include "common.cuh"
 
 #ifndef NUM_THREADS
 #define NUM_THREADS 128
 #endif
 #define NUM_WARPS (NUM_THREADS / 32)
-#define MAX_PARTITION 1024
-#define MAX_SPLITS 1024
 
 #define CHUNKS (HEAD_DIM / VEC)                    // 16-byte vectors in one head row
 // Lanes that share one token row: the power of two covering the row's vectors, at most a warp.
@@ -102,7 +107,7 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
              const int* __restrict__ block_tables,    // [num_seqs, bt_stride]
              const int* __restrict__ seq_lens,        // [num_seqs]; 0 marks a padding row
              i64 q_stride, i64 out_stride, int bt_stride,
-             int num_heads, int num_kv_heads, float scale, int max_splits, int partition,
+             int num_heads, int num_kv_heads, float scale, int max_splits, int unit,
              int sliding_window) {
     __shared__ int blocks[MAX_PARTITION / BLOCK_SIZE];
     __shared__ float warp_max_s[NUM_WARPS][GROUP], warp_sum_s[NUM_WARPS][GROUP];
@@ -119,12 +124,17 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     const int seq = blockIdx.y;
     const int split = blockIdx.z;
     const int seq_len = seq_lens[seq];
-    const int part_start = split * partition;
-    if (part_start >= seq_len) return;
-    const int part_end = min(part_start + partition, seq_len);
-    const int num_splits = min(max_splits, (seq_len + partition - 1) / partition);
-    // Keys before the sliding window are invisible to the (last) query.
+    if (seq_len <= 0) return;                        // a padding row
+    // Keys before the sliding window are invisible to the (last) query: the partitions cover
+    // the visible range only, from the unit that holds its first key.
     const int first_visible = sliding_window > 0 ? max(0, seq_len - sliding_window) : 0;
+    const int range_start = first_visible / unit * unit;
+    const int span = seq_len - range_start;
+    const int partition = ((span + gridDim.z - 1) / gridDim.z + unit - 1) / unit * unit;
+    const int num_splits = (span + partition - 1) / partition;
+    if (split >= num_splits) return;
+    const int part_start = range_start + split * partition;
+    const int part_end = min(part_start + partition, seq_len);
     const int t_begin = max(part_start, first_visible);
     const int num_tiles = t_begin < part_end ? (part_end - t_begin + TILE - 1) / TILE : 0;
 
