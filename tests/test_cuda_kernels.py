@@ -151,6 +151,34 @@ def test_paged_decode_long_context_single_sequence(dtype):
     assert _relative_error(out, ref) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("sliding_window", [None, 1000])
+def test_paged_decode_big_batch_runs_each_long_context_in_one_cta(sliding_window):
+    """A batch that fills the card gets one split per sequence (grid.z 1) even in a launch
+    sized for 8k tokens, so one CTA walks a context of thousands of tokens; mixed with short
+    contexts and padding rows, as a CUDA graph's batch is."""
+    from aserve.cuda import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    dtype, block_size, num_heads, num_kv_heads, head_dim = torch.bfloat16, 16, 32, 8, 128
+    lengths = torch.randint(1, 700, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    lengths[:4] = [8192, 5000, 1025, 4097]
+    unit, splits = ops.decode_partition(len(lengths), num_heads // ops.decode_group_size(num_heads, num_kv_heads),
+                                        8192, block_size, ops.num_sms(0))
+    assert splits == 1 or ops.num_sms(0) > 132   # the case under test, on cards up to an H100/H200
+    num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 3
+    kv_cache = _random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
+    tables = _random_tables(lengths + [1], block_size, num_blocks, gen)
+    query = torch.randn(len(lengths) + 1, num_heads, head_dim, generator=gen, device="cuda").to(dtype)
+    out = torch.full_like(query, 7.0)
+    seq_lens = torch.tensor(lengths + [0], dtype=torch.int32, device="cuda")
+    ops.paged_decode_attention(out, query, kv_cache[0], kv_cache[1], tables, seq_lens, 0.088, 8192,
+                               sliding_window=sliding_window)
+    ref = _decode_reference(query[:-1], kv_cache, tables, lengths, 0.088, sliding_window=sliding_window)
+    for i in range(len(lengths)):
+        assert _relative_error(out[i], ref[i]) < TOLERANCE[dtype], lengths[i]
+    assert (out[-1] == 7.0).all()
+
+
 def test_paged_decode_sliding_window_and_padding_rows():
     from aserve.cuda import ops
 
@@ -237,9 +265,17 @@ def test_copy_blocks_matches_reference():
         assert torch.equal(got, want)
 
 
+# (query lengths, context lengths) per sequence: the 25-token chunk follows 35 cached tokens.
+MIXED_LAYOUTS = {
+    "interleaved": ([1, 40, 1, 25, 1], [30, 40, 100, 60, 1]),   # gathered and scattered by index
+    "decode_first": ([1, 1, 1, 40, 25], [30, 100, 1, 40, 60]),  # the scheduler's order: views
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sliding_window", [None, 24])
-def test_cuda_backend_matches_reference_on_mixed_steps(dtype, sliding_window):
+@pytest.mark.parametrize("layout", sorted(MIXED_LAYOUTS))
+def test_cuda_backend_matches_reference_on_mixed_steps(dtype, sliding_window, layout):
     """Decodes, a fresh prompt and a prompt chunk with cached context in one step."""
     from aserve.attention.cuda_backend import CudaAttentionBackend
     from aserve.attention.metadata import AttentionMetadata
@@ -247,8 +283,7 @@ def test_cuda_backend_matches_reference_on_mixed_steps(dtype, sliding_window):
 
     gen = torch.Generator(device="cuda").manual_seed(13)
     num_heads, num_kv_heads, head_dim, block_size, num_blocks = 8, 2, 128, 16, 64
-    query_lens = [1, 40, 1, 25, 1]
-    seq_lens = [30, 40, 100, 60, 1]        # the 25-token chunk follows 35 cached tokens
+    query_lens, seq_lens = MIXED_LAYOUTS[layout]
     tables = _random_tables(seq_lens, block_size, num_blocks, gen)
     cache = _random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
     num_tokens = sum(query_lens)

@@ -28,6 +28,10 @@ class _StepPlan:
     """How this step's sequences split into decode and prompt work; built once per step."""
 
     decode_tokens: Optional[torch.Tensor]    # token indices of decode sequences (None: all or none)
+    # Where the prompt tokens start when every decode row comes before every prompt row (the
+    # scheduler's usual order): both parts are then token ranges, used as views, with no
+    # gather or scatter of queries, keys, values and outputs (each ~64 MB a layer at 8k tokens).
+    prompt_start: Optional[int]
     decode_seq_lens: torch.Tensor
     decode_block_tables: torch.Tensor
     num_decode: int
@@ -61,7 +65,11 @@ class CudaAttentionBackend:
         plan = metadata.backend_cache.get("cuda")
         if plan is None:
             plan = metadata.backend_cache["cuda"] = _plan_step(metadata, k_cache.shape[1])
-        if plan.num_decode:
+        if plan.num_decode and plan.prompt_start is not None:
+            ops.paged_decode_attention(out[:plan.prompt_start], query[:plan.prompt_start], k_cache, v_cache,
+                                       plan.decode_block_tables, plan.decode_seq_lens, scale,
+                                       metadata.max_seq_len, sliding_window)
+        elif plan.num_decode:
             q = query if plan.decode_tokens is None else query.index_select(0, plan.decode_tokens)
             decode_out = torch.empty_like(q)
             ops.paged_decode_attention(decode_out, q, k_cache, v_cache, plan.decode_block_tables,
@@ -74,11 +82,16 @@ class CudaAttentionBackend:
     @staticmethod
     def _prompts(out, query, key, value, k_cache, v_cache, plan: _StepPlan, scale: float,
                  sliding_window: Optional[int]) -> None:
-        select = plan.prompt_tokens
-        q = query if select is None else query.index_select(0, select)
+        select, start = plan.prompt_tokens, plan.prompt_start
+
+        def prompt_rows(x: torch.Tensor) -> torch.Tensor:
+            if start is not None:
+                return x[start:]
+            return x if select is None else x.index_select(0, select)
+
+        q = prompt_rows(query)
         if plan.fresh_prompts:  # the context is exactly this step's keys and values
-            k = key if select is None else key.index_select(0, select)
-            v = value if select is None else value.index_select(0, select)
+            k, v = prompt_rows(key), prompt_rows(value)
         else:
             num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
             k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, plan.context_slots)
@@ -90,7 +103,9 @@ class CudaAttentionBackend:
             q.contiguous(), k.contiguous(), v.contiguous(), plan.cu_seqlens_q, plan.cu_seqlens_k,
             plan.max_q, plan.max_k, 0.0, True, False, scale=scale,
             window_size_left=window_left, window_size_right=0 if sliding_window is not None else -1)[0]
-        if select is None:
+        if start is not None:
+            out[start:].copy_(result)
+        elif select is None:
             out.copy_(result)
         else:
             out.index_copy_(0, select, result)
@@ -109,10 +124,12 @@ def _plan_step(metadata: AttentionMetadata, block_size: int) -> _StepPlan:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
     mixed = bool(decode) and bool(prompt)
-    decode_tokens = tensor([starts[i] for i in decode]) if mixed else None
-    decode_index = tensor(decode) if mixed else None
+    decode_first = mixed and decode[-1] == len(decode) - 1   # rows 0..D-1 decode, the rest prompts
+    gathered = mixed and not decode_first
+    decode_tokens = tensor([starts[i] for i in decode]) if gathered else None
+    decode_index = tensor(decode) if gathered else None
     prompt_tokens = (tensor([t for i in prompt for t in range(starts[i], starts[i + 1])])
-                     if mixed else None)
+                     if gathered else None)
     q_lens = [query_lens[i] for i in prompt]
     k_lens = [seq_lens[i] for i in prompt]
     fresh = all(q == k for q, k in zip(q_lens, k_lens))
@@ -127,10 +144,11 @@ def _plan_step(metadata: AttentionMetadata, block_size: int) -> _StepPlan:
         blocks = metadata.block_tables[rows[seq_of], position // block_size].long()
         context_slots = blocks * block_size + position % block_size
     return _StepPlan(
-        decode_tokens=decode_tokens,
-        decode_seq_lens=metadata.seq_lens.index_select(0, decode_index) if mixed else metadata.seq_lens,
-        decode_block_tables=(metadata.block_tables.index_select(0, decode_index) if mixed
-                             else metadata.block_tables),
+        decode_tokens=decode_tokens, prompt_start=len(decode) if decode_first else None,
+        decode_seq_lens=(metadata.seq_lens.index_select(0, decode_index) if gathered
+                         else metadata.seq_lens[:len(decode)]),
+        decode_block_tables=(metadata.block_tables.index_select(0, decode_index) if gathered
+                             else metadata.block_tables[:len(decode)]),
         num_decode=len(decode), prompt_tokens=prompt_tokens, num_prompt_seqs=len(prompt),
         cu_seqlens_q=tensor(_cumsum(q_lens), torch.int32) if prompt else None,
         cu_seqlens_k=tensor(_cumsum(k_lens), torch.int32) if prompt else None,
