@@ -147,7 +147,8 @@ class ModelRunner:
             hidden = self._forward(model_input, input_ids)
             if model_input.logits_indices.numel() == 0:
                 return PendingStep.start(torch.empty(0, dtype=torch.long, device=hidden.device))
-            logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
+            # In the model's dtype: the sampler's one-pass path reads it as it is.
+            logits = self.model.compute_logits(hidden[model_input.logits_indices])
         error, row_errors = None, {}
         try:
             try:

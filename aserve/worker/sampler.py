@@ -1,8 +1,10 @@
 """The sampler: one batched step from logits [N, V] to one token id (and logprobs) per row.
 
 Order (vLLM's): allowed_token_ids, logit_bias, min_tokens, bad_words, penalties -> greedy rows take the argmax; random rows
-divide by temperature, apply top-k, top-p, min-p and sample by an exponential race, drawing each
-row's noise only from that row's generator so seeded requests reproduce in any batch.
+divide by temperature, apply top-k, top-p, min-p and sample by the Gumbel-max trick
+(worker/gumbel.py), their noise hashed from a key drawn from the row's own generator, so seeded
+requests reproduce in any batch. Without top-k, top-p and min-p a step's rows, greedy and random
+alike, are sampled in one pass over the logits in the model's dtype (one kernel on a GPU).
 Returned logprobs describe the raw model distribution (log_softmax before any processing).
 """
 
@@ -16,6 +18,7 @@ import torch
 from aserve.outputs import Logprob
 from aserve.sampling_params import SamplingParams
 from aserve.structured_output.bitmask import masked_logits
+from aserve.worker.gumbel import sample_gumbel_max
 from aserve.worker.logits_processors import apply_logits_processors, apply_min_p, apply_top_k_top_p
 
 
@@ -112,65 +115,78 @@ class Sampler:
 
     def sample_ids(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """The sampled ids as a device tensor, nothing copied to the host (async scheduling:
-        the next step is launched before these ids are read)."""
+        the next step is launched before these ids are read). logits may be in the model's
+        dtype: the one-pass sampling reads them as they are."""
         assert metadata.max_num_logprobs is None
-        return self._sample_processed(logits.float(), metadata)
+        return self._sample_processed(logits, metadata)
 
     def _sample_processed(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        if (metadata.grammar_rows or metadata.any_logit_bias or metadata.any_min_tokens or metadata.any_penalties
+                or metadata.any_allowed_token_ids or metadata.any_bad_words):
+            logits = logits.float()   # the processors work in float32 (a copy: the caller's stays)
         processed = apply_logits_processors(logits, metadata)
         if metadata.grammar_rows:  # a new tensor: the caller's raw logits stay as they are
             rows = metadata.grammar_rows
             processed = masked_logits(processed, rows, [metadata.matchers[i] for i in rows])
         if metadata.all_greedy:
-            return processed.argmax(dim=-1)  # the common fast path: no softmax, no noise
+            return processed.argmax(dim=-1)  # the common fast path: no noise
         return self._sample(processed, metadata)
 
     def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         params, generators = metadata.params, metadata.generators
-        greedy = None if metadata.all_random else logits.argmax(dim=-1)
-        random_rows = None
-        if not metadata.all_random:
-            # Only random rows go through temperature, filtering and softmax.
-            random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-            index = _to_device(random_rows, torch.long, logits.device)
+        device = logits.device
+        random_rows = None if metadata.all_random else [i for i, p in enumerate(params) if not p.is_greedy]
+        if not (metadata.any_top_k or metadata.any_top_p or metadata.any_min_p):
+            # Greedy rows (temperature 0) and random rows in one pass over the logits.
+            temperature = _to_device([0.0 if p.is_greedy else p.temperature for p in params], torch.float32, device)
+            if random_rows is None:
+                keys = self._row_keys(generators, device)
+            else:
+                keys = torch.zeros(len(params), dtype=torch.long, device=device)
+                keys[_to_device(random_rows, torch.long, device)] = self._row_keys(
+                    [generators[i] for i in random_rows], device)
+            return sample_gumbel_max(logits, temperature, keys)
+        logits = logits.float()
+        greedy = None
+        if random_rows is not None:
+            # Only random rows go through temperature, filtering and noise.
+            greedy = logits.argmax(dim=-1)
+            index = _to_device(random_rows, torch.long, device)
             logits = logits.index_select(0, index)
             params = [params[i] for i in random_rows]
             generators = [generators[i] for i in random_rows]
-        temperature = _to_device([p.temperature for p in params], torch.float32, logits.device)
+        temperature = _to_device([p.temperature for p in params], torch.float32, device)
         logits = logits / temperature.unsqueeze(1)  # a new tensor: the filters below may write in place
         if metadata.any_top_k or metadata.any_top_p:
             logits = apply_top_k_top_p(logits, [p.top_k for p in params] if metadata.any_top_k else None,
                                        [p.top_p for p in params] if metadata.any_top_p else None)
         if metadata.any_min_p:
             logits = apply_min_p(logits, [p.min_p for p in params])
-        probs = logits.softmax(dim=-1)
-        # Exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i
-        # (the Gumbel-max trick in disguise), and the noise can come from any generator per row.
-        sampled = probs.div_(self._exponential_noise(probs.shape, generators, probs.device)).argmax(dim=-1)
-        if random_rows is None:
+        ones = torch.ones(len(params), dtype=torch.float32, device=device)  # already divided by T
+        sampled = sample_gumbel_max(logits, ones, self._row_keys(generators, device))
+        if greedy is None:
             return sampled
         return greedy.index_copy_(0, index, sampled)
 
-    def _exponential_noise(self, shape: torch.Size, generators: Sequence[Optional[torch.Generator]],
-                           device: torch.device) -> torch.Tensor:
-        noise = torch.empty(shape, device=device)
+    def _row_keys(self, generators: Sequence[Optional[torch.Generator]], device: torch.device) -> torch.Tensor:
+        """int64 [rows]: each row's noise key, drawn from its generator (the sampler's own for
+        None). Seeded rows draw in row order, so n>1 rows sharing one generator draw in turn,
+        and each draw is one value of its own stream whatever the batch around it."""
+        keys = torch.empty(len(generators), dtype=torch.long, device=device)
         unseeded = [i for i, g in enumerate(generators) if g is None]
         if len(unseeded) == len(generators):
-            noise.exponential_(generator=self._generator(device))
-        elif unseeded:
-            draws = torch.empty(len(unseeded), shape[1], device=device).exponential_(generator=self._generator(device))
-            noise[_to_device(unseeded, torch.long, device)] = draws
-        # Seeded rows: in row order, so n>1 rows sharing one generator draw from it in turn, and each
-        # draw is V values from its own stream whatever the batch around it.
+            return keys.random_(generator=self._generator(device))
+        if unseeded:
+            draws = torch.empty(len(unseeded), dtype=torch.long, device=device).random_(generator=self._generator(device))
+            keys[_to_device(unseeded, torch.long, device)] = draws
         for i, g in enumerate(generators):
             if g is None:
                 continue
             if _same_device(g.device, device):
-                noise[i].exponential_(generator=g)
+                keys[i:i + 1].random_(generator=g)
             else:
-                noise[i].copy_(torch.empty(shape[1], device=g.device).exponential_(generator=g))
-        # Exp(1) draws may round to 0; a 0 would turn a masked token's 0 prob into 0/0 = nan.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+                keys[i:i + 1].copy_(torch.empty(1, dtype=torch.long, device=g.device).random_(generator=g))
+        return keys
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = (device.type, device.index if device.index is not None else 0)
