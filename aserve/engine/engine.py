@@ -314,40 +314,32 @@ class Engine:
                                            output.prompt_logprobs[span.prompt_group])
         if not item.samples:
             return
-        if span.sample_count == 1 and request.beam_state is None and not output.sample_errors:
-            # The common case (one sample, no beams): one token for this sequence, no lists.
-            row = span.sample_start
-            self.outputs.append_token(
-                request, seq, output.sampled_token_ids[row],
-                output.sample_logprobs[row] if output.sample_logprobs else None,
-                output.sampled_token_logprobs[row] if output.sampled_token_logprobs else None)
-            self._count_token(request, now, 1)
-            if seq.finish_reason is not None and not request.live_seqs:
-                self.scheduler.remove_request(request)
-            return
         if request.beam_state is not None:
             if span.beam_last:  # every beam of the request has its logits: one beam step
                 self.outputs.beam_step(request, output.beam_logprobs[span.beam_first:span.beam_row + 1])
                 self._count_token(request, now, len(request.live_seqs))
         else:
-            rows = range(span.sample_start, span.sample_start + span.sample_count)
+            first, count = span.sample_start, span.sample_count
             if output.sample_errors:  # sampling failed for this request alone: it fails (process)
-                for row in rows:
+                for row in range(first, first + count):
                     if row in output.sample_errors:
                         raise output.sample_errors[row]
-            if span.sample_count > 1:
-                self.outputs.fork_for_samples(request)
-                seqs = request.seqs
+            if count == 1:  # the common case, kept cheap: no range, zip or list per request
+                self._append_sample(request, seq, first, output)
             else:
-                seqs = [seq]
-            for row, target in zip(rows, seqs):
-                self.outputs.append_token(
-                    request, target, output.sampled_token_ids[row],
-                    output.sample_logprobs[row] if output.sample_logprobs else None,
-                    output.sampled_token_logprobs[row] if output.sampled_token_logprobs else None)
-            self._count_token(request, now, len(seqs))
+                self.outputs.fork_for_samples(request)
+                for row, target in zip(range(first, first + count), request.seqs):
+                    self._append_sample(request, target, row, output)
+                count = len(request.seqs)
+            self._count_token(request, now, count)
         if not request.live_seqs:
             self.scheduler.remove_request(request)
+
+    def _append_sample(self, request: Request, seq, row: int, output: ModelOutput) -> None:
+        self.outputs.append_token(
+            request, seq, output.sampled_token_ids[row],
+            output.sample_logprobs[row] if output.sample_logprobs else None,
+            output.sampled_token_logprobs[row] if output.sampled_token_logprobs else None)
 
     def _count_token(self, request: Request, now: float, count: int) -> None:
         self.generation_tokens_total += count
