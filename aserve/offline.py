@@ -68,7 +68,7 @@ class OfflineLLM:
                              f"{len(sampling_params)} for {len(prompts)} prompts.")
         ids = self._add_all(prompts, sampling_params)
         finished = self._run(len(ids), use_tqdm)
-        return [finished[i] for i in ids]
+        return [_with_logprob_lists(finished[i]) for i in ids]
 
     def chat(self, messages, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              use_tqdm: bool = True, chat_template: Optional[str] = None, add_generation_prompt: bool = True,
@@ -134,3 +134,14 @@ class OfflineLLM:
         finally:
             bar.close()
         return finished
+
+
+def _with_logprob_lists(output: RequestOutput) -> RequestOutput:
+    """The engine keeps logprobs flat (aserve/logprobs.py); a script gets vLLM's default types,
+    list[dict[int, Logprob]], made once when its request has finished."""
+    if output.prompt_logprobs is not None:
+        output.prompt_logprobs = list(output.prompt_logprobs)
+    for completion in output.outputs:
+        if completion.logprobs is not None:
+            completion.logprobs = list(completion.logprobs)
+    return output

@@ -5,20 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from aserve.logprobs import FlatLogprobs, Logprob, PromptLogprobs, SampleLogprobs
 
-@dataclass
-class Logprob:
-    """The log probability of one token, its rank in the distribution and its decoded text."""
-
-    logprob: float
-    rank: Optional[int] = None
-    decoded_token: Optional[str] = None
-
-
-# One dict per position: token id -> Logprob (the chosen token always included).
-SampleLogprobs = list[dict[int, Logprob]]
-# Prompt logprobs: None for the first prompt token, which has no context to be predicted from.
-PromptLogprobs = list[Optional[dict[int, Logprob]]]
+__all__ = ["CompletionOutput", "RequestOutput", "RequestMetrics", "Logprob", "FlatLogprobs",
+           "SampleLogprobs", "PromptLogprobs"]
 
 
 @dataclass

@@ -68,3 +68,16 @@ def test_beam_search_returns_every_beam_with_its_prompt(llm):
     assert [s.tokens for s in sequences] == [prompt_ids + c.token_ids for c in want.outputs]
     assert sequences[0].cum_logprob >= sequences[-1].cum_logprob
     assert all(s.text.startswith(prompt) for s in sequences)
+
+
+def test_logprobs_come_as_vllms_lists_of_dicts(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    out = llm.generate("Hello there", params, use_tqdm=False)[0]
+    # The engine keeps them flat; a script gets vLLM's default types.
+    assert type(out.prompt_logprobs) is list and out.prompt_logprobs[0] is None
+    assert all(type(p) is dict for p in out.prompt_logprobs[1:])
+    sample = out.outputs[0]
+    assert type(sample.logprobs) is list and len(sample.logprobs) == 4
+    for token_id, position in zip(sample.token_ids, sample.logprobs):
+        assert type(position) is dict and token_id in position and len(position) in (2, 3)
+        assert position[token_id].rank >= 1 and isinstance(position[token_id].decoded_token, str)

@@ -7,6 +7,7 @@ while its siblings still run.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Optional
 
@@ -22,6 +23,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.block_manager = block_manager
         self.max_model_len = max_model_len
+        # Token id -> text, for Logprob.decoded_token (None with no tokenizer: no text).
+        self._decode = functools.partial(decode_token_text, tokenizer) if tokenizer is not None else None
 
     # ---------------------------------------------------------------- sampling requests
     def fork_for_samples(self, request: Request) -> None:
@@ -42,7 +45,7 @@ class OutputProcessor:
         if token_logprob is not None:
             seq.cumulative_logprob += token_logprob
         if seq.logprobs is not None and logprobs is not None:
-            seq.logprobs.append(self._decoded(logprobs))
+            seq.logprobs.append(logprobs, self._decode)
         num_output = len(seq.token_ids) - seq.num_prompt_tokens
         # min_tokens holds back every kind of stop, as vLLM does.
         may_stop = num_output >= params.min_tokens
@@ -69,20 +72,13 @@ class OutputProcessor:
             seq.detokenizer.finish()
         self.block_manager.free(seq.seq_id)
 
-    def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
-        if self.tokenizer is None:
-            return logprobs  # decoded_token stays None
-        for token_id, entry in logprobs.items():
-            entry.decoded_token = decode_token_text(self.tokenizer, token_id)
-        return logprobs
-
     def add_prompt_logprobs(self, request: Request, first_position: int,
                             rows: list[dict[int, Logprob]]) -> None:
         """Rows score prompt tokens first_position+1...; a recomputed prefix is not re-added."""
         known = len(request.prompt_logprobs)
         for offset, row in enumerate(rows):
             if first_position + 1 + offset == known:
-                request.prompt_logprobs.append(self._decoded(row))
+                request.prompt_logprobs.append(row, self._decode)
                 known += 1
 
     # ---------------------------------------------------------------- beam search
@@ -151,7 +147,7 @@ class OutputProcessor:
                     index=index, text=seq.detokenizer.text if seq.detokenizer else "",
                     token_ids=seq.output_token_ids,
                     cumulative_logprob=seq.cumulative_logprob if track else None,
-                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    logprobs=seq.logprobs.snapshot() if seq.logprobs is not None else None,
                     finish_reason=seq.finish_reason if request.error is None else "abort",
                     stop_reason=seq.stop_reason)
                 for index, seq in enumerate(seqs[:params.n])]
@@ -160,7 +156,8 @@ class OutputProcessor:
         return RequestOutput(
             request_id=request.request_id, prompt=request.prompt,
             prompt_token_ids=request.prompt_token_ids,
-            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
+            prompt_logprobs=(request.prompt_logprobs.snapshot()
+                             if request.prompt_logprobs is not None else None),
             outputs=outputs, finished=finished, error=request.error, metrics=request.metrics,
             num_cached_tokens=request.num_cached_tokens)
 

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from aserve.outputs import PromptLogprobs, RequestMetrics, SampleLogprobs
+from aserve.logprobs import FlatLogprobs
+from aserve.outputs import RequestMetrics
 from aserve.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -38,7 +39,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.cumulative_logprob = 0.0
-        self.logprobs: Optional[SampleLogprobs] = [] if want_logprobs else None
+        self.logprobs: Optional[FlatLogprobs] = FlatLogprobs() if want_logprobs else None
         self.detokenizer = detokenizer
         self.finish_reason: Optional[str] = None
         self.stop_reason = None
@@ -70,7 +71,7 @@ class Sequence:
         child.num_prompt_tokens = self.num_prompt_tokens
         child.num_computed_tokens = self.num_computed_tokens
         child.cumulative_logprob = self.cumulative_logprob
-        child.logprobs = None if self.logprobs is None else list(self.logprobs)
+        child.logprobs = None if self.logprobs is None else self.logprobs.copy()
         child.detokenizer = self.detokenizer.fork() if self.detokenizer is not None else None
         child.finish_reason = None
         child.stop_reason = None
@@ -93,8 +94,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.seqs: list[Sequence] = [first_sequence]
         self.generator = generator
-        self.prompt_logprobs: Optional[PromptLogprobs] = (
-            [None] if params.prompt_logprobs is not None else None)
+        self.prompt_logprobs: Optional[FlatLogprobs] = (
+            FlatLogprobs([None]) if params.prompt_logprobs is not None else None)
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         self.beam_state = None  # BeamSearchState for use_beam_search requests
         # The final answer of a beam search, set when the search ends.

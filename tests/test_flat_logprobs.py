@@ -1,0 +1,87 @@
+"""FlatLogprobs reads as the list of dicts it stands for, and leaves the collector nothing to walk."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import random
+
+import pytest
+
+from aserve.logprobs import FlatLogprobs, Logprob
+
+
+def random_positions(rng: random.Random, count: int, first_none: bool = False) -> list:
+    positions = []
+    for index in range(count):
+        if first_none and index == 0:
+            positions.append(None)
+            continue
+        ids = rng.sample(range(50_000), rng.randint(1, 7))
+        positions.append({token_id: Logprob(rng.uniform(-30.0, 0.0), rng.choice([None, rng.randint(1, 50_000)]),
+                                            rng.choice([None, f"t{token_id}"]))
+                          for token_id in ids})
+    return positions
+
+
+def test_reads_back_what_was_appended():
+    rng = random.Random(0)
+    positions = random_positions(rng, 40, first_none=True)
+    flat = FlatLogprobs(positions)
+    assert len(flat) == 40 and flat == positions and list(flat) == positions
+    assert flat[0] is None and flat[-1] == positions[-1] and flat[5:9] == positions[5:9]
+    assert flat[::7] == positions[::7] and flat[50:] == []
+    for token_id, lp in positions[3].items():  # candidates keep their order, ranks their None
+        assert flat[3][token_id] == lp
+    assert list(flat[3]) == list(positions[3])
+    with pytest.raises(IndexError):
+        flat[40]
+    with pytest.raises(IndexError):
+        flat[-41]
+    assert flat != positions[:-1] and flat != positions[:-1] + [{1: Logprob(0.0)}]
+    assert pickle.loads(pickle.dumps(flat)) == positions
+
+
+def test_decode_fills_the_decoded_text():
+    flat = FlatLogprobs()
+    flat.append({7: Logprob(-0.5, 1), 3: Logprob(-1.5, 2, "kept?")}, decode=lambda t: f"<{t}>")
+    flat.append({9: Logprob(-0.1, 1, "given")})
+    assert flat[0] == {7: Logprob(-0.5, 1, "<7>"), 3: Logprob(-1.5, 2, "<3>")}
+    assert flat[1] == {9: Logprob(-0.1, 1, "given")}
+
+
+def test_snapshot_sees_only_what_existed_and_is_read_only():
+    rng = random.Random(1)
+    positions = random_positions(rng, 30)
+    flat = FlatLogprobs(positions[:10])
+    view = flat.snapshot()
+    for entry in positions[10:]:
+        flat.append(entry)
+    assert view == positions[:10] and len(view) == 10 and flat == positions
+    with pytest.raises(TypeError):
+        view.append(positions[0])
+
+
+def test_copy_is_independent():
+    rng = random.Random(2)
+    positions = random_positions(rng, 12)
+    parent = FlatLogprobs(positions[:6])
+    child = parent.snapshot().copy()  # a copy of a view is writable again
+    child.append(positions[6])
+    parent.append(positions[7])
+    assert child == positions[:7] and parent == positions[:6] + [positions[7]]
+
+
+def test_positions_add_no_objects_for_the_collector():
+    rng = random.Random(3)
+    positions = random_positions(rng, 2_000)
+    flat = FlatLogprobs()
+    gc.collect()
+    before = len(gc.get_objects())
+    for entry in positions:
+        flat.append(entry)
+    del entry
+    gc.collect()
+    # The dicts and Logprobs above were built before counting; the flat copy of 2,000
+    # positions (~8,000 candidates) adds its few arrays and lists, nothing per token.
+    assert len(gc.get_objects()) - before < 10
