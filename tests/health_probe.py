@@ -15,8 +15,10 @@ import sys
 
 # One probe due every `interval` seconds. A probe is timed from when it was due, and the probes
 # that fell due while one waited count as waiting until it returned: a stalled loop then shows
-# in every probe it held back, not in just one (no coordinated omission). It runs until its
-# stdin closes, then prints the latencies as JSON.
+# in every probe it held back, not in just one (no coordinated omission). The probe's own lateness
+# does not count: a probe falling due before the request went out (the probe process woke late
+# from its sleep, which on a 2-core machine under load happens for tens of milliseconds) is
+# timed from the send. It runs until its stdin closes, then prints the latencies as JSON.
 _PROBE = r"""
 import http.client, json, sys, threading, time
 port, interval = int(sys.argv[1]), float(sys.argv[2])
@@ -30,11 +32,12 @@ while not stop.is_set():
     wait = due - time.perf_counter()
     if wait > 0:
         time.sleep(wait)
+    sent = time.perf_counter()
     conn.request("GET", "/health")
     conn.getresponse().read()
     done = time.perf_counter()
     while due <= done:
-        latencies.append(done - due)
+        latencies.append(done - max(due, sent))
         due += interval
 print(json.dumps(latencies), flush=True)
 """

@@ -62,12 +62,17 @@ async def wait_running(session, url, count):
     raise AssertionError(f"{count} requests never ran")
 
 
+IN_FLIGHT_TOKENS = 2000
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_lets_requests_in_flight_finish_and_exits_0(sig):
     with subprocess_server("--kv-cache-memory-gb", "0.05", "--shutdown-timeout", "60") as (url, proc, log_path):
         async with aiohttp.ClientSession() as session:
-            streamed = asyncio.ensure_future(stream_completion(session, url, 300))
-            plain = asyncio.ensure_future(plain_completion(session, url, 300))
+            # Long enough that they still run after the checks below (300 tokens of the built-in
+            # model were done within the 0.3 s on an idle CPU, and the server had already exited).
+            streamed = asyncio.ensure_future(stream_completion(session, url, IN_FLIGHT_TOKENS))
+            plain = asyncio.ensure_future(plain_completion(session, url, IN_FLIGHT_TOKENS))
             await wait_running(session, url, 2)
             proc.send_signal(sig)
             await asyncio.sleep(0.3)
@@ -79,7 +84,7 @@ async def test_a_signal_lets_requests_in_flight_finish_and_exits_0(sig):
             events, done = await streamed
             status, body = await plain
         assert done and events[-1]["choices"][0]["finish_reason"] == "length"
-        assert status == 200 and body["usage"]["completion_tokens"] == 300
+        assert status == 200 and body["usage"]["completion_tokens"] == IN_FLIGHT_TOKENS
         assert proc.wait(30) == 0
         with open(log_path) as f:
             log = f.read()
