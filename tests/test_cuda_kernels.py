@@ -363,6 +363,53 @@ def test_fused_rotary_matches_torch_layer(dtype, head_dim, num_heads, num_kv_hea
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 4, 2), (128, 32, 8), (80, 6, 6), (72, 4, 1)])
+def test_rotary_with_cache_write_equals_the_two_kernels(dtype, head_dim, num_heads, num_kv_heads):
+    from aserve.attention.torch_ref import write_kv_cache
+    from aserve.cuda import fused, ops
+    from aserve.models.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator(device="cuda").manual_seed(head_dim + num_heads)
+    with torch.device("cuda"):
+        rotary = RotaryEmbedding(head_dim, 4096, {"rope_type": "default", "rope_theta": 500000.0})
+    num_tokens, num_blocks, block_size = 29, 12, 16
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen, device="cuda").to(dtype)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen, device="cuda")
+    slots = torch.randperm(num_blocks * block_size, generator=gen, device="cuda")[:num_tokens]
+    slots[::6] = -1                             # padding tokens: rotated, but nothing stored
+    initial = _random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
+
+    def views(t):
+        return t[:, :q_size], t[:, q_size:q_size + kv_size], t[:, q_size + kv_size:]
+
+    two_qkv, two_cache = qkv.clone(), initial.clone()
+    q2, k2, v2 = views(two_qkv)
+    rotary(positions, q2, k2)
+    ops.reshape_and_cache(k2.view(num_tokens, num_kv_heads, head_dim), v2.view(num_tokens, num_kv_heads, head_dim),
+                          two_cache[0], two_cache[1], slots)
+    one_qkv, one_cache = qkv.clone(), initial.clone()
+    q1, k1, v1 = views(one_qkv)
+    done = fused.rotary_embedding_and_cache(positions, q1, k1, v1, one_cache[0], one_cache[1], slots,
+                                            rotary.cos_cache, rotary.sin_cache, head_dim)
+    element = qkv.element_size()
+    assert done == ((head_dim // 2) * element % 16 == 0)   # only rows of whole 16-byte vectors
+    if not done:
+        assert torch.equal(one_qkv, qkv) and torch.equal(one_cache, initial)
+        return
+    # The same arithmetic as rotary_embedding_vec: the same bits, in the tensors and the cache.
+    assert torch.equal(one_qkv, two_qkv) and torch.equal(one_cache, two_cache)
+    # The cache holds the rotated keys and the values at the real slots only (the rotation
+    # itself is checked against the torch layer in test_fused_rotary_matches_torch_layer).
+    reference = initial.clone()
+    keep = slots >= 0
+    write_kv_cache(k1.view(num_tokens, num_kv_heads, head_dim)[keep],
+                   views(qkv)[2].view(num_tokens, num_kv_heads, head_dim)[keep], reference, slots[keep])
+    assert torch.equal(one_cache, reference)
+    assert torch.equal(v1, views(qkv)[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [100, 128, 14336])
 def test_fused_silu_and_mul_matches_torch_layer(dtype, width, monkeypatch):
     from aserve.models.layers.activation import ActAndMul

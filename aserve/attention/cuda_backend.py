@@ -47,14 +47,17 @@ class _StepPlan:
 
 class CudaAttentionBackend:
     name = "cuda"
+    fuses_rotary = True  # the rotary kernel may store this step's keys and values (kv_cached)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: Optional[int] = None) -> torch.Tensor:
+                sliding_window: Optional[int] = None, kv_cached: bool = False) -> torch.Tensor:
+        """kv_cached: this step's keys and values are in the cache already."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         if key.dtype != k_cache.dtype:
             key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
-        ops.reshape_and_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
+        if not kv_cached:
+            ops.reshape_and_cache(key, value, k_cache, v_cache, metadata.slot_mapping)
         if not metadata.is_all_decode and query.dtype == torch.float32:
             return reference_paged_attention(query, kv_cache, metadata, scale, sliding_window)
         out = torch.empty_like(query)

@@ -125,9 +125,11 @@ class TorchReferenceBackend:
     """Attention through write_kv_cache + paged_attention; the CPU path and the tests' oracle."""
 
     name = "torch"
+    fuses_rotary = False
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: Optional[int] = None) -> torch.Tensor:
-        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+                sliding_window: Optional[int] = None, kv_cached: bool = False) -> torch.Tensor:
+        if not kv_cached:
+            write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         return paged_attention(query, kv_cache, metadata, scale, sliding_window)

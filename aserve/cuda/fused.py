@@ -1,4 +1,5 @@
-"""Fused layer ops on CUDA (layer_ops.cu): RMSNorm, rotary embedding, SiLU-and-mul.
+"""Fused layer ops on CUDA (layer_ops.cu): RMSNorm, rotary embedding (alone or with the KV-cache
+write), SiLU-and-mul.
 
 The model layers call `usable(x)` and take these when it holds, their torch code otherwise;
 the torch code is the reference tests/test_cuda_kernels.py compares against. The profile of a
@@ -125,6 +126,39 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
         (query.data_ptr(), key.data_ptr(), positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
          query.stride(0), key.stride(0), num_heads, num_kv_heads, head_dim),
         (POINTER,) * 5 + (INT64, INT64, INT, INT, INT), current_stream(query), pdl=True)
+
+
+def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                               value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               slot_mapping: torch.Tensor, cos_cache: torch.Tensor,
+                               sin_cache: torch.Tensor, head_dim: int) -> bool:
+    """rotary_embedding, then key and value [T, KVH*D] stored at their slots of k_cache/v_cache
+    ([..., KVH, D], contiguous; slots < 0 are skipped), in one kernel. Returns False, having done
+    nothing, where that kernel does not apply (dtypes differ from the cache's, rows not in
+    16-byte vectors): the caller then rotates and stores separately."""
+    num_tokens = query.shape[0]
+    if (key.dtype != query.dtype or value.dtype != query.dtype or k_cache.dtype != query.dtype
+            or v_cache.dtype != query.dtype or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+            or query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1
+            or not _vectorizable(head_dim // 2, [query, key, value, k_cache, v_cache],
+                                 [query.stride(0), key.stride(0), value.stride(0), head_dim])):
+        return False
+    if num_tokens == 0:
+        return True
+    assert cos_cache.dtype == torch.float32 and cos_cache.is_contiguous() and sin_cache.is_contiguous()
+    assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    num_heads, num_kv_heads = query.shape[1] // head_dim, key.shape[1] // head_dim
+    vec = 16 // query.element_size()
+    items = max((num_heads + num_kv_heads) * (head_dim // 2), num_kv_heads * head_dim) // vec
+    threads = min(512, 32 * ((items + 31) // 32))
+    _module(query).kernel("rotary_embedding_cache_vec").launch(
+        (num_tokens, 1, 1), (threads, 1, 1), 0,
+        (query.data_ptr(), key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+         slot_mapping.data_ptr(), positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
+         query.stride(0), key.stride(0), value.stride(0), num_heads, num_kv_heads, head_dim),
+        (POINTER,) * 9 + (INT64, INT64, INT64, INT, INT, INT), current_stream(query), pdl=True)
+    return True
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -172,6 +172,55 @@ extern "C" __global__ void rotary_embedding_vec(scalar_t* __restrict__ query, sc
     }
 }
 
+// rotary_embedding_vec and reshape_and_cache (cache_ops.cu) in one launch, one fewer a layer:
+// the token's query heads rotate in place, its key heads rotate in place and go to its cache
+// slot as well, and its value heads are copied there. A negative slot (a padding token of a
+// CUDA-graph batch) rotates but stores nothing. A cache row (slot) is num_kv_heads * head_dim
+// elements; value rows are v_stride elements apart (a view into the fused qkv output).
+extern "C" __global__ void rotary_embedding_cache_vec(scalar_t* __restrict__ query, scalar_t* __restrict__ key,
+                                                      const scalar_t* __restrict__ value,
+                                                      scalar_t* __restrict__ k_cache, scalar_t* __restrict__ v_cache,
+                                                      const i64* __restrict__ slot_mapping,
+                                                      const i64* __restrict__ positions,
+                                                      const float* __restrict__ cos_cache,
+                                                      const float* __restrict__ sin_cache,
+                                                      i64 q_stride, i64 k_stride, i64 v_stride,
+                                                      int num_heads, int num_kv_heads, int head_dim) {
+    start_after_previous_kernel();
+    const int token = blockIdx.x;
+    const int half = head_dim / 2, half_vecs = half / VEC;
+    const i64 pos = positions[token];
+    const i64 slot = slot_mapping[token];
+    const i64 cache_row = (i64)num_kv_heads * head_dim;
+    const float* cos_row = cos_cache + pos * head_dim;
+    const float* sin_row = sin_cache + pos * head_dim;
+    for (int idx = threadIdx.x; idx < (num_heads + num_kv_heads) * half_vecs; idx += blockDim.x) {
+        const int head = idx / half_vecs, i = (idx % half_vecs) * VEC;
+        const bool is_key = head >= num_heads;
+        scalar_t* x = is_key ? key + token * k_stride + (i64)(head - num_heads) * head_dim
+                             : query + token * q_stride + (i64)head * head_dim;
+        float x1[VEC], x2[VEC], o1[VEC], o2[VEC];
+        unpack_vec(load_fresh(reinterpret_cast<const uint4*>(x + i)), x1);
+        unpack_vec(load_fresh(reinterpret_cast<const uint4*>(x + i + half)), x2);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+            rotate_pair(x1[k], x2[k], round_dtype(cos_row[i + k]), round_dtype(sin_row[i + k]), o1[k], o2[k]);
+        }
+        const uint4 r1 = pack_vec(o1), r2 = pack_vec(o2);
+        *reinterpret_cast<uint4*>(x + i) = r1;
+        *reinterpret_cast<uint4*>(x + i + half) = r2;
+        if (is_key && slot >= 0) {
+            scalar_t* dst = k_cache + slot * cache_row + (i64)(head - num_heads) * head_dim;
+            *reinterpret_cast<uint4*>(dst + i) = r1;
+            *reinterpret_cast<uint4*>(dst + i + half) = r2;
+        }
+    }
+    if (slot < 0) return;
+    const uint4* v = reinterpret_cast<const uint4*>(value + token * v_stride);
+    uint4* vd = reinterpret_cast<uint4*>(v_cache + slot * cache_row);
+    for (int u = threadIdx.x; u < cache_row / VEC; u += blockDim.x) vd[u] = load_fresh(v + u);
+}
+
 // silu_and_mul (below) in 16-byte vectors, for d a multiple of VEC and rows on 16-byte
 // boundaries; grid (tokens, column chunks), one vector of gate and up per thread and pass.
 extern "C" __global__ void silu_and_mul_vec(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,

@@ -68,8 +68,7 @@ class LlamaAttention(nn.Module):
     def forward(self, positions, hidden_states, kv_cache, attn_metadata):
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -29,14 +29,23 @@ class Attention(nn.Module):
         self.backend = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """q [T, H*D], k/v [T, KVH*D] -> [T, H*D]; this step's k/v are written to kv_cache."""
+                attn_metadata: AttentionMetadata, rotary=None, positions: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """q [T, H*D], k/v [T, KVH*D] -> [T, H*D]; this step's k/v are written to kv_cache.
+        rotary (a RotaryEmbedding) rotates q and k at `positions` first: on the CUDA backend
+        in the same kernel as the cache write (one launch a layer fewer at every step)."""
         if self.backend is None:
             self.backend = get_attention_backend(q.device, self.head_dim)
+        kv_cached = False
+        if rotary is not None:
+            kv_cached = self.backend.fuses_rotary and rotary.rotate_and_cache(
+                positions, q, k, v, kv_cache, attn_metadata.slot_mapping)
+            if not kv_cached:
+                q, k = rotary(positions, q, k)
         num_tokens = q.shape[0]
         query = q.view(num_tokens, self.num_heads, self.head_dim)
         key = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(query, key, value, kv_cache, attn_metadata, self.scale,
-                                   self.sliding_window)
+                                   self.sliding_window, kv_cached=kv_cached)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

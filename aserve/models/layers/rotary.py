@@ -88,6 +88,16 @@ class RotaryEmbedding(nn.Module):
         self.sin_cache = sin.to(self.sin_cache.device)
         return out
 
+    def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+        """Rotate q and k in place and store k and v at their cache slots in one CUDA kernel;
+        False (nothing done) where that kernel does not apply: then forward() and the backend's
+        own cache write serve."""
+        if not fused.usable(q):
+            return False
+        return fused.rotary_embedding_and_cache(positions, q, k, v, kv_cache[0], kv_cache[1], slot_mapping,
+                                                self.cos_cache, self.sin_cache, self.head_dim)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate q and k (flattened heads) at `positions`; returns (q, k), rotated in place
         by the fused CUDA kernel on a GPU, as new tensors otherwise."""
