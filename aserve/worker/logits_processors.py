@@ -27,8 +27,7 @@ def apply_logits_processors(logits: torch.Tensor, metadata: "SamplingMetadata") 
     modified (the engine may reuse it for prompt logprobs or beams), so callers must not modify
     the result in place without knowing which case they got.
     """
-    if not (metadata.any_logit_bias or metadata.any_min_tokens or metadata.any_penalties
-            or metadata.any_allowed_token_ids or metadata.any_bad_words):
+    if not metadata.any_processors:
         return logits
     logits = logits.clone()
     if metadata.any_allowed_token_ids:

@@ -42,6 +42,7 @@ class SamplingMetadata:
     any_min_tokens: bool = field(init=False)
     any_allowed_token_ids: bool = field(init=False)
     any_bad_words: bool = field(init=False)
+    any_processors: bool = field(init=False)  # any of the five above: apply_logits_processors works
     # The next three only look at random rows: greedy rows never use them.
     any_top_k: bool = field(init=False)
     any_top_p: bool = field(init=False)
@@ -69,6 +70,8 @@ class SamplingMetadata:
             max_num_logprobs=max(asked) if asked else None,
             grammar_rows=[i for i, m in enumerate(self.matchers) if m is not None] if self.matchers else [],
         )
+        flags["any_processors"] = (flags["any_penalties"] or flags["any_logit_bias"] or flags["any_min_tokens"]
+                                   or flags["any_allowed_token_ids"] or flags["any_bad_words"])
         for name, value in flags.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
 
@@ -121,8 +124,7 @@ class Sampler:
         return self._sample_processed(logits, metadata)
 
     def _sample_processed(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        if (metadata.grammar_rows or metadata.any_logit_bias or metadata.any_min_tokens or metadata.any_penalties
-                or metadata.any_allowed_token_ids or metadata.any_bad_words):
+        if metadata.grammar_rows or metadata.any_processors:
             logits = logits.float()   # the processors work in float32 (a copy: the caller's stays)
         processed = apply_logits_processors(logits, metadata)
         if metadata.grammar_rows:  # a new tensor: the caller's raw logits stay as they are
