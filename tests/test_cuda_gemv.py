@@ -125,6 +125,60 @@ def test_gemv_replays_in_a_cuda_graph_with_new_inputs():
         assert _max_error(out, _reference(x, weight, bias)) <= TOLERANCE[dtype]
 
 
+# ------------------------------------------------------------------ the folded variants
+FOLD_SHAPES = [(6144, 4096), (1000, 264), (257, 4104), (3, 8)]
+
+
+def _rms_norm_reference(residual, norm_weight, eps):
+    from aserve.models.layers.layernorm import RMSNorm
+
+    norm = RMSNorm(residual.shape[1], eps).to(device=residual.device, dtype=residual.dtype)
+    norm.weight.copy_(norm_weight)
+    return norm._norm(residual)  # the torch layer, Hugging Face's roundings
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_gemv_normed_equals_the_norm_then_the_gemv(dtype, rows, shape, with_bias):
+    from aserve.cuda.gemv import gemv_normed, norm_fold_usable
+
+    n, k = shape
+    seed = 7919 * DTYPES.index(dtype) + 13 * n + 3 * k + rows + with_bias
+    weight = _random((n, k), dtype, seed)
+    residual = _random((rows, k), dtype, seed + 1) * 3
+    norm_weight = _random((k,), dtype, seed + 2)
+    bias = _random((n,), dtype, seed + 3) if with_bias else None
+    if not norm_fold_usable(residual, weight):
+        assert rows * k * residual.element_size() > 48 * 1024  # only a prologue too big for shared memory
+        return
+    before = residual.clone()
+    out = gemv_normed(residual, norm_weight, 1e-5, weight, bias)
+    normed = _rms_norm_reference(residual, norm_weight, 1e-5)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert _max_error(out, _reference(normed, weight, bias)) <= TOLERANCE[dtype]
+    assert torch.equal(residual, before)  # the stream itself is only read
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+def test_gemv_add_adds_the_rounded_output_into_the_stream(dtype, rows, shape, with_bias):
+    from aserve.cuda.gemv import gemv, gemv_add_
+
+    n, k = shape
+    seed = 6007 * DTYPES.index(dtype) + 17 * n + 5 * k + rows + with_bias
+    weight = _random((n, k), dtype, seed)
+    x = _random((rows, k), dtype, seed + 1)
+    bias = _random((n,), dtype, seed + 2) if with_bias else None
+    residual = _random((rows, n), dtype, seed + 3)
+    expected = (residual.float() + gemv(x, weight, bias).float()).to(dtype)  # the model's two roundings
+    gemv_add_(residual, x, weight, bias)
+    assert torch.equal(residual, expected)
+
+
 # ------------------------------------------------------------------ inputs it must refuse
 def _valid(dtype=torch.bfloat16, rows=2, n=64, k=256):
     return _random((rows, k), dtype, 51), _random((n, k), dtype, 52)
