@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from aserve.engine.async_engine import EngineDeadError, RequestAbortedError
 from aserve.sampling_params import SamplingParams
-from aserve.server.json_body import loads_exact
+from aserve.server.json_body import loads_fast, with_exact_integers
 
 
 class APIError(Exception):
@@ -84,15 +84,24 @@ def parse_request(raw: bytes, model_cls: type[BaseModel],
                   precheck: Optional[Callable[[dict], None]] = None) -> Any:
     """Parse a JSON body into model_cls, turning every failure into a 400 with OpenAI's shape.
     precheck(body) sees the parsed JSON object before validation (cheap early refusals).
-    Integers stay exact however large (json_body.loads_exact), so range checks see them."""
+    Integers stay exact however large (json_body), so range checks see them."""
     try:
-        data = loads_exact(raw)
-    except ValueError as exc:  # orjson.JSONDecodeError is one; so is a too-long integer
+        data = loads_fast(raw)
+    except ValueError as exc:  # orjson.JSONDecodeError is one
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
     if precheck is not None:
+        # Before the exact-integer pass, which scans the whole body: a giant prompt (10 MB) is
+        # refused without that pass holding the event loop (its integers cannot matter).
         precheck(data)
+    try:
+        exact = with_exact_integers(raw, data)
+    except ValueError as exc:  # a too-long integer
+        raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
+    if exact is not data and precheck is not None:
+        precheck(exact)  # parsed anew: its own checks and early cuts (rare: 19-digit runs only)
+    data = exact
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:

@@ -26,7 +26,18 @@ _DIGITS_TO_ZERO = bytes(0x30 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
 
 def loads_exact(raw: bytes) -> Any:
     """JSON text to Python values, every integer exact; JSONDecodeError / ValueError if invalid."""
-    data = orjson.loads(raw)
+    return with_exact_integers(raw, loads_fast(raw))
+
+
+def loads_fast(raw: bytes) -> Any:
+    """orjson's parse: what is valid JSON, with integers past 64 bits as floats (JSONDecodeError
+    if invalid). with_exact_integers(raw, result) makes them exact."""
+    return orjson.loads(raw)
+
+
+def with_exact_integers(raw: bytes, data: Any) -> Any:
+    """loads_fast(raw)'s result `data`, or, when raw has a run of 19 digits (an integer orjson
+    may have rounded), the standard library's parse, which keeps every integer exact."""
     if raw.translate(_DIGITS_TO_ZERO).find(_DIGIT_RUN) == -1:
         return data
     # Python's int() refuses more than 4300 digits: a ValueError, reported as invalid JSON.
