@@ -397,7 +397,8 @@ def test_rotary_with_cache_write_equals_the_two_kernels(dtype, head_dim, num_hea
     if not done:
         assert torch.equal(one_qkv, qkv) and torch.equal(one_cache, initial)
         return
-    # The same arithmetic as rotary_embedding_vec: the same bits, in the tensors and the cache.
+    # The same kernel without a slot mapping, then reshape_and_cache: the same bits, in the
+    # tensors and the cache.
     assert torch.equal(one_qkv, two_qkv) and torch.equal(one_cache, two_cache)
     # The cache holds the rotated keys and the values at the real slots only (the rotation
     # itself is checked against the torch layer in test_fused_rotary_matches_torch_layer).

@@ -113,16 +113,15 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     if num_tokens == 0:
         return
     assert query.stride(-1) == 1 and key.stride(-1) == 1 and key.dtype == query.dtype
+    if _vectorizable(head_dim // 2, [query, key], [query.stride(0), key.stride(0), head_dim]):
+        _rotary_vec(positions, query, key, cos_cache, sin_cache, head_dim)
+        return
     assert cos_cache.dtype == torch.float32 and cos_cache.is_contiguous() and sin_cache.is_contiguous()
     positions = positions.to(torch.int64).contiguous()
     num_heads, num_kv_heads = query.shape[1] // head_dim, key.shape[1] // head_dim
     pairs = (num_heads + num_kv_heads) * (head_dim // 2)
-    name = "rotary_embedding"
-    if _vectorizable(head_dim // 2, [query, key], [query.stride(0), key.stride(0), head_dim]):
-        name, pairs = "rotary_embedding_vec", pairs * query.element_size() // 16
-    threads = min(512, 32 * ((pairs + 31) // 32))
-    _module(query).kernel(name).launch(
-        (num_tokens, 1, 1), (threads, 1, 1), 0,
+    _module(query).kernel("rotary_embedding").launch(
+        (num_tokens, 1, 1), (min(512, 32 * ((pairs + 31) // 32)), 1, 1), 0,
         (query.data_ptr(), key.data_ptr(), positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
          query.stride(0), key.stride(0), num_heads, num_kv_heads, head_dim),
         (POINTER,) * 5 + (INT64, INT64, INT, INT, INT), current_stream(query), pdl=True)
@@ -136,29 +135,41 @@ def rotary_embedding_and_cache(positions: torch.Tensor, query: torch.Tensor, key
     ([..., KVH, D], contiguous; slots < 0 are skipped), in one kernel. Returns False, having done
     nothing, where that kernel does not apply (dtypes differ from the cache's, rows not in
     16-byte vectors): the caller then rotates and stores separately."""
-    num_tokens = query.shape[0]
     if (key.dtype != query.dtype or value.dtype != query.dtype or k_cache.dtype != query.dtype
             or v_cache.dtype != query.dtype or not (k_cache.is_contiguous() and v_cache.is_contiguous())
             or query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1
             or not _vectorizable(head_dim // 2, [query, key, value, k_cache, v_cache],
                                  [query.stride(0), key.stride(0), value.stride(0), head_dim])):
         return False
-    if num_tokens == 0:
-        return True
+    if query.shape[0]:
+        assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+        _rotary_vec(positions, query, key, cos_cache, sin_cache, head_dim, value, k_cache, v_cache, slot_mapping)
+    return True
+
+
+def _rotary_vec(positions, query, key, cos_cache, sin_cache, head_dim, value=None, k_cache=None,
+                v_cache=None, slot_mapping=None) -> None:
+    """rotary_embedding_cache_vec: the vectorized rotation, with the cache write when given a
+    slot mapping (its inputs checked by the callers)."""
     assert cos_cache.dtype == torch.float32 and cos_cache.is_contiguous() and sin_cache.is_contiguous()
-    assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
     positions = positions.to(torch.int64).contiguous()
     num_heads, num_kv_heads = query.shape[1] // head_dim, key.shape[1] // head_dim
     vec = 16 // query.element_size()
-    items = max((num_heads + num_kv_heads) * (head_dim // 2), num_kv_heads * head_dim) // vec
+    # One thread per rotated VEC pairs; enough for the value row's vectors too, which are never
+    # more ((H + KVH) * D / 2 >= KVH * D).
+    items = (num_heads + num_kv_heads) * (head_dim // 2) // vec
     threads = min(512, 32 * ((items + 31) // 32))
+
+    def ptr(t):
+        return t.data_ptr() if t is not None else 0
+
     _module(query).kernel("rotary_embedding_cache_vec").launch(
-        (num_tokens, 1, 1), (threads, 1, 1), 0,
-        (query.data_ptr(), key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-         slot_mapping.data_ptr(), positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
-         query.stride(0), key.stride(0), value.stride(0), num_heads, num_kv_heads, head_dim),
+        (query.shape[0], 1, 1), (threads, 1, 1), 0,
+        (query.data_ptr(), key.data_ptr(), ptr(value), ptr(k_cache), ptr(v_cache), ptr(slot_mapping),
+         positions.data_ptr(), cos_cache.data_ptr(), sin_cache.data_ptr(),
+         query.stride(0), key.stride(0), value.stride(0) if value is not None else 0,
+         num_heads, num_kv_heads, head_dim),
         (POINTER,) * 9 + (INT64, INT64, INT64, INT, INT, INT), current_stream(query), pdl=True)
-    return True
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

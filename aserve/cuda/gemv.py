@@ -143,9 +143,8 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 def norm_fold_usable(residual: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether gemv_normed can take the residual stream [M, K] (contiguous rows) and weight."""
-    rows, k = residual.shape if residual.dim() == 2 else (0, 0)
     return (gemv_usable(residual, weight) and residual.is_contiguous()
-            and rows * k * residual.element_size() <= _MAX_NORMED_BYTES)
+            and residual.numel() * residual.element_size() <= _MAX_NORMED_BYTES)
 
 
 def gemv_normed(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,

@@ -144,39 +144,11 @@ extern "C" __global__ void rotary_embedding(scalar_t* __restrict__ query, scalar
 
 // rotary_embedding (above) in 16-byte vectors, for a half head size that is a multiple of VEC
 // and rows on 16-byte boundaries: each thread rotates VEC pairs with one load of each half.
-extern "C" __global__ void rotary_embedding_vec(scalar_t* __restrict__ query, scalar_t* __restrict__ key,
-                                                const i64* __restrict__ positions,
-                                                const float* __restrict__ cos_cache,
-                                                const float* __restrict__ sin_cache,
-                                                i64 q_stride, i64 k_stride, int num_heads, int num_kv_heads,
-                                                int head_dim) {
-    start_after_previous_kernel();
-    const int token = blockIdx.x;
-    const int half = head_dim / 2, half_vecs = half / VEC;
-    const i64 pos = positions[token];
-    const float* cos_row = cos_cache + pos * head_dim;
-    const float* sin_row = sin_cache + pos * head_dim;
-    for (int idx = threadIdx.x; idx < (num_heads + num_kv_heads) * half_vecs; idx += blockDim.x) {
-        const int head = idx / half_vecs, i = (idx % half_vecs) * VEC;
-        scalar_t* x = head < num_heads ? query + token * q_stride + (i64)head * head_dim
-                                       : key + token * k_stride + (i64)(head - num_heads) * head_dim;
-        float x1[VEC], x2[VEC], o1[VEC], o2[VEC];
-        unpack_vec(load_fresh(reinterpret_cast<const uint4*>(x + i)), x1);
-        unpack_vec(load_fresh(reinterpret_cast<const uint4*>(x + i + half)), x2);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-            rotate_pair(x1[k], x2[k], round_dtype(cos_row[i + k]), round_dtype(sin_row[i + k]), o1[k], o2[k]);
-        }
-        *reinterpret_cast<uint4*>(x + i) = pack_vec(o1);
-        *reinterpret_cast<uint4*>(x + i + half) = pack_vec(o2);
-    }
-}
-
-// rotary_embedding_vec and reshape_and_cache (cache_ops.cu) in one launch, one fewer a layer:
-// the token's query heads rotate in place, its key heads rotate in place and go to its cache
-// slot as well, and its value heads are copied there. A negative slot (a padding token of a
-// CUDA-graph batch) rotates but stores nothing. A cache row (slot) is num_kv_heads * head_dim
-// elements; value rows are v_stride elements apart (a view into the fused qkv output).
+// Given a slot mapping it also does reshape_and_cache's work (cache_ops.cu) in the same launch,
+// one fewer a layer: the rotated key heads and the value heads go to the token's cache slot.
+// A negative slot (a padding token of a CUDA-graph batch), or no slot mapping (null: rotation
+// only), stores nothing. A cache row (slot) is num_kv_heads * head_dim elements; value rows are
+// v_stride elements apart (a view into the fused qkv output).
 extern "C" __global__ void rotary_embedding_cache_vec(scalar_t* __restrict__ query, scalar_t* __restrict__ key,
                                                       const scalar_t* __restrict__ value,
                                                       scalar_t* __restrict__ k_cache, scalar_t* __restrict__ v_cache,
@@ -190,7 +162,7 @@ extern "C" __global__ void rotary_embedding_cache_vec(scalar_t* __restrict__ que
     const int token = blockIdx.x;
     const int half = head_dim / 2, half_vecs = half / VEC;
     const i64 pos = positions[token];
-    const i64 slot = slot_mapping[token];
+    const i64 slot = slot_mapping != nullptr ? slot_mapping[token] : -1;
     const i64 cache_row = (i64)num_kv_heads * head_dim;
     const float* cos_row = cos_cache + pos * head_dim;
     const float* sin_row = sin_cache + pos * head_dim;
