@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aserve.cuda import compiler, ops
-from aserve.cuda.gemv import ADD_TO_OUT, GEMV_MAX_ROWS, NORM_INPUT, PLAIN, gemv_options
+from aserve.cuda.gemv import GEMV_MAX_ROWS, VARIANTS, gemv_options
 
 
 def _nvrtc_available() -> bool:
@@ -61,10 +61,21 @@ def test_fused_layer_ops_compile(arch, dtype_id):
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype_id", [0, 1, 2])
 @pytest.mark.parametrize("rows", range(1, GEMV_MAX_ROWS + 1))
-@pytest.mark.parametrize("variant", [PLAIN, NORM_INPUT, ADD_TO_OUT])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_gemv_build_compiles(arch, dtype_id, rows, variant):
     dtype = next(d for d, i in compiler.KERNEL_DTYPES.items() if i == dtype_id)
     assert compiler.compile_cubin("gemv.cu", gemv_options(dtype, rows, variant), arch)[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gemv_builds_with_l2_prefetch_compile(arch, variant, monkeypatch):
+    from aserve.cuda import gemv as gemv_module
+
+    monkeypatch.setattr(gemv_module, "PREFETCH_STEPS", 4)
+    options = gemv_options(torch.bfloat16, 1, variant)
+    assert "-DPREFETCH_STEPS=4" in options
+    assert compiler.compile_cubin("gemv.cu", options, arch)[:4] == b"\x7fELF"
 
 
 def test_cubins_are_cached_on_disk_per_options_and_arch(tmp_path):

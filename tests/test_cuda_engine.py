@@ -37,25 +37,6 @@ def test_attention_runs_on_the_cuda_backend(llm_cache):
     assert backends == {"cuda"}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_folded_norms_give_the_same_tokens_as_transformers(family, llm_cache, monkeypatch):
-    """With ASERVE_FOLD_NORMS=1, decode steps of up to 4 rows fold the norms into the GEMVs'
-    prologues and the residual adds into their epilogues; greedy tokens stay transformers'."""
-    monkeypatch.setenv("ASERVE_FOLD_NORMS", "1")
-    prompts = random_prompts(4, PROMPT_LENGTHS)
-    # Engines of their own (max_num_seqs=64 is a cache key no other test uses): the one with
-    # graphs captures them, at construction, with the fold on.
-    for eager in (False, True):
-        llm = llm_cache(family, enforce_eager=eager, max_num_seqs=64)
-        got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
-        assert got == [hf_greedy(tiny_model_dir(family), p, GREEDY.max_tokens) for p in prompts]
-    model = llm_cache(family).engine.model.model
-    hidden = model.embed_tokens.weight.shape[1]
-    stream = torch.zeros(4, hidden, dtype=model.embed_tokens.weight.dtype, device="cuda")
-    assert model.layers[0].can_fold(stream)
-    assert not model.layers[0].can_fold(torch.zeros(5, hidden, dtype=stream.dtype, device="cuda"))
-
-
 def test_bfloat16_chunked_prefill_and_graphs_agree_with_eager(llm_cache):
     """The flash-attention prompt path (fresh prompts and chunks over cached context) and the
     decode graphs in bfloat16 give what the eager engine gives with whole prompts."""

@@ -125,58 +125,59 @@ def test_gemv_replays_in_a_cuda_graph_with_new_inputs():
         assert _max_error(out, _reference(x, weight, bias)) <= TOLERANCE[dtype]
 
 
-# ------------------------------------------------------------------ the folded variants
-FOLD_SHAPES = [(6144, 4096), (1000, 264), (257, 4104), (3, 8)]
-
-
-def _rms_norm_reference(residual, norm_weight, eps):
-    from aserve.models.layers.layernorm import RMSNorm
-
-    norm = RMSNorm(residual.shape[1], eps).to(device=residual.device, dtype=residual.dtype)
-    norm.weight.copy_(norm_weight)
-    return norm._norm(residual)  # the torch layer, Hugging Face's roundings
+# ------------------------------------------------------------------ the SILU_MUL variant
+# Merged gate/up matrices [2d, K]: Llama-3.1-8B's and OPT-sized ones, and d not filling a CTA.
+SILU_SHAPES = [(2 * 14336, 4096), (2 * 3072, 768), (2 * 257, 264), (2 * 3, 8)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", SILU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_gemv_normed_equals_the_norm_then_the_gemv(dtype, rows, shape, with_bias):
-    from aserve.cuda.gemv import gemv_normed, norm_fold_usable
+def test_gemv_silu_mul_is_the_gemv_then_silu_and_mul_bit_for_bit(dtype, rows, shape, with_bias):
+    from aserve.cuda import fused
+    from aserve.cuda.gemv import gemv, gemv_silu_mul
 
     n, k = shape
-    seed = 7919 * DTYPES.index(dtype) + 13 * n + 3 * k + rows + with_bias
-    weight = _random((n, k), dtype, seed)
-    residual = _random((rows, k), dtype, seed + 1) * 3
-    norm_weight = _random((k,), dtype, seed + 2)
-    bias = _random((n,), dtype, seed + 3) if with_bias else None
-    if not norm_fold_usable(residual, weight):
-        assert rows * k * residual.element_size() > 48 * 1024  # only a prologue too big for shared memory
-        return
-    before = residual.clone()
-    out = gemv_normed(residual, norm_weight, 1e-5, weight, bias)
-    normed = _rms_norm_reference(residual, norm_weight, 1e-5)
-    assert out.shape == (rows, n) and out.dtype == dtype
-    assert _max_error(out, _reference(normed, weight, bias)) <= TOLERANCE[dtype]
-    assert torch.equal(residual, before)  # the stream itself is only read
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize("shape", FOLD_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
-def test_gemv_add_adds_the_rounded_output_into_the_stream(dtype, rows, shape, with_bias):
-    from aserve.cuda.gemv import gemv, gemv_add_
-
-    n, k = shape
-    seed = 6007 * DTYPES.index(dtype) + 17 * n + 5 * k + rows + with_bias
+    seed = 4001 * DTYPES.index(dtype) + 11 * n + 7 * k + rows + with_bias
     weight = _random((n, k), dtype, seed)
     x = _random((rows, k), dtype, seed + 1)
     bias = _random((n,), dtype, seed + 2) if with_bias else None
-    residual = _random((rows, n), dtype, seed + 3)
-    expected = (residual.float() + gemv(x, weight, bias).float()).to(dtype)  # the model's two roundings
-    gemv_add_(residual, x, weight, bias)
-    assert torch.equal(residual, expected)
+    out = gemv_silu_mul(x, weight, bias)
+    assert out.shape == (rows, n // 2) and out.dtype == dtype
+    # The unfused decode path, which the engine's greedy tests hold to transformers.
+    assert torch.equal(out, fused.silu_and_mul(gemv(x, weight, bias)))
+    # And the float32 reference, within the dtype's tolerance.
+    gate, up = _reference(x, weight, bias).chunk(2, dim=1)
+    reference = F.silu(gate) * up
+    assert _max_error(out, reference) <= 2 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("steps", [1, 3, 8])
+@pytest.mark.parametrize("variant", ["plain", "silu_mul"])
+def test_l2_prefetch_changes_no_bit(steps, variant, monkeypatch):
+    """Builds that ask L2 for later steps of W before the wait compute exactly what the default
+    build computes (the prefetch is only a hint); K spans steps, a tail, and more steps than
+    a row has."""
+    from aserve.cuda import gemv as gemv_module
+
+    fused_silu = variant == "silu_mul"
+    run = gemv_module.gemv_silu_mul if fused_silu else gemv_module.gemv
+    for rows, (n, k) in [(1, (2 * 512, 4104)), (4, (2 * 3, 4096)), (2, (1000, 264))]:
+        weight = _random((n, k), torch.bfloat16, 5 * n + k + steps)
+        x = _random((rows, k), torch.bfloat16, 7 * n + k + steps)
+        monkeypatch.setattr(gemv_module, "PREFETCH_STEPS", 0)
+        expected = run(x, weight)
+        monkeypatch.setattr(gemv_module, "PREFETCH_STEPS", steps)
+        assert torch.equal(run(x, weight), expected)
+
+
+def test_gemv_silu_mul_refuses_an_odd_merged_matrix():
+    from aserve.cuda.gemv import gemv_silu_mul
+
+    x, weight = _valid(n=63)
+    with pytest.raises(ValueError, match="even number of rows"):
+        gemv_silu_mul(x, weight)
 
 
 # ------------------------------------------------------------------ inputs it must refuse

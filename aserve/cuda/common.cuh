@@ -46,6 +46,9 @@ __device__ __forceinline__ scalar_t from_float(float f) {
 #endif
 }
 
+// Rounds a float through the model dtype, as an intermediate torch tensor of that dtype would.
+__device__ __forceinline__ float round_dtype(float x) { return to_float(from_float(x)); }
+
 // A 16-byte vector of VEC elements as floats.
 __device__ __forceinline__ void unpack_vec(const uint4 raw, float* out) {
 #if DTYPE == 0

@@ -10,16 +10,15 @@
 // x is small (at most M * K elements) and every warp of the GPU reads it, so after the first
 // touch it comes from L1/L2 (load_x), at no cost to the HBM stream.
 //
-// Two variants fold a decoder layer's residual add and RMSNorm into the GEMVs around them, so a
-// batch-1 decode step launches no norm kernels (65 of them for Llama-8B, 0.22 ms a step):
-// - NORM_INPUT: x is the residual stream; the CTA first normalizes its rows (Llama's RMSNorm,
-//   rounded where the model rounds) into shared memory, and the GEMV reads x from there.
-// - ADD_TO_OUT: out is the residual stream, and each output is added into it (out += y, both
-//   rounded to the dtype as the model's own add): every element has one owner lane, so the
-//   update in place races with nothing.
+// One variant folds a gated MLP's activation into its gate/up GEMV:
+// - SILU_MUL: W is the merged [gate; up] matrix [2n, k], and out[m, i] = silu(g) * u for
+//   g = x . W[i], u = x . W[n + i], each rounded as the unfused GEMV and silu_and_mul_vec
+//   (layer_ops.cu) round them. A warp owns one output: its two weight rows are gate row i and
+//   up row i, so it reads as many bytes as the plain GEMV's two rows, and the sums are bit for
+//   bit the plain GEMV's (a row's sum depends only on the lane split of k, not on its partner).
 //
 // Compile-time configuration (-D, set by aserve/cuda/gemv.py): DTYPE, ROWS (M, so the
-// accumulators are a fixed register array), WEIGHT_ROWS, UNROLL, NORM_INPUT and ADD_TO_OUT.
+// accumulators are a fixed register array), WEIGHT_ROWS, UNROLL, SILU_MUL and PREFETCH_STEPS.
 #include "common.cuh"
 
 #ifndef ROWS
@@ -31,11 +30,12 @@
 #ifndef UNROLL
 #define UNROLL 4
 #endif
-#ifndef NORM_INPUT
-#define NORM_INPUT 0
+#ifndef SILU_MUL
+#define SILU_MUL 0
 #endif
-#ifndef ADD_TO_OUT
-#define ADD_TO_OUT 0
+// Steps of W past the first that a warp asks L2 for before it waits for the previous kernel.
+#ifndef PREFETCH_STEPS
+#define PREFETCH_STEPS 0
 #endif
 
 // Threads per CTA at most, and the CTAs per SM that ptxas must leave room for: 128 registers a
@@ -46,6 +46,9 @@
 #define MIN_CTAS_PER_SM 4
 
 static_assert(ROWS * WEIGHT_ROWS <= 32, "each sum is stored by a lane of its own");
+static_assert(!SILU_MUL || WEIGHT_ROWS == 2, "SILU_MUL pairs a gate row with an up row");
+// Outputs per warp: a row of W each, or one (gate, up) pair under SILU_MUL.
+#define OUTPUTS_PER_WARP (SILU_MUL ? 1 : WEIGHT_ROWS)
 
 // W is read exactly once and never written during a step: the non-coherent path, kept out of L1.
 // volatile: without it NVVM moves each load down to its first use, serializing the step.
@@ -69,82 +72,34 @@ __device__ __forceinline__ uint4 load_x(const uint4* p) {
     return v;
 }
 
-// x as the GEMV reads it: from global memory, or the normalized rows in shared memory.
-__device__ __forceinline__ uint4 load_input(const uint4* p) {
-#if NORM_INPUT
-    return *p;
+// The row of W that a warp's r-th weight row is, for a warp whose first output is `first`:
+// consecutive rows, or gate row `first` and up row n + first under SILU_MUL. Outputs past the
+// end re-read the last row rather than branch: the warp stays converged and those sums are
+// simply not stored.
+__device__ __forceinline__ i64 weight_row(int first, int r, int n) {
+#if SILU_MUL
+    return (i64)r * n + min(first, n - 1);
 #else
-    return load_x(p);
+    return min(first + r, n - 1);
 #endif
 }
 
-// NORM_INPUT's prologue, run by every thread of the CTA after the wait for the previous kernel:
-// each of the ROWS rows of the residual stream (k elements, x_stride apart) becomes
-// norm_weight * (h * rsqrt(mean(h^2) + eps)).to(dtype), rounded, in `normed` (ROWS * k / VEC
-// vectors of shared memory), as rms_norm_vec (layer_ops.cu) computes it. The stream is read
-// through L2 only (load_fresh): earlier kernels of the step rewrote it in place, and an L1
-// line of an older read must not serve it.
-__device__ void normalize_rows(uint4* normed, const scalar_t* residual, i64 x_stride,
-                               const scalar_t* norm_weight, float eps, int k) {
-    __shared__ float partial[ROWS][MAX_THREADS / 32];
-    __shared__ float inv_rms[ROWS];
-    const int num_vecs = k / VEC, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int num_warps = blockDim.x / 32;
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-        const uint4* row = reinterpret_cast<const uint4*>(residual + m * x_stride);
-        float squares = 0.f;
-        for (int v = threadIdx.x; v < num_vecs; v += blockDim.x) {
-            float h[VEC];
-            unpack_vec(load_fresh(row + v), h);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) squares += h[e] * h[e];
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, o);
-        if (lane == 0) partial[m][warp] = squares;
-    }
-    __syncthreads();
-    if (threadIdx.x < ROWS) {
-        float total = 0.f;
-        for (int w = 0; w < num_warps; ++w) total += partial[threadIdx.x][w];
-        inv_rms[threadIdx.x] = rsqrtf(total / k + eps);
-    }
-    __syncthreads();
-    const uint4* weight = reinterpret_cast<const uint4*>(norm_weight);
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-        const uint4* row = reinterpret_cast<const uint4*>(residual + m * x_stride);
-        const float inv = inv_rms[m];
-        for (int v = threadIdx.x; v < num_vecs; v += blockDim.x) {
-            float h[VEC], w[VEC];
-            unpack_vec(load_fresh(row + v), h);
-            unpack_vec(weight[v], w);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) h[e] = w[e] * to_float(from_float(h[e] * inv));
-            normed[m * num_vecs + v] = pack_vec(h);
-        }
-    }
-    __syncthreads();
+// Asks L2 for a line of W without waiting for it: the warp's later steps, requested before the
+// wait for the previous kernel, stream from HBM while that kernel (a norm, the attention) runs,
+// and the steps then find them in L2. Only W: no kernel of the step writes it.
+__device__ __forceinline__ void prefetch_weight(const uint4* p) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
 }
-
-struct NormArgs {  // NORM_INPUT's prologue inputs (unused otherwise)
-    uint4* normed;
-    const scalar_t* residual;
-    i64 x_stride;
-    const scalar_t* weight;
-    float eps;
-    int k;
-};
 
 // One step: UNROLL vectors per lane of each W row (32 * UNROLL per warp), the lane's first being
 // vector `lane_vec`. GUARDED is the last, partial step: vectors past the row's end read as zero.
 // first_step: the warp's first step: its W loads go out before the wait for the previous kernel
-// (which wrote x), so under programmatic dependent launch they overlap that kernel's tail.
+// (which wrote x), so under programmatic dependent launch they overlap that kernel's tail, and
+// so do L2 prefetches of the PREFETCH_STEPS steps after it.
 template <bool GUARDED>
 __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], const uint4* const (&w)[WEIGHT_ROWS],
                                            const uint4* const (&xv)[ROWS], int lane_vec, int num_vecs,
-                                           bool first_step, const NormArgs& norm) {
+                                           bool first_step) {
     // Every load of the step before any arithmetic: these are the loads that hide latency.
     uint4 wv[UNROLL][WEIGHT_ROWS];
 #pragma unroll
@@ -155,10 +110,17 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
             wv[u][r] = (!GUARDED || v < num_vecs) ? load_weight(w[r] + v) : make_uint4(0, 0, 0, 0);
     }
     if (first_step) {
+        // One lane in 8 asks: 8 vectors of 16 bytes are one 128-byte line.
+        if (lane_vec % 8 == 0) {
+#pragma unroll
+            for (int p = 32 * UNROLL; p < 32 * UNROLL * (PREFETCH_STEPS + 1); p += 32) {
+                const int v = lane_vec + p;
+#pragma unroll
+                for (int r = 0; r < WEIGHT_ROWS; ++r)
+                    if (v < num_vecs) prefetch_weight(w[r] + v);
+            }
+        }
         start_after_previous_kernel();
-#if NORM_INPUT
-        normalize_rows(norm.normed, norm.residual, norm.x_stride, norm.weight, norm.eps, norm.k);
-#endif
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
@@ -166,7 +128,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
         float xf[ROWS][VEC];
 #pragma unroll
         for (int m = 0; m < ROWS; ++m)
-            unpack_vec((!GUARDED || v < num_vecs) ? load_input(xv[m] + v) : make_uint4(0, 0, 0, 0), xf[m]);
+            unpack_vec((!GUARDED || v < num_vecs) ? load_x(xv[m] + v) : make_uint4(0, 0, 0, 0), xf[m]);
 #pragma unroll
         for (int r = 0; r < WEIGHT_ROWS; ++r) {
             float wf[VEC];
@@ -182,35 +144,25 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
 // out [ROWS, n] (scalar_t, or float when out_float32), x rows x_stride elements apart, weight
 // [n, k] contiguous, bias [n] or null. k * sizeof(scalar_t) and x_stride * sizeof(scalar_t)
 // are multiples of 16 and the pointers 16-byte aligned (the wrapper checks). Grid: enough
-// warps of blockDim.x / 32 per CTA to give each WEIGHT_ROWS rows of W. NORM_INPUT: x is the
-// residual stream, norm_weight [k] and eps its RMSNorm's, and the launch gives ROWS * k
-// elements of dynamic shared memory. ADD_TO_OUT: out [ROWS, n] is the residual stream.
+// warps of blockDim.x / 32 per CTA to give each OUTPUTS_PER_WARP outputs. SILU_MUL: out is
+// [ROWS, n] of scalar_t, weight [2n, k] and bias [2n] (gate rows, then up rows).
 extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_CTAS_PER_SM)
 gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-     const scalar_t* __restrict__ bias, i64 x_stride, int n, int k, int out_float32,
-     const scalar_t* __restrict__ norm_weight, float eps) {
-    extern __shared__ uint4 normed[];
-    const NormArgs norm{normed, x, x_stride, norm_weight, eps, k};
+     const scalar_t* __restrict__ bias, i64 x_stride, int n, int k, int out_float32) {
     const int lane = threadIdx.x % 32;
-    const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * WEIGHT_ROWS;
+    const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * OUTPUTS_PER_WARP;
     if (first >= n) {  // warp-uniform: the shuffles below see all 32 lanes or none
         start_after_previous_kernel();
-#if NORM_INPUT
-        normalize_rows(normed, x, x_stride, norm_weight, eps, k);  // its barriers count every warp
-#endif
         return;
     }
     const int num_vecs = k / VEC;
-    // Rows past the end re-read the last row rather than branch: the warp stays converged and
-    // those sums are simply not stored.
     const uint4* w[WEIGHT_ROWS];
 #pragma unroll
     for (int r = 0; r < WEIGHT_ROWS; ++r)
-        w[r] = reinterpret_cast<const uint4*>(weight + (i64)min(first + r, n - 1) * k);
+        w[r] = reinterpret_cast<const uint4*>(weight + weight_row(first, r, n) * k);
     const uint4* xv[ROWS];
 #pragma unroll
-    for (int m = 0; m < ROWS; ++m)
-        xv[m] = NORM_INPUT ? normed + m * num_vecs : reinterpret_cast<const uint4*>(x + m * x_stride);
+    for (int m = 0; m < ROWS; ++m) xv[m] = reinterpret_cast<const uint4*>(x + m * x_stride);
 
     float acc[WEIGHT_ROWS][ROWS];
 #pragma unroll
@@ -222,9 +174,9 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
     const int step = 32 * UNROLL;
     int base = 0;
     for (; base + step <= num_vecs; base += step)
-        accumulate<false>(acc, w, xv, base + lane, num_vecs, base == 0, norm);
-    if (base < num_vecs) accumulate<true>(acc, w, xv, base + lane, num_vecs, base == 0, norm);
-    else if (base == 0) start_after_previous_kernel();  // k == 0: nothing was loaded (never NORM_INPUT)
+        accumulate<false>(acc, w, xv, base + lane, num_vecs, base == 0);
+    if (base < num_vecs) accumulate<true>(acc, w, xv, base + lane, num_vecs, base == 0);
+    else if (base == 0) start_after_previous_kernel();  // k == 0: nothing was loaded
 
 #pragma unroll
     for (int r = 0; r < WEIGHT_ROWS; ++r)
@@ -233,6 +185,22 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
 
+#if SILU_MUL
+    // Every lane now holds every sum; lane m stores row m's output. Each term is rounded where
+    // the unfused path rounds: the GEMV's outputs, then silu(g) (silu_and_mul_vec).
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+        if (lane != m) continue;
+        float g = acc[0][m], u = acc[1][m];
+        if (bias) {
+            g += to_float(bias[first]);
+            u += to_float(bias[n + first]);
+        }
+        g = round_dtype(g);
+        u = round_dtype(u);
+        static_cast<scalar_t*>(out)[(i64)m * n + first] = from_float(round_dtype(g / (1.f + expf(-g))) * u);
+    }
+#else
     // Every lane now holds every sum; lane r * ROWS + m stores (r, m), so the stores go out in
     // parallel, each picked by a compile-time index (a run-time index would put acc in local memory).
 #pragma unroll
@@ -244,13 +212,9 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
             float y = acc[r][m];
             if (bias) y += to_float(bias[row]);
             const i64 at = (i64)m * n + row;
-#if ADD_TO_OUT
-            scalar_t* residual = static_cast<scalar_t*>(out) + at;
-            *residual = from_float(load_fresh(residual) + to_float(from_float(y)));
-#else
             if (out_float32) static_cast<float*>(out)[at] = y;
             else static_cast<scalar_t*>(out)[at] = from_float(y);
-#endif
         }
     }
+#endif
 }

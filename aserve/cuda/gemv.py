@@ -10,11 +10,12 @@ the reference tests/test_cuda_gemv.py compares against.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
-from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream, device_index,
+from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_stream, device_index,
                                   load_module, num_sms)
 from aserve.cuda.fused import kernels_enabled
 
@@ -31,11 +32,14 @@ _GEOMETRY = {1: (2, 4), 2: (2, 4), 3: (2, 4), 4: (2, 4)}
 _MAX_WARPS_PER_CTA = 4
 
 
-# The variants of gemv.cu: a plain GEMV, one whose x is the residual stream normalized in its
-# prologue, one that adds its output into the residual stream.
-PLAIN, NORM_INPUT, ADD_TO_OUT = "plain", "norm_input", "add_to_out"
-# Shared memory a NORM_INPUT CTA may use for its normalized rows without opting in to more.
-_MAX_NORMED_BYTES = 48 * 1024
+# The variants of gemv.cu: a plain GEMV, and one that applies a gated MLP's SiLU-and-mul to
+# its merged gate/up outputs (one kernel fewer a layer in a decode step).
+PLAIN, SILU_MUL = "plain", "silu_mul"
+VARIANTS = (PLAIN, SILU_MUL)
+# Steps of W (4 KB a warp each) past the first that each warp asks L2 for before it waits for
+# the previous kernel, so that the weights stream while a norm or the attention runs.
+# ASERVE_GEMV_PREFETCH_STEPS overrides it, for bench/device_run.sh's A/B runs.
+PREFETCH_STEPS = int(os.environ.get("ASERVE_GEMV_PREFETCH_STEPS", "0"))
 
 
 def gemv_options(dtype: torch.dtype, rows: int, variant: str = PLAIN) -> list[str]:
@@ -44,12 +48,14 @@ def gemv_options(dtype: torch.dtype, rows: int, variant: str = PLAIN) -> list[st
         raise ValueError(f"dtype must be one of {list(KERNEL_DTYPES)}, got {dtype}")
     if not 1 <= rows <= GEMV_MAX_ROWS:
         raise ValueError(f"rows must be 1 to {GEMV_MAX_ROWS}, got {rows}")
-    if variant not in (PLAIN, NORM_INPUT, ADD_TO_OUT):
-        raise ValueError(f"variant must be {PLAIN}, {NORM_INPUT} or {ADD_TO_OUT}, got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
+    # SILU_MUL pairs a gate row with an up row in each warp: two weight rows, whatever the geometry.
     weight_rows, unroll = _GEOMETRY[rows]
+    if variant == SILU_MUL:
+        weight_rows = 2
     return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DROWS={rows}", f"-DWEIGHT_ROWS={weight_rows}",
-            f"-DUNROLL={unroll}", f"-DNORM_INPUT={int(variant == NORM_INPUT)}",
-            f"-DADD_TO_OUT={int(variant == ADD_TO_OUT)}"]
+            f"-DUNROLL={unroll}", f"-DSILU_MUL={int(variant == SILU_MUL)}", f"-DPREFETCH_STEPS={PREFETCH_STEPS}"]
 
 
 def _unsupported(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
@@ -141,47 +147,33 @@ def launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return out
 
 
-def norm_fold_usable(residual: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether gemv_normed can take the residual stream [M, K] (contiguous rows) and weight."""
-    return (gemv_usable(residual, weight) and residual.is_contiguous()
-            and residual.numel() * residual.element_size() <= _MAX_NORMED_BYTES)
-
-
-def gemv_normed(residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """rms_norm(residual) @ weight^T (+ bias): Llama's RMSNorm (aserve/cuda/fused.py's rms_norm,
-    whose roundings it repeats) computed by each CTA into shared memory before its GEMV, so the
-    norm needs no kernel of its own. The caller has checked norm_fold_usable(residual, weight)."""
-    out = torch.empty(residual.shape[0], weight.shape[0], dtype=residual.dtype, device=residual.device)
-    _launch(NORM_INPUT, out, residual, weight, bias, norm_weight.to(residual.dtype).contiguous(), eps)
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(g) * u for [g, u] = x @ weight^T (+ bias), weight the merged [gate; up] matrix
+    [2d, K]: a gated MLP's gate/up projection and its activation in one kernel, rounded as
+    fused.silu_and_mul(gemv(x, weight, bias)) is. The caller has checked gemv_usable(x, weight)
+    and passes a bias (if any) of x's dtype and device, [2d] and contiguous."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"weight: a merged gate/up matrix has an even number of rows, got {weight.shape[0]}")
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
+    _launch(SILU_MUL, out, x, weight, bias)
     return out
 
 
-def gemv_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-              bias: Optional[torch.Tensor] = None) -> None:
-    """residual += (x @ weight^T + bias), both terms rounded to the dtype as the model's own add
-    is, in place: the residual add that would otherwise open the next RMSNorm kernel. The caller
-    has checked gemv_usable(x, weight); residual is [M, N], contiguous, of x's dtype."""
-    assert residual.is_contiguous() and residual.shape == (x.shape[0], weight.shape[0])
-    _launch(ADD_TO_OUT, residual, x, weight, bias)
-
-
 def _launch(variant: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-            bias: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor] = None,
-            eps: float = 0.0) -> None:
+            bias: Optional[torch.Tensor]) -> None:
+    """One launch of `variant` writing out [M, n]: n is out's width (under SILU_MUL, half of
+    weight's rows), and each warp covers its share of those outputs."""
     rows, k = x.shape
-    n = weight.shape[0]
+    n = out.shape[1]
     if n == 0:
         return
-    weight_rows, _ = _GEOMETRY[rows]
+    outputs_per_warp = 1 if variant == SILU_MUL else _GEOMETRY[rows][0]
     index = device_index(x)
-    num_warps = -(-n // weight_rows)
+    num_warps = -(-n // outputs_per_warp)
     warps_per_cta = _warps_per_cta(num_warps, num_sms(index))
-    shared = rows * k * x.element_size() if variant == NORM_INPUT else 0
     module = load_module("gemv.cu", gemv_options(x.dtype, rows, variant), index)
     module.kernel("gemv").launch(
-        (-(-num_warps // warps_per_cta), 1, 1), (32 * warps_per_cta, 1, 1), shared,
+        (-(-num_warps // warps_per_cta), 1, 1), (32 * warps_per_cta, 1, 1), 0,
         (out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
-         x.stride(0), n, k, int(out.dtype == torch.float32),
-         norm_weight.data_ptr() if norm_weight is not None else 0, float(eps)),
-        (POINTER, POINTER, POINTER, POINTER, INT64, INT, INT, INT, POINTER, FLOAT), current_stream(x), pdl=True)
+         x.stride(0), n, k, int(out.dtype == torch.float32)),
+        (POINTER, POINTER, POINTER, POINTER, INT64, INT, INT, INT), current_stream(x), pdl=True)

@@ -8,9 +8,6 @@
 
 #define MAX_THREADS 1024
 
-// Rounds a float through the model dtype, as an intermediate torch tensor of that dtype would.
-__device__ __forceinline__ float round_dtype(float x) { return to_float(from_float(x)); }
-
 __device__ float block_sum(float v) {
     __shared__ float partial[MAX_THREADS / 32];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from aserve.attention import AttentionMetadata
+from aserve.cuda.gemv import gemv_silu_mul
 from aserve.models.layers import (Attention, MergedColumnParallelLinear, ParallelLMHead,
                                   QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear,
                                   VocabParallelEmbedding, get_rope_parameters, load_named_weights)
 from aserve.models.layers.activation import ActAndMul
-from aserve.models.layers.folded_norms import add_linear_, can_fold, normed_linear
+from aserve.models.layers.linear import uses_gemv
 
 
 def layer_sliding_window(config, layer_idx: int) -> Optional[int]:
@@ -46,7 +47,11 @@ class LlamaMLP(nn.Module):
         self.act_fn = ActAndMul(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if self.act_fn.is_silu and uses_gemv(x, gate_up.weight):
+            # A decode step of a few tokens: SiLU-and-mul in the GEMV's epilogue, one kernel fewer.
+            return self.down_proj(gemv_silu_mul(x, gate_up.weight, gate_up.bias))
+        return self.down_proj(self.act_fn(gate_up(x)))
 
 
 class LlamaAttention(nn.Module):
@@ -71,13 +76,6 @@ class LlamaAttention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))
 
-    def forward_folded(self, positions, residual, input_norm: RMSNorm, kv_cache, attn_metadata) -> None:
-        """residual += self(input_norm(residual)), the norm and the add inside the GEMVs."""
-        qkv = normed_linear(residual, input_norm, self.qkv_proj)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        add_linear_(residual, self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions),
-                    self.o_proj)
-
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool):
@@ -99,18 +97,6 @@ class LlamaDecoderLayer(nn.Module):
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
-    def can_fold(self, residual: torch.Tensor) -> bool:
-        attn, mlp = self.self_attn, self.mlp
-        return can_fold(residual, [attn.qkv_proj, mlp.gate_up_proj], [attn.o_proj, mlp.down_proj])
-
-    def forward_folded(self, positions, residual, kv_cache, attn_metadata) -> None:
-        """The layer on the residual stream [T, hidden], updated in place, with its norms and
-        residual adds folded into the GEMVs (folded_norms.py): the decode steps of a few tokens."""
-        self.self_attn.forward_folded(positions, residual, self.input_layernorm, kv_cache, attn_metadata)
-        mlp = self.mlp
-        add_linear_(residual, mlp.act_fn(normed_linear(residual, self.post_attention_layernorm, mlp.gate_up_proj)),
-                    mlp.down_proj)
-
 
 class LlamaModel(nn.Module):
     def __init__(self, config, qkv_bias: bool, o_bias: bool):
@@ -122,11 +108,6 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata):
         hidden_states = self.embed_tokens(input_ids)
-        if self.layers and self.layers[0].can_fold(hidden_states):
-            residual = hidden_states  # the embedding's fresh output: the stream, updated in place
-            for layer, kv_cache in zip(self.layers, kv_caches):
-                layer.forward_folded(positions, residual, kv_cache, attn_metadata)
-            return self.norm(residual)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, attn_metadata)

@@ -25,9 +25,14 @@ from aserve.distributed import current_group
 USE_GEMV = True
 
 
+def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear(x, weight) runs aserve's GEMV (a decode step of a few tokens on a GPU)."""
+    return USE_GEMV and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda and gemv_usable(x, weight)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x @ weight^T + bias, as torch.nn.functional.linear."""
-    if USE_GEMV and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda and gemv_usable(x, weight):
+    if uses_gemv(x, weight):
         return launch_gemv(x, weight, bias)   # a layer's bias shares its weight's dtype and device
     return F.linear(x, weight, bias)
 
