@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from aserve.engine.detokenizer import IncrementalDetokenizer, decode_token_text
+from aserve.engine.detokenizer import IncrementalDetokenizer, decode_token_text, token_text_decoder
 
 CORPUS = [
     "Hello world, this is a test. Café au lait, naïve résumé, élève.",
@@ -358,3 +358,12 @@ def test_decode_token_text_matches_decode_and_is_cached(tok_name):
         assert decode_token_text(tok, token_id) == tok.decode([token_id])
     assert decode_token_text(tok, tok.eos_token_id) == "</s>"
     assert decode_token_text(tok, 42) is decode_token_text(tok, 42)
+
+
+@both_tokenizers
+def test_token_text_decoder_gives_decode_token_text_from_the_same_cache(tok_name):
+    tok = TOKENIZERS[tok_name]()
+    decode = token_text_decoder(tok)
+    for token_id in range(0, len(tok), 5):
+        assert decode(token_id) == decode_token_text(tok, token_id)
+    assert decode(len(tok) - 2) is decode_token_text(tok, len(tok) - 2)

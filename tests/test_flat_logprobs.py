@@ -6,6 +6,7 @@ import gc
 import pickle
 import random
 
+import numpy as np
 import pytest
 
 from aserve.logprobs import FlatLogprobs, Logprob
@@ -85,3 +86,32 @@ def test_positions_add_no_objects_for_the_collector():
     # The dicts and Logprobs above were built before counting; the flat copy of 2,000
     # positions (~8,000 candidates) adds its few arrays and lists, nothing per token.
     assert len(gc.get_objects()) - before < 10
+
+
+def test_from_columns_reads_as_the_positions_it_describes():
+    flat = FlatLogprobs.from_columns(ends=np.array([2, 2, 3]), absent=np.array([False, True, False]),
+                                     token_ids=np.array([5, 9, 4]), logprobs=np.array([-0.25, -1.5, -3.0]),
+                                     ranks=np.array([1, 2, 7]))
+    assert flat == [{5: Logprob(-0.25, 1), 9: Logprob(-1.5, 2)}, None, {4: Logprob(-3.0, 7)}]
+    assert all(type(t) is int and type(lp.logprob) is float and type(lp.rank) is int
+               for t, lp in flat[0].items())
+
+
+def test_append_row_copies_one_position_of_another_with_its_text_decoded():
+    rng = random.Random(4)
+    positions = random_positions(rng, 8, first_none=True)
+    step = FlatLogprobs(positions)
+    flat = FlatLogprobs()
+    flat.append_row(step, 3)
+    flat.append_row(step, 0)
+    flat.append_row(step.snapshot(), 5, decode=lambda t: f"<{t}>")
+    decoded = {t: Logprob(lp.logprob, lp.rank, f"<{t}>") for t, lp in positions[5].items()}
+    assert flat == [positions[3], None, decoded]
+    with pytest.raises(TypeError):
+        flat.snapshot().append_row(step, 1)
+
+
+def test_logprob_of_finds_a_token_of_a_position_or_none():
+    flat = FlatLogprobs([None, {3: Logprob(-0.5, 1), 8: Logprob(-2.0, 4)}, {8: Logprob(-0.75, 1)}])
+    assert flat.logprob_of(1, 8) == -2.0 and flat.logprob_of(2, 8) == -0.75
+    assert flat.logprob_of(0, 3) is None and flat.logprob_of(2, 3) is None

@@ -337,8 +337,7 @@ class Engine:
 
     def _append_sample(self, request: Request, seq, row: int, output: ModelOutput) -> None:
         self.outputs.append_token(
-            request, seq, output.sampled_token_ids[row],
-            output.sample_logprobs[row] if output.sample_logprobs else None,
+            request, seq, output.sampled_token_ids[row], output.sample_logprobs, row,
             output.sampled_token_logprobs[row] if output.sampled_token_logprobs else None)
 
     def _count_token(self, request: Request, now: float, count: int) -> None:

@@ -7,15 +7,15 @@ while its siblings still run.
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Optional
 
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.beam_search import Beam
-from aserve.engine.detokenizer import decode_token_text
+from aserve.engine.detokenizer import token_text_decoder
 from aserve.engine.request import Request, Sequence
-from aserve.outputs import CompletionOutput, Logprob, RequestOutput
+from aserve.logprobs import FlatLogprobs
+from aserve.outputs import CompletionOutput, RequestOutput
 
 
 class OutputProcessor:
@@ -24,7 +24,7 @@ class OutputProcessor:
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         # Token id -> text, for Logprob.decoded_token (None with no tokenizer: no text).
-        self._decode = functools.partial(decode_token_text, tokenizer) if tokenizer is not None else None
+        self._decode = token_text_decoder(tokenizer) if tokenizer is not None else None
 
     # ---------------------------------------------------------------- sampling requests
     def fork_for_samples(self, request: Request) -> None:
@@ -37,15 +37,18 @@ class OutputProcessor:
             request.seqs.append(child)
 
     def append_token(self, request: Request, seq: Sequence, token_id: int,
-                     logprobs: Optional[dict[int, Logprob]], token_logprob: Optional[float]) -> None:
+                     step_logprobs: Optional[FlatLogprobs], row: int, token_logprob: Optional[float]) -> None:
+        """step_logprobs: the step's sample logprobs, a position per row; this token's is `row`."""
         params = request.params
         seq.token_ids.append(token_id)
         if seq.matcher is not None:
             _advance_grammar(seq.matcher, token_id)
         if token_logprob is not None:
             seq.cumulative_logprob += token_logprob
-        if seq.logprobs is not None and logprobs is not None:
-            seq.logprobs.append(logprobs, self._decode)
+        # A sequence keeps logprobs when its request asks, and then its row always has them (a
+        # row whose sampling failed fails its request before its tokens are appended).
+        if seq.logprobs is not None and step_logprobs is not None:
+            seq.logprobs.append_row(step_logprobs, row, self._decode)
         num_output = len(seq.token_ids) - seq.num_prompt_tokens
         # min_tokens holds back every kind of stop, as vLLM does.
         may_stop = num_output >= params.min_tokens
@@ -73,12 +76,12 @@ class OutputProcessor:
         self.block_manager.free(seq.seq_id)
 
     def add_prompt_logprobs(self, request: Request, first_position: int,
-                            rows: list[dict[int, Logprob]]) -> None:
+                            rows: FlatLogprobs) -> None:
         """Rows score prompt tokens first_position+1...; a recomputed prefix is not re-added."""
         known = len(request.prompt_logprobs)
-        for offset, row in enumerate(rows):
+        for offset in range(len(rows)):
             if first_position + 1 + offset == known:
-                request.prompt_logprobs.append(row, self._decode)
+                request.prompt_logprobs.append_row(rows, offset, self._decode)
                 known += 1
 
     # ---------------------------------------------------------------- beam search

@@ -20,7 +20,7 @@ import torch
 from aserve.attention import AttentionMetadata
 from aserve.distributed import SINGLE_RANK, TensorParallelGroup
 from aserve.distributed.group import TensorParallelError
-from aserve.outputs import Logprob
+from aserve.logprobs import FlatLogprobs
 from aserve.worker.cuda_graphs import DecodeGraphs
 from aserve.worker.input_upload import InputUploader
 from aserve.worker.kv_cache import copy_blocks
@@ -60,10 +60,10 @@ class ModelInput:
 @dataclass
 class ModelOutput:
     sampled_token_ids: list[int]
-    sample_logprobs: Optional[list[Optional[dict[int, Logprob]]]]
+    sample_logprobs: Optional[FlatLogprobs]           # one position per sample row
     sampled_token_logprobs: list[Optional[float]]
     beam_logprobs: Optional[torch.Tensor]             # [num_beam_rows, V] on the CPU
-    prompt_logprobs: list[list[dict[int, Logprob]]]   # one list per PromptLogprobRows group
+    prompt_logprobs: list[FlatLogprobs]               # one per PromptLogprobRows group, a position per row
     # Sample rows whose sampling failed (their ids are placeholders): only their requests fail.
     sample_errors: dict[int, Exception] = field(default_factory=dict)
 
@@ -186,8 +186,7 @@ class ModelRunner:
             except Exception:
                 rows, row_errors = _sample_rows_apart(sample_logits, metadata, self.sampler)
                 out = SamplerOutput([r.sampled_token_ids[0] if r else 0 for r in rows],
-                                    [r.logprobs[0] if r and r.logprobs else None for r in rows]
-                                    if metadata.max_num_logprobs is not None else None)
+                                    _joined_row_logprobs(rows) if metadata.max_num_logprobs is not None else None)
             sampled, sample_logprobs = out.sampled_token_ids, out.logprobs
             sampled_lps = _sampled_token_logprobs(sample_logits, sampled, sample_logprobs,
                                                   model_input.needs_sampled_logprob)
@@ -322,7 +321,18 @@ def _sample_rows_apart(logits: torch.Tensor, metadata: SamplingMetadata, sample)
     return results, errors
 
 
-def _sampled_token_logprobs(logits: torch.Tensor, sampled: list[int], sample_logprobs,
+def _joined_row_logprobs(rows: list[Optional[SamplerOutput]]) -> FlatLogprobs:
+    """The rows sampled apart as one step's logprobs: a failed row's position is None."""
+    joined = FlatLogprobs()
+    for r in rows:
+        if r is not None and r.logprobs is not None:
+            joined.append_row(r.logprobs, 0)
+        else:
+            joined.append(None)
+    return joined
+
+
+def _sampled_token_logprobs(logits: torch.Tensor, sampled: list[int], sample_logprobs: Optional[FlatLogprobs],
                             wanted: list[bool]) -> list[Optional[float]]:
     """The raw logprob of each sampled token where a cumulative logprob is kept."""
     result: list[Optional[float]] = [None] * len(sampled)
@@ -330,9 +340,9 @@ def _sampled_token_logprobs(logits: torch.Tensor, sampled: list[int], sample_log
     for row, want in enumerate(wanted):
         if not want:
             continue
-        found = sample_logprobs[row] if sample_logprobs is not None else None
-        if found is not None and sampled[row] in found:
-            result[row] = found[sampled[row]].logprob
+        found = sample_logprobs.logprob_of(row, sampled[row]) if sample_logprobs is not None else None
+        if found is not None:
+            result[row] = found
         else:
             missing.append(row)
     if missing:

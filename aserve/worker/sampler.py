@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 
-from aserve.outputs import Logprob
+from aserve.logprobs import FlatLogprobs
 from aserve.sampling_params import SamplingParams
 from aserve.structured_output.bitmask import masked_logits
 from aserve.worker.gumbel import sample_gumbel_max
@@ -84,10 +85,11 @@ class SamplingMetadata:
 
 @dataclass
 class SamplerOutput:
-    """One token per row; logprobs per row (None for rows that did not ask; None if none asked)."""
+    """One token per row; logprobs one position per row (None for rows that did not ask; None
+    if none asked)."""
 
     sampled_token_ids: list[int]
-    logprobs: Optional[list[Optional[dict[int, Logprob]]]]
+    logprobs: Optional[FlatLogprobs]
 
 
 class Sampler:
@@ -109,12 +111,10 @@ class Sampler:
         sampled = self._sample_processed(logits, metadata)
         if raw_logprobs is None:
             return SamplerOutput(sampled.tolist(), None)
-        asked = [p.logprobs for p in metadata.params]
         packed = _pack_logprobs(raw_logprobs, sampled, min(metadata.max_num_logprobs, logits.shape[1]))
-        rows = packed.tolist()  # the step's single device -> host transfer
-        dicts = _unpack_logprobs(rows, [k if k is not None else 0 for k in asked])
-        return SamplerOutput([int(row[0]) for row in rows],
-                             [d if k is not None else None for d, k in zip(dicts, asked)])
+        host = packed.cpu().numpy()  # the step's single device -> host transfer
+        return SamplerOutput(host[:, 0].astype(np.int64).tolist(),
+                             _unpack_logprobs(host, [p.logprobs for p in metadata.params]))
 
     def sample_ids(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """The sampled ids as a device tensor, nothing copied to the host (async scheduling:
@@ -214,8 +214,9 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def logprobs_for_tokens(logprobs: torch.Tensor, token_ids: list[int],
-                        num_top: Union[int, Sequence[int]]) -> list[dict[int, Logprob]]:
-    """Per row i of log_softmax-ed logprobs [N, V]: the top num_top tokens plus token_ids[i].
+                        num_top: Union[int, Sequence[int]]) -> FlatLogprobs:
+    """Per row i of log_softmax-ed logprobs [N, V], one position: the top num_top tokens plus
+    token_ids[i].
 
     Each Logprob has rank = 1 + the number of tokens with a strictly greater logprob, so a
     dict holds num_top or num_top + 1 entries. num_top may also be a list, one count per row.
@@ -225,10 +226,10 @@ def logprobs_for_tokens(logprobs: torch.Tensor, token_ids: list[int],
     tops = [num_top] * num_rows if isinstance(num_top, int) else list(num_top)
     assert len(token_ids) == num_rows == len(tops)
     if num_rows == 0:
-        return []
+        return FlatLogprobs()
     tokens = torch.tensor(token_ids, dtype=torch.long, device=logprobs.device)
     packed = _pack_logprobs(logprobs.float(), tokens, min(max(tops), vocab_size))
-    return _unpack_logprobs(packed.tolist(), tops)
+    return _unpack_logprobs(packed.cpu().numpy(), tops)
 
 
 def _pack_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int) -> torch.Tensor:
@@ -250,15 +251,21 @@ def _pack_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int
     return torch.cat([c.to(torch.float64) for c in columns], dim=1)
 
 
-def _unpack_logprobs(rows: list[list[float]], num_tops: Sequence[int]) -> list[dict[int, Logprob]]:
-    width = (len(rows[0]) - 3) // 3 if rows else 0
-    result = []
-    for row, k in zip(rows, num_tops):
-        k = min(k, width)
-        entry = {int(token): Logprob(logprob, int(rank)) for token, logprob, rank in
-                 zip(row[3:3 + k], row[3 + width:3 + width + k], row[3 + 2 * width:3 + 2 * width + k])}
-        token = int(row[0])
-        if token not in entry:
-            entry[token] = Logprob(row[1], int(row[2]))
-        result.append(entry)
-    return result
+def _unpack_logprobs(packed: np.ndarray, num_tops: Sequence[Optional[int]]) -> FlatLogprobs:
+    """One position per row of _pack_logprobs' output (on the host): the row's top k tokens (at
+    most the packed num_top) in rank order, then its token unless among them; None for a row
+    whose k is None. Built column-wise, with no object per candidate."""
+    width = (packed.shape[1] - 3) // 3
+    absent = np.array([k is None for k in num_tops], dtype=bool)
+    num_kept = np.array([0 if k is None else min(k, width) for k in num_tops], dtype=np.int64)
+    token = packed[:, 0]
+    # Per row: the top ids, logprobs and ranks, then the row's token as a last column.
+    token_ids = np.concatenate([packed[:, 3:3 + width], packed[:, 0:1]], axis=1)
+    logprobs = np.concatenate([packed[:, 3 + width:3 + 2 * width], packed[:, 1:2]], axis=1)
+    ranks = np.concatenate([packed[:, 3 + 2 * width:3 + 3 * width], packed[:, 2:3]], axis=1)
+    in_top = np.arange(width)[None, :] < num_kept[:, None]
+    token_in_top = ((token_ids[:, :width] == token[:, None]) & in_top).any(axis=1)
+    keep = np.concatenate([in_top, (~absent & ~token_in_top)[:, None]], axis=1)  # absent rows: nothing
+    # A boolean mask reads row by row: each row's candidates stay together and in order.
+    return FlatLogprobs.from_columns(np.cumsum(keep.sum(axis=1)), absent, token_ids[keep].astype(np.int64),
+                                     logprobs[keep], ranks[keep].astype(np.int64))
