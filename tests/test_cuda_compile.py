@@ -67,16 +67,6 @@ def test_every_gemv_build_compiles(arch, dtype_id, rows, variant):
     assert compiler.compile_cubin("gemv.cu", gemv_options(dtype, rows, variant), arch)[:4] == b"\x7fELF"
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gemv_builds_with_l2_prefetch_compile(arch, variant, monkeypatch):
-    from aserve.cuda import gemv as gemv_module
-
-    monkeypatch.setattr(gemv_module, "PREFETCH_STEPS", 4)
-    options = gemv_options(torch.bfloat16, 1, variant)
-    assert "-DPREFETCH_STEPS=4" in options
-    assert compiler.compile_cubin("gemv.cu", options, arch)[:4] == b"\x7fELF"
-
 
 def test_cubins_are_cached_on_disk_per_options_and_arch(tmp_path):
     options = ops.paged_attention_options(torch.float16, 64, 16, 1)

@@ -153,25 +153,6 @@ def test_gemv_silu_mul_is_the_gemv_then_silu_and_mul_bit_for_bit(dtype, rows, sh
     assert _max_error(out, reference) <= 2 * TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("steps", [1, 3, 8])
-@pytest.mark.parametrize("variant", ["plain", "silu_mul"])
-def test_l2_prefetch_changes_no_bit(steps, variant, monkeypatch):
-    """Builds that ask L2 for later steps of W before the wait compute exactly what the default
-    build computes (the prefetch is only a hint); K spans steps, a tail, and more steps than
-    a row has."""
-    from aserve.cuda import gemv as gemv_module
-
-    fused_silu = variant == "silu_mul"
-    run = gemv_module.gemv_silu_mul if fused_silu else gemv_module.gemv
-    for rows, (n, k) in [(1, (2 * 512, 4104)), (4, (2 * 3, 4096)), (2, (1000, 264))]:
-        weight = _random((n, k), torch.bfloat16, 5 * n + k + steps)
-        x = _random((rows, k), torch.bfloat16, 7 * n + k + steps)
-        monkeypatch.setattr(gemv_module, "PREFETCH_STEPS", 0)
-        expected = run(x, weight)
-        monkeypatch.setattr(gemv_module, "PREFETCH_STEPS", steps)
-        assert torch.equal(run(x, weight), expected)
-
-
 def test_gemv_silu_mul_refuses_an_odd_merged_matrix():
     from aserve.cuda.gemv import gemv_silu_mul
 

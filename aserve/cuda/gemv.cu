@@ -18,7 +18,7 @@
 //   bit the plain GEMV's (a row's sum depends only on the lane split of k, not on its partner).
 //
 // Compile-time configuration (-D, set by aserve/cuda/gemv.py): DTYPE, ROWS (M, so the
-// accumulators are a fixed register array), WEIGHT_ROWS, UNROLL, SILU_MUL and PREFETCH_STEPS.
+// accumulators are a fixed register array), WEIGHT_ROWS, UNROLL and SILU_MUL.
 #include "common.cuh"
 
 #ifndef ROWS
@@ -32,10 +32,6 @@
 #endif
 #ifndef SILU_MUL
 #define SILU_MUL 0
-#endif
-// Steps of W past the first that a warp asks L2 for before it waits for the previous kernel.
-#ifndef PREFETCH_STEPS
-#define PREFETCH_STEPS 0
 #endif
 
 // Threads per CTA at most, and the CTAs per SM that ptxas must leave room for: 128 registers a
@@ -84,18 +80,10 @@ __device__ __forceinline__ i64 weight_row(int first, int r, int n) {
 #endif
 }
 
-// Asks L2 for a line of W without waiting for it: the warp's later steps, requested before the
-// wait for the previous kernel, stream from HBM while that kernel (a norm, the attention) runs,
-// and the steps then find them in L2. Only W: no kernel of the step writes it.
-__device__ __forceinline__ void prefetch_weight(const uint4* p) {
-    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
-}
-
 // One step: UNROLL vectors per lane of each W row (32 * UNROLL per warp), the lane's first being
 // vector `lane_vec`. GUARDED is the last, partial step: vectors past the row's end read as zero.
 // first_step: the warp's first step: its W loads go out before the wait for the previous kernel
-// (which wrote x), so under programmatic dependent launch they overlap that kernel's tail, and
-// so do L2 prefetches of the PREFETCH_STEPS steps after it.
+// (which wrote x), so under programmatic dependent launch they overlap that kernel's tail.
 template <bool GUARDED>
 __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], const uint4* const (&w)[WEIGHT_ROWS],
                                            const uint4* const (&xv)[ROWS], int lane_vec, int num_vecs,
@@ -109,19 +97,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
         for (int r = 0; r < WEIGHT_ROWS; ++r)
             wv[u][r] = (!GUARDED || v < num_vecs) ? load_weight(w[r] + v) : make_uint4(0, 0, 0, 0);
     }
-    if (first_step) {
-        // One lane in 8 asks: 8 vectors of 16 bytes are one 128-byte line.
-        if (lane_vec % 8 == 0) {
-#pragma unroll
-            for (int p = 32 * UNROLL; p < 32 * UNROLL * (PREFETCH_STEPS + 1); p += 32) {
-                const int v = lane_vec + p;
-#pragma unroll
-                for (int r = 0; r < WEIGHT_ROWS; ++r)
-                    if (v < num_vecs) prefetch_weight(w[r] + v);
-            }
-        }
-        start_after_previous_kernel();
-    }
+    if (first_step) start_after_previous_kernel();
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int v = lane_vec + 32 * u;

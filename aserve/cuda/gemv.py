@@ -10,7 +10,6 @@ the reference tests/test_cuda_gemv.py compares against.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -36,10 +35,6 @@ _MAX_WARPS_PER_CTA = 4
 # its merged gate/up outputs (one kernel fewer a layer in a decode step).
 PLAIN, SILU_MUL = "plain", "silu_mul"
 VARIANTS = (PLAIN, SILU_MUL)
-# Steps of W (4 KB a warp each) past the first that each warp asks L2 for before it waits for
-# the previous kernel, so that the weights stream while a norm or the attention runs.
-# ASERVE_GEMV_PREFETCH_STEPS overrides it, for bench/device_run.sh's A/B runs.
-PREFETCH_STEPS = int(os.environ.get("ASERVE_GEMV_PREFETCH_STEPS", "0"))
 
 
 def gemv_options(dtype: torch.dtype, rows: int, variant: str = PLAIN) -> list[str]:
@@ -55,7 +50,7 @@ def gemv_options(dtype: torch.dtype, rows: int, variant: str = PLAIN) -> list[st
     if variant == SILU_MUL:
         weight_rows = 2
     return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DROWS={rows}", f"-DWEIGHT_ROWS={weight_rows}",
-            f"-DUNROLL={unroll}", f"-DSILU_MUL={int(variant == SILU_MUL)}", f"-DPREFETCH_STEPS={PREFETCH_STEPS}"]
+            f"-DUNROLL={unroll}", f"-DSILU_MUL={int(variant == SILU_MUL)}"]
 
 
 def _unsupported(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
