@@ -8,7 +8,7 @@
 #   serving  bench/serving.py against `python -m aserve` on models A and B (random weights), at
 #            Poisson 10 and 40 req/s and all at once (SERVING_MODELS, SERVING_RATES)
 #   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200;
-#            BASELINE="" leaves transformers out)
+#            BASELINE="" leaves transformers out), after WARMUP_RUNS (default 2) untimed runs of A1,A
 #   structured  bench/structured.py: model A with 0, 50% and 100% of its requests under a JSON schema
 #   previous the same workloads, engine only, run by an earlier version of aserve unpacked in
 #            $PREVIOUS_DIR (default .previous/: `git archive REV | tar -x -C .previous`, carried),
@@ -129,6 +129,13 @@ stage_runprofile() {
 }
 
 stage_bench() {
+    # A machine fresh from its start runs the host-bound workloads slowly for its first minutes
+    # (A1 0.96 ms in a lease's first run, 0.61 from its second on; bench/RESULTS.md, 2026-12-03):
+    # WARMUP_RUNS untimed engine-only runs of A1 and A come first.
+    local i
+    for i in $(seq "${WARMUP_RUNS:-2}"); do
+        run "warm-up $i" 90 python3 bench/workloads.py --workloads A1,A --time-limit 75 2>&1 | grep -E '^\| A'
+    done
     # --time-limit leaves the script time to print its table if a model runs long.
     # shellcheck disable=SC2086
     run "workloads" "$BENCH_TIMEOUT" python3 bench/workloads.py ${BASELINE---baseline hf} --workloads "$WORKLOADS" \
