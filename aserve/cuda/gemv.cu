@@ -69,9 +69,10 @@ __device__ __forceinline__ uint4 load_x(const uint4* p) {
 }
 
 // The row of W that a warp's r-th weight row is, for a warp whose first output is `first`:
-// consecutive rows, or gate row `first` and up row n + first under SILU_MUL. Outputs past the
-// end re-read the last row rather than branch: the warp stays converged and those sums are
-// simply not stored.
+// consecutive rows, or gate row `first` and up row n + first under SILU_MUL. In the plain
+// layout a warp's later rows may pass the end: they re-read the last row rather than branch,
+// so the warp stays converged, and those sums are simply not stored. (Under SILU_MUL a warp
+// has one output, first < n, and the clamp changes nothing.)
 __device__ __forceinline__ i64 weight_row(int first, int r, int n) {
 #if SILU_MUL
     return (i64)r * n + min(first, n - 1);
