@@ -87,20 +87,32 @@ def decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, b
                 of_copy_ceiling=round(bandwidth / ceiling, 3))
 
 
+LAUNCHER_KEYS = ("KERNEL", "CTAS_PER_SM")
+
+
 def compare_variants(args, shapes, ceiling: float) -> None:
     """Each build of args.variants on each shape, in args.rounds interleaved rounds (so a clock
     or thermal drift hits every build alike); prints every timing, then each build's median."""
     results: dict[tuple, list[float]] = {}
+    defaults = ops._CTAS_PER_SM, ops._MMA_CTAS_PER_SM
     for _ in range(args.rounds):
         for variant in args.variants:
+            # Launcher settings: "KERNEL" (ops.DECODE_KERNEL: simt, mma) and "CTAS_PER_SM" (the
+            # split depth of that kernel's launches); the rest are -D options of its source.
+            ops.DECODE_KERNEL = variant.get("KERNEL", "auto")
+            ops._CTAS_PER_SM = ops._MMA_CTAS_PER_SM = variant.get("CTAS_PER_SM", defaults[0])
+            if "CTAS_PER_SM" not in variant:
+                ops._MMA_CTAS_PER_SM = defaults[1]
             ops.DECODE_TUNING.clear()
-            ops.DECODE_TUNING.update(variant)
+            ops.DECODE_TUNING.update({k: v for k, v in variant.items() if k not in LAUNCHER_KEYS})
             for batch, context, block_size in shapes:
                 result = decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
                                 torch.bfloat16, ceiling)
                 results.setdefault((json.dumps(variant), batch, context, block_size), []).append(result["ms"])
                 print(json.dumps(dict(result, variant=variant)), flush=True)
     ops.DECODE_TUNING.clear()
+    ops.DECODE_KERNEL = "auto"
+    ops._CTAS_PER_SM, ops._MMA_CTAS_PER_SM = defaults
     for (variant, batch, context, block_size), times in results.items():
         ms = statistics.median(times)
         kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * 2
@@ -119,8 +131,9 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--sweep", action="store_true", help="also try other split depths (CTAs per SM)")
     p.add_argument("--variants", type=json.loads, default=None,
-                   help='JSON list of builds to compare, e.g. \'[{}, {"UNROLL": 2}]\' (-D options of '
-                        'paged_attention.cu; {} is the default build), timed in interleaved rounds')
+                   help='JSON list of builds to compare, e.g. \'[{"KERNEL": "simt"}, {"KERNEL": "mma", "STAGES": 3}]\' '
+                        '(KERNEL: simt or mma, ops.DECODE_KERNEL; the rest: -D options of its source; {} is '
+                        'the default build), timed in interleaved rounds')
     p.add_argument("--rounds", type=int, default=3, help="rounds of --variants")
     p.add_argument("--shapes", default=None,
                    help="BATCHxCONTEXT[xBLOCK],... instead of the default set, e.g. 256x640,1x512")

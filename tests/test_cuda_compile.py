@@ -48,6 +48,28 @@ def test_every_paged_attention_build_compiles(arch):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
+def test_every_tensor_core_decode_build_compiles(arch):
+    """The tensor-core kernel at each 16-bit type, head size and group it covers, and its
+    tuning builds (bench/kernels.py --variants)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        for head_dim in ops.MMA_HEAD_SIZES:
+            for block_size, group in ((16, 1), (16, 4), (32, 7), (16, ops.MAX_GROUP)):
+                options = ops.paged_attention_options(dtype, head_dim, block_size, group)
+                assert compiler.compile_cubin("paged_attention_mma.cu", options, arch)[:4] == b"\x7fELF"
+    for tuning in ({"NUM_WARPS": 2, "STAGES": 3}, {"NUM_WARPS": 4, "STAGES": 3}, {"NUM_WARPS": 8, "STAGES": 2},
+                   {"NUM_WARPS": 3, "STAGES": 2}):
+        options = ops.paged_attention_options(torch.bfloat16, 128, 16, 4) + [f"-D{k}={v}" for k, v in tuning.items()]
+        assert compiler.compile_cubin("paged_attention_mma.cu", options, arch)[:4] == b"\x7fELF", tuning
+
+
+def test_tensor_core_decode_kernel_rejects_what_it_does_not_cover():
+    """float32 and head sizes outside MMA_HEAD_SIZES stop at compile time, not in wrong results."""
+    for dtype, head_dim in ((torch.float32, 128), (torch.bfloat16, 96), (torch.bfloat16, 256)):
+        with pytest.raises(compiler.KernelCompileError, match="static assertion|must be"):
+            compiler.compile_cubin("paged_attention_mma.cu", ops.paged_attention_options(dtype, head_dim, 16, 4), 90)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
 def test_cache_ops_compile(arch):
     assert compiler.compile_cubin("cache_ops.cu", [], arch)[:4] == b"\x7fELF"
 
@@ -94,3 +116,32 @@ def test_decode_group_size_divides_the_heads_per_kv_head():
     assert ops.decode_group_size(32, 1) == 8        # multi-query: 4 CTAs per KV head
     assert ops.decode_group_size(12, 12) == 1
     assert ops.decode_group_size(34, 2) == 1        # 17 heads per KV head: a prime above 8
+
+
+def test_decode_kernel_choice(monkeypatch):
+    """Tensor cores for 16-bit types, head sizes 64 and 128 and groups up to 8 on sm_80 and
+    newer, by default only for groups of MMA_MIN_GROUP and launches of MMA_MIN_ROWS query heads
+    per KV head; the CUDA-core kernel for the rest, and everywhere when forced."""
+    monkeypatch.setattr(ops, "_capability", lambda index: (9, 0))
+    mma, simt = "paged_attention_mma.cu", "paged_attention.cu"
+    assert ops.decode_kernel_source(torch.bfloat16, 128, 4, 64, 0) == mma
+    assert ops.decode_kernel_source(torch.float16, 64, 8, 32, 0) == mma
+    assert ops.decode_kernel_source(torch.bfloat16, 128, 4, 63, 0) == simt         # a short batch
+    assert ops.decode_kernel_source(torch.bfloat16, 128, 4, 1, 0) == simt
+    assert ops.decode_kernel_source(torch.bfloat16, 128, 2, 256, 0) == simt        # small groups
+    assert ops.decode_kernel_source(torch.float16, 64, 1, 256, 0) == simt
+    assert ops.decode_kernel_source(torch.float32, 128, 4, 256, 0) == simt
+    assert ops.decode_kernel_source(torch.bfloat16, 96, 4, 256, 0) == simt
+    assert ops.decode_kernel_source(torch.bfloat16, 256, 4, 256, 0) == simt
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "mma")                                # where it applies
+    assert ops.decode_kernel_source(torch.bfloat16, 128, 4, 1, 0) == mma
+    assert ops.decode_kernel_source(torch.float16, 64, 1, 1, 0) == mma
+    assert ops.decode_kernel_source(torch.float32, 128, 4, 256, 0) == simt
+    monkeypatch.setattr(ops, "_capability", lambda index: (7, 5))
+    assert ops.decode_kernel_source(torch.float16, 128, 4, 256, 0) == simt
+    monkeypatch.setattr(ops, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "simt")
+    assert ops.decode_kernel_source(torch.bfloat16, 128, 4, 256, 0) == simt
+    monkeypatch.setattr(ops, "DECODE_KERNEL", "fast")
+    with pytest.raises(ValueError, match="ASERVE_DECODE_KERNEL"):
+        ops.decode_kernel_source(torch.bfloat16, 128, 4, 256, 0)

@@ -24,6 +24,23 @@ HEADS = [(4, 4), (8, 2), (14, 2), (16, 1)]
 LENGTHS = [1, 7, 16, 17, 33, 511, 512, 513, 1500]
 
 
+@pytest.fixture(params=["simt", "mma"])
+def decode_kernel(request, monkeypatch):
+    """Each decode test runs the CUDA-core kernel and the tensor-core kernel (where it applies)."""
+    from aserve.cuda import ops
+
+    monkeypatch.setattr(ops, "DECODE_KERNEL", request.param)
+    return request.param
+
+
+def _skip_unless_kernel_applies(kernel, dtype, head_dim, num_heads, num_kv_heads):
+    from aserve.cuda import ops
+
+    group = ops.decode_group_size(num_heads, num_kv_heads)
+    if kernel == "mma" and ops.decode_kernel_source(dtype, head_dim, group, 1, 0) != "paged_attention_mma.cu":
+        pytest.skip("the tensor-core decode kernel does not cover this shape")
+
+
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
@@ -68,11 +85,12 @@ def _decode_reference(query, kv_cache, tables, lengths, scale, sliding_window=No
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_paged_decode_matches_reference(dtype, head_dim, heads, block_size):
+def test_paged_decode_matches_reference(dtype, head_dim, heads, block_size, decode_kernel):
     from aserve.cuda import ops
 
     gen = torch.Generator(device="cuda").manual_seed(hash((str(dtype), head_dim, heads, block_size)) % 2**31)
     num_heads, num_kv_heads = heads
+    _skip_unless_kernel_applies(decode_kernel, dtype, head_dim, num_heads, num_kv_heads)
     lengths = LENGTHS
     num_blocks = sum(math.ceil(n / block_size) for n in lengths) + 7
     kv_cache = _random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
@@ -92,12 +110,16 @@ def test_paged_decode_matches_reference(dtype, head_dim, heads, block_size):
         assert _relative_error(out[i], ref[i]) < TOLERANCE[dtype], (lengths[i], _relative_error(out[i], ref[i]))
 
 
-@pytest.mark.parametrize("tuning", [{"NUM_THREADS": 256}, {"UNROLL": 2}, {"UNROLL": 1, "MAX_STAGES": 2},
-                                    {"MIN_BLOCKS": 4}, {"SMEM_BUDGET": 40960}])
-def test_paged_decode_tuning_builds_match_reference(tuning, monkeypatch):
+@pytest.mark.parametrize("kernel,tuning", [
+    ("simt", {"NUM_THREADS": 256}), ("simt", {"UNROLL": 2}), ("simt", {"UNROLL": 1, "MAX_STAGES": 2}),
+    ("simt", {"MIN_BLOCKS": 4}), ("simt", {"SMEM_BUDGET": 40960}),
+    ("mma", {"NUM_WARPS": 2, "STAGES": 3}), ("mma", {"NUM_WARPS": 4, "STAGES": 3}),
+    ("mma", {"NUM_WARPS": 8, "STAGES": 2}), ("mma", {"NUM_WARPS": 3, "STAGES": 2})])
+def test_paged_decode_tuning_builds_match_reference(kernel, tuning, monkeypatch):
     """The builds bench/kernels.py --variants compares compute the same attention."""
     from aserve.cuda import ops
 
+    monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
     monkeypatch.setattr(ops, "DECODE_TUNING", dict(tuning))
     gen = torch.Generator(device="cuda").manual_seed(5)
     dtype, block_size, num_heads, num_kv_heads, head_dim = torch.bfloat16, 16, 32, 8, 128
@@ -114,7 +136,7 @@ def test_paged_decode_tuning_builds_match_reference(tuning, monkeypatch):
         assert _relative_error(out[i], ref[i]) < TOLERANCE[dtype], (tuning, lengths[i])
 
 
-def test_paged_decode_split_counters_are_left_zero():
+def test_paged_decode_split_counters_are_left_zero(decode_kernel):
     """The last split of each sequence resets its counter, so back-to-back launches of other
     shapes (and graph replays) start from zero."""
     from aserve.cuda import ops
@@ -135,7 +157,7 @@ def test_paged_decode_split_counters_are_left_zero():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_paged_decode_long_context_single_sequence(dtype):
+def test_paged_decode_long_context_single_sequence(dtype, decode_kernel):
     from aserve.cuda import ops
 
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -152,7 +174,7 @@ def test_paged_decode_long_context_single_sequence(dtype):
 
 
 @pytest.mark.parametrize("sliding_window", [None, 1000])
-def test_paged_decode_big_batch_runs_each_long_context_in_one_cta(sliding_window):
+def test_paged_decode_big_batch_runs_each_long_context_in_one_cta(sliding_window, decode_kernel):
     """A batch that fills the card gets one split per sequence (grid.z 1) even in a launch
     sized for 8k tokens, so one CTA walks a context of thousands of tokens; mixed with short
     contexts and padding rows, as a CUDA graph's batch is."""
@@ -179,7 +201,7 @@ def test_paged_decode_big_batch_runs_each_long_context_in_one_cta(sliding_window
     assert (out[-1] == 7.0).all()
 
 
-def test_paged_decode_sliding_window_and_padding_rows():
+def test_paged_decode_sliding_window_and_padding_rows(decode_kernel):
     from aserve.cuda import ops
 
     gen = torch.Generator(device="cuda").manual_seed(11)
@@ -199,7 +221,7 @@ def test_paged_decode_sliding_window_and_padding_rows():
     assert (out[-1] == 123.0).all(), "a padding row (seq_len 0) must not be written"
 
 
-def test_paged_decode_replays_in_a_cuda_graph_with_new_inputs():
+def test_paged_decode_replays_in_a_cuda_graph_with_new_inputs(decode_kernel):
     from aserve.cuda import ops
 
     gen = torch.Generator(device="cuda").manual_seed(3)

@@ -32,7 +32,7 @@ import torch
 
 _SOURCE_DIR = Path(__file__).parent
 # Headers every kernel may #include, handed to NVRTC by name (no include path is needed).
-_HEADERS = ("common.cuh",)
+_HEADERS = ("common.cuh", "decode_common.cuh")
 
 
 class KernelCompileError(RuntimeError):
@@ -181,13 +181,28 @@ class Kernel:
         self.module = module  # keeps the CUmodule alive as long as the function is used
         self.name = name
         self.function = function
+        self._dynamic_shared_limit = 0  # what cuFuncSetAttribute allowed so far (0: the default)
+
+    def _allow_dynamic_shared(self, nbytes: int) -> None:
+        """A launch with more than the default 48 KB of shared memory (static plus dynamic) needs
+        the kernel's opt-in limit raised first; raised once per larger size."""
+        if nbytes <= self._dynamic_shared_limit:
+            return
+        driver = _driver()
+        _check_cu(driver.cuFuncSetAttribute(
+            self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
+            f"cuFuncSetAttribute({self.name}, max dynamic shared memory {nbytes})")
+        self._dynamic_shared_limit = nbytes
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
                args: Sequence, arg_types: Sequence, stream: int, pdl: bool = False) -> None:
         """args: ints for pointers/integers, floats; arg_types: the matching ctypes types.
+        shared_mem: bytes of dynamic shared memory (the kernel's limit is raised as needed).
         pdl: the kernel calls wait_for_previous_kernel() before touching anything the previous
         kernel may touch, so it may be launched while that kernel runs (see the module's doc)."""
         driver = _driver()
+        if shared_mem:
+            self._allow_dynamic_shared(shared_mem)
         params = (tuple(args), tuple(arg_types))
         if not (pdl and pdl_enabled(self.module.device_index)):
             _check_cu(driver.cuLaunchKernel(self.function, *grid, *block, shared_mem, stream, params, 0),

@@ -7,7 +7,9 @@ aserve/worker/kv_cache.py for copy_blocks); tests/test_cuda_kernels.py compares 
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -44,13 +46,59 @@ def decode_group_size(num_heads: int, num_kv_heads: int) -> int:
     return max(g for g in range(1, min(q_per_kv, MAX_GROUP) + 1) if q_per_kv % g == 0)
 
 
-# Extra -D options of paged_attention.cu (NUM_THREADS, UNROLL, MIN_BLOCKS, SMEM_BUDGET, ...);
-# bench/kernels.py --variants sets them to compare builds; empty means the source's defaults.
+# Extra -D options of the decode kernel's build (paged_attention.cu: NUM_THREADS, UNROLL,
+# MIN_BLOCKS, SMEM_BUDGET, ...; paged_attention_mma.cu: NUM_WARPS, STAGES); bench/kernels.py
+# --variants sets them to compare builds; empty means the source's defaults.
 DECODE_TUNING: dict[str, int] = {}
+
+# Which decode kernel runs: "mma" (tensor cores, paged_attention_mma.cu) where it applies,
+# "simt" (CUDA cores, paged_attention.cu) for everything else; "auto" is the default choice
+# below. ASERVE_DECODE_KERNEL=simt forces the CUDA-core kernel (to compare the two); "mma"
+# asks for tensor cores where they apply.
+DECODE_KERNEL_ENV = "ASERVE_DECODE_KERNEL"
+DECODE_KERNEL = os.environ.get(DECODE_KERNEL_ENV, "auto")
+# What the tensor-core kernel covers: 16-bit types (mma.sync), head sizes whose chunk swizzle
+# stays within a row and whose accumulators fit the registers, groups that fit 8 tile rows.
+MMA_HEAD_SIZES = (64, 128)
+# Where "auto" picks it: groups of at least MMA_MIN_GROUP query heads per KV head, in launches
+# of at least MMA_MIN_ROWS query heads per KV head in all (sequences x group). Measured on an
+# H200 (bench/kernels.py, bench/RESULTS.md 2026-12-03, seventh session; ms, 640-token contexts,
+# head size 128, 8 KV heads):
+#   group 4: batch 256 0.182 against 0.196 (CUDA cores), 128 0.111 / 0.114, 64 x 2048 tokens
+#            0.161 / 0.167, but 32 0.045 / 0.045, 16 0.030 / 0.027, 1 0.012 / 0.011;
+#   group 8: batch 256 0.192 / 0.443, 32 0.058 / 0.093;
+#   group 2: batch 256 0.196 / 0.183; group 1 (model A, 12 heads of 64): 0.050 / 0.042.
+# With few query heads per key the CUDA-core kernel is not issue-bound, and a short batch's
+# partitions leave most warps of a 64-token tile idle.
+MMA_MIN_GROUP = 4
+MMA_MIN_ROWS = 256
+_MMA_WARPS, _MMA_STAGES = 4, 2
+# The split depth the tensor-core kernel's launches aim for (see _CTAS_PER_SM). Its CTAs hold 64
+# KB of stages, 3 per SM, but deeper splits measured slower: 24 took 0.207 ms at batch 256 x 640
+# against 0.182 with 12 (one CTA per sequence and head group there), and up to 46% more at
+# batches of 8 to 128. 4 warps and 2 stages beat 3 warps, or 3 stages, at every batch.
+_MMA_CTAS_PER_SM = 12
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def decode_kernel_source(dtype: torch.dtype, head_dim: int, group: int, num_seqs: int, device_index: int) -> str:
+    """The source file of the decode kernel for a launch of num_seqs rows of this shape."""
+    if DECODE_KERNEL not in ("auto", "mma", "simt"):
+        raise ValueError(f"{DECODE_KERNEL_ENV} must be auto, mma or simt, got {DECODE_KERNEL!r}")
+    applies = (dtype in (torch.float16, torch.bfloat16) and head_dim in MMA_HEAD_SIZES and group <= 8
+               and _capability(device_index) >= (8, 0))
+    pays = group >= MMA_MIN_GROUP and num_seqs * group >= MMA_MIN_ROWS
+    if not applies or DECODE_KERNEL == "simt" or (DECODE_KERNEL == "auto" and not pays):
+        return "paged_attention.cu"
+    return "paged_attention_mma.cu"
 
 
 def paged_attention_options(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> list[str]:
-    """The -D options of one build of paged_attention.cu."""
+    """The -D options of one build of paged_attention.cu or paged_attention_mma.cu."""
     return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}",
             f"-DGROUP={group}", f"-DMAX_PARTITION={MAX_PARTITION}", *(f"-D{k}={v}" for k, v in sorted(DECODE_TUNING.items()))]
 
@@ -79,7 +127,7 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
 
 
 def decode_partition(num_seqs: int, ctas_per_seq: int, max_seq_len: int, block_size: int,
-                     num_sms: int) -> tuple[int, int]:
+                     num_sms: int, ctas_per_sm: Optional[int] = None) -> tuple[int, int]:
     """(unit, splits) of a decode launch: partitions are whole units of tokens, and every
     sequence gets at most `splits` of them (grid.z): enough that the grid fills the GPU a few
     CTAs deep, no more than the longest context has units, and enough that no partition of
@@ -87,7 +135,7 @@ def decode_partition(num_seqs: int, ctas_per_seq: int, max_seq_len: int, block_s
     unit = max(block_size, MIN_PARTITION)
     max_seq_len = max(1, max_seq_len)
     wanted = max(1, min(MAX_WANTED_SPLITS,
-                        math.ceil(_CTAS_PER_SM * num_sms / max(1, num_seqs * ctas_per_seq))))
+                        math.ceil((ctas_per_sm or _CTAS_PER_SM) * num_sms / max(1, num_seqs * ctas_per_seq))))
     splits = max(min(wanted, math.ceil(max_seq_len / unit)), math.ceil(max_seq_len / MAX_PARTITION))
     if splits > MAX_SPLITS:
         raise ValueError(f"context of {max_seq_len} tokens exceeds the decode kernel's "
@@ -134,9 +182,11 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
         return
     group = decode_group_size(num_heads, num_kv_heads)
     ctas_per_seq = num_heads // group
-    unit, splits = decode_partition(num_seqs, ctas_per_seq, max_seq_len, block_size,
-                                    num_sms(device_index(query)))
-    module = load_module("paged_attention.cu", paged_attention_options(query.dtype, head_dim, block_size, group),
+    source = decode_kernel_source(query.dtype, head_dim, group, num_seqs, device_index(query))
+    mma = source == "paged_attention_mma.cu"
+    unit, splits = decode_partition(num_seqs, ctas_per_seq, max_seq_len, block_size, num_sms(device_index(query)),
+                                    _MMA_CTAS_PER_SM if mma else _CTAS_PER_SM)
+    module = load_module(source, paged_attention_options(query.dtype, head_dim, block_size, group),
                          device_index(query))
     if splits > 1:
         partial_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
@@ -145,9 +195,14 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
                         _counters(query.device, num_seqs * ctas_per_seq).data_ptr())
     else:
         partial_ptrs = (0, 0, 0, 0)
-    threads = DECODE_TUNING.get("NUM_THREADS", _NUM_THREADS)
+    if mma:
+        # STAGES tiles of keys and values, NUM_WARPS * 16 tokens each, in dynamic shared memory.
+        warps, stages = DECODE_TUNING.get("NUM_WARPS", _MMA_WARPS), DECODE_TUNING.get("STAGES", _MMA_STAGES)
+        threads, shared = 32 * warps, stages * 2 * warps * 16 * head_dim * query.element_size()
+    else:
+        threads, shared = DECODE_TUNING.get("NUM_THREADS", _NUM_THREADS), 0
     module.kernel("paged_decode").launch(
-        (ctas_per_seq, num_seqs, splits), (threads, 1, 1), 0,
+        (ctas_per_seq, num_seqs, splits), (threads, 1, 1), shared,
         (out.data_ptr(), *partial_ptrs, query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
          block_tables.data_ptr(), seq_lens.data_ptr(), query.stride(0), out.stride(0), block_tables.stride(0),
          num_heads, num_kv_heads, float(scale), splits, unit, int(sliding_window or 0)),
