@@ -31,12 +31,16 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-// The tokens one CTA covers. Each sequence divides its own visible context into at most
-// gridDim.z partitions of whole units (`unit` tokens, a multiple of the block size), so the
-// split follows the sequence's real length, not the longest length the launch allows: a CUDA
-// graph captured for 8k tokens gives a 640-token sequence as many splits as an eager launch
-// would, and a big batch (grid.z 1) runs one CTA per sequence and head group.
-struct DecodePartition {
+// What one CTA does: its sequence, KV head and first query head, and the tokens it covers.
+// Each sequence divides its own visible context into at most gridDim.z partitions of whole
+// units (`unit` tokens, a multiple of the block size), so the split follows the sequence's real
+// length, not the longest length the launch allows: a CUDA graph captured for 8k tokens gives a
+// 640-token sequence as many splits as an eager launch would, and a big batch (grid.z 1) runs
+// one CTA per sequence and head group.
+struct DecodeWork {
+    int seq, split;   // blockIdx.y, blockIdx.z
+    int kvh;          // the KV head
+    int head0;        // the first of the GROUP query heads that share it
     int part_start;   // first token of the partition (a unit boundary; block ids are read from it)
     int part_end;     // one past its last token
     int t_begin;      // first token to read: part_start, or the sliding window's first visible key
@@ -44,9 +48,16 @@ struct DecodePartition {
 };
 
 // False when this CTA has nothing to do: a padding row (seq_len 0), or a split past the
-// sequence's partitions.
-__device__ __forceinline__ bool decode_partition(int seq_len, int sliding_window, int unit, int split,
-                                                 DecodePartition& p) {
+// sequence's partitions. Grid: (KV heads x groups per KV head, sequences, splits).
+__device__ __forceinline__ bool decode_work(const int* __restrict__ seq_lens, int num_heads, int num_kv_heads,
+                                            int sliding_window, int unit, DecodeWork& w) {
+    const int q_per_kv = num_heads / num_kv_heads;
+    const int groups_per_kv = q_per_kv / GROUP;
+    w.kvh = blockIdx.x / groups_per_kv;
+    w.head0 = w.kvh * q_per_kv + (blockIdx.x % groups_per_kv) * GROUP;
+    w.seq = blockIdx.y;
+    w.split = blockIdx.z;
+    const int seq_len = seq_lens[w.seq];
     if (seq_len <= 0) return false;
     // Keys before the sliding window are invisible to the (last) query: the partitions cover
     // the visible range only, from the unit that holds its first key.
@@ -54,12 +65,20 @@ __device__ __forceinline__ bool decode_partition(int seq_len, int sliding_window
     const int range_start = first_visible / unit * unit;
     const int span = seq_len - range_start;
     const int partition = ((span + gridDim.z - 1) / gridDim.z + unit - 1) / unit * unit;
-    p.num_splits = (span + partition - 1) / partition;
-    if (split >= p.num_splits) return false;
-    p.part_start = range_start + split * partition;
-    p.part_end = min(p.part_start + partition, seq_len);
-    p.t_begin = max(p.part_start, first_visible);
+    w.num_splits = (span + partition - 1) / partition;
+    if (w.split >= w.num_splits) return false;
+    w.part_start = range_start + w.split * partition;
+    w.part_end = min(w.part_start + partition, seq_len);
+    w.t_begin = max(w.part_start, first_visible);
     return true;
+}
+
+// The partition's block ids into shared memory, once, so no copy waits on a block-table load.
+// The caller synchronizes before reading them.
+__device__ __forceinline__ void load_block_ids(int* blocks, const int* __restrict__ block_tables, int bt_stride,
+                                               const DecodeWork& w) {
+    const int* table = block_tables + (i64)w.seq * bt_stride + w.part_start / BLOCK_SIZE;
+    for (int i = threadIdx.x; i * BLOCK_SIZE < w.part_end - w.part_start; i += NUM_THREADS) blocks[i] = table[i];
 }
 
 // The end of both kernels, from the warps' states in shared memory: warp_acc [NUM_WARPS][GROUP]

@@ -91,24 +91,17 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     uint4* v_tiles = smem + STAGES * TILE_VECS;       // [STAGES][TILE][CHUNKS]
     start_after_previous_kernel();
 
-    const int q_per_kv = num_heads / num_kv_heads;
-    const int groups_per_kv = q_per_kv / GROUP;
-    const int kvh = blockIdx.x / groups_per_kv;
-    const int head0 = kvh * q_per_kv + (blockIdx.x % groups_per_kv) * GROUP;
-    const int seq = blockIdx.y;
-    const int split = blockIdx.z;
-    DecodePartition p;
-    if (!decode_partition(seq_lens[seq], sliding_window, unit, split, p)) return;
-    const int part_start = p.part_start, part_end = p.part_end, t_begin = p.t_begin;
+    DecodeWork work;
+    if (!decode_work(seq_lens, num_heads, num_kv_heads, sliding_window, unit, work)) return;
+    const int seq = work.seq, kvh = work.kvh, head0 = work.head0;
+    const int part_start = work.part_start, part_end = work.part_end, t_begin = work.t_begin;
     const int num_tiles = t_begin < part_end ? (part_end - t_begin + TILE - 1) / TILE : 0;
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int sub = lane / LANES;                    // which of the warp's TPW tokens
     const int lane_in_row = lane % LANES;
 
-    // The partition's block ids, once, so no copy waits on a block-table load.
-    const int* table = block_tables + (i64)seq * bt_stride + part_start / BLOCK_SIZE;
-    for (int i = threadIdx.x; i * BLOCK_SIZE < part_end - part_start; i += NUM_THREADS) blocks[i] = table[i];
+    load_block_ids(blocks, block_tables, bt_stride, work);
 
     // This lane's slice of the GROUP query vectors, pre-scaled by scale * log2(e) (exp2 below).
     float q[GROUP][CPL][VEC];
@@ -278,5 +271,5 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     }
     __syncthreads();
     finish_decode(warp_acc, warp_max_s, warp_sum_s, &is_last_split, out, partial_out, partial_max, partial_sum,
-                  split_counters, out_stride, num_heads, max_splits, seq, head0, split, p.num_splits);
+                  split_counters, out_stride, num_heads, max_splits, seq, head0, work.split, work.num_splits);
 }
