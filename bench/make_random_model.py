@@ -3,8 +3,12 @@
     python bench/make_random_model.py --shape opt-125m --out /tmp/opt-125m-random
 
 The machines here reach no hub, so benchmark models are built: the architecture and sizes of
-the named model, random weights, and a synthetic word-level tokenizer covering the whole
-vocabulary (every id decodes to a word "w<id>"), so that served text is never empty.
+the named model, random weights, and a synthetic tokenizer covering the whole vocabulary, so
+that served text is never empty. By default it is a byte-level BPE, as the real OPT, Llama-3 and
+Qwen2 tokenizers are (the same decoder, so detokenizing costs what it costs for those models):
+ids 3-258 are the 256 bytes and every id from 259 on decodes to the word " w<id>".
+--tokenizer words builds the word-level tokenizer of earlier sessions (every id from 3 the word
+"w<id>", joined by a WordPiece decoder: about 3x the detokenizing cost of a byte-level BPE).
 """
 
 from __future__ import annotations
@@ -45,20 +49,46 @@ SHAPES = {
 }
 
 
-def synthetic_tokenizer(vocab_size: int):
-    """Ids 0-2 are <pad>, <s>, </s>; every other id is the word "w<id>"; unknown words are <pad>."""
+TOKENIZERS = ("bytes", "words")
+
+
+def synthetic_tokenizer(vocab_size: int, kind: str = "bytes"):
+    """Ids 0-2 are <pad>, <s>, </s>. "bytes": a byte-level BPE whose ids 3-258 are the bytes
+    (so any text encodes, a byte a token: there are no merges) and whose later ids are the words
+    " w<id>". "words": every other id is the word "w<id>", and unknown words are <pad>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    if kind == "bytes":
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of_symbol)
+        vocab.update({symbol: 3 + i for i, symbol in enumerate(alphabet)})
+        vocab.update({f"\u0120w{i}": i for i in range(3 + len(alphabet), vocab_size)})  # \u0120: a space
+        backend = Tokenizer(models.BPE(vocab, merges=[]))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+    elif kind == "words":
+        vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        backend.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    else:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {kind!r}")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                         eos_token="</s>", unk_token="<pad>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def _byte_of_symbol(symbol: str) -> int:
+    """The byte a ByteLevel alphabet symbol stands for (GPT-2's printable remapping)."""
+    code = ord(symbol)
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) \
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    if code in printable:
+        return code
+    others = [b for b in range(256) if b not in printable]
+    return others[code - 256]
 
 
 def main() -> None:
@@ -68,6 +98,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--config-only", action="store_true",
                         help="write the config and tokenizer, no weights: serve with --load-format dummy")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bytes")
     args = parser.parse_args()
 
     import transformers
@@ -80,13 +111,13 @@ def main() -> None:
         config.model_type]]
     if args.config_only:
         config.save_pretrained(args.out)
-        synthetic_tokenizer(config.vocab_size).save_pretrained(args.out)
+        synthetic_tokenizer(config.vocab_size, args.tokenizer).save_pretrained(args.out)
         print(f"{args.shape}: config and tokenizer in {args.out} (serve with --load-format dummy)")
         return
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype))
     model.save_pretrained(args.out)
-    synthetic_tokenizer(config.vocab_size).save_pretrained(args.out)
+    synthetic_tokenizer(config.vocab_size, args.tokenizer).save_pretrained(args.out)
     print(f"{args.shape}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters in {args.out}")
 
 

@@ -8,6 +8,8 @@
 #    value of ASERVE_DELIVERY_REST in RESTS (the event loop's rest after writing a step's chunks,
 #    aserve/engine/async_engine.py), then at the Poisson RATES with the default.
 # PREVIOUS_DIR (an earlier version unpacked, carried): its server too, first.
+# TOKENIZER: bytes (default: a byte-level BPE, as OPT-125m's own) or words (earlier sessions'
+# word-level tokenizer), bench/make_random_model.py --tokenizer.
 # NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
 # without a tokenizer (a diagnostic: its chunks carry no text, so only its throughput counts).
 set -uo pipefail
@@ -20,7 +22,8 @@ export PYTHONPATH=/tmp/site:$PWD
 RESTS=${RESTS:-0 4}
 RATES=${RATES:-}
 model=/tmp/opt-125m
-python3 bench/make_random_model.py --shape opt-125m --out $model --dtype float16 --config-only >/dev/null
+python3 bench/make_random_model.py --shape opt-125m --out $model --dtype float16 --config-only \
+    --tokenizer "${TOKENIZER:-bytes}" >/dev/null
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 offline() {  # offline LABEL [flags]

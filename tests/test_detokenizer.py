@@ -2,7 +2,8 @@
 
 Two offline tokenizers cover both leading-space styles: a GPT-2-like byte-level BPE, and a
 Llama-like Metaspace BPE ("▁" for spaces, byte-fallback tokens <0xXX>, first space stripped).
-Every behaviour runs with the Rust DecodeStream path and with the plain decode() window path.
+Every behaviour runs on each path: the byte table (byte-level tokenizers only; the Metaspace one
+then takes the stream path), the Rust DecodeStream and the plain decode() window.
 """
 
 import functools
@@ -57,7 +58,10 @@ def metaspace_tokenizer():
 
 TOKENIZERS = {"byte_level": byte_level_tokenizer, "metaspace": metaspace_tokenizer}
 both_tokenizers = pytest.mark.parametrize("tok_name", sorted(TOKENIZERS))
-both_paths = pytest.mark.parametrize("use_stream", [True, False], ids=["stream", "window"])
+# The detokenizer's arguments that choose each path.
+PATHS = {"bytes": {}, "stream": {"use_byte_table": False},
+         "window": {"use_byte_table": False, "use_decode_stream": False}}
+all_paths = pytest.mark.parametrize("path", sorted(PATHS))
 HYP = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -95,15 +99,15 @@ def test_tokenizers_split_characters_over_tokens():
         assert any("\ufffd" in tok.decode([i]) for i in ids)
 
 
-@both_paths
+@all_paths
 @given(output=st.lists(st.integers(0, 399), max_size=40), prompt=st.lists(st.integers(0, 399), max_size=8),
        skip=st.booleans())
 @HYP
-def test_byte_level_random_ids_stream_exactly_to_decode(use_stream, output, prompt, skip):
+def test_byte_level_random_ids_stream_exactly_to_decode(path, output, prompt, skip):
     # Byte-level text does not depend on the prompt (no leading-space rule): even invalid UTF-8
     # (from random ids) streams exactly to decode(), an incomplete tail flushed by finish().
     tok = byte_level_tokenizer()
-    deltas, detok = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=use_stream)
+    deltas, detok = run(tok, prompt, output, skip_special_tokens=skip, **PATHS[path])
     assert "".join(deltas) == detok.text == tok.decode(output, skip_special_tokens=skip)
 
 
@@ -117,15 +121,15 @@ def metaspace_units():
                      st.sampled_from([[1], [2]]))
 
 
-@both_paths
+@all_paths
 @given(units=st.lists(metaspace_units(), max_size=30), prompt_text=st.text(ALPHABET, max_size=12),
        skip=st.booleans())
 @HYP
-def test_metaspace_units_stream_to_decode_in_prompt_context(use_stream, units, prompt_text, skip):
+def test_metaspace_units_stream_to_decode_in_prompt_context(path, units, prompt_text, skip):
     tok = metaspace_tokenizer()
     output = [i for unit in units for i in unit]
     prompt = encode(tok, prompt_text)
-    deltas, detok = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=use_stream)
+    deltas, detok = run(tok, prompt, output, skip_special_tokens=skip, **PATHS[path])
     assert "".join(deltas) == detok.text == in_context(tok, prompt, output, skip)
     assert not any("\ufffd" in d for d in deltas)
 
@@ -136,43 +140,47 @@ def test_metaspace_units_stream_to_decode_in_prompt_context(use_stream, units, p
 @HYP
 def test_stream_and_window_paths_agree_on_any_ids(tok_name, output, prompt, skip):
     tok = TOKENIZERS[tok_name]()
-    fast, _ = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=True)
-    slow, _ = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=False)
+    fast, _ = run(tok, prompt, output, skip_special_tokens=skip, **PATHS["stream"])
+    slow, _ = run(tok, prompt, output, skip_special_tokens=skip, **PATHS["window"])
     assert fast == slow
+    # The byte path shows an invalid byte's U+FFFD at once (the others hold it back a little
+    # while): the same text, its deltas split differently.
+    table, _ = run(tok, prompt, output, skip_special_tokens=skip, **PATHS["bytes"])
+    assert "".join(table) == "".join(slow)
 
 
 @both_tokenizers
-@both_paths
+@all_paths
 @given(text=st.text(ALPHABET, min_size=1, max_size=40))
 @HYP
-def test_no_replacement_character_in_any_delta(tok_name, use_stream, text):
+def test_no_replacement_character_in_any_delta(tok_name, path, text):
     tok = TOKENIZERS[tok_name]()
     ids = encode(tok, text)
-    deltas, detok = run(tok, [], ids, use_decode_stream=use_stream)
+    deltas, detok = run(tok, [], ids, **PATHS[path])
     assert not any("\ufffd" in d for d in deltas)
     assert detok.text == tok.decode(ids)  # == text, but Metaspace loses a leading space
 
 
-@both_paths
-def test_metaspace_keeps_the_leading_space_after_a_prompt(use_stream):
+@all_paths
+def test_metaspace_keeps_the_leading_space_after_a_prompt(path):
     tok = metaspace_tokenizer()
     ids = encode(tok, "Hello world")
     split = next(k for k in range(1, len(ids)) if tok.decode(ids[:k]) == "Hello")
-    _, detok = run(tok, ids[:split], ids[split:], use_decode_stream=use_stream)
+    _, detok = run(tok, ids[:split], ids[split:], **PATHS[path])
     assert detok.text == " world"
-    _, alone = run(tok, [], ids[split:], use_decode_stream=use_stream)
+    _, alone = run(tok, [], ids[split:], **PATHS[path])
     assert alone.text == tok.decode(ids[split:]) == "world"
 
 
 @both_tokenizers
-@both_paths
+@all_paths
 @pytest.mark.parametrize("skip", [True, False])
-def test_skip_special_tokens(tok_name, use_stream, skip):
+def test_skip_special_tokens(tok_name, path, skip):
     tok = TOKENIZERS[tok_name]()
     output = encode(tok, "Hi there") + [tok.eos_token_id] + encode(tok, " 日本") + [tok.eos_token_id]
     prompt = [tok.bos_token_id] + encode(tok, "Say:")
     _, detok = run(tok, prompt, output, skip_special_tokens=skip, spaces_between_special_tokens=False,
-                   use_decode_stream=use_stream)
+                   **PATHS[path])
     assert ("</s>" in detok.text) is (not skip)
     assert detok.text == in_context(tok, prompt, output, skip)
 
@@ -191,15 +199,15 @@ def test_spaces_between_special_tokens_sets_shown_special_tokens_apart(tok_name)
 
 
 @both_tokenizers
-@both_paths
+@all_paths
 @pytest.mark.parametrize("include", [False, True])
-def test_stop_string_across_token_boundaries(tok_name, use_stream, include):
+def test_stop_string_across_token_boundaries(tok_name, path, include):
     tok = TOKENIZERS[tok_name]()
     text = "Hello world, STOP here; end."
     output = encode(tok, text)
     assert not any("ld, ST" in tok.decode([i]) for i in output)  # the stop spans tokens
     deltas, detok = run(tok, [], output, stop=["xyz", "ld, ST"], include_stop_str_in_output=include,
-                        use_decode_stream=use_stream)
+                        **PATHS[path])
     assert "".join(deltas) == detok.text == ("Hello world, ST" if include else "Hello wor")
 
 def test_stop_string_split_over_tokens_is_found():
@@ -256,15 +264,15 @@ def test_shown_text_only_grows_and_never_shows_a_cut_stop(tok_name, text, stops,
 
 
 @both_tokenizers
-@both_paths
-def test_fork_is_independent(tok_name, use_stream):
+@all_paths
+def test_fork_is_independent(tok_name, path):
     tok = TOKENIZERS[tok_name]()
     prompt = encode(tok, "Say:")
     ids = encode(tok, "Hello 中")
     cut = next(k for k in range(len(ids)) if tok.decode(ids[:k]).endswith("\ufffd"))
     head = ids[:cut]  # ends inside a character: its first bytes are pending at the fork
     tails = ids[cut:] + encode(tok, " one 🙂"), ids[cut:] + encode(tok, "€ two")
-    parent = IncrementalDetokenizer(tok, prompt, stop=["STOP"], use_decode_stream=use_stream)
+    parent = IncrementalDetokenizer(tok, prompt, stop=["STOP"], **PATHS[path])
     for i in head:
         parent.append(i)
     child = parent.fork()
@@ -300,14 +308,14 @@ def complete_after(tok_name: str) -> list:
 
 
 @both_tokenizers
-@both_paths
-def test_a_long_run_of_stray_bytes_is_emitted_as_it_goes(tok_name, use_stream):
+@all_paths
+def test_a_long_run_of_stray_bytes_is_emitted_as_it_goes(tok_name, path):
     """Text ending in U+FFFD is held back only while a later token could complete the
     character: a run of stray bytes streams out (as decode() shows it) with a bounded window,
     not at the end after re-decoding the whole run on every token."""
     tok = TOKENIZERS[tok_name]()
     output = [stray_byte(tok_name)] * 300 + complete_after(tok_name)
-    detok = IncrementalDetokenizer(tok, [], spaces_between_special_tokens=False, use_decode_stream=use_stream)
+    detok = IncrementalDetokenizer(tok, [], spaces_between_special_tokens=False, **PATHS[path])
     deltas, held_back = [], []
     for token_id in output:
         detok.append(token_id)
@@ -331,9 +339,11 @@ def test_stray_byte_runs_stream_to_decode_on_both_paths(tok_name, runs, prompt, 
     the same deltas, and on the byte-level tokenizer (no prompt-dependent spaces) exactly decode()."""
     tok = TOKENIZERS[tok_name]()
     output = [i for count, ids in runs for i in [stray_byte(tok_name)] * count + ids]
-    fast, _ = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=True)
-    slow, detok = run(tok, prompt, output, skip_special_tokens=skip, use_decode_stream=False)
+    fast, _ = run(tok, prompt, output, skip_special_tokens=skip, **PATHS["stream"])
+    slow, detok = run(tok, prompt, output, skip_special_tokens=skip, **PATHS["window"])
     assert fast == slow
+    table, _ = run(tok, prompt, output, skip_special_tokens=skip, **PATHS["bytes"])
+    assert "".join(table) == "".join(slow)
     if tok_name == "byte_level":
         assert "".join(slow) == detok.text == tok.decode(output, skip_special_tokens=skip)
 
@@ -367,3 +377,48 @@ def test_token_text_decoder_gives_decode_token_text_from_the_same_cache(tok_name
     for token_id in range(0, len(tok), 5):
         assert decode(token_id) == decode_token_text(tok, token_id)
     assert decode(len(tok) - 2) is decode_token_text(tok, len(tok) - 2)
+
+
+def test_byte_level_tokenizers_take_the_byte_path():
+    assert IncrementalDetokenizer(byte_level_tokenizer(), [5])._table is not None
+    assert IncrementalDetokenizer(metaspace_tokenizer(), [5])._table is None
+    # Special tokens spaced apart are joined by the window path's own decode.
+    assert IncrementalDetokenizer(byte_level_tokenizer(), [5], skip_special_tokens=False)._table is None
+
+
+@given(output=st.lists(st.integers(0, 409), max_size=40), skip=st.booleans())
+@HYP
+def test_byte_path_decodes_added_tokens_and_unknown_ids_as_decode(output, skip):
+    """Added tokens go through the byte-level decoder too (a character outside its alphabet, such
+    as a space, makes a token decode as its UTF-8); special ones are skipped when asked; ids the
+    tokenizer does not know decode to nothing."""
+    tok = tokenizer_with_added_tokens()
+    deltas, detok = run(tok, [], output, skip_special_tokens=skip, spaces_between_special_tokens=False)
+    assert detok._table is not None
+    assert "".join(deltas) == detok.text == tok.decode(output, skip_special_tokens=skip)
+
+
+@functools.lru_cache(None)
+def tokenizer_with_added_tokens():
+    """The byte-level tokenizer (ids 0-399) plus added tokens 400-404; ids 405-409 are unknown."""
+    from tokenizers import AddedToken
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(
+        byte_level_tokenizer().backend_tokenizer.to_str()), **SPECIALS)
+    tok.backend_tokenizer.add_tokens([AddedToken("<tool call>", special=False), AddedToken("é¬x", special=False),
+                                      AddedToken("plain", special=False)])
+    tok.backend_tokenizer.add_special_tokens([AddedToken("<| e o t |>", special=True), AddedToken("<|x|>", special=True)])
+    assert len(tok) == 405
+    return tok
+
+
+def test_byte_table_that_disagrees_with_decode_is_not_used(monkeypatch):
+    """The table is checked against the tokenizer's decode when built: a tokenizers version that
+    decoded otherwise would leave the detokenizer on the DecodeStream path."""
+    from aserve.engine import byte_level_decoding
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(
+        byte_level_tokenizer().backend_tokenizer.to_str()), **SPECIALS)
+    monkeypatch.setattr(byte_level_decoding, "_token_bytes", lambda token: token.encode())
+    detok = IncrementalDetokenizer(tok, [5])
+    assert detok._table is None and detok._stream is not None

@@ -8,9 +8,12 @@ must only happen at the very start) and merges multi-byte characters split over 
 ending in U+FFFD is held back until the character completes. The window starts at the prompt's
 last few tokens, so the first output token is decoded as it reads after the prompt.
 
-Fast tokenizers step a Rust `DecodeStream` (about 1 us a token); the window is also kept in Python
-so the same state can flush pending bytes at the end, be forked, and fall back to plain `decode`
-calls when the stream rejects a non-monotonic decoding (vLLM issue 17448) or is not available.
+Byte-level BPE tokenizers (GPT-2, OPT, Llama-3, Qwen2) need no window: a token's text does not
+depend on its neighbours but through UTF-8, so their tokens' bytes go through an incremental
+UTF-8 decoder (byte_level_decoding.py). Other fast tokenizers step a Rust `DecodeStream`
+(about 1 us a token); the window is also kept in Python so the same state can flush pending
+bytes at the end, be forked, and fall back to plain `decode` calls when the stream rejects a
+non-monotonic decoding (vLLM issue 17448) or is not available.
 
 With special tokens shown (skip_special_tokens=False), `spaces_between_special_tokens` sets each
 added token apart with spaces, as Hugging Face's slow tokenizers (and vLLM) do; fast tokenizers
@@ -20,6 +23,7 @@ ignore that flag, so aserve decodes the runs between added tokens itself and joi
 
 from __future__ import annotations
 
+import codecs
 import functools
 import weakref
 from typing import Callable, Optional, Sequence
@@ -31,7 +35,9 @@ except ImportError:  # tokenizers < 0.21.1 has no DecodeStream: the Python windo
     _RustTokenizer = None
     DecodeStream = None
 
-__all__ = ["IncrementalDetokenizer", "decode_token_text", "token_text_decoder"]
+from aserve.engine.byte_level_decoding import byte_level_table
+
+__all__ = ["IncrementalDetokenizer", "decode_token_text", "prepare_tokenizer", "token_text_decoder"]
 
 # Prompt tokens decoded as context for the first output token (vLLM uses 4 to 5).
 _PROMPT_CONTEXT_TOKENS = 5
@@ -96,6 +102,14 @@ def _make_decode(tokenizer, backend, skip_special_tokens: bool,
                                         clean_up_tokenization_spaces=False)
 
 
+def prepare_tokenizer(tokenizer) -> None:
+    """Build at start-up what the first request would otherwise wait for: a byte-level
+    tokenizer's byte table (0.05 s for 50k tokens on the development machine)."""
+    backend = _backend(tokenizer)
+    if backend is not None:
+        byte_level_table(tokenizer, backend, skip_special_tokens=True)
+
+
 class IncrementalDetokenizer:
     """Turns one sequence's generated token ids into text, token by token, and finds stop strings.
 
@@ -104,15 +118,17 @@ class IncrementalDetokenizer:
     is held back when `include_stop_str_in_output`, since a matched stop string is shown anyway);
     `finish()` when the sequence ends for any reason. `take_delta()` gives the shown text not yet
     taken, for streaming. Deltas only grow the text: a stop string cut never removes shown text.
-    `use_decode_stream=False` forces the plain-decode window path (same results; for tests).
+    `use_decode_stream=False` forces the plain-decode window path, `use_byte_table=False` keeps a
+    byte-level tokenizer off its byte path (same texts; for tests).
     """
 
     __slots__ = ("_decode", "_backend", "_stream", "_ids", "_read", "_prefix_text", "_full",
-                 "_stops", "_holdback", "_include_stop", "_finished", "_taken")
+                 "_stops", "_holdback", "_include_stop", "_finished", "_taken", "_table", "_utf8")
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], *, skip_special_tokens: bool = True,
                  spaces_between_special_tokens: bool = True, stop: Sequence[str] = (),
-                 include_stop_str_in_output: bool = False, use_decode_stream: bool = True):
+                 include_stop_str_in_output: bool = False, use_decode_stream: bool = True,
+                 use_byte_table: bool = True):
         stops = tuple(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
             raise ValueError(f"stop must contain only non-empty strings, got {list(stops)!r}.")
@@ -124,15 +140,25 @@ class IncrementalDetokenizer:
         self._full = ""
         self._finished = False
         self._taken = 0
+        self._stream = None
+        # The Rust stream cannot put spaces around special tokens: that mode uses the window path.
+        spaced = bool(_spaces_around_added_tokens(tokenizer, skip_special_tokens,
+                                                  spaces_between_special_tokens))
+        self._table = None
+        if use_byte_table and backend is not None and not spaced:
+            self._table = byte_level_table(tokenizer, backend, skip_special_tokens)
+        if self._table is not None:
+            # The output's text is its bytes' alone: a prompt ending in part of a character
+            # leaves it incomplete on the window path too (_prompt_context).
+            self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            self._ids, self._read, self._prefix_text = [], 0, ""
+            return
+        self._utf8 = None
 
         context, prefix_text = self._prompt_context(list(prompt_token_ids[-2 * _MAX_CONTEXT_TOKENS:]))
         self._ids = context  # window: context ids, then ids not yet emitted (from index _read)
         self._read = len(context)
         self._prefix_text: Optional[str] = prefix_text  # None while the Rust stream owns it
-        self._stream = None
-        # The Rust stream cannot put spaces around special tokens: that mode uses the window path.
-        spaced = bool(_spaces_around_added_tokens(tokenizer, skip_special_tokens,
-                                                  spaces_between_special_tokens))
         if use_decode_stream and DecodeStream is not None and backend is not None and not spaced:
             try:
                 self._stream = DecodeStream(context, skip_special_tokens=skip_special_tokens)
@@ -205,10 +231,19 @@ class IncrementalDetokenizer:
         (before min_tokens) decodes without looking for stop strings.
         """
         assert not self._finished, "append() after the sequence finished"
+        utf8 = self._utf8
+        if utf8 is not None:  # a byte-level tokenizer
+            table = self._table
+            # An id past the tokenizer's vocabulary (models pad theirs) decodes to nothing.
+            piece = utf8.decode(table[token_id] if token_id < len(table) else b"")
+            if not piece:
+                return None
+            self._full += piece
+            return self._check_stop(len(piece)) if self._stops and check_stop else None
         ids = self._ids
         ids.append(token_id)
         stream = self._stream
-        if stream is not None:  # the hot path, inlined
+        if stream is not None:  # the DecodeStream path, inlined
             try:
                 piece = stream.step(self._backend, token_id)
             except Exception:  # noqa: BLE001
@@ -251,7 +286,12 @@ class IncrementalDetokenizer:
             return None
         stop = None
         ids = self._ids
-        if len(ids) > self._read:
+        if self._utf8 is not None:  # the bytes of an incomplete character show as U+FFFD
+            piece = self._utf8.decode(b"", final=True)
+            if piece:
+                self._full += piece
+                stop = self._check_stop(len(piece)) if self._stops else None
+        elif len(ids) > self._read:
             prefix_text = self._prefix_text
             if prefix_text is None:
                 prefix_text = self._decode(ids[:self._read])
@@ -298,6 +338,9 @@ class IncrementalDetokenizer:
         new._ids = list(self._ids)  # the window: a handful of ids
         if self._stream is not None:
             new._stream = self._stream.__copy__()
+        if self._utf8 is not None:
+            new._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+            new._utf8.setstate(self._utf8.getstate())
         return new
 
 

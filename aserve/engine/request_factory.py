@@ -14,7 +14,7 @@ import torch
 from aserve.config import ModelConfig, SchedulerConfig
 from aserve.engine.beam_search import BeamSearchState
 from aserve.engine.block_manager import BlockManager
-from aserve.engine.detokenizer import IncrementalDetokenizer
+from aserve.engine.detokenizer import IncrementalDetokenizer, prepare_tokenizer
 from aserve.engine.request import Request, Sequence
 from aserve.sampling_params import SamplingParams
 
@@ -38,6 +38,8 @@ class RequestFactory:
         self.block_manager = block_manager
         self.device = device
         self.eos_token_ids = _eos_token_ids(tokenizer, model_config)
+        if tokenizer is not None:
+            prepare_tokenizer(tokenizer)
 
     def create(self, request_id: str, prompt: Union[str, list[int], TokenizedPrompt],
                params: Optional[SamplingParams], arrival_time: float) -> Request:
