@@ -112,31 +112,3 @@ def test_tensor_core_decode_is_as_accurate_as_the_cuda_core_kernel(tmp_path, mon
     mean = {k: sum(e) / len(e) for k, e in errors.items()}
     assert mean["mma"] <= 1.5 * mean["simt"] + 0.01, (mean, same)
     assert same["mma"] >= 0.75 * same["simt"], (mean, same)
-
-
-def test_l2_prefetch_changes_no_output(llm_cache, monkeypatch):
-    """The weight prefetch of batch-1 decode steps (cuda/l2_prefetch.py) is a hint: the same
-    tokens and logprobs, bit for bit, with it on and off, and it does run where it applies."""
-    from aserve.cuda import l2_prefetch
-    from aserve.models.layers import linear
-
-    launched = []
-
-    def counting(weight, max_bytes=None):
-        launched.append(l2_prefetch.prefetch_enabled(weight))
-        l2_prefetch.prefetch_to_l2(weight, max_bytes)
-
-    monkeypatch.setattr(linear, "prefetch_to_l2", counting)
-    llm = llm_cache("llama", dtype="bfloat16", enforce_eager=True)
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
-    results = {}
-    for setting in ("0", "1"):
-        monkeypatch.setenv(l2_prefetch.PREFETCH_ENV, setting)
-        launched.clear()
-        outputs = [llm.generate([p], params, use_tqdm=False)[0].outputs[0]
-                   for p in random_prompts(31, [7, 40])]
-        results[setting] = [(o.token_ids, [{t: lp.logprob for t, lp in step.items()} for step in o.logprobs])
-                            for o in outputs]
-        assert launched and all(on == (setting == "1" and torch.cuda.get_device_capability()[0] >= 9)
-                                for on in launched)
-    assert results["0"] == results["1"]

@@ -14,12 +14,11 @@ from torch import nn
 
 from aserve.attention import AttentionMetadata
 from aserve.cuda.gemv import gemv_silu_mul
-from aserve.cuda.l2_prefetch import norm_window_bytes
 from aserve.models.layers import (Attention, MergedColumnParallelLinear, ParallelLMHead,
                                   QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear,
                                   VocabParallelEmbedding, get_rope_parameters, load_named_weights)
 from aserve.models.layers.activation import ActAndMul
-from aserve.models.layers.linear import prefetch_weight, uses_gemv
+from aserve.models.layers.linear import uses_gemv
 
 
 def layer_sliding_window(config, layer_idx: int) -> Optional[int]:
@@ -74,7 +73,6 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions, hidden_states, kv_cache, attn_metadata):
         qkv = self.qkv_proj(hidden_states)
-        prefetch_weight(hidden_states, self.o_proj)   # while rotary and attention run
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))
 
@@ -89,16 +87,13 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden_states, residual, kv_cache, attn_metadata):
         """(hidden_states, residual) in and out: each residual add is fused with the norm after
-        it (residual None: the first layer, whose input is the residual stream itself).
-        At batch 1 each GEMV's first rows come into L2 during the norm before it."""
-        prefetch_weight(hidden_states, self.self_attn.qkv_proj, norm_window_bytes())
+        it (residual None: the first layer, whose input is the residual stream itself)."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, kv_cache, attn_metadata)
-        prefetch_weight(hidden_states, self.mlp.gate_up_proj, norm_window_bytes())
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from aserve.cuda.gemv import GEMV_MAX_ROWS, gemv_usable, launch_gemv
-from aserve.cuda.l2_prefetch import prefetch_to_l2
 from aserve.distributed import current_group
 
 
@@ -29,14 +28,6 @@ USE_GEMV = True
 def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear(x, weight) runs aserve's GEMV (a decode step of a few tokens on a GPU)."""
     return USE_GEMV and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.is_cuda and gemv_usable(x, weight)
-
-
-def prefetch_weight(x: torch.Tensor, layer: nn.Module, max_bytes: Optional[int] = None) -> None:
-    """In a weight-streaming decode step (x: the step's activations, a few rows on a GPU), start
-    bringing layer's weight (its first max_bytes) into L2 once the kernel launched last has
-    finished: for a layer that comes after kernels reading little (cuda/l2_prefetch.py)."""
-    if x.is_cuda and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and USE_GEMV:
-        prefetch_to_l2(layer.weight, max_bytes)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
