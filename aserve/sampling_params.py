@@ -209,7 +209,28 @@ class SamplingParams:
         return self.needs_penalties or bool(self.min_tokens) or bool(self.bad_words_token_ids)
 
     def clone(self) -> "SamplingParams":
-        return copy.deepcopy(self)
+        """A copy the engine may fill in without touching the caller's. Scalars are shared and
+        everything else is copied deeply: a whole deepcopy walked every field and cost ~17 us a
+        request on the development machine, a few percent of a saturated server's engine thread."""
+        new = copy.copy(self)
+        for name, value in vars(self).items():
+            if not isinstance(value, _SCALARS):
+                setattr(new, name, _copied(value))
+        return new
+
+
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _copied(value):
+    """A copy of a field's value: flat containers of scalars (stop strings and ids, logit_bias)
+    by their constructor, anything else deeply."""
+    kind = type(value)
+    if kind in (list, set) and all(isinstance(v, _SCALARS) for v in value):
+        return kind(value)
+    if kind is dict and all(isinstance(k, _SCALARS) and isinstance(v, _SCALARS) for k, v in value.items()):
+        return dict(value)
+    return copy.deepcopy(value)
 
 
 def _is_number(value) -> bool:
