@@ -153,6 +153,36 @@ def test_gemv_silu_mul_is_the_gemv_then_silu_and_mul_bit_for_bit(dtype, rows, sh
     assert _max_error(out, reference) <= 2 * TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("shape", [(768, 768), (2304, 768), (3072, 768), (768, 3072), (100, 72)])
+def test_gemv_epilogues_are_the_torch_ops_after_it_bit_for_bit(dtype, rows, shape):
+    """OPT's decode ops folded into the GEMV (query scaling on the first outputs, ReLU, the
+    residual add) give exactly what the GEMV followed by torch's own kernels gives."""
+    from aserve.cuda.gemv import gemv, launch_gemv
+
+    n, k = shape
+    seed = 5003 * DTYPES.index(dtype) + 13 * n + 3 * k + rows
+    weight = _random((n, k), dtype, seed)
+    x = _random((rows, k), dtype, seed + 1)
+    bias = _random((n,), dtype, seed + 2)
+    residual = _random((rows, n), dtype, seed + 3)
+    plain = gemv(x, weight, bias)
+    scaled = n // 3
+    expected = plain.clone()
+    expected[:, :scaled] = plain[:, :scaled] * 0.125
+    assert torch.equal(launch_gemv(x, weight, bias, scaled=scaled, scale=0.125), expected)
+    assert torch.equal(launch_gemv(x, weight, bias, relu=True), torch.relu(plain))
+    assert torch.equal(launch_gemv(x, weight, bias, residual=residual), residual + plain)
+    wide = _random((rows, n + 8), dtype, seed + 4)[:, 8:]   # rows of a wider tensor
+    assert torch.equal(launch_gemv(x, weight, None, residual=wide), wide + gemv(x, weight))
+    with pytest.raises(ValueError, match="residual must be"):
+        launch_gemv(x, weight, bias, residual=residual[:, :-1])
+    if dtype != torch.float32:
+        with pytest.raises(ValueError, match="out_dtype"):
+            launch_gemv(x, weight, bias, torch.float32, relu=True)
+
+
 def test_gemv_silu_mul_refuses_an_odd_merged_matrix():
     from aserve.cuda.gemv import gemv_silu_mul
 

@@ -123,9 +123,14 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
 // are multiples of 16 and the pointers 16-byte aligned (the wrapper checks). Grid: enough
 // warps of blockDim.x / 32 per CTA to give each OUTPUTS_PER_WARP outputs. SILU_MUL: out is
 // [ROWS, n] of scalar_t, weight [2n, k] and bias [2n] (gate rows, then up rows).
+// The plain layout's scalar_t output may go on through what a decode step does next with it,
+// each op rounded as its own torch kernel would round it (bit for bit the unfused ops):
+// outputs [0, scaled) times `scale` (OPT's query scaling), then ReLU when relu, then plus
+// residual [ROWS, n] (rows residual_stride apart; null: none).
 extern "C" __global__ void __launch_bounds__(MAX_THREADS, MIN_CTAS_PER_SM)
 gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
-     const scalar_t* __restrict__ bias, i64 x_stride, int n, int k, int out_float32) {
+     const scalar_t* __restrict__ bias, i64 x_stride, int n, int k, int out_float32,
+     const scalar_t* residual, i64 residual_stride, int relu, int scaled, float scale) {
     const int lane = threadIdx.x % 32;
     const int first = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * OUTPUTS_PER_WARP;
     if (first >= n) {  // warp-uniform: the shuffles below see all 32 lanes or none
@@ -189,8 +194,18 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
             float y = acc[r][m];
             if (bias) y += to_float(bias[row]);
             const i64 at = (i64)m * n + row;
-            if (out_float32) static_cast<float*>(out)[at] = y;
-            else static_cast<scalar_t*>(out)[at] = from_float(y);
+            if (out_float32) {
+                static_cast<float*>(out)[at] = y;
+                continue;
+            }
+            if (row < scaled) y = round_dtype(y) * scale;
+            if (relu) {  // torch's clamp_min(0): NaN and -0 pass as they are
+                y = round_dtype(y);
+                if (y < 0.f) y = 0.f;
+            }
+            // Written by an earlier kernel of the step: a coherent load, after the wait.
+            if (residual) y = load_fresh(residual + m * residual_stride + row) + round_dtype(y);
+            static_cast<scalar_t*>(out)[at] = from_float(y);
         }
     }
 #endif

@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_stream, device_index,
-                                  load_module, num_sms)
+from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream,
+                                  device_index, load_module, num_sms)
 from aserve.cuda.fused import kernels_enabled
 
 GEMV_MAX_ROWS = 4
@@ -132,13 +132,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
 
 
 def launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                out_dtype: Optional[torch.dtype] = None, *, residual: Optional[torch.Tensor] = None,
+                relu: bool = False, scaled: int = 0, scale: float = 1.0) -> torch.Tensor:
     """gemv without its argument checks, for a caller that has checked gemv_usable(x, weight)
     and passes a bias (if any) of x's dtype and device, [N] and contiguous: the model's linear
-    layers, which would otherwise check every input twice per decode step."""
+    layers, which would otherwise check every input twice per decode step.
+
+    In x's dtype, the ops a decode step applies next may follow in the same kernel, each rounded
+    as torch rounds it: the first `scaled` outputs times `scale`, then ReLU, then + residual
+    ([M, N] of x's dtype and device, dense rows)."""
     out_dtype = out_dtype or x.dtype
+    if (residual is not None or relu or scaled) and out_dtype != x.dtype:
+        raise ValueError("residual, relu and scaled need out_dtype equal to x's dtype")
+    if residual is not None and (residual.shape != (x.shape[0], weight.shape[0]) or residual.stride(1) != 1
+                                 or residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"residual must be a {x.dtype} tensor of shape ({x.shape[0]}, {weight.shape[0]}) on "
+                         f"{x.device} with dense rows, got {residual.dtype} {tuple(residual.shape)} "
+                         f"with strides {tuple(residual.stride())}")
     out = torch.empty(x.shape[0], weight.shape[0], dtype=out_dtype, device=x.device)
-    _launch(PLAIN, out, x, weight, bias)
+    _launch(PLAIN, out, x, weight, bias, residual, relu, scaled, scale)
     return out
 
 
@@ -155,7 +167,8 @@ def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 
 def _launch(variant: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-            bias: Optional[torch.Tensor]) -> None:
+            bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None, relu: bool = False,
+            scaled: int = 0, scale: float = 1.0) -> None:
     """One launch of `variant` writing out [M, n]: n is out's width (under SILU_MUL, half of
     weight's rows), and each warp covers its share of those outputs."""
     rows, k = x.shape
@@ -170,5 +183,9 @@ def _launch(variant: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     module.kernel("gemv").launch(
         (-(-num_warps // warps_per_cta), 1, 1), (32 * warps_per_cta, 1, 1), 0,
         (out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
-         x.stride(0), n, k, int(out.dtype == torch.float32)),
-        (POINTER, POINTER, POINTER, POINTER, INT64, INT, INT, INT), current_stream(x), pdl=True)
+         # float32 logits of a 16-bit x (a float32 model's output is its scalar_t).
+         x.stride(0), n, k, int(out.dtype == torch.float32 and x.dtype != torch.float32),
+         residual.data_ptr() if residual is not None else 0, residual.stride(0) if residual is not None else 0,
+         int(relu), min(scaled, n), float(scale)),
+        (POINTER, POINTER, POINTER, POINTER, INT64, INT, INT, INT, POINTER, INT64, INT, INT, FLOAT),
+        current_stream(x), pdl=True)

@@ -37,6 +37,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return F.linear(x, weight, bias)
 
 
+def fused_linear(x: torch.Tensor, layer: nn.Module, *, residual: Optional[torch.Tensor] = None,
+                 relu: bool = False, scaled: int = 0, scale: float = 1.0) -> Optional[torch.Tensor]:
+    """layer(x) followed, in the GEMV's own kernel, by the ops a decode step applies to it next
+    (launch_gemv: the first `scaled` outputs times `scale`, ReLU, + residual), bit for bit as
+    the separate torch ops give them; each op folded is one kernel fewer in the step's chain.
+    None where that cannot be: not a GEMV step, or a layer whose output goes through a
+    collective (gathered, or reduced over ranks). The caller then runs the ops itself."""
+    if not uses_gemv(x, layer.weight) or not _output_is_local(layer):
+        return None
+    return launch_gemv(x, layer.weight, layer.bias, residual=residual, relu=relu, scaled=scaled, scale=scale)
+
+
+def _output_is_local(layer: nn.Module) -> bool:
+    """Whether layer(x) is linear(x, weight, bias) on this rank alone, with no collective."""
+    if isinstance(layer, RowParallelLinear):
+        return layer.tp_size == 1
+    if isinstance(layer, ColumnParallelLinear):
+        return not layer.gather_output
+    return isinstance(layer, ReplicatedLinear)
+
+
 def divide(numerator: int, denominator: int, what: str = "a layer size") -> int:
     """numerator / denominator, which must divide exactly (a shard count must be whole)."""
     if numerator % denominator:
