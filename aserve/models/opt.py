@@ -59,7 +59,7 @@ class OPTDecoderLayer(nn.Module):
         self.fc1 = ColumnParallelLinear(hidden, config.ffn_dim, bias=bias)
         self.fc2 = RowParallelLinear(config.ffn_dim, hidden, bias=bias)
         self.activation_fn = get_act_fn(config.activation_function)
-        self.relu = config.activation_function == "relu"   # foldable into fc1's GEMV
+        self.act_is_relu = config.activation_function == "relu"   # foldable into fc1's GEMV
         self.final_layer_norm = LayerNorm(hidden, elementwise_affine=affine)
 
     def forward(self, hidden_states, kv_cache, attn_metadata):
@@ -80,7 +80,7 @@ class OPTDecoderLayer(nn.Module):
     def _mlp(self, hidden_states, residual):
         """residual + fc2(act(fc1(hidden_states))); in a decode step ReLU and the residual add
         run in the GEMVs' epilogues."""
-        up = fused_linear(hidden_states, self.fc1, relu=True) if self.relu else None
+        up = fused_linear(hidden_states, self.fc1, relu=True) if self.act_is_relu else None
         if up is None:
             up = self.activation_fn(self.fc1(hidden_states))
         out = fused_linear(up, self.fc2, residual=residual)
