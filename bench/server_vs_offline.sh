@@ -19,7 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/pydantic ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
-RESTS=${RESTS:-0 4}
+RESTS=${RESTS:-0 6}
 RATES=${RATES:-}
 model=/tmp/opt-125m
 python3 bench/make_random_model.py --shape opt-125m --out $model --dtype float16 --config-only \

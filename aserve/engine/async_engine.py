@@ -18,7 +18,9 @@ GPU, and writing every step would halve the engine's speed. So when a round of w
 longer than a step / DELIVERY_REST, the loop then rests DELIVERY_REST times as long as the
 writing took before it takes the next outputs: delivery gets at most 1 / (1 + DELIVERY_REST)
 of the time. A stream then gets its tokens in chunks of a few when the server is saturated,
-and one chunk per token when it is not. Streams themselves are in request_stream.py.
+and one chunk per token when it is not. Streams themselves are in request_stream.py; a plain
+stream's chunks are written by its sink during the dispatch (server/chunk_sink.py), without
+waking its handler.
 """
 
 from __future__ import annotations
@@ -48,11 +50,16 @@ _SHUTDOWN_STEP_WAIT_S = 5.0
 # A batch of outputs is handed to its streams this many at a time, the loop free in between:
 # 256 outputs at once (each waking a handler) would hold /health back for the whole batch.
 DISPATCH_BATCH = 16
+# Outputs that a stream's sink writes at once (server/chunk_sink.py) cost a few microseconds
+# each: the loop is left free after this long of them, not after every DISPATCH_BATCH, since
+# every turn of the loop may pass the GIL to the engine thread and wait to get it back.
+_DISPATCH_SLICE_S = 0.001
 # After writing a batch of outputs, the loop leaves the GIL to the engine thread this many
 # times as long as the writing took, when that is longer than a step (module docstring). 0
-# takes outputs as fast as the loop can. bench/RESULTS.md (2026-12-02) has the figures that
-# chose it; ASERVE_DELIVERY_REST overrides it, for benchmarks.
-DELIVERY_REST = float(os.environ.get("ASERVE_DELIVERY_REST", "4"))
+# takes outputs as fast as the loop can. bench/RESULTS.md has the figures that chose it
+# (2026-12-02: 4; 2026-12-03, ninth session: 6, once the chunk sinks made a round of writes
+# cheaper than the rest of a hand-over); ASERVE_DELIVERY_REST overrides it, for benchmarks.
+DELIVERY_REST = float(os.environ.get("ASERVE_DELIVERY_REST", "6"))
 # A rest is never longer than this: at thousands of streams, chunks still come this often.
 _MAX_REST_S = 0.1
 # A rest shorter than this is not worth a timer.
@@ -359,9 +366,11 @@ class AsyncEngine:
         self._died.set()
 
     async def _dispatch(self, outputs: list[RequestOutput]) -> None:
-        for index, output in enumerate(outputs):
-            if index and index % DISPATCH_BATCH == 0:
+        woken, slice_started = 0, time.perf_counter()
+        for output in outputs:
+            if woken == DISPATCH_BATCH or time.perf_counter() - slice_started > _DISPATCH_SLICE_S:
                 await asyncio.sleep(0)
+                woken, slice_started = 0, time.perf_counter()
             if output.finished:
                 stream = self._streams.pop(output.request_id, None)
                 if stream is None:  # aborted while its last step ran: counted as aborted
@@ -373,8 +382,8 @@ class AsyncEngine:
                         logger.exception("a finished-request listener failed")
             else:
                 stream = self._streams.get(output.request_id)
-            if stream is not None:
-                stream._put(output)
+            if stream is not None and stream._put(output):
+                woken += 1
 
     def _fail_all(self, exc: BaseException) -> None:
         streams, self._streams = self._streams, {}

@@ -9,12 +9,15 @@ request, which frees its KV blocks at the engine's next step boundary.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Optional
+import logging
+from typing import TYPE_CHECKING, Callable, Optional
 
 from aserve.outputs import RequestOutput
 
 if TYPE_CHECKING:
     from aserve.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
@@ -41,13 +44,29 @@ class RequestStream:
         self._ready = asyncio.Event()
         self.finished = False     # the engine reported the final output (or an error)
         self._delivered_last = False
+        self._sink: Optional[Callable[[RequestOutput], bool]] = None
+
+    def set_sink(self, sink: Optional[Callable[[RequestOutput], bool]]) -> None:
+        """sink(output), on the loop, is offered each output before the consumer is woken; an
+        output it takes (returns True) never reaches the consumer. It is not offered outputs
+        while the consumer has one to take, so the two never see them out of order."""
+        self._sink = sink
 
     # -- called by the step driver
-    def _put(self, output: RequestOutput) -> None:
+    def _put(self, output: RequestOutput) -> bool:
+        """Hand over an output; returns whether that woke the consumer (the sink did not take it)."""
+        if self._sink is not None and not self._ready.is_set():
+            try:
+                if self._sink(output):
+                    return False
+            except Exception:  # the consumer gets the output instead, and every later one
+                logger.exception("a stream's output sink failed; its consumer takes over")
+                self._sink = None
         self._latest = output
         if output.finished:
             self.finished = True
         self._ready.set()
+        return True
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc

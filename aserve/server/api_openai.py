@@ -20,6 +20,7 @@ from aserve.engine.request_factory import TokenizedPrompt
 from aserve.outputs import RequestOutput
 from aserve.server.app import STATE, ServerState, add_request_or_400, json_response, note_usage, read_request
 from aserve.server.chat_reply import chat_reply, template_options
+from aserve.server.chunk_sink import TEXT_MARK, ChoiceProgress, TextChunkSink
 from aserve.server.openai_logprobs import (add_completion_logprobs, chat_logprobs, copy_completion_logprobs,
                                            prompt_logprobs_out)
 from aserve.server.prompts import chat_prompt_ids, prepare_prompt
@@ -117,16 +118,6 @@ def _usage(request: web.Request, finals: list[Optional[RequestOutput]]) -> Usage
                      prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
-class _Sent:
-    """How much of one choice has been streamed."""
-
-    __slots__ = ("text_len", "num_tokens", "offset", "started", "done")
-
-    def __init__(self):
-        self.text_len = self.num_tokens = self.offset = 0
-        self.started = self.done = False
-
-
 def _holds_back(params) -> bool:
     return params.use_beam_search or params.best_of > params.n
 
@@ -206,9 +197,14 @@ async def _stream_completions(request, state, req, params, request_id, created, 
     model = state.served_model_name
     options = req.stream_options
     continuous = options is not None and options.continuous_usage
-    sent: dict[tuple[int, int], _Sent] = {}
+    sent: dict[tuple[int, int], ChoiceProgress] = {}
     echoed: dict[int, tuple[CompletionLogProbs, int]] = {}  # by prompt: built once for its n
     finals: list[Optional[RequestOutput]] = [None] * len(streams)
+    if (len(streams) == 1 and params.n == 1 and req.logprobs is None and not req.echo and not continuous
+            and not _holds_back(params)):  # one plain choice: its chunks go out from the dispatch
+        streams[0].set_sink(TextChunkSink(
+            request.transport, response.chunked, sent.setdefault((0, 0), ChoiceProgress()),
+            completion_text_chunk(request_id, created, model, 0, TEXT_MARK, None, None)))
     async for i, out in _merged(streams):
         finals[i] = out
         if out.error:
@@ -216,7 +212,7 @@ async def _stream_completions(request, state, req, params, request_id, created, 
         if _holds_back(params) and not out.finished:
             continue
         for j, o in enumerate(out.outputs):
-            st = sent.setdefault((i, j), _Sent())
+            st = sent.setdefault((i, j), ChoiceProgress())
             if st.done:
                 continue
             text = "" if req.echo_only else o.text[st.text_len:]
@@ -337,7 +333,11 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
         for j in range(params.n):
             await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
                 index=j, delta=DeltaMessage(content=reply.echoed)), usage_so_far(0)))
-    sent = [_Sent() for _ in range(params.n)]
+    sent = [ChoiceProgress() for _ in range(params.n)]
+    if (params.n == 1 and tool_streams[0] is None and not req.logprobs and not continuous
+            and not _holds_back(params)):  # one plain choice: its chunks go out from the dispatch
+        stream.set_sink(TextChunkSink(request.transport, response.chunked, sent[0],
+                                      chat_content_chunk(request_id, created, model, 0, TEXT_MARK, None, None)))
     final = None
     async for final in stream:
         if final.error:

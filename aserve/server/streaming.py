@@ -22,6 +22,10 @@ logger = logging.getLogger("aserve.server")
 
 async def open_stream(request: web.Request, content_type: str) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
+    if request.version >= (1, 1):
+        # What aiohttp picks anyway for a body of unknown length; asked for by name, so that
+        # response.chunked says it (chunk_sink.py frames its own writes by it).
+        response.enable_chunked_encoding()
     await response.prepare(request)
     return response
 
