@@ -10,6 +10,9 @@
 #            Poisson 10 and 40 req/s and all at once (SERVING_MODELS, SERVING_RATES)
 #   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200;
 #            BASELINE="" leaves transformers out), after WARMUP_RUNS (default 2) untimed runs of A1,A
+#   serverratio  bench/server_vs_offline.sh at the default delivery rest (RESTS): offline A, then
+#            model A served all at once, in the same call (the issue's server goal); runs after
+#            bench, on a machine warmed up
 #   structured  bench/structured.py: model A with 0, 50% and 100% of its requests under a JSON schema
 #   previous the same workloads, engine only, run by an earlier version of aserve unpacked in
 #            $PREVIOUS_DIR (default .previous/: `git archive REV | tar -x -C .previous`, carried),
@@ -143,6 +146,10 @@ stage_bench() {
         --time-limit $((BENCH_TIMEOUT - 15)) ${BENCH_ARGS:-} 2>&1 | tee "$bench_log"
 }
 
+stage_serverratio() {
+    run "server vs offline" "${SERVER_RATIO_TIMEOUT:-240}" env RESTS="${RESTS:-6}" bash bench/server_vs_offline.sh
+}
+
 main() {
     if ls .whl/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -153,7 +160,7 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    for stage in tests kernels structured serving profile runprofile ab previous bench; do  # this order: the workloads' table comes last
+    for stage in tests kernels structured serving profile runprofile ab previous bench serverratio; do  # the workloads' table is printed last
         case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
     done
     echo "=== steps:"
