@@ -28,6 +28,8 @@ SHAPES = {
     "opt-125m": ("OPTConfig", dict(vocab_size=50272, hidden_size=768, num_hidden_layers=12,
                                    ffn_dim=3072, num_attention_heads=12, max_position_embeddings=2048,
                                    word_embed_proj_dim=768, do_layer_norm_before=True)),
+    # openai-community/gpt2
+    "gpt2": ("GPT2Config", dict(vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024)),
     # Qwen/Qwen2-0.5B
     "qwen2-0.5b": ("Qwen2Config", dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,

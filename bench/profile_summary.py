@@ -1,7 +1,10 @@
 """Summarise a py-spy raw profile (`py-spy record -f raw --threads`): samples per thread, and
 the functions with the most samples, self and inclusive, per thread.
 
-    python bench/profile_summary.py PROFILE.txt [--top 25] [--thread MainThread]
+    python bench/profile_summary.py PROFILE.txt [--top 25] [--thread MainThread] [--within Engine.step]
+
+--within keeps only the samples whose stack holds a frame containing that text (the timed part
+of a script whose imports and loading would fill the profile otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ def main() -> None:
     p.add_argument("profile")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--thread", action="append", default=None, help="only threads whose name contains this")
+    p.add_argument("--within", default=None, help="only samples with a frame containing this")
     args = p.parse_args()
     per_thread = collections.Counter()
     self_time: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -25,6 +29,8 @@ def main() -> None:
             if not stack:
                 continue
             frames = stack.split(";")
+            if args.within and not any(args.within in frame for frame in frames):
+                continue
             # "thread (1234): name": the id varies from run to run, the name does not.
             thread = frames[0].split(": ", 1)[-1].rstrip("_0123456789") or frames[0]
             if args.thread and not any(t in thread for t in args.thread):

@@ -114,12 +114,15 @@ def test_tensor_core_decode_is_as_accurate_as_the_cuda_core_kernel(tmp_path, mon
     assert same["mma"] >= 0.75 * same["simt"], (mean, same)
 
 
-def test_opt_decode_ops_folded_into_the_gemvs_change_no_bit(llm_cache, monkeypatch):
-    """OPT's query scaling, ReLU and residual adds run in the GEMVs' epilogues in decode steps
-    (models/layers/linear.py fused_linear): the same tokens and logprobs as the separate ops."""
-    from aserve.models import opt
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_decode_ops_folded_into_the_gemvs_change_no_bit(llm_cache, monkeypatch, family):
+    """OPT's query scaling, ReLU and residual adds, and GPT-2's residual adds, run in the GEMVs'
+    epilogues in decode steps (models/layers/linear.py fused_linear): the same tokens and
+    logprobs as the separate ops."""
+    import importlib
 
-    llm = llm_cache("opt", dtype="float16", enforce_eager=True)
+    model_module = importlib.import_module(f"aserve.models.{family}")
+    llm = llm_cache(family, dtype="float16", enforce_eager=True)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
     prompts = random_prompts(41, [6, 30, 2])
     folded_calls = []
@@ -129,11 +132,11 @@ def test_opt_decode_ops_folded_into_the_gemvs_change_no_bit(llm_cache, monkeypat
         folded_calls.append(out is not None)
         return out
 
-    real = opt.fused_linear
-    monkeypatch.setattr(opt, "fused_linear", counting)
+    real = model_module.fused_linear
+    monkeypatch.setattr(model_module, "fused_linear", counting)
     folded = llm.generate(prompts, params, use_tqdm=False)
     assert any(folded_calls)
-    monkeypatch.setattr(opt, "fused_linear", lambda *args, **kwargs: None)
+    monkeypatch.setattr(model_module, "fused_linear", lambda *args, **kwargs: None)
     separate = llm.generate(prompts, params, use_tqdm=False)
     for a, b in zip(folded, separate):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

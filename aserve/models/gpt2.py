@@ -15,6 +15,7 @@ from aserve.attention import AttentionMetadata
 from aserve.models.layers import (Attention, ColumnParallelLinear, LayerNorm, ParallelLMHead,
                                   QKVParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                   get_act_fn, load_named_weights)
+from aserve.models.layers.linear import fused_linear
 
 _CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
@@ -34,9 +35,13 @@ class GPT2Attention(nn.Module):
             scale /= float(layer_idx + 1)
         self.attn = Attention(self.num_heads, self.head_dim, scale, self.num_kv_heads)
 
-    def forward(self, hidden_states, kv_cache, attn_metadata):
+    def forward(self, hidden_states, kv_cache, attn_metadata, residual):
+        """residual + attention(hidden_states); in a decode step the residual add runs in the
+        output GEMV's epilogue (a kernel fewer, the same bits)."""
         q, k, v = self.c_attn(hidden_states).split([self.size] * 3, dim=-1)
-        return self.c_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        attn = self.attn(q, k, v, kv_cache, attn_metadata)
+        out = fused_linear(attn, self.c_proj, residual=residual)
+        return out if out is not None else residual + self.c_proj(attn)
 
 
 class GPT2MLP(nn.Module):
@@ -47,8 +52,11 @@ class GPT2MLP(nn.Module):
         self.c_proj = RowParallelLinear(inner, config.hidden_size, bias=True)
         self.act = get_act_fn(config.activation_function)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + MLP(x), the residual add folded as in GPT2Attention."""
+        up = self.act(self.c_fc(x))
+        out = fused_linear(up, self.c_proj, residual=residual)
+        return out if out is not None else residual + self.c_proj(up)
 
 
 class GPT2Block(nn.Module):
@@ -61,8 +69,8 @@ class GPT2Block(nn.Module):
         self.mlp = GPT2MLP(config)
 
     def forward(self, hidden_states, kv_cache, attn_metadata):
-        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), kv_cache, attn_metadata)
-        return hidden_states + self.mlp(self.ln_2(hidden_states))
+        hidden_states = self.attn(self.ln_1(hidden_states), kv_cache, attn_metadata, residual=hidden_states)
+        return self.mlp(self.ln_2(hidden_states), residual=hidden_states)
 
 
 class GPT2Model(nn.Module):
