@@ -57,11 +57,17 @@ def main() -> None:
                                # Phases are timed one after another only in synchronous steps.
                                async_scheduling=args.async_scheduling))
     prompts = np.random.RandomState(0).randint(100, 30000, size=(args.batch, args.context)).tolist()
-    params = SamplingParams(temperature=0.0, max_tokens=10 * args.steps + 64, ignore_eos=True)
+    # Every prompt's prefill (in steps of max_num_batched_tokens), then a few decode steps; the
+    # requests then decode through the timed steps and the profiled ones.
+    warm_up_steps = -(-args.batch * args.context // engine.scheduler_config.max_num_batched_tokens) + 8
+    max_tokens = warm_up_steps + 2 * args.steps
+    if args.context + max_tokens > engine.model_config.max_model_len:
+        raise SystemExit(f"--context {args.context} and --steps {args.steps} need {args.context + max_tokens} "
+                         f"positions; the model has {engine.model_config.max_model_len}")
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     for prompt in prompts:
         engine.add_request(None, prompt, params)
-    # Every prompt's prefill (in steps of max_num_batched_tokens), then a few decode steps.
-    for _ in range(-(-args.batch * args.context // engine.scheduler_config.max_num_batched_tokens) + 8):
+    for _ in range(warm_up_steps):
         engine.step()
 
     if args.async_scheduling:

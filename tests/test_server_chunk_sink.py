@@ -177,3 +177,24 @@ def test_a_servers_plain_stream_goes_through_the_sink_and_matches_the_handlers(s
     (text, reasons), (usage_text, usage_reasons) = texts(plain), texts(usage)
     assert text == usage_text and reasons[-1] == usage_reasons[-1] == "length" and not any(reasons[:-1])
     assert all(e["usage"] is None for e in plain)
+
+
+def test_an_http10_client_gets_the_sinks_chunks_unframed(server, sink_calls):
+    """HTTP/1.0 has no chunked encoding: the body is the events themselves, ended by the close."""
+    body = json.dumps({"model": server.model_name, "prompt": "Old client", "max_tokens": 20, "stream": True,
+                       "temperature": 0, "ignore_eos": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        data = b""
+        while part := sock.recv(65536):
+            data += part
+    head, _, payload = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") and b"transfer-encoding" not in head.lower()
+    events = [e for e in payload.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(e.removeprefix(b"data: ")) for e in events[:-1]]
+    assert sum(len(c["choices"][0]["text"]) for c in chunks) > 0
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert len(sink_calls) == 1 and sum(sink_calls[0]) > 0
