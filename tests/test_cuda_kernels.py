@@ -361,6 +361,32 @@ def test_fused_rms_norm_matches_torch_layer(dtype, hidden, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+# 100 runs element by element; 768 (OPT-125m) and 1600 (GPT-2 XL) in vectors; 40960 element by
+# element too, being over the vector kernel's budget (4 vectors a thread, 1024 threads).
+@pytest.mark.parametrize("hidden", [100, 768, 1600, 40960])
+@pytest.mark.parametrize("affine,bias", [(True, True), (True, False), (False, False)])
+def test_fused_layer_norm_matches_torch_layer(dtype, hidden, affine, bias, monkeypatch):
+    from aserve.models.layers.layernorm import LayerNorm
+
+    gen = torch.Generator(device="cuda").manual_seed(hidden)
+    norm = LayerNorm(hidden, eps=1e-5, elementwise_affine=affine, bias=bias).cuda().to(dtype)
+    if affine:
+        norm.weight.copy_(torch.randn(hidden, generator=gen, device="cuda"))
+    if norm.bias is not None:
+        norm.bias.copy_(torch.randn(hidden, generator=gen, device="cuda"))
+    # Rows with a mean far from zero, so that the mean's subtraction is tested too.
+    offsets = 4 * torch.randn(37, 1, generator=gen, device="cuda")
+    x = (2 * torch.randn(37, hidden, generator=gen, device="cuda") + offsets).to(dtype)
+    fused = norm(x)
+    fused_strided = norm(torch.cat([x, x], dim=1)[:, hidden:])   # rows of a wider tensor
+    monkeypatch.setenv("ASERVE_KERNELS", "torch")
+    reference = norm(x)
+    assert fused.dtype == dtype and fused.shape == x.shape
+    assert _relative_error(fused, reference.double()) < FUSED_TOLERANCE[dtype]
+    assert torch.equal(fused_strided, fused)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 # A half head of 36 is no whole number of 16-bit vectors (the scalar kernel, but for float32).
 @pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(64, 4, 2), (128, 32, 8), (80, 6, 6), (72, 4, 1)])
 def test_fused_rotary_matches_torch_layer(dtype, head_dim, num_heads, num_kv_heads, monkeypatch):

@@ -1,16 +1,22 @@
-"""Logprobs and prompt logprobs equal transformers' log_softmax (float32, within 1e-4)."""
+"""Logprobs and prompt logprobs equal transformers' log_softmax (float32, within 1e-4 on the CPU,
+3e-4 on a GPU)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
 from aserve import SamplingParams
 from hf_reference import hf_log_softmax, random_prompts
 from tiny_models import tiny_model_dir
 
-TOLERANCE = 1e-4
+# The oracle runs on the CPU. On a GPU the engine's float32 arithmetic is ordered otherwise
+# (cuBLAS, aserve's kernels), and so is transformers' own: the tiny models' logprobs from
+# transformers on an H200 were up to 2.5e-4 (llama), 1.1e-4 (opt) and 2.2e-4 (gpt2) away from
+# the same model on the CPU (bench/RESULTS.md, 2026-12-03 tenth session).
+TOLERANCE = 3e-4 if torch.cuda.is_available() else 1e-4
 
 
 @pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])

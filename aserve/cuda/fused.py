@@ -1,5 +1,5 @@
-"""Fused layer ops on CUDA (layer_ops.cu): RMSNorm, rotary embedding (alone or with the KV-cache
-write), SiLU-and-mul.
+"""Fused layer ops on CUDA (layer_ops.cu): RMSNorm, LayerNorm, rotary embedding (alone or with
+the KV-cache write), SiLU-and-mul.
 
 The model layers call `usable(x)` and take these when it holds, their torch code otherwise;
 the torch code is the reference tests/test_cuda_kernels.py compares against. The profile of a
@@ -102,6 +102,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
             (out.data_ptr(), rows.data_ptr(), res_rows.data_ptr() if res_rows is not None else 0,
              weight.data_ptr(), rows.stride(0), res_stride, out.stride(0), hidden, float(eps)),
             (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT64, INT, FLOAT), current_stream(x), pdl=True)
+    return out.view(x.shape)
+
+
+def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+               eps: float) -> torch.Tensor:
+    """torch.nn.functional.layer_norm(x, (hidden,), weight, bias, eps) over x's last dimension;
+    weight and bias may each be None. The same float32 arithmetic as torch's kernel, rounded
+    once; unlike torch's, it takes part in programmatic dependent launch."""
+    rows = _rows(x)
+    hidden = rows.shape[1]
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        weight = weight.to(x.dtype).contiguous() if weight is not None else None
+        bias = bias.to(x.dtype).contiguous() if bias is not None else None
+        operands = [out, rows] + [t for t in (weight, bias) if t is not None]
+        vectors = hidden * x.element_size() // 16
+        if (_vectorizable(hidden, operands, [rows.stride(0), out.stride(0)])
+                and vectors <= _RMS_VECS * 1024):
+            name, threads = "layer_norm_vec", min(1024, 32 * -(-vectors // (32 * _RMS_VECS)))
+        else:
+            name, threads = "layer_norm", min(1024, 32 * ((hidden + 255) // 256))
+        _module(x).kernel(name).launch(
+            (rows.shape[0], 1, 1), (threads, 1, 1), 0,
+            (out.data_ptr(), rows.data_ptr(), weight.data_ptr() if weight is not None else 0,
+             bias.data_ptr() if bias is not None else 0, rows.stride(0), out.stride(0), hidden, float(eps)),
+            (POINTER, POINTER, POINTER, POINTER, INT64, INT64, INT, FLOAT), current_stream(x), pdl=True)
     return out.view(x.shape)
 
 

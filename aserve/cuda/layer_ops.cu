@@ -105,6 +105,98 @@ extern "C" __global__ void rms_norm(scalar_t* __restrict__ out, const scalar_t* 
     }
 }
 
+// LayerNorm (OPT, GPT-2) in 16-byte vectors, one CTA per row, for rows of a multiple of VEC
+// elements on 16-byte boundaries and at most RMS_VECS * blockDim.x vectors:
+// (x - mean) * rsqrt(var + eps) * weight + bias in float32, rounded once, as torch's kernel
+// computes it (the variance biased, taken around the mean in a second pass over registers).
+// weight and bias (either may be null: no affine, no bias) are parameters no kernel of a step
+// writes, so their loads go out before the wait for the previous kernel. Its point is that it
+// takes part in programmatic dependent launch (torch's LayerNorm does not): the kernels on
+// either side of it overlap its launch, and the GEMV after it starts streaming its weights.
+extern "C" __global__ void layer_norm_vec(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                          const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                                          i64 x_stride, i64 out_stride, int hidden, float eps) {
+    const int vectors = hidden / VEC;
+    const uint4* w = reinterpret_cast<const uint4*>(weight);
+    const uint4* b = reinterpret_cast<const uint4*>(bias);
+    uint4 w_raw[RMS_VECS], b_raw[RMS_VECS], h_raw[RMS_VECS];
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
+        if (w) w_raw[j] = w[v];
+        if (b) b_raw[j] = b[v];
+    }
+    start_after_previous_kernel();
+    const uint4* row = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
+        h_raw[j] = load_fresh(row + v);
+        float h[VEC];
+        unpack_vec(h_raw[j], h);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) sum += h[i];
+    }
+    const float mean = block_sum(sum) / hidden;
+    float deviations = 0.f;
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
+        float h[VEC];
+        unpack_vec(h_raw[j], h);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) deviations += (h[i] - mean) * (h[i] - mean);
+    }
+    __syncthreads();  // block_sum's shared partials are about to be reused
+    const float inv_std = rsqrtf(block_sum(deviations) / hidden + eps);
+    uint4* dst = reinterpret_cast<uint4*>(out + blockIdx.x * out_stride);
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
+        float h[VEC], wf[VEC], bf[VEC], o[VEC];
+        unpack_vec(h_raw[j], h);
+        if (w) unpack_vec(w_raw[j], wf);
+        if (b) unpack_vec(b_raw[j], bf);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+            o[i] = inv_std * (h[i] - mean);
+            if (w) o[i] *= wf[i];
+            if (b) o[i] += bf[i];
+        }
+        dst[v] = pack_vec(o);
+    }
+}
+
+// layer_norm_vec for any row width: element by element, the row read twice more from L1/L2.
+extern "C" __global__ void layer_norm(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                      const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                                      i64 x_stride, i64 out_stride, int hidden, float eps) {
+    start_after_previous_kernel();
+    const scalar_t* row = x + blockIdx.x * x_stride;
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) sum += load_fresh(row + i);
+    const float mean = block_sum(sum) / hidden;
+    float deviations = 0.f;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        const float d = load_fresh(row + i) - mean;
+        deviations += d * d;
+    }
+    __syncthreads();  // block_sum's shared partials are about to be reused
+    const float inv_std = rsqrtf(block_sum(deviations) / hidden + eps);
+    scalar_t* dst = out + blockIdx.x * out_stride;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+        float o = inv_std * (load_fresh(row + i) - mean);
+        if (weight) o *= to_float(weight[i]);
+        if (bias) o += to_float(bias[i]);
+        dst[i] = from_float(o);
+    }
+}
+
 // One rotated pair: x * cos + rotate_half(x) * sin, each product rounded as its own tensor
 // would be; c and s are already rounded to the dtype.
 __device__ __forceinline__ void rotate_pair(float x1, float x2, float c, float s, float& o1, float& o2) {
