@@ -11,7 +11,8 @@
 Every model has random weights (load_format="dummy": only a config.json is written, to a temp
 folder) and no tokenizer (skip_tokenizer_init); prompts are token ids from
 numpy.random.RandomState(0).randint(100, 30000, size=(N, P)); every request makes exactly its
-output tokens (ignore_eos). Each system is timed after a warm-up.
+output tokens (ignore_eos). Each system is timed after a warm-up; aserve's A1 and B1 are the
+median of --latency-runs runs (all of them listed in its JSON line).
 
 --baseline hf runs transformers' generate() on the same workloads in the same process, before the
 engine starts and freed before it does (the engine takes gpu_memory_utilization of the card):
@@ -189,18 +190,30 @@ def run_aserve(model_dir: str, dtype: str, max_model_len: int, workloads: list[W
     for w in workloads:
         prompts = prompts_for(w)
         temperature = 0.0 if w.greedy else 1.0
-        llm.generate(prompts[:32], SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True),
-                     use_tqdm=False)  # warm-up
         params = SamplingParams(temperature=temperature, top_p=1.0, top_k=-1, max_tokens=w.output_len,
                                 ignore_eos=True)
-        _sync()
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        _sync()
-        elapsed = time.perf_counter() - start
-        counts = {len(o.outputs[0].token_ids) for o in outputs}
-        assert counts == {w.output_len}, f"{w.name}: output lengths {counts}, expected {w.output_len}"
-        _result(w, "aserve", name, dtype, len(prompts), w.output_len * len(prompts), elapsed,
+        if w.latency:
+            llm.generate(prompts, params, use_tqdm=False)  # warm-up: the whole request once
+        else:
+            llm.generate(prompts[:32], SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True),
+                         use_tqdm=False)  # warm-up
+        # A latency workload is one short request (a fraction of a second), which the host's
+        # moment moves by up to 1.7x: it runs --latency-runs times and reports the median, as
+        # vLLM's latency benchmark runs iterations after warm-up ones.
+        elapsed_runs = []
+        for _ in range(args.latency_runs if w.latency else 1):
+            _sync()
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            _sync()
+            elapsed_runs.append(time.perf_counter() - start)
+            counts = {len(o.outputs[0].token_ids) for o in outputs}
+            assert counts == {w.output_len}, f"{w.name}: output lengths {counts}, expected {w.output_len}"
+        extra = {}
+        if w.latency:
+            extra["runs_ms_per_output_token"] = [round(e * 1e3 / w.output_len, 3) for e in elapsed_runs]
+        _result(w, "aserve", name, dtype, len(prompts), w.output_len * len(prompts),
+                sorted(elapsed_runs)[len(elapsed_runs) // 2], **extra,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 tensor_parallel_size=args.tensor_parallel_size)
     llm.shutdown()
@@ -296,6 +309,8 @@ def main() -> None:
                    help="schedule step k+1 while step k runs on the GPU (engine/pipeline.py)")
     p.add_argument("--llama-max-model-len", type=int, default=4096,
                    help="model B's max_model_len; 0: the model's 131072 (the vLLM anchor's)")
+    p.add_argument("--latency-runs", type=int, default=5,
+                   help="timed runs of A1 and B1 after a warm-up run; the median is reported")
     p.add_argument("--hf-num-prompts", type=int, default=128)
     p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=None,
