@@ -12,6 +12,9 @@
 # word-level tokenizer), bench/make_random_model.py --tokenizer.
 # NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
 # without a tokenizer (a diagnostic: its chunks carry no text, so only its throughput counts).
+# ENGINE_TIMING=1: the offline runs and this version's servers through
+# bench/engine_thread_timing.py, which adds where the engine thread's time goes per step (wall
+# and thread CPU per phase); the timers cost a few percent.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -26,9 +29,16 @@ python3 bench/make_random_model.py --shape opt-125m --out $model --dtype float16
     --tokenizer "${TOKENIZER:-bytes}" >/dev/null
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
+timing() { [ "${ENGINE_TIMING:-0}" = 1 ]; }
+
 offline() {  # offline LABEL [flags]
     local label=$1
     shift
+    if timing; then
+        echo "=== offline A, $label:"
+        python3 bench/engine_thread_timing.py offline $model "$@" 2>/dev/null | grep -E "^(===|  )"
+        return
+    fi
     echo "=== offline A, $label: $(python3 bench/throughput.py --model $model --load-format dummy \
         --num-prompts 1000 --input-len 128 --output-len 128 "$@" 2>/dev/null | tail -1)"
 }
@@ -36,8 +46,10 @@ offline() {  # offline LABEL [flags]
 serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one run of bench/serving.py
     local label=$1 rate=$2 dir=$3
     shift 3
+    local server_cmd="python3 -m aserve"
+    timing && [ "$dir" = . ] && server_cmd="python3 $PWD/bench/engine_thread_timing.py server"
     # shellcheck disable=SC2086
-    (cd "$dir" && exec env "$@" python3 -m aserve --model $model --load-format dummy --port 8125 \
+    (cd "$dir" && exec env "$@" $server_cmd --model $model --load-format dummy --port 8125 \
         --disable-log-requests ${SERVER_ARGS:-}) > /tmp/sv_server.log 2>&1 &
     local server=$!
     for _ in $(seq 120); do
@@ -53,6 +65,7 @@ serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one 
         | grep -E 'Failed|Output token|MEAN|P50|P99' | tr -s ' ' | paste -sd' ')"
     kill -INT $server
     wait $server 2>/dev/null
+    if timing && [ "$dir" = . ]; then grep -E "^(===|  )" /tmp/sv_server.log | head -10; fi
 }
 
 offline "no tokenizer" --skip-tokenizer-init

@@ -1,0 +1,135 @@
+"""Where the engine's thread spends a step, offline and served: wall time and the thread's own
+CPU time per phase, so that what the thread does (CPU) and what it waits for (the GIL, the
+GPU) come apart.
+
+    python bench/engine_thread_timing.py offline MODEL [--num-prompts 1000] [--input-len 128]
+        [--output-len 128] [--vocab 30000] [--load-format dummy] [--skip-tokenizer-init]
+    python bench/engine_thread_timing.py server [python -m aserve's arguments ...]
+
+offline: model A's workload through OfflineLLM.generate (random token ids, sampling at
+temperature 1, ignore_eos), timed after a warm-up. server: `python -m aserve` with the same
+timers on its engine thread; the table is printed when the engine thread stops (SIGINT the
+server after the benchmark; bench/server_vs_offline.sh with ENGINE_TIMING=1 does both).
+
+Each phase's line gives, per step: its wall time, the thread's CPU time in it
+(time.thread_time) and how many calls a step makes. Offline the two are nearly equal; served,
+wall minus CPU is time the engine thread waited, mostly for the GIL the event loop held. The
+phases nest: schedule includes model_input (the step's tensors to the device); step includes
+schedule, launch (forward and sampling enqueued), gpu wait and process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import aserve.engine.async_engine as async_engine  # noqa: E402
+import aserve.engine.engine as engine_module  # noqa: E402
+import aserve.engine.engine_ops as engine_ops  # noqa: E402
+import aserve.worker.model_runner as model_runner  # noqa: E402
+
+_totals: collections.Counter = collections.Counter()
+
+
+def _timed(owner, name: str, phase: str):
+    """Replace owner.name by a wrapper that adds its wall and CPU time to phase's totals."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _totals[(phase, "wall")] += time.perf_counter() - wall
+            _totals[(phase, "cpu")] += time.thread_time() - cpu
+            _totals[(phase, "calls")] += 1
+
+    setattr(owner, name, wrapper)
+    return wrapper
+
+
+def _install_timers() -> None:
+    for owner, name, phase in [
+            (engine_module.Engine, "schedule", "schedule"),
+            (model_runner.ModelRunner, "model_input", "model_input"),
+            (model_runner.ModelRunner, "launch", "launch"),
+            (model_runner.PendingStep, "result", "gpu wait"),
+            (engine_module.Engine, "process", "process"),
+            (engine_module.Engine, "take_unreported_outputs", "take outputs")]:
+        _timed(owner, name, phase)
+    # Both modules call run_step_gen by the name they imported: one wrapper for both.
+    step = _timed(async_engine, "run_step_gen", "step")
+    engine_module.run_step_gen = step
+    async_engine.apply_op = _timed(engine_ops, "apply_op", "apply op")
+
+
+def _report(label: str) -> None:
+    steps = _totals[("step", "calls")] or 1
+    print(f"=== {label}: {int(steps)} steps; per step: wall ms, thread CPU ms, calls", flush=True)
+    for phase in sorted({phase for phase, _ in _totals}, key=lambda p: (p != "step", p)):
+        print(f"  {phase:13s} wall {_totals[(phase, 'wall')] / steps * 1e3:7.3f}  "
+              f"cpu {_totals[(phase, 'cpu')] / steps * 1e3:7.3f}  "
+              f"calls {_totals[(phase, 'calls')] / steps:5.2f}", flush=True)
+
+
+def run_offline(argv: list[str]) -> None:
+    import numpy as np
+
+    from aserve import OfflineLLM, SamplingParams
+
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--num-prompts", type=int, default=1000)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--vocab", type=int, default=30000, help="prompt ids are drawn from [100, vocab)")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--skip-tokenizer-init", action="store_true")
+    args = p.parse_args(argv)
+    llm = OfflineLLM(model=args.model, load_format=args.load_format, skip_tokenizer_init=args.skip_tokenizer_init)
+    prompts = np.random.RandomState(0).randint(100, args.vocab, size=(args.num_prompts, args.input_len))
+    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:32].tolist()],
+                 SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
+    _totals.clear()
+    started = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts.tolist()], params, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    print(f"=== offline: {args.num_prompts * args.output_len / elapsed:.0f} output tok/s", flush=True)
+    _report("offline")
+    llm.shutdown()
+
+
+def run_server(argv: list[str]) -> None:
+    from aserve.server.cli import main
+
+    engine_loop = async_engine.AsyncEngine._engine_loop
+
+    def timed_engine_loop(self, loop):
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return engine_loop(self, loop)
+        finally:
+            print(f"=== the server's engine thread: {time.perf_counter() - wall:.2f} s, "
+                  f"{time.thread_time() - cpu:.2f} s of CPU", flush=True)
+            _report("server")
+
+    async_engine.AsyncEngine._engine_loop = timed_engine_loop
+    sys.argv = ["aserve", *argv]
+    main()
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("offline", "server"):
+        sys.exit(__doc__)
+    _install_timers()
+    (run_offline if sys.argv[1] == "offline" else run_server)(sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()
