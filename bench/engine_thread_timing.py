@@ -5,6 +5,7 @@ GPU) come apart.
     python bench/engine_thread_timing.py offline MODEL [--num-prompts 1000] [--input-len 128]
         [--output-len 128] [--vocab 30000] [--load-format dummy] [--skip-tokenizer-init]
     python bench/engine_thread_timing.py server [python -m aserve's arguments ...]
+    (--detail anywhere: also the parts of launch and of the step's tensors)
 
 offline: model A's workload through OfflineLLM.generate (random token ids, sampling at
 temperature 1, ignore_eos), timed after a warm-up. server: `python -m aserve` with the same
@@ -53,7 +54,26 @@ def _timed(owner, name: str, phase: str):
     return wrapper
 
 
+def _install_detail_timers() -> None:
+    """--detail: the parts of launch and schedule (nested in them; each timer costs ~1 us)."""
+    import aserve.worker.cuda_graphs as cuda_graphs
+    import aserve.worker.input_upload as input_upload
+    import aserve.worker.sampler as sampler
+
+    for owner, name, phase in [
+            (model_runner.ModelRunner, "_forward", "  forward"),
+            (cuda_graphs.DecodeGraphs, "run", "    graph run"),
+            (sampler.Sampler, "sample_ids", "  sample_ids"),
+            (sampler.Sampler, "_row_keys", "    row keys"),
+            (model_runner.PendingStep, "start", "  ids to host"),
+            (input_upload.InputUploader, "upload", "  upload")]:
+        _timed(owner, name, phase)
+
+
 def _install_timers() -> None:
+    if "--detail" in sys.argv:
+        sys.argv.remove("--detail")
+        _install_detail_timers()
     for owner, name, phase in [
             (engine_module.Engine, "schedule", "schedule"),
             (model_runner.ModelRunner, "model_input", "model_input"),
@@ -71,8 +91,8 @@ def _install_timers() -> None:
 def _report(label: str) -> None:
     steps = _totals[("step", "calls")] or 1
     print(f"=== {label}: {int(steps)} steps; per step: wall ms, thread CPU ms, calls", flush=True)
-    for phase in sorted({phase for phase, _ in _totals}, key=lambda p: (p != "step", p)):
-        print(f"  {phase:13s} wall {_totals[(phase, 'wall')] / steps * 1e3:7.3f}  "
+    for phase in sorted({phase for phase, _ in _totals}, key=lambda p: (p != "step", p.strip())):
+        print(f"  {phase:15s} wall {_totals[(phase, 'wall')] / steps * 1e3:7.3f}  "
               f"cpu {_totals[(phase, 'cpu')] / steps * 1e3:7.3f}  "
               f"calls {_totals[(phase, 'calls')] / steps:5.2f}", flush=True)
 
