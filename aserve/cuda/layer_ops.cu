@@ -172,7 +172,8 @@ extern "C" __global__ void layer_norm_vec(scalar_t* __restrict__ out, const scal
     }
 }
 
-// layer_norm_vec for any row width: element by element, the row read twice more from L1/L2.
+// layer_norm_vec for any row width: element by element, reading the row three times (from
+// L1/L2 after the first).
 extern "C" __global__ void layer_norm(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                       const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
                                       i64 x_stride, i64 out_stride, int hidden, float eps) {
