@@ -241,6 +241,29 @@ def test_metadata_flags_describe_the_batch():
     assert metadata([SamplingParams(temperature=0)]).all_greedy
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])   # the one-pass path and the filtering path
+def test_a_reused_metadata_makes_its_row_tensors_once_and_samples_as_a_fresh_one(top_p):
+    # A decode step's metadata serves step after step (engine/row_planner.py): its per-row
+    # tensors are made at the first step and reused, with the same draws as fresh metadata.
+    torch.manual_seed(4)
+    params = [SamplingParams(temperature=0.7, top_p=top_p, seed=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.3, top_p=top_p, seed=2)]
+    reused = metadata(params, [gen(1), None, gen(2)])
+    fresh_generators = [gen(1), None, gen(2)]
+    steps = [torch.randn(3, 40) for _ in range(6)]
+    sampler = Sampler()
+    kept = [sampler(steps[0], reused).sampled_token_ids]
+    made = dict(reused._device_tensors)
+    kept += [sampler(logits, reused).sampled_token_ids for logits in steps[1:]]
+    assert made and reused._device_tensors.keys() == made.keys()
+    assert all(reused._device_tensors[key] is tensor for key, tensor in made.items())
+    sampler = Sampler()
+    again = [sampler(logits, metadata(params, fresh_generators)).sampled_token_ids for logits in steps]
+    assert kept == again
+    assert reused.temperatures(torch.device("cpu")).tolist() == pytest.approx([0.7, 0.0, 1.3])
+    assert reused.random_rows == [0, 2]
+
+
 def test_top_k_with_top_p_matches_whether_or_not_every_row_has_a_top_k():
     torch.manual_seed(6)
     logits = torch.randn(4, 64)

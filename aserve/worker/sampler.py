@@ -50,11 +50,15 @@ class SamplingMetadata:
     any_min_p: bool = field(init=False)
     max_num_logprobs: Optional[int] = field(init=False)  # None: no row asks, skip log_softmax
     grammar_rows: list[int] = field(init=False)           # rows with a matcher
+    random_rows: list[int] = field(init=False)            # rows that are not greedy
+    # Per-row tensors on a device, made at their first use (see _on): (name, device) -> tensor.
+    _device_tensors: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         params = self.params
         assert len(self.generators) == len(params) == len(self.prompt_token_ids) == len(self.output_token_ids)
-        random = [p for p in params if not p.is_greedy]
+        random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+        random = [params[i] for i in random_rows]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         flags = dict(
             all_greedy=not random,
@@ -70,11 +74,36 @@ class SamplingMetadata:
             any_min_p=any(p.min_p > 0.0 for p in random),
             max_num_logprobs=max(asked) if asked else None,
             grammar_rows=[i for i, m in enumerate(self.matchers) if m is not None] if self.matchers else [],
+            random_rows=random_rows,
+            _device_tensors={},
         )
         flags["any_processors"] = (flags["any_penalties"] or flags["any_logit_bias"] or flags["any_min_tokens"]
                                    or flags["any_allowed_token_ids"] or flags["any_bad_words"])
         for name, value in flags.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
+
+    # The rows' sampling inputs as device tensors. A decode step's metadata serves every step
+    # while the same sequences decode (engine/row_planner.py reuses the step's plan), so each is
+    # built and copied to the device once, not per step.
+    def temperatures(self, device: torch.device) -> torch.Tensor:
+        """float32 [rows]: each row's temperature, 0 for a greedy row."""
+        return self._on("temperatures", device, torch.float32,
+                        lambda: [0.0 if p.is_greedy else p.temperature for p in self.params])
+
+    def random_row_index(self, device: torch.device) -> torch.Tensor:
+        """int64: the random (not greedy) rows."""
+        return self._on("random_rows", device, torch.long, lambda: self.random_rows)
+
+    def random_temperatures(self, device: torch.device) -> torch.Tensor:
+        """float32: the random rows' temperatures, in random_rows' order."""
+        return self._on("random_temperatures", device, torch.float32,
+                        lambda: [self.params[i].temperature for i in self.random_rows])
+
+    def _on(self, name: str, device: torch.device, dtype: torch.dtype, values) -> torch.Tensor:
+        tensor = self._device_tensors.get((name, device))
+        if tensor is None:
+            tensor = self._device_tensors[(name, device)] = _to_device(values(), dtype, device)
+        return tensor
 
     @staticmethod
     def build(params: list[SamplingParams], generators: list[Optional[torch.Generator]],
@@ -137,27 +166,28 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         params, generators = metadata.params, metadata.generators
         device = logits.device
-        random_rows = None if metadata.all_random else [i for i, p in enumerate(params) if not p.is_greedy]
+        random_rows = None if metadata.all_random else metadata.random_rows
         if not (metadata.any_top_k or metadata.any_top_p or metadata.any_min_p):
             # Greedy rows (temperature 0) and random rows in one pass over the logits.
-            temperature = _to_device([0.0 if p.is_greedy else p.temperature for p in params], torch.float32, device)
             if random_rows is None:
                 keys = self._row_keys(generators, device)
             else:
                 keys = torch.zeros(len(params), dtype=torch.long, device=device)
-                keys[_to_device(random_rows, torch.long, device)] = self._row_keys(
+                keys[metadata.random_row_index(device)] = self._row_keys(
                     [generators[i] for i in random_rows], device)
-            return sample_gumbel_max(logits, temperature, keys)
+            return sample_gumbel_max(logits, metadata.temperatures(device), keys)
         logits = logits.float()
         greedy = None
         if random_rows is not None:
             # Only random rows go through temperature, filtering and noise.
             greedy = logits.argmax(dim=-1)
-            index = _to_device(random_rows, torch.long, device)
+            index = metadata.random_row_index(device)
             logits = logits.index_select(0, index)
             params = [params[i] for i in random_rows]
             generators = [generators[i] for i in random_rows]
-        temperature = _to_device([p.temperature for p in params], torch.float32, device)
+            temperature = metadata.random_temperatures(device)
+        else:
+            temperature = metadata.temperatures(device)
         logits = logits / temperature.unsqueeze(1)  # a new tensor: the filters below may write in place
         if metadata.any_top_k or metadata.any_top_p:
             logits = apply_top_k_top_p(logits, [p.top_k for p in params] if metadata.any_top_k else None,
