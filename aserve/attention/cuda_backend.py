@@ -21,6 +21,7 @@ import torch
 from aserve.attention.metadata import AttentionMetadata
 from aserve.attention.torch_ref import paged_attention as reference_paged_attention
 from aserve.cuda import ops
+from aserve.cuda.host_copy import to_device
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def _plan_step(metadata: AttentionMetadata, block_size: int) -> _StepPlan:
         starts.append(starts[-1] + q)
 
     def tensor(values, dtype=torch.int64):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return to_device(values, dtype, device)   # pinned: no wait for the step still running
 
     mixed = bool(decode) and bool(prompt)
     decode_first = mixed and decode[-1] == len(decode) - 1   # rows 0..D-1 decode, the rest prompts

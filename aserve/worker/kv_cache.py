@@ -70,8 +70,9 @@ def copy_blocks(kv_caches: list[torch.Tensor], copies: list[tuple[int, int]]) ->
     device = kv_caches[0].device
     if device.type == "cuda":
         from aserve.cuda import ops
+        from aserve.cuda.host_copy import to_device
 
-        ops.copy_blocks(kv_caches, torch.tensor(copies, dtype=torch.long).to(device))
+        ops.copy_blocks(kv_caches, to_device(copies, torch.long, device))
         return
     copy_blocks_reference(kv_caches, copies)
 

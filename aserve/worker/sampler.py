@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from aserve.cuda.host_copy import to_device
 from aserve.logprobs import FlatLogprobs
 from aserve.sampling_params import SamplingParams
 from aserve.structured_output.bitmask import masked_logits
@@ -102,7 +103,7 @@ class SamplingMetadata:
     def _on(self, name: str, device: torch.device, dtype: torch.dtype, values) -> torch.Tensor:
         tensor = self._device_tensors.get((name, device))
         if tensor is None:
-            tensor = self._device_tensors[(name, device)] = _to_device(values(), dtype, device)
+            tensor = self._device_tensors[(name, device)] = to_device(values(), dtype, device)
         return tensor
 
     @staticmethod
@@ -210,7 +211,7 @@ class Sampler:
             return keys.random_(generator=self._generator(device))
         if unseeded:
             draws = torch.empty(len(unseeded), dtype=torch.long, device=device).random_(generator=self._generator(device))
-            keys[_to_device(unseeded, torch.long, device)] = draws
+            keys[to_device(unseeded, torch.long, device)] = draws
         for i, g in enumerate(generators):
             if g is None:
                 continue
@@ -228,15 +229,6 @@ class Sampler:
             generator.manual_seed(self.seed)
             self._generators[key] = generator
         return generator
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on the device without waiting for the GPU: a plain copy from pageable
-    memory would wait for all queued work (and end async scheduling's overlap)."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
