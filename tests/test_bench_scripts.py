@@ -1,0 +1,38 @@
+"""The benchmark scripts that GPU calls run, run small on the CPU: a script that fails on the card
+costs a call of a scarce budget, so each is smoke-tested here, through its command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tiny_models import tiny_model_dir
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+
+
+def _run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def test_workloads_reports_latency_runs_and_their_median():
+    out = _run(os.path.join(BENCH, "workloads.py"), "--tiny", "--workloads", "A1,A", "--latency-runs", "3")
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith('{"workload"')]
+    a1 = next(r for r in lines if r["workload"] == "A1" and r["system"] == "aserve")
+    runs = a1["runs_ms_per_output_token"]
+    assert len(runs) == 3 and a1["ms_per_output_token"] == sorted(runs)[1]
+    assert any(r["workload"] == "A" and r["output_tokens_per_s"] > 0 for r in lines)
+    assert "| A1 |" in out and "| A |" in out   # the closing table
+
+
+def test_engine_thread_timing_prints_each_phase_per_step():
+    out = _run(os.path.join(BENCH, "engine_thread_timing.py"), "offline", tiny_model_dir("opt"),
+               "--num-prompts", "8", "--input-len", "8", "--output-len", "4", "--vocab", "500",
+               "--load-format", "auto", "--detail")
+    phases = {line.split()[0] for line in out.splitlines() if " wall " in line and " cpu " in line}
+    assert {"step", "schedule", "model_input", "launch", "process", "forward", "sample_ids"} <= phases
+    assert "output tok/s" in out
