@@ -6,7 +6,8 @@
 Prints requests/s, output tokens/s and total tokens/s. --baseline hf runs transformers'
 generate (static batches of --hf-batch-size, greedy, same lengths) on the same workload in the
 same process and prints the ratio. --engine-overhead measures the engine's own per-step cost
-(schedule + build inputs + process outputs, model excluded) at --num-prompts running requests.
+(schedule + build inputs + process outputs, model excluded) at --num-prompts running requests,
+phase by phase and, with async scheduling, as whole pipelined steps.
 Runs unchanged on a GPU (device auto) or the CPU.
 """
 
@@ -122,8 +123,9 @@ def engine_overhead(llm, args) -> dict:
         t4 = time.perf_counter()
         timings.append((t1 - t0, t2 - t1, t4 - t3))
         sends.append(t2 - t1)
-    engine.abort_request([f"overhead-{i}" for i in range(args.num_prompts)])
     engine.pipeline = pipeline
+    pipelined = _pipelined_step_times(engine, args.overhead_steps) if pipeline is not None else None
+    engine.abort_request([f"overhead-{i}" for i in range(args.num_prompts)])
     timings.sort(key=sum)
     med = timings[len(timings) // 2]
     result = {"running_requests": args.num_prompts, "tensor_parallel_size": args.tensor_parallel_size,
@@ -131,12 +133,42 @@ def engine_overhead(llm, args) -> dict:
               "prefix_caching": args.enable_prefix_caching,
               "median_step_ms": round(sum(med) * 1e3, 3),
               "schedule_and_prepare_ms": round(med[0] * 1e3, 3), "process_ms": round(med[2] * 1e3, 3)}
+    if pipelined:
+        # Async scheduling's whole host step (step k+1 scheduled and launched, step k's ids
+        # taken and processed): the phases above plus the placeholders' bookkeeping.
+        result["pipelined_step_ms"] = round(pipelined[len(pipelined) // 2] * 1e3, 3)
     if engine.workers is not None:
         sends.sort()
         result.update(send_step_p50_ms=round(sends[len(sends) // 2] * 1e3, 3),
                       send_step_p90_ms=round(sends[int(len(sends) * 0.9)] * 1e3, 3),
                       step_message_bytes=message_bytes)
     return result
+
+
+def _pipelined_step_times(engine, steps: int) -> list[float]:
+    """Sorted wall times of `steps` whole steps of async scheduling, each launch replaced by a
+    stand-in whose ids (one per sampled row) are ready at once (single rank only)."""
+    from aserve.worker.model_runner import ModelOutput
+
+    class ReadyStep:
+        def __init__(self, rows: int) -> None:
+            self.rows = rows
+
+        def result(self) -> ModelOutput:
+            return ModelOutput([11] * self.rows, None, [None] * self.rows, None, [])
+
+    runner = engine.runner
+    runner.launch = lambda model_input, previous: ReadyStep(model_input.num_sample_rows)
+    try:
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - started)
+        engine.pipeline.drain()
+    finally:
+        del runner.launch   # the class's own method again
+    return sorted(times)
 
 
 def _figures(name, num_requests, in_tokens, out_tokens, elapsed) -> dict:
