@@ -55,8 +55,15 @@ class BlockTableArray:
     def gather(self, seq_ids: Iterable[int], count: int) -> np.ndarray:
         """The tables of `count` sequences as a [count, longest] int32 array, padded with 0."""
         row_of = self._row_of
-        rows = np.fromiter((row_of[s] for s in seq_ids), dtype=np.int64, count=count)
-        width = int(self.lens[rows].max()) if count else 0
+        return self.gather_rows(np.fromiter((row_of[s] for s in seq_ids), dtype=np.int64, count=count))
+
+    def row_of(self, seq_id: int) -> int:
+        """The sequence's row, for a caller that collects rows in a loop of its own."""
+        return self._row_of[seq_id]
+
+    def gather_rows(self, rows: np.ndarray) -> np.ndarray:
+        """gather by rows (row_of's): a [len(rows), longest] int32 array, padded with 0."""
+        width = int(self.lens[rows].max()) if len(rows) else 0
         return self.table[rows, :width]
 
     # ---------------------------------------------------------------- room

@@ -31,8 +31,10 @@ def build_step_arrays(sched: SchedulerOutput, row_plan: "RowPlan", block_manager
                       placeholder_rows: Optional[dict[int, int]] = None) -> StepArrays:
     """placeholder_rows (async scheduling): for sequences whose last token is still being
     sampled, its row among the previous step's sampled ids."""
-    if sched.decode_only and len(sched.scheduled) <= SMALL_DECODE_BATCH:
-        return small_decode_arrays(sched, row_plan, block_manager, placeholder_rows)
+    if sched.decode_only:
+        if len(sched.scheduled) <= SMALL_DECODE_BATCH:
+            return small_decode_arrays(sched, row_plan, block_manager, placeholder_rows)
+        return decode_step_arrays(sched, row_plan, block_manager, placeholder_rows)
     return vectorized_step_arrays(sched, row_plan, block_manager, placeholder_rows)
 
 
@@ -68,6 +70,42 @@ def small_decode_arrays(sched: SchedulerOutput, row_plan: "RowPlan", block_manag
     int32 = np.array(list(range(num + 1)) + seq_lens + flat_tables, dtype=np.int32)
     return StepArrays(int64, int32, num, num, width, len(logits_indices), len(fill_index),
                       len(sched.block_copies), 1, max(seq_lens))
+
+
+def decode_step_arrays(sched: SchedulerOutput, row_plan: "RowPlan", block_manager: BlockManager,
+                       placeholder_rows: Optional[dict[int, int]] = None) -> StepArrays:
+    """build_step_arrays of a decode-only step of many sequences: one Python pass over them for
+    what numpy cannot reach (each one's position, token, block-table row and placeholder), numpy
+    for the rest. The general path makes five passes for the same, one per array."""
+    scheduled = sched.scheduled
+    block_size = block_manager.block_size
+    row_of = block_manager.table_array.row_of
+    placeholder_of = placeholder_rows.get if placeholder_rows else None
+    starts, input_ids, table_rows = [], [], []
+    fill_index: list[int] = []
+    fill_rows: list[int] = []
+    for i, item in enumerate(scheduled):
+        seq, start = item.seq, item.start
+        token_ids = seq.token_ids
+        starts.append(start)
+        input_ids.append(token_ids[start])
+        table_rows.append(row_of(seq.seq_id))
+        if placeholder_of is not None:
+            row = placeholder_of(seq.seq_id)
+            if row is not None and start + 1 == len(token_ids):
+                fill_index.append(i)   # the sequence's last token: a placeholder
+                fill_rows.append(row)
+    positions = np.array(starts, dtype=np.int64)
+    block_tables = block_manager.table_array.gather_rows(np.array(table_rows, dtype=np.int64))
+    slots = (block_tables[np.arange(len(scheduled)), positions // block_size].astype(np.int64) * block_size
+             + positions % block_size)
+    seq_lens = positions + 1
+    return StepArrays.build(
+        np.array(input_ids, dtype=np.int64), positions, slots,
+        np.array(row_plan.logits_indices, dtype=np.int64), np.array(fill_index, dtype=np.int64),
+        np.array(fill_rows, dtype=np.int64), np.array(sched.block_copies, dtype=np.int64).reshape(-1, 2),
+        np.arange(len(scheduled) + 1, dtype=np.int32), seq_lens.astype(np.int32), block_tables, 1,
+        int(seq_lens.max()))
 
 
 def vectorized_step_arrays(sched: SchedulerOutput, row_plan: "RowPlan", block_manager: BlockManager,
