@@ -10,7 +10,10 @@ engine, step by step, and reports:
   run's kernels would be millions of events): GPU time per step of each kind, and the kernels
   grouped by what they do (matmul, prompt attention, decode attention, KV write, norm, ...);
 - the run's wall time against the GPU time its steps would take at the window's rates, which
-  is what the host and the gaps between steps cost.
+  is what the host and the gaps between steps cost;
+- with --host, the window's host side: the launch's CPU time per step of each kind, and the
+  torch ops and CUDA runtime calls with the most CPU time of their own (a cudaStreamSynchronize
+  or cudaEventSynchronize there is the host waiting for the GPU).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main() -> None:
     p.add_argument("--window", default="200:320", help="profiled steps, start:stop")
     p.add_argument("--top", type=int, default=25, help="kernels listed")
     p.add_argument("--tiny", action="store_true", help="2-layer models (a smoke test, also on the CPU)")
+    p.add_argument("--host", action="store_true", help="also the window's host time by op")
     args = p.parse_args()
     w = workload(args.workload, args.tiny, args.num_prompts)
     window_start, window_stop = (int(x) for x in args.window.split(":"))
@@ -169,6 +173,9 @@ def main() -> None:
     print(f"run wall {wall:.2f} s; GPU time estimated from the window's rates {estimate:.2f} s "
           "(kinds absent from the window not counted)")
 
+    if args.host:
+        print_host_table(events, window_counts, args.top)
+
     # The step annotations have a GPU-side range too; they are not kernels.
     kernels = [e for e in events if e.device_type.name == "CUDA" and not e.key.startswith("step ")]
     if not kernels:
@@ -188,6 +195,23 @@ def main() -> None:
         ms = e.self_device_time_total / 1e3
         print(f"{e.key[:96]:96s} {ms:8.1f} {e.count:7d} {1e3 * ms / max(1, e.count):8.1f}")
     engine.shutdown()
+
+
+def print_host_table(events, window_counts: collections.Counter, top: int) -> None:
+    """The window's host time: each step kind's launch (forward and sampling enqueued), then the
+    ops and runtime calls with the most CPU time of their own."""
+    print(f"\n{'launch, host':14s} {'steps':>6s} {'CPU ms/step':>11s}")
+    for e in events:
+        if e.key.startswith("step ") and e.device_type.name == "CPU":
+            kind = e.key.removeprefix("step ")
+            print(f"{kind:14s} {e.count:6d} {e.cpu_time_total / 1e3 / max(1, e.count):11.3f}")
+    cpu = sorted((e for e in events if e.device_type.name == "CPU" and not e.key.startswith("step ")),
+                 key=lambda e: e.self_cpu_time_total, reverse=True)
+    steps = max(1, sum(window_counts.values()))
+    print(f"\n{'host op (self CPU time)':60s} {'ms/step':>8s} {'calls/step':>10s} {'us/call':>8s}")
+    for e in cpu[:top]:
+        ms = e.self_cpu_time_total / 1e3
+        print(f"{e.key[:60]:60s} {ms / steps:8.3f} {e.count / steps:10.1f} {1e3 * ms / max(1, e.count):8.1f}")
 
 
 if __name__ == "__main__":

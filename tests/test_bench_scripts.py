@@ -36,3 +36,12 @@ def test_engine_thread_timing_prints_each_phase_per_step():
     phases = {line.split()[0] for line in out.splitlines() if " wall " in line and " cpu " in line}
     assert {"step", "schedule", "model_input", "launch", "process", "forward", "sample_ids"} <= phases
     assert "output tok/s" in out
+
+
+def test_profile_run_reports_steps_by_kind_and_the_host_ops():
+    out = _run(os.path.join(BENCH, "profile_run.py"), "--workload", "A", "--tiny", "--num-prompts", "12",
+               "--window", "0:20", "--host", "--top", "5")
+    assert "decode" in out and "run wall" in out
+    host = out[out.index("host op (self CPU time)"):].splitlines()[1:6]
+    assert len(host) == 5 and all(float(line.split()[-1]) >= 0 for line in host), host   # us/call
+    assert "launch, host" in out
