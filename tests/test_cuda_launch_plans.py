@@ -58,13 +58,60 @@ def test_decode_partition_refuses_contexts_beyond_the_kernel():
         decode_partition(1, 8, MAX_SPLITS * MAX_PARTITION + 1, 16, num_sms=132)
 
 
-def test_input_upload_returns_the_array_in_the_asked_dtype():
+def test_input_upload_returns_both_arrays_in_their_dtypes():
     uploader = InputUploader(torch.device("cpu"))
-    a = uploader.upload(np.arange(5), torch.int64)
+    a, d = uploader.upload(np.arange(5), np.array([7, 8], dtype=np.int64))
     assert a.dtype == torch.int64 and a.tolist() == list(range(5))
-    d = uploader.upload(np.array([7, 8], dtype=np.int64), torch.int32)
     assert d.dtype == torch.int32 and d.tolist() == [7, 8]
-    assert uploader.upload(np.array([], dtype=np.int64), torch.int64).numel() == 0
+    a, d = uploader.upload(np.array([], dtype=np.int64), np.array([], dtype=np.int32))
+    assert a.numel() == 0 and d.numel() == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_input_upload_on_a_gpu_keeps_every_step_intact_through_the_ring_and_growth():
+    """Each upload is one copy out of a pinned buffer used in turns; a buffer refilled too early,
+    or the int32 part misplaced, would show in an earlier step's tensors."""
+    uploader = InputUploader(torch.device("cuda"))
+    rng = np.random.default_rng(0)
+    kept = []
+    for size in (3, 0, 5000, 17, 40000, 1, 8):   # growth past the first buffers, and back
+        int64 = rng.integers(-2**40, 2**40, size)
+        int32 = rng.integers(-2**30, 2**30, 2 * size + 1, dtype=np.int32)
+        a, d = uploader.upload(int64, int32)
+        assert a.device.type == "cuda" and a.dtype == torch.int64 and d.dtype == torch.int32
+        kept.append((int64, int32, a, d))
+    torch.cuda.synchronize()
+    for int64, int32, a, d in kept:
+        assert a.cpu().numpy().tolist() == int64.tolist() and d.cpu().numpy().tolist() == int32.tolist()
+
+
+def test_decode_shortcuts_give_what_the_gathers_give():
+    """A decode step whose logits rows and placeholders are 0..n-1 skips both gathers; any
+    other step gathers."""
+    from aserve.worker.model_runner import ModelInput, _is_arange
+
+    assert _is_arange(np.arange(7)) and _is_arange(np.array([], dtype=np.int64))
+    assert not _is_arange(np.array([0, 2, 1])) and not _is_arange(np.array([1, 2, 3]))
+    assert _is_arange(np.arange(100_000))   # past the cached range
+    hidden = torch.randn(4, 3)
+    previous = torch.tensor([40, 41, 42, 43])
+
+    def model_input(logits_indices, fill_index, fill_rows, **flags):
+        return ModelInput(torch.tensor([1, -1, -1, 4]), torch.arange(4), None, [], torch.tensor(logits_indices),
+                          len(logits_indices), 0, None, [], [], torch.tensor(fill_index),
+                          torch.tensor(fill_rows), None, **flags)
+
+    fast = model_input([0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3], logits_all_tokens=True, fills_all_tokens=True)
+    slow = model_input([0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3])
+    assert fast.logits_rows(hidden) is hidden and torch.equal(slow.logits_rows(hidden), hidden)
+    assert fast.filled_input_ids(previous) is previous
+    assert torch.equal(slow.filled_input_ids(previous), previous)
+    # A previous step of another size (a request left): the gather, even with the flag.
+    assert fast.filled_input_ids(torch.tensor([7, 8, 9, 10, 11])).tolist() == [7, 8, 9, 10]
+    partial = model_input([3, 1], [1, 2], [3, 0])
+    assert partial.logits_rows(hidden).tolist() == hidden[[3, 1]].tolist()
+    assert partial.filled_input_ids(previous).tolist() == [1, 43, 40, 4]
 
 
 def test_a_gpu_without_nvrtc_falls_back_to_the_torch_attention(monkeypatch):

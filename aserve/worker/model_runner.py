@@ -55,6 +55,21 @@ class ModelInput:
     fill_rows: Optional[torch.Tensor] = None
     # The host arrays these tensors were made from: what rank 0 sends to the other ranks.
     arrays: Optional[StepArrays] = None
+    # A decode step's usual shape, which saves it a gather each: every token's logits are
+    # needed, in token order (logits_indices is 0..n-1), and every input token is the previous
+    # step's sampled id of the same row (fill_index and fill_rows are 0..n-1).
+    logits_all_tokens: bool = False
+    fills_all_tokens: bool = False
+
+    def logits_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states whose logits the step needs."""
+        return hidden if self.logits_all_tokens else hidden[self.logits_indices]
+
+    def filled_input_ids(self, previous_sampled: torch.Tensor) -> torch.Tensor:
+        """input_ids with the placeholders replaced by the previous step's sampled ids."""
+        if self.fills_all_tokens and previous_sampled.numel() == self.input_ids.numel():
+            return previous_sampled   # read only: the forward never writes its input ids
+        return self.input_ids.index_copy(0, self.fill_index, previous_sampled.index_select(0, self.fill_rows))
 
 
 @dataclass
@@ -95,13 +110,13 @@ class ModelRunner:
 
     # ---------------------------------------------------------------- inputs (engine thread)
     def model_input(self, arrays: StepArrays, row_plan: Optional["RowPlan"] = None) -> ModelInput:
-        """The step's tensors on the device (one upload per dtype); row_plan says what rank 0
+        """The step's tensors on the device (one upload); row_plan says what rank 0
         samples (None on the other ranks, which only run the forward)."""
-        input_ids, positions, slots, logits_indices, fill_index, fill_rows = arrays.int64_views(
-            self.uploader.upload(arrays.int64, torch.int64))
-        query_start, seq_lens, block_tables = arrays.int32_views(
-            self.uploader.upload(arrays.int32, torch.int32))
+        device_int64, device_int32 = self.uploader.upload(arrays.int64, arrays.int32)
+        input_ids, positions, slots, logits_indices, fill_index, fill_rows = arrays.int64_views(device_int64)
+        query_start, seq_lens, block_tables = arrays.int32_views(device_int32)
         host_query_start, host_seq_lens, _ = arrays.int32_views(arrays.int32)
+        _, _, _, host_logits_indices, host_fill_index, host_fill_rows = arrays.int64_views(arrays.int64)
         metadata = AttentionMetadata(
             num_tokens=arrays.num_tokens, query_start_loc=query_start, seq_lens=seq_lens,
             block_tables=block_tables, slot_mapping=slots, max_query_len=arrays.max_query_len,
@@ -122,7 +137,10 @@ class ModelRunner:
             prompt_logprob_groups=row_plan.prompt_logprob_groups if row_plan else [],
             fill_index=fill_index,
             fill_rows=fill_rows,
-            arrays=arrays)
+            arrays=arrays,
+            logits_all_tokens=arrays.num_logits == arrays.num_tokens and _is_arange(host_logits_indices),
+            fills_all_tokens=(arrays.num_fills == arrays.num_tokens and _is_arange(host_fill_index)
+                              and _is_arange(host_fill_rows)))
 
     # ---------------------------------------------------------------- execution (any thread)
     def _forward(self, model_input: ModelInput, input_ids: torch.Tensor) -> torch.Tensor:
@@ -141,14 +159,13 @@ class ModelRunner:
         self._send(STEP_LAUNCH, model_input)
         input_ids = model_input.input_ids
         if model_input.fill_index is not None:
-            input_ids = input_ids.index_copy(0, model_input.fill_index,
-                                             previous.sampled.index_select(0, model_input.fill_rows))
+            input_ids = model_input.filled_input_ids(previous.sampled)
         with self._collectives():
             hidden = self._forward(model_input, input_ids)
             if model_input.logits_indices.numel() == 0:
                 return PendingStep.start(torch.empty(0, dtype=torch.long, device=hidden.device))
             # In the model's dtype: the sampler's one-pass path reads it as it is.
-            logits = self.model.compute_logits(hidden[model_input.logits_indices])
+            logits = self.model.compute_logits(model_input.logits_rows(hidden))
         error, row_errors = None, {}
         try:
             try:
@@ -174,7 +191,7 @@ class ModelRunner:
             hidden = self._forward(model_input, model_input.input_ids)
             if model_input.logits_indices.numel() == 0:
                 return ModelOutput([], None, [], None, [])
-            logits = self.model.compute_logits(hidden[model_input.logits_indices]).float()
+            logits = self.model.compute_logits(model_input.logits_rows(hidden)).float()
         n_sample, n_beam = model_input.num_sample_rows, model_input.num_beam_rows
 
         sampled, sample_logprobs, sampled_lps, row_errors = [], None, [], {}
@@ -208,12 +225,11 @@ class ModelRunner:
         (the forward's, the logits gather, and for launched steps the sampled-id broadcast)."""
         input_ids = model_input.input_ids
         if model_input.fill_index is not None:
-            input_ids = input_ids.index_copy(0, model_input.fill_index,
-                                             self._last_sampled.index_select(0, model_input.fill_rows))
+            input_ids = model_input.filled_input_ids(self._last_sampled)
         hidden = self._forward(model_input, input_ids)
         rows = model_input.logits_indices.numel()
         if rows:
-            self.model.compute_logits(hidden[model_input.logits_indices])
+            self.model.compute_logits(model_input.logits_rows(hidden))
         if kind == STEP_LAUNCH:
             sampled = torch.empty(rows, dtype=torch.long, device=self.device)
             if rows:
@@ -265,6 +281,18 @@ class PendingStep:
         if self._copied is not None:
             self._copied.synchronize()
         return ModelOutput(self._host.tolist(), None, [], None, [], self._row_errors)
+
+
+_ARANGE = np.arange(0)
+
+
+def _is_arange(values: np.ndarray) -> bool:
+    """Whether values is 0, 1, ..., len - 1."""
+    global _ARANGE
+    n = len(values)
+    if n > len(_ARANGE):
+        _ARANGE = np.arange(max(n, 2 * len(_ARANGE)), dtype=np.int64)
+    return bool((values == _ARANGE[:n]).all())
 
 
 @torch.inference_mode()
