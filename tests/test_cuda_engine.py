@@ -30,38 +30,6 @@ def test_cuda_graphs_on_and_off_give_the_same_tokens_as_transformers(family, llm
     assert got == [hf_greedy(tiny_model_dir(family), p, GREEDY.max_tokens) for p in prompts]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_decode_graphs_compute_the_logits_as_the_eager_lm_head(family, llm_cache, monkeypatch):
-    """With ASERVE_GRAPH_LOGITS, on one rank, the graphs also run the LM head, into one static
-    buffer: at 13 sequences (a matmul, not the GEMV of a few rows, in the graph of 16) the
-    tokens are the eager engine's, pipelined (launch) and synchronous (logprobs), and so are
-    the logprobs."""
-    from aserve import OfflineLLM
-    from aserve.worker import cuda_graphs
-
-    monkeypatch.setattr(cuda_graphs, "CAPTURE_LOGITS", True)
-    prompts = random_prompts(13, PROMPT_LENGTHS)
-    with_graphs = OfflineLLM(model=tiny_model_dir(family), dtype="float32", kv_cache_memory_gb=0.25)
-    eager = llm_cache(family, enforce_eager=True)
-    graphs = with_graphs.engine.runner.decode_graphs
-    assert graphs.logits is not None and 16 in graphs.logit_outputs and 1 in graphs.logit_outputs
-    for params in (SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
-                   SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)):
-        replays = graphs.num_replays
-        a = with_graphs.generate(prompts, params, use_tqdm=False)
-        assert graphs.num_replays > replays
-        b = eager.generate(prompts, params, use_tqdm=False)
-        assert [x.outputs[0].token_ids for x in a] == [y.outputs[0].token_ids for y in b]
-        if params.logprobs:
-            for x, y in zip(a, b):
-                for step_x, step_y in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
-                    got = {t: lp.logprob for t, lp in step_x.items()}
-                    want = {t: lp.logprob for t, lp in step_y.items()}
-                    assert got.keys() == want.keys()
-                    assert all(abs(got[t] - want[t]) < 1e-4 for t in got)
-    with_graphs.shutdown()
-
-
 def test_attention_runs_on_the_cuda_backend(llm_cache):
     llm = llm_cache("llama")
     llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)

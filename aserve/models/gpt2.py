@@ -109,10 +109,9 @@ class GPT2LMHeadModel(nn.Module):
         """Hidden states [T, hidden] of the flattened tokens of this step."""
         return self.transformer(input_ids, positions, kv_caches, attn_metadata)
 
-    def compute_logits(self, hidden_states: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits [N, vocab_size] of the given hidden states, in the model's dtype (out: see
-        ParallelLMHead.get_logits)."""
-        return self.lm_head.get_logits(hidden_states, out)
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab_size] of the given hidden states, in the model's dtype."""
+        return self.lm_head.get_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named weights, with or without the "transformer." prefix."""

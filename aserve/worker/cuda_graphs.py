@@ -5,31 +5,19 @@ A graph reads its inputs from static buffers; a replay copies the step's inputs 
 pads the batch up to the captured size with rows that write nothing (slot -1) and attend to
 nothing (seq_len 0). The decode kernel's grid is fixed at capture by max_seq_len_to_capture
 (its number of context splits); a step with a longer context, or a larger batch, runs eagerly.
-
-With ASERVE_GRAPH_LOGITS=1, on one rank, the graphs also compute the logits of every row
-(every row of a decode step is sampled), into one static buffer that all of them share: the LM
-head's matmul then costs no launch of its own (cuBLAS took ~0.1 ms of host time a call on the
-H200's host). With tensor parallelism the logits stay eager: the other ranks join their gather
-outside the graphs. It is off by default until it has run on a card (written when the session's
-device budget was spent; bench/RESULTS.md, eleventh session).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
-from typing import Optional
 
 import torch
 
 from aserve.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
-
-# ASERVE_GRAPH_LOGITS=1: the logits in the graphs (module docstring).
-CAPTURE_LOGITS = os.environ.get("ASERVE_GRAPH_LOGITS", "0") == "1"
 
 
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
@@ -43,7 +31,7 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
-                 max_seq_len_to_capture: int, device: torch.device, capture_logits: bool = False) -> None:
+                 max_seq_len_to_capture: int, device: torch.device) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -59,13 +47,6 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(largest + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        # The logits of the largest batch, which every graph's LM head writes a slice of; a
-        # replay's logits are read (sampled) before the next replay is queued.
-        self.logits: Optional[torch.Tensor] = None
-        self.logit_outputs: dict[int, torch.Tensor] = {}
-        head = getattr(model, "lm_head", None)
-        if capture_logits and CAPTURE_LOGITS and head is not None:
-            self.logits = torch.empty(largest, head.weight.shape[0], dtype=head.weight.dtype, device=device)
         self.capture_seconds = 0.0
         self.num_replays = 0
 
@@ -95,13 +76,11 @@ class DecodeGraphs:
             for batch in reversed(self.sizes):
                 metadata = self._metadata(batch)
                 args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, metadata)
-                self._forward(batch, args)
+                self.model(*args)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[batch], logits = self._forward(batch, args)
-                if logits is not None:
-                    self.logit_outputs[batch] = logits
+                    self.outputs[batch] = self.model(*args)
                 self.graphs[batch] = graph
         finally:
             if was_enabled:
@@ -109,21 +88,14 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
 
-    def _forward(self, batch: int, args) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        hidden = self.model(*args)
-        if self.logits is None:
-            return hidden, None
-        return hidden, self.model.compute_logits(hidden, out=self.logits[:batch])
-
     def can_run(self, metadata: AttentionMetadata) -> bool:
         return (metadata.is_all_decode and metadata.num_tokens <= self.sizes[-1]
                 and metadata.max_seq_len <= self.max_seq_len
                 and metadata.block_tables.shape[1] <= self.max_blocks)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,
-            metadata: AttentionMetadata) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Hidden states [n, hidden] of a decode step that can_run() accepted, and the logits
-        of its n rows when the graphs compute them (else None)."""
+            metadata: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode step that can_run() accepted."""
         n = metadata.num_tokens
         batch = next(b for b in self.sizes if b >= n)
         width = metadata.block_tables.shape[1]
@@ -138,5 +110,4 @@ class DecodeGraphs:
             self.seq_lens[n:batch].zero_()
         self.graphs[batch].replay()
         self.num_replays += 1
-        logits = self.logit_outputs.get(batch)
-        return self.outputs[batch][:n], (logits[:n] if logits is not None else None)
+        return self.outputs[batch][:n]

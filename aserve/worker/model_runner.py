@@ -103,7 +103,7 @@ class ModelRunner:
     def capture_decode_graphs(self, max_num_seqs: int, max_seq_len_to_capture: int) -> DecodeGraphs:
         """Capture CUDA graphs of decode steps; later decode steps that fit replay them."""
         graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_num_seqs,
-                              max_seq_len_to_capture, self.device, capture_logits=not self.group.is_parallel)
+                              max_seq_len_to_capture, self.device)
         graphs.capture()
         self.decode_graphs = graphs
         return graphs
@@ -143,22 +143,12 @@ class ModelRunner:
                               and _is_arange(host_fill_rows)))
 
     # ---------------------------------------------------------------- execution (any thread)
-    def _forward(self, model_input: ModelInput, input_ids: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Hidden states of the step, and the logits of all its rows where a decode graph
-        computed them (else None)."""
+    def _forward(self, model_input: ModelInput, input_ids: torch.Tensor) -> torch.Tensor:
         copy_blocks(self.kv_caches, model_input.block_copies)
         metadata = model_input.attn_metadata
         if self.decode_graphs is not None and self.decode_graphs.can_run(metadata):
             return self.decode_graphs.run(input_ids, model_input.positions, metadata)
-        return self.model(input_ids, model_input.positions, self.kv_caches, metadata), None
-
-    def _logits(self, model_input: ModelInput, hidden: torch.Tensor,
-                graph_logits: Optional[torch.Tensor]) -> torch.Tensor:
-        """The logits of the step's logits rows, in the model's dtype (a decode graph's are
-        every token's, in token order)."""
-        if graph_logits is not None:
-            return graph_logits if model_input.logits_all_tokens else graph_logits[model_input.logits_indices]
-        return self.model.compute_logits(model_input.logits_rows(hidden))
+        return self.model(input_ids, model_input.positions, self.kv_caches, metadata)
 
     @torch.inference_mode()
     def launch(self, model_input: ModelInput, previous: Optional["PendingStep"]) -> "PendingStep":
@@ -171,11 +161,11 @@ class ModelRunner:
         if model_input.fill_index is not None:
             input_ids = model_input.filled_input_ids(previous.sampled)
         with self._collectives():
-            hidden, graph_logits = self._forward(model_input, input_ids)
+            hidden = self._forward(model_input, input_ids)
             if model_input.logits_indices.numel() == 0:
                 return PendingStep.start(torch.empty(0, dtype=torch.long, device=hidden.device))
             # In the model's dtype: the sampler's one-pass path reads it as it is.
-            logits = self._logits(model_input, hidden, graph_logits)
+            logits = self.model.compute_logits(model_input.logits_rows(hidden))
         error, row_errors = None, {}
         try:
             try:
@@ -198,10 +188,10 @@ class ModelRunner:
         assert model_input.fill_index is None, "placeholders need launch() and the previous step"
         self._send(STEP_EXECUTE, model_input)
         with self._collectives():
-            hidden, graph_logits = self._forward(model_input, model_input.input_ids)
+            hidden = self._forward(model_input, model_input.input_ids)
             if model_input.logits_indices.numel() == 0:
                 return ModelOutput([], None, [], None, [])
-            logits = self._logits(model_input, hidden, graph_logits).float()
+            logits = self.model.compute_logits(model_input.logits_rows(hidden)).float()
         n_sample, n_beam = model_input.num_sample_rows, model_input.num_beam_rows
 
         sampled, sample_logprobs, sampled_lps, row_errors = [], None, [], {}
@@ -236,7 +226,7 @@ class ModelRunner:
         input_ids = model_input.input_ids
         if model_input.fill_index is not None:
             input_ids = model_input.filled_input_ids(self._last_sampled)
-        hidden, _ = self._forward(model_input, input_ids)   # no graph logits with several ranks
+        hidden = self._forward(model_input, input_ids)
         rows = model_input.logits_indices.numel()
         if rows:
             self.model.compute_logits(model_input.logits_rows(hidden))

@@ -9,14 +9,12 @@ and the gathered logits are cut back to the real vocabulary.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aserve.distributed import current_group
-from aserve.models.layers.linear import linear, uses_gemv
+from aserve.models.layers.linear import linear
 
 
 def padded_vocab_size(num_embeddings: int, world_size: int) -> int:
@@ -86,18 +84,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied through get_logits(), not called")
 
-    def get_logits(self, hidden_states: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def get_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits [N, vocab_size] in the model's dtype. The one-pass sampler
         reads them as they are; what needs float32 (logprobs, the logits processors) converts:
-        a float32 copy of a batch-256 step's logits is a 51 MB write at OPT's vocabulary.
-
-        out: where a one-rank matmul step writes them (a CUDA graph's static buffer, the same
-        kernel as without it); the few rows of a GEMV step, or a tensor-parallel gather, give
-        a tensor of their own."""
-        if out is not None and self.tp_size == 1 and not uses_gemv(hidden_states, self.weight):
-            if self.bias is None:
-                return torch.mm(hidden_states, self.weight.t(), out=out)
-            return torch.addmm(self.bias, hidden_states, self.weight.t(), out=out)
+        a float32 copy of a batch-256 step's logits is a 51 MB write at OPT's vocabulary."""
         logits = linear(hidden_states, self.weight, self.bias)
         if self.tp_size > 1:
             logits = self.tp.all_gather(logits)[:, :self.num_embeddings]
