@@ -291,14 +291,19 @@ def test_copy_blocks_matches_reference():
 MIXED_LAYOUTS = {
     "interleaved": ([1, 40, 1, 25, 1], [30, 40, 100, 60, 1]),   # gathered and scattered by index
     "decode_first": ([1, 1, 1, 40, 25], [30, 100, 1, 40, 60]),  # the scheduler's order: views
+    "fresh_prompts": ([40, 7, 33], [40, 7, 33]),                # flash attention's output is all
+    "prompts": ([40, 25], [40, 60]),                            # the same, one with context
 }
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sliding_window", [None, 24])
 @pytest.mark.parametrize("layout", sorted(MIXED_LAYOUTS))
-def test_cuda_backend_matches_reference_on_mixed_steps(dtype, sliding_window, layout):
-    """Decodes, a fresh prompt and a prompt chunk with cached context in one step."""
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_cuda_backend_matches_reference_on_mixed_steps(dtype, sliding_window, layout, fused_qkv):
+    """Decodes, a fresh prompt and a prompt chunk with cached context in one step, or prompts
+    alone; q, k and v as tensors of their own or, as the models pass them, as views into one
+    fused QKV projection."""
     from aserve.attention.cuda_backend import CudaAttentionBackend
     from aserve.attention.metadata import AttentionMetadata
     from aserve.attention.torch_ref import TorchReferenceBackend
@@ -321,8 +326,15 @@ def test_cuda_backend_matches_reference_on_mixed_steps(dtype, sliding_window, la
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), block_tables=tables,
         slot_mapping=slots, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
         query_lens_cpu=query_lens, seq_lens_cpu=seq_lens)
-    q, k, v = (torch.randn(num_tokens, h, head_dim, generator=gen, device="cuda").to(dtype)
-               for h in (num_heads, num_kv_heads, num_kv_heads))
+    if fused_qkv:
+        qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen,
+                          device="cuda").to(dtype)
+        q, k, v = (part.view(num_tokens, -1, head_dim) for part in qkv.split(
+            [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1))
+        assert not k.is_contiguous()
+    else:
+        q, k, v = (torch.randn(num_tokens, h, head_dim, generator=gen, device="cuda").to(dtype)
+                   for h in (num_heads, num_kv_heads, num_kv_heads))
     ref_cache = cache.clone()
     ref = TorchReferenceBackend().forward(q, k, v, ref_cache, metadata, 0.09, sliding_window)
     out = CudaAttentionBackend().forward(q, k, v, cache, metadata, 0.09, sliding_window)
