@@ -110,7 +110,7 @@ def main() -> None:
 
     params = SamplingParams(temperature=0.0 if w.greedy else 1.0, top_p=1.0, top_k=-1,
                             max_tokens=w.output_len, ignore_eos=True)
-    for prompt in prompts_for(w)[:32]:  # warm-up
+    for prompt in prompts_for(w, seed=1)[:32]:  # warm-up, on prompts the run does not have
         engine.add_request(None, prompt, SamplingParams(max_tokens=8, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()

@@ -11,8 +11,9 @@
 Every model has random weights (load_format="dummy": only a config.json is written, to a temp
 folder) and no tokenizer (skip_tokenizer_init); prompts are token ids from
 numpy.random.RandomState(0).randint(100, 30000, size=(N, P)); every request makes exactly its
-output tokens (ignore_eos). Each system is timed after a warm-up; aserve's A1 and B1 are the
-median of --latency-runs runs (all of them listed in its JSON line).
+output tokens (ignore_eos). Each system is timed after a warm-up (A and B: 32 prompts of another
+seed, none of them a timed one); aserve's A1 and B1 are the median of --latency-runs runs (all of
+them listed in its JSON line), after a run of the same request.
 
 --baseline hf runs transformers' generate() on the same workloads in the same process, before the
 engine starts and freed before it does (the engine takes gpu_memory_utilization of the card):
@@ -103,8 +104,12 @@ def hf_config(model: str, tiny: bool):
                        architectures=["LlamaForCausalLM"], **size)
 
 
-def prompts_for(w: Workload) -> list[list[int]]:
-    return np.random.RandomState(0).randint(100, 30000, size=(w.num_prompts, w.prompt_len)).tolist()
+def prompts_for(w: Workload, seed: int = 0) -> list[list[int]]:
+    """The workload's prompts; another seed gives a throughput run's warm-up prompts, which
+    share no prefix with the timed ones (timed prompts found in the prefix cache would skip
+    most of their prefill, and take a path, prompts with cached context, that the timed run's
+    first step then paid for loading: 70-85 ms of a ~1.2 s run of A on the H200)."""
+    return np.random.RandomState(seed).randint(100, 30000, size=(w.num_prompts, w.prompt_len)).tolist()
 
 
 def _sync() -> None:
@@ -195,8 +200,9 @@ def run_aserve(model_dir: str, dtype: str, max_model_len: int, workloads: list[W
         if w.latency:
             llm.generate(prompts, params, use_tqdm=False)  # warm-up: the whole request once
         else:
-            llm.generate(prompts[:32], SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True),
-                         use_tqdm=False)  # warm-up
+            llm.generate(prompts_for(w, seed=1)[:32],
+                         SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True),
+                         use_tqdm=False)  # warm-up, on prompts of its own
         # A latency workload is one short request (a fraction of a second), which the host's
         # moment moves by up to 1.7x: it runs --latency-runs times and reports the median, as
         # vLLM's latency benchmark runs iterations after warm-up ones.
