@@ -134,10 +134,15 @@ class OutputProcessor:
     # ---------------------------------------------------------------- reporting
     def make_output(self, request: Request) -> RequestOutput:
         seqs = request.seqs
-        # A streaming server makes one output per request per step: the common one sequence
-        # is checked without a generator (its cost showed in the server's profile).
-        finished = request.error is not None or (
-            seqs[0].finish_reason is not None if len(seqs) == 1 else all(s.is_finished for s in seqs))
+        if len(seqs) == 1 and request.error is None and request.beam_outputs is None:
+            return self._one_sample_output(request, seqs[0])
+        return self._any_output(request)
+
+    @staticmethod
+    def _any_output(request: Request) -> RequestOutput:
+        """make_output of any request: several samples, beams, or an error."""
+        seqs = request.seqs
+        finished = request.error is not None or all(s.is_finished for s in seqs)
         if request.beam_outputs is not None:
             outputs = request.beam_outputs
         else:
@@ -163,6 +168,28 @@ class OutputProcessor:
                              if request.prompt_logprobs is not None else None),
             outputs=outputs, finished=finished, error=request.error, metrics=request.metrics,
             num_cached_tokens=request.num_cached_tokens)
+
+    @staticmethod
+    def _one_sample_output(request: Request, seq: Sequence) -> RequestOutput:
+        """make_output of the commonest request: one sample, no error, no beams. A streaming
+        server makes one per request per batch of steps (256 at saturation), so it builds the
+        two objects with positional arguments, in their fields' order: keyword arguments
+        made each output ~1 us dearer on the CPU VM."""
+        finished = seq.finish_reason is not None
+        params = request.params
+        detokenizer, logprobs = seq.detokenizer, seq.logprobs
+        metrics = request.metrics
+        if finished and metrics.finished_time is None:
+            metrics.finished_time = time.monotonic()
+        prompt_logprobs = request.prompt_logprobs
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids,
+            prompt_logprobs.snapshot() if prompt_logprobs is not None else None,
+            [CompletionOutput(
+                0, detokenizer.text if detokenizer else "", seq.token_ids[seq.num_prompt_tokens:],
+                seq.cumulative_logprob if params.logprobs is not None or params.best_of > params.n else None,
+                logprobs.snapshot() if logprobs is not None else None, seq.finish_reason, seq.stop_reason)],
+            finished, None, metrics, request.num_cached_tokens)
 
 
 class GrammarConflictError(ValueError):
