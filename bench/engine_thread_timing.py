@@ -6,6 +6,7 @@ GPU) come apart.
         [--output-len 128] [--vocab 30000] [--load-format dummy] [--skip-tokenizer-init]
     python bench/engine_thread_timing.py server [python -m aserve's arguments ...]
     (--detail anywhere: also the parts of launch and of the step's tensors)
+    (--stand-in-model anywhere: no model work; each launched step's ids are ready at once)
 
 offline: model A's workload through OfflineLLM.generate (random token ids, sampling at
 temperature 1, ignore_eos), timed after a warm-up. server: `python -m aserve` with the same
@@ -79,6 +80,26 @@ def _forward_phase(runner, model_input, *_) -> str:
     if max(model_input.attn_metadata.query_lens_cpu, default=1) == 1:
         return "  forward decode"
     return "  forward prompts"
+
+
+def _install_stand_in_model() -> None:
+    """--stand-in-model: ModelRunner.launch runs no model and returns ids at once (a cycle
+    through the word ids of bench/make_random_model.py's tokenizers), so that a step costs only
+    the engine's and the server's host work: offline against served, this is the server goal's
+    ratio (issue 11) of a host whose GPU takes no time. The steps still build their inputs;
+    requests that need the model's numbers (logprobs, beams) are not supported."""
+    import torch
+
+    next_id = [0]
+
+    def launch(self, model_input, previous):
+        rows = model_input.num_sample_rows
+        start = next_id[0]
+        next_id[0] = (start + rows) % 3000
+        ids = torch.arange(start, start + rows, dtype=torch.long) % 3000 + 300
+        return model_runner.PendingStep.start(ids)
+
+    model_runner.ModelRunner.launch = launch
 
 
 def _install_timers() -> None:
@@ -159,6 +180,9 @@ def run_server(argv: list[str]) -> None:
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in ("offline", "server"):
         sys.exit(__doc__)
+    if "--stand-in-model" in sys.argv:
+        sys.argv.remove("--stand-in-model")
+        _install_stand_in_model()
     _install_timers()
     (run_offline if sys.argv[1] == "offline" else run_server)(sys.argv[2:])
 

@@ -38,6 +38,17 @@ def test_engine_thread_timing_prints_each_phase_per_step():
     assert "output tok/s" in out
 
 
+def test_engine_thread_timing_with_the_stand_in_model_runs_no_model():
+    """--stand-in-model: the run completes with every phase of a step timed, and the model's
+    forward never runs."""
+    out = _run(os.path.join(BENCH, "engine_thread_timing.py"), "offline", tiny_model_dir("opt"),
+               "--num-prompts", "8", "--input-len", "8", "--output-len", "4", "--vocab", "500",
+               "--load-format", "auto", "--detail", "--stand-in-model")
+    phases = {line.split()[0] for line in out.splitlines() if " wall " in line and " cpu " in line}
+    assert {"step", "schedule", "launch", "process"} <= phases and "forward" not in phases
+    assert "output tok/s" in out
+
+
 def test_profile_run_reports_steps_by_kind_and_the_host_ops():
     out = _run(os.path.join(BENCH, "profile_run.py"), "--workload", "A", "--tiny", "--num-prompts", "12",
                "--window", "0:20", "--host", "--top", "5")
