@@ -59,6 +59,40 @@ def test_new_prompts_join_while_others_decode():
     assert [(i.request.request_id, i.num_new_tokens) for i in out.scheduled] == [("a", 1), ("b", 15)]
 
 
+def test_admission_counts_each_best_of_sample_against_max_num_seqs():
+    """A best_of request takes best_of of max_num_seqs' sequences."""
+    bm = BlockManager(256, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=1000, max_num_seqs=4, max_model_len=100), bm)
+    for rid, best_of in [("a", 2), ("b", 1), ("c", 2), ("d", 1), ("e", 1)]:
+        sched.add_request(_request(rid, 3, best_of))
+    out = sched.schedule()
+    assert [i.request.request_id for i in out.scheduled] == ["a", "b"]   # c would make 5
+    for item in out.scheduled:
+        item.seq.num_computed_tokens = 3
+        item.seq.token_ids.append(9)
+    sched.add_request(_request("f", 3))
+    out = sched.schedule()
+    assert [i.request.request_id for i in out.scheduled] == ["a", "b"]   # one slot free, c needs 2
+    sched.running.remove(sched.running[1])   # b leaves: a (2) + c (2) fill all 4
+    out = sched.schedule()
+    assert [i.request.request_id for i in out.scheduled] == ["a", "c"]
+    assert [r.request_id for r in sched.waiting] == ["d", "e", "f"]
+
+
+def test_a_full_list_of_running_requests_admits_none_of_the_queue():
+    bm = BlockManager(256, 4)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=1000, max_num_seqs=2, max_model_len=100), bm)
+    for rid in "xyz":
+        sched.add_request(_request(rid, 3))
+    for _ in range(3):
+        out = sched.schedule()
+        assert [i.request.request_id for i in out.scheduled] == ["x", "y"]
+        for item in out.scheduled:
+            item.seq.num_computed_tokens = len(item.seq.token_ids)
+            item.seq.token_ids.append(9)
+    assert [r.request_id for r in sched.waiting] == ["z"]
+
+
 def test_preemption_takes_the_latest_arrival_and_requeues_it_first():
     bm = BlockManager(4, 4)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8, max_model_len=100), bm)

@@ -117,8 +117,11 @@ class Scheduler:
                 continue
             break  # the request preempted itself: nothing later is running either
 
-        width = sum(r.params.best_of for r in self.running) if self.waiting else 0
-        while self.waiting and budget > 0 and not preempted:
+        # Sequences running or about to (a best_of request runs best_of); each is at least one,
+        # so a full running list admits nothing and needs no sum over it, every step of a queue.
+        admit = self.waiting and len(self.running) < self.config.max_num_seqs
+        width = sum(r.params.best_of for r in self.running) if admit else 0
+        while admit and self.waiting and budget > 0 and not preempted:
             request = self.waiting[0]
             if width + request.params.best_of > self.config.max_num_seqs:
                 break
