@@ -1,7 +1,7 @@
 """Where a decode step's time goes: host time per engine phase, and the GPU kernels.
 
     python bench/profile_step.py [--model llama|opt] [--batch 1] [--context 128] [--steps 32]
-                                 [--async-scheduling]
+                                 [--async-scheduling] [--chain]
 
 Builds model B (Llama-3.1-8B shape, bf16) or A (OPT-125m shape, fp16) of bench/workloads.py with
 dummy weights, starts --batch requests of --context prompt tokens, and once they decode,
@@ -9,7 +9,9 @@ times --steps steps: host milliseconds in schedule / execute / process (execute 
 wait for the GPU), then a torch.profiler table of the GPU kernels over the same number of steps.
 Steps run synchronously here (async_scheduling off), so each phase can be timed on its own;
 with --async-scheduling (the engine's default) the host phases overlap the GPU and only the
-wall time per step and the kernel table are printed.
+wall time per step and the kernel table are printed. --chain adds the step's wall time split
+along its chain of kernels (print_chain): under programmatic dependent launch the kernel table's
+durations overlap, and only this split says what each kernel adds to a step.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def main() -> None:
     p.add_argument("--async-scheduling", action="store_true",
                    help="profile the engine's pipelined steps (no per-phase host times)")
     p.add_argument("--no-gemv", action="store_true", help="decode matmuls in cuBLAS, not aserve's GEMV")
+    p.add_argument("--chain", action="store_true",
+                   help="also split the step's wall time by kernel along the chain (end-to-end deltas)")
     args = p.parse_args()
     if args.no_gemv:
         from aserve.models.layers import linear
@@ -108,6 +112,36 @@ def main() -> None:
     print(f"{'kernel':90s} {'ms/step':>8s} {'calls/step':>10s}")
     for e in events[:30]:
         print(f"{e.key[:90]:90s} {e.self_device_time_total / 1e3 / args.steps:8.3f} {e.count / args.steps:10.1f}")
+    if args.chain:
+        print_chain(prof, args.steps)
+
+
+def print_chain(prof, steps: int, out=print) -> None:
+    """The profiled steps' wall time split along the chain of kernels: each kernel is charged
+    the time from the end of the GPU work before it to its own end, and is named with the
+    kernel before it (so the GEMV after a norm and the one after attention stay apart). A
+    decode step is a chain in which every kernel waits for the one before, so these deltas and
+    the GPU's idle gaps add up to the wall time. Under programmatic dependent launch a kernel's
+    own duration also counts the time it sat resident waiting; the delta is what it added."""
+    from torch.autograd import DeviceType
+
+    work = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.end)
+    if not work:
+        return
+    charged: dict[str, list[float]] = {}
+    for before, event in zip(work, work[1:]):
+        idle = event.time_range.start - before.time_range.end
+        if idle > 0:   # nothing ran: the GPU waited for the host
+            charged.setdefault("(GPU idle)", []).append(idle)
+        start = max(before.time_range.end, event.time_range.start)
+        name = f"{before.name[:28]} > {event.name[:28]}"
+        charged.setdefault(name, []).append(max(0.0, event.time_range.end - start))
+    total = sum(sum(v) for v in charged.values())
+    out(f"chain: {total / 1e3 / steps:.3f} ms per step from the first kernel's end to the last's; by kernel "
+        f"(ms per step, calls, us per call):")
+    for name, deltas in sorted(charged.items(), key=lambda kv: -sum(kv[1])):
+        out(f"  {name:60s} {sum(deltas) / 1e3 / steps:8.3f} {len(deltas) / steps:6.1f} "
+            f"{sum(deltas) / len(deltas):7.2f}")
 
 
 if __name__ == "__main__":

@@ -56,3 +56,35 @@ def test_profile_run_reports_steps_by_kind_and_the_host_ops():
     host = out[out.index("host op (self CPU time)"):].splitlines()[1:6]
     assert len(host) == 5 and all(float(line.split()[-1]) >= 0 for line in host), host   # us/call
     assert "launch, host" in out
+
+
+def test_profile_step_chain_charges_each_kernel_from_the_end_before_it(monkeypatch):
+    """profile_step.py --chain (its profile needs a GPU; the split is checked on stand-in
+    events): every kernel is charged from the end of the work before it, under the name of
+    that pair, and the GPU's idle gaps apart, so the parts add up to the span of the steps."""
+    import importlib.util
+    import types
+
+    from torch.autograd import DeviceType
+
+    monkeypatch.syspath_prepend(BENCH)   # as when it runs as a script: its sibling workloads.py
+    spec = importlib.util.spec_from_file_location("profile_step", os.path.join(BENCH, "profile_step.py"))
+    profile_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_step)
+
+    def kernel(name, start, end):
+        return types.SimpleNamespace(name=name, device_type=DeviceType.CUDA,
+                                     time_range=types.SimpleNamespace(start=start, end=end))
+
+    # norm, then a GEMV launched early (PDL) that ends at 10, attention overlapping it, a GEMV,
+    # an idle gap of 5 (the host), a norm; and a host event that must not count.
+    host = types.SimpleNamespace(name="cpu op", device_type=DeviceType.CPU,
+                                 time_range=types.SimpleNamespace(start=0, end=99))
+    events = [kernel("norm", 0, 3), kernel("gemv", 1, 10), kernel("attn", 8, 14), kernel("gemv", 12, 20),
+              kernel("norm", 25, 27), host]
+    lines = []
+    profile_step.print_chain(types.SimpleNamespace(events=lambda: events), 1, out=lines.append)
+    charged = {line.rsplit(None, 3)[0].strip(): float(line.split()[-1]) for line in lines[1:]}
+    assert charged == {"norm > gemv": 7.0, "gemv > attn": 4.0, "attn > gemv": 6.0, "(GPU idle)": 5.0,
+                       "gemv > norm": 2.0}
+    assert lines[0].startswith("chain: 0.024 ms per step")
