@@ -1,6 +1,7 @@
 """Microbenchmarks of aserve's CUDA kernels against the card's measured copy bandwidth.
 
     python bench/kernels.py [--batch 64 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
+                            [--shapes 1x128,1x640] [--max-seq-len 4096] [--sweep | --variants JSON]
 
 Prints one JSON line per measurement: the device-to-device copy ceiling (bytes read + written),
 then the paged decode kernel on random bf16 inputs, counting the K/V bytes it must read, with
@@ -66,7 +67,10 @@ def copy_bandwidth() -> float:
 
 
 def decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block_size: int,
-           dtype: torch.dtype, ceiling: float) -> dict:
+           dtype: torch.dtype, ceiling: float, max_seq_len: int = 0) -> dict:
+    """max_seq_len: the longest context the launch allows (0: `context`). The engine's decode
+    graphs are captured for the model's whole length, so their grids carry split CTAs that
+    find no work at short contexts."""
     blocks_per_seq = math.ceil(context / block_size)
     num_blocks = batch * blocks_per_seq
     cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, device="cuda").to(dtype)
@@ -76,18 +80,19 @@ def decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, b
     out = torch.empty_like(query)
 
     def run():
-        ops.paged_decode_attention(out, query, cache[0], cache[1], tables, seq_lens, head_dim ** -0.5, context)
+        ops.paged_decode_attention(out, query, cache[0], cache[1], tables, seq_lens, head_dim ** -0.5,
+                                   max(context, max_seq_len))
 
     ms = time_graph_ms(run)
     kv_bytes = 2 * batch * context * kv_heads * head_dim * cache.element_size()
     bandwidth = kv_bytes / (ms / 1e3)
     return dict(kernel="paged_decode", batch=batch, context=context, heads=heads, kv_heads=kv_heads,
                 head_dim=head_dim, block_size=block_size, dtype=str(dtype).replace("torch.", ""),
-                ms=round(ms, 4), kv_gbytes=round(kv_bytes / 1e9, 3), gbps=round(bandwidth / 1e9, 1),
+                max_seq_len=max(context, max_seq_len), ms=round(ms, 4), kv_gbytes=round(kv_bytes / 1e9, 3), gbps=round(bandwidth / 1e9, 1),
                 of_copy_ceiling=round(bandwidth / ceiling, 3))
 
 
-LAUNCHER_KEYS = ("KERNEL", "CTAS_PER_SM")
+LAUNCHER_KEYS = ("KERNEL", "CTAS_PER_SM", "MIN_PARTITION")
 
 
 def compare_variants(args, shapes, ceiling: float) -> None:
@@ -95,11 +100,14 @@ def compare_variants(args, shapes, ceiling: float) -> None:
     or thermal drift hits every build alike); prints every timing, then each build's median."""
     results: dict[tuple, list[float]] = {}
     defaults = ops._CTAS_PER_SM, ops._MMA_CTAS_PER_SM
+    default_unit = ops.MIN_PARTITION
     for _ in range(args.rounds):
         for variant in args.variants:
-            # Launcher settings: "KERNEL" (ops.DECODE_KERNEL: simt, mma) and "CTAS_PER_SM" (the
-            # split depth of that kernel's launches); the rest are -D options of its source.
+            # Launcher settings: "KERNEL" (ops.DECODE_KERNEL: simt, mma), "CTAS_PER_SM" (the
+            # split depth of that kernel's launches) and "MIN_PARTITION" (the split unit: a
+            # lone sequence's split count); the rest are -D options of its source.
             ops.DECODE_KERNEL = variant.get("KERNEL", "auto")
+            ops.MIN_PARTITION = variant.get("MIN_PARTITION", default_unit)
             ops._CTAS_PER_SM = ops._MMA_CTAS_PER_SM = variant.get("CTAS_PER_SM", defaults[0])
             if "CTAS_PER_SM" not in variant:
                 ops._MMA_CTAS_PER_SM = defaults[1]
@@ -107,12 +115,13 @@ def compare_variants(args, shapes, ceiling: float) -> None:
             ops.DECODE_TUNING.update({k: v for k, v in variant.items() if k not in LAUNCHER_KEYS})
             for batch, context, block_size in shapes:
                 result = decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
-                                torch.bfloat16, ceiling)
+                                torch.bfloat16, ceiling, args.max_seq_len)
                 results.setdefault((json.dumps(variant), batch, context, block_size), []).append(result["ms"])
                 print(json.dumps(dict(result, variant=variant)), flush=True)
     ops.DECODE_TUNING.clear()
     ops.DECODE_KERNEL = "auto"
     ops._CTAS_PER_SM, ops._MMA_CTAS_PER_SM = defaults
+    ops.MIN_PARTITION = default_unit
     for (variant, batch, context, block_size), times in results.items():
         ms = statistics.median(times)
         kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * 2
@@ -132,9 +141,13 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also try other split depths (CTAs per SM)")
     p.add_argument("--variants", type=json.loads, default=None,
                    help='JSON list of builds to compare, e.g. \'[{"KERNEL": "simt"}, {"KERNEL": "mma", "STAGES": 3}]\' '
-                        '(KERNEL: simt or mma, ops.DECODE_KERNEL; the rest: -D options of its source; {} is '
-                        'the default build), timed in interleaved rounds')
+                        '(KERNEL: simt or mma, ops.DECODE_KERNEL; CTAS_PER_SM and MIN_PARTITION: the launcher\'s '
+                        'split depth and unit; the rest: -D options of its source; {} is the default build), '
+                        'timed in interleaved rounds')
     p.add_argument("--rounds", type=int, default=3, help="rounds of --variants")
+    p.add_argument("--max-seq-len", type=int, default=0,
+                   help="the longest context each launch allows, as a decode graph's (the engine captures "
+                        "them for the model's length, e.g. 4096 for model B); 0: each shape's own context")
     p.add_argument("--shapes", default=None,
                    help="BATCHxCONTEXT[xBLOCK],... instead of the default set, e.g. 256x640,1x512")
     args = p.parse_args()
@@ -148,7 +161,7 @@ def main() -> None:
                   for s in args.shapes.split(",")]
     for batch, context, block_size in shapes:
         print(json.dumps(decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
-                                torch.bfloat16, ceiling)), flush=True)
+                                torch.bfloat16, ceiling, args.max_seq_len)), flush=True)
     if args.variants is not None:
         compare_variants(args, shapes, ceiling)
         return
@@ -160,7 +173,7 @@ def main() -> None:
             ops._CTAS_PER_SM, ops.MIN_PARTITION = ctas, min_partition
             for batch, context, block_size in shapes:
                 result = decode(batch, context, args.heads, args.kv_heads, args.head_dim, block_size,
-                                torch.bfloat16, ceiling)
+                                torch.bfloat16, ceiling, args.max_seq_len)
                 print(json.dumps(dict(result, ctas_per_sm=ctas, min_partition=min_partition)), flush=True)
         ops._CTAS_PER_SM, ops.MIN_PARTITION = defaults
 
