@@ -88,8 +88,8 @@ def decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, b
     bandwidth = kv_bytes / (ms / 1e3)
     return dict(kernel="paged_decode", batch=batch, context=context, heads=heads, kv_heads=kv_heads,
                 head_dim=head_dim, block_size=block_size, dtype=str(dtype).replace("torch.", ""),
-                max_seq_len=max(context, max_seq_len), ms=round(ms, 4), kv_gbytes=round(kv_bytes / 1e9, 3), gbps=round(bandwidth / 1e9, 1),
-                of_copy_ceiling=round(bandwidth / ceiling, 3))
+                max_seq_len=max(context, max_seq_len), ms=round(ms, 4), kv_gbytes=round(kv_bytes / 1e9, 3),
+                gbps=round(bandwidth / 1e9, 1), of_copy_ceiling=round(bandwidth / ceiling, 3))
 
 
 LAUNCHER_KEYS = ("KERNEL", "CTAS_PER_SM", "MIN_PARTITION")
