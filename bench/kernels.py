@@ -92,7 +92,7 @@ def decode(batch: int, context: int, heads: int, kv_heads: int, head_dim: int, b
                 gbps=round(bandwidth / 1e9, 1), of_copy_ceiling=round(bandwidth / ceiling, 3))
 
 
-LAUNCHER_KEYS = ("KERNEL", "CTAS_PER_SM", "MIN_PARTITION")
+LAUNCHER_KEYS = ("KERNEL", "CTAS_PER_SM", "MIN_PARTITION", "CLUSTER", "CLUSTER_MAX_PARTITION")
 
 
 def compare_variants(args, shapes, ceiling: float) -> None:
@@ -100,13 +100,18 @@ def compare_variants(args, shapes, ceiling: float) -> None:
     or thermal drift hits every build alike); prints every timing, then each build's median."""
     results: dict[tuple, list[float]] = {}
     defaults = ops._CTAS_PER_SM, ops._MMA_CTAS_PER_SM
-    default_unit = ops.MIN_PARTITION
+    default_unit, default_cluster = ops.MIN_PARTITION, ops.DECODE_CLUSTER
+    default_cluster_partition = ops.CLUSTER_MAX_PARTITION
     for _ in range(args.rounds):
         for variant in args.variants:
             # Launcher settings: "KERNEL" (ops.DECODE_KERNEL: simt, mma), "CTAS_PER_SM" (the
-            # split depth of that kernel's launches) and "MIN_PARTITION" (the split unit: a
-            # lone sequence's split count); the rest are -D options of its source.
+            # split depth of that kernel's launches), "MIN_PARTITION" (the split unit: a
+            # lone sequence's split count), "CLUSTER" (ops.DECODE_CLUSTER: CTAs per thread
+            # block cluster, 1 for none) and "CLUSTER_MAX_PARTITION" (how long partitions grow to
+            # fit a context into one cluster); the rest are -D options of its source.
             ops.DECODE_KERNEL = variant.get("KERNEL", "auto")
+            ops.DECODE_CLUSTER = str(variant.get("CLUSTER", default_cluster))
+            ops.CLUSTER_MAX_PARTITION = variant.get("CLUSTER_MAX_PARTITION", default_cluster_partition)
             ops.MIN_PARTITION = variant.get("MIN_PARTITION", default_unit)
             ops._CTAS_PER_SM = ops._MMA_CTAS_PER_SM = variant.get("CTAS_PER_SM", defaults[0])
             if "CTAS_PER_SM" not in variant:
@@ -121,7 +126,8 @@ def compare_variants(args, shapes, ceiling: float) -> None:
     ops.DECODE_TUNING.clear()
     ops.DECODE_KERNEL = "auto"
     ops._CTAS_PER_SM, ops._MMA_CTAS_PER_SM = defaults
-    ops.MIN_PARTITION = default_unit
+    ops.MIN_PARTITION, ops.DECODE_CLUSTER = default_unit, default_cluster
+    ops.CLUSTER_MAX_PARTITION = default_cluster_partition
     for (variant, batch, context, block_size), times in results.items():
         ms = statistics.median(times)
         kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * 2
@@ -142,7 +148,8 @@ def main() -> None:
     p.add_argument("--variants", type=json.loads, default=None,
                    help='JSON list of builds to compare, e.g. \'[{"KERNEL": "simt"}, {"KERNEL": "mma", "STAGES": 3}]\' '
                         '(KERNEL: simt or mma, ops.DECODE_KERNEL; CTAS_PER_SM and MIN_PARTITION: the launcher\'s '
-                        'split depth and unit; the rest: -D options of its source; {} is the default build), '
+                        'split depth and unit; CLUSTER and CLUSTER_MAX_PARTITION: thread block clusters; the rest: '
+                        '-D options of its source; {} is the default build), '
                         'timed in interleaved rounds')
     p.add_argument("--rounds", type=int, default=3, help="rounds of --variants")
     p.add_argument("--max-seq-len", type=int, default=0,

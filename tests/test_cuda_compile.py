@@ -47,6 +47,41 @@ def test_every_paged_attention_build_compiles(arch):
         assert cubin[:4] == b"\x7fELF", (dtype, head_dim, block_size, group)
 
 
+def test_every_cluster_combining_decode_build_compiles():
+    """The CUDA-core decode kernel with splits combined in thread block clusters (sm_90 and newer)."""
+    for dtype, head_dim, block_size, group in _decode_builds():
+        options = ops.paged_attention_options(dtype, head_dim, block_size, group, cluster_combine=True)
+        assert compiler.compile_cubin("paged_attention.cu", options, 90)[:4] == b"\x7fELF", (dtype, head_dim, group)
+
+
+def test_decode_cluster_size_and_grid(monkeypatch):
+    """Clusters on sm_90 and newer for small launches with several splits and contexts that one
+    cluster covers, at most DECODE_CLUSTER CTAs, grid.z rounded up to whole clusters; none
+    before Hopper, for one split, for launches of more than CLUSTER_MAX_GROUPS sequence and
+    head-group pairs or longer contexts, or when turned off."""
+    monkeypatch.setattr(ops, "_capability", lambda index: (9, 0))
+    longest = 16 * ops.CLUSTER_MAX_PARTITION
+    assert ops.decode_cluster(8, 64, longest, 0) == (16, 64)
+    assert ops.decode_cluster(8, 20, 640, 0) == (16, 32)
+    assert ops.decode_cluster(12, 5, 160, 0) == (5, 5)
+    assert ops.decode_cluster(8, 1, 16, 0) == (1, 1)
+    assert ops.decode_cluster(ops.CLUSTER_MAX_GROUPS + 1, 64, 4096, 0) == (1, 64)
+    assert ops.decode_cluster(8, 64, longest + 1, 0) == (1, 64)
+    monkeypatch.setattr(ops, "DECODE_CLUSTER", "8")
+    assert ops.decode_cluster(8, 20, 640, 0) == (8, 24)
+    assert ops.decode_cluster(8, 64, longest, 0) == (1, 64)       # 8 CTAs cover half as much
+    for off in ("0", "1"):
+        monkeypatch.setattr(ops, "DECODE_CLUSTER", off)
+        assert ops.decode_cluster(8, 64, 640, 0) == (1, 64)
+    monkeypatch.setattr(ops, "DECODE_CLUSTER", "16")
+    monkeypatch.setattr(ops, "_capability", lambda index: (8, 0))
+    assert ops.decode_cluster(8, 64, 640, 0) == (1, 64)
+    for bad in ("32", "yes", "-1"):
+        monkeypatch.setattr(ops, "DECODE_CLUSTER", bad)
+        with pytest.raises(ValueError, match="ASERVE_DECODE_CLUSTER"):
+            ops.decode_cluster(8, 64, 640, 0)
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_tensor_core_decode_build_compiles(arch):
     """The tensor-core kernel at each 16-bit type, head size and group it covers, and its

@@ -24,13 +24,22 @@ HEADS = [(4, 4), (8, 2), (14, 2), (16, 1)]
 LENGTHS = [1, 7, 16, 17, 33, 511, 512, 513, 1500]
 
 
-@pytest.fixture(params=["simt", "mma"])
+@pytest.fixture(params=["simt", "simt/cluster=1", "simt/cluster=4", "simt/cluster=16", "mma"])
 def decode_kernel(request, monkeypatch):
-    """Each decode test runs the CUDA-core kernel and the tensor-core kernel (where it applies)."""
+    """Each decode test runs the CUDA-core kernel and the tensor-core kernel (where it applies).
+    The CUDA-core kernel also runs with no thread block clusters, and with clusters of 4 and 16
+    CTAs at every launch size whose contexts one cluster covers (Hopper and newer; by default
+    only small launches use them)."""
     from aserve.cuda import ops
 
-    monkeypatch.setattr(ops, "DECODE_KERNEL", request.param)
-    return request.param
+    kernel, _, cluster = request.param.partition("/cluster=")
+    monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)
+    if cluster:
+        if cluster != "1" and torch.cuda.get_device_capability() < (9, 0):
+            pytest.skip("thread block clusters need compute capability 9.0")
+        monkeypatch.setattr(ops, "DECODE_CLUSTER", cluster)
+        monkeypatch.setattr(ops, "CLUSTER_MAX_GROUPS", 1 << 30)
+    return kernel
 
 
 def _skip_unless_kernel_applies(kernel, dtype, head_dim, num_heads, num_kv_heads):
@@ -245,6 +254,43 @@ def test_paged_decode_replays_in_a_cuda_graph_with_new_inputs(decode_kernel):
         graph.replay()
         ref = _decode_reference(query, kv_cache, tables, lengths, 0.1)
         assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("cluster", ["16", "8", "4", "3"])
+def test_paged_decode_lone_sequence_in_a_graph_in_clusters(cluster, monkeypatch):
+    """A lone sequence, as B1 runs it: one CUDA graph captured for the longest context a cluster
+    covers, replayed at lengths that give one split, a cluster with idle members, a full cluster
+    and partitions grown to fit one cluster, up to that longest context."""
+    from aserve.cuda import ops
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread block clusters need compute capability 9.0")
+    monkeypatch.setattr(ops, "DECODE_CLUSTER", cluster)
+    gen = torch.Generator(device="cuda").manual_seed(int(cluster))
+    dtype, block_size, num_heads, num_kv_heads, head_dim = torch.bfloat16, 16, 32, 8, 128
+    max_len = int(cluster) * ops.CLUSTER_MAX_PARTITION
+    assert ops.decode_cluster(8, 64, max_len, 0)[0] == int(cluster)
+    num_blocks = max_len // block_size + 3
+    kv_cache = _random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
+    query = torch.empty(1, num_heads, head_dim, dtype=dtype, device="cuda")
+    tables = torch.zeros(1, max_len // block_size, dtype=torch.int32, device="cuda")
+    seq_lens = torch.ones(1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(query)
+    ops.paged_decode_attention(out, query, kv_cache[0], kv_cache[1], tables, seq_lens, 0.1, max_len)  # warm-up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.paged_decode_attention(out, query, kv_cache[0], kv_cache[1], tables, seq_lens, 0.1, max_len)
+    lengths = [n for n in (1, 32, 33, 100, 384, 512, 640, 1024, 1025, 2049, 4096, 5000) if n < max_len] + [max_len]
+    for length in lengths:
+        query.copy_(torch.randn(query.shape, generator=gen, device="cuda"))
+        fresh = _random_tables([length], block_size, num_blocks, gen)
+        tables.zero_()
+        tables[:, :fresh.shape[1]] = fresh
+        seq_lens.fill_(length)
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = _decode_reference(query, kv_cache, tables, [length], 0.1)
+        assert _relative_error(out, ref) < TOLERANCE[dtype], (cluster, length)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

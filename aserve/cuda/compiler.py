@@ -165,13 +165,30 @@ def pdl_enabled(device_index: int) -> bool:
     return choice == "1" and _pdl_supported(device_index)
 
 
-@functools.lru_cache(maxsize=None)
-def _pdl_attributes() -> list:
+def _pdl_attribute():
     driver = _driver()
     attribute = driver.CUlaunchAttribute()
     attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
     attribute.value.programmaticStreamSerializationAllowed = 1
-    return [attribute]
+    return attribute
+
+
+def _cluster_attribute(cluster_z: int):
+    """Thread block clusters of 1 x 1 x cluster_z CTAs (Hopper and newer)."""
+    driver = _driver()
+    attribute = driver.CUlaunchAttribute()
+    attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    attribute.value.clusterDim.x, attribute.value.clusterDim.y, attribute.value.clusterDim.z = 1, 1, cluster_z
+    return attribute
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_attributes(pdl: bool, cluster_z: int) -> list:
+    return ([_pdl_attribute()] if pdl else []) + ([_cluster_attribute(cluster_z)] if cluster_z > 1 else [])
+
+
+# The most CTAs one cluster may hold without the non-portable opt-in.
+PORTABLE_CLUSTER = 8
 
 
 class Kernel:
@@ -182,6 +199,7 @@ class Kernel:
         self.name = name
         self.function = function
         self._dynamic_shared_limit = 0  # what cuFuncSetAttribute allowed so far (0: the default)
+        self._non_portable_clusters = False
 
     def _allow_dynamic_shared(self, nbytes: int) -> None:
         """A launch with more than the default 48 KB of shared memory (static plus dynamic) needs
@@ -194,17 +212,31 @@ class Kernel:
             f"cuFuncSetAttribute({self.name}, max dynamic shared memory {nbytes})")
         self._dynamic_shared_limit = nbytes
 
+    def _allow_non_portable_clusters(self) -> None:
+        """Clusters beyond PORTABLE_CLUSTER CTAs (16 on an H100 or H200) need an opt-in."""
+        if self._non_portable_clusters:
+            return
+        driver = _driver()
+        _check_cu(driver.cuFuncSetAttribute(
+            self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1),
+            f"cuFuncSetAttribute({self.name}, non-portable cluster size)")
+        self._non_portable_clusters = True
+
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
-               args: Sequence, arg_types: Sequence, stream: int, pdl: bool = False) -> None:
+               args: Sequence, arg_types: Sequence, stream: int, pdl: bool = False, cluster_z: int = 1) -> None:
         """args: ints for pointers/integers, floats; arg_types: the matching ctypes types.
         shared_mem: bytes of dynamic shared memory (the kernel's limit is raised as needed).
         pdl: the kernel calls wait_for_previous_kernel() before touching anything the previous
-        kernel may touch, so it may be launched while that kernel runs (see the module's doc)."""
+        kernel may touch, so it may be launched while that kernel runs (see the module's doc).
+        cluster_z: CTAs per thread block cluster along grid.z (which it must divide); 1: none."""
         driver = _driver()
         if shared_mem:
             self._allow_dynamic_shared(shared_mem)
+        if cluster_z > PORTABLE_CLUSTER:
+            self._allow_non_portable_clusters()
         params = (tuple(args), tuple(arg_types))
-        if not (pdl and pdl_enabled(self.module.device_index)):
+        pdl = pdl and pdl_enabled(self.module.device_index)
+        if not pdl and cluster_z == 1:
             _check_cu(driver.cuLaunchKernel(self.function, *grid, *block, shared_mem, stream, params, 0),
                       f"cuLaunchKernel({self.name})")
             return
@@ -213,8 +245,8 @@ class Kernel:
         config.blockDimX, config.blockDimY, config.blockDimZ = block
         config.sharedMemBytes = shared_mem
         config.hStream = stream
-        config.attrs = _pdl_attributes()
-        config.numAttrs = 1
+        config.attrs = _launch_attributes(pdl, cluster_z)
+        config.numAttrs = len(config.attrs)
         _check_cu(driver.cuLaunchKernelEx(config, self.function, params, 0),
                   f"cuLaunchKernelEx({self.name})")
 

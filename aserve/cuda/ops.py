@@ -79,6 +79,24 @@ _MMA_WARPS, _MMA_STAGES = 4, 2
 # batches of 8 to 128. 4 warps and 2 stages beat 3 warps, or 3 stages, at every batch.
 _MMA_CTAS_PER_SM = 12
 
+# Small launches of the CUDA-core kernel on Hopper and newer run in thread block clusters of up
+# to DECODE_CLUSTER CTAs along grid.z, and a sequence whose splits fit one cluster combines them
+# through distributed shared memory (decode_common.cuh, CLUSTER_COMBINE); to fit, its partitions
+# grow up to CLUSTER_MAX_PARTITION tokens. 16 is the most an H100 or H200 allows (non-portable:
+# 8 is the portable limit). Measured on an H200 (bench/kernels.py, 8 KV heads of 128, one
+# sequence; bench/RESULTS.md 2026-12-03, fourteenth session), us without clusters / with 16:
+# 128 tokens 10.3 / 6.6, 384 11.6 / 6.8, 640 12.7 / 8.3, 1024 12.2 / 8.3, 2048 17.1 / 11.3,
+# 4096 19.7 / 16.9, 8192 24.4 / 27.8; two sequences of 640 13.1 / 11.4. A context longer than one
+# cluster covers runs the plain ending slower in a clustered launch (8192 tokens with 128-token
+# partitions: 29.0), and 16 x 640 took 44.4 against 26.6 (clusters of 13): so clusters only for
+# launches of at most CLUSTER_MAX_GROUPS (sequence, head group) pairs and contexts that one
+# cluster covers (decode graphs are captured for 8192 tokens). ASERVE_DECODE_CLUSTER=1 (or 0)
+# turns them off.
+DECODE_CLUSTER_ENV = "ASERVE_DECODE_CLUSTER"
+CLUSTER_MAX_GROUPS = 16
+CLUSTER_MAX_PARTITION = 512
+DECODE_CLUSTER = os.environ.get(DECODE_CLUSTER_ENV, "16")
+
 
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
@@ -97,10 +115,27 @@ def decode_kernel_source(dtype: torch.dtype, head_dim: int, group: int, num_seqs
     return "paged_attention_mma.cu"
 
 
-def paged_attention_options(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> list[str]:
+def paged_attention_options(dtype: torch.dtype, head_dim: int, block_size: int, group: int,
+                            cluster_combine: bool = False) -> list[str]:
     """The -D options of one build of paged_attention.cu or paged_attention_mma.cu."""
     return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DHEAD_DIM={head_dim}", f"-DBLOCK_SIZE={block_size}",
-            f"-DGROUP={group}", f"-DMAX_PARTITION={MAX_PARTITION}", *(f"-D{k}={v}" for k, v in sorted(DECODE_TUNING.items()))]
+            f"-DGROUP={group}", f"-DMAX_PARTITION={MAX_PARTITION}",
+            *(["-DCLUSTER_COMBINE=1", f"-DCLUSTER_MAX_PARTITION={CLUSTER_MAX_PARTITION}"] if cluster_combine else []),
+            *(f"-D{k}={v}" for k, v in sorted(DECODE_TUNING.items()))]
+
+
+def decode_cluster(num_groups: int, splits: int, max_seq_len: int, device_index: int) -> tuple[int, int]:
+    """(CTAs per cluster along grid.z, grid.z) for a launch of the CUDA-core decode kernel over
+    num_groups (sequence, head group) pairs, `splits` splits and contexts up to max_seq_len:
+    grid.z is rounded up to whole clusters (the kernel partitions each context by its real
+    length, so extra splits only stay idle). (1, splits) where clusters are off or do not apply."""
+    if DECODE_CLUSTER not in [str(n) for n in range(17)]:
+        raise ValueError(f"{DECODE_CLUSTER_ENV} must be an integer from 0 to 16, got {DECODE_CLUSTER!r}")
+    cluster = min(int(DECODE_CLUSTER), splits)
+    if (cluster <= 1 or num_groups > CLUSTER_MAX_GROUPS or max_seq_len > cluster * CLUSTER_MAX_PARTITION
+            or _capability(device_index) < (9, 0)):
+        return 1, splits
+    return cluster, math.ceil(splits / cluster) * cluster
 
 
 _split_counters: dict[int, torch.Tensor] = {}
@@ -186,7 +221,10 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
     mma = source == "paged_attention_mma.cu"
     unit, splits = decode_partition(num_seqs, ctas_per_seq, max_seq_len, block_size, num_sms(device_index(query)),
                                     _MMA_CTAS_PER_SM if mma else _CTAS_PER_SM)
-    module = load_module(source, paged_attention_options(query.dtype, head_dim, block_size, group),
+    cluster = 1
+    if not mma:
+        cluster, splits = decode_cluster(num_seqs * ctas_per_seq, splits, max_seq_len, device_index(query))
+    module = load_module(source, paged_attention_options(query.dtype, head_dim, block_size, group, cluster > 1),
                          device_index(query))
     if splits > 1:
         partial_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
@@ -206,7 +244,8 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
         (out.data_ptr(), *partial_ptrs, query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
          block_tables.data_ptr(), seq_lens.data_ptr(), query.stride(0), out.stride(0), block_tables.stride(0),
          num_heads, num_kv_heads, float(scale), splits, unit, int(sliding_window or 0)),
-        (POINTER,) * 10 + (INT64, INT64, INT, INT, INT, FLOAT, INT, INT, INT), current_stream(query), pdl=True)
+        (POINTER,) * 10 + (INT64, INT64, INT, INT, INT, FLOAT, INT, INT, INT), current_stream(query), pdl=True,
+        cluster_z=cluster)
 
 
 def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
