@@ -111,6 +111,13 @@ def test_cache_ops_compile(arch):
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype_id", [0, 1, 2])
+def test_sampling_kernels_compile(arch, dtype_id):
+    """sample_gumbel_max and argmax_rows, for logits of each dtype."""
+    assert compiler.compile_cubin("sampling.cu", [f"-DDTYPE={dtype_id}"], arch)[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype_id", [0, 1, 2])
 def test_fused_layer_ops_compile(arch, dtype_id):
     assert compiler.compile_cubin("layer_ops.cu", [f"-DDTYPE={dtype_id}"], arch)[:4] == b"\x7fELF"
 

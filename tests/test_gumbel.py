@@ -120,3 +120,39 @@ def test_kernel_reads_strided_rows_and_masked_logits():
     got = sample_gumbel_max(logits, temps, keys)
     assert got[4] == 0 and got[5] == 1234
     assert torch.equal(got, sample_gumbel_max_reference(logits, temps, keys))
+
+
+def test_greedy_ids_off_the_gpu_is_torch_argmax(monkeypatch):
+    logits = torch.randn(5, 300)
+    assert torch.equal(gumbel.greedy_ids(logits), logits.argmax(dim=-1))
+    from aserve.cuda import sampling
+
+    monkeypatch.setenv("ASERVE_ARGMAX_KERNEL", "2")
+    with pytest.raises(ValueError, match="ASERVE_ARGMAX_KERNEL"):
+        sampling.argmax_kernel_enabled()
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (1, 50272), (3, 32001), (64, 128256), (5, 7), (2, 1)])
+def test_argmax_kernel_picks_torch_argmax_ids(dtype, rows, vocab, monkeypatch):
+    """The greedy kernel against torch.argmax on fresh random logits: ties go to the lower index
+    (values repeated on purpose, and float16's coarse steps make more), a row of -inf gives 0,
+    the first NaN wins; rows aligned (16-byte loads) and misaligned (one element at a time)."""
+    from aserve.cuda.sampling import argmax_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(rows * vocab + 7)
+    wide = (4 * torch.randn(rows, vocab + 9, generator=gen, device="cuda")).to(dtype)
+    for logits in (wide[:, :vocab], wide[:, 1:1 + vocab], wide[:, :vocab].contiguous()):
+        top = logits.max(dim=-1).values
+        for r in range(rows):   # the row's maximum again, at random places before and after it
+            places = torch.randint(0, vocab, (3,), generator=gen, device="cuda")
+            logits[r, places] = top[r]
+        if rows > 2:
+            logits[1] = -math.inf
+            logits[2, vocab // 2] = math.nan
+            logits[2, vocab - 1] = math.nan
+        assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1)), (dtype, rows, vocab)
+    monkeypatch.setenv("ASERVE_ARGMAX_KERNEL", "1")
+    assert torch.equal(gumbel.greedy_ids(wide), wide.argmax(dim=-1))

@@ -95,3 +95,75 @@ sample_gumbel_max(i64* __restrict__ out,              // [rows]
         if (lane == 0) out[row] = best_i == 0x7fffffff ? 0 : best_i;
     }
 }
+
+// torch.argmax's order: NaN above every number (the first NaN wins), and of equal scores the
+// lower index. Greedy decoding must pick exactly the token torch.argmax picks.
+__device__ __forceinline__ void keep_max(float& best, int& best_i, float s, int i) {
+    const bool s_nan = s != s, best_nan = best != best;
+    if (best_nan ? (s_nan && i < best_i) : (s_nan || s > best || (s == best && i < best_i))) {
+        best = s;
+        best_i = i;
+    }
+}
+
+#define ARGMAX_UNROLL 4
+
+// The argmax of each row of logits [rows, vocab] (greedy decoding), one CTA per row. torch's
+// argmax reduces a lone 128k-token row in ~30 us on an H200 (bench/profile_step.py: a B1
+// step's last kernel); here each thread keeps ARGMAX_UNROLL 16-byte loads in flight.
+// vectorized: the rows start on 16-byte boundaries (else every element is loaded alone).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+argmax_rows(i64* __restrict__ out,                   // [rows]
+            const scalar_t* __restrict__ logits,     // [rows, vocab], rows of row_stride
+            i64 row_stride, int vocab, int vectorized) {
+    __shared__ float warp_best[SAMPLE_THREADS / 32];
+    __shared__ int warp_best_i[SAMPLE_THREADS / 32];
+    const scalar_t* x = logits + blockIdx.x * row_stride;
+    float best = NEG_INF;
+    int best_i = 0x7fffffff;
+    int scalar_from = 0;
+    if (vectorized) {
+        const uint4* xv = reinterpret_cast<const uint4*>(x);
+        const int num_vecs = vocab / VEC;
+        for (int base = threadIdx.x; base < num_vecs; base += blockDim.x * ARGMAX_UNROLL) {
+            uint4 raw[ARGMAX_UNROLL];
+#pragma unroll
+            for (int u = 0; u < ARGMAX_UNROLL; ++u) {
+                const int v = base + u * blockDim.x;
+                raw[u] = v < num_vecs ? xv[v] : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < ARGMAX_UNROLL; ++u) {
+                const int v = base + u * blockDim.x;
+                if (v >= num_vecs) break;
+                float f[VEC];
+                unpack_vec(raw[u], f);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) keep_max(best, best_i, f[e], v * VEC + e);
+            }
+        }
+        scalar_from = num_vecs * VEC;
+    }
+    for (int i = scalar_from + threadIdx.x; i < vocab; i += blockDim.x) keep_max(best, best_i, to_float(x[i]), i);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float s = __shfl_xor_sync(0xffffffffu, best, o);
+        const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
+        keep_max(best, best_i, s, i);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { warp_best[warp] = best; warp_best_i[warp] = best_i; }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = blockDim.x / 32;
+        best = lane < warps ? warp_best[lane] : NEG_INF;
+        best_i = lane < warps ? warp_best_i[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float s = __shfl_xor_sync(0xffffffffu, best, o);
+            const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
+            keep_max(best, best_i, s, i);
+        }
+        if (lane == 0) out[blockIdx.x] = best_i == 0x7fffffff ? 0 : best_i;   // vocab 0: token 0
+    }
+}

@@ -1,6 +1,9 @@
-"""Launcher of sampling.cu: one token per row of logits by the Gumbel-max trick, in one pass."""
+"""Launchers of sampling.cu: one token per row of logits by the Gumbel-max trick, in one pass,
+and the plain argmax of each row (greedy decoding)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -8,6 +11,18 @@ from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_st
                                   load_module)
 
 _THREADS = 1024  # SAMPLE_THREADS in sampling.cu
+
+# Greedy rows on the GPU through argmax_rows (1) or torch.argmax (0, the default until the
+# kernel has run its tests and an A/B on a card: written in the fourteenth session with no
+# device time left; torch's argmax of one 128k-token row took ~30 us of each B1 step).
+ARGMAX_KERNEL_ENV = "ASERVE_ARGMAX_KERNEL"
+
+
+def argmax_kernel_enabled() -> bool:
+    choice = os.environ.get(ARGMAX_KERNEL_ENV, "0")
+    if choice not in ("0", "1"):
+        raise ValueError(f"{ARGMAX_KERNEL_ENV} must be 0 or 1, got {choice!r}")
+    return choice == "1"
 
 
 def sample_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -25,4 +40,21 @@ def sample_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, keys: to
             (rows, 1, 1), (_THREADS, 1, 1), 0,
             (out.data_ptr(), logits.data_ptr(), logits.stride(0), vocab, temperatures.data_ptr(), keys.data_ptr()),
             (POINTER, POINTER, INT64, INT, POINTER, POINTER), current_stream(logits))
+    return out
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1) for logits [rows, vocab] on the GPU (columns dense, rows may be
+    strided), in one kernel with a CTA per row: the same ids, ties to the lower index and the
+    first NaN winning, as torch.argmax."""
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1 and logits.dtype in KERNEL_DTYPES
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows:
+        vectorized = logits.data_ptr() % 16 == 0 and (logits.stride(0) * logits.element_size()) % 16 == 0
+        module = load_module("sampling.cu", [f"-DDTYPE={KERNEL_DTYPES[logits.dtype]}"], device_index(logits))
+        module.kernel("argmax_rows").launch(
+            (rows, 1, 1), (_THREADS, 1, 1), 0,
+            (out.data_ptr(), logits.data_ptr(), logits.stride(0), vocab, int(vectorized)),
+            (POINTER, POINTER, INT64, INT, INT), current_stream(logits))
     return out

@@ -70,3 +70,16 @@ def sample_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, keys: to
 
         return kernel(logits, temperatures.float().contiguous(), keys.contiguous())
     return sample_gumbel_max_reference(logits, temperatures.to(logits.device), keys.to(logits.device))
+
+
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(dim=-1): on a GPU through sampling.cu's argmax_rows where
+    ASERVE_ARGMAX_KERNEL=1 (the same ids), else torch's."""
+    from aserve.cuda.fused import usable
+
+    if usable(logits) and logits.dim() == 2 and logits.stride(1) == 1:
+        from aserve.cuda.sampling import argmax_kernel_enabled, argmax_rows
+
+        if argmax_kernel_enabled():
+            return argmax_rows(logits)
+    return logits.argmax(dim=-1)

@@ -20,7 +20,7 @@ from aserve.cuda.host_copy import to_device
 from aserve.logprobs import FlatLogprobs
 from aserve.sampling_params import SamplingParams
 from aserve.structured_output.bitmask import masked_logits
-from aserve.worker.gumbel import sample_gumbel_max
+from aserve.worker.gumbel import greedy_ids, sample_gumbel_max
 from aserve.worker.logits_processors import apply_logits_processors, apply_min_p, apply_top_k_top_p
 
 
@@ -161,7 +161,7 @@ class Sampler:
             rows = metadata.grammar_rows
             processed = masked_logits(processed, rows, [metadata.matchers[i] for i in rows])
         if metadata.all_greedy:
-            return processed.argmax(dim=-1)  # the common fast path: no noise
+            return greedy_ids(processed)  # the common fast path: no noise
         return self._sample(processed, metadata)
 
     def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
@@ -181,7 +181,7 @@ class Sampler:
         greedy = None
         if random_rows is not None:
             # Only random rows go through temperature, filtering and noise.
-            greedy = logits.argmax(dim=-1)
+            greedy = greedy_ids(logits)
             index = metadata.random_row_index(device)
             logits = logits.index_select(0, index)
             params = [params[i] for i in random_rows]
