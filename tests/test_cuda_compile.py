@@ -67,6 +67,9 @@ def test_decode_cluster_size_and_grid(monkeypatch):
     assert ops.decode_cluster(8, 1, 16, 0) == (1, 1)
     assert ops.decode_cluster(ops.CLUSTER_MAX_GROUPS + 1, 64, 4096, 0) == (1, 64)
     assert ops.decode_cluster(8, 64, longest + 1, 0) == (1, 64)
+    assert ops.decode_cluster(8, 20, 640, 0, limit=8) == (8, 24)   # a GPU that holds 8 of them
+    assert ops.decode_cluster(8, 64, longest, 0, limit=8) == (1, 64)
+    assert ops.decode_cluster(8, 64, 640, 0, limit=1) == (1, 64)
     monkeypatch.setattr(ops, "DECODE_CLUSTER", "8")
     assert ops.decode_cluster(8, 20, 640, 0) == (8, 24)
     assert ops.decode_cluster(8, 64, longest, 0) == (1, 64)       # 8 CTAs cover half as much

@@ -256,6 +256,26 @@ def test_paged_decode_replays_in_a_cuda_graph_with_new_inputs(decode_kernel):
         assert _relative_error(out, ref) < TOLERANCE[dtype]
 
 
+def _clustered_decode_kernel(dtype, head_dim, block_size, group):
+    from aserve.cuda import ops
+
+    options = ops.paged_attention_options(dtype, head_dim, block_size, group, cluster_combine=True)
+    return ops.load_module("paged_attention.cu", options, 0).kernel("paged_decode")
+
+
+def test_hopper_holds_clusters_of_the_decode_kernel():
+    """The driver's answer that sizes the launcher's clusters: at least the portable 8 CTAs of
+    the clustered build on sm_90 and newer (16 on an H100 or H200)."""
+    from aserve.cuda import ops
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("thread block clusters need compute capability 9.0")
+    big_hopper = any(name in torch.cuda.get_device_name() for name in ("H100 80GB HBM3", "H200"))
+    for group in (1, 4, 8):
+        limit = _clustered_decode_kernel(torch.bfloat16, 128, 16, group).max_cluster_size((ops._NUM_THREADS, 1, 1), 0)
+        assert limit == 16 if big_hopper else 8 <= limit <= 32, (group, limit)
+
+
 @pytest.mark.parametrize("cluster", ["16", "8", "4", "3"])
 def test_paged_decode_lone_sequence_in_a_graph_in_clusters(cluster, monkeypatch):
     """A lone sequence, as B1 runs it: one CUDA graph captured for the longest context a cluster
@@ -268,8 +288,11 @@ def test_paged_decode_lone_sequence_in_a_graph_in_clusters(cluster, monkeypatch)
     monkeypatch.setattr(ops, "DECODE_CLUSTER", cluster)
     gen = torch.Generator(device="cuda").manual_seed(int(cluster))
     dtype, block_size, num_heads, num_kv_heads, head_dim = torch.bfloat16, 16, 32, 8, 128
+    limit = _clustered_decode_kernel(dtype, head_dim, block_size, 4).max_cluster_size((ops._NUM_THREADS, 1, 1), 0)
+    if limit < int(cluster):
+        pytest.skip(f"this GPU holds clusters of at most {limit} of these CTAs")
     max_len = int(cluster) * ops.CLUSTER_MAX_PARTITION
-    assert ops.decode_cluster(8, 64, max_len, 0)[0] == int(cluster)
+    assert ops.decode_cluster(8, 64, max_len, 0, limit)[0] == int(cluster)
     num_blocks = max_len // block_size + 3
     kv_cache = _random_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, gen)
     query = torch.empty(1, num_heads, head_dim, dtype=dtype, device="cuda")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).parent
 # Headers every kernel may #include, handed to NVRTC by name (no include path is needed).
@@ -200,6 +203,7 @@ class Kernel:
         self.function = function
         self._dynamic_shared_limit = 0  # what cuFuncSetAttribute allowed so far (0: the default)
         self._non_portable_clusters = False
+        self._cluster_limits: dict[tuple, int] = {}
 
     def _allow_dynamic_shared(self, nbytes: int) -> None:
         """A launch with more than the default 48 KB of shared memory (static plus dynamic) needs
@@ -221,6 +225,29 @@ class Kernel:
             self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1),
             f"cuFuncSetAttribute({self.name}, non-portable cluster size)")
         self._non_portable_clusters = True
+
+    def max_cluster_size(self, block: tuple[int, int, int], shared_mem: int) -> int:
+        """The most CTAs one thread block cluster of this kernel may hold on its GPU (Hopper and
+        newer), for CTAs of this shape: 16 on an H100 or H200, less where a GPU's processor
+        clusters are smaller or the CTAs too big."""
+        key = (block, shared_mem)
+        if key not in self._cluster_limits:
+            driver = _driver()
+            if shared_mem:
+                self._allow_dynamic_shared(shared_mem)
+            self._allow_non_portable_clusters()
+            config = driver.CUlaunchConfig()
+            config.gridDimX, config.gridDimY, config.gridDimZ = 1, 1, 16
+            config.blockDimX, config.blockDimY, config.blockDimZ = block
+            config.sharedMemBytes = shared_mem
+            err, size = driver.cuOccupancyMaxPotentialClusterSize(self.function, config)
+            if err != driver.CUresult.CUDA_SUCCESS:
+                # Every GPU with clusters holds the portable size: fall back to it, not to failing.
+                logger.warning("cuOccupancyMaxPotentialClusterSize(%s) failed (%s): clusters of at most %d CTAs",
+                               self.name, err, PORTABLE_CLUSTER)
+                size = PORTABLE_CLUSTER
+            self._cluster_limits[key] = int(size)
+        return self._cluster_limits[key]
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
                args: Sequence, arg_types: Sequence, stream: int, pdl: bool = False, cluster_z: int = 1) -> None:

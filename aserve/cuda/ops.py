@@ -83,7 +83,8 @@ _MMA_CTAS_PER_SM = 12
 # to DECODE_CLUSTER CTAs along grid.z, and a sequence whose splits fit one cluster combines them
 # through distributed shared memory (decode_common.cuh, CLUSTER_COMBINE); to fit, its partitions
 # grow up to CLUSTER_MAX_PARTITION tokens. 16 is the most an H100 or H200 allows (non-portable:
-# 8 is the portable limit). Measured on an H200 (bench/kernels.py, 8 KV heads of 128, one
+# 8 is the portable limit); the launcher asks the driver how many CTAs of the clustered build
+# one cluster may hold on the GPU at hand (Kernel.max_cluster_size). Measured on an H200 (bench/kernels.py, 8 KV heads of 128, one
 # sequence; bench/RESULTS.md 2026-12-03, fourteenth session), us without clusters / with 16:
 # 128 tokens 10.3 / 6.6, 384 11.6 / 6.8, 640 12.7 / 8.3, 1024 12.2 / 8.3, 2048 17.1 / 11.3,
 # 4096 19.7 / 16.9, 8192 24.4 / 27.8; two sequences of 640 13.1 / 11.4. A context longer than one
@@ -124,14 +125,16 @@ def paged_attention_options(dtype: torch.dtype, head_dim: int, block_size: int, 
             *(f"-D{k}={v}" for k, v in sorted(DECODE_TUNING.items()))]
 
 
-def decode_cluster(num_groups: int, splits: int, max_seq_len: int, device_index: int) -> tuple[int, int]:
+def decode_cluster(num_groups: int, splits: int, max_seq_len: int, device_index: int,
+                   limit: int = 16) -> tuple[int, int]:
     """(CTAs per cluster along grid.z, grid.z) for a launch of the CUDA-core decode kernel over
-    num_groups (sequence, head group) pairs, `splits` splits and contexts up to max_seq_len:
-    grid.z is rounded up to whole clusters (the kernel partitions each context by its real
-    length, so extra splits only stay idle). (1, splits) where clusters are off or do not apply."""
+    num_groups (sequence, head group) pairs, `splits` splits and contexts up to max_seq_len, on a
+    GPU that holds clusters of at most `limit` of its CTAs: grid.z is rounded up to whole
+    clusters (the kernel partitions each context by its real length, so extra splits only stay
+    idle). (1, splits) where clusters are off or do not apply."""
     if DECODE_CLUSTER not in [str(n) for n in range(17)]:
         raise ValueError(f"{DECODE_CLUSTER_ENV} must be an integer from 0 to 16, got {DECODE_CLUSTER!r}")
-    cluster = min(int(DECODE_CLUSTER), splits)
+    cluster = min(int(DECODE_CLUSTER), splits, limit)
     if (cluster <= 1 or num_groups > CLUSTER_MAX_GROUPS or max_seq_len > cluster * CLUSTER_MAX_PARTITION
             or _capability(device_index) < (9, 0)):
         return 1, splits
@@ -223,7 +226,13 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
                                     _MMA_CTAS_PER_SM if mma else _CTAS_PER_SM)
     cluster = 1
     if not mma:
-        cluster, splits = decode_cluster(num_seqs * ctas_per_seq, splits, max_seq_len, device_index(query))
+        threads = DECODE_TUNING.get("NUM_THREADS", _NUM_THREADS)
+        cluster, grid_z = decode_cluster(num_seqs * ctas_per_seq, splits, max_seq_len, device_index(query))
+        if cluster > 1:   # as many as this GPU holds of the clustered build's CTAs
+            limit = load_module(source, paged_attention_options(query.dtype, head_dim, block_size, group, True),
+                                device_index(query)).kernel("paged_decode").max_cluster_size((threads, 1, 1), 0)
+            cluster, grid_z = decode_cluster(num_seqs * ctas_per_seq, splits, max_seq_len, device_index(query), limit)
+        splits = grid_z
     module = load_module(source, paged_attention_options(query.dtype, head_dim, block_size, group, cluster > 1),
                          device_index(query))
     if splits > 1:
@@ -238,7 +247,7 @@ def paged_decode_attention(out: torch.Tensor, query: torch.Tensor, k_cache: torc
         warps, stages = DECODE_TUNING.get("NUM_WARPS", _MMA_WARPS), DECODE_TUNING.get("STAGES", _MMA_STAGES)
         threads, shared = 32 * warps, stages * 2 * warps * 16 * head_dim * query.element_size()
     else:
-        threads, shared = DECODE_TUNING.get("NUM_THREADS", _NUM_THREADS), 0
+        shared = 0
     module.kernel("paged_decode").launch(
         (ctas_per_seq, num_seqs, splits), (threads, 1, 1), shared,
         (out.data_ptr(), *partial_ptrs, query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
