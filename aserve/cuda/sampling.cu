@@ -46,14 +46,56 @@ __device__ __forceinline__ void keep_best(float& best, int& best_i, float s, int
     if (s > best || (s == best && i < best_i)) { best = s; best_i = i; }
 }
 
+// torch.argmax's order: NaN above every number (the first NaN wins), and of equal scores the
+// lower index. Greedy decoding must pick exactly the token torch.argmax picks.
+__device__ __forceinline__ void keep_max(float& best, int& best_i, float s, int i) {
+    const bool s_nan = s != s, best_nan = best != best;
+    if (best_nan ? (s_nan && i < best_i) : (s_nan || s > best || (s == best && i < best_i))) {
+        best = s;
+        best_i = i;
+    }
+}
+
+// The CTA's winning index over every thread's (best, best_i), for thread 0: across each warp
+// with shuffles, then across the warps through shared memory. NAN_WINS: keep_max's order (a
+// NaN wins), else keep_best's (a NaN never does). 0x7fffffff where no thread kept anything.
+template <bool NAN_WINS>
+__device__ __forceinline__ int block_best_index(float best, int best_i) {
+    __shared__ float warp_best[SAMPLE_THREADS / 32];
+    __shared__ int warp_best_i[SAMPLE_THREADS / 32];
+    auto keep = [](float& b, int& b_i, float s, int i) {
+        if (NAN_WINS) keep_max(b, b_i, s, i);
+        else keep_best(b, b_i, s, i);
+    };
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float s = __shfl_xor_sync(0xffffffffu, best, o);
+        const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
+        keep(best, best_i, s, i);
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { warp_best[warp] = best; warp_best_i[warp] = best_i; }
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = blockDim.x / 32;
+        best = lane < warps ? warp_best[lane] : NEG_INF;
+        best_i = lane < warps ? warp_best_i[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float s = __shfl_xor_sync(0xffffffffu, best, o);
+            const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
+            keep(best, best_i, s, i);
+        }
+    }
+    return best_i;
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_gumbel_max(i64* __restrict__ out,              // [rows]
                   const scalar_t* __restrict__ logits,  // [rows, vocab], rows of row_stride
                   i64 row_stride, int vocab,
                   const float* __restrict__ temperatures,  // [rows]; 0: greedy
                   const i64* __restrict__ keys) {         // [rows]
-    __shared__ float warp_best[SAMPLE_THREADS / 32];
-    __shared__ int warp_best_i[SAMPLE_THREADS / 32];
     const int row = blockIdx.x;
     const float t = temperatures[row];
     const bool greedy = !(t > 0.f);
@@ -72,38 +114,9 @@ sample_gumbel_max(i64* __restrict__ out,              // [rows]
         }
         keep_best(best, best_i, s, i);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float s = __shfl_xor_sync(0xffffffffu, best, o);
-        const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
-        keep_best(best, best_i, s, i);
-    }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) { warp_best[warp] = best; warp_best_i[warp] = best_i; }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x / 32;
-        best = lane < warps ? warp_best[lane] : NEG_INF;
-        best_i = lane < warps ? warp_best_i[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float s = __shfl_xor_sync(0xffffffffu, best, o);
-            const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
-            keep_best(best, best_i, s, i);
-        }
-        // Every score -inf or NaN (a row masked whole): token 0, as torch.argmax of -infs.
-        if (lane == 0) out[row] = best_i == 0x7fffffff ? 0 : best_i;
-    }
-}
-
-// torch.argmax's order: NaN above every number (the first NaN wins), and of equal scores the
-// lower index. Greedy decoding must pick exactly the token torch.argmax picks.
-__device__ __forceinline__ void keep_max(float& best, int& best_i, float s, int i) {
-    const bool s_nan = s != s, best_nan = best != best;
-    if (best_nan ? (s_nan && i < best_i) : (s_nan || s > best || (s == best && i < best_i))) {
-        best = s;
-        best_i = i;
-    }
+    const int winner = block_best_index<false>(best, best_i);
+    // Every score -inf or NaN (a row masked whole): token 0, as torch.argmax of -infs.
+    if (threadIdx.x == 0) out[row] = winner == 0x7fffffff ? 0 : winner;
 }
 
 #define ARGMAX_UNROLL 4
@@ -116,8 +129,6 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 argmax_rows(i64* __restrict__ out,                   // [rows]
             const scalar_t* __restrict__ logits,     // [rows, vocab], rows of row_stride
             i64 row_stride, int vocab, int vectorized) {
-    __shared__ float warp_best[SAMPLE_THREADS / 32];
-    __shared__ int warp_best_i[SAMPLE_THREADS / 32];
     const scalar_t* x = logits + blockIdx.x * row_stride;
     float best = NEG_INF;
     int best_i = 0x7fffffff;
@@ -145,25 +156,6 @@ argmax_rows(i64* __restrict__ out,                   // [rows]
         scalar_from = num_vecs * VEC;
     }
     for (int i = scalar_from + threadIdx.x; i < vocab; i += blockDim.x) keep_max(best, best_i, to_float(x[i]), i);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float s = __shfl_xor_sync(0xffffffffu, best, o);
-        const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
-        keep_max(best, best_i, s, i);
-    }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) { warp_best[warp] = best; warp_best_i[warp] = best_i; }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x / 32;
-        best = lane < warps ? warp_best[lane] : NEG_INF;
-        best_i = lane < warps ? warp_best_i[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float s = __shfl_xor_sync(0xffffffffu, best, o);
-            const int i = __shfl_xor_sync(0xffffffffu, best_i, o);
-            keep_max(best, best_i, s, i);
-        }
-        if (lane == 0) out[blockIdx.x] = best_i == 0x7fffffff ? 0 : best_i;   // vocab 0: token 0
-    }
+    const int winner = block_best_index<true>(best, best_i);
+    if (threadIdx.x == 0) out[blockIdx.x] = winner == 0x7fffffff ? 0 : winner;   // vocab 0: token 0
 }
