@@ -128,14 +128,19 @@ def main() -> None:
         accepts = _grammar_checker(tokenizer)
         llm = OfflineLLM(model=folder, load_format="dummy", dtype="float32" if args.tiny else MODEL_DTYPES["opt"],
                          max_model_len=2048, seed=0)
-        rng = np.random.RandomState(0)
-        prompts = rng.randint(100, 30000, size=(num_prompts, args.input_len)).tolist()
+        # Fresh prompts for the warm-up and for each round: prompts seen before would start from
+        # the prefix cache (on by default) and skip their prefill.
+        def fresh_prompts(seed: int, count: int) -> list[list[int]]:
+            return np.random.RandomState(seed).randint(100, 30000, size=(count, args.input_len)).tolist()
+
         # Warm-up: graphs, the grammar's compile and the tokenizer's conversion for llguidance.
-        llm.generate([{"prompt_token_ids": q} for q in prompts[:32]],
+        warm_up = fresh_prompts(1000, 32)
+        llm.generate([{"prompt_token_ids": q} for q in warm_up],
                      [_params(i % 2 == 0, 16) for i in range(32)], use_tqdm=False)
-        llm.generate([{"prompt_token_ids": q} for q in prompts[:8]],
+        llm.generate([{"prompt_token_ids": q} for q in warm_up[:8]],
                      SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
-        for fraction in [float(f) for f in args.fractions.split(",")]:
+        for seed, fraction in enumerate(float(f) for f in args.fractions.split(",")):
+            prompts = fresh_prompts(seed, num_prompts)
             print(json.dumps(_round(llm, prompts, fraction, args.output_len, accepts)), flush=True)
         llm.shutdown()
 
