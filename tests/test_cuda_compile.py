@@ -190,3 +190,20 @@ def test_decode_kernel_choice(monkeypatch):
     monkeypatch.setattr(ops, "DECODE_KERNEL", "fast")
     with pytest.raises(ValueError, match="ASERVE_DECODE_KERNEL"):
         ops.decode_kernel_source(torch.bfloat16, 128, 4, 256, 0)
+
+
+def test_launch_attributes_for_pdl_and_clusters():
+    """cuLaunchKernelEx's attributes: programmatic serialization for PDL, the cluster shape
+    (1 x 1 x n) for clustered launches, both together, none for a plain launch."""
+    driver = compiler._driver()
+    ids = driver.CUlaunchAttributeID
+    assert compiler._launch_attributes(False, 1) == []
+    (pdl,) = compiler._launch_attributes(True, 1)
+    assert pdl.id == ids.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert pdl.value.programmaticStreamSerializationAllowed == 1
+    first, cluster = compiler._launch_attributes(True, 16)
+    assert first.id == ids.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    assert cluster.id == ids.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    assert (cluster.value.clusterDim.x, cluster.value.clusterDim.y, cluster.value.clusterDim.z) == (1, 1, 16)
+    (alone,) = compiler._launch_attributes(False, 4)
+    assert alone.value.clusterDim.z == 4
