@@ -84,8 +84,9 @@ _MMA_CTAS_PER_SM = 12
 # through distributed shared memory (decode_common.cuh, CLUSTER_COMBINE); to fit, its partitions
 # grow up to CLUSTER_MAX_PARTITION tokens. 16 is the most an H100 or H200 allows (non-portable:
 # 8 is the portable limit); the launcher asks the driver how many CTAs of the clustered build
-# one cluster may hold on the GPU at hand (Kernel.max_cluster_size). Measured on an H200 (bench/kernels.py, 8 KV heads of 128, one
-# sequence; bench/RESULTS.md 2026-12-03, fourteenth session), us without clusters / with 16:
+# one cluster may hold on the GPU at hand (Kernel.max_cluster_size). Measured on an H200
+# (bench/kernels.py, 8 KV heads of 128, one sequence; bench/RESULTS.md 2026-12-03, fourteenth
+# session), us without clusters / with 16:
 # 128 tokens 10.3 / 6.6, 384 11.6 / 6.8, 640 12.7 / 8.3, 1024 12.2 / 8.3, 2048 17.1 / 11.3,
 # 4096 19.7 / 16.9, 8192 24.4 / 27.8; two sequences of 640 13.1 / 11.4. A context longer than one
 # cluster covers runs the plain ending slower in a clustered launch (8192 tokens with 128-token
