@@ -127,6 +127,10 @@ def test_greedy_ids_off_the_gpu_is_torch_argmax(monkeypatch):
     assert torch.equal(gumbel.greedy_ids(logits), logits.argmax(dim=-1))
     from aserve.cuda import sampling
 
+    monkeypatch.delenv("ASERVE_ARGMAX_KERNEL", raising=False)
+    assert sampling.argmax_kernel_enabled()   # on by default (where logits are on a GPU)
+    monkeypatch.setenv("ASERVE_ARGMAX_KERNEL", "0")
+    assert not sampling.argmax_kernel_enabled()
     monkeypatch.setenv("ASERVE_ARGMAX_KERNEL", "2")
     with pytest.raises(ValueError, match="ASERVE_ARGMAX_KERNEL"):
         sampling.argmax_kernel_enabled()

@@ -12,14 +12,14 @@ from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_st
 
 _THREADS = 1024  # SAMPLE_THREADS in sampling.cu
 
-# Greedy rows on the GPU through argmax_rows (1) or torch.argmax (0, the default until the
-# kernel has run its tests and an A/B on a card: written in the fourteenth session with no
-# device time left; torch's argmax of one 128k-token row took ~30 us of each B1 step).
+# Greedy rows on the GPU through argmax_rows (1, the default) or torch.argmax (0). For one
+# row of Llama-3's 128,256 float32 logits, the last kernel of every B1 step, argmax_rows took
+# 13.4 us and torch's reduction 29.5-30.0 us on an H200 (bench/RESULTS.md, fifteenth session).
 ARGMAX_KERNEL_ENV = "ASERVE_ARGMAX_KERNEL"
 
 
 def argmax_kernel_enabled() -> bool:
-    choice = os.environ.get(ARGMAX_KERNEL_ENV, "0")
+    choice = os.environ.get(ARGMAX_KERNEL_ENV, "1")
     if choice not in ("0", "1"):
         raise ValueError(f"{ARGMAX_KERNEL_ENV} must be 0 or 1, got {choice!r}")
     return choice == "1"

@@ -73,8 +73,8 @@ def sample_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, keys: to
 
 
 def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(dim=-1): on a GPU through sampling.cu's argmax_rows where
-    ASERVE_ARGMAX_KERNEL=1 (the same ids), else torch's."""
+    """logits.argmax(dim=-1): on a GPU through sampling.cu's argmax_rows (the same ids)
+    unless ASERVE_ARGMAX_KERNEL=0, else torch's."""
     from aserve.cuda.fused import usable
 
     if usable(logits) and logits.dim() == 2 and logits.stride(1) == 1:
