@@ -140,11 +140,15 @@ def test_greedy_ids_off_the_gpu_is_torch_argmax(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows,vocab", [(1, 128256), (1, 50272), (3, 32001), (64, 128256), (5, 7), (2, 1)])
-def test_argmax_kernel_picks_torch_argmax_ids(dtype, rows, vocab, monkeypatch):
+@pytest.mark.parametrize("parts", ["1", "3", "16"])
+def test_argmax_kernel_picks_torch_argmax_ids(dtype, rows, vocab, parts, monkeypatch):
     """The greedy kernel against torch.argmax on fresh random logits: ties go to the lower index
     (values repeated on purpose, and float16's coarse steps make more), a row of -inf gives 0,
-    the first NaN wins; rows aligned (16-byte loads) and misaligned (one element at a time)."""
+    the first NaN wins; rows aligned (16-byte loads) and misaligned (one element at a time);
+    a row in one CTA, or (Hopper) cut into parts of a thread block cluster (ASERVE_ARGMAX_PARTS)."""
     from aserve.cuda.sampling import argmax_rows
+
+    monkeypatch.setenv("ASERVE_ARGMAX_PARTS", parts)
 
     gen = torch.Generator(device="cuda").manual_seed(rows * vocab + 7)
     wide = (4 * torch.randn(rows, vocab + 9, generator=gen, device="cuda")).to(dtype)
@@ -160,3 +164,30 @@ def test_argmax_kernel_picks_torch_argmax_ids(dtype, rows, vocab, monkeypatch):
         assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1)), (dtype, rows, vocab)
     monkeypatch.setenv("ASERVE_ARGMAX_KERNEL", "1")
     assert torch.equal(gumbel.greedy_ids(wide), wide.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("rows, vocab, element_size, cluster_limit, max_parts, expected", [
+    (1, 128256, 2, 16, 16, 16),    # Llama-3's vocabulary in bfloat16: 16 CTAs of 8192 elements
+    (1, 128256, 4, 16, 16, 16),    # float32: more passes would fit 32, the cluster holds 16
+    (1, 50272, 2, 16, 16, 7),      # OPT's: 7 CTAs cover it in one pass each
+    (1, 128256, 2, 8, 16, 8),      # a GPU whose clusters hold 8
+    (64, 128256, 2, 16, 16, 2),    # 64 rows x 2 parts fill the 132 SMs
+    (256, 128256, 2, 16, 16, 1),   # more rows than SMs: a CTA a row
+    (2, 7, 2, 16, 16, 1),          # a tiny vocabulary
+    (1, 128256, 2, 16, 1, 1),      # parts turned off
+])
+def test_argmax_parts_fill_idle_sms_within_a_cluster(rows, vocab, element_size, cluster_limit, max_parts, expected):
+    from aserve.cuda.sampling import argmax_parts
+
+    assert argmax_parts(rows, vocab, element_size, 132, cluster_limit, max_parts) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "17", "two", ""])
+def test_argmax_parts_setting_is_checked(monkeypatch, value):
+    from aserve.cuda import sampling
+
+    monkeypatch.setenv("ASERVE_ARGMAX_PARTS", value)
+    with pytest.raises(ValueError, match="ASERVE_ARGMAX_PARTS"):
+        sampling.argmax_max_parts()
+    monkeypatch.delenv("ASERVE_ARGMAX_PARTS")
+    assert sampling.argmax_max_parts() == 1   # one CTA a row until the clustered build is measured

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = Path(__file__).parent
 # Headers every kernel may #include, handed to NVRTC by name (no include path is needed).
-_HEADERS = ("common.cuh", "decode_common.cuh")
+_HEADERS = ("common.cuh", "cluster.cuh", "decode_common.cuh")
 
 
 class KernelCompileError(RuntimeError):

@@ -13,6 +13,9 @@
 //
 // Compile-time configuration (-D, set by aserve/cuda/sampling.py): DTYPE of the logits.
 #include "common.cuh"
+#if __CUDA_ARCH__ >= 900
+#include "cluster.cuh"
+#endif
 
 #define SAMPLE_THREADS 1024
 #define NEG_INF (-__int_as_float(0x7f800000))
@@ -56,11 +59,11 @@ __device__ __forceinline__ void keep_max(float& best, int& best_i, float s, int 
     }
 }
 
-// The CTA's winning index over every thread's (best, best_i), for thread 0: across each warp
+// The CTA's winning (best, best_i) over every thread's, left in thread 0's: across each warp
 // with shuffles, then across the warps through shared memory. NAN_WINS: keep_max's order (a
-// NaN wins), else keep_best's (a NaN never does). 0x7fffffff where no thread kept anything.
+// NaN wins), else keep_best's (a NaN never does). Index 0x7fffffff where no thread kept anything.
 template <bool NAN_WINS>
-__device__ __forceinline__ int block_best_index(float best, int best_i) {
+__device__ __forceinline__ void block_best(float& best, int& best_i) {
     __shared__ float warp_best[SAMPLE_THREADS / 32];
     __shared__ int warp_best_i[SAMPLE_THREADS / 32];
     auto keep = [](float& b, int& b_i, float s, int i) {
@@ -87,6 +90,12 @@ __device__ __forceinline__ int block_best_index(float best, int best_i) {
             keep(best, best_i, s, i);
         }
     }
+}
+
+// block_best's winning index alone.
+template <bool NAN_WINS>
+__device__ __forceinline__ int block_best_index(float best, int best_i) {
+    block_best<NAN_WINS>(best, best_i);
     return best_i;
 }
 
@@ -121,32 +130,43 @@ sample_gumbel_max(i64* __restrict__ out,              // [rows]
 
 #define ARGMAX_UNROLL 4
 
-// The argmax of each row of logits [rows, vocab] (greedy decoding), one CTA per row. torch's
-// argmax reduces a lone 128k-token row in ~30 us on an H200 (bench/profile_step.py: a B1
-// step's last kernel); here each thread keeps ARGMAX_UNROLL 16-byte loads in flight.
+// The argmax of each row of logits [rows, vocab] (greedy decoding). torch's argmax reduced a
+// lone 128k-token row in ~30 us on an H200 (bench/profile_step.py: a B1 step's last kernel);
+// one CTA a row here took 13.4 us, bound by what one SM keeps in flight. So a row may be cut
+// into gridDim.z contiguous parts, one CTA each: on Hopper those CTAs form a thread block
+// cluster (aserve/cuda/sampling.py launches 1 x 1 x gridDim.z clusters), and the part of
+// cluster rank 0 combines every part's (best, index) through distributed shared memory.
+// keep_max's order is total (NaN first, then value, then the lower index), so the parts may
+// combine in any order and give torch.argmax's id.
 // vectorized: the rows start on 16-byte boundaries (else every element is loaded alone).
+// The clustered launch goes under programmatic dependent launch: each CTA first waits for the
+// kernel that wrote the logits (a no-op in the plain launch).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 argmax_rows(i64* __restrict__ out,                   // [rows]
             const scalar_t* __restrict__ logits,     // [rows, vocab], rows of row_stride
             i64 row_stride, int vocab, int vectorized) {
+    start_after_previous_kernel();
     const scalar_t* x = logits + blockIdx.x * row_stride;
+    const int parts = gridDim.z, part = blockIdx.z;
     float best = NEG_INF;
     int best_i = 0x7fffffff;
     int scalar_from = 0;
     if (vectorized) {
         const uint4* xv = reinterpret_cast<const uint4*>(x);
         const int num_vecs = vocab / VEC;
-        for (int base = threadIdx.x; base < num_vecs; base += blockDim.x * ARGMAX_UNROLL) {
+        const int per_part = (num_vecs + parts - 1) / parts;
+        const int begin = part * per_part, end = min(num_vecs, begin + per_part);
+        for (int base = begin + threadIdx.x; base < end; base += blockDim.x * ARGMAX_UNROLL) {
             uint4 raw[ARGMAX_UNROLL];
 #pragma unroll
             for (int u = 0; u < ARGMAX_UNROLL; ++u) {
                 const int v = base + u * blockDim.x;
-                raw[u] = v < num_vecs ? xv[v] : make_uint4(0, 0, 0, 0);
+                raw[u] = v < end ? load_fresh(xv + v) : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
             for (int u = 0; u < ARGMAX_UNROLL; ++u) {
                 const int v = base + u * blockDim.x;
-                if (v >= num_vecs) break;
+                if (v >= end) break;
                 float f[VEC];
                 unpack_vec(raw[u], f);
 #pragma unroll
@@ -155,7 +175,24 @@ argmax_rows(i64* __restrict__ out,                   // [rows]
         }
         scalar_from = num_vecs * VEC;
     }
-    for (int i = scalar_from + threadIdx.x; i < vocab; i += blockDim.x) keep_max(best, best_i, to_float(x[i]), i);
-    const int winner = block_best_index<true>(best, best_i);
-    if (threadIdx.x == 0) out[blockIdx.x] = winner == 0x7fffffff ? 0 : winner;   // vocab 0: token 0
+    // The elements outside whole vectors (a row's tail, or all of an unaligned row), cut the same way.
+    const int per_part = (vocab - scalar_from + parts - 1) / parts;
+    const int begin = scalar_from + part * per_part, end = min(vocab, begin + per_part);
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) keep_max(best, best_i, load_fresh(x + i), i);
+    block_best<true>(best, best_i);
+#if __CUDA_ARCH__ >= 900
+    if (parts > 1) {   // parts = the cluster's CTAs, part = the cluster rank
+        __shared__ float part_best;
+        __shared__ int part_best_i;
+        if (threadIdx.x == 0) {
+            part_best = best;
+            part_best_i = best_i;
+        }
+        cluster_sync();
+        if (part == 0 && threadIdx.x == 0)
+            for (int r = 1; r < parts; ++r) keep_max(best, best_i, load_cluster(&part_best, r), load_cluster_int(&part_best_i, r));
+        cluster_sync();    // no CTA leaves while rank 0 may still read its shared memory
+    }
+#endif
+    if (part == 0 && threadIdx.x == 0) out[blockIdx.x] = best_i == 0x7fffffff ? 0 : best_i;   // vocab 0: token 0
 }

@@ -3,12 +3,13 @@ and the plain argmax of each row (greedy decoding)."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_stream, device_index,
-                                  load_module)
+                                  load_module, num_sms)
 
 _THREADS = 1024  # SAMPLE_THREADS in sampling.cu
 
@@ -23,6 +24,35 @@ def argmax_kernel_enabled() -> bool:
     if choice not in ("0", "1"):
         raise ValueError(f"{ARGMAX_KERNEL_ENV} must be 0 or 1, got {choice!r}")
     return choice == "1"
+
+
+# The most parts (CTAs of one thread block cluster, Hopper and newer) argmax_rows cuts a row
+# into where few rows would leave most SMs idle; 1: one CTA a row, launched without PDL. The
+# default stays 1 until the clustered build has run its card test and a profile (written in
+# the fifteenth session with no device time left; one CTA took 13.4 us of a B1 step).
+ARGMAX_PARTS_ENV = "ASERVE_ARGMAX_PARTS"
+ARGMAX_MAX_PARTS = 16
+
+
+def argmax_max_parts() -> int:
+    """ASERVE_ARGMAX_PARTS, checked."""
+    setting = os.environ.get(ARGMAX_PARTS_ENV, "1")
+    if setting not in [str(n) for n in range(1, ARGMAX_MAX_PARTS + 1)]:
+        raise ValueError(f"{ARGMAX_PARTS_ENV} must be an integer from 1 to {ARGMAX_MAX_PARTS}, got {setting!r}")
+    return int(setting)
+
+
+def argmax_parts(rows: int, vocab: int, element_size: int, sms: int, cluster_limit: int, max_parts: int) -> int:
+    """CTAs per row of an argmax_rows launch: at most max_parts and the GPU's cluster limit, no
+    more than one 16-byte load a thread, and rows x parts within the SMs."""
+    per_cta = _THREADS * 16 // element_size   # elements one CTA loads in a pass
+    parts = min(max_parts, cluster_limit, -(-vocab // per_cta), sms // max(rows, 1))
+    return max(parts, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _holds_clusters(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def sample_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -45,16 +75,23 @@ def sample_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, keys: to
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """logits.argmax(dim=-1) for logits [rows, vocab] on the GPU (columns dense, rows may be
-    strided), in one kernel with a CTA per row: the same ids, ties to the lower index and the
-    first NaN winning, as torch.argmax."""
+    strided), in one kernel: the same ids, ties to the lower index and the first NaN winning,
+    as torch.argmax. A row takes one CTA, or on Hopper up to ASERVE_ARGMAX_PARTS CTAs of one
+    thread block cluster (argmax_parts)."""
     rows, vocab = logits.shape
     assert logits.stride(1) == 1 and logits.dtype in KERNEL_DTYPES
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows:
+        index = device_index(logits)
         vectorized = logits.data_ptr() % 16 == 0 and (logits.stride(0) * logits.element_size()) % 16 == 0
-        module = load_module("sampling.cu", [f"-DDTYPE={KERNEL_DTYPES[logits.dtype]}"], device_index(logits))
-        module.kernel("argmax_rows").launch(
-            (rows, 1, 1), (_THREADS, 1, 1), 0,
-            (out.data_ptr(), logits.data_ptr(), logits.stride(0), vocab, int(vectorized)),
-            (POINTER, POINTER, INT64, INT, INT), current_stream(logits))
+        kernel = load_module("sampling.cu", [f"-DDTYPE={KERNEL_DTYPES[logits.dtype]}"], index).kernel("argmax_rows")
+        max_parts, parts = argmax_max_parts(), 1
+        if max_parts > 1 and _holds_clusters(index):
+            limit = kernel.max_cluster_size((_THREADS, 1, 1), 0)
+            parts = argmax_parts(rows, vocab, logits.element_size(), num_sms(index), limit, max_parts)
+        # The parts of a row must share a cluster (the kernel combines them through its shared
+        # memory); the clustered launch also goes under PDL, to start under the LM head.
+        kernel.launch((rows, 1, parts), (_THREADS, 1, 1), 0,
+                      (out.data_ptr(), logits.data_ptr(), logits.stride(0), vocab, int(vectorized)),
+                      (POINTER, POINTER, INT64, INT, INT), current_stream(logits), pdl=parts > 1, cluster_z=parts)
     return out
