@@ -135,6 +135,11 @@ def test_every_gemv_build_compiles(arch, dtype_id, rows, variant):
 
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_graph_inputs_kernel_compiles(arch):
+    assert compiler.compile_cubin("graph_inputs.cu", [], arch)[:4] == b"\x7fELF"
+
+
 def test_cubins_are_cached_on_disk_per_options_and_arch(tmp_path):
     options = ops.paged_attention_options(torch.float16, 64, 16, 1)
     first = compiler.compile_cubin("paged_attention.cu", options, 90)

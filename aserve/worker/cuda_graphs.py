@@ -3,7 +3,8 @@ once per batch size of a ladder and replayed, so a step costs one launch instead
 
 A graph reads its inputs from static buffers; a replay copies the step's inputs into them and
 pads the batch up to the captured size with rows that write nothing (slot -1) and attend to
-nothing (seq_len 0). The decode kernel's grid is fixed at capture by max_seq_len_to_capture
+nothing (seq_len 0): with torch's copies, or in one kernel (ASERVE_GRAPH_INPUTS_KERNEL=1,
+aserve/cuda/graph_inputs.py). The decode kernel's grid is fixed at capture by max_seq_len_to_capture
 (its number of context splits); a step with a longer context, or a larger batch, runs eagerly.
 """
 
@@ -16,6 +17,7 @@ import time
 import torch
 
 from aserve.attention import AttentionMetadata
+from aserve.cuda.graph_inputs import fill_graph_inputs, graph_inputs_kernel_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,18 @@ class DecodeGraphs:
         """Hidden states [n, hidden] of a decode step that can_run() accepted."""
         n = metadata.num_tokens
         batch = next(b for b in self.sizes if b >= n)
+        if graph_inputs_kernel_enabled():   # one launch for what follows
+            fill_graph_inputs((self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables),
+                              batch, input_ids, positions, metadata.slot_mapping, metadata.seq_lens,
+                              metadata.block_tables)
+        else:
+            self._copy_inputs(n, batch, input_ids, positions, metadata)
+        self.graphs[batch].replay()
+        self.num_replays += 1
+        return self.outputs[batch][:n]
+
+    def _copy_inputs(self, n: int, batch: int, input_ids: torch.Tensor, positions: torch.Tensor,
+                     metadata: AttentionMetadata) -> None:
         width = metadata.block_tables.shape[1]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
@@ -108,6 +122,3 @@ class DecodeGraphs:
         if batch > n:
             self.slot_mapping[n:batch].fill_(-1)
             self.seq_lens[n:batch].zero_()
-        self.graphs[batch].replay()
-        self.num_replays += 1
-        return self.outputs[batch][:n]
