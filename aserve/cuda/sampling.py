@@ -14,7 +14,7 @@ from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_st
 _THREADS = 1024  # SAMPLE_THREADS in sampling.cu
 
 # Greedy rows on the GPU through argmax_rows (1, the default) or torch.argmax (0). For one
-# row of Llama-3's 128,256 float32 logits, the last kernel of every B1 step, argmax_rows took
+# row of Llama-3's 128,256 bfloat16 logits, the last kernel of every B1 step, argmax_rows took
 # 13.4 us and torch's reduction 29.5-30.0 us on an H200 (bench/RESULTS.md, fifteenth session).
 ARGMAX_KERNEL_ENV = "ASERVE_ARGMAX_KERNEL"
 
