@@ -21,7 +21,8 @@ def server():
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
                                      {"Authorization": f"Basic {KEY}"}])
-@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("GET", "/v1/models/any/name"),
+                                          ("POST", "/v1/completions"),
                                           ("POST", "/v1/chat/completions"), ("POST", "/invocations")])
 async def test_v1_routes_refuse_a_missing_or_wrong_key(server, headers, method, path):
     async with aiohttp.ClientSession() as session:

@@ -39,6 +39,17 @@ def test_models_list_reports_the_served_model(client, server):
     assert models[0].model_extra["max_model_len"] == server.state.max_model_len
 
 
+def test_models_retrieve_gives_the_served_model_or_a_404(client, server):
+    """OpenAI's GET /v1/models/{model}: the same card as the list; an unknown name (slashes
+    and all, as hub names have) is a 404 with OpenAI's error body."""
+    card = client.models.retrieve(server.model_name)
+    assert card.id == server.model_name and card.object == "model"
+    assert card == client.models.list().data[0]
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("org/not-" + server.model_name.strip("/"))
+    assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+
+
 def test_greedy_completion_equals_offline(client, server, offline):
     resp = client.completions.create(model=server.model_name, prompt=PROMPT, max_tokens=12, temperature=0)
     expected = offline_greedy(offline, PROMPT, 12)

@@ -227,11 +227,23 @@ async def reset_prefix_cache(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-async def list_models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    card = ModelCard(id=state.served_model_name, created=state.created, root=state.model_root,
+def _model_card(state) -> ModelCard:
+    return ModelCard(id=state.served_model_name, created=state.created, root=state.model_root,
                      max_model_len=state.max_model_len)
-    return json_response(ModelList(data=[card]))
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return json_response(ModelList(data=[_model_card(request.app[STATE])]))
+
+
+async def retrieve_model(request: web.Request) -> web.Response:
+    """OpenAI's GET /v1/models/{model} (the openai client's models.retrieve); a model name may
+    hold slashes (facebook/opt-125m), so the route takes the rest of the path."""
+    state = request.app[STATE]
+    name = request.match_info["model"]
+    if name != state.served_model_name:
+        raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+    return json_response(_model_card(state))
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -285,6 +297,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", retrieve_model)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
