@@ -4,8 +4,9 @@ once per batch size of a ladder and replayed, so a step costs one launch instead
 A graph reads its inputs from static buffers; a replay copies the step's inputs into them and
 pads the batch up to the captured size with rows that write nothing (slot -1) and attend to
 nothing (seq_len 0): with torch's copies, or in one kernel (ASERVE_GRAPH_INPUTS_KERNEL=1,
-aserve/cuda/graph_inputs.py). The decode kernel's grid is fixed at capture by max_seq_len_to_capture
-(its number of context splits); a step with a longer context, or a larger batch, runs eagerly.
+aserve/cuda/graph_inputs.py). The decode kernel's grid is fixed at capture by
+max_seq_len_to_capture (its number of context splits); a step with a longer context, or a
+larger batch, runs eagerly.
 """
 
 from __future__ import annotations
