@@ -37,6 +37,10 @@ def test_models_list_reports_the_served_model(client, server):
     assert [m.id for m in models] == [server.model_name]
     assert models[0].object == "model" and models[0].owned_by and models[0].created > 0
     assert models[0].model_extra["max_model_len"] == server.state.max_model_len
+    # vLLM's permission list, which some clients read.
+    permission, = models[0].model_extra["permission"]
+    assert permission["object"] == "model_permission" and permission["allow_sampling"]
+    assert permission["id"].startswith("modelperm-") and not permission["allow_fine_tuning"]
 
 
 def test_models_retrieve_gives_the_served_model_or_a_404(client, server):
@@ -44,7 +48,8 @@ def test_models_retrieve_gives_the_served_model_or_a_404(client, server):
     and all, as hub names have) is a 404 with OpenAI's error body."""
     card = client.models.retrieve(server.model_name)
     assert card.id == server.model_name and card.object == "model"
-    assert card == client.models.list().data[0]
+    listed = client.models.list().data[0]   # the same card, but for its permission's fresh id
+    assert card.model_dump(exclude={"permission"}) == listed.model_dump(exclude={"permission"})
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("org/not-" + server.model_name.strip("/"))
     assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"

@@ -9,6 +9,7 @@ module only maps the wire names onto it. Every error leaves as OpenAI's error bo
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -325,6 +326,23 @@ class ChatCompletionChunk(BaseModel):
 
 
 # ----------------------------------------------------------------------------- models, tokenizer
+class ModelPermission(BaseModel):
+    """What vLLM lists under a model card's `permission` (OpenAI's old model-permission
+    object): sampling and logprobs allowed, no fine-tuning; some clients read it."""
+    id: str = Field(default_factory=lambda: f"modelperm-{uuid.uuid4().hex}")
+    object: str = "model_permission"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: Optional[str] = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
     id: str
     object: str = "model"
@@ -333,6 +351,7 @@ class ModelCard(BaseModel):
     root: Optional[str] = None
     parent: Optional[str] = None
     max_model_len: Optional[int] = None
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
 
 
 class ModelList(BaseModel):
