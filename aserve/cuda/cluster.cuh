@@ -31,13 +31,8 @@ __device__ __forceinline__ float load_cluster(const float* local, int rank) {
     asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(value) : "r"(remote));
     return value;
 }
-// The int at the shared-memory address of `local` in the CTA of cluster rank `rank` (as
-// load_cluster).
+// The int at the shared-memory address of `local` in the CTA of cluster rank `rank`: its bits,
+// moved by load_cluster (a load changes no bit of what it moves).
 __device__ __forceinline__ int load_cluster_int(const int* local, int rank) {
-    const unsigned address = (unsigned)__cvta_generic_to_shared(local);
-    unsigned remote;
-    int value;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
-    asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(value) : "r"(remote));
-    return value;
+    return __float_as_int(load_cluster(reinterpret_cast<const float*>(local), rank));
 }
