@@ -151,21 +151,27 @@ def _ensure_context(device_index: int) -> None:
     _check_cu(driver.cuCtxSetCurrent(context), "cuCtxSetCurrent")
 
 
+@functools.lru_cache(maxsize=None)
+def capability(device_index: int) -> tuple[int, int]:
+    """The GPU's compute capability, e.g. (9, 0) for Hopper (asked once per device)."""
+    return torch.cuda.get_device_capability(device_index)
+
+
+def env_switch(name: str, default: str) -> bool:
+    """An on/off setting of the environment: "1" on, "0" off, anything else a ValueError."""
+    choice = os.environ.get(name, default)
+    if choice not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {choice!r}")
+    return choice == "1"
+
+
 PDL_ENV = "ASERVE_PDL"
 
 
-@functools.lru_cache(maxsize=None)
-def _pdl_supported(device_index: int) -> bool:
-    """Programmatic dependent launch needs compute capability 9.0 (Hopper) or newer."""
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
 def pdl_enabled(device_index: int) -> bool:
-    """Whether launches asking for programmatic dependent launch get it on this GPU."""
-    choice = os.environ.get(PDL_ENV, "1")
-    if choice not in ("0", "1"):
-        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {choice!r}")
-    return choice == "1" and _pdl_supported(device_index)
+    """Whether launches asking for programmatic dependent launch get it on this GPU: it needs
+    compute capability 9.0 (Hopper) or newer."""
+    return env_switch(PDL_ENV, "1") and capability(device_index) >= (9, 0)
 
 
 def _pdl_attribute():
@@ -307,7 +313,7 @@ def load_module(source_name: str, options: Sequence[str], device_index: int) -> 
         with _lock:
             module = _modules.get(key)
             if module is None:
-                major, minor = torch.cuda.get_device_capability(device_index)
+                major, minor = capability(device_index)
                 cubin = compile_cubin(source_name, options, major * 10 + minor)
                 module = _modules[key] = LoadedModule(cubin, device_index)
     return module

@@ -3,11 +3,9 @@ one kernel, instead of five torch copies and two fills (aserve/worker/cuda_graph
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from aserve.cuda.compiler import INT, INT64, POINTER, current_stream, device_index, load_module
+from aserve.cuda.compiler import INT, INT64, POINTER, current_stream, device_index, env_switch, load_module
 from aserve.cuda.fused import kernels_enabled
 
 # 1: DecodeGraphs.run fills its buffers with fill_graph_inputs; 0 (the default until the kernel
@@ -19,10 +17,7 @@ _THREADS = 128
 
 def graph_inputs_kernel_enabled() -> bool:
     """Whether to use fill_graph_inputs: asked for, and aserve's kernels can run."""
-    choice = os.environ.get(GRAPH_INPUTS_KERNEL_ENV, "0")
-    if choice not in ("0", "1"):
-        raise ValueError(f"{GRAPH_INPUTS_KERNEL_ENV} must be 0 or 1, got {choice!r}")
-    return choice == "1" and kernels_enabled()
+    return env_switch(GRAPH_INPUTS_KERNEL_ENV, "0") and kernels_enabled()
 
 
 def fill_graph_inputs(buffers: tuple[torch.Tensor, ...], batch: int, input_ids: torch.Tensor,

@@ -7,14 +7,13 @@ aserve/worker/kv_cache.py for copy_blocks); tests/test_cuda_kernels.py compares 
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Optional
 
 import torch
 
-from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream,
+from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, capability, current_stream,
                                   device_index, load_module, num_sms)
 
 # How a decode launch splits contexts over CTAs: grid.z splits per sequence, and each sequence
@@ -100,9 +99,7 @@ CLUSTER_MAX_PARTITION = 512
 DECODE_CLUSTER = os.environ.get(DECODE_CLUSTER_ENV, "16")
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
+_capability = capability   # a module global, so that CPU tests can stand in for a GPU
 
 
 def decode_kernel_source(dtype: torch.dtype, head_dim: int, group: int, num_seqs: int, device_index: int) -> str:

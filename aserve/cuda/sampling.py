@@ -3,13 +3,12 @@ and the plain argmax of each row (greedy decoding)."""
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, current_stream, device_index,
-                                  load_module, num_sms)
+from aserve.cuda.compiler import (INT, INT64, KERNEL_DTYPES, POINTER, capability, current_stream,
+                                  device_index, env_switch, load_module, num_sms)
 
 _THREADS = 1024  # SAMPLE_THREADS in sampling.cu
 
@@ -20,10 +19,7 @@ ARGMAX_KERNEL_ENV = "ASERVE_ARGMAX_KERNEL"
 
 
 def argmax_kernel_enabled() -> bool:
-    choice = os.environ.get(ARGMAX_KERNEL_ENV, "1")
-    if choice not in ("0", "1"):
-        raise ValueError(f"{ARGMAX_KERNEL_ENV} must be 0 or 1, got {choice!r}")
-    return choice == "1"
+    return env_switch(ARGMAX_KERNEL_ENV, "1")
 
 
 # The most parts (CTAs of one thread block cluster, Hopper and newer) argmax_rows cuts a row
@@ -48,11 +44,6 @@ def argmax_parts(rows: int, vocab: int, element_size: int, sms: int, cluster_lim
     per_cta = _THREADS * 16 // element_size   # elements one CTA loads in a pass
     parts = min(max_parts, cluster_limit, -(-vocab // per_cta), sms // max(rows, 1))
     return max(parts, 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _holds_clusters(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def sample_gumbel_max(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -86,7 +77,7 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
         vectorized = logits.data_ptr() % 16 == 0 and (logits.stride(0) * logits.element_size()) % 16 == 0
         kernel = load_module("sampling.cu", [f"-DDTYPE={KERNEL_DTYPES[logits.dtype]}"], index).kernel("argmax_rows")
         max_parts, parts = argmax_max_parts(), 1
-        if max_parts > 1 and _holds_clusters(index):
+        if max_parts > 1 and capability(index) >= (9, 0):   # thread block clusters: Hopper on
             limit = kernel.max_cluster_size((_THREADS, 1, 1), 0)
             parts = argmax_parts(rows, vocab, logits.element_size(), num_sms(index), limit, max_parts)
         # The parts of a row must share a cluster (the kernel combines them through its shared
