@@ -4,7 +4,7 @@
 #     STAGES="tests bench" WORKLOADS=A,A1,B1,B bash bench/device_run.sh
 # Stages, each bounded by `timeout` (one device call may run 600 s: split the stages over calls):
 #   tests    the CUDA tests (-m cuda), then the engine-vs-transformers tests on the card
-#   kernels  bench/kernels.py (paged decode vs the copy ceiling; KERNELS_ARGS) and bench/gemv.py (vs
+#   kernels  bench/decode_attention.py (paged decode vs the copy ceiling; KERNELS_ARGS) and bench/gemv.py (vs
 #            cuBLAS; GEMV=0 leaves it out)
 #   serving  bench/serving.py against `python -m aserve` on models A and B (random weights), at
 #            Poisson 10 and 40 req/s and all at once (SERVING_MODELS, SERVING_RATES)
@@ -58,7 +58,7 @@ stage_tests() {
 }
 
 stage_kernels() {
-    run "decode kernel" "$KERNELS_TIMEOUT" python3 bench/kernels.py ${KERNELS_ARGS:-}
+    run "decode kernel" "$KERNELS_TIMEOUT" python3 bench/decode_attention.py ${KERNELS_ARGS:-}
     [ "${GEMV:-1}" = 0 ] || run "gemv" "$KERNELS_TIMEOUT" python3 bench/gemv.py ${GEMV_ARGS:-}
 }
 

@@ -2,7 +2,7 @@
 
     python bench/gemv.py [--sweep]
 
-Prints the device-to-device copy ceiling (bytes read + written per second, bench/kernels.py),
+Prints the device-to-device copy ceiling (bytes read + written per second, bench/decode_attention.py),
 then one JSON line per (layer, rows of x): the milliseconds of F.linear and of gemv, the weight
 bytes each streams per second, that as a share of the copy ceiling, gemv's speedup, and its
 largest error against a float32 F.linear (relative to the largest output). Shapes: the linear
@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from aserve.cuda import gemv as gemv_module  # noqa: E402
 from aserve.cuda.compiler import nvrtc_version  # noqa: E402
-from kernels import copy_bandwidth, time_ms  # noqa: E402
+from decode_attention import copy_bandwidth, time_ms  # noqa: E402
 
 # (model, layer, N, K, dtype, bias)
 SHAPES = [

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+# Appended, not first: a bench script's name must never hide an installed package of that name.
+sys.path.append(os.path.join(os.path.dirname(__file__), "..", "bench"))
 
 from make_random_model import synthetic_tokenizer  # noqa: E402
 

@@ -3,6 +3,7 @@ costs a call of a scarce budget, so each is smoke-tested here, through its comma
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -17,6 +18,15 @@ def _run(*args: str) -> str:
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result.stdout
+
+
+def test_no_bench_script_hides_an_installed_package():
+    """A script's folder comes first on sys.path, so a script named as a package that the code it
+    imports needs shadows that package (transformers 5.25 imports `kernels`, which
+    bench/kernels.py hid until it was renamed)."""
+    installed = set(importlib.metadata.packages_distributions())
+    scripts = {name[:-3] for name in os.listdir(BENCH) if name.endswith(".py")}
+    assert not scripts & installed, scripts & installed
 
 
 def test_workloads_reports_latency_runs_and_their_median():

@@ -88,7 +88,7 @@ def test_decode_cluster_size_and_grid(monkeypatch):
 @pytest.mark.parametrize("arch", [80, 90])
 def test_every_tensor_core_decode_build_compiles(arch):
     """The tensor-core kernel at each 16-bit type, head size and group it covers, and its
-    tuning builds (bench/kernels.py --variants)."""
+    tuning builds (bench/decode_attention.py --variants)."""
     for dtype in (torch.float16, torch.bfloat16):
         for head_dim in ops.MMA_HEAD_SIZES:
             for block_size, group in ((16, 1), (16, 4), (32, 7), (16, ops.MAX_GROUP)):

@@ -125,7 +125,7 @@ def test_paged_decode_matches_reference(dtype, head_dim, heads, block_size, deco
     ("mma", {"NUM_WARPS": 2, "STAGES": 3}), ("mma", {"NUM_WARPS": 4, "STAGES": 3}),
     ("mma", {"NUM_WARPS": 8, "STAGES": 2}), ("mma", {"NUM_WARPS": 3, "STAGES": 2})])
 def test_paged_decode_tuning_builds_match_reference(kernel, tuning, monkeypatch):
-    """The builds bench/kernels.py --variants compares compute the same attention."""
+    """The builds bench/decode_attention.py --variants compares compute the same attention."""
     from aserve.cuda import ops
 
     monkeypatch.setattr(ops, "DECODE_KERNEL", kernel)

@@ -29,7 +29,7 @@ MAX_PARTITION = 8192
 MAX_WANTED_SPLITS = 64
 # CTAs per multiprocessor the split count aims for: 8 and 12 were the fastest of 8, 12, 16, 24
 # and 32 (timed in CUDA graphs) on an H100 at batch 64 x 2048 and 256 x 640 tokens, 2-9% ahead
-# of 16 (bench/kernels.py --sweep, bench/RESULTS.md).
+# of 16 (bench/decode_attention.py --sweep, bench/RESULTS.md).
 _CTAS_PER_SM = 12
 # Query heads one CTA serves from the same KV head: more means fewer re-reads of K/V under
 # multi-query attention, but more registers (8 keeps every build free of spills).
@@ -46,7 +46,7 @@ def decode_group_size(num_heads: int, num_kv_heads: int) -> int:
 
 
 # Extra -D options of the decode kernel's build (paged_attention.cu: NUM_THREADS, UNROLL,
-# MIN_BLOCKS, SMEM_BUDGET, ...; paged_attention_mma.cu: NUM_WARPS, STAGES); bench/kernels.py
+# MIN_BLOCKS, SMEM_BUDGET, ...; paged_attention_mma.cu: NUM_WARPS, STAGES); bench/decode_attention.py
 # --variants sets them to compare builds; empty means the source's defaults.
 DECODE_TUNING: dict[str, int] = {}
 
@@ -61,7 +61,7 @@ DECODE_KERNEL = os.environ.get(DECODE_KERNEL_ENV, "auto")
 MMA_HEAD_SIZES = (64, 128)
 # Where "auto" picks it: groups of at least MMA_MIN_GROUP query heads per KV head, in launches
 # of at least MMA_MIN_ROWS query heads per KV head in all (sequences x group). Measured on an
-# H200 (bench/kernels.py, bench/RESULTS.md 2026-12-03, seventh session; ms, 640-token contexts,
+# H200 (bench/decode_attention.py, bench/RESULTS.md 2026-12-03, seventh session; ms, 640-token contexts,
 # head size 128, 8 KV heads):
 #   group 4: batch 256 0.182 against 0.196 (CUDA cores), 128 0.111 / 0.114, 64 x 2048 tokens
 #            0.161 / 0.167, but 32 0.045 / 0.045, 16 0.030 / 0.027, 1 0.012 / 0.011;
@@ -84,7 +84,7 @@ _MMA_CTAS_PER_SM = 12
 # grow up to CLUSTER_MAX_PARTITION tokens. 16 is the most an H100 or H200 allows (non-portable:
 # 8 is the portable limit); the launcher asks the driver how many CTAs of the clustered build
 # one cluster may hold on the GPU at hand (Kernel.max_cluster_size). Measured on an H200
-# (bench/kernels.py, 8 KV heads of 128, one sequence; bench/RESULTS.md 2026-12-03, fourteenth
+# (bench/decode_attention.py, 8 KV heads of 128, one sequence; bench/RESULTS.md 2026-12-03, fourteenth
 # session), us without clusters / with 16:
 # 128 tokens 10.3 / 6.6, 384 11.6 / 6.8, 640 12.7 / 8.3, 1024 12.2 / 8.3, 2048 17.1 / 11.3,
 # 4096 19.7 / 16.9, 8192 24.4 / 27.8; two sequences of 640 13.1 / 11.4. A context longer than one

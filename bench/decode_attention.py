@@ -1,6 +1,6 @@
 """Microbenchmarks of aserve's CUDA kernels against the card's measured copy bandwidth.
 
-    python bench/kernels.py [--batch 64 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
+    python bench/decode_attention.py [--batch 64 --context 2048 --heads 32 --kv-heads 8 --head-dim 128]
                             [--shapes 1x128,1x640] [--max-seq-len 4096] [--sweep | --variants JSON]
 
 Prints one JSON line per measurement: the device-to-device copy ceiling (bytes read + written),
