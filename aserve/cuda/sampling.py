@@ -23,16 +23,16 @@ def argmax_kernel_enabled() -> bool:
 
 
 # The most parts (CTAs of one thread block cluster, Hopper and newer) argmax_rows cuts a row
-# into where few rows would leave most SMs idle; 1: one CTA a row, launched without PDL. The
-# default stays 1 until the clustered build has run its card test and a profile (written in
-# the fifteenth session with no device time left; one CTA took 13.4 us of a B1 step).
+# into where few rows would leave most SMs idle; 1: one CTA a row, launched without PDL. On
+# the H200 a lone row of 128,256 bfloat16 logits took 13.7 us in one CTA and 5.9 us in a
+# cluster of 16 (B1 chain 4.240 -> 4.218 ms a step; bench/RESULTS.md, 2026-12-04).
 ARGMAX_PARTS_ENV = "ASERVE_ARGMAX_PARTS"
 ARGMAX_MAX_PARTS = 16
 
 
 def argmax_max_parts() -> int:
     """ASERVE_ARGMAX_PARTS, checked."""
-    setting = os.environ.get(ARGMAX_PARTS_ENV, "1")
+    setting = os.environ.get(ARGMAX_PARTS_ENV, str(ARGMAX_MAX_PARTS))
     if setting not in [str(n) for n in range(1, ARGMAX_MAX_PARTS + 1)]:
         raise ValueError(f"{ARGMAX_PARTS_ENV} must be an integer from 1 to {ARGMAX_MAX_PARTS}, got {setting!r}")
     return int(setting)
