@@ -9,8 +9,20 @@ import torch
 
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # Chunked prefill keeps steps short; long prompts are simply spread over several steps. A GPU
-# wants larger steps: its matrix units need thousands of rows to run at full rate.
-DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192}
+# wants larger steps: its matrix units need thousands of rows to run at full rate. As vLLM, a
+# GPU of 70 GiB or more (A100/H100 80 GB, H200) takes larger steps and more sequences: there a
+# model of 8B parameters reads its weights once for twice the rows, and the KV cache has room.
+# On an H200, 512 / 16384 ran model B (Llama-3.1-8B shape) offline 5% faster than 256 / 8192
+# (taking turns in one call), and 1024 sequences no faster than 512; model A (OPT-125m shape)
+# was not slower. The API server
+# keeps 256 / 8192 there (vLLM's server keeps 8192 tokens too): served all at once, model A
+# delivered 36.9k tok/s at 512 against 44.2k at 256 in an earlier lease, its steps' host work
+# growing with their rows (bench/RESULTS.md, 2026-12-04).
+LARGE_GPU_BYTES = 70 << 30
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192, "large-gpu": 16384}
+DEFAULT_MAX_NUM_SEQS = {"cpu": 256, "cuda": 256, "large-gpu": 512}
+# Who runs the engine (vLLM's UsageContext): OfflineLLM and direct users, or the API server.
+USAGE_CONTEXTS = ("offline", "api_server")
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "float32": torch.float32, "float": torch.float32}
 
@@ -99,8 +111,8 @@ class EngineArgs:
     kv_cache_memory_gb: Optional[float] = None   # CPU: the KV cache's budget (default 1 GiB)
     num_gpu_blocks_override: Optional[int] = None  # exact block count (tests, debugging)
     gpu_memory_utilization: float = 0.9
-    max_num_batched_tokens: Optional[int] = None
-    max_num_seqs: int = 256
+    max_num_batched_tokens: Optional[int] = None  # None: DEFAULT_MAX_NUM_BATCHED_TOKENS
+    max_num_seqs: Optional[int] = None          # None: DEFAULT_MAX_NUM_SEQS for the device
     seed: int = 0
     trust_remote_code: bool = False
     tensor_parallel_size: int = 1
@@ -125,8 +137,12 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     # Most logprobs (and prompt logprobs) a request may ask for; -1 means no bound (vLLM's).
     max_logprobs: int = 20
+    # api_server: `python -m aserve` (its CLI's default), which keeps smaller steps on a large GPU.
+    usage_context: str = "offline"
 
     def __post_init__(self) -> None:
+        if self.usage_context not in USAGE_CONTEXTS:
+            raise ValueError(f"usage_context must be one of {', '.join(USAGE_CONTEXTS)}, got {self.usage_context!r}.")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}.")
         if self.dtype not in ("auto", *_DTYPES):
@@ -137,7 +153,7 @@ class EngineArgs:
             raise ValueError(f"max_logprobs must be -1 (no bound) or at least 0, got {self.max_logprobs}.")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be at least 1, got {self.max_model_len}.")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
@@ -177,7 +193,14 @@ class EngineArgs:
         return device
 
     def resolve_max_num_batched_tokens(self, device: torch.device) -> int:
-        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device.type, 2048)
+        return self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS[self._step_defaults(device)]
+
+    def resolve_max_num_seqs(self, device: torch.device) -> int:
+        return self.max_num_seqs or DEFAULT_MAX_NUM_SEQS[self._step_defaults(device)]
+
+    def _step_defaults(self, device: torch.device) -> str:
+        key = device_class(device)
+        return "cuda" if key == "large-gpu" and self.usage_context == "api_server" else key
 
     def resolve_dtype(self, hf_config, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":
@@ -190,3 +213,12 @@ class EngineArgs:
         if config_dtype in (None, torch.float32):
             return torch.float16  # as vLLM: float32 checkpoints serve in half precision on GPU
         return config_dtype
+
+
+def device_class(device: torch.device) -> str:
+    """The key of the step-size defaults: cpu, cuda, or large-gpu (a GPU of LARGE_GPU_BYTES or
+    more). Every rank of a tensor-parallel group resolves the same, on GPUs of one kind."""
+    if device.type != "cuda":
+        return "cpu"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return "large-gpu" if torch.cuda.get_device_properties(index).total_memory >= LARGE_GPU_BYTES else "cuda"

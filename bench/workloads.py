@@ -220,7 +220,8 @@ def run_aserve(model_dir: str, dtype: str, max_model_len: int, workloads: list[W
             extra["runs_ms_per_output_token"] = [round(e * 1e3 / w.output_len, 3) for e in elapsed_runs]
         _result(w, "aserve", name, dtype, len(prompts), w.output_len * len(prompts),
                 sorted(elapsed_runs)[len(elapsed_runs) // 2], **extra,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=llm.engine.scheduler_config.max_num_seqs,
+                max_num_batched_tokens=llm.engine.scheduler_config.max_num_batched_tokens,
                 tensor_parallel_size=args.tensor_parallel_size)
     llm.shutdown()
 
@@ -307,8 +308,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="2-layer, hidden-64 models and small workloads")
     p.add_argument("--dtype", default=None, help="override the models' dtypes (float16 A, bfloat16 B)")
     p.add_argument("--num-prompts", type=int, default=None, help="requests of A and B (default 1000)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's for the device")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's for the device")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per model (workers)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,

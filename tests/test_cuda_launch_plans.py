@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aserve.cuda.ops import MAX_PARTITION, MAX_SPLITS, MIN_PARTITION, decode_partition
-from aserve.worker.cuda_graphs import batch_size_ladder
+from aserve.worker.cuda_graphs import MAX_GRAPH_BATCH, batch_size_ladder
 from aserve.worker.input_upload import InputUploader
 
 
@@ -17,10 +17,18 @@ def test_batch_size_ladder_covers_every_batch_up_to_max_num_seqs():
     assert batch_size_ladder(256)[:5] == [1, 2, 4, 8, 16] and batch_size_ladder(256)[-1] == 256
     assert batch_size_ladder(3) == [1, 2, 3]
     assert batch_size_ladder(100)[-2:] == [96, 100]
-    for max_num_seqs in (1, 5, 8, 77, 256):
+    for max_num_seqs in (1, 5, 8, 77, 256, 300, 512):
         ladder = batch_size_ladder(max_num_seqs)
-        assert ladder == sorted(set(ladder))
+        assert ladder == sorted(set(ladder)) and ladder[-1] == max_num_seqs
         assert all(any(b >= n for b in ladder) for n in range(1, max_num_seqs + 1))
+        # A batch is padded up to its graph's size by fewer than 8 rows to 256, 16 past it.
+        assert all(min(b for b in ladder if b >= n) - n < (8 if n <= 256 else 16) for n in range(1, max_num_seqs + 1))
+
+
+def test_batch_size_ladder_stops_at_512_as_vllm_does():
+    ladder = batch_size_ladder(1024)
+    assert ladder[-1] == MAX_GRAPH_BATCH == 512 and len(ladder) == 51
+    assert ladder[ladder.index(256):ladder.index(256) + 3] == [256, 272, 288]
 
 
 def _partitions(seq_len: int, unit: int, splits: int) -> list[tuple[int, int]]:

@@ -29,7 +29,10 @@ def test_help_documents_every_flag():
 
 def test_defaults_follow_vllm_and_the_quickstart():
     ns = make_parser().parse_args([])
-    assert (ns.host, ns.port, ns.model, ns.block_size, ns.max_num_seqs) == ("localhost", 8000, None, 16, 256)
+    assert (ns.host, ns.port, ns.model, ns.block_size) == ("localhost", 8000, None, 16)
+    # The step sizes follow the device (EngineArgs.resolve_*): None here, and the server's own.
+    assert ns.max_num_seqs is None and ns.max_num_batched_tokens is None
+    assert engine_args_from(ns).usage_context == "api_server"
     assert ns.gpu_memory_utilization == 0.9 and ns.tensor_parallel_size == 1
 
 
@@ -114,7 +117,9 @@ def test_version_flag_prints_the_version(capsys):
 
 def test_help_shows_the_real_defaults():
     text = " ".join(make_parser().format_help().split())
-    assert "default: 8192 on a GPU" in text and "2048 on CPU" in text   # max_num_batched_tokens
+    assert "default: 8192 on a GPU (vLLM's API server's; offline on a GPU of 70 GiB or more: 16384), 2048 on CPU" in text
+    assert "default: 256 (offline on a GPU of 70 GiB or more: 512)" in text   # max_num_seqs
+    assert "usage-context" not in text   # not a vLLM flag: hidden
     assert "(default: on)" in text and "--async-scheduling, --no-async-scheduling" in text
     assert "(default: 8192)" in text   # max_seq_len_to_capture
 

@@ -76,7 +76,7 @@ class Engine:
         max_len = self.model_config.max_model_len
         self.scheduler_config = SchedulerConfig(
             max_num_batched_tokens=args.resolve_max_num_batched_tokens(self.device),
-            max_num_seqs=args.max_num_seqs, max_model_len=max_len)
+            max_num_seqs=args.resolve_max_num_seqs(self.device), max_model_len=max_len)
         num_blocks = self.runner.num_blocks
         self.cache_config = CacheConfig(args.block_size, num_blocks, 0)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -91,8 +91,8 @@ class Engine:
         graphs = self.runner.decode_graphs
         if graphs is not None:
             logger.info("captured CUDA graphs of decode steps for %d batch sizes (1 to %d, contexts up "
-                        "to %d tokens) in %.1f s", len(graphs.sizes), graphs.sizes[-1],
-                        graphs.max_seq_len, graphs.capture_seconds)
+                        "to %d tokens) in %.1f s (%.1f s of it eager warm-up runs)", len(graphs.sizes),
+                        graphs.sizes[-1], graphs.max_seq_len, graphs.capture_seconds, graphs.warmup_seconds)
         self.outputs = OutputProcessor(self.tokenizer, self.block_manager, max_len)
         self.requests: dict[str, Request] = {}
         self.grammars = (GrammarBackend(self.tokenizer, self.model_config.vocab_size)

@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 from aserve.server.errors import APIError
 
-DEFAULT_MAX_WAITING = 4096  # 16 x the default max_num_seqs; 0 means unbounded (vLLM's default)
+DEFAULT_MAX_WAITING = 4096  # 16 x the smaller GPUs' default max_num_seqs; 0 means unbounded (vLLM's default)
 RETRY_AFTER_S = 1
 
 # The requests of the admission the current task is in that are not handed to the engine yet

@@ -15,7 +15,8 @@ import traceback
 from typing import Optional
 
 from aserve import __version__
-from aserve.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, LOAD_FORMATS, EngineArgs
+from aserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, LOAD_FORMATS, USAGE_CONTEXTS,
+                           EngineArgs)
 from aserve.server.admission import DEFAULT_MAX_WAITING
 from aserve.server.http_server import HttpLimits
 from aserve.server.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
@@ -87,12 +88,14 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help="Load no tokenizer: prompts must be token ids and outputs carry no text.")
 
     e = p.add_argument_group("engine")
-    e.add_argument("--max-num-seqs", type=int, default=_ENGINE_DEFAULTS.max_num_seqs,
-                   help="Most sequences in one step. (default: %(default)s)")
+    e.add_argument("--max-num-seqs", type=int, default=None,
+                   help=f"Most sequences in one step; default: {DEFAULT_MAX_NUM_SEQS['cuda']} (offline on a "
+                        f"GPU of 70 GiB or more: {DEFAULT_MAX_NUM_SEQS['large-gpu']}).")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="Most tokens computed in one step (chunked prefill splits longer prompts); "
-                        f"default: {DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on a GPU (vLLM's API "
-                        f"server's), {DEFAULT_MAX_NUM_BATCHED_TOKENS['cpu']} on CPU.")
+                        f"default: {DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on a GPU (vLLM's API server's; "
+                        f"offline on a GPU of 70 GiB or more: {DEFAULT_MAX_NUM_BATCHED_TOKENS['large-gpu']}), "
+                        f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cpu']} on CPU.")
     e.add_argument("--block-size", type=int, default=_ENGINE_DEFAULTS.block_size, choices=[8, 16, 32, 64, 128],
                    help="Tokens per KV cache block. (default: %(default)s)")
     e.add_argument("--gpu-memory-utilization", type=float, default=_ENGINE_DEFAULTS.gpu_memory_utilization,
@@ -131,6 +134,8 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
     d.add_argument("--master-port", type=int, default=_env_int("MASTER_PORT", None),
                    help="A free port on the head for the ranks' rendezvous. (default: $MASTER_PORT; "
                         "one node: any free port)")
+    # Not a vLLM flag: this CLI runs the API server, whose step sizes differ on a large GPU.
+    d.add_argument("--usage-context", choices=USAGE_CONTEXTS, default="api_server", help=argparse.SUPPRESS)
     d.add_argument("--headless", action="store_true",
                    help="Run this node's ranks only (no server): for every node but the head.")
 

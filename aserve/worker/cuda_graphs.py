@@ -23,12 +23,19 @@ from aserve.cuda.graph_inputs import fill_graph_inputs, graph_inputs_kernel_enab
 logger = logging.getLogger(__name__)
 
 
+# Batches larger than this run eagerly: their steps are long enough on the GPU for the
+# host's launches to keep ahead of it, and each captured size adds to the engine's start.
+MAX_GRAPH_BATCH = 512
+
+
 def batch_size_ladder(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, then every multiple of 8 up to max_num_seqs (vLLM's ladder), and max_num_seqs."""
-    sizes = [b for b in (1, 2, 4) if b <= max_num_seqs]
-    sizes += list(range(8, max_num_seqs + 1, 8))
-    if sizes[-1] != max_num_seqs:
-        sizes.append(max_num_seqs)
+    """vLLM's ladder: 1, 2, 4, every multiple of 8 to 256, every multiple of 16 to 512; ending
+    at max_num_seqs where that is smaller."""
+    largest = min(max_num_seqs, MAX_GRAPH_BATCH)
+    sizes = [b for b in (1, 2, 4) if b <= largest]
+    sizes += list(range(8, min(largest, 256) + 1, 8)) + list(range(272, largest + 1, 16))
+    if sizes[-1] != largest:
+        sizes.append(largest)
     return sizes
 
 
@@ -51,6 +58,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
+        self.warmup_seconds = 0.0   # of capture_seconds: the eager runs before each capture
         self.num_replays = 0
 
     def _metadata(self, batch: int) -> AttentionMetadata:
@@ -79,8 +87,10 @@ class DecodeGraphs:
             for batch in reversed(self.sizes):
                 metadata = self._metadata(batch)
                 args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, metadata)
+                warmup_start = time.perf_counter()
                 self.model(*args)
                 torch.cuda.synchronize()
+                self.warmup_seconds += time.perf_counter() - warmup_start
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     self.outputs[batch] = self.model(*args)

@@ -36,7 +36,8 @@ def build_model_runner(args: EngineArgs, model_config: ModelConfig, device: torc
     max_len = model_config.max_model_len
     profile = functools.partial(
         profile_forward, model, device, model_config.dtype,
-        min(args.resolve_max_num_batched_tokens(device), max_len), args.max_num_seqs, args.block_size)
+        min(args.resolve_max_num_batched_tokens(device), max_len), args.resolve_max_num_seqs(device),
+        args.block_size)
     num_blocks = args.num_gpu_blocks_override or num_blocks_for_budget(
         model, args.block_size, model_config.dtype, device, args.kv_cache_memory_gb,
         args.gpu_memory_utilization, profile)
@@ -45,5 +46,5 @@ def build_model_runner(args: EngineArgs, model_config: ModelConfig, device: torc
     kv_caches = allocate_kv_caches(model, num_blocks, args.block_size, model_config.dtype, device)
     runner = ModelRunner(model, kv_caches, args.block_size, device, args.seed, group)
     if group.all_ranks_agree(uses_decode_graphs(args, model, device, group)):
-        runner.capture_decode_graphs(args.max_num_seqs, min(max_len, args.max_seq_len_to_capture))
+        runner.capture_decode_graphs(args.resolve_max_num_seqs(device), min(max_len, args.max_seq_len_to_capture))
     return runner
