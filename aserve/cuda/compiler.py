@@ -42,6 +42,19 @@ class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel source; the message holds NVRTC's log."""
 
 
+class SetUpDuringCapture(RuntimeError):
+    """A kernel's one-time set-up (compiling or loading its module, raising one of its
+    attributes, asking its cluster limit, growing a buffer it keeps) was reached while a CUDA
+    graph was being captured. Set-up is host work or a fill that a capture records without
+    running, so it is refused there: run the same step once eagerly first
+    (worker/cuda_graphs.py does, then captures again)."""
+
+
+def refuse_set_up_during_capture(what: str) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise SetUpDuringCapture(f"{what} was reached during CUDA graph capture; run the step eagerly first")
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("ASERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "aserve")
     return Path(root) / "cubins"
@@ -216,6 +229,7 @@ class Kernel:
         the kernel's opt-in limit raised first; raised once per larger size."""
         if nbytes <= self._dynamic_shared_limit:
             return
+        refuse_set_up_during_capture(f"raising {self.name}'s shared memory limit")
         driver = _driver()
         _check_cu(driver.cuFuncSetAttribute(
             self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes),
@@ -226,6 +240,7 @@ class Kernel:
         """Clusters beyond PORTABLE_CLUSTER CTAs (16 on an H100 or H200) need an opt-in."""
         if self._non_portable_clusters:
             return
+        refuse_set_up_during_capture(f"allowing {self.name} non-portable clusters")
         driver = _driver()
         _check_cu(driver.cuFuncSetAttribute(
             self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1),
@@ -238,6 +253,7 @@ class Kernel:
         clusters are smaller or the CTAs too big."""
         key = (block, shared_mem)
         if key not in self._cluster_limits:
+            refuse_set_up_during_capture(f"asking {self.name}'s cluster limit")
             driver = _driver()
             if shared_mem:
                 self._allow_dynamic_shared(shared_mem)
@@ -294,6 +310,7 @@ class LoadedModule:
     def kernel(self, name: str) -> Kernel:
         found = self._kernels.get(name)
         if found is None:
+            refuse_set_up_during_capture(f"finding kernel {name}")
             function = _check_cu(_driver().cuModuleGetFunction(self.handle, name.encode()),
                                  f"cuModuleGetFunction({name})")
             found = self._kernels[name] = Kernel(self, name, function)
@@ -310,6 +327,7 @@ def load_module(source_name: str, options: Sequence[str], device_index: int) -> 
     key = (source_name, tuple(options), device_index)
     module = _modules.get(key)
     if module is None:
+        refuse_set_up_during_capture(f"loading {source_name} {' '.join(options)}")
         with _lock:
             module = _modules.get(key)
             if module is None:

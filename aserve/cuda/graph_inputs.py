@@ -8,9 +8,9 @@ import torch
 from aserve.cuda.compiler import INT, INT64, POINTER, current_stream, device_index, env_switch, load_module
 from aserve.cuda.fused import kernels_enabled
 
-# 1: DecodeGraphs.run fills its buffers with fill_graph_inputs; 0 (the default until the kernel
-# has run its card test and an A/B: written in the fifteenth session with no device time left):
-# with torch's copies.
+# 1: DecodeGraphs.run fills its buffers with fill_graph_inputs; 0 (the default): with torch's
+# copies. On the H200 its card test passed but B1 did not move (0 / 1 / 0 / 1: 4.185 / 4.187 /
+# 4.172 / 4.208 ms/token; bench/RESULTS.md, 2026-12-04).
 GRAPH_INPUTS_KERNEL_ENV = "ASERVE_GRAPH_INPUTS_KERNEL"
 _THREADS = 128
 

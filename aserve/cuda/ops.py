@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, capability, current_stream,
-                                  device_index, load_module, num_sms)
+                                  device_index, load_module, num_sms, refuse_set_up_during_capture)
 
 # How a decode launch splits contexts over CTAs: grid.z splits per sequence, and each sequence
 # divides its own context into at most that many partitions of whole units (the kernel does,
@@ -151,10 +151,9 @@ def _counters(device: torch.device, size: int) -> torch.Tensor:
     index = device.index if device.index is not None else torch.cuda.current_device()
     counters = _split_counters.get(index)
     if counters is None or counters.numel() < size:
-        if torch.cuda.is_current_stream_capturing():
-            # A capture records the zero-fill but does not run it; the eager warm-up before each
-            # capture (worker/cuda_graphs.py) allocates the counters first.
-            raise RuntimeError("decode split counters must be allocated before CUDA graph capture")
+        # A capture records the zero-fill but does not run it; an eager run of the step before
+        # the capture (worker/cuda_graphs.py) allocates the counters first.
+        refuse_set_up_during_capture("allocating the decode split counters")
         if counters is not None:
             _retired_counters.append(counters)
         counters = torch.zeros(max(size, 1 << 16), dtype=torch.int32, device=device)

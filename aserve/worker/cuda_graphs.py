@@ -7,20 +7,40 @@ nothing (seq_len 0): with torch's copies, or in one kernel (ASERVE_GRAPH_INPUTS_
 aserve/cuda/graph_inputs.py). The decode kernel's grid is fixed at capture by
 max_seq_len_to_capture (its number of context splits); a step with a longer context, or a
 larger batch, runs eagerly.
+
+Each capture follows an eager run of the same step (ASERVE_GRAPH_WARMUP=each, the default), so
+that every kernel is compiled, loaded and set up outside the capture. With
+ASERVE_GRAPH_WARMUP=needed only the first (largest) size runs eagerly; a later capture that
+reaches a kernel's one-time set-up is refused (SetUpDuringCapture), dropped, and taken again
+after an eager run. That eager run is about half of the capture time (1.1-2.1 s of model B's
+51 sizes on an H200): `needed` stays off until it has run on a card.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 
 import torch
 
 from aserve.attention import AttentionMetadata
+from aserve.cuda.compiler import SetUpDuringCapture
 from aserve.cuda.graph_inputs import fill_graph_inputs, graph_inputs_kernel_enabled
 
 logger = logging.getLogger(__name__)
+
+
+GRAPH_WARMUP_ENV = "ASERVE_GRAPH_WARMUP"
+
+
+def graph_warmup_policy() -> str:
+    """ASERVE_GRAPH_WARMUP, checked: each (an eager run before every capture) or needed."""
+    policy = os.environ.get(GRAPH_WARMUP_ENV, "each")
+    if policy not in ("each", "needed"):
+        raise ValueError(f"{GRAPH_WARMUP_ENV} must be each or needed, got {policy!r}")
+    return policy
 
 
 # Batches larger than this run eagerly: their steps are long enough on the GPU for the
@@ -58,7 +78,8 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
-        self.warmup_seconds = 0.0   # of capture_seconds: the eager runs before each capture
+        self.warmup_seconds = 0.0   # of capture_seconds: the eager runs before captures
+        self.num_warmups = 0
         self.num_replays = 0
 
     def _metadata(self, batch: int) -> AttentionMetadata:
@@ -72,6 +93,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every batch size, largest first so the smaller graphs reuse its memory."""
+        warm_each = graph_warmup_policy() == "each"
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         # A garbage collection inside a capture may destroy an unreferenced CUDA graph of an
@@ -82,24 +104,39 @@ class DecodeGraphs:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            # Capture on a side stream (as torch.cuda.graph requires), after one eager warm-up
-            # run that compiles and loads every kernel outside the capture.
             for batch in reversed(self.sizes):
-                metadata = self._metadata(batch)
-                args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, metadata)
-                warmup_start = time.perf_counter()
-                self.model(*args)
-                torch.cuda.synchronize()
-                self.warmup_seconds += time.perf_counter() - warmup_start
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.outputs[batch] = self.model(*args)
-                self.graphs[batch] = graph
+                args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch))
+                if warm_each or not self.graphs or not self._capture(batch, args, pool):
+                    self._warm_up(args)
+                    self._capture(batch, args, pool, retry=False)
         finally:
             if was_enabled:
                 gc.enable()
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
+
+    def _warm_up(self, args: tuple) -> None:
+        """One eager run: compiles, loads and sets up every kernel the step launches (and
+        torch's own lazy set-up, cuBLAS's among it) outside any capture."""
+        started = time.perf_counter()
+        self.model(*args)
+        torch.cuda.synchronize()
+        self.warmup_seconds += time.perf_counter() - started
+        self.num_warmups += 1
+
+    def _capture(self, batch: int, args: tuple, pool, retry: bool = True) -> bool:
+        """Capture the step of `batch` rows on torch's side stream; False (nothing kept) where
+        retry allows and the step reached a kernel's one-time set-up, refused in a capture."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                output = self.model(*args)
+        except SetUpDuringCapture:
+            if not retry:
+                raise
+            return False   # the partial graph and its output are dropped here
+        self.graphs[batch], self.outputs[batch] = graph, output
+        return True
 
     def can_run(self, metadata: AttentionMetadata) -> bool:
         return (metadata.is_all_decode and metadata.num_tokens <= self.sizes[-1]

@@ -1,0 +1,82 @@
+"""The warm-up policy of the decode graphs' capture (ASERVE_GRAPH_WARMUP, worker/cuda_graphs.py):
+a kernel's one-time set-up is refused inside a capture (GPU), captures taken after fewer eager
+runs replay the same tokens (GPU), and the setting is checked (CPU)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import torch
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+@cuda
+@pytest.mark.cuda
+def test_loading_a_module_during_a_capture_is_refused_and_the_next_capture_works():
+    from aserve.cuda.compiler import SetUpDuringCapture, load_module
+
+    never_loaded = [f"-DASERVE_TEST_ONLY_{uuid.uuid4().hex}=1"]   # a module no test loaded before
+    x = torch.randn(1000, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(SetUpDuringCapture, match="graph_inputs.cu"):
+        with torch.cuda.graph(graph):
+            y = x * 2
+            load_module("graph_inputs.cu", never_loaded, torch.cuda.current_device())
+    del graph, y
+    assert not torch.cuda.is_current_stream_capturing()
+    load_module("graph_inputs.cu", never_loaded, torch.cuda.current_device())   # eagerly: allowed
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z = x * 3
+    x.copy_(torch.randn(1000, device="cuda"))
+    graph.replay()
+    torch.testing.assert_close(z, x * 3)
+
+
+@cuda
+@pytest.mark.cuda
+def test_graphs_captured_after_fewer_warm_ups_give_the_same_tokens(llm_cache, monkeypatch):
+    """ASERVE_GRAPH_WARMUP=needed against the same model eager (tests/test_cuda_engine.py holds
+    the graphs to transformers)."""
+    from aserve import SamplingParams
+    from hf_reference import random_prompts
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = random_prompts(53, [3, 17, 40, 9, 1, 26, 5, 12, 33])
+    monkeypatch.setenv("ASERVE_GRAPH_WARMUP", "needed")
+    # max_num_seqs makes this engine's own (llm_cache shares engines of equal settings).
+    with_graphs = llm_cache("llama", max_num_seqs=40)
+    graphs = with_graphs.engine.runner.decode_graphs
+    assert 1 <= graphs.num_warmups < len(graphs.sizes) == len(graphs.graphs)
+    replays = graphs.num_replays
+    got = [o.outputs[0].token_ids for o in with_graphs.generate(prompts, params, use_tqdm=False)]
+    assert graphs.num_replays > replays
+    eager = llm_cache("llama", enforce_eager=True)
+    assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("value, policy", [(None, "each"), ("each", "each"), ("needed", "needed")])
+def test_every_capture_is_warmed_up_by_default(monkeypatch, value, policy):
+    from aserve.worker.cuda_graphs import graph_warmup_policy
+
+    if value is None:
+        monkeypatch.delenv("ASERVE_GRAPH_WARMUP", raising=False)
+    else:
+        monkeypatch.setenv("ASERVE_GRAPH_WARMUP", value)
+    assert graph_warmup_policy() == policy
+
+
+def test_graph_warmup_setting_is_checked(monkeypatch):
+    from aserve.worker.cuda_graphs import graph_warmup_policy
+
+    monkeypatch.setenv("ASERVE_GRAPH_WARMUP", "some")
+    with pytest.raises(ValueError, match="ASERVE_GRAPH_WARMUP"):
+        graph_warmup_policy()
+
+
+def test_set_up_outside_a_capture_is_allowed():
+    from aserve.cuda.compiler import refuse_set_up_during_capture
+
+    refuse_set_up_during_capture("anything")   # no capture here (and no GPU in CI): nothing raised
