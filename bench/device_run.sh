@@ -22,6 +22,9 @@
 #   profile  bench/profile_step.py $PROFILE_ARGS, once per value of AB_VAR (kernel table, step wall time)
 #   runprofile  bench/profile_run.py $RUN_PROFILE_ARGS (default workload B): a whole offline run's
 #            steps by kind, and the kernels of a window of its steps by group
+#   startprofile  bench/profile_start.py $START_PROFILE_ARGS (default model B, 2 starts), once per
+#            value of AB_VAR when AB_VAR is set (e.g. ASERVE_GRAPH_WARMUP over "each needed"): each
+#            start's time and capture, and a cProfile of the last start
 # Output goes to stdout and, when $OUT is set, to $OUT/device_run.log; the workloads' table is last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -132,6 +135,18 @@ stage_runprofile() {
         | grep -v -E "^(USDT|\[W)"
 }
 
+stage_startprofile() {
+    local value
+    for value in ${AB_VAR:+${AB_VALUES:-0 1}}; do
+        # shellcheck disable=SC2086
+        run "start profile $AB_VAR=$value" "${START_PROFILE_TIMEOUT:-150}" env "$AB_VAR=$value" \
+            python3 bench/profile_start.py ${START_PROFILE_ARGS:-} 2>&1 | grep -v -E "^(USDT|\[W)"
+    done
+    # shellcheck disable=SC2086
+    [ -n "${AB_VAR:-}" ] || run "start profile" "${START_PROFILE_TIMEOUT:-150}" python3 bench/profile_start.py \
+        ${START_PROFILE_ARGS:-} 2>&1 | grep -v -E "^(USDT|\[W)"
+}
+
 stage_bench() {
     # A machine fresh from its start runs the host-bound workloads slowly for its first minutes
     # (A1 0.96 ms in a lease's first run, 0.61 from its second on; bench/RESULTS.md, 2026-12-03):
@@ -160,7 +175,7 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    for stage in tests kernels structured serving profile runprofile ab previous bench serverratio; do  # the workloads' table is printed last
+    for stage in tests kernels structured serving profile runprofile startprofile ab previous bench serverratio; do  # the workloads' table is printed last
         case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
     done
     echo "=== steps:"

@@ -68,6 +68,14 @@ def test_profile_run_reports_steps_by_kind_and_the_host_ops():
     assert "launch, host" in out
 
 
+def test_profile_start_times_each_start_and_profiles_the_last():
+    out = _run(os.path.join(BENCH, "profile_start.py"), "--model", "opt", "--tiny", "--starts", "2", "--top", "5")
+    starts = [line for line in out.splitlines() if line.startswith("start ")]
+    assert [line.split(":")[0] for line in starts] == ["start 1", "start 2"]
+    assert all(float(line.split("engine start ")[1].split()[0]) > 0 for line in starts)
+    assert "by cumulative time" in out and "engine.py" in out and "build_model_runner" in out
+
+
 def test_profile_step_chain_charges_each_kernel_from_the_end_before_it(monkeypatch):
     """profile_step.py --chain (its profile needs a GPU; the split is checked on stand-in
     events): every kernel is charged from the end of the work before it, under the name of
