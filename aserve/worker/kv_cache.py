@@ -30,11 +30,12 @@ def num_blocks_for_budget(model, block_size: int, dtype: torch.dtype, device: to
         return int(kv_cache_memory_gb * (1 << 30) // per_block)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    if profile_forward is not None:
-        profile_forward()
+    scratch_cache = profile_forward() if profile_forward is not None else 0
     torch.cuda.synchronize(device)
-    # What a step needs beyond what is allocated now (activations come and go each step).
-    activation_peak = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+    # What a step needs beyond what is allocated now (activations come and go each step), less
+    # the profile's own throwaway KV cache, in place of which the real one is counted.
+    activation_peak = (torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+                       - scratch_cache)
     free, total = torch.cuda.mem_get_info(device)
     # Everything on the card now counts against this engine's share, our weights and any
     # other process's or engine's memory alike, as vLLM's gpu_memory_utilization does.

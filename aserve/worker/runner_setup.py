@@ -35,9 +35,8 @@ def build_model_runner(args: EngineArgs, model_config: ModelConfig, device: torc
     model = load_model(model_config, device, group)
     max_len = model_config.max_model_len
     profile = functools.partial(
-        profile_forward, model, device, model_config.dtype,
-        min(args.resolve_max_num_batched_tokens(device), max_len), args.resolve_max_num_seqs(device),
-        args.block_size)
+        profile_forward, model, device, model_config.dtype, args.resolve_max_num_batched_tokens(device),
+        max_len, args.resolve_max_num_seqs(device), args.block_size)
     num_blocks = args.num_gpu_blocks_override or num_blocks_for_budget(
         model, args.block_size, model_config.dtype, device, args.kv_cache_memory_gb,
         args.gpu_memory_utilization, profile)
