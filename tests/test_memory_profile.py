@@ -37,13 +37,13 @@ def test_the_profile_runs_every_token_of_a_step_of_several_prompts():
 
     def record(module, args, output):
         seen["tokens"], seen["seqs"] = args[0].shape[0], args[3].num_seqs
+        seen["inference"] = torch.is_inference_mode_enabled()   # no autograd state in the peak
 
     handle = model.register_forward_hook(record)
     try:
-        with torch.inference_mode():
-            scratch = profile_forward(model, torch.device("cpu"), torch.float32, 150, 64, 8, 16)
+        scratch = profile_forward(model, torch.device("cpu"), torch.float32, 150, 64, 8, 16)
     finally:
         handle.remove()
-    assert seen == {"tokens": 150, "seqs": 3}
+    assert seen == {"tokens": 150, "seqs": 3, "inference": True}
     # Its throwaway cache (which the caller takes off the measured peak): 4 + 4 + 2 blocks.
     assert scratch == 10 * bytes_per_block(model, 16, torch.float32)

@@ -295,7 +295,6 @@ def _is_arange(values: np.ndarray) -> bool:
     return bool((values == _ARANGE[:n]).all())
 
 
-@torch.inference_mode()
 def profile_step_lengths(max_num_batched_tokens: int, max_seq_len: int, max_num_seqs: int) -> list[int]:
     """The prompt lengths of the largest step the scheduler can make: max_num_batched_tokens
     tokens, in sequences of at most max_seq_len (chunked prefill fills a step with several
@@ -305,6 +304,7 @@ def profile_step_lengths(max_num_batched_tokens: int, max_seq_len: int, max_num_
     return [max_seq_len] * full + ([rest] if rest else [])
 
 
+@torch.inference_mode()
 def profile_forward(model, device: torch.device, dtype: torch.dtype, max_num_batched_tokens: int,
                     max_seq_len: int, max_num_seqs: int, block_size: int) -> int:
     """Run the largest step the scheduler can make (profile_step_lengths' prompts, logits for
