@@ -78,8 +78,13 @@ def test_the_openai_client_sees_the_503_and_its_retries_get_through(server):
                                          max_tokens=BODY["max_tokens"], extra_body={"ignore_eos": True})
 
     async def flood_then(fn):
+        # The engine is held busy while the flood arrives, so its requests fill the waiting
+        # queue however fast this machine generates (300 tokens took 0.6 s on a quiet one,
+        # and the first wave had finished before the client's request came).
+        engine_busy = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+            server.async_engine.call(lambda: time.sleep(1.5)), server.loop))
         async with aiohttp.ClientSession() as session:
-            # 2 running, then 4 waiting behind them, for a few seconds.
+            # 2, then 4 more: more than the queue's bound, for a few seconds.
             flood = []
             for wave in (2, MAX_WAITING):
                 flood += [asyncio.ensure_future(post(session, server, dict(BODY, max_tokens=300)))
@@ -88,7 +93,7 @@ def test_the_openai_client_sees_the_503_and_its_retries_get_through(server):
             try:
                 return await asyncio.to_thread(fn)
             finally:
-                await asyncio.gather(*flood)
+                await asyncio.gather(engine_busy, *flood)
 
     with pytest.raises(openai.InternalServerError) as info:
         asyncio.run(flood_then(lambda: run(0)))
