@@ -1,4 +1,4 @@
-"""The step that sizes the KV cache on a GPU (worker/model_runner.profile_forward): the largest
+"""The step that sizes the KV cache on a GPU (worker/memory_profile.profile_forward): the largest
 step the scheduler can make, all of max_num_batched_tokens, even where max_model_len is shorter
 (it profiled one prompt of min(max_num_batched_tokens, max_model_len) tokens before: a quarter
 of a 16384-token step's activations at a 4096-token max_model_len)."""
@@ -11,7 +11,7 @@ import torch
 from aserve.config import EngineArgs
 from aserve.models.loader import create_model_config, load_model
 from aserve.worker.kv_cache import bytes_per_block
-from aserve.worker.model_runner import profile_forward, profile_step_lengths
+from aserve.worker.memory_profile import profile_forward, profile_step_lengths
 
 
 @pytest.mark.parametrize("tokens, max_len, max_seqs, lengths", [

@@ -17,7 +17,8 @@ from aserve.config import EngineArgs, ModelConfig
 from aserve.distributed import SINGLE_RANK, TensorParallelGroup
 from aserve.models.loader import load_model
 from aserve.worker.kv_cache import allocate_kv_caches, num_blocks_for_budget
-from aserve.worker.model_runner import ModelRunner, profile_forward
+from aserve.worker.memory_profile import profile_forward
+from aserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
