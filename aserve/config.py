@@ -17,8 +17,8 @@ LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # was not slower. The API server
 # keeps 256 / 8192 there (vLLM's server keeps 8192 tokens too): served all at once, model A
 # delivered 36.9k tok/s at 512 against 44.2k at 256 in an earlier lease, its steps' host work
-# growing with their rows; on a CPU host-bound model, 512 doubled its TPOT and cost 5-25% of
-# its throughput (bench/RESULTS.md, 2026-12-04).
+# growing with their rows; on the CPU, 512 doubled the server's TPOT in every turn, with no
+# steady difference in throughput (bench/RESULTS.md, 2026-12-04).
 LARGE_GPU_BYTES = 70 << 30
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192, "large-gpu": 16384}
 DEFAULT_MAX_NUM_SEQS = {"cpu": 256, "cuda": 256, "large-gpu": 512}
