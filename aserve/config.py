@@ -14,11 +14,10 @@ LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # model of 8B parameters reads its weights once for twice the rows, and the KV cache has room.
 # On an H200, 512 / 16384 ran model B (Llama-3.1-8B shape) offline 5% faster than 256 / 8192
 # (taking turns in one call), and 1024 sequences no faster than 512; model A (OPT-125m shape)
-# was not slower. The API server
-# keeps 256 / 8192 there (vLLM's server keeps 8192 tokens too): served all at once, model A
-# delivered 36.9k tok/s at 512 against 44.2k at 256 in an earlier lease, its steps' host work
-# growing with their rows; on the CPU, 512 doubled the server's TPOT in every turn, with no
-# steady difference in throughput (bench/RESULTS.md, 2026-12-04).
+# was not slower. The API server keeps 256 / 8192 there (vLLM's server keeps 8192 tokens too):
+# served all at once, model A delivered 36.9k tok/s at 512 against 44.2k at 256 in an earlier
+# lease, its steps' host work growing with their rows; on the CPU, 512 doubled the server's
+# TPOT in every turn, with no steady difference in throughput (bench/RESULTS.md, 2026-12-04).
 LARGE_GPU_BYTES = 70 << 30
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192, "large-gpu": 16384}
 DEFAULT_MAX_NUM_SEQS = {"cpu": 256, "cuda": 256, "large-gpu": 512}

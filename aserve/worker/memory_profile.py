@@ -4,6 +4,8 @@ is kept free (worker/kv_cache.num_blocks_for_budget reads it)."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from aserve.attention import AttentionMetadata
@@ -33,14 +35,12 @@ def profile_forward(model, device: torch.device, dtype: torch.dtype, max_num_bat
     kv_caches = allocate_kv_caches(model, sum(blocks), block_size, dtype, device)
     positions = torch.cat([torch.arange(n, device=device) for n in lengths])
     # Each sequence its own blocks, numbered in order: its slots are its block's slots.
-    first_block = [sum(blocks[:i]) for i in range(len(lengths))]
+    first_block = [0, *itertools.accumulate(blocks)][:-1]
     slots = torch.cat([torch.arange(n, device=device) + b * block_size for n, b in zip(lengths, first_block)])
     tables = torch.zeros(len(lengths), max(blocks), dtype=torch.int32, device=device)
     for row, (count, first) in enumerate(zip(blocks, first_block)):
         tables[row, :count] = torch.arange(first, first + count, dtype=torch.int32, device=device)
-    starts = [0]
-    for n in lengths:
-        starts.append(starts[-1] + n)
+    starts = [0, *itertools.accumulate(lengths)]
     metadata = AttentionMetadata(
         num_tokens=num_tokens,
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
