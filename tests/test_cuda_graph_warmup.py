@@ -37,19 +37,25 @@ def test_loading_a_module_during_a_capture_is_refused_and_the_next_capture_works
 
 @cuda
 @pytest.mark.cuda
-def test_graphs_captured_after_fewer_warm_ups_give_the_same_tokens(llm_cache, monkeypatch):
-    """ASERVE_GRAPH_WARMUP=needed against the same model eager (tests/test_cuda_engine.py holds
-    the graphs to transformers)."""
+@pytest.mark.parametrize("policy", ["needed", "each"])
+def test_graphs_give_the_same_tokens_as_eager_under_either_warm_up(llm_cache, monkeypatch, policy):
+    """ASERVE_GRAPH_WARMUP=needed (the default: fewer eager runs than sizes) and each (one per
+    size) against the same model eager (tests/test_cuda_engine.py holds the graphs to
+    transformers)."""
     from aserve import SamplingParams
     from hf_reference import random_prompts
 
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     prompts = random_prompts(53, [3, 17, 40, 9, 1, 26, 5, 12, 33])
-    monkeypatch.setenv("ASERVE_GRAPH_WARMUP", "needed")
-    # max_num_seqs makes this engine's own (llm_cache shares engines of equal settings).
-    with_graphs = llm_cache("llama", max_num_seqs=40)
+    monkeypatch.setenv("ASERVE_GRAPH_WARMUP", policy)
+    # max_num_seqs makes each policy's engine its own (llm_cache shares engines of equal settings).
+    with_graphs = llm_cache("llama", max_num_seqs=40 if policy == "needed" else 41)
     graphs = with_graphs.engine.runner.decode_graphs
-    assert 1 <= graphs.num_warmups < len(graphs.sizes) == len(graphs.graphs)
+    assert len(graphs.sizes) == len(graphs.graphs)
+    if policy == "needed":
+        assert 1 <= graphs.num_warmups < len(graphs.sizes)
+    else:
+        assert graphs.num_warmups == len(graphs.sizes)
     replays = graphs.num_replays
     got = [o.outputs[0].token_ids for o in with_graphs.generate(prompts, params, use_tqdm=False)]
     assert graphs.num_replays > replays
@@ -57,8 +63,8 @@ def test_graphs_captured_after_fewer_warm_ups_give_the_same_tokens(llm_cache, mo
     assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
 
 
-@pytest.mark.parametrize("value, policy", [(None, "each"), ("each", "each"), ("needed", "needed")])
-def test_every_capture_is_warmed_up_by_default(monkeypatch, value, policy):
+@pytest.mark.parametrize("value, policy", [(None, "needed"), ("each", "each"), ("needed", "needed")])
+def test_only_refused_captures_are_warmed_up_by_default(monkeypatch, value, policy):
     from aserve.worker.cuda_graphs import graph_warmup_policy
 
     if value is None:

@@ -198,3 +198,35 @@ def test_unsupported_rope_type_is_rejected():
 
     with pytest.raises(ValueError, match="unsupported rope type 'yarn'"):
         RotaryEmbedding(16, 32, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
+
+
+def test_layers_share_one_rotary_table_and_keep_it_in_float32():
+    """One cos/sin pair per model and device, not one per layer (model B's 32 copies were 4 GiB
+    of GPU memory), still float32 after the model's cast, and still transformers' logits."""
+    import gc
+
+    from aserve.models.layers import RotaryEmbedding
+    from aserve.models.layers.rotary import _live_tables
+
+    path = tiny_model_dir("llama")
+    model = _load(path, dtype="float32")
+    rotaries = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    assert len(rotaries) > 1
+    assert len({m.cos_cache.data_ptr() for m in rotaries}) == 1
+    assert len({m.sin_cache.data_ptr() for m in rotaries}) == 1
+    model.to(torch.bfloat16)
+    assert {m.cos_cache.dtype for m in rotaries} == {torch.float32}
+    assert len({m.cos_cache.data_ptr() for m in rotaries}) == 1
+    # Other rope settings get tables of their own.
+    scaled = RotaryEmbedding(rotaries[0].head_dim, 64, {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})
+    plain = RotaryEmbedding(rotaries[0].head_dim, 64)
+    assert not torch.equal(scaled.cos_cache, plain.cos_cache)
+    # A table goes with the last module that holds it.
+    live = len(_live_tables)
+    del scaled, plain
+    gc.collect()
+    assert len(_live_tables) == live - 2
+    tokens = _tokens(9, seed=3)
+    fresh = _load(path, dtype="float32")
+    torch.testing.assert_close(PagedRunner(fresh).step([("a", tokens)]), _hf_logits(path, tokens),
+                               atol=ATOL, rtol=0)

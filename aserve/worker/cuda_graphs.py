@@ -8,12 +8,13 @@ aserve/cuda/graph_inputs.py). The decode kernel's grid is fixed at capture by
 max_seq_len_to_capture (its number of context splits); a step with a longer context, or a
 larger batch, runs eagerly.
 
-Each capture follows an eager run of the same step (ASERVE_GRAPH_WARMUP=each, the default), so
-that every kernel is compiled, loaded and set up outside the capture. With
-ASERVE_GRAPH_WARMUP=needed only the first (largest) size runs eagerly; a later capture that
-reaches a kernel's one-time set-up is refused (SetUpDuringCapture), dropped, and taken again
-after an eager run. That eager run is about half of the capture time (1.1-2.1 s of model B's
-51 sizes on an H200): `needed` stays off until it has run on a card.
+Only the first (largest) size runs eagerly before its capture (ASERVE_GRAPH_WARMUP=needed, the
+default): that run compiles, loads and sets up every kernel a step launches. A later capture that
+still reaches a kernel's one-time set-up (a size whose launch plan differs) is refused
+(SetUpDuringCapture), dropped, and taken again after an eager run of its own.
+ASERVE_GRAPH_WARMUP=each runs every size eagerly before its capture, as before: those runs were
+1.7-2.9 s of model B's 51 sizes on an H200, whose start fell from 5.8-6.6 s to 3.7-4.1 s with
+`needed` (bench/RESULTS.md, 2026-12-04, seventeenth session).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ GRAPH_WARMUP_ENV = "ASERVE_GRAPH_WARMUP"
 
 
 def graph_warmup_policy() -> str:
-    """ASERVE_GRAPH_WARMUP, checked: each (an eager run before every capture) or needed."""
-    policy = os.environ.get(GRAPH_WARMUP_ENV, "each")
+    """ASERVE_GRAPH_WARMUP, checked: needed (the default: an eager run where a capture needs
+    one) or each (an eager run before every capture)."""
+    policy = os.environ.get(GRAPH_WARMUP_ENV, "needed")
     if policy not in ("each", "needed"):
         raise ValueError(f"{GRAPH_WARMUP_ENV} must be each or needed, got {policy!r}")
     return policy
