@@ -228,3 +228,8 @@ def test_layers_share_one_rotary_table_and_keep_it_in_float32():
     del scaled
     gc.collect()
     assert tables() is None
+    # A layout-only build (the tensor-parallel split check) gets shapes, not values.
+    with torch.device("meta"):
+        layout = RotaryEmbedding(head_dim, 1 << 20)
+    assert layout.cos_cache.is_meta and layout.cos_cache.shape == (1 << 20, head_dim)
+    assert layout.cos_cache.dtype == torch.float32

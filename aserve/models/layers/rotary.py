@@ -80,7 +80,12 @@ def _cos_sin_tables(head_dim: int, max_position: int, params: dict[str, Any],
                     device: torch.device) -> _CosSinTables:
     key = (head_dim, max_position, tuple(sorted((k, repr(v)) for k, v in params.items())), str(device))
     tables = _live_tables.get(key)
-    if tables is None:
+    if tables is None and device.type == "meta":   # a layout-only build: shapes, no values
+        shape = (max_position, head_dim)
+        tables = _CosSinTables(torch.empty(shape, dtype=torch.float32, device=device),
+                               torch.empty(shape, dtype=torch.float32, device=device))
+        _live_tables[key] = tables
+    elif tables is None:
         inv_freq = _inv_freq(head_dim, params, max_position)
         # Built on the CPU whatever the default device is, so every device gets the same table.
         positions = torch.arange(max_position, dtype=torch.int64, device="cpu").float()
@@ -98,32 +103,26 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         params = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        self._settings = (head_dim, max_position, params)
         # On the construction device (the loader's); read-only, so shared by layers alike.
-        self._tables = _cos_sin_tables(head_dim, max_position, params, torch.empty(0).device)
+        self._tables = _cos_sin_tables(*self._settings, torch.empty(0).device)
         self.register_buffer("cos_cache", self._tables.cos, persistent=False)
         self.register_buffer("sin_cache", self._tables.sin, persistent=False)
 
     def _apply(self, fn, recurse=True):
-        # Keep the tables in float32 through model.to(dtype); they only follow device moves
-        # (a move leaves this module with tables of its own on the new device).
-        cos, sin = self.cos_cache, self.sin_cache
+        # The tables stay float32 through model.to(dtype) and only follow device moves, onto
+        # the new device's shared pair.
         out = super()._apply(fn, recurse)
-        self.cos_cache = cos.to(self.cos_cache.device)
-        self.sin_cache = sin.to(self.sin_cache.device)
+        device = self.cos_cache.device
+        if device != self._tables.cos.device:
+            self._tables = _cos_sin_tables(*self._settings, device)
+        self.cos_cache, self.sin_cache = self._tables.cos, self._tables.sin
         return out
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-    def _apply(self, fn, recurse=True):
-        # Keep the tables in float32 through model.to(dtype); they only follow device moves.
-        cos, sin = self.cos_cache, self.sin_cache
-        out = super()._apply(fn, recurse)
-        self.cos_cache = cos.to(self.cos_cache.device)
-        self.sin_cache = sin.to(self.sin_cache.device)
-        return out
 
     def rotate_and_cache(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
