@@ -7,6 +7,7 @@ GPU) come apart.
     python bench/engine_thread_timing.py server [python -m aserve's arguments ...]
     (--detail anywhere: also the parts of launch and of the step's tensors)
     (--stand-in-model anywhere: no model work; each launched step's ids are ready at once)
+    (--timeline anywhere: also when requests arrived and how full the steps were over the run)
 
 offline: model A's workload through OfflineLLM.generate (random token ids, sampling at
 temperature 1, ignore_eos), timed after a warm-up. server: `python -m aserve` with the same
@@ -102,6 +103,64 @@ def _install_stand_in_model() -> None:
     model_runner.ModelRunner.launch = launch
 
 
+_steps: list[tuple[float, int, int]] = []   # --timeline: (time, running, waiting) a schedule
+_arrivals: dict[str, list[float]] = {"handler entered": [], "add posted": []}
+
+
+def _install_timeline() -> None:
+    """--timeline: how a burst reaches the engine (served: each handler's first read of its
+    request, each add posted to the engine thread) and how full its steps were over the run."""
+    original_schedule = engine_module.Engine.schedule
+
+    def schedule(self, *args, **kwargs):
+        _steps.append((time.perf_counter(), len(self.scheduler.running), len(self.scheduler.waiting)))
+        return original_schedule(self, *args, **kwargs)
+
+    engine_module.Engine.schedule = schedule
+    original_add = async_engine.AsyncEngine.add_request
+
+    async def add_request(self, *args, **kwargs):
+        _arrivals["add posted"].append(time.perf_counter())
+        return await original_add(self, *args, **kwargs)
+
+    async_engine.AsyncEngine.add_request = add_request
+    import aserve.server.api_generate as api_generate
+    import aserve.server.api_openai as api_openai
+    import aserve.server.app as app
+
+    original_read = app.read_request
+
+    async def read_request(*args, **kwargs):
+        _arrivals["handler entered"].append(time.perf_counter())
+        return await original_read(*args, **kwargs)
+
+    for module in (app, api_openai, api_generate):
+        module.read_request = read_request
+
+
+def _report_timeline() -> None:
+    """Times in ms after the first arrival (served) or the first step (offline)."""
+    if not _steps:
+        return
+    entered = _arrivals["handler entered"]
+    t0 = entered[0] if entered else _steps[0][0]
+    for label, times in _arrivals.items():
+        if times:
+            marks = [times[min(len(times) - 1, int(q * len(times)))] for q in (0.1, 0.25, 0.5, 0.75, 0.9)]
+            print(f"=== timeline: {label}: {len(times)}; at 10/25/50/75/90%/last: "
+                  + " / ".join(f"{(t - t0) * 1e3:.0f}" for t in marks + [times[-1]]) + " ms", flush=True)
+    span = _steps[-1][0] - _steps[0][0] or 1e-9
+    print(f"=== timeline: steps by tenth of the run ({(_steps[0][0] - t0) * 1e3:.0f} to "
+          f"{(_steps[-1][0] - t0) * 1e3:.0f} ms): steps, mean rows running, mean waiting", flush=True)
+    for tenth in range(10):
+        part = [s for s in _steps if tenth <= (s[0] - _steps[0][0]) / span * 10 < tenth + 1
+                or (tenth == 9 and s is _steps[-1])]
+        if part:
+            print(f"  {tenth * 10:3d}-{tenth * 10 + 10:3d}%  {len(part):5d}  "
+                  f"{sum(s[1] for s in part) / len(part):7.1f}  {sum(s[2] for s in part) / len(part):7.1f}",
+                  flush=True)
+
+
 def _install_timers() -> None:
     if "--detail" in sys.argv:
         sys.argv.remove("--detail")
@@ -150,11 +209,13 @@ def run_offline(argv: list[str]) -> None:
     llm.generate([{"prompt_token_ids": p} for p in warm_up.tolist()],
                  SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
     _totals.clear()
+    _steps.clear()
     started = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts.tolist()], params, use_tqdm=False)
     elapsed = time.perf_counter() - started
     print(f"=== offline: {args.num_prompts * args.output_len / elapsed:.0f} output tok/s", flush=True)
     _report("offline")
+    _report_timeline()
     llm.shutdown()
 
 
@@ -171,6 +232,7 @@ def run_server(argv: list[str]) -> None:
             print(f"=== the server's engine thread: {time.perf_counter() - wall:.2f} s, "
                   f"{time.thread_time() - cpu:.2f} s of CPU", flush=True)
             _report("server")
+            _report_timeline()
 
     async_engine.AsyncEngine._engine_loop = timed_engine_loop
     sys.argv = ["aserve", *argv]
@@ -183,6 +245,9 @@ def main() -> None:
     if "--stand-in-model" in sys.argv:
         sys.argv.remove("--stand-in-model")
         _install_stand_in_model()
+    if "--timeline" in sys.argv:
+        sys.argv.remove("--timeline")
+        _install_timeline()
     _install_timers()
     (run_offline if sys.argv[1] == "offline" else run_server)(sys.argv[2:])
 

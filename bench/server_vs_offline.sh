@@ -14,7 +14,8 @@
 # without a tokenizer (a diagnostic: its chunks carry no text, so only its throughput counts).
 # ENGINE_TIMING=1: the offline runs and this version's servers through
 # bench/engine_thread_timing.py, which adds where the engine thread's time goes per step (wall
-# and thread CPU per phase); the timers cost a few percent.
+# and thread CPU per phase); the timers cost a few percent. TIMELINE=1 with it: also when the
+# burst's requests reached the handlers and the engine, and how full the steps were over the run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -30,13 +31,15 @@ python3 bench/make_random_model.py --shape opt-125m --out $model --dtype float16
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 timing() { [ "${ENGINE_TIMING:-0}" = 1 ]; }
+timeline=$([ "${TIMELINE:-0}" = 1 ] && echo --timeline)
 
 offline() {  # offline LABEL [flags]
     local label=$1
     shift
     if timing; then
         echo "=== offline A, $label:"
-        python3 bench/engine_thread_timing.py offline $model "$@" 2>/dev/null | grep -E "^(===|  )"
+        python3 bench/engine_thread_timing.py offline $model $timeline "$@" 2>/dev/null \
+            | grep -E "^(===|  )"
         return
     fi
     echo "=== offline A, $label: $(python3 bench/throughput.py --model $model --load-format dummy \
@@ -47,7 +50,7 @@ serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one 
     local label=$1 rate=$2 dir=$3
     shift 3
     local server_cmd="python3 -m aserve"
-    timing && [ "$dir" = . ] && server_cmd="python3 $PWD/bench/engine_thread_timing.py server"
+    timing && [ "$dir" = . ] && server_cmd="python3 $PWD/bench/engine_thread_timing.py server $timeline"
     # shellcheck disable=SC2086
     (cd "$dir" && exec env "$@" $server_cmd --model $model --load-format dummy --port 8125 \
         --disable-log-requests ${SERVER_ARGS:-}) > /tmp/sv_server.log 2>&1 &
@@ -65,7 +68,7 @@ serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one 
         | grep -E 'Failed|Output token|MEAN|P50|P99' | tr -s ' ' | paste -sd' ')"
     kill -INT $server
     wait $server 2>/dev/null
-    if timing && [ "$dir" = . ]; then grep -E "^(===|  )" /tmp/sv_server.log | head -10; fi
+    if timing && [ "$dir" = . ]; then grep -E "^(===|  )" /tmp/sv_server.log | head -30; fi
 }
 
 offline "no tokenizer" --skip-tokenizer-init
