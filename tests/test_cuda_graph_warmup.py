@@ -86,3 +86,39 @@ def test_set_up_outside_a_capture_is_allowed():
     from aserve.cuda.compiler import refuse_set_up_during_capture
 
     refuse_set_up_during_capture("anything")   # no capture here (and no GPU in CI): nothing raised
+
+
+def _capture_turns(sizes, refused_here, refused_elsewhere, warm_each=False):
+    """capture_in_turn over sizes as one rank sees it: its own captures refused at
+    refused_here, another rank's at refused_elsewhere (the agreement is a minimum over ranks)."""
+    from aserve.worker.cuda_graphs import capture_in_turn
+
+    events = []
+
+    def try_capture(batch):
+        events.append(("try", batch))
+        return batch not in refused_here
+
+    def agree(captured):
+        batch = events[-1][1] if events and events[-1][0] == "try" else None
+        return captured and batch not in refused_elsewhere
+
+    capture_in_turn(sizes, try_capture, lambda batch: events.append(("retake", batch)), agree, warm_each)
+    return events
+
+
+def test_captures_are_tried_after_the_first_size_and_retaken_where_refused():
+    assert _capture_turns([32, 16, 8], refused_here={8}, refused_elsewhere=set()) == [
+        ("retake", 32), ("try", 16), ("try", 8), ("retake", 8)]
+
+
+def test_a_size_refused_on_another_rank_is_retaken_on_every_rank():
+    """The retake's eager warm-up runs the forward's collectives: a rank whose own capture
+    worked must join it, or the ranks would wait on each other for ever."""
+    assert _capture_turns([32, 16, 8], refused_here=set(), refused_elsewhere={16}) == [
+        ("retake", 32), ("try", 16), ("retake", 16), ("try", 8)]
+
+
+def test_each_policy_retakes_every_size_without_trying():
+    assert _capture_turns([32, 16, 8], set(), set(), warm_each=True) == [
+        ("retake", 32), ("retake", 16), ("retake", 8)]

@@ -11,7 +11,8 @@ larger batch, runs eagerly.
 Only the first (largest) size runs eagerly before its capture (ASERVE_GRAPH_WARMUP=needed, the
 default): that run compiles, loads and sets up every kernel a step launches. A later capture that
 still reaches a kernel's one-time set-up (a size whose launch plan differs) is refused
-(SetUpDuringCapture), dropped, and taken again after an eager run of its own.
+(SetUpDuringCapture), dropped, and taken again after an eager run of its own; under tensor
+parallelism every rank takes that size again, since the eager run's collectives need them all.
 ASERVE_GRAPH_WARMUP=each runs every size eagerly before its capture, as before: those runs were
 1.7-2.9 s of model B's 51 sizes on an H200, whose start fell from 5.8-6.6 s to 3.7-4.1 s with
 `needed` (bench/RESULTS.md, 2026-12-04, seventeenth session).
@@ -29,6 +30,7 @@ import torch
 from aserve.attention import AttentionMetadata
 from aserve.cuda.compiler import SetUpDuringCapture
 from aserve.cuda.graph_inputs import fill_graph_inputs, graph_inputs_kernel_enabled
+from aserve.distributed import SINGLE_RANK, TensorParallelGroup
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +63,25 @@ def batch_size_ladder(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def capture_in_turn(sizes, try_capture, retake, all_ranks_agree, warm_each: bool) -> None:
+    """Capture each size in turn: the first one, and every one under warm_each, by retake
+    (an eager warm-up, then the capture); any other by try_capture first, retaken where it was
+    refused. Tensor-parallel ranks retake a size together (all_ranks_agree): the warm-up's
+    collectives run eagerly, so a capture refused on one rank is taken again on every rank."""
+    first = True
+    for batch in sizes:
+        captured = not warm_each and not first and try_capture(batch)
+        if not all_ranks_agree(captured):
+            retake(batch)
+        first = False
+
+
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, max_num_seqs: int,
-                 max_seq_len_to_capture: int, device: torch.device) -> None:
+                 max_seq_len_to_capture: int, device: torch.device,
+                 group: TensorParallelGroup = SINGLE_RANK) -> None:
         self.model = model
+        self.group = group
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.max_seq_len = max_seq_len_to_capture
@@ -106,33 +123,40 @@ class DecodeGraphs:
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            for batch in reversed(self.sizes):
-                args = (self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch))
-                if warm_each or not self.graphs or not self._capture(batch, args, pool):
-                    self._warm_up(args)
-                    self._capture(batch, args, pool, retry=False)
+            capture_in_turn(reversed(self.sizes), lambda batch: self._capture(batch, pool),
+                            lambda batch: self._retake(batch, pool), self.group.all_ranks_agree, warm_each)
         finally:
             if was_enabled:
                 gc.enable()
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
 
-    def _warm_up(self, args: tuple) -> None:
+    def _args(self, batch: int) -> tuple:
+        return self.input_ids[:batch], self.positions[:batch], self.kv_caches, self._metadata(batch)
+
+    def _retake(self, batch: int, pool) -> None:
+        """Drop what a capture of `batch` kept, run the step eagerly, capture it again."""
+        self.graphs.pop(batch, None)
+        self.outputs.pop(batch, None)
+        self._warm_up(batch)
+        self._capture(batch, pool, retry=False)
+
+    def _warm_up(self, batch: int) -> None:
         """One eager run: compiles, loads and sets up every kernel the step launches (and
         torch's own lazy set-up, cuBLAS's among it) outside any capture."""
         started = time.perf_counter()
-        self.model(*args)
+        self.model(*self._args(batch))
         torch.cuda.synchronize()
         self.warmup_seconds += time.perf_counter() - started
         self.num_warmups += 1
 
-    def _capture(self, batch: int, args: tuple, pool, retry: bool = True) -> bool:
+    def _capture(self, batch: int, pool, retry: bool = True) -> bool:
         """Capture the step of `batch` rows on torch's side stream; False (nothing kept) where
         retry allows and the step reached a kernel's one-time set-up, refused in a capture."""
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=pool):
-                output = self.model(*args)
+                output = self.model(*self._args(batch))
         except SetUpDuringCapture:
             if not retry:
                 raise

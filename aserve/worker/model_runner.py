@@ -103,7 +103,7 @@ class ModelRunner:
     def capture_decode_graphs(self, max_num_seqs: int, max_seq_len_to_capture: int) -> DecodeGraphs:
         """Capture CUDA graphs of decode steps; later decode steps that fit replay them."""
         graphs = DecodeGraphs(self.model, self.kv_caches, self.block_size, max_num_seqs,
-                              max_seq_len_to_capture, self.device)
+                              max_seq_len_to_capture, self.device, self.group)
         graphs.capture()
         self.decode_graphs = graphs
         return graphs
