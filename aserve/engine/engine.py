@@ -14,12 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
-import torch
-
 from aserve.config import CacheConfig, EngineArgs, SchedulerConfig
 from aserve.distributed.group import TensorParallelError
-from aserve.distributed.rendezvous import rank_device
-from aserve.executor.worker_group import WorkerGroup
+from aserve.executor.model_side import start_model_side
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import GrammarConflictError, OutputProcessor
 from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
@@ -30,9 +27,8 @@ from aserve.engine.stats import EngineStats, EngineStatsRecorder, finish_reason_
 from aserve.models.loader import check_tensor_parallel_split, create_model_config, load_tokenizer
 from aserve.outputs import RequestOutput
 from aserve.worker.kv_cache import bytes_per_block
-from aserve.worker.model_runner import ModelInput, ModelOutput, ModelRunner
+from aserve.worker.model_runner import ModelInput, ModelOutput
 from aserve.engine.row_planner import RowPlanner
-from aserve.worker.runner_setup import build_model_runner
 from aserve.engine.step_inputs import build_step_arrays
 from aserve.structured_output.backend import GrammarBackend
 
@@ -59,20 +55,9 @@ class Engine:
                              "`python -m aserve --headless`, which starts their ranks.")
         self.model_config = create_model_config(args)
         check_tensor_parallel_split(self.model_config, self.parallel_config.world_size)
-        self.device = args.resolve_device()
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(self.model_config)
-        self.workers: Optional[WorkerGroup] = None
-        if self.parallel_config.world_size > 1:
-            self.device = rank_device(self.parallel_config, 0, self.device.type)
-            self.workers = WorkerGroup(args, self.model_config, self.parallel_config)
-            try:
-                self.runner = self.workers.run_guarded(self._build_rank0_runner)
-            except BaseException:
-                self.workers.shutdown(graceful=False)
-                raise
-            self.runner.send_step = self.workers.send_step
-        else:
-            self.runner = build_model_runner(args, self.model_config, self.device)
+        self.device, self.runner, self.workers = start_model_side(
+            args, self.model_config, self.parallel_config, args.resolve_device())
         max_len = self.model_config.max_model_len
         self.scheduler_config = SchedulerConfig(
             max_num_batched_tokens=args.resolve_max_num_batched_tokens(self.device),
@@ -130,13 +115,6 @@ class Engine:
         if self.stats is None:
             self.stats = EngineStatsRecorder(self.model_config.max_model_len)
         return self.stats
-
-    def _build_rank0_runner(self) -> ModelRunner:
-        """Rank 0's part of a tensor-parallel start-up (the workers do the same at once)."""
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)   # this runs in a start-up thread
-        group = self.workers.connect(self.device)
-        return build_model_runner(self.args, self.model_config, self.device, group)
 
     def shutdown(self) -> None:
         """End the worker ranks (tensor parallelism); the engine serves no more steps."""
