@@ -133,6 +133,35 @@ class FlatLogprobs(Sequence):
         new._frozen = False
         return new
 
+    def tail(self, start: int) -> "FlatLogprobs":
+        """A read-only copy of the positions from `start` on (a DELTA output's new ones)."""
+        length = self._length
+        start = min(start, length)
+        first = self._ends[start - 1] if start else 0
+        new = FlatLogprobs.__new__(FlatLogprobs)
+        new._ends = array("q", (end - first for end in self._ends[start:length]))
+        new._absent = self._absent[start:length]
+        end = self._ends[length - 1] if length else 0
+        new._token_ids, new._logprobs = self._token_ids[first:end], self._logprobs[first:end]
+        new._ranks, new._decoded = self._ranks[first:end], self._decoded[first:end]
+        new._length = length - start
+        new._frozen = True
+        return new
+
+    def joined(self, later: "FlatLogprobs") -> "FlatLogprobs":
+        """A read-only copy of these positions followed by `later`'s (two DELTA outputs merged)."""
+        new = self.tail(0)
+        offset = new._ends[-1] if new._length else 0
+        new._ends.extend(end + offset for end in later._ends[:later._length])
+        end = later._ends[later._length - 1] if later._length else 0
+        new._absent.extend(later._absent[:later._length])
+        new._token_ids.extend(later._token_ids[:end])
+        new._logprobs.extend(later._logprobs[:end])
+        new._ranks.extend(later._ranks[:end])
+        new._decoded.extend(later._decoded[:end])
+        new._length += later._length
+        return new
+
     # ------------------------------------------------------------------ reading
     def __len__(self) -> int:
         return self._length

@@ -7,6 +7,7 @@ the allowed range, so that no bad value ever reaches the engine's batched tensor
 from __future__ import annotations
 
 import copy
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -30,6 +31,16 @@ MAX_STOP_STRING_CHARS = 256
 _INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
 _BOOL_FIELDS = ("use_beam_search", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                 "spaces_between_special_tokens")
+
+
+class RequestOutputKind(enum.IntEnum):
+    """Which outputs a request reports while it runs (vLLM's): every state so far (CUMULATIVE),
+    only what is new since its last output (DELTA), or nothing before its final output
+    (FINAL_ONLY; the server's non-streaming requests, which wait for the end anyway)."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -71,6 +82,7 @@ class SamplingParams:
     bad_words: Optional[list[str]] = None
     # Keep only the prompt's last k tokens (-1: as many as the context holds).
     truncate_prompt_tokens: Optional[int] = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine, never by users: the tokenizer's EOS ids (ignored when ignore_eos).
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     # Filled by the engine from bad_words: each word's token ids, as spelled alone and after a space.
@@ -188,6 +200,11 @@ class SamplingParams:
             for name in ("allowed_token_ids", "bad_words"):
                 if getattr(self, name):
                     raise ValueError(f"{name} cannot be used with beam search.")
+        if type(self.output_kind) is not RequestOutputKind:
+            if self.output_kind not in tuple(RequestOutputKind) or isinstance(self.output_kind, bool):
+                raise ValueError("output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or "
+                                 f"FINAL_ONLY), got {self.output_kind!r}.")
+            self.output_kind = RequestOutputKind(self.output_kind)
         if self.truncate_prompt_tokens is not None:
             t = self.truncate_prompt_tokens
             if not isinstance(t, int) or isinstance(t, bool) or not (t == -1 or t >= 1):

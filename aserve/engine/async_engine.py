@@ -39,7 +39,7 @@ from aserve.engine.pipeline import run_step_gen
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.engine.request_stream import EngineDeadError, RequestAbortedError, RequestStream
 from aserve.outputs import RequestOutput
-from aserve.sampling_params import SamplingParams
+from aserve.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["AsyncEngine", "EngineDeadError", "RequestAbortedError", "RequestStream"]
 
@@ -173,7 +173,7 @@ class AsyncEngine:
             raise EngineDeadError(f"The engine is not running: {self._dead or 'not started'}.")
         if request_id in self._streams:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        stream = RequestStream(request_id, self)
+        stream = RequestStream(request_id, self, delta=params.output_kind == RequestOutputKind.DELTA)
         self._streams[request_id] = stream
         accepted = asyncio.get_running_loop().create_future()
         self._post(Add(request_id, prompt, params,

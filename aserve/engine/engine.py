@@ -343,9 +343,9 @@ class Engine:
                 outputs.append(self.outputs.make_output(request))
                 if self.stats is not None:
                     self.stats.on_finished(request, finish_reason_of(request), time.monotonic())
-            elif self.stream_outputs and request.beam_state is None:
-                # A beam search's answer is its final beams (vLLM's too): the live beams of
-                # a step are not prefixes of it, so there is nothing to stream before the end.
+            elif self.stream_outputs and request.reports_progress:
+                # (Not a beam search's: its answer is its final beams, as vLLM's, and the live
+                # beams of a step are not prefixes of it; nor a FINAL_ONLY request's.)
                 if self.defer_outputs:
                     self._unreported[request.request_id] = request
                 else:

@@ -133,10 +133,14 @@ class OutputProcessor:
 
     # ---------------------------------------------------------------- reporting
     def make_output(self, request: Request) -> RequestOutput:
+        """The request's output now, as its output_kind asks: cumulative (also FINAL_ONLY's one
+        output), or DELTA's new part since its last output (each call is a report)."""
         seqs = request.seqs
         if len(seqs) == 1 and request.error is None and request.beam_outputs is None:
-            return self._one_sample_output(request, seqs[0])
-        return self._any_output(request)
+            output = self._one_sample_output(request, seqs[0])
+        else:
+            output = self._any_output(request)
+        return output if request.reported is None else _as_delta(request, output)
 
     @staticmethod
     def _any_output(request: Request) -> RequestOutput:
@@ -190,6 +194,31 @@ class OutputProcessor:
                 seq.cumulative_logprob if params.logprobs is not None or params.best_of > params.n else None,
                 logprobs.snapshot() if logprobs is not None else None, seq.finish_reason, seq.stop_reason)],
             finished, None, metrics, request.num_cached_tokens)
+
+
+def _as_delta(request: Request, output: RequestOutput) -> RequestOutput:
+    """A cumulative output cut to what the request has not reported yet (vLLM's DELTA): each
+    sample's new text, token ids and logprob positions; its cumulative logprob, finish and stop
+    reasons as they are; the prompt's logprob positions not sent yet (all in the first output
+    unless its prompt is still being computed in chunks), else None."""
+    reported = request.reported
+    outputs = []
+    for out in output.outputs:
+        tokens, chars, positions = reported.get(out.index, (0, 0, 0))
+        logprobs = out.logprobs
+        outputs.append(CompletionOutput(
+            out.index, out.text[chars:], out.token_ids[tokens:], out.cumulative_logprob,
+            logprobs.tail(positions) if isinstance(logprobs, FlatLogprobs) else logprobs,
+            out.finish_reason, out.stop_reason))
+        reported[out.index] = (len(out.token_ids), len(out.text),
+                               len(logprobs) if logprobs is not None else 0)
+    prompt_logprobs = output.prompt_logprobs
+    if prompt_logprobs is not None:
+        done = request.reported_prompt_positions
+        request.reported_prompt_positions = len(prompt_logprobs)
+        prompt_logprobs = prompt_logprobs.tail(done) if len(prompt_logprobs) > done else None
+    return RequestOutput(output.request_id, output.prompt, output.prompt_token_ids, prompt_logprobs,
+                         outputs, output.finished, output.error, output.metrics, output.num_cached_tokens)
 
 
 class GrammarConflictError(ValueError):

@@ -15,7 +15,7 @@ import torch
 
 from aserve.logprobs import FlatLogprobs
 from aserve.outputs import RequestMetrics
-from aserve.sampling_params import SamplingParams
+from aserve.sampling_params import RequestOutputKind, SamplingParams
 
 _seq_ids = itertools.count()
 
@@ -111,6 +111,17 @@ class Request:
         self.num_cached_tokens: Optional[int] = None
         # Structured outputs: the matcher being made for it (the request waits for it).
         self.pending_matcher = None
+        kind = params.output_kind
+        # Whether outputs before the final one are reported: not under FINAL_ONLY; not for a
+        # beam search, whose live beams are not prefixes of its answer; and not as deltas of a
+        # best_of > n request, whose n best samples are known only at its end.
+        self.reports_progress = (kind != RequestOutputKind.FINAL_ONLY and not params.use_beam_search
+                                 and not (kind == RequestOutputKind.DELTA and params.best_of > params.n))
+        # DELTA: per output index, the (tokens, characters, logprob positions) reported so far,
+        # and the prompt logprob positions reported so far.
+        self.reported: Optional[dict[int, tuple[int, int, int]]] = (
+            {} if kind == RequestOutputKind.DELTA else None)
+        self.reported_prompt_positions = 0
 
     @property
     def live_seqs(self) -> list[Sequence]:

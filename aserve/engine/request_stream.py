@@ -1,7 +1,9 @@
 """RequestStream: one request's outputs for its consumer, and the errors a consumer may get.
 
-Outputs are cumulative, so a stream keeps only the newest one: a slow consumer skips
-intermediate states instead of growing a queue, and never misses the final state. Closing a
+A stream holds one output for its consumer: the newest, as a cumulative output holds all
+before it, so a slow consumer skips intermediate states instead of growing a queue and never
+misses the final state; for a DELTA request (RequestOutputKind), the deltas not yet taken,
+merged into one. Closing a
 stream before it finished (the consumer was cancelled, the client went away) aborts the
 request, which frees its KV blocks at the engine's next step boundary.
 """
@@ -12,7 +14,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable, Optional
 
-from aserve.outputs import RequestOutput
+from aserve.logprobs import FlatLogprobs
+from aserve.outputs import CompletionOutput, RequestOutput
 
 if TYPE_CHECKING:
     from aserve.engine.async_engine import AsyncEngine
@@ -34,10 +37,12 @@ class RequestAbortedError(RuntimeError):
 
 
 class RequestStream:
-    """The outputs of one request, for `async for`; holds only the newest (cumulative) one."""
+    """The outputs of one request, for `async for`; holds only the newest (cumulative) one, or
+    the deltas not yet taken, merged (delta=True)."""
 
-    def __init__(self, request_id: str, owner: "AsyncEngine"):
+    def __init__(self, request_id: str, owner: "AsyncEngine", delta: bool = False):
         self.request_id = request_id
+        self._delta = delta
         self._owner = owner
         self._latest: Optional[RequestOutput] = None
         self._error: Optional[BaseException] = None
@@ -62,6 +67,8 @@ class RequestStream:
             except Exception:  # the consumer gets the output instead, and every later one
                 logger.exception("a stream's output sink failed; its consumer takes over")
                 self._sink = None
+        if self._delta and self._ready.is_set() and self._latest is not None:
+            output = merge_deltas(self._latest, output)   # the consumer has not taken the last
         self._latest = output
         if output.finished:
             self.finished = True
@@ -95,3 +102,28 @@ class RequestStream:
         if not self.finished:
             self.finished = True  # its consumer is leaving: nobody needs waking
             self._owner.abort(self.request_id)
+
+
+def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One DELTA output holding two in a row: each sample's text, token ids and logprobs
+    joined; everything else (cumulative logprob, finish, metrics) as the later one says."""
+    samples = {out.index: out for out in earlier.outputs}
+    for out in later.outputs:
+        first = samples.get(out.index)
+        if first is not None:
+            out = CompletionOutput(out.index, first.text + out.text, first.token_ids + out.token_ids,
+                                   out.cumulative_logprob, _joined(first.logprobs, out.logprobs),
+                                   out.finish_reason, out.stop_reason)
+        samples[out.index] = out
+    return RequestOutput(later.request_id, later.prompt, later.prompt_token_ids,
+                         _joined(earlier.prompt_logprobs, later.prompt_logprobs),
+                         sorted(samples.values(), key=lambda out: out.index), later.finished,
+                         later.error or earlier.error, later.metrics, later.num_cached_tokens)
+
+
+def _joined(first, second):
+    if first is None or second is None:
+        return second if first is None else first
+    if isinstance(first, FlatLogprobs) and isinstance(second, FlatLogprobs):
+        return first.joined(second)
+    return list(first) + list(second)

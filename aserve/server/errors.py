@@ -54,7 +54,10 @@ def api_error_from(exc: BaseException) -> Optional[APIError]:
     return None
 
 
-SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids", "bad_words_token_ids"}
+# The SamplingParams fields a request body may set: not those the engine fills, nor output_kind,
+# which the server sets from the request's stream flag.
+SAMPLING_FIELDS = set(SamplingParams.__dataclass_fields__) - {"all_stop_token_ids", "bad_words_token_ids",
+                                                              "output_kind"}
 
 
 def bad_request_from_value_error(exc: ValueError) -> APIError:

@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aserve.sampling_params import SamplingParams
+from aserve.sampling_params import RequestOutputKind, SamplingParams
 from aserve.server.errors import APIError, bad_request_from_value_error
 from aserve.server.structured_request import request_constraint
 from aserve.server.tool_calls import template_messages
@@ -108,9 +108,15 @@ class _SamplingRequest(_Strict, VllmSamplingFields):
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 logit_bias=self.logit_bias, structured_outputs=request_constraint(self, tool_constraint),
-                **self.vllm_sampling_kwargs())
+                output_kind=_output_kind(self.stream), **self.vllm_sampling_kwargs())
         except ValueError as exc:
             raise bad_request_from_value_error(exc) from None
+
+
+def _output_kind(stream: bool) -> RequestOutputKind:
+    """A non-streaming request waits for its end: the engine makes it no output before that
+    (vLLM's server asks the same), and its handler is not woken for one."""
+    return RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY
 
 
 # ----------------------------------------------------------------------------- completions
