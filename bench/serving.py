@@ -13,7 +13,8 @@ prompt-as-ids form): exact lengths and no shared prefix, the offline workloads' 
 default, English words, repeats words, which a prefix cache partly reuses).
 vLLM's `ignore_eos` extra (fixed output lengths) is sent only with --ignore-eos.
 Token counts come from the final usage chunk (stream_options.include_usage); a server that
-sends none is measured in chunks instead (--no-usage to stop asking).
+sends none is measured in chunks instead (--no-usage to stop asking). --no-stream sends
+non-streaming requests: throughput and whole-request latency (as TTFT) only.
 """
 
 from __future__ import annotations
@@ -56,15 +57,17 @@ def make_prompt(rng: random.Random, length: int, vocab: Optional[int] = None):
 
 async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: str) -> Result:
     body: dict = {"model": model, "max_tokens": args.output_len, "temperature": args.temperature,
-                  "stream": True}
+                  "stream": not args.no_stream}
     if args.endpoint.endswith("chat/completions"):
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    if not args.no_usage:
+    if not args.no_usage and not args.no_stream:
         body["stream_options"] = {"include_usage": True}
     if args.ignore_eos:
         body["ignore_eos"] = True
+    if args.no_stream:
+        return await _one_whole_request(session, args, body)
     result, chunks = Result(), 0
     start = last = time.perf_counter()
     try:
@@ -97,6 +100,28 @@ async def one_request(session: aiohttp.ClientSession, args, model: str, prompt: 
         result.latency = time.perf_counter() - start
         result.output_tokens = result.output_tokens or chunks
         result.ok = chunks > 0
+        if not result.ok:
+            result.error = "no output"
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        result.error = repr(exc)
+    return result
+
+
+async def _one_whole_request(session: aiohttp.ClientSession, args, body: dict) -> Result:
+    """--no-stream: one JSON answer; its latency stands for the TTFT too (no token comes sooner)."""
+    result = Result()
+    start = time.perf_counter()
+    try:
+        async with session.post(args.base_url.rstrip("/") + args.endpoint, json=body) as resp:
+            if resp.status != 200:
+                result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return result
+            answer = await resp.json()
+        result.latency = result.ttft = time.perf_counter() - start
+        usage = answer.get("usage") or {}
+        result.prompt_tokens = usage.get("prompt_tokens", 0)
+        result.output_tokens = usage.get("completion_tokens", 0)
+        result.ok = result.output_tokens > 0
         if not result.ok:
             result.error = "no output"
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
@@ -210,6 +235,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action="store_true", help="send vLLM's ignore_eos (fixed output length)")
     p.add_argument("--no-usage", action="store_true", help="do not ask for the usage chunk")
+    p.add_argument("--no-stream", action="store_true",
+                   help="non-streaming requests (one JSON answer each; no TPOT or ITL)")
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", default=None, help="also write the summary here")
