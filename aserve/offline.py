@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from aserve.config import EngineArgs
 from aserve.engine.engine import Engine
+from aserve.engine.gc_policy import fewer_collections
 from aserve.offline_inputs import (BeamSearchOutput, BeamSearchSequence, PromptInput, as_prompt_list,
                                    chat_prompt_ids, is_conversation)
 from aserve.outputs import RequestOutput
@@ -66,8 +67,9 @@ class OfflineLLM:
         elif len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params must be one SamplingParams or one per prompt: got "
                              f"{len(sampling_params)} for {len(prompts)} prompts.")
-        ids = self._add_all(prompts, sampling_params)
-        finished = self._run(len(ids), use_tqdm)
+        with fewer_collections():   # engine/gc_policy.py: ~4% of a run's time, freeing nothing
+            ids = self._add_all(prompts, sampling_params)
+            finished = self._run(len(ids), use_tqdm)
         return [_with_logprob_lists(finished[i]) for i in ids]
 
     def chat(self, messages, sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,

@@ -9,7 +9,6 @@ their request streams and so aborts the requests and frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import logging
 import time
@@ -22,6 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from aserve.engine.async_engine import AsyncEngine
+from aserve.engine.gc_policy import serve_with_fewer_collections
 from aserve.server.access_log import USAGE, access_log_middleware
 from aserve.server.admission import Admission
 from aserve.server.errors import (APIError, api_error_from, bad_request_from_value_error,
@@ -320,9 +320,9 @@ def start_engine(state: ServerState) -> None:
     """Start the attached engine's driver and the tasks that watch it."""
     # The model, torch and transformers leave a huge heap of long-lived objects; a full GC
     # pass over it stalls the loop for ~200 ms. Freezing them (as vLLM does) keeps later
-    # collections short, so /health and the token streams never see such a pause.
-    gc.collect()
-    gc.freeze()
+    # collections short, and fewer of them run while serving (engine/gc_policy.py), so /health
+    # and the token streams never see such a pause.
+    serve_with_fewer_collections()
     state.async_engine.start()
     loop = asyncio.get_running_loop()
     state.background = [loop.create_task(watch_open_files())]

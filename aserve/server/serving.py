@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ import time
 from typing import Callable, Optional
 
 from aserve.engine.async_engine import AsyncEngine, RequestAbortedError
+from aserve.engine.gc_policy import serve_with_fewer_collections
 from aserve.server.app import ServerState, build_app, start_engine
 from aserve.server.http_server import start_site
 
@@ -53,12 +53,9 @@ async def serve(state: ServerState, host: str, port: int,
                 return 0
             state.attach(engine)
             start_engine(state)
-        # What start-up built (the model's modules, the tokenizer, transformers' and torch's
-        # module state: millions of objects) lives as long as the server: leave it out of the
-        # garbage collector's full collections, which would otherwise walk it all and hold the
-        # loop (and the engine) for 100 ms or more under load (vLLM freezes its heap too).
-        gc.collect()
-        gc.freeze()
+        # What start-up built lives as long as the server: out of every later collection
+        # (start_engine did the same; this also covers what the start's last steps built).
+        serve_with_fewer_collections()
         _log_start(state, host, bound, shutdown_timeout_s)
         died = asyncio.ensure_future(state.async_engine.wait_until_dead())
         stopped = asyncio.ensure_future(stop.wait())
