@@ -3,9 +3,8 @@
 A stream holds one output for its consumer: the newest, as a cumulative output holds all
 before it, so a slow consumer skips intermediate states instead of growing a queue and never
 misses the final state; for a DELTA request (RequestOutputKind), the deltas not yet taken,
-merged into one. Closing a
-stream before it finished (the consumer was cancelled, the client went away) aborts the
-request, which frees its KV blocks at the engine's next step boundary.
+merged into one. Closing a stream before it finished (the consumer was cancelled, the client
+went away) aborts the request, which frees its KV blocks at the engine's next step boundary.
 """
 
 from __future__ import annotations

@@ -108,12 +108,12 @@ class _SamplingRequest(_Strict, VllmSamplingFields):
                 prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens,
                 spaces_between_special_tokens=self.spaces_between_special_tokens,
                 logit_bias=self.logit_bias, structured_outputs=request_constraint(self, tool_constraint),
-                output_kind=_output_kind(self.stream), **self.vllm_sampling_kwargs())
+                output_kind=output_kind_for(self.stream), **self.vllm_sampling_kwargs())
         except ValueError as exc:
             raise bad_request_from_value_error(exc) from None
 
 
-def _output_kind(stream: bool) -> RequestOutputKind:
+def output_kind_for(stream: bool) -> RequestOutputKind:
     """A non-streaming request waits for its end: the engine makes it no output before that
     (vLLM's server asks the same), and its handler is not woken for one."""
     return RequestOutputKind.CUMULATIVE if stream else RequestOutputKind.FINAL_ONLY

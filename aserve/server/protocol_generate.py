@@ -8,8 +8,9 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from aserve.sampling_params import RequestOutputKind, SamplingParams
+from aserve.sampling_params import SamplingParams
 from aserve.server.errors import SAMPLING_FIELDS, APIError, bad_request_from_value_error
+from aserve.server.protocol import output_kind_for
 
 
 class GenerateRequest(BaseModel):
@@ -58,8 +59,7 @@ class GenerateRequest(BaseModel):
         fields = {name: getattr(self, name) for name in self.model_fields_set & SAMPLING_FIELDS}
         if fields.get("use_beam_search") and "temperature" not in fields:
             fields["temperature"] = 0.0
-        # A non-streaming request waits for its end: the engine makes it no output before that.
-        fields["output_kind"] = RequestOutputKind.CUMULATIVE if self.stream else RequestOutputKind.FINAL_ONLY
+        fields["output_kind"] = output_kind_for(self.stream)
         try:
             return SamplingParams(**fields)
         except ValueError as exc:
