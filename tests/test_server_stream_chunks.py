@@ -98,3 +98,46 @@ def test_plain_chunks_are_the_models_json(finish_reason, stop_reason):
             stop_reason=stop_reason))
         plain = chat_content_chunk("chatcmpl-1", 5, "m", 1, content, finish_reason, stop_reason)
         assert json.dumps(plain) == json.dumps(model_body)
+
+
+def _http_chunks(server, path: str, body: dict) -> list[bytes]:
+    """The response's chunks of the chunked transfer encoding, as the server framed them."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(server.url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((url.hostname, url.port), timeout=60) as sock:
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"200 OK" in head.split(b"\r\n")[0] and b"transfer-encoding: chunked" in head.lower()
+    chunks = []
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        size = int(size, 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        rest = rest[size + 2:]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "Hello"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}]}),
+])
+def test_the_final_chunk_the_usage_and_done_end_the_stream_in_one_write(server, path, body):
+    """One write (one send on the socket) ends a stream: the final output's chunk, the usage
+    and [DONE] share the body's last chunk, instead of a write each."""
+    body = dict(body, model=server.model_name, max_tokens=MAX_TOKENS, ignore_eos=True, stream=True,
+                stream_options={"include_usage": True})
+    chunks = _http_chunks(server, path, body)
+    last = [json.loads(e[len(b"data: "):]) for e in chunks[-1].split(b"\n\n")[:-2]]
+    assert chunks[-1].endswith(b"data: [DONE]\n\n")
+    assert [bool(e["choices"]) for e in last] == [True, False]      # the finish chunk, then the usage
+    assert last[0]["choices"][0]["finish_reason"] == "length"
+    assert last[1]["usage"]["completion_tokens"] == MAX_TOKENS
+    assert not any(b"finish_reason\":\"length" in c for c in chunks[:-1])

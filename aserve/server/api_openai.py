@@ -29,8 +29,8 @@ from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompleti
                                     CompletionChoice, CompletionLogProbs, CompletionRequest,
                                     CompletionResponse, DeltaMessage, PromptTokensDetails, UsageInfo)
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
-from aserve.server.streaming import (open_stream, request_failed, send_sse, send_sse_error_and_done,
-                                     stream_or_report)
+from aserve.server.streaming import (end_sse, open_stream, request_failed, send_sse, send_sse_error_and_done,
+                                     sse_event, stream_or_report)
 from aserve.server.structured_request import check_grammar, constraint_field
 from aserve.server.tool_calls import choice_stream, finish_reason, plan_tools, response_message
 
@@ -200,6 +200,15 @@ async def _stream_completions(request, state, req, params, request_id, created, 
     sent: dict[tuple[int, int], ChoiceProgress] = {}
     echoed: dict[int, tuple[CompletionLogProbs, int]] = {}  # by prompt: built once for its n
     finals: list[Optional[RequestOutput]] = [None] * len(streams)
+    unfinished, held = len(streams), []
+
+    async def send(body: dict) -> None:
+        # The last output's chunks wait for the usage and [DONE]: one write ends the stream.
+        if unfinished:
+            await send_sse(response, body)
+        else:
+            held.append(sse_event(body))
+
     if (len(streams) == 1 and params.n == 1 and req.logprobs is None and not req.echo and not continuous
             and not _holds_back(params)):  # one plain choice: its chunks go out from the dispatch
         streams[0].set_sink(TextChunkSink(
@@ -209,6 +218,7 @@ async def _stream_completions(request, state, req, params, request_id, created, 
         finals[i] = out
         if out.error:
             raise request_failed(out.error)
+        unfinished -= out.finished
         if _holds_back(params) and not out.finished:
             continue
         for j, o in enumerate(out.outputs):
@@ -236,20 +246,19 @@ async def _stream_completions(request, state, req, params, request_id, created, 
             # part of a character): clients that count chunks as tokens count right, as with vLLM.
             if text or new_ids or st.done or (lps is not None and lps.tokens):
                 if lps is None and not continuous:  # the common chunk, without pydantic
-                    await send_sse(response, completion_text_chunk(
+                    await send(completion_text_chunk(
                         request_id, created, model, i * params.n + j, text, o.finish_reason, o.stop_reason))
                     continue
                 choice = CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                           finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                 chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
                                            usage=_choice_usage(out, len(o.token_ids)) if continuous else None)
-                await send_sse(response, _without_prompt_logprobs(chunk.model_dump()))
+                await send(_without_prompt_logprobs(chunk.model_dump()))
     usage = _usage(request, finals)
     if options is not None and options.final_usage:
-        await send_sse(response, CompletionResponse(id=request_id, created=created, model=model,
-                                                    choices=[], usage=usage).model_dump())
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+        held.append(sse_event(CompletionResponse(id=request_id, created=created, model=model,
+                                                 choices=[], usage=usage).model_dump()))
+    await end_sse(response, held)
 
 
 def _without_prompt_logprobs(body: dict) -> dict:
@@ -338,7 +347,15 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
             and not _holds_back(params)):  # one plain choice: its chunks go out from the dispatch
         stream.set_sink(TextChunkSink(request.transport, response.chunked, sent[0],
                                       chat_content_chunk(request_id, created, model, 0, TEXT_MARK, None, None)))
-    final = None
+    final, held = None, []
+
+    async def send(body: dict) -> None:
+        # The final output's chunks wait for the usage and [DONE]: one write ends the stream.
+        if final.finished:
+            held.append(sse_event(body))
+        else:
+            await send_sse(response, body)
+
     async for final in stream:
         if final.error:
             raise request_failed(final.error)
@@ -372,18 +389,16 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
             content = text if text or (plain and new_ids and not st.done) else None
             if plain and lps is None and not continuous:
                 if text or new_ids or st.done:  # the common chunk, built without pydantic
-                    await send_sse(response, chat_content_chunk(request_id, created, model, j, content,
-                                                                finish, o.stop_reason))
+                    await send(chat_content_chunk(request_id, created, model, j, content, finish, o.stop_reason))
             elif content is not None or tool_deltas or st.done or lps is not None:
-                await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
+                await send(_chunk(request_id, created, model, ChatStreamChoice(
                     index=j, delta=DeltaMessage(content=content, tool_calls=tool_deltas), logprobs=lps,
                     finish_reason=finish, stop_reason=o.stop_reason), usage_so_far(len(o.token_ids))))
     usage = _usage(request, [final])
     if options is not None and options.final_usage:
-        await send_sse(response, ChatCompletionChunk(id=request_id, created=created, model=model,
-                                                     choices=[], usage=usage).model_dump())
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
+        held.append(sse_event(ChatCompletionChunk(id=request_id, created=created, model=model,
+                                                  choices=[], usage=usage).model_dump()))
+    await end_sse(response, held)
 
 
 def add_routes(app: web.Application) -> None:

@@ -30,8 +30,19 @@ async def open_stream(request: web.Request, content_type: str) -> web.StreamResp
     return response
 
 
+def sse_event(body: dict) -> bytes:
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
 async def send_sse(response: web.StreamResponse, body: dict) -> None:
-    await response.write(b"data: " + orjson.dumps(body) + b"\n\n")
+    await response.write(sse_event(body))
+
+
+async def end_sse(response: web.StreamResponse, held: list[bytes]) -> None:
+    """The stream's last events (held back from its final output: the final chunks, the
+    usage), [DONE] and the end of the chunked body in one write, not one write (and one send
+    on the socket) each."""
+    await response.write_eof(b"".join(held) + b"data: [DONE]\n\n")
 
 
 async def send_sse_error_and_done(response: web.StreamResponse, err: APIError) -> None:
