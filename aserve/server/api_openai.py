@@ -29,8 +29,8 @@ from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompleti
                                     CompletionChoice, CompletionLogProbs, CompletionRequest,
                                     CompletionResponse, DeltaMessage, PromptTokensDetails, UsageInfo)
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
-from aserve.server.streaming import (end_sse, open_stream, request_failed, send_sse, send_sse_error_and_done,
-                                     sse_event, stream_or_report)
+from aserve.server.streaming import (SSEEvents, open_stream, request_failed, send_sse, send_sse_error_and_done,
+                                     stream_or_report)
 from aserve.server.structured_request import check_grammar, constraint_field
 from aserve.server.tool_calls import choice_stream, finish_reason, plan_tools, response_message
 
@@ -200,15 +200,7 @@ async def _stream_completions(request, state, req, params, request_id, created, 
     sent: dict[tuple[int, int], ChoiceProgress] = {}
     echoed: dict[int, tuple[CompletionLogProbs, int]] = {}  # by prompt: built once for its n
     finals: list[Optional[RequestOutput]] = [None] * len(streams)
-    unfinished, held = len(streams), []
-
-    async def send(body: dict) -> None:
-        # The last output's chunks wait for the usage and [DONE]: one write ends the stream.
-        if unfinished:
-            await send_sse(response, body)
-        else:
-            held.append(sse_event(body))
-
+    unfinished, events = len(streams), SSEEvents(response)
     if (len(streams) == 1 and params.n == 1 and req.logprobs is None and not req.echo and not continuous
             and not _holds_back(params)):  # one plain choice: its chunks go out from the dispatch
         streams[0].set_sink(TextChunkSink(
@@ -246,19 +238,20 @@ async def _stream_completions(request, state, req, params, request_id, created, 
             # part of a character): clients that count chunks as tokens count right, as with vLLM.
             if text or new_ids or st.done or (lps is not None and lps.tokens):
                 if lps is None and not continuous:  # the common chunk, without pydantic
-                    await send(completion_text_chunk(
-                        request_id, created, model, i * params.n + j, text, o.finish_reason, o.stop_reason))
+                    await events.send(completion_text_chunk(
+                        request_id, created, model, i * params.n + j, text, o.finish_reason, o.stop_reason),
+                        last=not unfinished)
                     continue
                 choice = CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                           finish_reason=o.finish_reason, stop_reason=o.stop_reason)
                 chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
                                            usage=_choice_usage(out, len(o.token_ids)) if continuous else None)
-                await send(_without_prompt_logprobs(chunk.model_dump()))
+                await events.send(_without_prompt_logprobs(chunk.model_dump()), last=not unfinished)
     usage = _usage(request, finals)
     if options is not None and options.final_usage:
-        held.append(sse_event(CompletionResponse(id=request_id, created=created, model=model,
-                                                 choices=[], usage=usage).model_dump()))
-    await end_sse(response, held)
+        await events.send(CompletionResponse(id=request_id, created=created, model=model,
+                                             choices=[], usage=usage).model_dump(), last=True)
+    await events.end()   # the last output's chunks, the usage and [DONE]: one write
 
 
 def _without_prompt_logprobs(body: dict) -> dict:
@@ -347,15 +340,7 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
             and not _holds_back(params)):  # one plain choice: its chunks go out from the dispatch
         stream.set_sink(TextChunkSink(request.transport, response.chunked, sent[0],
                                       chat_content_chunk(request_id, created, model, 0, TEXT_MARK, None, None)))
-    final, held = None, []
-
-    async def send(body: dict) -> None:
-        # The final output's chunks wait for the usage and [DONE]: one write ends the stream.
-        if final.finished:
-            held.append(sse_event(body))
-        else:
-            await send_sse(response, body)
-
+    final, events = None, SSEEvents(response)
     async for final in stream:
         if final.error:
             raise request_failed(final.error)
@@ -389,16 +374,18 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
             content = text if text or (plain and new_ids and not st.done) else None
             if plain and lps is None and not continuous:
                 if text or new_ids or st.done:  # the common chunk, built without pydantic
-                    await send(chat_content_chunk(request_id, created, model, j, content, finish, o.stop_reason))
+                    await events.send(chat_content_chunk(request_id, created, model, j, content, finish,
+                                                         o.stop_reason), last=final.finished)
             elif content is not None or tool_deltas or st.done or lps is not None:
-                await send(_chunk(request_id, created, model, ChatStreamChoice(
+                await events.send(_chunk(request_id, created, model, ChatStreamChoice(
                     index=j, delta=DeltaMessage(content=content, tool_calls=tool_deltas), logprobs=lps,
-                    finish_reason=finish, stop_reason=o.stop_reason), usage_so_far(len(o.token_ids))))
+                    finish_reason=finish, stop_reason=o.stop_reason), usage_so_far(len(o.token_ids))),
+                    last=final.finished)
     usage = _usage(request, [final])
     if options is not None and options.final_usage:
-        held.append(sse_event(ChatCompletionChunk(id=request_id, created=created, model=model,
-                                                  choices=[], usage=usage).model_dump()))
-    await end_sse(response, held)
+        await events.send(ChatCompletionChunk(id=request_id, created=created, model=model,
+                                              choices=[], usage=usage).model_dump(), last=True)
+    await events.end()   # the final output's chunks, the usage and [DONE]: one write
 
 
 def add_routes(app: web.Application) -> None:

@@ -38,11 +38,23 @@ async def send_sse(response: web.StreamResponse, body: dict) -> None:
     await response.write(sse_event(body))
 
 
-async def end_sse(response: web.StreamResponse, held: list[bytes]) -> None:
-    """The stream's last events (held back from its final output: the final chunks, the
-    usage), [DONE] and the end of the chunked body in one write, not one write (and one send
-    on the socket) each."""
-    await response.write_eof(b"".join(held) + b"data: [DONE]\n\n")
+class SSEEvents:
+    """A streamed answer's events: written as they come, except the last ones (the final
+    output's chunks, the usage), which end() writes with [DONE] and the end of the chunked body
+    in one write, not one write (and one send on the socket) each."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        self._response = response
+        self._held: list[bytes] = []
+
+    async def send(self, body: dict, last: bool = False) -> None:
+        if last:
+            self._held.append(sse_event(body))
+        else:
+            await send_sse(self._response, body)
+
+    async def end(self) -> None:
+        await self._response.write_eof(b"".join(self._held) + b"data: [DONE]\n\n")
 
 
 async def send_sse_error_and_done(response: web.StreamResponse, err: APIError) -> None:
