@@ -122,6 +122,12 @@ class Request:
         self.reported: Optional[dict[int, tuple[int, int, int]]] = (
             {} if kind == RequestOutputKind.DELTA else None)
         self.reported_prompt_positions = 0
+        # A plain sample row (row_planner.py's fast path): one sample a step, no beams, no
+        # prompt logprobs, no grammar, nothing read from its output history.
+        self.plain_sampling = (not params.use_beam_search and params.best_of == 1
+                               and params.prompt_logprobs is None and params.structured_outputs is None
+                               and not params.reads_output_history)
+        self.wants_sample_logprob = params.logprobs is not None or params.best_of > params.n
 
     @property
     def live_seqs(self) -> list[Sequence]:

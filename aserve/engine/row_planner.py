@@ -15,7 +15,7 @@ from aserve.worker.model_runner import PromptLogprobRows, RowPlan
 from aserve.worker.sampler import SamplingMetadata
 
 
-@dataclass
+@dataclass(slots=True)
 class RowSpan:
     """The rows of one scheduled sequence (-1: none)."""
 
@@ -54,6 +54,10 @@ class RowPlanner:
         return planned
 
 
+# The output ids of a row whose sampling reads none (no penalties, min_tokens or bad_words).
+_NO_OUTPUT_IDS: list[int] = []
+
+
 def plan_rows(sched: SchedulerOutput) -> PlannedRows:
     sample_idx: list[int] = []
     beam_idx: list[int] = []
@@ -69,6 +73,20 @@ def plan_rows(sched: SchedulerOutput) -> PlannedRows:
     reusable = sched.decode_only
     for i, item in enumerate(scheduled):
         request, seq, n = item.request, item.seq, item.num_new_tokens
+        if request.plain_sampling:   # most rows: the general path's checks, known at creation
+            if item.samples:
+                spans.append(RowSpan(len(sample_idx), 1))
+                sample_idx.append(offset + n - 1)
+                params.append(request.params)
+                generators.append(request.generator)
+                prompt_ids.append(request.prompt_token_ids)
+                output_ids.append(_NO_OUTPUT_IDS)
+                wants_lp.append(request.wants_sample_logprob)
+                matchers.append(None)
+            else:
+                spans.append(RowSpan())
+            offset += n
+            continue
         span = RowSpan()
         if request.wants_prompt_logprobs:
             reusable = False
