@@ -120,7 +120,7 @@ def plan_rows(sched: SchedulerOutput) -> PlannedRows:
                     generators.append(request.generator)
                     prompt_ids.append(request.prompt_token_ids)
                     output_ids.append(outputs)
-                    wants_lp.append(p.logprobs is not None or p.best_of > p.n)
+                    wants_lp.append(request.wants_sample_logprob)
                     matchers.append(seq.matcher)
         spans.append(span)
         offset += n
