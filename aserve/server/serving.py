@@ -24,7 +24,6 @@ import time
 from typing import Callable, Optional
 
 from aserve.engine.async_engine import AsyncEngine, RequestAbortedError
-from aserve.engine.gc_policy import serve_with_fewer_collections
 from aserve.server.app import ServerState, build_app, start_engine
 from aserve.server.http_server import start_site
 
@@ -52,10 +51,7 @@ async def serve(state: ServerState, host: str, port: int,
             if engine is None:  # stopped while loading: nothing to drain
                 return 0
             state.attach(engine)
-            start_engine(state)
-        # What start-up built lives as long as the server: out of every later collection
-        # (start_engine did the same; this also covers what the start's last steps built).
-        serve_with_fewer_collections()
+            start_engine(state)   # (else the app's start ran it: the engine was attached before)
         _log_start(state, host, bound, shutdown_timeout_s)
         died = asyncio.ensure_future(state.async_engine.wait_until_dead())
         stopped = asyncio.ensure_future(stop.wait())
