@@ -19,7 +19,9 @@
 #            $PREVIOUS_DIR (default .previous/: `git archive REV | tar -x -C .previous`, carried),
 #            just before `bench`: a regression check within one lease
 #   ab       the same workloads, engine only, once per value of an environment variable, taking
-#            turns (AB_VAR, AB_VALUES; default ASERVE_PDL over "0 1 0 1"): a switch's effect in one lease
+#            turns (AB_VAR, AB_VALUES; default ASERVE_PDL over "0 1 0 1"): a switch's effect in one lease.
+#            AB_VAR=env: each value is itself a comma-separated list of VAR=value settings, e.g.
+#            AB_VALUES="ASERVE_GEMV_BULK=0 ASERVE_GEMV_BULK=4,ASERVE_SMEM_CARVEOUT=100"
 #   profile  bench/profile_step.py $PROFILE_ARGS, once per value of AB_VAR (kernel table, step wall time)
 #   runprofile  bench/profile_run.py $RUN_PROFILE_ARGS (default workload B): a whole offline run's
 #            steps by kind, and the kernels of a window of its steps by group
@@ -112,21 +114,25 @@ stage_previous() {
         ${PREVIOUS_ARGS:-} 2>&1 | tee /tmp/previous.log
 }
 
+settings() {  # settings VALUE: the environment assignments of one AB value (see AB_VAR=env)
+    if [ "${AB_VAR:-ASERVE_PDL}" = env ]; then echo "${1//,/ }"; else echo "${AB_VAR:-ASERVE_PDL}=$1"; fi
+}
+
 stage_ab() {
-    local var=${AB_VAR:-ASERVE_PDL} value
+    local value
     for value in ${AB_VALUES:-0 1 0 1}; do
-        # shellcheck disable=SC2086
-        run "workloads $var=$value" "${AB_TIMEOUT:-150}" env "$var=$value" python3 bench/workloads.py \
+        # shellcheck disable=SC2086,SC2046
+        run "workloads $(settings "$value")" "${AB_TIMEOUT:-150}" env $(settings "$value") python3 bench/workloads.py \
             --workloads "$WORKLOADS" --time-limit $((${AB_TIMEOUT:-150} - 15)) ${AB_ARGS:-} 2>&1 \
             | sed -n '/^| workload |/,$p'
     done
 }
 
 stage_profile() {
-    local var=${AB_VAR:-ASERVE_PDL} value
+    local value
     for value in $(echo ${AB_VALUES:-0 1} | tr ' ' '\n' | sort -u); do
-        # shellcheck disable=SC2086
-        run "profile $var=$value" "${PROFILE_TIMEOUT:-120}" env "$var=$value" python3 bench/profile_step.py \
+        # shellcheck disable=SC2086,SC2046
+        run "profile $(settings "$value")" "${PROFILE_TIMEOUT:-120}" env $(settings "$value") python3 bench/profile_step.py \
             ${PROFILE_ARGS:---batch 1 --context 128 --async-scheduling} 2>&1 | tail -${PROFILE_LINES:-30}
     done
 }
