@@ -117,3 +117,16 @@ __device__ __forceinline__ void start_after_previous_kernel() {
     wait_for_previous_kernel();
     allow_next_kernel();
 }
+
+// start_after_previous_kernel for a kernel that loads some of its parameters (weights) first:
+// `token` is made from every such load's data, and the wait depends on it (one predicated wait
+// on each side of a test of it), so those loads are issued, and back, before the wait. ptxas
+// otherwise moves loads written before the wait below it (moving a load later is always legal),
+// and the previous kernel's run time no longer hides their latency.
+__device__ __forceinline__ void start_after_loads_and_previous_kernel(unsigned token) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %0, 0;\n\t"
+                 "@p griddepcontrol.wait;\n\t@!p griddepcontrol.wait;\n\t}" ::"r"(token) : "memory");
+#endif
+    allow_next_kernel();
+}

@@ -98,7 +98,14 @@ __device__ __forceinline__ void accumulate(float (&acc)[WEIGHT_ROWS][ROWS], cons
         for (int r = 0; r < WEIGHT_ROWS; ++r)
             wv[u][r] = (!GUARDED || v < num_vecs) ? load_weight(w[r] + v) : make_uint4(0, 0, 0, 0);
     }
-    if (first_step) start_after_previous_kernel();
+    if (first_step) {
+        unsigned token = 0;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int r = 0; r < WEIGHT_ROWS; ++r) token ^= wv[u][r].x;
+        start_after_loads_and_previous_kernel(token);
+    }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const int v = lane_vec + 32 * u;
@@ -153,11 +160,20 @@ gemv(void* __restrict__ out, const scalar_t* __restrict__ x, const scalar_t* __r
         for (int m = 0; m < ROWS; ++m) acc[r][m] = 0.f;
 
     // Steps are counted per warp (not per lane) so that only the last one needs bounds checks.
+    // The first step is its own code, and its wait depends on its W loads' data
+    // (start_after_loads_and_previous_kernel): with the wait behind a run-time "first step?"
+    // test in the loop, ptxas issued 1 of the step's 8 W loads before the wait and 7 after it;
+    // peeled but without that dependence, all 8 after it (tests/test_cuda_instruction_order.py).
     const int step = 32 * UNROLL;
     int base = 0;
+    if (num_vecs >= step) {
+        accumulate<false>(acc, w, xv, lane, num_vecs, true);
+        base = step;
+    }
     for (; base + step <= num_vecs; base += step)
-        accumulate<false>(acc, w, xv, base + lane, num_vecs, base == 0);
-    if (base < num_vecs) accumulate<true>(acc, w, xv, base + lane, num_vecs, base == 0);
+        accumulate<false>(acc, w, xv, base + lane, num_vecs, false);
+    if (base == 0 && num_vecs > 0) accumulate<true>(acc, w, xv, lane, num_vecs, true);   // one partial step
+    else if (base < num_vecs) accumulate<true>(acc, w, xv, base + lane, num_vecs, false);
     else if (base == 0) start_after_previous_kernel();  // k == 0: nothing was loaded
 
 #pragma unroll

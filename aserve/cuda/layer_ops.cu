@@ -31,34 +31,51 @@ __device__ float block_sum(float v) {
 
 // rms_norm (below) in 16-byte vectors, for rows of a multiple of VEC elements on 16-byte
 // boundaries, at most RMS_VECS * blockDim.x vectors: every load of a thread is in flight at
-// once, so a decode step's row costs one memory round trip instead of one per element.
+// once, so a decode step's row costs one memory round trip instead of one per element. The
+// weight is a parameter no kernel of a step writes: its loads go out before the wait for the
+// previous kernel (as layer_norm_vec's), so the row's loads, from L2, are the only round trip
+// after it (the weight's 8 KB a layer come from HBM, the step's 16 GB having passed through L2).
 extern "C" __global__ void rms_norm_vec(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                         scalar_t* __restrict__ residual, const scalar_t* __restrict__ weight,
                                         i64 x_stride, i64 residual_stride, i64 out_stride, int hidden, float eps) {
-    start_after_previous_kernel();
     const int vectors = hidden / VEC;
-    const uint4* row = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
-    uint4* res = residual ? reinterpret_cast<uint4*>(residual + blockIdx.x * residual_stride) : nullptr;
     const uint4* w = reinterpret_cast<const uint4*>(weight);
     uint4 h_raw[RMS_VECS], w_raw[RMS_VECS];
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
+        w_raw[j] = w[v];
+    }
+    start_after_previous_kernel();
+    const uint4* row = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
+    uint4* res = residual ? reinterpret_cast<uint4*>(residual + blockIdx.x * residual_stride) : nullptr;
+    // Every load of the row and the residual, then the arithmetic: loads issued back to back
+    // cost one round trip to L2, where a load issued after the previous vector's arithmetic
+    // (which waits for that vector's data) costs one each.
+    uint4 r_raw[RMS_VECS];
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
+        h_raw[j] = load_fresh(row + v);
+        if (res) r_raw[j] = load_fresh(res + v);
+    }
     float squares = 0.f;
 #pragma unroll
     for (int j = 0; j < RMS_VECS; ++j) {
         const int v = threadIdx.x + j * blockDim.x;
         if (v >= vectors) break;
-        w_raw[j] = w[v];                            // with the row's loads, not after the reduction
         float h[VEC];
-        unpack_vec(load_fresh(row + v), h);
+        unpack_vec(h_raw[j], h);
         if (res) {
             float r[VEC];
-            unpack_vec(load_fresh(res + v), r);
+            unpack_vec(r_raw[j], r);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) h[i] += r[i];
             h_raw[j] = pack_vec(h);                 // rounded to the dtype, as the model's add
             res[v] = h_raw[j];
             unpack_vec(h_raw[j], h);
-        } else {
-            h_raw[j] = load_fresh(row + v);
         }
 #pragma unroll
         for (int i = 0; i < VEC; ++i) squares += h[i] * h[i];
@@ -129,12 +146,18 @@ extern "C" __global__ void layer_norm_vec(scalar_t* __restrict__ out, const scal
     }
     start_after_previous_kernel();
     const uint4* row = reinterpret_cast<const uint4*>(x + blockIdx.x * x_stride);
-    float sum = 0.f;
+    // Every load of the row, then the arithmetic (one round trip to L2; rms_norm_vec says why).
 #pragma unroll
     for (int j = 0; j < RMS_VECS; ++j) {
         const int v = threadIdx.x + j * blockDim.x;
         if (v >= vectors) break;
         h_raw[j] = load_fresh(row + v);
+    }
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < RMS_VECS; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= vectors) break;
         float h[VEC];
         unpack_vec(h_raw[j], h);
 #pragma unroll

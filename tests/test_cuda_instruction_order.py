@@ -1,0 +1,115 @@
+"""The order ptxas gives the decode kernels' loads and their wait for the previous kernel, read
+from the compiled code (SASS, through nvdisasm; no GPU needed).
+
+Under programmatic dependent launch a kernel starts while the kernel before it still runs; what
+it loads before its wait (griddepcontrol.wait, SASS `ACQBULK`) streams under that kernel. The
+source's order is not the machine code's: moving a load below the wait is always legal, and
+ptxas did so with 7 of the GEMV's 8 first-step weight loads (seventeen sessions of B1 figures
+were measured that way). These tests hold the compiled order, and that nothing the previous
+kernel writes is read before the wait.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from aserve.cuda import compiler
+from aserve.cuda.gemv import GEMV_MAX_ROWS, VARIANTS, gemv_options
+
+
+def _nvdisasm():
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for candidate in sorted(pathlib.Path(root).glob("*/bin/nvdisasm")):
+            return str(candidate)
+    return None
+
+
+def _nvrtc_available() -> bool:
+    try:
+        compiler.nvrtc_version()
+        return True
+    except Exception:
+        return False
+
+
+NVDISASM = _nvdisasm()
+pytestmark = [
+    pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC is not installed (pip install "cuda-python[all]")'),
+    pytest.mark.skipif(NVDISASM is None, reason="nvdisasm is not installed (pip install nvidia-cuda-nvdisasm)"),
+]
+
+WAIT = "ACQBULK"          # griddepcontrol.wait
+WEIGHT_LOAD = "LDG.E.NA"  # gemv.cu's load_weight: ld.global.nc.L1::no_allocate
+STEP_LOADS = 8            # UNROLL (4) x WEIGHT_ROWS (2): gemv.py's geometry at every row count
+
+
+@pytest.fixture(autouse=True)
+def fresh_cubin_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASERVE_CACHE_DIR", str(tmp_path))
+
+
+def _sass(tmp_path, source: str, options: list[str], function: str) -> list[str]:
+    """The instructions of `function` in source's sm_90 build, in address order."""
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(compiler.compile_cubin(source, options, 90))
+    text = subprocess.run([NVDISASM, "-c", str(cubin)], check=True, capture_output=True, text=True).stdout
+    lines, inside = [], False
+    for line in text.splitlines():
+        if line.startswith(".text."):
+            inside = line.startswith(f".text.{function}:")
+            continue
+        if inside and "/*" in line and ";" in line:
+            lines.append(line.split("*/", 1)[1].strip())
+    assert lines, f"no instructions of {function} found"
+    return lines
+
+
+def _opcode(instruction: str) -> str:
+    """"LDG.E.128" of "@!P0 LDG.E.128 R4, desc[UR4][R2.64] ;": the predicate left out."""
+    words = instruction.split()
+    return words[1] if words[0].startswith("@") else words[0]
+
+
+def _is_coherent_load(instruction: str) -> bool:
+    """A load of what an earlier kernel of the step may have written (not a weight's read-only load)."""
+    opcode = _opcode(instruction)
+    return opcode.startswith("LDG") and "CONSTANT" not in opcode
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", range(1, GEMV_MAX_ROWS + 1))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gemv_issues_its_first_steps_weight_loads_before_the_wait(tmp_path, dtype, rows, variant):
+    sass = _sass(tmp_path, "gemv.cu", gemv_options(dtype, rows, variant), "gemv")
+    waits = [i for i, instruction in enumerate(sass) if WAIT in instruction]
+    # waits[0]: warps without outputs, which wait and exit; waits[1]: the first full step's.
+    assert len(waits) >= 2
+    first_step = sass[waits[0] + 1:waits[1]]
+    assert sum(WEIGHT_LOAD in instruction for instruction in first_step) == STEP_LOADS
+    assert not any(_is_coherent_load(instruction) for instruction in sass[:waits[1]])
+
+
+@pytest.mark.parametrize("dtype_id", [0, 1, 2])
+@pytest.mark.parametrize("function", ["rms_norm_vec", "layer_norm_vec"])
+def test_vector_norms_load_weights_before_the_wait_and_the_row_in_one_round_trip(tmp_path, dtype_id, function):
+    sass = _sass(tmp_path, "layer_ops.cu", [f"-DDTYPE={dtype_id}"], function)
+    wait = next(i for i, instruction in enumerate(sass) if WAIT in instruction)
+    assert not any(_is_coherent_load(instruction) for instruction in sass[:wait])
+    assert any("LDG" in instruction and "CONSTANT" in instruction for instruction in sass[:wait])   # the weight
+    # Every load of the row (and residual) goes out before any arithmetic on them waits for one.
+    row_loads = [i for i, instruction in enumerate(sass) if _is_coherent_load(instruction)]
+    first_use = next(i for i, instruction in enumerate(sass)
+                     if i > wait and _opcode(instruction).startswith(("FADD", "FMUL", "FFMA", "STG")))
+    assert row_loads and max(row_loads) < first_use
