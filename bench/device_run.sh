@@ -54,6 +54,9 @@ run() {  # run NAME SECONDS CMD...: one step, bounded, its exit status reported
 }
 
 stage_tests() {
+    # The machine code's order of loads and waits as the card's own NVRTC compiles it (its
+    # ptxas may differ from CI's); needs the nvdisasm wheel in .whl.
+    run "instruction order" 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_instruction_order.py
     run "cuda tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/
     # The engine against transformers (float32) on the card, and dummy loading on CUDA
     # (ENGINE_TESTS=0 leaves them out).

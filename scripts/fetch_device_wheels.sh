@@ -21,6 +21,7 @@ WHEELS=(
     jiter==0.19.0
     sniffio==1.3.1
     py-spy==0.4.3              # bench: profiling the server under load (bench/profile_server.sh)
+    nvidia-cuda-nvdisasm==13.5.37  # tests/test_cuda_instruction_order.py on the card's own NVRTC
 )
 
 # A fresh folder, swapped in at the end: two versions of one package would make pip refuse.
