@@ -138,3 +138,14 @@ def test_aserve_kernels_torch_forces_the_reference_and_bad_values_are_refused(mo
     monkeypatch.setenv("ASERVE_KERNELS", "fast")
     with pytest.raises(ValueError, match="ASERVE_KERNELS"):
         get_attention_backend(torch.device("cuda"), 128)
+
+
+def test_gemv_geometry_override_names_its_rows_and_refuses_what_does_not_fit():
+    from aserve.cuda.gemv import GEOMETRY_ENV, parse_geometry
+
+    assert parse_geometry("") == {}
+    assert parse_geometry("1=2x8, 2=2X8") == {1: (2, 8), 2: (2, 8)}
+    assert parse_geometry("4=1x16") == {4: (1, 16)}
+    for bad in ("1=2x", "2x8", "0=2x4", "5=2x4", "1=3x4", "1=2x0", "1=2x17"):
+        with pytest.raises(ValueError, match=GEOMETRY_ENV):
+            parse_geometry(bad)

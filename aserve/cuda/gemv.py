@@ -10,6 +10,7 @@ the reference tests/test_cuda_gemv.py compares against.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -26,6 +27,30 @@ GEMV_MAX_ROWS = 4
 # fastest or within noise of it at every row count on the OPT-125m shapes in one H100 sweep
 # (bench/gemv.py --sweep; bench/RESULTS.md); (4, 2) at 4 rows lost up to 25% there.
 _GEOMETRY = {1: (2, 4), 2: (2, 4), 3: (2, 4), 4: (2, 4)}
+# ASERVE_GEMV_GEOMETRY overrides it for some row counts, to measure a geometry in the whole decode
+# chain (e.g. "1=2x8,2=2x8": two W rows a warp, 8 loads a row a step, at 1 and 2 rows of x). The
+# H100 sweep above ran while ptxas issued most of the first step's loads after the PDL wait
+# (bench/RESULTS.md, eighteenth session), so it may no longer hold for B1's chain.
+GEOMETRY_ENV = "ASERVE_GEMV_GEOMETRY"
+
+
+def parse_geometry(text: str) -> dict[int, tuple[int, int]]:
+    """{rows of x: (W rows a warp, unrolled loads)} from "ROWS=WxU,..." (ValueError naming it)."""
+    geometry = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            rows, shape = part.split("=")
+            weight_rows, unroll = shape.lower().split("x")
+            rows, weight_rows, unroll = int(rows), int(weight_rows), int(unroll)
+        except ValueError:
+            raise ValueError(f"{GEOMETRY_ENV}: {part!r} is not ROWS=WxU (e.g. 1=2x8)") from None
+        if not 1 <= rows <= 4 or weight_rows not in (1, 2, 4) or not 1 <= unroll <= 16 or rows * weight_rows > 32:
+            raise ValueError(f"{GEOMETRY_ENV}: {part!r} needs ROWS 1-4, W 1, 2 or 4, U 1-16")
+        geometry[rows] = (weight_rows, unroll)
+    return geometry
+
+
+_GEOMETRY.update(parse_geometry(os.environ.get(GEOMETRY_ENV, "")))
 # Warps per CTA at most (gemv.cu's MAX_THREADS / 32). Few rows of W per CTA keep the grid fine
 # grained, so the last wave of a layer that does not divide evenly across SMs is short.
 _MAX_WARPS_PER_CTA = 4
