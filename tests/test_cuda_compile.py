@@ -10,15 +10,7 @@ from aserve.cuda import compiler, ops
 from aserve.cuda.gemv import GEMV_MAX_ROWS, VARIANTS, gemv_options
 
 
-def _nvrtc_available() -> bool:
-    try:
-        compiler.nvrtc_version()
-        return True
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _nvrtc_available(),
+pytestmark = pytest.mark.skipif(not compiler.nvrtc_available(),
                                 reason='NVRTC is not installed (pip install "cuda-python[all]")')
 
 

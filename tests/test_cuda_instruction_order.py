@@ -36,17 +36,9 @@ def _nvdisasm():
     return None
 
 
-def _nvrtc_available() -> bool:
-    try:
-        compiler.nvrtc_version()
-        return True
-    except Exception:
-        return False
-
-
 NVDISASM = _nvdisasm()
 pytestmark = [
-    pytest.mark.skipif(not _nvrtc_available(), reason='NVRTC is not installed (pip install "cuda-python[all]")'),
+    pytest.mark.skipif(not compiler.nvrtc_available(), reason='NVRTC is not installed (pip install "cuda-python[all]")'),
     pytest.mark.skipif(NVDISASM is None, reason="nvdisasm is not installed (pip install nvidia-cuda-nvdisasm)"),
 ]
 

@@ -82,6 +82,15 @@ def nvrtc_version() -> tuple[int, int]:
     return tuple(_check_nvrtc(_nvrtc().nvrtcVersion(), "nvrtcVersion"))
 
 
+def nvrtc_available() -> bool:
+    """Whether NVRTC loads here: the kernels then compile, with or without a GPU to run them."""
+    try:
+        nvrtc_version()
+        return True
+    except Exception:
+        return False
+
+
 def _read_sources(source_name: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     source = (_SOURCE_DIR / source_name).read_bytes()
     headers = [(name.encode(), (_SOURCE_DIR / name).read_bytes()) for name in _HEADERS]
