@@ -157,7 +157,8 @@ def _events(server, path: str, body: dict) -> list[dict]:
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_a_servers_plain_stream_goes_through_the_sink_and_matches_the_handlers(server, sink_calls, path):
-    body = {"model": server.model_name, "max_tokens": 40, "stream": True, "temperature": 0, "ignore_eos": True}
+    # Enough tokens that the loop takes an output before the request ends (see the HTTP/1.0 test).
+    body = {"model": server.model_name, "max_tokens": 120, "stream": True, "temperature": 0, "ignore_eos": True}
     if path == "/v1/completions":
         body["prompt"] = "The sink and the handler"
     else:
@@ -180,8 +181,10 @@ def test_a_servers_plain_stream_goes_through_the_sink_and_matches_the_handlers(s
 
 
 def test_an_http10_client_gets_the_sinks_chunks_unframed(server, sink_calls):
-    """HTTP/1.0 has no chunked encoding: the body is the events themselves, ended by the close."""
-    body = json.dumps({"model": server.model_name, "prompt": "Old client", "max_tokens": 20, "stream": True,
+    """HTTP/1.0 has no chunked encoding: the body is the events themselves, ended by the close.
+    120 tokens: the engine never waits for the loop, so at 20 it once finished the request
+    before the loop took an output, and the handler alone wrote the stream (CI, 038b820)."""
+    body = json.dumps({"model": server.model_name, "prompt": "Old client", "max_tokens": 120, "stream": True,
                        "temperature": 0, "ignore_eos": True}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
