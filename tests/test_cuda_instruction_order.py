@@ -4,8 +4,8 @@ from the compiled code (SASS, through nvdisasm; no GPU needed).
 Under programmatic dependent launch a kernel starts while the kernel before it still runs; what
 it loads before its wait (griddepcontrol.wait, SASS `ACQBULK`) streams under that kernel. The
 source's order is not the machine code's: moving a load below the wait is always legal, and
-ptxas did so with 7 of the GEMV's 8 first-step weight loads (seventeen sessions of B1 figures
-were measured that way). These tests hold the compiled order, and that nothing the previous
+ptxas did so with 7 of the GEMV's 8 first-step weight loads (every B1 figure from the third
+session to the eighteenth was measured that way). These tests hold the compiled order, and that nothing the previous
 kernel writes is read before the wait.
 """
 
@@ -44,7 +44,6 @@ pytestmark = [
 
 WAIT = "ACQBULK"          # griddepcontrol.wait
 WEIGHT_LOAD = "LDG.E.NA"  # gemv.cu's load_weight: ld.global.nc.L1::no_allocate
-STEP_LOADS = 8            # UNROLL (4) x WEIGHT_ROWS (2): gemv.py's geometry at every row count
 
 
 @pytest.fixture(autouse=True)
@@ -84,12 +83,15 @@ def _is_coherent_load(instruction: str) -> bool:
 @pytest.mark.parametrize("rows", range(1, GEMV_MAX_ROWS + 1))
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gemv_issues_its_first_steps_weight_loads_before_the_wait(tmp_path, dtype, rows, variant):
-    sass = _sass(tmp_path, "gemv.cu", gemv_options(dtype, rows, variant), "gemv")
+    options = gemv_options(dtype, rows, variant)
+    defines = dict(option.removeprefix("-D").split("=") for option in options)
+    step_loads = int(defines["UNROLL"]) * int(defines["WEIGHT_ROWS"])   # a lane's W loads of one step
+    sass = _sass(tmp_path, "gemv.cu", options, "gemv")
     waits = [i for i, instruction in enumerate(sass) if WAIT in instruction]
     # waits[0]: warps without outputs, which wait and exit; waits[1]: the first full step's.
     assert len(waits) >= 2
     first_step = sass[waits[0] + 1:waits[1]]
-    assert sum(WEIGHT_LOAD in instruction for instruction in first_step) == STEP_LOADS
+    assert sum(WEIGHT_LOAD in instruction for instruction in first_step) == step_loads
     assert not any(_is_coherent_load(instruction) for instruction in sass[:waits[1]])
 
 

@@ -44,8 +44,8 @@ def parse_geometry(text: str) -> dict[int, tuple[int, int]]:
             rows, weight_rows, unroll = int(rows), int(weight_rows), int(unroll)
         except ValueError:
             raise ValueError(f"{GEOMETRY_ENV}: {part!r} is not ROWS=WxU (e.g. 1=2x8)") from None
-        if not 1 <= rows <= 4 or weight_rows not in (1, 2, 4) or not 1 <= unroll <= 16 or rows * weight_rows > 32:
-            raise ValueError(f"{GEOMETRY_ENV}: {part!r} needs ROWS 1-4, W 1, 2 or 4, U 1-16")
+        if not 1 <= rows <= GEMV_MAX_ROWS or weight_rows not in (1, 2, 4) or not 1 <= unroll <= 16:
+            raise ValueError(f"{GEOMETRY_ENV}: {part!r} needs ROWS 1-{GEMV_MAX_ROWS}, W 1, 2 or 4, U 1-16")
         geometry[rows] = (weight_rows, unroll)
     return geometry
 
