@@ -3,7 +3,7 @@
 # scripts/fetch_device_wheels.sh, for the packages its image lacks):
 #     STAGES="tests bench" WORKLOADS=A,A1,B1,B bash bench/device_run.sh
 # Stages, each bounded by `timeout` (one device call may run 600 s: split the stages over calls):
-#   tests    the CUDA tests (-m cuda), then the engine-vs-transformers tests on the card (~6 min on
+#   tests    the CUDA tests (-m cuda; CUDA_TESTS picks others), then the engine-vs-transformers tests on the card (~6 min on
 #            an H200: a call of its own)
 #   kernels  bench/decode_attention.py (paged decode vs the copy ceiling; KERNELS_ARGS) and bench/gemv.py (vs
 #            cuBLAS; GEMV=0 leaves it out)
@@ -57,7 +57,9 @@ stage_tests() {
     # The machine code's order of loads and waits as the card's own NVRTC compiles it (its
     # ptxas may differ from CI's); needs the nvdisasm wheel in .whl.
     run "instruction order" 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_instruction_order.py
-    run "cuda tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/
+    # CUDA_TESTS narrows the run (pytest arguments), e.g. "tests/test_cuda_gemv.py -k fused".
+    # shellcheck disable=SC2086
+    run "cuda tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider ${CUDA_TESTS:--m cuda tests/}
     # The engine against transformers (float32) on the card, and dummy loading on CUDA
     # (ENGINE_TESTS=0 leaves them out).
     [ "${ENGINE_TESTS:-1}" = 0 ] && return

@@ -20,6 +20,7 @@ import torch
 
 from aserve.cuda import compiler
 from aserve.cuda.gemv import GEMV_MAX_ROWS, VARIANTS, gemv_options
+from aserve.cuda.ops import paged_attention_options
 
 
 def _nvdisasm():
@@ -107,3 +108,57 @@ def test_vector_norms_load_weights_before_the_wait_and_the_row_in_one_round_trip
     first_use = next(i for i, instruction in enumerate(sass)
                      if i > wait and _opcode(instruction).startswith(("FADD", "FMUL", "FFMA", "STG")))
     assert row_loads and max(row_loads) < first_use
+
+
+def _first_wait(sass: list[str]) -> int:
+    return next(i for i, instruction in enumerate(sass) if WAIT in instruction)
+
+
+# Every kernel launched with pdl=True, as (source, -D options, function). A kernel may read step
+# inputs before its wait only because none of these lets the next kernel start (PREEXIT), or
+# ends a CTA (EXIT), before its own wait (common.cuh's wait_for_previous_kernel).
+PDL_KERNELS = [
+    *[("gemv.cu", gemv_options(torch.bfloat16, rows, variant), "gemv")
+      for rows in (1, 4) for variant in VARIANTS],
+    *[("layer_ops.cu", ["-DDTYPE=2"], name) for name in (
+        "rms_norm_vec", "rms_norm", "layer_norm_vec", "layer_norm", "rotary_embedding",
+        "rotary_embedding_cache_vec", "silu_and_mul_vec", "silu_and_mul")],
+    ("cache_ops.cu", [], "reshape_and_cache"),
+    ("sampling.cu", ["-DDTYPE=2"], "argmax_rows"),
+    *[(source, paged_attention_options(torch.bfloat16, 128, 16, group, cluster), "paged_decode")
+      for source, group in (("paged_attention.cu", 4), ("paged_attention_mma.cu", 8)) for cluster in (False, True)],
+]
+
+
+@pytest.mark.parametrize("source, options, function", PDL_KERNELS,
+                         ids=[f"{f}-{s}-{i}" for i, (s, _, f) in enumerate(PDL_KERNELS)])
+def test_no_kernel_lets_the_next_start_or_ends_before_its_wait(tmp_path, source, options, function):
+    sass = _sass(tmp_path, source, options, function)
+    wait = _first_wait(sass)
+    assert not any(_opcode(instruction) in ("EXIT", "PREEXIT") for instruction in sass[:wait])
+
+
+@pytest.mark.parametrize("dtype_id, vec", [(0, 4), (1, 8), (2, 8)])
+def test_rotary_reads_position_slot_and_tables_before_the_wait(tmp_path, dtype_id, vec):
+    sass = _sass(tmp_path, "layer_ops.cu", [f"-DDTYPE={dtype_id}"], "rotary_embedding_cache_vec")
+    before = sass[:_first_wait(sass)]
+    loads = [_opcode(instruction) for instruction in before if _opcode(instruction).startswith("LDG")]
+    # The position and the slot (64-bit step inputs, through L2), and the thread's first
+    # cos/sin values; the projection's query, key and value (16-byte loads) only after it.
+    assert sorted(op for op in loads if "CONSTANT" not in op) == ["LDG.E.64.STRONG.GPU"] * 2
+    assert sum("CONSTANT" in op for op in loads) == 2 * vec
+
+
+@pytest.mark.parametrize("cluster", [False, True])
+def test_paged_decode_copies_its_first_tile_before_the_wait(tmp_path, cluster):
+    sass = _sass(tmp_path, "paged_attention.cu", paged_attention_options(torch.bfloat16, 128, 16, 4, cluster),
+                 "paged_decode")
+    first_copy = next(i for i, instruction in enumerate(sass) if _opcode(instruction).startswith("LDGSTS"))
+    wait = next(i for i in range(first_copy, len(sass)) if WAIT in sass[i])
+    before = sass[:wait]
+    # A tile of 32 tokens: 4 of the thread's 16-byte keys and 4 values.
+    assert sum(_opcode(instruction).startswith("LDGSTS") for instruction in before) == 8
+    # Before it, only the sequence's length and block ids (32-bit); the query and the newest
+    # key and value (16-byte loads) after it.
+    assert {_opcode(instruction) for instruction in before if _opcode(instruction).startswith("LDG.")} == \
+        {"LDG.E.STRONG.GPU"}

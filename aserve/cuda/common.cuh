@@ -92,9 +92,15 @@ __device__ __forceinline__ float load_fresh(const scalar_t* p) { return to_float
 
 // Programmatic dependent launch (aserve/cuda/compiler.py launches with pdl=True). Such a kernel
 // may start while the previous kernel of its stream still runs: before this wait it may only
-// read what no kernel of the step writes (weights); after it, the previous kernel has finished
-// and its writes are visible. Every kernel launched with pdl=True calls it on every path that
-// touches memory; before Hopper, or without the launch attribute, it returns at once.
+// read what no kernel of the step writes (weights), or what was written before the step's
+// first kernel started (the step's inputs: positions, slots, sequence lengths, block tables;
+// the KV cache of earlier steps), through L2; after it, the previous kernel has finished and
+// its writes are visible. The second holds because every kernel launched with pdl=True lets the
+// next one start (allow_next_kernel) only after its own wait, on every path, and no CTA exits
+// before its wait: so when a kernel starts, every kernel before the previous one has finished
+// and the step's first kernel (a torch kernel, or a graph's first node) started after its
+// inputs were written. Every kernel launched with pdl=True calls it on every path that touches
+// memory; before Hopper, or without the launch attribute, it returns at once.
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -118,7 +124,7 @@ __device__ __forceinline__ void start_after_previous_kernel() {
     allow_next_kernel();
 }
 
-// start_after_previous_kernel for a kernel that loads some of its parameters (weights) first:
+// start_after_previous_kernel for a kernel that loads something first (weights, step inputs):
 // `token` is made from every such load's data, and the wait depends on it (one predicated wait
 // on each side of a test of it), so those loads are issued, and back, before the wait. ptxas
 // otherwise moves loads written before the wait below it (moving a load later is always legal),

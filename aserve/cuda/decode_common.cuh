@@ -52,6 +52,7 @@ struct DecodeWork {
     int part_end;     // one past its last token
     int t_begin;      // first token to read: part_start, or the sliding window's first visible key
     int num_splits;   // partitions of this sequence (the CTAs that do work for it)
+    int newest;       // the sequence's last token (seq_len - 1): the one this step wrote
 };
 
 #if CLUSTER_COMBINE
@@ -68,6 +69,9 @@ struct DecodeWork {
 
 // False when this CTA has nothing to do: a padding row (seq_len 0), or a split past the
 // sequence's partitions. Grid: (KV heads x groups per KV head, sequences, splits).
+// seq_lens, like the block tables, is written before the step's first kernel (a step input),
+// so a kernel may read it before its wait for the previous kernel (common.cuh); through L2,
+// as the previous step wrote the same buffer.
 __device__ __forceinline__ bool decode_work(const int* __restrict__ seq_lens, int num_heads, int num_kv_heads,
                                             int sliding_window, int unit, DecodeWork& w) {
     const int q_per_kv = num_heads / num_kv_heads;
@@ -76,8 +80,9 @@ __device__ __forceinline__ bool decode_work(const int* __restrict__ seq_lens, in
     w.head0 = w.kvh * q_per_kv + (blockIdx.x % groups_per_kv) * GROUP;
     w.seq = blockIdx.y;
     w.split = blockIdx.z;
-    const int seq_len = seq_lens[w.seq];
+    const int seq_len = __ldcg(seq_lens + w.seq);
     if (seq_len <= 0) return false;
+    w.newest = seq_len - 1;
     // Keys before the sliding window are invisible to the (last) query: the partitions cover
     // the visible range only, from the unit that holds its first key.
     const int first_visible = sliding_window > 0 ? max(0, seq_len - sliding_window) : 0;
@@ -113,7 +118,7 @@ __device__ __forceinline__ bool decode_work(const int* __restrict__ seq_lens, in
 __device__ __forceinline__ void load_block_ids(int* blocks, const int* __restrict__ block_tables, int bt_stride,
                                                const DecodeWork& w) {
     const int* table = block_tables + (i64)w.seq * bt_stride + w.part_start / BLOCK_SIZE;
-    for (int i = threadIdx.x; i * BLOCK_SIZE < w.part_end - w.part_start; i += NUM_THREADS) blocks[i] = table[i];
+    for (int i = threadIdx.x; i * BLOCK_SIZE < w.part_end - w.part_start; i += NUM_THREADS) blocks[i] = __ldcg(table + i);
 }
 
 // The end of both kernels, from the warps' states in shared memory: warp_acc [NUM_WARPS][GROUP]

@@ -272,14 +272,36 @@ extern "C" __global__ void rotary_embedding_cache_vec(scalar_t* __restrict__ que
                                                       const float* __restrict__ sin_cache,
                                                       i64 q_stride, i64 k_stride, i64 v_stride,
                                                       int num_heads, int num_kv_heads, int head_dim) {
-    start_after_previous_kernel();
+    // Before the wait for the previous kernel (the QKV projection): the token's position and
+    // slot (step inputs, written before the step's first kernel: common.cuh) and this thread's
+    // first cos/sin values, so that after it only the projection's output is waited for (at B1,
+    // two dependent round trips fewer a layer).
     const int token = blockIdx.x;
     const int half = head_dim / 2, half_vecs = half / VEC;
-    const i64 pos = positions[token];
-    const i64 slot = slot_mapping != nullptr ? slot_mapping[token] : -1;
+    const i64 pos = __ldcg(positions + token);
+    const i64 slot = slot_mapping != nullptr ? __ldcg(slot_mapping + token) : -1;
     const i64 cache_row = (i64)num_kv_heads * head_dim;
     const float* cos_row = cos_cache + pos * head_dim;
     const float* sin_row = sin_cache + pos * head_dim;
+    // Every item of a thread has the same pairs when blockDim.x is a multiple of half_vecs (as
+    // the launcher's multiples of 32 are for the usual head sizes); others reload theirs.
+    const int first_i = (threadIdx.x % half_vecs) * VEC;
+    float first_c[VEC], first_s[VEC];
+    unsigned loaded = (unsigned)slot;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+        first_c[k] = round_dtype(cos_row[first_i + k]);
+        first_s[k] = round_dtype(sin_row[first_i + k]);
+        loaded ^= __float_as_uint(first_c[k]) ^ __float_as_uint(first_s[k]);
+    }
+    start_after_loads_and_previous_kernel(loaded);
+
+    // The value row's first vectors load beside the query and key heads, not after their stores.
+    const int value_vecs = (int)(cache_row / VEC);
+    const uint4* v = reinterpret_cast<const uint4*>(value + token * v_stride);
+    const bool copy_first_value = slot >= 0 && (int)threadIdx.x < value_vecs;
+    uint4 first_value;
+    if (copy_first_value) first_value = load_fresh(v + threadIdx.x);
     for (int idx = threadIdx.x; idx < (num_heads + num_kv_heads) * half_vecs; idx += blockDim.x) {
         const int head = idx / half_vecs, i = (idx % half_vecs) * VEC;
         const bool is_key = head >= num_heads;
@@ -288,9 +310,12 @@ extern "C" __global__ void rotary_embedding_cache_vec(scalar_t* __restrict__ que
         float x1[VEC], x2[VEC], o1[VEC], o2[VEC];
         unpack_vec(load_fresh(reinterpret_cast<const uint4*>(x + i)), x1);
         unpack_vec(load_fresh(reinterpret_cast<const uint4*>(x + i + half)), x2);
+        const bool same = i == first_i;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
-            rotate_pair(x1[k], x2[k], round_dtype(cos_row[i + k]), round_dtype(sin_row[i + k]), o1[k], o2[k]);
+            const float c = same ? first_c[k] : round_dtype(cos_row[i + k]);
+            const float s = same ? first_s[k] : round_dtype(sin_row[i + k]);
+            rotate_pair(x1[k], x2[k], c, s, o1[k], o2[k]);
         }
         const uint4 r1 = pack_vec(o1), r2 = pack_vec(o2);
         *reinterpret_cast<uint4*>(x + i) = r1;
@@ -302,9 +327,9 @@ extern "C" __global__ void rotary_embedding_cache_vec(scalar_t* __restrict__ que
         }
     }
     if (slot < 0) return;
-    const uint4* v = reinterpret_cast<const uint4*>(value + token * v_stride);
     uint4* vd = reinterpret_cast<uint4*>(v_cache + slot * cache_row);
-    for (int u = threadIdx.x; u < cache_row / VEC; u += blockDim.x) vd[u] = load_fresh(v + u);
+    if (copy_first_value) vd[threadIdx.x] = first_value;
+    for (int u = threadIdx.x + blockDim.x; u < value_vecs; u += blockDim.x) vd[u] = load_fresh(v + u);
 }
 
 // silu_and_mul (below) in 16-byte vectors, for d a multiple of VEC and rows on 16-byte

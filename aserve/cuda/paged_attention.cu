@@ -89,10 +89,16 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     __shared__ bool is_last_split;
     uint4* k_tiles = smem;                            // [STAGES][TILE][CHUNKS]
     uint4* v_tiles = smem + STAGES * TILE_VECS;       // [STAGES][TILE][CHUNKS]
-    start_after_previous_kernel();
-
+    // Before the wait for the previous kernel (which rotates the query and stores the step's
+    // new key and value): everything of the context but its newest token was written before
+    // this step's first kernel, so the sequence's length, its block ids and the first tiles'
+    // keys and values are read under that kernel (common.cuh says why that is safe). At B1
+    // that takes two round trips to L2 and one to memory out of every layer's chain.
     DecodeWork work;
-    if (!decode_work(seq_lens, num_heads, num_kv_heads, sliding_window, unit, work)) return;
+    if (!decode_work(seq_lens, num_heads, num_kv_heads, sliding_window, unit, work)) {
+        start_after_previous_kernel();
+        return;
+    }
     const int seq = work.seq, kvh = work.kvh, head0 = work.head0;
     const int part_start = work.part_start, part_end = work.part_end, t_begin = work.t_begin;
     const int num_tiles = t_begin < part_end ? (part_end - t_begin + TILE - 1) / TILE : 0;
@@ -102,30 +108,19 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     const int lane_in_row = lane % LANES;
 
     load_block_ids(blocks, block_tables, bt_stride, work);
-
-    // This lane's slice of the GROUP query vectors, pre-scaled by scale * log2(e) (exp2 below).
-    float q[GROUP][CPL][VEC];
-#pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-            const int chunk = lane_in_row + c * LANES;
-            if (chunk < CHUNKS) {
-                unpack_vec(load_fresh(reinterpret_cast<const uint4*>(
-                    query + seq * q_stride + (i64)(head0 + g) * HEAD_DIM + chunk * VEC)), q[g][c]);
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) q[g][c][i] *= scale * 1.44269504f;
-            } else {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) q[g][c][i] = 0.f;
-            }
-        }
-    }
     __syncthreads();
 
+    // The cache row of `token` (of this partition) for this CTA's KV head, in elements.
+    auto cache_offset = [&](int token, int chunk) {
+        const int local = token - part_start;
+        const i64 row = ((i64)blocks[local / BLOCK_SIZE] * BLOCK_SIZE + local % BLOCK_SIZE) * num_kv_heads + kvh;
+        return row * HEAD_DIM + chunk * VEC;
+    };
     // Copies tile `tile` (tokens from t_begin + tile * TILE) into stage `stage`; tokens past
-    // the partition come as zeros and are masked out of the softmax.
-    auto load_tile = [&](int tile, int stage) {
+    // the partition come as zeros and are masked out of the softmax. Before the wait the
+    // newest token is left out (`skip`): the previous kernel is still writing it, and it is
+    // stored into its slot after the wait, before the first tile is read.
+    auto load_tile = [&](int tile, int stage, int skip) {
         const int tile_start = t_begin + tile * TILE;
 #pragma unroll
         for (int i = 0; i < (TILE_VECS + NUM_THREADS - 1) / NUM_THREADS; ++i) {
@@ -134,18 +129,52 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
             const int token = v / CHUNKS, chunk = v % CHUNKS;
             const int t = tile_start + token;
             const bool valid = t < part_end;
-            const int local = valid ? t - part_start : 0;
-            const i64 row = ((i64)blocks[local / BLOCK_SIZE] * BLOCK_SIZE + local % BLOCK_SIZE) * num_kv_heads + kvh;
-            const i64 offset = row * HEAD_DIM + chunk * VEC;
+            if (valid && t == skip) continue;         // (a slot past the end still gets its zeros)
+            const i64 offset = cache_offset(valid ? t : part_start, chunk);
             cp_async16(k_tiles + stage * TILE_VECS + v, k_cache + offset, valid ? 16 : 0);
             cp_async16(v_tiles + stage * TILE_VECS + v, v_cache + offset, valid ? 16 : 0);
         }
     };
+    const int prologue_tiles = num_tiles < STAGES - 1 ? num_tiles : STAGES - 1;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < num_tiles) load_tile(s, s);
+        if (s < num_tiles) load_tile(s, s, work.newest);
         cp_async_commit();                            // empty groups keep the wait counts uniform
     }
+
+    start_after_previous_kernel();
+    // After the wait: the query, and the newest token's key and value if a prologue tile holds
+    // it (into the tile's slot, visible after the loop's first barrier). All loads go out
+    // before any of them is used, so they take one round trip.
+    uint4 q_raw[GROUP][CPL];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+            const int chunk = lane_in_row + c * LANES;
+            q_raw[g][c] = chunk < CHUNKS ? load_fresh(reinterpret_cast<const uint4*>(
+                query + seq * q_stride + (i64)(head0 + g) * HEAD_DIM + chunk * VEC)) : make_uint4(0, 0, 0, 0);
+        }
+    const int newest_in_tiles = work.newest - t_begin;
+    if (work.newest < part_end && newest_in_tiles >= 0 && newest_in_tiles < prologue_tiles * TILE &&
+        threadIdx.x < CHUNKS) {
+        const i64 offset = cache_offset(work.newest, threadIdx.x);
+        const uint4 key = load_fresh(reinterpret_cast<const uint4*>(k_cache + offset));
+        const uint4 value = load_fresh(reinterpret_cast<const uint4*>(v_cache + offset));
+        const int v = (newest_in_tiles / TILE) * TILE_VECS + (newest_in_tiles % TILE) * CHUNKS + threadIdx.x;
+        k_tiles[v] = key;
+        v_tiles[v] = value;
+    }
+    // This lane's slice of the GROUP query vectors, pre-scaled by scale * log2(e) (exp2 below).
+    float q[GROUP][CPL][VEC];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+            unpack_vec(q_raw[g][c], q[g][c]);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) q[g][c][i] *= scale * 1.44269504f;
+        }
 
     // Online softmax: each token slot (LANES lanes) keeps its own running max, sum and
     // weighted values over the tokens it visits; slots and warps are merged at the end.
@@ -162,7 +191,7 @@ paged_decode(scalar_t* __restrict__ out,              // [num_seqs, num_heads, H
     for (int tile = 0; tile < num_tiles; ++tile) {
         cp_async_wait<STAGES - 2>();                 // this thread's copies of `tile` landed
         __syncthreads();                              // everyone's did; the oldest stage is free
-        if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES);
+        if (tile + STAGES - 1 < num_tiles) load_tile(tile + STAGES - 1, (tile + STAGES - 1) % STAGES, -1);
         cp_async_commit();
         const uint4* k_tile = k_tiles + (tile % STAGES) * TILE_VECS;
         const uint4* v_tile = v_tiles + (tile % STAGES) * TILE_VECS;
