@@ -153,6 +153,42 @@ def test_gemv_silu_mul_is_the_gemv_then_silu_and_mul_bit_for_bit(dtype, rows, sh
     assert _max_error(out, reference) <= 2 * TOLERANCE[dtype]
 
 
+# ------------------------------------------------------------------ the deep geometry
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("variant, shape", [("plain", s) for s in SHAPES] + [("silu_mul", s) for s in SILU_SHAPES],
+                         ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}")
+def test_gemv_deep_geometry_is_the_default_bit_for_bit_where_it_fits(monkeypatch, dtype, rows, variant, shape):
+    """ASERVE_GEMV_DEEP's geometry: each lane still sums its vectors of a row in the same order
+    (a step of 8 loads is two of 4), so its outputs are the default build's, bit for bit; and it
+    is taken exactly where the layer's grid at it fits one wave of resident CTAs."""
+    from aserve.cuda import gemv as gemv_module
+    from aserve.cuda.compiler import load_module, num_sms
+
+    n, k = shape
+    seed = 5003 * DTYPES.index(dtype) + 11 * n + 7 * k + rows
+    weight = _random((n, k), dtype, seed)
+    x = _random((rows, k), dtype, seed + 1)
+    run = gemv_module.gemv if variant == "plain" else gemv_module.gemv_silu_mul
+    default = run(x, weight)
+    monkeypatch.setattr(gemv_module, "_deep_enabled", True)
+    monkeypatch.setattr(gemv_module, "_chosen", {})
+    assert torch.equal(run(x, weight), default)
+
+    outputs = n if variant == "plain" else n // 2
+    deep = gemv_module._DEEP_GEOMETRY[rows]
+    chosen = gemv_module._chosen[(variant, dtype, rows, outputs, torch.cuda.current_device())]
+    sms = num_sms(torch.cuda.current_device())
+    ctas, warps_per_cta = gemv_module._grid(outputs, 1 if variant == "silu_mul" else deep[0], sms)
+    kernel = load_module("gemv.cu", gemv_module.gemv_options(dtype, rows, variant, deep),
+                         torch.cuda.current_device()).kernel("gemv")
+    resident = kernel.max_active_ctas_per_sm(32 * warps_per_cta)
+    assert resident >= 1
+    assert (chosen == deep) == gemv_module.deep_fits_one_wave(ctas, resident, sms)
+    if (variant, shape) == ("plain", (4096, 14336)) and sms >= 128 and dtype != torch.float32:
+        assert chosen == deep   # Llama-8B's down projection on an H100 or H200: what it is for
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 4])
 @pytest.mark.parametrize("shape", [(768, 768), (2304, 768), (3072, 768), (768, 3072), (100, 72)])

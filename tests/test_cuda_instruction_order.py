@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from aserve.cuda import compiler
-from aserve.cuda.gemv import GEMV_MAX_ROWS, VARIANTS, gemv_options
+from aserve.cuda.gemv import _DEEP_GEOMETRY, GEMV_MAX_ROWS, VARIANTS, gemv_options
 from aserve.cuda.ops import paged_attention_options
 
 
@@ -80,11 +80,16 @@ def _is_coherent_load(instruction: str) -> bool:
     return opcode.startswith("LDG") and "CONSTANT" not in opcode
 
 
+# Every row count at its geometry, and the rows that have a deep one (ASERVE_GEMV_DEEP) at it.
+GEMV_BUILDS = [(rows, None) for rows in range(1, GEMV_MAX_ROWS + 1)] + sorted(_DEEP_GEOMETRY.items())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("rows", range(1, GEMV_MAX_ROWS + 1))
+@pytest.mark.parametrize("rows, geometry", GEMV_BUILDS,
+                         ids=[f"rows{rows}" + (f"-{g[0]}x{g[1]}" if g else "") for rows, g in GEMV_BUILDS])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gemv_issues_its_first_steps_weight_loads_before_the_wait(tmp_path, dtype, rows, variant):
-    options = gemv_options(dtype, rows, variant)
+def test_gemv_issues_its_first_steps_weight_loads_before_the_wait(tmp_path, dtype, rows, geometry, variant):
+    options = gemv_options(dtype, rows, variant, geometry)
     defines = dict(option.removeprefix("-D").split("=") for option in options)
     step_loads = int(defines["UNROLL"]) * int(defines["WEIGHT_ROWS"])   # a lane's W loads of one step
     sass = _sass(tmp_path, "gemv.cu", options, "gemv")
@@ -118,8 +123,8 @@ def _first_wait(sass: list[str]) -> int:
 # inputs before its wait only because none of these lets the next kernel start (PREEXIT), or
 # ends a CTA (EXIT), before its own wait (common.cuh's wait_for_previous_kernel).
 PDL_KERNELS = [
-    *[("gemv.cu", gemv_options(torch.bfloat16, rows, variant), "gemv")
-      for rows in (1, 4) for variant in VARIANTS],
+    *[("gemv.cu", gemv_options(torch.bfloat16, rows, variant, geometry), "gemv")
+      for rows, geometry in ((1, None), (4, None), (1, _DEEP_GEOMETRY[1])) for variant in VARIANTS],
     *[("layer_ops.cu", ["-DDTYPE=2"], name) for name in (
         "rms_norm_vec", "rms_norm", "layer_norm_vec", "layer_norm", "rotary_embedding",
         "rotary_embedding_cache_vec", "silu_and_mul_vec", "silu_and_mul")],

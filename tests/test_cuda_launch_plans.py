@@ -149,3 +149,16 @@ def test_gemv_geometry_override_names_its_rows_and_refuses_what_does_not_fit():
     for bad in ("1=2x", "2x8", "0=2x4", "5=2x4", "1=3x4", "1=2x0", "1=2x17"):
         with pytest.raises(ValueError, match=GEOMETRY_ENV):
             parse_geometry(bad)
+
+
+def test_gemv_deep_geometry_goes_only_where_its_grid_fits_one_wave():
+    from aserve.cuda.gemv import _grid, deep_fits_one_wave
+
+    sms = 132   # an H200; the deep build holds 4 CTAs of 128 threads an SM there (126 registers)
+    # Llama-8B at one row: o_proj and down (4,096 outputs, two a warp) fit one wave, QKV does not.
+    assert _grid(4096, 2, sms) == (512, 4) and deep_fits_one_wave(512, 4, sms)
+    assert _grid(6144, 2, sms) == (768, 4) and not deep_fits_one_wave(768, 4, sms)
+    # A small layer spreads over every SM with fewer warps a CTA, and fits.
+    assert _grid(768, 2, sms) == (192, 2) and deep_fits_one_wave(192, 4, sms)
+    # A kernel the driver says cannot be resident at all never fits.
+    assert not deep_fits_one_wave(1, 0, sms)

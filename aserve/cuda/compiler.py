@@ -232,6 +232,7 @@ class Kernel:
         self._dynamic_shared_limit = 0  # what cuFuncSetAttribute allowed so far (0: the default)
         self._non_portable_clusters = False
         self._cluster_limits: dict[tuple, int] = {}
+        self._resident: dict[tuple, int] = {}
 
     def _allow_dynamic_shared(self, nbytes: int) -> None:
         """A launch with more than the default 48 KB of shared memory (static plus dynamic) needs
@@ -279,6 +280,18 @@ class Kernel:
                 size = PORTABLE_CLUSTER
             self._cluster_limits[key] = int(size)
         return self._cluster_limits[key]
+
+    def max_active_ctas_per_sm(self, threads: int, shared_mem: int = 0) -> int:
+        """How many CTAs of `threads` threads (and shared_mem bytes of dynamic shared memory) one
+        SM holds at once, by the kernel's registers and shared memory: its grid's first wave is
+        this times the SM count."""
+        key = (threads, shared_mem)
+        if key not in self._resident:
+            driver = _driver()
+            self._resident[key] = int(_check_cu(
+                driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, threads, shared_mem),
+                f"cuOccupancyMaxActiveBlocksPerMultiprocessor({self.name})"))
+        return self._resident[key]
 
     def launch(self, grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
                args: Sequence, arg_types: Sequence, stream: int, pdl: bool = False, cluster_z: int = 1) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream,
-                                  device_index, load_module, num_sms)
+                                  device_index, env_switch, load_module, num_sms)
 from aserve.cuda.fused import kernels_enabled
 
 GEMV_MAX_ROWS = 4
@@ -51,6 +51,19 @@ def parse_geometry(text: str) -> dict[int, tuple[int, int]]:
 
 
 _GEOMETRY.update(parse_geometry(os.environ.get(GEOMETRY_ENV, "")))
+
+# A deeper geometry, for a layer whose grid leaves warp slots empty: 8 loads a W row a step, so
+# 8 KB a warp in flight instead of 4, at 126 registers (4 CTAs of 128 threads an SM on an H200,
+# against 6; it spills at 3 and 4 rows). Llama-8B's o_proj and down (4,096 outputs: 512 CTAs)
+# fill two thirds of a wave at (2, 4) and stream below the bigger GEMVs' rate; at (2, 8) they
+# took 6.95 and 25.36 us a call against 8.33 and 27.61, while QKV (768 CTAs, more than a wave
+# at 4 an SM) lost (bench/RESULTS.md, nineteenth session). ASERVE_GEMV_DEEP=1 takes it for each
+# layer whose grid at it fits one wave of resident CTAs (deep_fits_one_wave); 0, the default
+# until measured in the whole chain, never.
+_DEEP_GEOMETRY = {1: (2, 8), 2: (2, 8)}
+DEEP_ENV = "ASERVE_GEMV_DEEP"
+_deep_enabled = env_switch(DEEP_ENV, "0")
+_chosen: dict[tuple, tuple[int, int]] = {}   # geometry by (variant, dtype, rows, n, device)
 # Warps per CTA at most (gemv.cu's MAX_THREADS / 32). Few rows of W per CTA keep the grid fine
 # grained, so the last wave of a layer that does not divide evenly across SMs is short.
 _MAX_WARPS_PER_CTA = 4
@@ -62,8 +75,10 @@ PLAIN, SILU_MUL = "plain", "silu_mul"
 VARIANTS = (PLAIN, SILU_MUL)
 
 
-def gemv_options(dtype: torch.dtype, rows: int, variant: str = PLAIN) -> list[str]:
-    """The -D options of the gemv.cu build for x of `rows` rows in `dtype`."""
+def gemv_options(dtype: torch.dtype, rows: int, variant: str = PLAIN,
+                 geometry: Optional[tuple[int, int]] = None) -> list[str]:
+    """The -D options of the gemv.cu build for x of `rows` rows in `dtype`, at `geometry` (W rows
+    a warp, unrolled loads; default: the row count's)."""
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"dtype must be one of {list(KERNEL_DTYPES)}, got {dtype}")
     if not 1 <= rows <= GEMV_MAX_ROWS:
@@ -71,7 +86,7 @@ def gemv_options(dtype: torch.dtype, rows: int, variant: str = PLAIN) -> list[st
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
     # SILU_MUL pairs a gate row with an up row in each warp: two weight rows, whatever the geometry.
-    weight_rows, unroll = _GEOMETRY[rows]
+    weight_rows, unroll = geometry or _GEOMETRY[rows]
     if variant == SILU_MUL:
         weight_rows = 2
     return [f"-DDTYPE={KERNEL_DTYPES[dtype]}", f"-DROWS={rows}", f"-DWEIGHT_ROWS={weight_rows}",
@@ -191,6 +206,39 @@ def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return out
 
 
+def deep_fits_one_wave(ctas: int, ctas_per_sm: int, sms: int) -> bool:
+    """Whether a grid of `ctas` runs in one wave of the deep build's resident CTAs: then each
+    warp's deeper steps put more bytes in flight at once. A grid past one wave waits for a
+    second wave's CTAs to start (their loads begin only then), which costs more than the depth
+    gains."""
+    return 0 < ctas <= ctas_per_sm * sms
+
+
+def _grid(n: int, outputs_per_warp: int, sms: int) -> tuple[int, int]:
+    """(CTAs, warps a CTA) of a launch for n outputs."""
+    num_warps = -(-n // outputs_per_warp)
+    warps_per_cta = _warps_per_cta(num_warps, sms)
+    return -(-num_warps // warps_per_cta), warps_per_cta
+
+
+def _geometry(variant: str, dtype: torch.dtype, rows: int, n: int, index: int) -> tuple[int, int]:
+    """The geometry of a launch: the row count's, or the deep one where it is enabled and the
+    layer's grid at it fits one wave (asked of the driver once per layer shape)."""
+    key = (variant, dtype, rows, n, index)
+    chosen = _chosen.get(key)
+    if chosen is None:
+        chosen = base = _GEOMETRY[rows]
+        deep = _DEEP_GEOMETRY.get(rows)
+        if _deep_enabled and deep is not None and deep != base:
+            sms = num_sms(index)
+            ctas, warps_per_cta = _grid(n, 1 if variant == SILU_MUL else deep[0], sms)
+            kernel = load_module("gemv.cu", gemv_options(dtype, rows, variant, deep), index).kernel("gemv")
+            if deep_fits_one_wave(ctas, kernel.max_active_ctas_per_sm(32 * warps_per_cta), sms):
+                chosen = deep
+        _chosen[key] = chosen
+    return chosen
+
+
 def _launch(variant: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
             bias: Optional[torch.Tensor], residual: Optional[torch.Tensor] = None, relu: bool = False,
             scaled: int = 0, scale: float = 1.0) -> None:
@@ -200,13 +248,12 @@ def _launch(variant: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     n = out.shape[1]
     if n == 0:
         return
-    outputs_per_warp = 1 if variant == SILU_MUL else _GEOMETRY[rows][0]
     index = device_index(x)
-    num_warps = -(-n // outputs_per_warp)
-    warps_per_cta = _warps_per_cta(num_warps, num_sms(index))
-    module = load_module("gemv.cu", gemv_options(x.dtype, rows, variant), index)
+    geometry = _geometry(variant, x.dtype, rows, n, index)
+    ctas, warps_per_cta = _grid(n, 1 if variant == SILU_MUL else geometry[0], num_sms(index))
+    module = load_module("gemv.cu", gemv_options(x.dtype, rows, variant, geometry), index)
     module.kernel("gemv").launch(
-        (-(-num_warps // warps_per_cta), 1, 1), (32 * warps_per_cta, 1, 1), 0,
+        (ctas, 1, 1), (32 * warps_per_cta, 1, 1), 0,
         (out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
          # float32 logits of a 16-bit x (a float32 model's output is its scalar_t).
          x.stride(0), n, k, int(out.dtype == torch.float32 and x.dtype != torch.float32),
