@@ -3,8 +3,8 @@
 # scripts/fetch_device_wheels.sh, for the packages its image lacks):
 #     STAGES="tests bench" WORKLOADS=A,A1,B1,B bash bench/device_run.sh
 # Stages, each bounded by `timeout` (one device call may run 600 s: split the stages over calls):
-#   tests    the CUDA tests (-m cuda; CUDA_TESTS picks others), then the engine-vs-transformers tests on the card (~6 min on
-#            an H200: a call of its own)
+#   tests    the CUDA tests (-m cuda; CUDA_TESTS picks others), then the engine-vs-transformers tests
+#            on the card (~6 min on an H200: a call of its own)
 #   kernels  bench/decode_attention.py (paged decode vs the copy ceiling; KERNELS_ARGS) and bench/gemv.py (vs
 #            cuBLAS; GEMV=0 leaves it out)
 #   serving  bench/serving.py against `python -m aserve` on models A and B (random weights), at
@@ -56,7 +56,7 @@ run() {  # run NAME SECONDS CMD...: one step, bounded, its exit status reported
 stage_tests() {
     # The machine code's order of loads and waits as the card's own NVRTC compiles it (its
     # ptxas may differ from CI's); needs the nvdisasm wheel in .whl.
-    run "instruction order" 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_instruction_order.py
+    run "instruction order" 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_instruction_order.py
     # CUDA_TESTS narrows the run (pytest arguments), e.g. "tests/test_cuda_gemv.py -k fused".
     # shellcheck disable=SC2086
     run "cuda tests" "$TESTS_TIMEOUT" python3 -m pytest -q -x -p no:cacheprovider ${CUDA_TESTS:--m cuda tests/}
