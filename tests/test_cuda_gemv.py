@@ -154,14 +154,17 @@ def test_gemv_silu_mul_is_the_gemv_then_silu_and_mul_bit_for_bit(dtype, rows, sh
 
 
 # ------------------------------------------------------------------ the deep geometry
+@pytest.mark.parametrize("deep", [(2, 8), (2, 6)], ids=["2x8", "2x6"])   # ASERVE_GEMV_DEEP=1, =2x6
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("rows", [1, 2])   # gemv.DEEP_ROWS
 @pytest.mark.parametrize("variant, shape", [("plain", s) for s in SHAPES] + [("silu_mul", s) for s in SILU_SHAPES],
                          ids=lambda v: v if isinstance(v, str) else f"{v[0]}x{v[1]}")
-def test_gemv_deep_geometry_is_the_default_bit_for_bit_where_it_fits(monkeypatch, dtype, rows, variant, shape):
-    """ASERVE_GEMV_DEEP's geometry: each lane still sums its vectors of a row in the same order
-    (a step of 8 loads is two of 4), so its outputs are the default build's, bit for bit; and it
-    is taken exactly where the layer's grid at it fits one wave of resident CTAs."""
+def test_gemv_deep_geometry_is_the_default_bit_for_bit_where_it_fits(monkeypatch, deep, dtype, rows, variant,
+                                                                      shape):
+    """ASERVE_GEMV_DEEP's geometries: each lane still sums its vectors of a row in the same
+    order (a step of 8 or 6 loads takes the next vectors in turn), so the outputs are the default
+    build's, bit for bit; and one is taken exactly where the layer's grid at it fits one wave of
+    resident CTAs."""
     from aserve.cuda import gemv as gemv_module
     from aserve.cuda.compiler import load_module, num_sms
 
@@ -171,12 +174,11 @@ def test_gemv_deep_geometry_is_the_default_bit_for_bit_where_it_fits(monkeypatch
     x = _random((rows, k), dtype, seed + 1)
     run = gemv_module.gemv if variant == "plain" else gemv_module.gemv_silu_mul
     default = run(x, weight)
-    monkeypatch.setattr(gemv_module, "_deep_enabled", True)
+    monkeypatch.setattr(gemv_module, "_deep", deep)
     monkeypatch.setattr(gemv_module, "_chosen", {})
     assert torch.equal(run(x, weight), default)
 
     outputs = n if variant == "plain" else n // 2
-    deep = gemv_module._DEEP_GEOMETRY[rows]
     chosen = gemv_module._chosen[(variant, dtype, rows, outputs, torch.cuda.current_device())]
     sms = num_sms(torch.cuda.current_device())
     ctas, warps_per_cta = gemv_module._grid(outputs, 1 if variant == "silu_mul" else deep[0], sms)

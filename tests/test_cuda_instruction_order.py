@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from aserve.cuda import compiler
-from aserve.cuda.gemv import _DEEP_GEOMETRY, GEMV_MAX_ROWS, VARIANTS, gemv_options
+from aserve.cuda.gemv import DEEP_GEOMETRY, DEEP_ROWS, GEMV_MAX_ROWS, VARIANTS, gemv_options
 from aserve.cuda.ops import paged_attention_options
 
 
@@ -80,8 +80,10 @@ def _is_coherent_load(instruction: str) -> bool:
     return opcode.startswith("LDG") and "CONSTANT" not in opcode
 
 
-# Every row count at its geometry, and the rows that have a deep one (ASERVE_GEMV_DEEP) at it.
-GEMV_BUILDS = [(rows, None) for rows in range(1, GEMV_MAX_ROWS + 1)] + sorted(_DEEP_GEOMETRY.items())
+# Every row count at its geometry, and the rows that have a deep one (ASERVE_GEMV_DEEP) at it
+# and at 2x6, the other deep geometry measured.
+GEMV_BUILDS = ([(rows, None) for rows in range(1, GEMV_MAX_ROWS + 1)]
+               + [(rows, geometry) for rows in DEEP_ROWS for geometry in (DEEP_GEOMETRY, (2, 6))])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -124,7 +126,7 @@ def _first_wait(sass: list[str]) -> int:
 # ends a CTA (EXIT), before its own wait (common.cuh's wait_for_previous_kernel).
 PDL_KERNELS = [
     *[("gemv.cu", gemv_options(torch.bfloat16, rows, variant, geometry), "gemv")
-      for rows, geometry in ((1, None), (4, None), (1, _DEEP_GEOMETRY[1])) for variant in VARIANTS],
+      for rows, geometry in ((1, None), (4, None), (1, DEEP_GEOMETRY)) for variant in VARIANTS],
     *[("layer_ops.cu", ["-DDTYPE=2"], name) for name in (
         "rms_norm_vec", "rms_norm", "layer_norm_vec", "layer_norm", "rotary_embedding",
         "rotary_embedding_cache_vec", "silu_and_mul_vec", "silu_and_mul")],

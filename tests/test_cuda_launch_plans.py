@@ -162,3 +162,14 @@ def test_gemv_deep_geometry_goes_only_where_its_grid_fits_one_wave():
     assert _grid(768, 2, sms) == (192, 2) and deep_fits_one_wave(192, 4, sms)
     # A kernel the driver says cannot be resident at all never fits.
     assert not deep_fits_one_wave(1, 0, sms)
+
+
+def test_gemv_deep_switch_names_itself_and_refuses_what_does_not_fit():
+    from aserve.cuda.gemv import DEEP_ENV, DEEP_GEOMETRY, parse_deep
+
+    assert parse_deep("") is None and parse_deep("0") is None
+    assert parse_deep("1") == DEEP_GEOMETRY == (2, 8)
+    assert parse_deep(" 2X6 ") == (2, 6)
+    for bad in ("yes", "2x", "3x4", "2x0", "2x17"):
+        with pytest.raises(ValueError, match=DEEP_ENV):
+            parse_deep(bad)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from aserve.cuda.compiler import (FLOAT, INT, INT64, KERNEL_DTYPES, POINTER, current_stream,
-                                  device_index, env_switch, load_module, num_sms)
+                                  device_index, load_module, num_sms)
 from aserve.cuda.fused import kernels_enabled
 
 GEMV_MAX_ROWS = 4
@@ -54,15 +54,37 @@ _GEOMETRY.update(parse_geometry(os.environ.get(GEOMETRY_ENV, "")))
 
 # A deeper geometry, for a layer whose grid leaves warp slots empty: 8 loads a W row a step, so
 # 8 KB a warp in flight instead of 4, at 126 registers (4 CTAs of 128 threads an SM on an H200,
-# against 6; it spills at 3 and 4 rows). Llama-8B's o_proj and down (4,096 outputs: 512 CTAs)
-# fill two thirds of a wave at (2, 4) and stream below the bigger GEMVs' rate; at (2, 8) they
-# took 6.95 and 25.36 us a call against 8.33 and 27.61, while QKV (768 CTAs, more than a wave
-# at 4 an SM) lost (bench/RESULTS.md, nineteenth session). ASERVE_GEMV_DEEP=1 takes it for each
-# layer whose grid at it fits one wave of resident CTAs (deep_fits_one_wave); 0, the default
-# until measured in the whole chain, never.
-_DEEP_GEOMETRY = {1: (2, 8), 2: (2, 8)}
+# against 6; at 3 and 4 rows of x it would spill). Llama-8B's o_proj and down (4,096 outputs:
+# 512 CTAs) fill two thirds of a wave at (2, 4) and stream below the bigger GEMVs' rate; at
+# (2, 8) they took 6.95 and 25.36 us a call against 8.33 and 27.61, while QKV (768 CTAs, more
+# than a wave at 4 an SM) lost, and the norms after o_proj and down ended 1.1 us later (likely:
+# a full register file keeps the norm's CTA from moving in early; bench/RESULTS.md, nineteenth
+# session). ASERVE_GEMV_DEEP=1 takes it for each layer whose grid at it fits one wave of
+# resident CTAs (deep_fits_one_wave); =WxU takes that geometry instead (2x6: ~108 registers,
+# also 4 CTAs an SM, with room beside them); 0, the default until measured, never.
+DEEP_GEOMETRY = (2, 8)
+DEEP_ROWS = (1, 2)
 DEEP_ENV = "ASERVE_GEMV_DEEP"
-_deep_enabled = env_switch(DEEP_ENV, "0")
+
+
+def parse_deep(text: str) -> Optional[tuple[int, int]]:
+    """ASERVE_GEMV_DEEP's geometry: None for "0" or "", DEEP_GEOMETRY for "1", (W, U) for "WxU"
+    (ValueError naming the variable)."""
+    text = text.strip().lower()
+    if text in ("", "0"):
+        return None
+    if text == "1":
+        return DEEP_GEOMETRY
+    try:
+        weight_rows, unroll = (int(part) for part in text.split("x"))
+    except ValueError:
+        raise ValueError(f"{DEEP_ENV} must be 0, 1 or WxU (e.g. 2x6), got {text!r}") from None
+    if weight_rows not in (1, 2, 4) or not 1 <= unroll <= 16:
+        raise ValueError(f"{DEEP_ENV}: {text!r} needs W 1, 2 or 4 and U 1-16")
+    return weight_rows, unroll
+
+
+_deep = parse_deep(os.environ.get(DEEP_ENV, "0"))
 _chosen: dict[tuple, tuple[int, int]] = {}   # geometry by (variant, dtype, rows, n, device)
 # Warps per CTA at most (gemv.cu's MAX_THREADS / 32). Few rows of W per CTA keep the grid fine
 # grained, so the last wave of a layer that does not divide evenly across SMs is short.
@@ -228,8 +250,8 @@ def _geometry(variant: str, dtype: torch.dtype, rows: int, n: int, index: int) -
     chosen = _chosen.get(key)
     if chosen is None:
         chosen = base = _GEOMETRY[rows]
-        deep = _DEEP_GEOMETRY.get(rows)
-        if _deep_enabled and deep is not None and deep != base:
+        deep = _deep if rows in DEEP_ROWS else None
+        if deep is not None and deep != base:
             sms = num_sms(index)
             ctas, warps_per_cta = _grid(n, 1 if variant == SILU_MUL else deep[0], sms)
             kernel = load_module("gemv.cu", gemv_options(dtype, rows, variant, deep), index).kernel("gemv")
