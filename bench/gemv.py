@@ -113,21 +113,21 @@ def main() -> None:
     for model, layer, n, k, dtype, with_bias in SHAPES:
         for rows in ROWS:
             result = measure(model, layer, n, k, dtype, with_bias, rows, ceiling)
-            chosen = gemv_module._chosen.get((gemv_module.PLAIN, dtype, rows, n, torch.cuda.current_device()))
-            print(json.dumps(dict(result, geometry=chosen or gemv_module._GEOMETRY[rows])), flush=True)
+            plan = gemv_module._plans.get((gemv_module.PLAIN, dtype, rows, n, torch.cuda.current_device()))
+            print(json.dumps(dict(result, geometry=plan[3] if plan else gemv_module._GEOMETRY[rows])), flush=True)
             if args.sweep:
                 default = gemv_module._GEOMETRY[rows]
                 for geometry in SWEEP_GEOMETRIES:
                     if geometry == default:
                         continue
                     gemv_module._GEOMETRY[rows] = geometry
-                    gemv_module._chosen.clear()   # launches choose again, from the swept geometry
+                    gemv_module._plans.clear()   # launches plan again, at the swept geometry
                     try:
                         swept = measure(model, layer, n, k, dtype, with_bias, rows, ceiling,
                                         torch_ms=result["torch_ms"])
                     finally:
                         gemv_module._GEOMETRY[rows] = default
-                        gemv_module._chosen.clear()
+                        gemv_module._plans.clear()
                     print(json.dumps(dict(swept, geometry=geometry)), flush=True)
 
 

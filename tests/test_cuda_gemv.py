@@ -175,11 +175,11 @@ def test_gemv_deep_geometry_is_the_default_bit_for_bit_where_it_fits(monkeypatch
     run = gemv_module.gemv if variant == "plain" else gemv_module.gemv_silu_mul
     default = run(x, weight)
     monkeypatch.setattr(gemv_module, "_deep", deep)
-    monkeypatch.setattr(gemv_module, "_chosen", {})
+    monkeypatch.setattr(gemv_module, "_plans", {})
     assert torch.equal(run(x, weight), default)
 
     outputs = n if variant == "plain" else n // 2
-    chosen = gemv_module._chosen[(variant, dtype, rows, outputs, torch.cuda.current_device())]
+    chosen = gemv_module._plans[(variant, dtype, rows, outputs, torch.cuda.current_device())][3]
     sms = num_sms(torch.cuda.current_device())
     ctas, warps_per_cta = gemv_module._grid(outputs, 1 if variant == "silu_mul" else deep[0], sms)
     kernel = load_module("gemv.cu", gemv_module.gemv_options(dtype, rows, variant, deep),

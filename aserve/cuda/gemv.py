@@ -85,7 +85,10 @@ def parse_deep(text: str) -> Optional[tuple[int, int]]:
 
 
 _deep = parse_deep(os.environ.get(DEEP_ENV, "0"))
-_chosen: dict[tuple, tuple[int, int]] = {}   # geometry by (variant, dtype, rows, n, device)
+# A layer shape's launch, made once: (kernel, CTAs, warps a CTA, geometry) by (variant, dtype,
+# rows, n, device), so a decode step's launches skip the options, the module lookup and the
+# grid arithmetic.
+_plans: dict[tuple, tuple] = {}
 # Warps per CTA at most (gemv.cu's MAX_THREADS / 32). Few rows of W per CTA keep the grid fine
 # grained, so the last wave of a layer that does not divide evenly across SMs is short.
 _MAX_WARPS_PER_CTA = 4
@@ -243,22 +246,27 @@ def _grid(n: int, outputs_per_warp: int, sms: int) -> tuple[int, int]:
     return -(-num_warps // warps_per_cta), warps_per_cta
 
 
-def _geometry(variant: str, dtype: torch.dtype, rows: int, n: int, index: int) -> tuple[int, int]:
-    """The geometry of a launch: the row count's, or the deep one where it is enabled and the
-    layer's grid at it fits one wave (asked of the driver once per layer shape)."""
+def _plan_at(variant: str, dtype: torch.dtype, rows: int, n: int, index: int, geometry: tuple[int, int]) -> tuple:
+    """(kernel, CTAs, warps a CTA, geometry) of a launch for n outputs at `geometry`."""
+    ctas, warps_per_cta = _grid(n, 1 if variant == SILU_MUL else geometry[0], num_sms(index))
+    kernel = load_module("gemv.cu", gemv_options(dtype, rows, variant, geometry), index).kernel("gemv")
+    return kernel, ctas, warps_per_cta, geometry
+
+
+def _plan(variant: str, dtype: torch.dtype, rows: int, n: int, index: int) -> tuple:
+    """The launch for n outputs: at the row count's geometry, or at the deep one where it is
+    enabled and the layer's grid at it fits one wave (the driver asked once per layer shape)."""
     key = (variant, dtype, rows, n, index)
-    chosen = _chosen.get(key)
-    if chosen is None:
-        chosen = base = _GEOMETRY[rows]
-        deep = _deep if rows in DEEP_ROWS else None
-        if deep is not None and deep != base:
-            sms = num_sms(index)
-            ctas, warps_per_cta = _grid(n, 1 if variant == SILU_MUL else deep[0], sms)
-            kernel = load_module("gemv.cu", gemv_options(dtype, rows, variant, deep), index).kernel("gemv")
-            if deep_fits_one_wave(ctas, kernel.max_active_ctas_per_sm(32 * warps_per_cta), sms):
-                chosen = deep
-        _chosen[key] = chosen
-    return chosen
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plan_at(variant, dtype, rows, n, index, _GEOMETRY[rows])
+        if rows in DEEP_ROWS and _deep is not None and _deep != plan[3]:
+            deep = _plan_at(variant, dtype, rows, n, index, _deep)
+            kernel, ctas, warps_per_cta, _ = deep
+            if deep_fits_one_wave(ctas, kernel.max_active_ctas_per_sm(32 * warps_per_cta), num_sms(index)):
+                plan = deep
+        _plans[key] = plan
+    return plan
 
 
 def _launch(variant: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -270,11 +278,8 @@ def _launch(variant: str, out: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     n = out.shape[1]
     if n == 0:
         return
-    index = device_index(x)
-    geometry = _geometry(variant, x.dtype, rows, n, index)
-    ctas, warps_per_cta = _grid(n, 1 if variant == SILU_MUL else geometry[0], num_sms(index))
-    module = load_module("gemv.cu", gemv_options(x.dtype, rows, variant, geometry), index)
-    module.kernel("gemv").launch(
+    kernel, ctas, warps_per_cta, _ = _plan(variant, x.dtype, rows, n, device_index(x))
+    kernel.launch(
         (ctas, 1, 1), (32 * warps_per_cta, 1, 1), 0,
         (out.data_ptr(), x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else 0,
          # float32 logits of a 16-bit x (a float32 model's output is its scalar_t).
