@@ -55,6 +55,7 @@
 #define STAGES_FIT (SMEM_BUDGET / (2 * TILE_VECS * 16))
 #define STAGES (STAGES_FIT >= MAX_STAGES ? MAX_STAGES : STAGES_FIT >= 2 ? STAGES_FIT : 2)
 static_assert(UNROLL >= 1 && 2 * STAGES * TILE_VECS * 16 <= SMEM_BUDGET, "stages exceed SMEM_BUDGET");
+static_assert(CHUNKS <= NUM_THREADS, "the newest token's row is loaded by one thread a vector");
 // The warps' merge buffer reuses the stage buffers once the last tile is consumed.
 #define MERGE_VECS ((NUM_WARPS * GROUP * HEAD_DIM + 3) / 4)
 #define STAGE_AREA_VECS (2 * STAGES * TILE_VECS)
