@@ -129,12 +129,14 @@ def print_chain(prof, steps: int, out=print) -> None:
     if not work:
         return
     charged: dict[str, list[float]] = {}
+    idle_at: dict[str, list[float]] = {}   # the idle gaps by the pair of operations around them
     for before, event in zip(work, work[1:]):
-        idle = event.time_range.start - before.time_range.end
-        if idle > 0:   # nothing ran: the GPU waited for the host
-            charged.setdefault("(GPU idle)", []).append(idle)
-        start = max(before.time_range.end, event.time_range.start)
         name = f"{before.name[:28]} > {event.name[:28]}"
+        idle = event.time_range.start - before.time_range.end
+        if idle > 0:   # nothing ran: the GPU waited for the host, or for the next operation to start
+            charged.setdefault("(GPU idle)", []).append(idle)
+            idle_at.setdefault(name, []).append(idle)
+        start = max(before.time_range.end, event.time_range.start)
         charged.setdefault(name, []).append(max(0.0, event.time_range.end - start))
     total = sum(sum(v) for v in charged.values())
     out(f"chain: {total / 1e3 / steps:.3f} ms per step from the first kernel's end to the last's; by kernel "
@@ -142,6 +144,11 @@ def print_chain(prof, steps: int, out=print) -> None:
     for name, deltas in sorted(charged.items(), key=lambda kv: -sum(kv[1])):
         out(f"  {name:60s} {sum(deltas) / 1e3 / steps:8.3f} {len(deltas) / steps:6.1f} "
             f"{sum(deltas) / len(deltas):7.2f}")
+    # Where the idle time sits: a gap at every copy of a step's inputs points at the copies'
+    # own start-up, one large gap at the step's start at the host.
+    out("idle gaps by where they fall (ms per step, gaps per step, us per gap):")
+    for name, gaps in sorted(idle_at.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        out(f"  {name:60s} {sum(gaps) / 1e3 / steps:8.3f} {len(gaps) / steps:6.1f} {sum(gaps) / len(gaps):7.2f}")
 
 
 if __name__ == "__main__":

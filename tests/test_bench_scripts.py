@@ -102,7 +102,11 @@ def test_profile_step_chain_charges_each_kernel_from_the_end_before_it(monkeypat
               kernel("norm", 25, 27), host]
     lines = []
     profile_step.print_chain(types.SimpleNamespace(events=lambda: events), 1, out=lines.append)
-    charged = {line.rsplit(None, 3)[0].strip(): float(line.split()[-1]) for line in lines[1:]}
+    gaps_at = lines.index("idle gaps by where they fall (ms per step, gaps per step, us per gap):")
+    charged = {line.rsplit(None, 3)[0].strip(): float(line.split()[-1]) for line in lines[1:gaps_at]}
     assert charged == {"norm > gemv": 7.0, "gemv > attn": 4.0, "attn > gemv": 6.0, "(GPU idle)": 5.0,
                        "gemv > norm": 2.0}
     assert lines[0].startswith("chain: 0.024 ms per step")
+    # The one gap, named by the operations around it.
+    assert [line.rsplit(None, 3)[0].strip() for line in lines[gaps_at + 1:]] == ["gemv > norm"]
+    assert float(lines[-1].split()[-1]) == 5.0
