@@ -34,19 +34,30 @@ _GEOMETRY = {1: (2, 4), 2: (2, 4), 3: (2, 4), 4: (2, 4)}
 GEOMETRY_ENV = "ASERVE_GEMV_GEOMETRY"
 
 
+def _parse_shape(shape: str, env: str, example: str) -> tuple[int, int]:
+    """(W rows a warp, unrolled loads) from "WxU", ValueError naming `env` where it does not
+    parse or fit the kernel (W 1, 2 or 4; U 1-16)."""
+    try:
+        weight_rows, unroll = (int(value) for value in shape.strip().lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{env}: {shape!r} is not WxU (e.g. {example})") from None
+    if weight_rows not in (1, 2, 4) or not 1 <= unroll <= 16:
+        raise ValueError(f"{env}: {shape!r} needs W 1, 2 or 4 and U 1-16")
+    return weight_rows, unroll
+
+
 def parse_geometry(text: str) -> dict[int, tuple[int, int]]:
     """{rows of x: (W rows a warp, unrolled loads)} from "ROWS=WxU,..." (ValueError naming it)."""
     geometry = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             rows, shape = part.split("=")
-            weight_rows, unroll = shape.lower().split("x")
-            rows, weight_rows, unroll = int(rows), int(weight_rows), int(unroll)
+            rows = int(rows)
         except ValueError:
             raise ValueError(f"{GEOMETRY_ENV}: {part!r} is not ROWS=WxU (e.g. 1=2x8)") from None
-        if not 1 <= rows <= GEMV_MAX_ROWS or weight_rows not in (1, 2, 4) or not 1 <= unroll <= 16:
-            raise ValueError(f"{GEOMETRY_ENV}: {part!r} needs ROWS 1-{GEMV_MAX_ROWS}, W 1, 2 or 4, U 1-16")
-        geometry[rows] = (weight_rows, unroll)
+        if not 1 <= rows <= GEMV_MAX_ROWS:
+            raise ValueError(f"{GEOMETRY_ENV}: {part!r} needs ROWS 1-{GEMV_MAX_ROWS}")
+        geometry[rows] = _parse_shape(shape, GEOMETRY_ENV, "1=2x8")
     return geometry
 
 
@@ -73,15 +84,7 @@ def parse_deep(text: str) -> Optional[tuple[int, int]]:
     text = text.strip().lower()
     if text in ("", "0"):
         return None
-    if text == "1":
-        return DEEP_GEOMETRY
-    try:
-        weight_rows, unroll = (int(part) for part in text.split("x"))
-    except ValueError:
-        raise ValueError(f"{DEEP_ENV} must be 0, 1 or WxU (e.g. 2x6), got {text!r}") from None
-    if weight_rows not in (1, 2, 4) or not 1 <= unroll <= 16:
-        raise ValueError(f"{DEEP_ENV}: {text!r} needs W 1, 2 or 4 and U 1-16")
-    return weight_rows, unroll
+    return DEEP_GEOMETRY if text == "1" else _parse_shape(text, DEEP_ENV, "2x6")
 
 
 _deep = parse_deep(os.environ.get(DEEP_ENV, "0"))
