@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import urllib.request
 
 import openai
@@ -184,3 +186,17 @@ def test_aserve_serve_model_with_vllm_flags(tmp_path):
 def test_console_script_is_declared():
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")) as f:
         assert 'aserve = "aserve.__main__:main"' in f.read()
+
+
+def test_max_stored_responses_reaches_the_server():
+    """--max-stored-responses 0: /v1/responses serves, but keeps nothing (store ignored, as
+    vLLM by default); a negative bound is refused before anything loads."""
+    with subprocess_server("--kv-cache-memory-gb", "0.05", "--max-stored-responses", "0") as (url, proc, log_path):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=60)
+        resp = client.responses.create(input="Hello", max_output_tokens=3)
+        assert resp.store is False and resp.usage.output_tokens == 3
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(resp.id)
+    refused = subprocess.run([sys.executable, "-m", "aserve", "--max-stored-responses", "-1"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "--max-stored-responses must be at least 0" in refused.stderr

@@ -1,8 +1,8 @@
 """A disconnect storm against `python -m aserve`: hundreds of mixed requests (streamed or not,
-completions, chat, /generate, samples, beams, logprobs), a third of whose clients leave at a
-random moment. Every request whose client stayed gets its whole answer; afterwards nothing is
-running or waiting and no KV block is held; the aborts are counted in /metrics; the log has no
-ERROR and no traceback, only an INFO line per abort. `--fuzz-long` (bench/) sends more."""
+completions, chat, responses, /generate, samples, beams, logprobs), a third of whose clients
+leave at a random moment. Every request whose client stayed gets its whole answer; afterwards
+nothing is running or waiting and no KV block is held; the aborts are counted in /metrics; the
+log has no ERROR and no traceback, only an INFO line per abort. `--fuzz-long` (bench/) sends more."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ KINDS = [
                               "ignore_eos": True, "stream": True}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 48,
                               "ignore_eos": True, "logprobs": True, "top_logprobs": 2}),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 48, "ignore_eos": True, "stream": True}),
+    ("/v1/responses", {"input": "Hi", "max_output_tokens": 48, "ignore_eos": True, "top_logprobs": 2,
+                       "include": ["message.output_text.logprobs"]}),
     ("/generate", {"prompt": "Hello", "max_tokens": 48, "ignore_eos": True, "stream": True}),
     ("/generate", {"prompt": "Hello", "max_tokens": 24, "use_beam_search": True, "n": 2, "best_of": 3}),
 ]
@@ -38,11 +41,18 @@ async def one(session, url: str, path: str, body: dict) -> bool:
     if body.get("stream"):
         if path == "/generate":
             assert b'"error"' not in raw and raw.endswith(b"\n")
+        elif path == "/v1/responses":   # typed events, the last one the response's end
+            assert b"event: error" not in raw and b"event: response.incomplete\n" in raw.rsplit(b"\n\n", 2)[-2]
         else:
             assert raw.endswith(b"data: [DONE]\n\n") and b'"error"' not in raw, raw[-300:]
     else:
         answer = orjson.loads(raw)
-        assert ("text" in answer) if path == "/generate" else answer["usage"]["completion_tokens"] > 0
+        if path == "/generate":
+            assert "text" in answer
+        elif path == "/v1/responses":
+            assert answer["usage"]["output_tokens"] == 48
+        else:
+            assert answer["usage"]["completion_tokens"] > 0
     return True
 
 

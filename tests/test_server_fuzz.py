@@ -97,6 +97,18 @@ ROUTES = {
     "/tokenize": {"model": MODEL, "prompt": TEXT, "messages": st.lists(MESSAGE, max_size=2),
                   "add_special_tokens": st.booleans(), "add_generation_prompt": st.booleans()},
     "/detokenize": {"model": MODEL, "tokens": TOKEN_IDS},
+    "/v1/responses": {
+        "model": MODEL, "input": st.one_of(TEXT, st.lists(st.one_of(MESSAGE, ANY_JSON), max_size=3)),
+        "instructions": TEXT, "max_output_tokens": st.integers(1, 8), "temperature": st.floats(0, 2),
+        "top_p": st.floats(0, 1), "top_k": st.integers(-1, 60), "seed": st.integers(0, 2**31),
+        "stop": SAMPLING["stop"], "ignore_eos": st.booleans(), "logit_bias": SAMPLING["logit_bias"],
+        "stream": st.booleans(), "store": st.booleans(), "background": st.sampled_from([False, False, True]),
+        "previous_response_id": st.just("resp_nope"), "top_logprobs": st.integers(0, 5),
+        "include": st.lists(st.sampled_from(["message.output_text.logprobs", "nonsense"]), max_size=2),
+        "text": st.fixed_dictionaries({"format": st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object"])})}),
+        "tools": st.lists(ANY_JSON, max_size=2), "tool_choice": st.sampled_from(["none", "auto", "required"]),
+        "truncation": st.sampled_from(["auto", "disabled"]), "metadata": st.dictionaries(TEXT, TEXT, max_size=2)},
 }
 
 # vLLM's extra fields (protocol_vllm.py), with the values that are refused by name among them.
@@ -116,9 +128,9 @@ ROUTES["/v1/chat/completions"].update(
 ROUTES["/tokenize"].update(continue_final_message=st.booleans(), return_token_strs=st.booleans())
 
 REQUIRED = {"/generate": ["prompt"], "/v1/completions": ["prompt"], "/v1/chat/completions": ["messages"],
-            "/tokenize": [], "/detokenize": ["tokens"]}
+            "/tokenize": [], "/detokenize": ["tokens"], "/v1/responses": ["input"]}
 # Fields that a plausible body only carries when another says so (else each is a 400 of its own).
-REFUSED_ALONE = ["suffix", "tools"]
+REFUSED_ALONE = ["suffix", "tools", "previous_response_id"]
 
 
 def plausible_body(draw, path: str) -> dict:
@@ -168,6 +180,9 @@ def check_answer(status: int, headers, body: bytes, streamed: bool) -> None:
         assert headers.get("Content-Type", "").startswith("application/json"), (status, body[:200])
         error = orjson.loads(body)["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    elif streamed and body.startswith(b"event: "):   # /v1/responses' typed events
+        if b"event: error\n" in body:   # as below: only the request's own error, never a 500
+            assert b'"code":"server_error"' not in body and b'"code":"invalid_request_error"' in body, body[-500:]
     elif streamed and b'"error"' in body:
         # No failure disguised as a 200: an error inside a stream is only the request's own
         # (found after the stream began, e.g. a grammar its other constraints contradict).

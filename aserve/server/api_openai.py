@@ -16,14 +16,14 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from aserve.engine.request_factory import TokenizedPrompt
 from aserve.outputs import RequestOutput
-from aserve.server.app import STATE, ServerState, add_request_or_400, json_response, note_usage, read_request
+from aserve.server.app import STATE, ServerState, json_response, note_usage, read_request
 from aserve.server.chat_reply import chat_reply, template_options
 from aserve.server.chunk_sink import TEXT_MARK, ChoiceProgress, TextChunkSink
+from aserve.server.engine_requests import add_all, fill_max_tokens, last_output
 from aserve.server.openai_logprobs import (add_completion_logprobs, chat_logprobs, copy_completion_logprobs,
                                            prompt_logprobs_out)
-from aserve.server.prompts import chat_prompt_ids, prepare_prompt
+from aserve.server.prompts import chat_prompt_ids
 from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
                                     CompletionChoice, CompletionLogProbs, CompletionRequest,
@@ -38,44 +38,6 @@ logger = logging.getLogger("aserve.server")
 
 
 # ----------------------------------------------------------------------------- shared plumbing
-async def _add_all(state: ServerState, base_id: str, prompts: list, params_for,
-                   add_special_tokens: bool = True, truncate_prompt_tokens: Optional[int] = None) -> list:
-    """Prepare (tokenize) every prompt, then queue them all at once (the engine takes them at
-    one step boundary); if one is refused, abort those taken and raise its error.
-    params_for(num_prompt_tokens) gives each its params. Call within state.admit()."""
-    prepared = [await prepare_prompt(state, prompt, add_special_tokens, truncate_prompt_tokens)
-                for prompt in prompts]
-    added = await asyncio.gather(*(
-        add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
-            len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)))
-        for i, prompt in enumerate(prepared)), return_exceptions=True)
-    errors = [a for a in added if isinstance(a, BaseException)]
-    if errors:
-        for stream in added:
-            if not isinstance(stream, BaseException):
-                stream.close()
-        raise errors[0]
-    return added
-
-
-def _fill_max_tokens(state: ServerState, params, prompt_ids_len: int):
-    """max_tokens=None means 'up to the context': resolve it for this prompt."""
-    if params.max_tokens is not None:
-        return params
-    params = params.clone()
-    params.max_tokens = max(1, state.max_model_len - prompt_ids_len)
-    return params
-
-
-async def _last(stream) -> RequestOutput:
-    final = None
-    async for final in stream:
-        pass
-    if final.error:
-        raise request_failed(final.error)
-    return final
-
-
 async def _merged(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several request streams, as they come, tagged with the prompt index."""
     if len(streams) == 1:
@@ -135,9 +97,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     model, created = state.served_model_name, int(time.time())
     with state.admit(len(prompts)):  # a draining or full server refuses before any compile
         await check_grammar(state, params, constraint_field(req))
-        streams = await _add_all(state, request_id, prompts,
-                                 lambda num_tokens: _fill_max_tokens(state, params, num_tokens),
-                                 req.add_special_tokens, req.truncate_prompt_tokens)
+        streams = await add_all(state, request_id, prompts,
+                                lambda num_tokens: fill_max_tokens(state, params, num_tokens),
+                                req.add_special_tokens, req.truncate_prompt_tokens)
 
     def prompt_text(i: int, out: RequestOutput) -> str:
         if isinstance(prompts[i], str):
@@ -154,7 +116,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     try:
         if not req.stream:
-            finals = await asyncio.gather(*(_last(s) for s in streams))
+            finals = await asyncio.gather(*(last_output(s) for s in streams))
             choices = []
             for i, out in enumerate(finals):
                 prompt_lps, prompt_end = (await echoed_logprobs(out) if req.logprobs is not None
@@ -284,11 +246,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await check_grammar(state, params, constraint_field(req))
         prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt,
                                            template_options(req), tools=tool_plan.template_tools())
-        (stream,) = await _add_all(state, request_id, [prompt_ids],
-                                   lambda num_tokens: _fill_max_tokens(state, params, num_tokens))
+        (stream,) = await add_all(state, request_id, [prompt_ids],
+                                  lambda num_tokens: fill_max_tokens(state, params, num_tokens))
     try:
         if not req.stream:
-            final = await _last(stream)
+            final = await last_output(stream)
             choices = []
             for j, o in enumerate(final.outputs):
                 content, tool_calls, finish = response_message(tool_plan, o.text, o.finish_reason)

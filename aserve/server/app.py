@@ -33,6 +33,7 @@ from aserve.server.prompts import (ChatTemplateOptions, chat_prompt_ids, max_pro
                                    tokenize_text)
 from aserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                     TokenizeRequest, TokenizeResponse)
+from aserve.server.responses_store import ResponseStore
 
 logger = logging.getLogger("aserve.server")
 
@@ -59,6 +60,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)
     admission: Admission = field(default_factory=Admission)
+    responses: ResponseStore = field(default_factory=ResponseStore)   # /v1/responses' store=true
     # Tokenization and chat templates run here, off the event loop (prompts.py).
     prompt_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=2, thread_name_prefix="aserve-prompts"))
@@ -280,7 +282,7 @@ async def detokenize(request: web.Request) -> web.Response:
 def build_app(state: ServerState) -> web.Application:
     """The aiohttp application serving state's engine; starts and stops the engine with itself
     when it is ready at start (else serving.py starts it once it has loaded)."""
-    from aserve.server import api_generate, api_openai, api_sagemaker, api_server_info
+    from aserve.server import api_generate, api_openai, api_responses, api_sagemaker, api_server_info
     from aserve.server.request_tracking import add_request_id_header, load_tracking_middleware
 
     middlewares = [error_middleware, readiness_middleware]
@@ -303,6 +305,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     api_generate.add_routes(app)
     api_openai.add_routes(app)
+    api_responses.add_routes(app)
     api_sagemaker.add_routes(app)
     api_server_info.add_routes(app, state.enable_tokenizer_info_endpoint)
 

@@ -19,6 +19,7 @@ from aserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
                            EngineArgs)
 from aserve.server.admission import DEFAULT_MAX_WAITING
 from aserve.server.http_server import HttpLimits
+from aserve.server.responses_store import DEFAULT_MAX_STORED_RESPONSES
 from aserve.server.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 from aserve.server.tool_parsers import PARSERS
 from aserve.server.vllm_flags import add_ignored_vllm_flags, warn_ignored_vllm_flags
@@ -174,6 +175,10 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="Serve GET /tokenizer_info: the tokenizer's settings and chat template "
                         "(vLLM's; off by default, as it exposes the template).")
+    s.add_argument("--max-stored-responses", type=int, default=DEFAULT_MAX_STORED_RESPONSES,
+                   help="/v1/responses: how many responses store=true keeps in memory for GET, "
+                        "previous_response_id and background runs (the oldest is forgotten first); "
+                        "0: none (store is ignored, as vLLM does by default). (default: %(default)s)")
     s.add_argument("--enable-request-id-headers", action="store_true",
                    help="Put X-Request-Id on every response: the client's own, else a new one.")
     s.add_argument("--disable-log-requests", "--disable-uvicorn-access-log", action="store_true",
@@ -279,11 +284,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     chat_template = load_chat_template(ns.chat_template)
     if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
         raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser (e.g. hermes).")
+    if ns.max_stored_responses < 0:
+        raise SystemExit(f"error: --max-stored-responses must be at least 0, got {ns.max_stored_responses}.")
 
     from aserve.engine.async_engine import AsyncEngine
     from aserve.server.admission import Admission
     from aserve.server.app import ServerState
     from aserve.server.open_files import raise_open_file_limit
+    from aserve.server.responses_store import ResponseStore
     from aserve.server.serving import serve
 
     raise_open_file_limit()
@@ -297,6 +305,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         enable_server_load_tracking=ns.enable_server_load_tracking,
         enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
         enable_request_id_headers=ns.enable_request_id_headers,
+        responses=ResponseStore(ns.max_stored_responses),
         limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
     try:

@@ -1,0 +1,56 @@
+"""How the OpenAI routes hand prompts to the engine and wait for them (completions, chat and
+responses share it): prepare every prompt, queue them together, resolve max_tokens=None, and
+wait for a request's final output."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Optional
+
+from aserve.engine.request_factory import TokenizedPrompt
+from aserve.outputs import RequestOutput
+from aserve.server.app import add_request_or_400
+from aserve.server.prompts import prepare_prompt
+from aserve.server.streaming import request_failed
+
+if TYPE_CHECKING:
+    from aserve.server.app import ServerState
+
+
+async def add_all(state: "ServerState", base_id: str, prompts: list, params_for,
+                  add_special_tokens: bool = True, truncate_prompt_tokens: Optional[int] = None) -> list:
+    """Prepare (tokenize) every prompt, then queue them all at once (the engine takes them at
+    one step boundary); if one is refused, abort those taken and raise its error.
+    params_for(num_prompt_tokens) gives each its params. Call within state.admit()."""
+    prepared = [await prepare_prompt(state, prompt, add_special_tokens, truncate_prompt_tokens)
+                for prompt in prompts]
+    added = await asyncio.gather(*(
+        add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
+            len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)))
+        for i, prompt in enumerate(prepared)), return_exceptions=True)
+    errors = [a for a in added if isinstance(a, BaseException)]
+    if errors:
+        for stream in added:
+            if not isinstance(stream, BaseException):
+                stream.close()
+        raise errors[0]
+    return added
+
+
+def fill_max_tokens(state: "ServerState", params, prompt_ids_len: int):
+    """max_tokens=None means 'up to the context': resolve it for this prompt."""
+    if params.max_tokens is not None:
+        return params
+    params = params.clone()
+    params.max_tokens = max(1, state.max_model_len - prompt_ids_len)
+    return params
+
+
+async def last_output(stream) -> RequestOutput:
+    """A request's final output; an error the engine ended it with is raised as an APIError."""
+    final = None
+    async for final in stream:
+        pass
+    if final.error:
+        raise request_failed(final.error)
+    return final
