@@ -5,6 +5,7 @@ and their cancel; bad input as 400s naming the field."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import openai
@@ -12,7 +13,8 @@ import pytest
 import requests
 
 from aserve import OfflineLLM, SamplingParams
-from aserve.server.responses_store import ResponseStore
+from aserve.server.responses_store import ResponseStore, StoredResponse
+from aserve.server.responses_stream import EventLog
 from server_fixtures import TEST_NUM_BLOCKS, ServerThread, module_server_and_client
 
 server, client = module_server_and_client()
@@ -112,8 +114,9 @@ def test_stream_sends_openais_events_in_order(client):
     assert kinds == EVENTS_OF_A_MESSAGE + ["response.output_text.delta"] * len(deltas) + END_OF_A_MESSAGE + [
         "response.incomplete"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    # One delta per token (empty text while a character is incomplete), as the chat stream.
-    assert len(deltas) == plain.usage.output_tokens == 12
+    # A delta per step that brought tokens (test_server_stream_chunks.py: one per token while
+    # the loop keeps up); each carries its tokens' logprobs.
+    assert sum(len(d.logprobs) for d in deltas) == plain.usage.output_tokens == 12
     assert "".join(d.delta for d in deltas) == plain.output_text
     assert [lp.logprob for d in deltas for lp in d.logprobs] == pytest.approx(
         [lp.logprob for lp in plain.output[0].content[0].logprobs], abs=1e-5)
@@ -232,6 +235,21 @@ def test_the_store_forgets_its_oldest_past_its_bound():
         ResponseStore(-1)
 
 
+def test_the_oldest_finished_streams_events_are_dropped_past_the_bound():
+    async def fill(log: EventLog, size: int, ended: bool) -> EventLog:
+        await log.write(b"x" * size)
+        if ended:
+            log.close()
+        return log
+
+    store = ResponseStore(10, max_event_bytes=250)
+    for name, size, ended in (("old", 100, True), ("running", 100, False), ("new", 100, True)):
+        store.put(name, StoredResponse({}, [], events=asyncio.run(fill(EventLog(), size, ended))))
+    store.trim_event_logs()
+    assert store.get("old").events is None   # the oldest finished: dropped
+    assert store.get("running").events is not None and store.get("new").events is not None
+
+
 # ----------------------------------------------------------------------------- background
 def test_a_background_response_runs_and_is_polled(client, offline):
     queued = client.responses.create(input=QUESTION, max_output_tokens=8, temperature=0, background=True)
@@ -261,6 +279,57 @@ def test_cancel_ends_a_background_response_and_frees_its_blocks(client, server):
         client.responses.cancel(plain.id)
 
 
+def test_a_background_stream_is_followed_and_resumable(client, server):
+    """background with stream: the creating request follows the run's events; GET with
+    stream=true and starting_after reads the same events again from any point."""
+    events = list(client.responses.create(input=QUESTION, max_output_tokens=6, temperature=0, background=True,
+                                          stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    response_id = events[-1].response.id
+    assert client.responses.retrieve(response_id).output_text == events[-1].response.output_text
+    again = requests.get(f"{server.url}/v1/responses/{response_id}", params={"stream": "true", "starting_after": 3},
+                         timeout=30)
+    numbers = [int(line.split(b'"sequence_number":')[1].split(b"}")[0].split(b",")[0])
+               for line in again.content.split(b"\n") if line.startswith(b"data: ")]
+    assert numbers == list(range(4, len(events)))
+    resumed = list(client.responses.retrieve(response_id, stream=True, starting_after=len(events) - 2))
+    assert [e.type for e in resumed] == ["response.incomplete"]
+
+
+def test_a_background_stream_goes_on_after_its_client_leaves(client, server):
+    with requests.post(server.url + "/v1/responses", stream=True, timeout=60,
+                       json={"input": QUESTION, "stream": True, "background": True, "max_output_tokens": 40,
+                             "ignore_eos": True}) as r:
+        first = next(line for line in r.iter_lines() if line.startswith(b"data: "))
+    response_id = first.split(b'"id":"')[1].split(b'"')[0].decode()
+    deadline = time.monotonic() + 30
+    while client.responses.retrieve(response_id).status == "in_progress" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    done = client.responses.retrieve(response_id)
+    assert done.status == "incomplete" and done.usage.output_tokens == 40
+
+
+def test_cancel_ends_a_background_stream_for_its_readers(client, server):
+    with requests.post(server.url + "/v1/responses", stream=True, timeout=60,
+                       json={"input": QUESTION, "stream": True, "background": True, "max_output_tokens": 2000,
+                             "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith(b"data: "))
+        response_id = first.split(b'"id":"')[1].split(b'"')[0].decode()
+        assert client.responses.cancel(response_id).status == "cancelled"
+        rest = list(lines)   # the stream ends: the reader is not left waiting
+    assert not any(b"response.incomplete" in line for line in rest)
+    stats = server.wait_until(lambda s: s.num_running == 0 and s.num_used_blocks == 0)
+    assert stats.num_running == 0 and stats.num_used_blocks == 0
+
+
+def test_only_a_background_stream_can_be_streamed_again(client, server):
+    plain = client.responses.create(input=QUESTION, max_output_tokens=2)
+    resp = requests.get(f"{server.url}/v1/responses/{plain.id}", params={"stream": "true"}, timeout=30)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "stream"
+
+
 def test_a_disconnected_stream_frees_its_blocks(server):
     with requests.post(server.url + "/v1/responses", stream=True, timeout=60,
                        json={"input": QUESTION, "stream": True, "max_output_tokens": 2000, "ignore_eos": True}) as r:
@@ -278,7 +347,6 @@ def test_a_disconnected_stream_frees_its_blocks(server):
     ({"input": 5}, "input"),
     ({"input": "hi", "include": ["nonsense"]}, "include"),
     ({"input": "hi", "background": True, "store": False}, "background"),
-    ({"input": "hi", "background": True, "stream": True}, "stream"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "hi", "temperature": "hot"}, "temperature"),
     ({"input": "hi", "top_logprobs": -1}, "top_logprobs"),
@@ -318,3 +386,4 @@ def test_the_engine_keeps_serving_after_bad_requests(client, offline):
             client.responses.create(**body)
     resp = client.responses.create(input=QUESTION, max_output_tokens=3, temperature=0)
     assert resp.output_text == greedy(offline, [{"role": "user", "content": QUESTION}], 3).text
+

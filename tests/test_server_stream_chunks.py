@@ -1,7 +1,7 @@
-"""Streams send one chunk per step that brought tokens, also when those tokens make no
-character yet (part of a UTF-8 sequence): empty text, as vLLM streams, so a client that counts
-chunks as tokens (vLLM's benchmark does) counts right. And the plain chunks, built without
-pydantic, are the same JSON as the response models give.
+"""Streams send one chunk (on /v1/responses: one output_text.delta event) per step that brought
+tokens, also when those tokens make no character yet (part of a UTF-8 sequence): empty text, as
+vLLM streams, so a client that counts chunks as tokens (vLLM's benchmark does) counts right.
+And the plain chunks, built without pydantic, are the same JSON as the response models give.
 
 A chunk per step holds while the event loop takes each step's outputs before the next step
 ends; a loop that falls behind (a saturated server) gets several steps' tokens in one chunk,
@@ -83,6 +83,20 @@ def test_chat_stream_sends_a_chunk_per_token_even_without_content(server):
     contents = [c["choices"][0]["delta"].get("content", "") for c in tokens]
     assert contents[0] == "" and "".join(contents) == "\ufffd" * MAX_TOKENS
     assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_responses_stream_sends_a_delta_per_token_even_without_text(server):
+    body = {"model": server.model_name, "input": "Hello", "max_output_tokens": MAX_TOKENS, "stream": True,
+            "temperature": 0, "ignore_eos": True, "logit_bias": {str(_lead_byte_token(server)): 100}}
+    request = urllib.request.Request(server.url + "/v1/responses", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        events = [json.loads(line[len("data: "):]) for line in resp.read().decode().split("\n")
+                  if line.startswith("data: ")]
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    assert len(deltas) == MAX_TOKENS
+    assert deltas[0] == "" and "".join(deltas) == "\ufffd" * MAX_TOKENS
+    assert events[-1]["type"] == "response.incomplete"
 
 
 @pytest.mark.parametrize("finish_reason, stop_reason", [(None, None), ("stop", "END"), ("stop", 7)])

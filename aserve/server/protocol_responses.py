@@ -111,9 +111,6 @@ class ResponsesRequest(BaseModel):
                            param="top_logprobs")
         if self.background and not self.store:
             raise APIError(400, "background can only be used when store is true.", param="background")
-        if self.background and self.stream:
-            raise APIError(400, "background responses cannot be streamed by this server; poll "
-                                "GET /v1/responses/{id} instead.", param="stream")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options can only be set when stream is true.", param="stream_options")
 

@@ -96,3 +96,17 @@ def response_object(req: ResponsesRequest, response_id: str, model: str, created
         "usage": usage, "user": req.user,
         "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
     }
+
+
+class ResponseTurn:
+    """One request's identity and what it asked: enough to build its response object."""
+
+    def __init__(self, state: "ServerState", req: ResponsesRequest, plan: ToolPlan, stored: bool) -> None:
+        self.state, self.req, self.plan, self.stored = state, req, plan, stored
+        self.response_id = req.response_id()
+        self.created_at = int(time.time())
+
+    def body(self, status: str, output: list[dict], usage: Optional[dict] = None,
+             error: Optional[dict] = None) -> dict:
+        return response_object(self.req, self.response_id, self.state.served_model_name, self.created_at,
+                               status, output, usage, error, store=self.stored)

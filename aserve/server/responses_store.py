@@ -5,6 +5,11 @@ In memory and bounded: past max_responses the oldest response is forgotten (vLLM
 behind VLLM_ENABLE_RESPONSES_API_STORE, grows without bound). max_responses 0 turns the store
 off: store=true is then ignored, as vLLM ignores it by default, and a background response is
 refused (it can only be read from the store).
+
+A background stream's events are kept for readers that come back (GET ?stream=true). They take
+far more room than the response itself (an event per token), so past MAX_EVENT_BYTES in all the
+oldest finished streams' events are dropped: those responses can still be read whole, only
+not streamed again.
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Coroutine, Optional
+from typing import TYPE_CHECKING, Coroutine, Optional
+
+if TYPE_CHECKING:
+    from aserve.server.responses_stream import EventLog
 
 DEFAULT_MAX_STORED_RESPONSES = 1000
+MAX_EVENT_BYTES = 256 << 20
 
 
 @dataclass
@@ -25,13 +34,16 @@ class StoredResponse:
     # brings its own, as OpenAI's): the earlier turns' messages and this request's input.
     messages: list[dict] = field(default_factory=list)
     task: Optional[asyncio.Task] = None   # a background response's run
+    events: Optional["EventLog"] = None   # a background stream's events, for its readers
 
 
 class ResponseStore:
-    def __init__(self, max_responses: int = DEFAULT_MAX_STORED_RESPONSES) -> None:
+    def __init__(self, max_responses: int = DEFAULT_MAX_STORED_RESPONSES,
+                 max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         if max_responses < 0:
             raise ValueError(f"max_stored_responses must be at least 0, got {max_responses}.")
         self.max_responses = max_responses
+        self.max_event_bytes = max_event_bytes
         self._responses: OrderedDict[str, StoredResponse] = OrderedDict()
         # Background runs, held here until they end: the loop keeps only weak references to
         # tasks, and a stored response forgotten (or deleted) while it runs must still finish.
@@ -58,6 +70,17 @@ class ResponseStore:
         task.add_done_callback(self._running.discard)
         stored.task = task
         return task
+
+    def trim_event_logs(self) -> None:
+        """Drop the oldest finished streams' events while all kept events pass the bound."""
+        logs = [entry for entry in self._responses.values() if entry.events is not None]
+        total = sum(entry.events.num_bytes for entry in logs)
+        for entry in logs:
+            if total <= self.max_event_bytes:
+                return
+            if entry.events.ended:
+                total -= entry.events.num_bytes
+                entry.events = None
 
     def get(self, response_id: str) -> Optional[StoredResponse]:
         return self._responses.get(response_id)
