@@ -119,3 +119,49 @@ def tiny_model_dir(family: str) -> str:
             _cache_root = tempfile.mkdtemp(prefix="aserve-tiny-models-")
         _built[family] = make_tiny_model(family, os.path.join(_cache_root, family))
     return _built[family]
+
+
+# A DeepSeek-R1-style chat template: the generation prompt opens the thinking; with
+# enable_thinking false it writes the thinking closed and empty, as Qwen3's template does.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% else %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)
+THINKING_PROMPT = [{"role": "user", "content": "Why is the sky blue?"}]
+
+
+@torch.no_grad()
+def make_thinking_model(path) -> str:
+    """A tiny Llama whose tokenizer has <think> and </think> (ids VOCAB_SIZE and +1) and whose
+    greedy answer to THINKING_PROMPT thinks for a few tokens, then writes </think>, then its
+    answer: the LM head's row of </think> becomes a slightly scaled copy of the row of a token
+    that greedy decoding writes later on, so </think> wins where that token would."""
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_model("llama", path, vocab_size=VOCAB_SIZE + 2)
+    tokenizer = build_tokenizer(VOCAB_SIZE)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tokenizer.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    text = tokenizer.apply_chat_template(THINKING_PROMPT, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    end_id = tokenizer.convert_tokens_to_ids("</think>")
+    head = model.lm_head.weight
+
+    def greedy() -> list[int]:
+        return model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:].tolist()
+
+    original = head[end_id].clone()
+    for candidate in greedy()[2:]:
+        head[end_id] = head[candidate] * 1.01
+        out = greedy()
+        if end_id in out and 2 <= out.index(end_id) <= 8 and len(out) > out.index(end_id) + 4:
+            model.save_pretrained(path)
+            return path
+        head[end_id] = original
+    raise RuntimeError("no token of the greedy answer gives a thinking of 2 to 8 tokens")

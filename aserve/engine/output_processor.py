@@ -42,7 +42,10 @@ class OutputProcessor:
         params = request.params
         seq.token_ids.append(token_id)
         if seq.matcher is not None:
-            _advance_grammar(seq.matcher, token_id)
+            if seq.grammar_after is None:
+                _advance_grammar(seq.matcher, token_id)
+            elif token_id == seq.grammar_after:
+                seq.grammar_after = None   # the grammar starts with the next token
         if token_logprob is not None:
             seq.cumulative_logprob += token_logprob
         # A sequence keeps logprobs when its request asks, and then its row always has them (a
@@ -65,7 +68,7 @@ class OutputProcessor:
                 return
         if num_output >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             self._finish(seq, "length", None)
-        elif seq.matcher is not None and seq.matcher.is_stopped():
+        elif seq.matcher is not None and seq.grammar_after is None and seq.matcher.is_stopped():
             self._finish(seq, "stop", None)   # the grammar is complete: it allows nothing more
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:

@@ -36,7 +36,7 @@ class Sequence:
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "num_computed_tokens",
                  "cumulative_logprob", "logprobs", "detokenizer", "finish_reason",
-                 "stop_reason", "output_index", "matcher")
+                 "stop_reason", "output_index", "matcher", "grammar_after")
 
     def __init__(self, prompt_token_ids: list[int], detokenizer, want_logprobs: bool) -> None:
         self.seq_id = next(_seq_ids)
@@ -51,6 +51,9 @@ class Sequence:
         self.output_index = 0  # the CompletionOutput index this sequence reports as
         # Structured outputs: the grammar's state after this sequence's output (llguidance).
         self.matcher = None
+        # A token the grammar waits for before it starts (StructuredOutputsParams.after_token_id):
+        # until it is generated, the output is unconstrained and the matcher is not fed.
+        self.grammar_after: Optional[int] = None
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +85,7 @@ class Sequence:
         child.stop_reason = None
         child.output_index = self.output_index
         child.matcher = self.matcher.deep_copy() if self.matcher is not None else None
+        child.grammar_after = self.grammar_after
         return child
 
 

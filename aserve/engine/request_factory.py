@@ -76,6 +76,7 @@ class RequestFactory:
         request = Request(request_id, prompt_text, prompt_ids, params, arrival_time, seq, generator)
         if params.structured_outputs is not None:
             request.pending_matcher = self.grammars.matcher(params.structured_outputs)
+            seq.grammar_after = params.structured_outputs.after_token_id
         if params.use_beam_search:
             eos = set() if params.ignore_eos else (self.eos_token_ids | set(params.stop_token_ids))
             request.beam_state = BeamSearchState(

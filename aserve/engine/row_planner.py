@@ -121,7 +121,7 @@ def plan_rows(sched: SchedulerOutput) -> PlannedRows:
                     prompt_ids.append(request.prompt_token_ids)
                     output_ids.append(outputs)
                     wants_lp.append(request.wants_sample_logprob)
-                    matchers.append(seq.matcher)
+                    matchers.append(seq.matcher if seq.grammar_after is None else None)
         spans.append(span)
         offset += n
     constrained = any(m is not None for m in matchers)

@@ -28,6 +28,7 @@ from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompleti
                                     ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
                                     CompletionChoice, CompletionLogProbs, CompletionRequest,
                                     CompletionResponse, DeltaMessage, PromptTokensDetails, UsageInfo)
+from aserve.server.reasoning import ReasoningView
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
 from aserve.server.streaming import (SSEEvents, open_stream, request_failed, send_sse, send_sse_error_and_done,
                                      stream_or_report)
@@ -246,6 +247,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await check_grammar(state, params, constraint_field(req))
         prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt,
                                            template_options(req), tools=tool_plan.template_tools())
+        view = ReasoningView(state.reasoning, prompt_ids, req.include_reasoning, params.n)
+        if view.active:   # a constraint applies to the answer, after the thinking
+            params = state.reasoning.gate(params, prompt_ids)
         (stream,) = await add_all(state, request_id, [prompt_ids],
                                   lambda num_tokens: fill_max_tokens(state, params, num_tokens))
     try:
@@ -253,11 +257,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             final = await last_output(stream)
             choices = []
             for j, o in enumerate(final.outputs):
-                content, tool_calls, finish = response_message(tool_plan, o.text, o.finish_reason)
+                reasoning, text = view.final(o.text)
+                content, tool_calls, finish = response_message(tool_plan, text, o.finish_reason)
+                if view.active and not content and not tool_calls:
+                    content = None   # all thinking so far (cut off): no answer, as vLLM says
                 if reply.echoed and content is not None:
                     content = reply.echoed + content
                 choices.append(ChatChoice(
-                    index=j, message=ChatResponseMessage(role=reply.role, content=content, tool_calls=tool_calls),
+                    index=j, message=ChatResponseMessage(role=reply.role, content=content, tool_calls=tool_calls,
+                                                         reasoning=reasoning),
                     logprobs=ChatChoiceLogprobs(content=await chat_logprobs(
                         state, o.token_ids, o.logprobs, reply.top_n, reply.as_ids)) if req.logprobs else None,
                     finish_reason=finish, stop_reason=o.stop_reason))
@@ -270,7 +278,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         response = await open_stream(request, "text/event-stream")
         await stream_or_report(request, response, _stream_chat(
             request, state, req, params, reply, request_id, created, stream, response, len(prompt_ids),
-            tool_plan),
+            tool_plan, view),
             send_sse_error_and_done)
         return response
     finally:
@@ -278,7 +286,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_chat(request, state, req, params, reply, request_id, created, stream, response,
-                       num_prompt_tokens: int, tool_plan) -> None:
+                       num_prompt_tokens: int, tool_plan, view: ReasoningView) -> None:
     model = state.served_model_name
     options = req.stream_options
     continuous = options is not None and options.continuous_usage
@@ -299,7 +307,7 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                 index=j, delta=DeltaMessage(content=reply.echoed)), usage_so_far(0)))
     sent = [ChoiceProgress() for _ in range(params.n)]
     if (params.n == 1 and tool_streams[0] is None and not req.logprobs and not continuous
-            and not _holds_back(params)):  # one plain choice: its chunks go out from the dispatch
+            and not _holds_back(params) and not view.active):  # one plain choice: its chunks go out from the dispatch
         stream.set_sink(TextChunkSink(request.transport, response.chunked, sent[0],
                                       chat_content_chunk(request_id, created, model, 0, TEXT_MARK, None, None)))
     final, events = None, SSEEvents(response)
@@ -312,7 +320,10 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
             st = sent[j]
             if st.done:
                 continue
-            text = o.text[st.text_len:]
+            if view.active:   # the thinking goes out as `reasoning`, the rest as the answer
+                reasoning, text = view.step(j, o.text, o.finish_reason is not None)
+            else:
+                reasoning, text = None, o.text[st.text_len:]
             new_ids = o.token_ids[st.num_tokens:]
             lps = None
             if req.logprobs and new_ids:
@@ -331,16 +342,19 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                 text, tool_deltas = delta.content, delta.tool_calls or None
             # One chunk per step that brought tokens, even with no character yet (empty content),
             # as vLLM streams, so clients that count chunks as tokens count right. Not inside a
-            # tool call, whose text the parser holds back.
+            # tool call, whose text the parser holds back, nor (as vLLM) a tag the reasoning
+            # parser holds back.
             plain = tool_streams[j] is None
-            content = text if text or (plain and new_ids and not st.done) else None
-            if plain and lps is None and not continuous:
-                if text or new_ids or st.done:  # the common chunk, built without pydantic
+            empty_chunk = plain and new_ids and not st.done and not view.active
+            content = text if text or empty_chunk else None
+            if plain and lps is None and not continuous and reasoning is None:
+                if text or empty_chunk or st.done:  # the common chunk, built without pydantic
                     await events.send(chat_content_chunk(request_id, created, model, j, content, finish,
                                                          o.stop_reason), last=final.finished)
-            elif content is not None or tool_deltas or st.done or lps is not None:
+            elif content is not None or tool_deltas or st.done or lps is not None or reasoning is not None:
                 await events.send(_chunk(request_id, created, model, ChatStreamChoice(
-                    index=j, delta=DeltaMessage(content=content, tool_calls=tool_deltas), logprobs=lps,
+                    index=j, delta=DeltaMessage(content=content, reasoning=reasoning, tool_calls=tool_deltas),
+                    logprobs=lps,
                     finish_reason=finish, stop_reason=o.stop_reason), usage_so_far(len(o.token_ids))),
                     last=final.finished)
     usage = _usage(request, [final])

@@ -26,6 +26,7 @@ from aserve.server.engine_requests import add_all, fill_max_tokens, last_output
 from aserve.server.errors import APIError, api_error_from
 from aserve.server.prompts import ChatTemplateOptions, chat_prompt_ids
 from aserve.server.protocol_responses import ResponsesRequest, input_items, items_as_messages
+from aserve.server.reasoning import ReasoningView
 from aserve.server.responses_output import ResponseTurn, output_items, status_of, usage_of
 from aserve.server.responses_store import ResponseStore, StoredResponse
 from aserve.server.responses_stream import EventLog, ResponseEvents, stream_response
@@ -58,6 +59,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         prompt_ids = await chat_prompt_ids(state, conversation, True,
                                            ChatTemplateOptions(truncate_prompt_tokens=_keep_tokens(state, req)),
                                            tools=plan.template_tools())
+        turn.view = ReasoningView(state.reasoning, prompt_ids)
+        if turn.view.active:   # a constraint applies to the answer, after the thinking
+            params = state.reasoning.gate(params, prompt_ids)
         (stream,) = await add_all(state, turn.response_id, [prompt_ids],
                                   lambda num_tokens: fill_max_tokens(state, params, num_tokens))
     entry = StoredResponse(turn.body("queued", []), items, messages)
@@ -74,7 +78,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         if not req.stream:
             final = await last_output(stream)
             finished(turn.body(status_of(final.outputs[0].finish_reason),
-                               await output_items(state, req, plan, final.outputs[0]), usage_of(final)))
+                               await output_items(state, req, plan, final.outputs[0], turn.view), usage_of(final)))
             return json_response(entry.body)
         response = await open_stream(request, "text/event-stream")
         events = ResponseEvents(response.write, response.write_eof)
@@ -129,7 +133,7 @@ async def _run_in_background(turn: ResponseTurn, stream, entry: StoredResponse) 
     try:
         final = await last_output(stream)
         entry.body = turn.body(status_of(final.outputs[0].finish_reason),
-                               await output_items(turn.state, turn.req, turn.plan, final.outputs[0]),
+                               await output_items(turn.state, turn.req, turn.plan, final.outputs[0], turn.view),
                                usage_of(final))
     except Exception as exc:
         _failed(turn, entry, exc)

@@ -33,6 +33,7 @@ from aserve.server.prompts import (ChatTemplateOptions, chat_prompt_ids, max_pro
                                    tokenize_text)
 from aserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                     TokenizeRequest, TokenizeResponse)
+from aserve.server.reasoning import ReasoningParser, reasoning_parser_for
 from aserve.server.responses_store import ResponseStore
 
 logger = logging.getLogger("aserve.server")
@@ -46,6 +47,7 @@ class ServerState:
     api_key: Optional[str] = None
     # tool_choice "auto": the --tool-call-parser, set only with --enable-auto-tool-choice (as vLLM).
     tool_call_parser: Optional[str] = None
+    reasoning_parser: Optional[str] = None   # --reasoning-parser's name; its parser is `reasoning`
     log_requests: bool = True   # the per-request access log line (--disable-log-requests)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens 'token_id:N' (a request may override)
     trust_request_chat_template: bool = False  # a request's own chat_template is rendered
@@ -73,6 +75,7 @@ class ServerState:
     model_root: str = ""
     max_prompt_chars: int = 0  # longer text prompts cannot fit (prompts.max_prompt_chars)
     metrics: Optional[ServerMetrics] = None
+    reasoning: Optional[ReasoningParser] = None   # thinking apart from the answer (reasoning.py)
     background: list = field(default_factory=list)  # tasks running while the engine serves
 
     @property
@@ -86,6 +89,7 @@ class ServerState:
         self.served_model_name, self.model_root = mc.served_model_name, mc.model
         self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
         self.max_prompt_chars = max_prompt_chars(self.tokenizer, mc.max_model_len)
+        self.reasoning = reasoning_parser_for(self.reasoning_parser, self.tokenizer)
         self.metrics = ServerMetrics(async_engine, mc.served_model_name, self.metrics_prefix)
         self.async_engine = async_engine
 

@@ -19,6 +19,7 @@ from aserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
                            EngineArgs)
 from aserve.server.admission import DEFAULT_MAX_WAITING
 from aserve.server.http_server import HttpLimits
+from aserve.server.reasoning import PARSERS as REASONING_PARSERS
 from aserve.server.responses_store import DEFAULT_MAX_STORED_RESPONSES
 from aserve.server.serving import DEFAULT_SHUTDOWN_TIMEOUT_S
 from aserve.server.tool_parsers import PARSERS
@@ -77,6 +78,10 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
     m.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                    help="How the model writes its tool calls, for tool_choice \"auto\": hermes "
                         "(<tool_call>{...}</tool_call>, Hermes, Qwen2.5 and others).")
+    m.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="Take a reasoning model's thinking apart from its answer: chat's `reasoning` "
+                        "field, /v1/responses' reasoning item (deepseek_r1: <think>...</think>, "
+                        "DeepSeek-R1 and its distills, QwQ).")
     m.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code.")
     m.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
                    help="Weights to read: auto (safetensors, else pytorch_model*.bin), safetensors, "
@@ -298,6 +303,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     state = ServerState(
         api_key=resolve_api_key(ns), chat_template=chat_template,
         tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
+        reasoning_parser=ns.reasoning_parser,
         log_requests=not ns.disable_log_requests, return_tokens_as_token_ids=ns.return_tokens_as_token_ids,
         trust_request_chat_template=ns.trust_request_chat_template,
         admission=Admission(ns.max_waiting_queue_length),

@@ -288,6 +288,7 @@ class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: Optional[str] = None
     tool_calls: list[dict] = Field(default_factory=list)   # vLLM's default: an empty list
+    reasoning: Optional[str] = None   # vLLM's, with --reasoning-parser: the model's thinking
 
 
 class ChatChoice(BaseModel):
@@ -311,6 +312,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning: Optional[str] = None
     tool_calls: Optional[list[dict]] = None   # OpenAI's tool-call fragments (tool_parsers.Delta)
 
 

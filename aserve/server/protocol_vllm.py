@@ -102,6 +102,7 @@ class VllmChatFields(_Strict):
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     documents: Optional[list[dict[str, str]]] = None  # for RAG templates
+    include_reasoning: bool = True        # with --reasoning-parser: the message's `reasoning`
 
     def check_chat_fields(self, add_generation_prompt: bool) -> None:
         if self.continue_final_message and add_generation_prompt:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from aserve.outputs import CompletionOutput, RequestOutput
 from aserve.server.openai_logprobs import chat_logprobs
 from aserve.server.protocol_responses import ResponsesRequest, new_item_id
+from aserve.server.reasoning import ReasoningView
 from aserve.server.tool_calls import ToolPlan, calls_from_output
 
 if TYPE_CHECKING:
@@ -47,18 +48,31 @@ async def response_logprobs(state: "ServerState", req: ResponsesRequest, token_i
     return [entry.model_dump() for entry in entries]
 
 
-async def output_items(state: "ServerState", req: ResponsesRequest, plan: ToolPlan,
-                       output: CompletionOutput, message_id: Optional[str] = None) -> list[dict]:
-    """The output items of a finished output: the assistant's message (unless the output was
-    only calls), then one function_call item per call."""
-    content, calls = calls_from_output(plan, output.text)
+def reasoning_part(text: str) -> dict:
+    return {"type": "reasoning_text", "text": text}
+
+
+def reasoning_item(item_id: str, status: str, parts: list[dict]) -> dict:
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": parts, "status": status}
+
+
+async def output_items(state: "ServerState", req: ResponsesRequest, plan: ToolPlan, output: CompletionOutput,
+                       view: ReasoningView) -> list[dict]:
+    """The output items of a finished output: the thinking (with --reasoning-parser), the
+    assistant's message (unless the output was only thinking or calls), then one function_call
+    item per call."""
+    reasoning, text = view.final(output.text)
+    content, calls = calls_from_output(plan, text)
     status = status_of(output.finish_reason)
     items = []
-    if content or not calls:
+    if reasoning:
+        items.append(reasoning_item(new_item_id("rs"), "completed" if content or calls else status,
+                                    [reasoning_part(reasoning)]))
+    if content or not (calls or reasoning):
         # Logprobs belong to the whole text: given where that text is the message.
         lps = (await response_logprobs(state, req, output.token_ids, output.logprobs)
-               if plan.mode == "none" else [])
-        items.append(message_item(message_id or new_item_id("msg"), status, [text_part(content or "", lps)]))
+               if plan.mode == "none" and not view.active else [])
+        items.append(message_item(new_item_id("msg"), status, [text_part(content or "", lps)]))
     items += [function_call_item(call.name, call.arguments) for call in calls]
     return items
 
@@ -103,6 +117,7 @@ class ResponseTurn:
 
     def __init__(self, state: "ServerState", req: ResponsesRequest, plan: ToolPlan, stored: bool) -> None:
         self.state, self.req, self.plan, self.stored = state, req, plan, stored
+        self.view = ReasoningView(None, [])   # its thinking (set once the prompt is known)
         self.response_id = req.response_id()
         self.created_at = int(time.time())
 

@@ -14,7 +14,7 @@ items' events all come at the end. An error after the headers is an "error" even
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Optional
 
 import orjson
 
@@ -22,8 +22,8 @@ from aserve.server.chunk_sink import ChoiceProgress
 from aserve.server.engine_requests import last_output
 from aserve.server.errors import APIError
 from aserve.server.protocol_responses import new_item_id
-from aserve.server.responses_output import (ResponseTurn, message_item, output_items, response_logprobs,
-                                            status_of, text_part, usage_of)
+from aserve.server.responses_output import (ResponseTurn, message_item, output_items, reasoning_item,
+                                            reasoning_part, response_logprobs, status_of, text_part, usage_of)
 from aserve.server.streaming import request_failed
 
 
@@ -92,11 +92,13 @@ async def stream_response(turn: ResponseTurn, stream, events: ResponseEvents,
     last event goes out (so a client that chains on it finds it stored)."""
     await events.send("response.created", response=turn.body("in_progress", []))
     await events.send("response.in_progress", response=turn.body("in_progress", []))
-    if turn.plan.mode == "none":
+    if turn.plan.mode == "none" and turn.view.active:
+        final, output = await _stream_thinking_and_text(turn, stream, events)
+    elif turn.plan.mode == "none":
         final, output = await _stream_text(turn, stream, events)
     else:   # calls or content: known once the text has ended
         final = await last_output(stream)
-        output = await output_items(turn.state, turn.req, turn.plan, final.outputs[0])
+        output = await output_items(turn.state, turn.req, turn.plan, final.outputs[0], turn.view)
         for index, item in enumerate(output):
             await _send_whole_item(events, index, item)
     status = status_of(final.outputs[0].finish_reason)
@@ -133,6 +135,81 @@ async def _stream_text(turn: ResponseTurn, stream, events: ResponseEvents):
     item = message_item(item_id, status_of(out.finish_reason), [part])
     await events.send("response.output_item.done", output_index=0, item=item)
     return final, [item]
+
+
+class _TextItem:
+    """One streamed item of text (the thinking: a reasoning item; the answer: a message), from
+    its output_item.added to its output_item.done."""
+
+    def __init__(self, events: ResponseEvents, kind: str, output_index: int) -> None:
+        self.events, self.kind, self.output_index = events, kind, output_index
+        self.id = new_item_id("rs" if kind == "reasoning" else "msg")
+        self.text = ""
+        self._where = {"item_id": self.id, "output_index": output_index, "content_index": 0}
+
+    def _part(self, text: str) -> dict:
+        return reasoning_part(text) if self.kind == "reasoning" else text_part(text)
+
+    def _item(self, status: str, parts: list[dict]) -> dict:
+        if self.kind == "reasoning":
+            return reasoning_item(self.id, status, parts)
+        return message_item(self.id, status, parts)
+
+    async def open(self) -> None:
+        await self.events.send("response.output_item.added", output_index=self.output_index,
+                               item=self._item("in_progress", []))
+        await self.events.send("response.content_part.added", **self._where, part=self._part(""))
+
+    async def add(self, delta: str) -> None:
+        self.text += delta
+        kind = "reasoning_text" if self.kind == "reasoning" else "output_text"
+        extra = {} if self.kind == "reasoning" else {"logprobs": []}
+        await self.events.send(f"response.{kind}.delta", **self._where, delta=delta, **extra)
+
+    async def close(self, status: str) -> dict:
+        part = self._part(self.text)
+        kind = "reasoning_text" if self.kind == "reasoning" else "output_text"
+        extra = {} if self.kind == "reasoning" else {"logprobs": []}
+        await self.events.send(f"response.{kind}.done", **self._where, text=self.text, **extra)
+        await self.events.send("response.content_part.done", **self._where, part=part)
+        item = self._item(status, [part])
+        await self.events.send("response.output_item.done", output_index=self.output_index, item=item)
+        return item
+
+
+async def _stream_thinking_and_text(turn: ResponseTurn, stream, events: ResponseEvents):
+    """With --reasoning-parser: the thinking as a reasoning item, delta by delta, closed when the
+    answer starts; then the answer as a message. Returns the final output and the items."""
+    thinking: Optional[_TextItem] = None
+    answer: Optional[_TextItem] = None
+    closed: list[dict] = []
+    final = None
+    async for final in stream:
+        if final.error:
+            raise request_failed(final.error)
+        out = final.outputs[0]
+        reasoning, content = turn.view.step(0, out.text, out.finish_reason is not None)
+        if reasoning:
+            if thinking is None:
+                thinking = _TextItem(events, "reasoning", 0)
+                await thinking.open()
+            await thinking.add(reasoning)
+        if content:
+            if answer is None:
+                if thinking is not None:
+                    closed.append(await thinking.close("completed"))
+                answer = _TextItem(events, "message", len(closed))
+                await answer.open()
+            await answer.add(content)
+    status = status_of(final.outputs[0].finish_reason)
+    if answer is None and thinking is not None:   # all of it thinking: cut off, or no answer
+        closed.append(await thinking.close(status))
+    elif answer is None:   # no text at all: an empty message, as without a parser
+        answer = _TextItem(events, "message", 0)
+        await answer.open()
+    if answer is not None:
+        closed.append(await answer.close(status))
+    return final, closed
 
 
 async def _send_whole_item(events: ResponseEvents, index: int, item: dict) -> None:

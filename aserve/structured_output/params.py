@@ -30,6 +30,9 @@ class StructuredOutputsParams:
     json_object: Optional[bool] = None
     structural_tag: Optional[str] = None
     disable_any_whitespace: bool = False
+    # The server's, never a request's: the grammar starts once this token has been generated
+    # (a reasoning model's </think>, server/reasoning.py); until then the output is free.
+    after_token_id: Optional[int] = None
     # Filled by __post_init__: the one kind set, and its spec as text (the cache key).
     kind: str = field(init=False, default="")
     spec: str = field(init=False, default="", repr=False)
@@ -57,7 +60,7 @@ class StructuredOutputsParams:
             raise ValueError(f"structured_outputs must be an object, got {type(value).__name__}.")
         # vLLM's disable_fallback asks not to fall back to another backend: there is none.
         value = {k: v for k, v in value.items() if k != "disable_fallback"}
-        unknown = set(value) - {f for f in cls.__dataclass_fields__ if f not in ("kind", "spec")}
+        unknown = set(value) - {f for f in cls.__dataclass_fields__ if f not in ("kind", "spec", "after_token_id")}
         if unknown:
             raise ValueError(f"structured_outputs has unknown fields: {', '.join(sorted(unknown))}.")
         return cls(**value)

@@ -1,0 +1,141 @@
+"""Reasoning models' thinking apart from their answer (vLLM's --reasoning-parser).
+
+DeepSeek-R1 and its distills (Llama and Qwen2 architectures), QwQ and the like write their
+thinking first and close it with </think> (the opening <think> comes from the chat template's
+generation prompt, or from the model itself); what follows is the answer. The split is by the
+tags in the output's text, so it never depends on how the tokenizer cut them:
+- thinking still open (no </think> yet): all of it is reasoning (a cut-off output included);
+- a prompt that already closed the thinking (a template asked not to think, which writes
+  <think></think> itself): all of the output is the answer.
+
+Chat answers carry the thinking in the message's (and each delta's) `reasoning` field, as vLLM
+does, and `include_reasoning: false` leaves it out; /v1/responses gives it as a reasoning item.
+Tool calls are looked for in the answer only. A constraint (structured outputs, a forced tool
+call) applies from the end of the thinking on: the engine waits for the </think> token before
+it starts the grammar (StructuredOutputsParams.after_token_id), as vLLM's engine does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+START, END = "<think>", "</think>"
+PARSERS = ("deepseek_r1",)
+
+
+@dataclass(frozen=True)
+class Split:
+    reasoning: str
+    content: str
+
+
+class ReasoningParser:
+    def __init__(self, name: str, tokenizer) -> None:
+        if name not in PARSERS:
+            raise ValueError(f"--reasoning-parser must be one of {', '.join(PARSERS)}, got {name!r}.")
+        if tokenizer is None:
+            raise ValueError("--reasoning-parser needs the model's tokenizer (not --skip-tokenizer-init).")
+        vocab = tokenizer.get_vocab()
+        self.start_id, self.end_id = vocab.get(START), vocab.get(END)
+        if self.start_id is None or self.end_id is None:
+            raise ValueError(f"--reasoning-parser {name}: this model's tokenizer has no {START} and {END} "
+                             "tokens, so it writes no thinking to take apart.")
+        self.name = name
+
+    def prompt_closed_thinking(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt ends with its thinking closed (the last of the two tags in it is
+        </think>): then the whole output is the answer."""
+        for token_id in reversed(prompt_ids):
+            if token_id == self.start_id:
+                return False
+            if token_id == self.end_id:
+                return True
+        return False
+
+    def split(self, text: str, finished: bool = True, thinking: bool = True) -> Split:
+        """The output text so far as reasoning and answer. Unfinished, a tail that could be the
+        start of a tag is held back (it goes out once the next text shows what it is), so the
+        pieces only ever grow. thinking False: the prompt closed the thinking."""
+        if not thinking:
+            return Split("", text)
+        body = text.lstrip()
+        if body.startswith(START):
+            body = body[len(START):]
+        elif not finished and START.startswith(body):
+            return Split("", "")   # maybe the model's own opening tag, still arriving
+        else:
+            body = text
+        reasoning, end, content = body.partition(END)
+        if end:
+            return Split(reasoning, content)
+        if not finished:
+            reasoning = reasoning[:len(reasoning) - _tag_prefix_at_end(reasoning)]
+        return Split(reasoning, "")
+
+    def gate(self, params, prompt_ids: list[int]):
+        """The request's sampling params with its constraint set to start after </think>
+        (unless the prompt closed the thinking, or there is no constraint)."""
+        constraint = params.structured_outputs
+        if constraint is None or self.prompt_closed_thinking(prompt_ids):
+            return params
+        params = params.clone()
+        params.structured_outputs = dataclasses.replace(constraint, after_token_id=self.end_id)
+        return params
+
+
+def _tag_prefix_at_end(text: str) -> int:
+    """The length of the longest proper prefix of </think> that text ends with."""
+    for size in range(min(len(END) - 1, len(text)), 0, -1):
+        if text.endswith(END[:size]):
+            return size
+    return 0
+
+
+class ReasoningProgress:
+    """How much of one choice's reasoning and answer has been streamed."""
+
+    __slots__ = ("reasoning_len", "content_len")
+
+    def __init__(self) -> None:
+        self.reasoning_len = self.content_len = 0
+
+    def step(self, split: Split) -> tuple[str, str]:
+        """The new reasoning and answer text since the last step."""
+        reasoning = split.reasoning[self.reasoning_len:]
+        content = split.content[self.content_len:]
+        self.reasoning_len, self.content_len = len(split.reasoning), len(split.content)
+        return reasoning, content
+
+
+def reasoning_parser_for(name: Optional[str], tokenizer) -> Optional[ReasoningParser]:
+    return None if name is None else ReasoningParser(name, tokenizer)
+
+
+class ReasoningView:
+    """One request's thinking and answer, choice by choice; with no parser, all is answer."""
+
+    def __init__(self, parser: Optional[ReasoningParser], prompt_ids: list[int], include: bool = True,
+                 num_choices: int = 1) -> None:
+        self.parser = parser
+        self.thinking = parser is not None and not parser.prompt_closed_thinking(prompt_ids)
+        self.include = include   # the request's include_reasoning
+        self._progress = [ReasoningProgress() for _ in range(num_choices)]
+
+    @property
+    def active(self) -> bool:
+        return self.parser is not None
+
+    def final(self, text: str) -> tuple[Optional[str], str]:
+        """(the reasoning, None where there is none or it is not wanted; the answer)."""
+        if self.parser is None:
+            return None, text
+        split = self.parser.split(text, finished=True, thinking=self.thinking)
+        return (split.reasoning or None) if self.include else None, split.content
+
+    def step(self, choice: int, text: str, finished: bool) -> tuple[Optional[str], str]:
+        """What choice's cumulative text adds to its reasoning and its answer since the last step."""
+        split = self.parser.split(text, finished=finished, thinking=self.thinking)
+        reasoning, content = self._progress[choice].step(split)
+        return (reasoning or None) if self.include else None, content
