@@ -109,6 +109,12 @@ ROUTES = {
             {"type": st.sampled_from(["text", "json_object"])})}),
         "tools": st.lists(ANY_JSON, max_size=2), "tool_choice": st.sampled_from(["none", "auto", "required"]),
         "truncation": st.sampled_from(["auto", "disabled"]), "metadata": st.dictionaries(TEXT, TEXT, max_size=2)},
+    "/v1/messages": {
+        "model": MODEL, "messages": st.lists(MESSAGE, max_size=3), "max_tokens": st.integers(1, 8),
+        "system": TEXT, "stop_sequences": st.lists(st.text(max_size=6), max_size=3), "stream": st.booleans(),
+        "temperature": st.floats(0, 1), "top_p": st.floats(0, 1), "top_k": st.integers(0, 60),
+        "tools": st.lists(ANY_JSON, max_size=2),
+        "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "none"])})},
 }
 
 # vLLM's extra fields (protocol_vllm.py), with the values that are refused by name among them.
@@ -128,7 +134,8 @@ ROUTES["/v1/chat/completions"].update(
 ROUTES["/tokenize"].update(continue_final_message=st.booleans(), return_token_strs=st.booleans())
 
 REQUIRED = {"/generate": ["prompt"], "/v1/completions": ["prompt"], "/v1/chat/completions": ["messages"],
-            "/tokenize": [], "/detokenize": ["tokens"], "/v1/responses": ["input"]}
+            "/tokenize": [], "/detokenize": ["tokens"], "/v1/responses": ["input"],
+            "/v1/messages": ["messages", "max_tokens"]}
 # Fields that a plausible body only carries when another says so (else each is a 400 of its own).
 REFUSED_ALONE = ["suffix", "tools", "previous_response_id"]
 
@@ -178,11 +185,17 @@ def check_answer(status: int, headers, body: bytes, streamed: bool) -> None:
     assert status < 500, body[:500]
     if status >= 400:
         assert headers.get("Content-Type", "").startswith("application/json"), (status, body[:200])
-        error = orjson.loads(body)["error"]
+        answer = orjson.loads(body)
+        if answer.get("type") == "error":   # Anthropic's shape, on /v1/messages
+            assert set(answer) == {"type", "error"} and set(answer["error"]) == {"type", "message"}, answer
+            assert answer["error"]["message"], answer
+            return
+        error = answer["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"], error
-    elif streamed and body.startswith(b"event: "):   # /v1/responses' typed events
+    elif streamed and body.startswith(b"event: "):   # typed events: /v1/responses, /v1/messages
         if b"event: error\n" in body:   # as below: only the request's own error, never a 500
-            assert b'"code":"server_error"' not in body and b'"code":"invalid_request_error"' in body, body[-500:]
+            assert b'server_error"' not in body and b'"api_error"' not in body, body[-500:]
+            assert b'invalid_request_error"' in body, body[-500:]
     elif streamed and b'"error"' in body:
         # No failure disguised as a 200: an error inside a stream is only the request's own
         # (found after the stream began, e.g. a grammar its other constraints contradict).

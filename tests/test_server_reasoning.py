@@ -243,3 +243,19 @@ def test_a_request_cannot_set_the_servers_grammar_start():
 
     with pytest.raises(ValueError, match="unknown fields: after_token_id"):
         StructuredOutputsParams.from_any({"regex": "a+", "after_token_id": 3})
+
+
+def test_anthropic_messages_give_a_thinking_block_then_the_text(server, raw):
+    import anthropic
+
+    reasoning, content = thinking_and_answer(raw())
+    client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
+    msg = client.messages.create(model="", max_tokens=MAX_TOKENS, messages=THINKING_PROMPT,
+                                 extra_body={"temperature": 0})
+    assert [b.type for b in msg.content] == ["thinking", "text"]
+    assert msg.content[0].thinking == reasoning and msg.content[1].text == content
+    with client.messages.stream(model="", max_tokens=MAX_TOKENS, messages=THINKING_PROMPT,
+                                extra_body={"temperature": 0}) as stream:
+        final = stream.get_final_message()
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == reasoning and final.content[1].text == content

@@ -24,7 +24,7 @@ from aserve.engine.async_engine import AsyncEngine
 from aserve.engine.gc_policy import serve_with_fewer_collections
 from aserve.server.access_log import USAGE, access_log_middleware
 from aserve.server.admission import Admission
-from aserve.server.errors import (APIError, api_error_from, bad_request_from_value_error,
+from aserve.server.errors import (ANTHROPIC_PATHS, APIError, api_error_from, bad_request_from_value_error,
                                   check_json_content_type, parse_request)
 from aserve.server.http_server import HttpLimits, error_response, read_body
 from aserve.server.metrics import ServerMetrics, log_status_periodically
@@ -165,7 +165,8 @@ async def error_middleware(request: web.Request, handler):
         if exc.status < 400:
             raise
         return error_response(APIError(exc.status, exc.reason or "HTTP error",
-                                       type="invalid_request_error" if exc.status < 500 else "server_error"))
+                                       type="invalid_request_error" if exc.status < 500 else "server_error"),
+                              anthropic=_anthropic_route(request))
     except (asyncio.CancelledError, ConnectionError):  # the client left: nothing to answer
         raise
     except Exception as exc:
@@ -173,7 +174,12 @@ async def error_middleware(request: web.Request, handler):
         if err is None:  # one request's bug must end that request only
             logger.exception("request %s %s failed", request.method, request.path)
             err = APIError(500, f"Internal server error: {exc!r}", type="server_error")
-        return error_response(err)
+        return error_response(err, anthropic=_anthropic_route(request))
+
+
+def _anthropic_route(request: web.Request) -> bool:
+    """Anthropic's routes answer errors in Anthropic's shape (its clients parse that one)."""
+    return request.path.startswith(ANTHROPIC_PATHS)
 
 
 @web.middleware
@@ -186,6 +192,7 @@ async def readiness_middleware(request: web.Request, handler):
 
 def _auth_middleware(api_key: str):
     expected = f"Bearer {api_key}".encode()
+    expected_bare = api_key.encode()
 
     @web.middleware
     async def auth(request: web.Request, handler):
@@ -195,11 +202,13 @@ def _auth_middleware(api_key: str):
             # surrogateescape: aiohttp keeps a header's undecodable (non-UTF-8) bytes as
             # surrogates, which a plain encode() refuses (that was a 500, not a 401).
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            # Anthropic's clients send the key as x-api-key.
+            given_bare = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
             # compare_digest: the time taken must not reveal how much of the key matched.
-            if not hmac.compare_digest(given, expected):
+            if not (hmac.compare_digest(given, expected) or hmac.compare_digest(given_bare, expected_bare)):
                 return error_response(APIError(401, "Incorrect API key provided. Pass it as "
-                                                    "'Authorization: Bearer <key>'.",
-                                               code="invalid_api_key"))
+                                                    "'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
+                                               code="invalid_api_key"), anthropic=_anthropic_route(request))
         return await handler(request)
 
     return auth
@@ -286,7 +295,8 @@ async def detokenize(request: web.Request) -> web.Response:
 def build_app(state: ServerState) -> web.Application:
     """The aiohttp application serving state's engine; starts and stops the engine with itself
     when it is ready at start (else serving.py starts it once it has loaded)."""
-    from aserve.server import api_generate, api_openai, api_responses, api_sagemaker, api_server_info
+    from aserve.server import (api_anthropic, api_generate, api_openai, api_responses, api_sagemaker,
+                               api_server_info)
     from aserve.server.request_tracking import add_request_id_header, load_tracking_middleware
 
     middlewares = [error_middleware, readiness_middleware]
@@ -310,6 +320,7 @@ def build_app(state: ServerState) -> web.Application:
     api_generate.add_routes(app)
     api_openai.add_routes(app)
     api_responses.add_routes(app)
+    api_anthropic.add_routes(app)
     api_sagemaker.add_routes(app)
     api_server_info.add_routes(app, state.enable_tokenizer_info_endpoint)
 

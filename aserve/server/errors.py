@@ -31,6 +31,17 @@ class APIError(Exception):
         return orjson.dumps(ErrorResponse(error=ErrorInfo(
             message=self.message, type=self.type, param=self.param, code=self.code)).model_dump())
 
+    def anthropic_body(self) -> bytes:
+        """Anthropic's error body (the /v1/messages routes): its error types go by status."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else "invalid_request_error")
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
+
+
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                    500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+ANTHROPIC_PATHS = "/v1/messages"   # the routes whose errors take Anthropic's shape (a prefix)
+
 
 class ErrorInfo(BaseModel):
     message: str

@@ -36,9 +36,10 @@ class HttpLimits:
     body_read_timeout_s: float = 30.0
 
 
-def error_response(err: APIError) -> web.Response:
-    response = web.Response(body=err.body(), status=err.status, content_type="application/json",
-                            headers=err.headers)
+def error_response(err: APIError, anthropic: bool = False) -> web.Response:
+    """err as OpenAI's error body, or as Anthropic's (the /v1/messages routes)."""
+    response = web.Response(body=err.anthropic_body() if anthropic else err.body(), status=err.status,
+                            content_type="application/json", headers=err.headers)
     if err.close:
         response.force_close()
     return response

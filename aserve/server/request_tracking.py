@@ -13,7 +13,7 @@ from aserve.server.app import STATE
 # vLLM counts the routes that run a model or a tokenizer. /invocations counts once: the handler
 # it dispatches to runs inside the same request.
 LOAD_TRACKED_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions", "/v1/responses",
-                                "/tokenize", "/detokenize", "/invocations"})
+                                "/v1/messages", "/tokenize", "/detokenize", "/invocations"})
 
 
 async def add_request_id_header(request: web.Request, response: web.StreamResponse) -> None:
