@@ -88,19 +88,41 @@ def test_required_tool_choice_gives_calls(client):
         check_call(item)
 
 
-def test_a_streamed_call_sends_the_function_call_events(client):
-    events = list(client.responses.create(input=QUESTION, tools=FLAT_TOOLS, max_output_tokens=300, extra_body={"seed": 12},
-                                          tool_choice={"type": "function", "name": "get_weather"}, stream=True))
-    assert [e.type for e in events] == [
-        "response.created", "response.in_progress", "response.output_item.added",
-        "response.function_call_arguments.delta", "response.function_call_arguments.done",
-        "response.output_item.done", "response.completed"]
+def test_a_streamed_call_sends_its_arguments_as_they_come(client):
+    events = list(client.responses.create(input=QUESTION, tools=FLAT_TOOLS, max_output_tokens=300,
+                                          extra_body={"seed": 12}, stream=True,
+                                          tool_choice={"type": "function", "name": "get_weather"}))
+    kinds = [e.type for e in events]
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added"] + [
+        "response.function_call_arguments.delta"] * len(deltas) + [
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    assert len(deltas) > 1   # piece by piece, as the grammar-forced text arrives
     assert [e.sequence_number for e in events] == list(range(len(events)))
-    added, delta, done, item_done, completed = events[2:]
+    added, done, item_done, completed = events[2], events[-3], events[-2], events[-1]
     assert added.item.arguments == "" and added.item.status == "in_progress"
-    assert delta.delta == done.arguments == item_done.item.arguments and done.name == "get_weather"
-    assert delta.item_id == added.item.id == item_done.item.id
+    assert "".join(d.delta for d in deltas) == done.arguments == item_done.item.arguments
+    assert done.name == "get_weather" and all(d.item_id == added.item.id == item_done.item.id for d in deltas)
     check_call(completed.response.output[0], "get_weather")
+    assert completed.response.output[0].id == added.item.id
+
+
+def test_required_calls_stream_one_item_after_another(client):
+    plain = client.responses.create(input=QUESTION, tools=FLAT_TOOLS, max_output_tokens=600,
+                                    extra_body={"seed": 11}, tool_choice="required")
+    events = list(client.responses.create(input=QUESTION, tools=FLAT_TOOLS, max_output_tokens=600,
+                                          extra_body={"seed": 11}, tool_choice="required", stream=True))
+    final = events[-1].response
+    # The same calls (the stream sends the arguments' text as written, with its whitespace).
+    assert [(i.name, json.loads(i.arguments)) for i in final.output if i.type == "function_call"] == [
+        (i.name, json.loads(i.arguments)) for i in plain.output if i.type == "function_call"]
+    # Items open and close in turn: each added comes after the previous one's done.
+    opened = [e.output_index for e in events if e.type == "response.output_item.added"]
+    closed = [e.output_index for e in events if e.type == "response.output_item.done"]
+    assert opened == closed == list(range(len(final.output)))
+    order = [(e.type, e.output_index) for e in events if e.type.startswith("response.output_item")]
+    assert order == [(kind, i) for i in opened for kind in ("response.output_item.added",
+                                                            "response.output_item.done")]
 
 
 def test_calls_and_their_outputs_reach_the_template(client, server):
@@ -126,6 +148,14 @@ def test_calls_and_their_outputs_reach_the_template(client, server):
 def test_auto_tool_choice_answers_text_when_no_call_is_written(client):
     resp = client.responses.create(input=QUESTION, tools=FLAT_TOOLS, max_output_tokens=8, extra_body={"seed": 13})
     assert resp.output[0].type == "message" and resp.output_text and resp.tool_choice == "auto"
+
+
+def test_auto_tool_choice_streams_its_text_as_a_message(client):
+    plain = client.responses.create(input=QUESTION, tools=FLAT_TOOLS, max_output_tokens=8, temperature=0)
+    events = list(client.responses.create(input=QUESTION, tools=FLAT_TOOLS, max_output_tokens=8, temperature=0,
+                                          stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == plain.output_text
+    assert [i.type for i in events[-1].response.output] == ["message"]
 
 
 def test_auto_tool_choice_without_the_flags_is_a_400():

@@ -7,8 +7,10 @@ Order: response.created, response.in_progress, the message's output_item.added a
 content_part.added, an output_text.delta per engine step that brought tokens (empty text while
 a character is incomplete, as the chat stream does), then output_text.done, content_part.done,
 output_item.done and response.completed (or response.incomplete when max_output_tokens cut it
-off). With tools the text is only known to be calls or content once it has ended, so those
-items' events all come at the end. An error after the headers is an "error" event.
+off). With tools, the chat stream's tool parser turns the text into answer text and calls as it
+comes: a message item, and a function_call item per call whose arguments stream in, one item
+after another. With tools and --reasoning-parser together, the items' events come once the
+output has ended. An error after the headers is an "error" event.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from aserve.server.chunk_sink import ChoiceProgress
 from aserve.server.engine_requests import last_output
 from aserve.server.errors import APIError
 from aserve.server.protocol_responses import new_item_id
-from aserve.server.responses_output import (ResponseTurn, message_item, output_items, reasoning_item,
-                                            reasoning_part, response_logprobs, status_of, text_part, usage_of)
+from aserve.server.responses_output import (ResponseTurn, function_call_item, message_item, output_items,
+                                            reasoning_item, reasoning_part, response_logprobs, status_of,
+                                            text_part, usage_of)
 from aserve.server.streaming import request_failed
+from aserve.server.tool_calls import choice_stream
 
 
 class ResponseEvents:
@@ -96,7 +100,9 @@ async def stream_response(turn: ResponseTurn, stream, events: ResponseEvents,
         final, output = await _stream_thinking_and_text(turn, stream, events)
     elif turn.plan.mode == "none":
         final, output = await _stream_text(turn, stream, events)
-    else:   # calls or content: known once the text has ended
+    elif not turn.view.active:
+        final, output = await _stream_calls(turn, stream, events)
+    else:   # thinking, then calls or content: sent once the text has ended
         final = await last_output(stream)
         output = await output_items(turn.state, turn.req, turn.plan, final.outputs[0], turn.view)
         for index, item in enumerate(output):
@@ -210,6 +216,74 @@ async def _stream_thinking_and_text(turn: ResponseTurn, stream, events: Response
     if answer is not None:
         closed.append(await answer.close(status))
     return final, closed
+
+
+class _CallItem:
+    """One streamed function_call item: its arguments as the tool parser finds them."""
+
+    def __init__(self, events: ResponseEvents, output_index: int, name: str) -> None:
+        self.events, self.output_index = events, output_index
+        self.item = function_call_item(name, "", status="in_progress")
+
+    async def open(self) -> None:
+        await self.events.send("response.output_item.added", output_index=self.output_index, item=dict(self.item))
+
+    async def add(self, arguments: str) -> None:
+        if arguments:
+            self.item["arguments"] += arguments
+            await self.events.send("response.function_call_arguments.delta", item_id=self.item["id"],
+                                   output_index=self.output_index, delta=arguments)
+
+    async def close(self, status: str) -> dict:
+        item = {**self.item, "status": status}
+        await self.events.send("response.function_call_arguments.done", item_id=item["id"],
+                               output_index=self.output_index, name=item["name"], arguments=item["arguments"])
+        await self.events.send("response.output_item.done", output_index=self.output_index, item=item)
+        return item
+
+
+async def _stream_calls(turn: ResponseTurn, stream, events: ResponseEvents):
+    """With tools: the tool parser's pieces as they come (the chat stream's parser), one item at
+    a time: answer text as a message, each call as a function_call item whose arguments stream
+    in. Returns the final output and the items."""
+    parser = choice_stream(turn.plan)
+    done: list[dict] = []
+    current = None   # the open item: a _TextItem (message) or a _CallItem
+    calls_seen: set[int] = set()
+    sent, final = 0, None
+
+    async def switch_to(make) -> None:
+        """Close the open item, then open make(its output index)."""
+        nonlocal current
+        if current is not None:
+            done.append(await current.close("completed"))
+        current = make(len(done))
+        await current.open()
+
+    async for final in stream:
+        if final.error:
+            raise request_failed(final.error)
+        out = final.outputs[0]
+        delta = parser.feed(out.text[sent:])
+        sent = len(out.text)
+        if out.finish_reason is not None:
+            rest = parser.finish()
+            delta.content += rest.content
+            delta.tool_calls += rest.tool_calls
+        if delta.content:
+            if not isinstance(current, _TextItem):
+                await switch_to(lambda index: _TextItem(events, "message", index))
+            await current.add(delta.content)
+        for fragment in delta.tool_calls:
+            if fragment["index"] not in calls_seen:   # a new call (parsers send calls in order)
+                calls_seen.add(fragment["index"])
+                name = fragment["function"]["name"]
+                await switch_to(lambda index: _CallItem(events, index, name))
+            await current.add(fragment["function"].get("arguments") or "")
+    if current is None:   # nothing at all: an empty message, as unstreamed
+        await switch_to(lambda index: _TextItem(events, "message", index))
+    done.append(await current.close(status_of(final.outputs[0].finish_reason)))
+    return final, done
 
 
 async def _send_whole_item(events: ResponseEvents, index: int, item: dict) -> None:
