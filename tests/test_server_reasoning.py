@@ -11,6 +11,7 @@ import json
 import random
 import re
 
+import openai
 import pytest
 
 from aserve import OfflineLLM, SamplingParams
@@ -259,3 +260,22 @@ def test_anthropic_messages_give_a_thinking_block_then_the_text(server, raw):
         final = stream.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == reasoning and final.content[1].text == content
+
+
+EFFORT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                   "{% if reasoning_effort is defined %}(effort: {{ reasoning_effort }}){% endif %}assistant:")
+
+
+def test_reasoning_effort_reaches_the_chat_template():
+    """OpenAI's reasoning_effort, as vLLM passes it: the template's `reasoning_effort`."""
+    with ServerThread(chat_template=EFFORT_TEMPLATE) as srv:
+        client = srv.openai_client()
+
+        def prompt_tokens(**extra) -> int:
+            return client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=1,
+                                                  **extra).usage.prompt_tokens
+
+        plain, low, high = prompt_tokens(), prompt_tokens(reasoning_effort="low"), prompt_tokens(reasoning_effort="high")
+        assert plain < low and low != high
+        with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
+            prompt_tokens(reasoning_effort="extreme")

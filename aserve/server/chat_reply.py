@@ -33,7 +33,10 @@ def chat_reply(req: ChatCompletionRequest, server_tokens_as_ids: bool) -> ChatRe
 
 
 def template_options(req: ChatCompletionRequest) -> ChatTemplateOptions:
+    kwargs = req.chat_template_kwargs
+    if req.reasoning_effort is not None:   # the request's own kwargs say it louder
+        kwargs = {"reasoning_effort": req.reasoning_effort, **(kwargs or {})}
     return ChatTemplateOptions(
         continue_final_message=req.continue_final_message, add_special_tokens=req.add_special_tokens,
-        chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
+        chat_template=req.chat_template, chat_template_kwargs=kwargs,
         documents=req.documents, truncate_prompt_tokens=req.truncate_prompt_tokens)

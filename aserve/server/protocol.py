@@ -242,6 +242,9 @@ class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = None
     functions: Optional[list[Any]] = None   # OpenAI's deprecated form: refused, not ignored
+    # OpenAI's; as vLLM, it reaches the chat template as its `reasoning_effort` variable (the
+    # templates of reasoning models read it).
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
 
     def to_sampling_params(self, tool_constraint=None) -> SamplingParams:
         """tool_constraint: the grammar a named or "required" tool_choice forces."""
