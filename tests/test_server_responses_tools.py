@@ -68,6 +68,27 @@ def test_text_format_json_object_gives_an_object(client):
     assert finished
 
 
+def test_the_clients_parse_and_stream_helpers_get_their_pydantic_model(client, server):
+    """The openai client's responses.parse and responses.stream(text_format=...): the schema
+    goes out as text.format, the answer comes back parsed (the stream helper also checks
+    that the events arrive in a valid order)."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Weather(BaseModel):
+        sky: Literal["clear", "cloudy"]
+        degrees: int
+
+    parsed = client.responses.parse(model=server.model_name, input=QUESTION, text_format=Weather,
+                                    max_output_tokens=100)
+    assert isinstance(parsed.output_parsed, Weather) and parsed.status == "completed"
+    with client.responses.stream(model=server.model_name, input=QUESTION, text_format=Weather,
+                                 max_output_tokens=100) as stream:
+        final = stream.get_final_response()
+    assert isinstance(final.output_parsed, Weather)
+
+
 def test_named_tool_choice_gives_a_function_call_item(client):
     resp = client.responses.create(input=QUESTION, tools=FLAT_TOOLS, max_output_tokens=300, extra_body={"seed": 10},
                                    tool_choice={"type": "function", "name": "get_weather"})
@@ -105,6 +126,14 @@ def test_a_streamed_call_sends_its_arguments_as_they_come(client):
     assert done.name == "get_weather" and all(d.item_id == added.item.id == item_done.item.id for d in deltas)
     check_call(completed.response.output[0], "get_weather")
     assert completed.response.output[0].id == added.item.id
+
+
+def test_the_clients_stream_helper_assembles_a_streamed_call(client, server):
+    with client.responses.stream(model=server.model_name, input=QUESTION, tools=FLAT_TOOLS,
+                                 max_output_tokens=300, extra_body={"seed": 12},
+                                 tool_choice={"type": "function", "name": "get_weather"}) as stream:
+        final = stream.get_final_response()
+    check_call(final.output[0], "get_weather")
 
 
 def test_required_calls_stream_one_item_after_another(client):
