@@ -181,12 +181,29 @@ def test_a_forced_tool_gives_a_tool_use_block(tool_client):
     assert msg.stop_reason == "tool_use"
 
 
-def test_a_streamed_tool_use_arrives_whole(tool_client):
+def test_a_streamed_tool_use_arrives_piece_by_piece(tool_client):
+    plain = tool_client.messages.create(model="", max_tokens=300, messages=MESSAGES, tools=ANTHROPIC_TOOLS,
+                                        tool_choice={"type": "tool", "name": "get_weather"}, extra_body={"seed": 10})
     with tool_client.messages.stream(model="", max_tokens=300, messages=MESSAGES, tools=ANTHROPIC_TOOLS,
-                                     tool_choice={"type": "any"}, extra_body={"seed": 12}) as stream:
-        kinds = [event.type for event in stream]
+                                     tool_choice={"type": "tool", "name": "get_weather"},
+                                     extra_body={"seed": 10}) as stream:
+        events = list(stream)
         final = stream.get_final_message()
-    assert "content_block_start" in kinds and final.stop_reason in ("tool_use", "max_tokens")
+    pieces = [e for e in events if e.type == "content_block_delta" and e.delta.type == "input_json_delta"]
+    assert len(pieces) > 1 and final.stop_reason == "tool_use"
+    (block,) = final.content
+    assert block.type == "tool_use" and block.input == plain.content[0].input
+    jsonschema.validate(block.input, SCHEMAS["get_weather"])
+
+
+def test_streamed_required_calls_come_one_block_after_another(tool_client):
+    with tool_client.messages.stream(model="", max_tokens=600, messages=MESSAGES, tools=ANTHROPIC_TOOLS,
+                                     tool_choice={"type": "any"}, extra_body={"seed": 11}) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    starts = [e.index for e in events if e.type == "content_block_start"]
+    stops = [e.index for e in events if e.type == "content_block_stop"]
+    assert starts == stops == list(range(len(final.content)))
     if final.stop_reason == "tool_use":
         for block in final.content:
             assert block.type == "tool_use"

@@ -11,8 +11,9 @@ stop_sequence set) or tool_use.
 Streams are Anthropic's events: message_start, then each block's content_block_start,
 content_block_delta (text_delta, thinking_delta, input_json_delta) and content_block_stop,
 then message_delta (stop_reason, usage) and message_stop. Text and thinking stream as the
-engine makes them; with tools the text is only known to be calls or text once it has ended,
-so those blocks all come at the end.
+engine makes them; with tools, the chat stream's tool parser turns the text into text blocks
+and tool_use blocks whose input streams in (with --reasoning-parser as well, those blocks come
+once the output has ended).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from aserve.server.protocol_anthropic import MessagesRequest, chat_tools, tool_i
 from aserve.server.reasoning import ReasoningView
 from aserve.server.streaming import open_stream, request_failed, stream_or_report
 from aserve.server.structured_request import check_grammar
-from aserve.server.tool_calls import ToolPlan, calls_from_output, plan_tools
+from aserve.server.tool_calls import ToolPlan, calls_from_output, choice_stream, plan_tools
 
 
 async def _prompt(state: ServerState, req: MessagesRequest, plan: ToolPlan) -> list[int]:
@@ -159,7 +160,9 @@ async def _stream(request, state, req, plan, view, message_id, num_prompt_tokens
     await events.send("message_start", message=start)
     if plan.mode == "none":
         final, called = await _stream_text(view, stream, events), False
-    else:   # calls or text: known once the text has ended
+    elif not view.active:
+        final, called = await _stream_calls(plan, stream, events)
+    else:   # thinking, then calls or text: sent once the text has ended
         final = await last_output(stream)
         blocks, called = _blocks(plan, view, final.outputs[0].text)
         for index, block in enumerate(blocks):
@@ -201,6 +204,49 @@ async def _stream_text(view: ReasoningView, stream, events: _Events):
         await block("text")   # no text at all: an empty text block, as the unstreamed answer has
     await blocks[-1].stop()
     return final
+
+
+async def _stream_calls(plan: ToolPlan, stream, events: _Events):
+    """With tools: the chat stream's tool parser turns the text into answer text and calls as it
+    comes; one block after another, a text block or a tool_use block whose input arrives as
+    input_json_delta pieces. Returns the final output and whether it made calls."""
+    parser = choice_stream(plan)
+    index, open_kind, calls_seen = -1, None, set()
+    sent, final = 0, None
+
+    async def start(kind: str, content_block: dict) -> None:
+        nonlocal index, open_kind
+        if open_kind is not None:
+            await events.send("content_block_stop", index=index)
+        index, open_kind = index + 1, kind
+        await events.send("content_block_start", index=index, content_block=content_block)
+
+    async for final in stream:
+        if final.error:
+            raise request_failed(final.error)
+        out = final.outputs[0]
+        delta = parser.feed(out.text[sent:])
+        sent = len(out.text)
+        if out.finish_reason is not None:
+            rest = parser.finish()
+            delta.content += rest.content
+            delta.tool_calls += rest.tool_calls
+        if delta.content:
+            if open_kind != "text":
+                await start("text", {"type": "text", "text": ""})
+            await events.send("content_block_delta", index=index, delta={"type": "text_delta", "text": delta.content})
+        for fragment in delta.tool_calls:
+            if fragment["index"] not in calls_seen:   # a new call (parsers send calls in order)
+                calls_seen.add(fragment["index"])
+                await start("tool_use", {**_tool_use_block(fragment["function"]["name"], {}), "input": {}})
+            arguments = fragment["function"].get("arguments")
+            if arguments:
+                await events.send("content_block_delta", index=index,
+                                  delta={"type": "input_json_delta", "partial_json": arguments})
+    if open_kind is None:   # nothing at all: an empty text block, as the unstreamed answer has
+        await start("text", {"type": "text", "text": ""})
+    await events.send("content_block_stop", index=index)
+    return final, bool(calls_seen)
 
 
 async def _send_whole_block(events: _Events, index: int, block: dict) -> None:

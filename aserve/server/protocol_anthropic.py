@@ -42,6 +42,7 @@ class MessagesRequest(BaseModel):
     tool_choice: Optional[dict[str, Any]] = None
     thinking: Optional[dict[str, Any]] = None   # with --reasoning-parser the thinking comes back
     output_config: Optional[dict[str, Any]] = None   # format: a JSON schema the answer must follow
+    seed: Optional[int] = None   # not Anthropic's: as on the OpenAI routes, a reproducible sample
 
     def tool_plan(self, auto_parser: Optional[str]) -> ToolPlan:
         choice = self.tool_choice or {}
@@ -67,7 +68,7 @@ class MessagesRequest(BaseModel):
                 temperature=1.0 if self.temperature is None else self.temperature,
                 top_p=1.0 if self.top_p is None else self.top_p,
                 top_k=-1 if self.top_k is None else self.top_k,
-                max_tokens=self.max_tokens, stop=self.stop_sequences,
+                max_tokens=self.max_tokens, stop=self.stop_sequences, seed=self.seed,
                 structured_outputs=constraint or plan.constraint, output_kind=output_kind_for(bool(self.stream)))
         except ValueError as exc:
             err = bad_request_from_value_error(exc)
