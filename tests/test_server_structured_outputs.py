@@ -477,3 +477,20 @@ def test_a_grammar_the_requests_other_constraints_contradict_is_a_400(client, se
     with pytest.raises(openai.APIError) as info:
         list(stream)
     assert "no token satisfies both the grammar" in str(info.value)
+
+
+def test_tokenize_counts_a_chat_prompt_with_tools_and_calls(client, server):
+    """vLLM's /tokenize takes tools with messages: the count is the chat prompt's."""
+    history = USER + [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    chat = client.chat.completions.create(model=server.model_name, messages=history, tools=TOOLS,
+                                          tool_choice="none", max_tokens=1)
+    counted = _post(server, "/tokenize", {"messages": history, "tools": TOOLS}).json()
+    assert counted["count"] == chat.usage.prompt_tokens
+    assert _post(server, "/tokenize", {"messages": USER}).json()["count"] < counted["count"]
+    bad = _post(server, "/tokenize", {"messages": USER, "tools": [{"type": "retrieval"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tools"

@@ -381,6 +381,7 @@ class TokenizeRequest(_Strict):
     continue_final_message: bool = False
     chat_template: Optional[str] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    tools: Optional[Any] = None   # with messages: the tools the template writes, as chat's
     return_token_strs: bool = False
 
 
