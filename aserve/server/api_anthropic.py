@@ -32,7 +32,7 @@ from aserve.server.protocol_anthropic import MessagesRequest, chat_tools, tool_i
 from aserve.server.reasoning import ReasoningView
 from aserve.server.streaming import open_stream, request_failed, stream_or_report
 from aserve.server.structured_request import check_grammar
-from aserve.server.tool_calls import ToolPlan, calls_from_output, choice_stream, plan_tools
+from aserve.server.tool_calls import ToolPlan, calls_from_output, plan_tools, streamed_tool_deltas
 
 
 async def _prompt(state: ServerState, req: MessagesRequest, plan: ToolPlan) -> list[int]:
@@ -210,9 +210,7 @@ async def _stream_calls(plan: ToolPlan, stream, events: _Events):
     """With tools: the chat stream's tool parser turns the text into answer text and calls as it
     comes; one block after another, a text block or a tool_use block whose input arrives as
     input_json_delta pieces. Returns the final output and whether it made calls."""
-    parser = choice_stream(plan)
-    index, open_kind, calls_seen = -1, None, set()
-    sent, final = 0, None
+    index, open_kind, calls_seen, final = -1, None, set(), None
 
     async def start(kind: str, content_block: dict) -> None:
         nonlocal index, open_kind
@@ -221,16 +219,7 @@ async def _stream_calls(plan: ToolPlan, stream, events: _Events):
         index, open_kind = index + 1, kind
         await events.send("content_block_start", index=index, content_block=content_block)
 
-    async for final in stream:
-        if final.error:
-            raise request_failed(final.error)
-        out = final.outputs[0]
-        delta = parser.feed(out.text[sent:])
-        sent = len(out.text)
-        if out.finish_reason is not None:
-            rest = parser.finish()
-            delta.content += rest.content
-            delta.tool_calls += rest.tool_calls
+    async for final, delta in streamed_tool_deltas(plan, stream):
         if delta.content:
             if open_kind != "text":
                 await start("text", {"type": "text", "text": ""})

@@ -28,7 +28,7 @@ from aserve.server.responses_output import (ResponseTurn, function_call_item, me
                                             reasoning_item, reasoning_part, response_logprobs, status_of,
                                             text_part, usage_of)
 from aserve.server.streaming import request_failed
-from aserve.server.tool_calls import choice_stream
+from aserve.server.tool_calls import streamed_tool_deltas
 
 
 class ResponseEvents:
@@ -246,11 +246,10 @@ async def _stream_calls(turn: ResponseTurn, stream, events: ResponseEvents):
     """With tools: the tool parser's pieces as they come (the chat stream's parser), one item at
     a time: answer text as a message, each call as a function_call item whose arguments stream
     in. Returns the final output and the items."""
-    parser = choice_stream(turn.plan)
     done: list[dict] = []
     current = None   # the open item: a _TextItem (message) or a _CallItem
     calls_seen: set[int] = set()
-    sent, final = 0, None
+    final = None
 
     async def switch_to(make) -> None:
         """Close the open item, then open make(its output index)."""
@@ -260,16 +259,7 @@ async def _stream_calls(turn: ResponseTurn, stream, events: ResponseEvents):
         current = make(len(done))
         await current.open()
 
-    async for final in stream:
-        if final.error:
-            raise request_failed(final.error)
-        out = final.outputs[0]
-        delta = parser.feed(out.text[sent:])
-        sent = len(out.text)
-        if out.finish_reason is not None:
-            rest = parser.finish()
-            delta.content += rest.content
-            delta.tool_calls += rest.tool_calls
+    async for final, delta in streamed_tool_deltas(turn.plan, stream):
         if delta.content:
             if not isinstance(current, _TextItem):
                 await switch_to(lambda index: _TextItem(events, "message", index))

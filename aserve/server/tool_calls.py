@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 from aserve.server.errors import APIError
+from aserve.server.streaming import request_failed
 from aserve.server.tool_parsers import (PARSERS, Delta, ToolCall, ToolParser, call_arguments, call_header,
                                         new_call_id)
 from aserve.structured_output import StructuredOutputsParams
@@ -195,6 +196,24 @@ def finish_reason(plan: ToolPlan, finish: Optional[str], called: bool) -> Option
     choosing ("auto") or of a "required" choice, but "stop" for a call to a named function;
     a cut-off stays "length"."""
     return "tool_calls" if called and finish == "stop" and plan.mode != "named" else finish
+
+
+async def streamed_tool_deltas(plan: ToolPlan, stream) -> AsyncIterator[tuple[Any, Delta]]:
+    """A one-choice request stream through plan's tool parser: each output with what it adds
+    (answer text and call fragments), the parser's held-back rest with the final output.
+    (/v1/responses and /v1/messages stream their items and blocks from it.)"""
+    parser, sent = choice_stream(plan), 0
+    async for final in stream:
+        if final.error:
+            raise request_failed(final.error)
+        out = final.outputs[0]
+        delta = parser.feed(out.text[sent:])
+        sent = len(out.text)
+        if out.finish_reason is not None:
+            rest = parser.finish()
+            delta.content += rest.content
+            delta.tool_calls += rest.tool_calls
+        yield final, delta
 
 
 def choice_stream(plan: ToolPlan) -> Optional[ToolParser]:
