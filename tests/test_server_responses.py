@@ -13,8 +13,7 @@ import pytest
 import requests
 
 from aserve import OfflineLLM, SamplingParams
-from aserve.server.responses_store import ResponseStore, StoredResponse
-from aserve.server.responses_stream import EventLog
+from aserve.server.responses_store import EventLog, ResponseStore, StoredResponse
 from server_fixtures import TEST_NUM_BLOCKS, ServerThread, module_server_and_client
 
 server, client = module_server_and_client()

@@ -28,8 +28,8 @@ from aserve.server.prompts import ChatTemplateOptions, chat_prompt_ids
 from aserve.server.protocol_responses import ResponsesRequest, input_items, items_as_messages
 from aserve.server.reasoning import ReasoningView
 from aserve.server.responses_output import ResponseTurn, output_items, status_of, usage_of
-from aserve.server.responses_store import ResponseStore, StoredResponse
-from aserve.server.responses_stream import EventLog, ResponseEvents, stream_response
+from aserve.server.responses_store import EventLog, ResponseStore, StoredResponse
+from aserve.server.responses_stream import ResponseEvents, stream_response
 from aserve.server.streaming import open_stream, stream_or_report
 from aserve.server.structured_request import check_grammar
 

@@ -17,13 +17,49 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Coroutine, Optional
-
-if TYPE_CHECKING:
-    from aserve.server.responses_stream import EventLog
+from typing import Awaitable, Callable, Coroutine, Optional
 
 DEFAULT_MAX_STORED_RESPONSES = 1000
 MAX_EVENT_BYTES = 256 << 20
+
+
+class EventLog:
+    """A background response's events, kept for whoever reads them, from any point on: an
+    event's index is its sequence_number."""
+
+    def __init__(self) -> None:
+        self.events: list[bytes] = []
+        self.num_bytes = 0
+        self.ended = False
+        self._changed = asyncio.Event()
+
+    async def write(self, event: bytes) -> None:
+        self.events.append(event)
+        self.num_bytes += len(event)
+        self._wake()
+
+    async def end(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """No more events (also when the run was cancelled before it wrote its last)."""
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()   # the next wait waits for the next change
+
+    async def follow(self, write: Callable[[bytes], Awaitable[None]], starting_after: int = -1) -> None:
+        """write() every event after the index starting_after, as they come, until the end."""
+        index = starting_after + 1
+        while True:
+            while index < len(self.events):
+                await write(self.events[index])
+                index += 1
+            if self.ended:
+                return
+            await self._changed.wait()
 
 
 @dataclass
@@ -34,7 +70,7 @@ class StoredResponse:
     # brings its own, as OpenAI's): the earlier turns' messages and this request's input.
     messages: list[dict] = field(default_factory=list)
     task: Optional[asyncio.Task] = None   # a background response's run
-    events: Optional["EventLog"] = None   # a background stream's events, for its readers
+    events: Optional[EventLog] = None     # a background stream's events, for its readers
 
 
 class ResponseStore:

@@ -1,7 +1,7 @@
 """The events of a streamed /v1/responses answer (OpenAI's typed server-sent events, numbered
-by sequence_number), written to the client as they come, or into an EventLog that a
-background response keeps for its readers (the request that created it, and GET
-/v1/responses/{id}?stream=true&starting_after=N).
+by sequence_number), written to the client as they come, or into the EventLog
+(responses_store.py) that a background response keeps for its readers (the request that
+created it, and GET /v1/responses/{id}?stream=true&starting_after=N).
 
 Order: response.created, response.in_progress, the message's output_item.added and
 content_part.added, an output_text.delta per engine step that brought tokens (empty text while
@@ -15,7 +15,6 @@ output has ended. An error after the headers is an "error" event.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Awaitable, Callable, Optional
 
 import orjson
@@ -49,45 +48,6 @@ class ResponseEvents:
 
     async def end(self) -> None:
         await self._end()
-
-
-class EventLog:
-    """A background response's events, kept for whoever reads them, from any point on: an
-    event's index is its sequence_number."""
-
-    def __init__(self) -> None:
-        self.events: list[bytes] = []
-        self.num_bytes = 0
-        self.ended = False
-        self._changed = asyncio.Event()
-
-    async def write(self, event: bytes) -> None:
-        self.events.append(event)
-        self.num_bytes += len(event)
-        self._wake()
-
-    async def end(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """No more events (also when the run was cancelled before it wrote its last)."""
-        self.ended = True
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()   # the next wait waits for the next change
-
-    async def follow(self, write: Callable[[bytes], Awaitable[None]], starting_after: int = -1) -> None:
-        """write() every event after the index starting_after, as they come, until the end."""
-        index = starting_after + 1
-        while True:
-            while index < len(self.events):
-                await write(self.events[index])
-                index += 1
-            if self.ended:
-                return
-            await self._changed.wait()
 
 
 async def stream_response(turn: ResponseTurn, stream, events: ResponseEvents,
