@@ -218,8 +218,9 @@ def test_tool_use_and_tool_result_reach_the_template(tool_client, tool_server):
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}]
     count = tool_client.messages.count_tokens(model="", messages=messages, tools=ANTHROPIC_TOOLS)
     chat = MESSAGES + [
-        {"role": "assistant", "content": "Let me look.", "tool_calls": [{"id": "toolu_1", "type": "function", "function": {
-            "name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 1}}}]},
+        {"role": "assistant", "content": "Let me look.", "tool_calls": [{
+            "id": "toolu_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 1}}}]},
         {"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"}]
     tokenizer = tool_server.async_engine.engine.tokenizer
     assert count.input_tokens == len(rendered(tokenizer, chat, TEMPLATE, TOOLS))

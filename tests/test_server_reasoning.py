@@ -275,7 +275,8 @@ def test_reasoning_effort_reaches_the_chat_template():
             return client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=1,
                                                   **extra).usage.prompt_tokens
 
-        plain, low, high = prompt_tokens(), prompt_tokens(reasoning_effort="low"), prompt_tokens(reasoning_effort="high")
+        plain = prompt_tokens()
+        low, high = prompt_tokens(reasoning_effort="low"), prompt_tokens(reasoning_effort="high")
         assert plain < low and low != high
         with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
             prompt_tokens(reasoning_effort="extreme")

@@ -167,8 +167,9 @@ def test_calls_and_their_outputs_reach_the_template(client, server):
                {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
                answer], tools=FLAT_TOOLS, tool_choice="none", max_output_tokens=2)
     messages = [{"role": "user", "content": QUESTION},
-                {"role": "assistant", "content": "", "tool_calls": [{"id": call.call_id, "type": "function", "function": {
-                    "name": call.name, "arguments": json.loads(call.arguments)}}]},
+                {"role": "assistant", "content": "", "tool_calls": [{
+                    "id": call.call_id, "type": "function",
+                    "function": {"name": call.name, "arguments": json.loads(call.arguments)}}]},
                 {"role": "tool", "tool_call_id": call.call_id, "content": "sunny, 21 C"}]
     expected = rendered_length(server, messages, tools=TOOLS)
     assert chained.usage.input_tokens == whole.usage.input_tokens == expected

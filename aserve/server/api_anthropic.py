@@ -96,8 +96,9 @@ def _tool_use_block(name: str, arguments) -> dict:
 
 def _message(req: MessagesRequest, state: ServerState, message_id: str, content: list[dict],
              usage: dict) -> dict:
-    return {"id": message_id, "type": "message", "role": "assistant", "model": req.model or state.served_model_name,
-            "content": content, "stop_reason": None, "stop_sequence": None, "usage": usage}
+    return {"id": message_id, "type": "message", "role": "assistant",
+            "model": req.model or state.served_model_name, "content": content, "stop_reason": None,
+            "stop_sequence": None, "usage": usage}
 
 
 def _usage(final) -> dict:
@@ -223,7 +224,8 @@ async def _stream_calls(plan: ToolPlan, stream, events: _Events):
         if delta.content:
             if open_kind != "text":
                 await start("text", {"type": "text", "text": ""})
-            await events.send("content_block_delta", index=index, delta={"type": "text_delta", "text": delta.content})
+            await events.send("content_block_delta", index=index,
+                              delta={"type": "text_delta", "text": delta.content})
         for fragment in delta.tool_calls:
             if fragment["index"] not in calls_seen:   # a new call (parsers send calls in order)
                 calls_seen.add(fragment["index"])

@@ -306,8 +306,9 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
             await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
                 index=j, delta=DeltaMessage(content=reply.echoed)), usage_so_far(0)))
     sent = [ChoiceProgress() for _ in range(params.n)]
+    # One plain choice: its chunks go out from the dispatch.
     if (params.n == 1 and tool_streams[0] is None and not req.logprobs and not continuous
-            and not _holds_back(params) and not view.active):  # one plain choice: its chunks go out from the dispatch
+            and not _holds_back(params) and not view.active):
         stream.set_sink(TextChunkSink(request.transport, response.chunked, sent[0],
                                       chat_content_chunk(request_id, created, model, 0, TEXT_MARK, None, None)))
     final, events = None, SSEEvents(response)

@@ -157,7 +157,8 @@ def _text_of(value: Any, where: str) -> str:
         return value
     if isinstance(value, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in value):
         return "".join(str(b.get("text", "")) for b in value)
-    raise APIError(400, f"{where} must be a string or a list of text blocks.", param=where.split(".")[0].split("[")[0])
+    param = where.split(".")[0].split("[")[0]   # the top-level field: system, messages
+    raise APIError(400, f"{where} must be a string or a list of text blocks.", param=param)
 
 
 def tool_input(arguments: str) -> Any:
