@@ -200,3 +200,17 @@ def test_max_stored_responses_reaches_the_server():
     refused = subprocess.run([sys.executable, "-m", "aserve", "--max-stored-responses", "-1"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "--max-stored-responses must be at least 0" in refused.stderr
+
+
+def test_several_served_model_names_are_all_answered():
+    """vLLM's --served-model-name a b: requests may name either, /v1/models lists both, and
+    answers name the first."""
+    with subprocess_server("--kv-cache-memory-gb", "0.05", "--served-model-name", "first", "second") as (url, _, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["first", "second"]
+        assert client.models.retrieve("second").id == "second"
+        resp = client.completions.create(model="second", prompt="Hello", max_tokens=2)
+        assert resp.model == "first"
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="third", prompt="Hello", max_tokens=2)
+    assert engine_args_from(make_parser().parse_args(["--served-model-name", "a", "b"])).served_model_name == "a"

@@ -70,6 +70,7 @@ class ServerState:
     # ---- from the engine (attach)
     async_engine: Optional[AsyncEngine] = None
     served_model_name: str = ""
+    served_model_aliases: tuple[str, ...] = ()   # --served-model-name's other names
     max_model_len: int = 0
     vocab_size: int = 0
     tokenizer: Any = None
@@ -101,9 +102,14 @@ class ServerState:
 
     def check_model(self, name: Optional[str]) -> None:
         # vLLM serves its base model for a missing or empty name ("" as some clients send).
-        if name and name != self.served_model_name:
+        if name and name not in self.model_names:
             raise APIError(404, f"The model `{name}` does not exist.", param="model",
                            code="model_not_found")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name the served model answers to; answers name the first."""
+        return (self.served_model_name, *self.served_model_aliases)
 
     def check_token_ids(self, token_ids: list[int]) -> None:
         # An id outside the embedding table would fail the whole batch's forward, not just this one.
@@ -243,13 +249,13 @@ async def reset_prefix_cache(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-def _model_card(state) -> ModelCard:
-    return ModelCard(id=state.served_model_name, created=state.created, root=state.model_root,
-                     max_model_len=state.max_model_len)
+def _model_card(state, name: str) -> ModelCard:
+    return ModelCard(id=name, created=state.created, root=state.model_root, max_model_len=state.max_model_len)
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return json_response(ModelList(data=[_model_card(request.app[STATE])]))
+    state = request.app[STATE]
+    return json_response(ModelList(data=[_model_card(state, name) for name in state.model_names]))
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
@@ -257,9 +263,9 @@ async def retrieve_model(request: web.Request) -> web.Response:
     hold slashes (facebook/opt-125m), so the route takes the rest of the path."""
     state = request.app[STATE]
     name = request.match_info["model"]
-    if name != state.served_model_name:
+    if name not in state.model_names:
         raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
-    return json_response(_model_card(state))
+    return json_response(_model_card(state, name))
 
 
 async def tokenize(request: web.Request) -> web.Response:

@@ -60,8 +60,10 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
     m.add_argument("--download-dir", default=None,
                    help="Where hub models are cached and downloaded; default: the Hugging Face "
                         "cache ($HF_HOME, ~/.cache/huggingface).")
-    m.add_argument("--served-model-name", default=None,
-                   help="The model name the API reports and expects in requests; default: --model.")
+    m.add_argument("--served-model-name", default=None, nargs="+",
+                   help="The model name the API reports and expects in requests; default: --model. "
+                        "Several names: requests may use any of them, /v1/models lists them all, and "
+                        "answers name the first (as vLLM).")
     m.add_argument("--dtype", default="auto", choices=["auto", "float16", "half", "bfloat16", "float32", "float"],
                    help="Weight and activation dtype; auto: the checkpoint's on GPU (float16 for a "
                         "float32 checkpoint, as vLLM), float32 on CPU. (default: %(default)s)")
@@ -231,8 +233,12 @@ def _env_int(name: str, default):
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    """Every EngineArgs field from the flag of the same name."""
-    return EngineArgs(**{name: getattr(ns, name) for name in EngineArgs.field_names() if hasattr(ns, name)})
+    """Every EngineArgs field from the flag of the same name (the engine takes the first served
+    model name; the server answers to the others too)."""
+    fields = {name: getattr(ns, name) for name in EngineArgs.field_names() if hasattr(ns, name)}
+    if isinstance(fields.get("served_model_name"), list):
+        fields["served_model_name"] = fields["served_model_name"][0]
+    return EngineArgs(**fields)
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:
@@ -312,6 +318,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
         enable_request_id_headers=ns.enable_request_id_headers,
         responses=ResponseStore(ns.max_stored_responses),
+        served_model_aliases=tuple((ns.served_model_name or [])[1:]),
         limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
     try:
