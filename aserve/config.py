@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -42,6 +42,9 @@ class ModelConfig:
     load_format: str = "auto"
     # The most logprobs one request may ask for (-1 = the whole vocabulary), as vLLM.
     max_logprobs: int = 20
+    # The model's sampling defaults (its generation_config.json: models/generation_config.py),
+    # for what a request leaves unset; max_new_tokens is max_tokens here.
+    sampling_defaults: dict = field(default_factory=dict)
 
     @property
     def vocab_size(self) -> int:
@@ -137,6 +140,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     # Most logprobs (and prompt logprobs) a request may ask for; -1 means no bound (vLLM's).
     max_logprobs: int = 20
+    # Where requests' sampling defaults come from, as vLLM: auto (the model's
+    # generation_config.json), vllm (none: the API's own), or a folder; and overrides of them.
+    generation_config: str = "auto"
+    override_generation_config: Optional[dict] = None
     # api_server: `python -m aserve` (its CLI's default), which keeps smaller steps on a large GPU.
     usage_context: str = "offline"
 

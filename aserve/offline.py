@@ -33,6 +33,11 @@ class OfflineLLM:
         self.engine.stream_outputs = False
         self._counter = 0
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: SamplingParams with the model's generation config's defaults (temperature,
+        top_p, top_k, min_p, repetition_penalty, max_tokens), the rest SamplingParams' own."""
+        return SamplingParams(**self.engine.model_config.sampling_defaults)
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 
@@ -60,8 +65,8 @@ class OfflineLLM:
         the prompt's index before any work starts, and leaves the engine as it was.
         """
         prompts = as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
+        if sampling_params is None:   # as vLLM: the model's own defaults (its generation config)
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         elif len(sampling_params) != len(prompts):

@@ -13,6 +13,7 @@ from torch import nn
 from aserve.config import EngineArgs, ModelConfig
 from aserve.distributed import SINGLE_RANK, TensorParallelGroup, building_with
 from aserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
+from aserve.models.generation_config import sampling_defaults
 from aserve.models.registry import get_model_class, resolve_architecture
 
 # Everything needed to serve a model except its weights (configs, tokenizer files, templates).
@@ -129,7 +130,8 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         architecture=architecture, dtype=dtype, max_model_len=max_model_len,
         served_model_name=args.served_model_name or default_name,
         trust_remote_code=args.trust_remote_code, seed=args.seed, load_format=args.load_format,
-        max_logprobs=args.max_logprobs)
+        max_logprobs=args.max_logprobs,
+        sampling_defaults=sampling_defaults(args.generation_config, model_path, args.override_generation_config))
 
 
 def _weight_files(model_path: str, suffix: str, index_name: str) -> list[str]:

@@ -47,7 +47,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     req: MessagesRequest = await read_request(request, MessagesRequest)
     state.check_model(req.model)
     plan = req.tool_plan(state.tool_call_parser)
-    params = req.to_sampling_params(plan)
+    params = req.to_sampling_params(plan, state.sampling_defaults)
     message_id = f"msg_{uuid.uuid4().hex}"
     with state.admit():
         await check_grammar(state, params, "output_config" if req.output_config else "tool_choice")

@@ -90,7 +90,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     state: ServerState = request.app[STATE]
     req: CompletionRequest = await read_request(request, CompletionRequest)
     state.check_model(req.model)
-    params = req.to_sampling_params()
+    params = req.to_sampling_params(state.sampling_defaults)
     prompts = req.prompts()
     as_ids = req.tokens_as_ids(state.return_tokens_as_token_ids)
 
@@ -239,7 +239,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req: ChatCompletionRequest = await read_request(request, ChatCompletionRequest)
     state.check_model(req.model)
     tool_plan = plan_tools(req.tools, req.tool_choice, state.tool_call_parser)
-    params = req.to_sampling_params(tool_plan.constraint)
+    params = req.to_sampling_params(tool_plan.constraint, state.sampling_defaults)
     reply = chat_reply(req, state.return_tokens_as_token_ids)
     request_id = req.response_id("chatcmpl")
     model, created = state.served_model_name, int(time.time())

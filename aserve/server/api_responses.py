@@ -52,8 +52,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     messages += items_as_messages(items)
     conversation = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + messages
     plan = req.tool_plan(state.tool_call_parser)
-    params = req.to_sampling_params(plan)
-    turn = ResponseTurn(state, req, plan, stored=req.store is not False and store.enabled)   # null: the default
+    params = req.to_sampling_params(plan, state.sampling_defaults)
+    turn = ResponseTurn(state, req, plan, stored=req.store is not False and store.enabled,   # null: the default
+                        params=params)
     with state.admit():
         await check_grammar(state, params, req.constraint_param())
         prompt_ids = await chat_prompt_ids(state, conversation, True,

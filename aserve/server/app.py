@@ -78,6 +78,7 @@ class ServerState:
     max_prompt_chars: int = 0  # longer text prompts cannot fit (prompts.max_prompt_chars)
     metrics: Optional[ServerMetrics] = None
     reasoning: Optional[ReasoningParser] = None   # thinking apart from the answer (reasoning.py)
+    sampling_defaults: dict = field(default_factory=dict)   # the model's (ModelConfig.sampling_defaults)
     background: list = field(default_factory=list)  # tasks running while the engine serves
 
     @property
@@ -92,6 +93,7 @@ class ServerState:
         self.max_model_len, self.vocab_size = mc.max_model_len, mc.vocab_size
         self.max_prompt_chars = max_prompt_chars(self.tokenizer, mc.max_model_len)
         self.reasoning = reasoning_parser_for(self.reasoning_parser, self.tokenizer)
+        self.sampling_defaults = dict(mc.sampling_defaults)
         self.metrics = ServerMetrics(async_engine, mc.served_model_name, self.metrics_prefix)
         self.async_engine = async_engine
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import sys
@@ -80,6 +81,13 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
     m.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                    help="How the model writes its tool calls, for tool_choice \"auto\": hermes "
                         "(<tool_call>{...}</tool_call>, Hermes, Qwen2.5 and others).")
+    m.add_argument("--generation-config", default=_ENGINE_DEFAULTS.generation_config,
+                   help="Where requests' sampling defaults come from (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty, max_new_tokens, for what a request leaves unset): auto, the "
+                        "model's generation_config.json; vllm, none (the API's own); or a folder with "
+                        "a generation_config.json. As vLLM. (default: %(default)s)")
+    m.add_argument("--override-generation-config", default=None, type=_json_object,
+                   help='JSON that sets or replaces sampling defaults, e.g. \'{"temperature": 0.5}\'.')
     m.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="Take a reasoning model's thinking apart from its answer: chat's `reasoning` "
                         "field, /v1/responses' reasoning item (deepseek_r1: <think>...</think>, "
@@ -239,6 +247,16 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     if isinstance(fields.get("served_model_name"), list):
         fields["served_model_name"] = fields["served_model_name"][0]
     return EngineArgs(**fields)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def load_chat_template(value: Optional[str]) -> Optional[str]:

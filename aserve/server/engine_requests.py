@@ -38,11 +38,13 @@ async def add_all(state: "ServerState", base_id: str, prompts: list, params_for,
 
 
 def fill_max_tokens(state: "ServerState", params, prompt_ids_len: int):
-    """max_tokens=None means 'up to the context': resolve it for this prompt."""
+    """max_tokens=None means 'up to the context' (or the model's default max_tokens, from its
+    generation config, where that is less, as vLLM): resolve it for this prompt."""
     if params.max_tokens is not None:
         return params
     params = params.clone()
-    params.max_tokens = max(1, state.max_model_len - prompt_ids_len)
+    room = state.max_model_len - prompt_ids_len
+    params.max_tokens = max(1, min(room, state.sampling_defaults.get("max_tokens", room)))
     return params
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from aserve.models.generation_config import pick
 from aserve.sampling_params import RequestOutputKind, SamplingParams
 from aserve.server.errors import APIError, bad_request_from_value_error
 from aserve.server.structured_request import request_constraint
@@ -61,8 +62,9 @@ class _SamplingRequest(_Strict, VllmSamplingFields):
     seed: Optional[int] = None
     user: Optional[str] = None
     top_k: Optional[int] = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    # Unset sampling fields take the model's defaults (its generation config), as in vLLM.
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
     min_tokens: int = 0
@@ -89,18 +91,22 @@ class _SamplingRequest(_Strict, VllmSamplingFields):
                            param="stream_options")
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
-                         prompt_logprobs: Optional[int], tool_constraint=None) -> SamplingParams:
+                         prompt_logprobs: Optional[int], tool_constraint=None,
+                         defaults: Optional[dict] = None) -> SamplingParams:
+        """defaults: the model's sampling defaults (ModelConfig.sampling_defaults), for the
+        fields this request leaves unset; beam search keeps its own."""
         self.check_vllm_fields(self.stream)
         # Beam search is deterministic: its natural temperature is 0, so that is the default.
         default_temperature = 0.0 if self.use_beam_search else 1.0
+        d = {} if self.use_beam_search else (defaults or {})
         try:
             return SamplingParams(
                 n=self.n, best_of=self.best_of,
-                temperature=default_temperature if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=-1 if self.top_k is None else self.top_k, min_p=self.min_p,
+                temperature=pick(d, "temperature", self.temperature, default_temperature),
+                top_p=pick(d, "top_p", self.top_p, 1.0), top_k=pick(d, "top_k", self.top_k, -1),
+                min_p=pick(d, "min_p", self.min_p, 0.0),
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                repetition_penalty=self.repetition_penalty, seed=self.seed,
+                repetition_penalty=pick(d, "repetition_penalty", self.repetition_penalty, 1.0), seed=self.seed,
                 use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
                 early_stopping=self.early_stopping, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,
@@ -141,7 +147,7 @@ class CompletionRequest(_SamplingRequest, VllmCompletionFields):
             return [p]
         return list(p)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: Optional[dict] = None) -> SamplingParams:
         if self.suffix is not None:
             raise APIError(400, "suffix is not supported: this server does not do fill-in-the-middle.",
                            param="suffix")
@@ -153,7 +159,7 @@ class CompletionRequest(_SamplingRequest, VllmCompletionFields):
         # echo with max_tokens 0 (vLLM's): the prompt alone comes back, to score it; the engine
         # still takes one step (it generates at least one token), which usage counts, as vLLM.
         max_tokens = 1 if self.echo_only else self.max_tokens
-        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs, defaults=defaults)
 
     @property
     def echo_only(self) -> bool:
@@ -246,8 +252,9 @@ class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
     # templates of reasoning models read it).
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = None
 
-    def to_sampling_params(self, tool_constraint=None) -> SamplingParams:
-        """tool_constraint: the grammar a named or "required" tool_choice forces."""
+    def to_sampling_params(self, tool_constraint=None, defaults: Optional[dict] = None) -> SamplingParams:
+        """tool_constraint: the grammar a named or "required" tool_choice forces; defaults: the
+        model's sampling defaults."""
         if not self.messages:
             raise APIError(400, "messages must contain at least one message.", param="messages")
         if self.functions:
@@ -261,7 +268,8 @@ class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
         self.check_chat_fields(self.add_generation_prompt)
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, self.requested_prompt_logprobs(), tool_constraint)
+        return self._sampling_params(max_tokens, logprobs, self.requested_prompt_logprobs(), tool_constraint,
+                                     defaults)
 
     def conversation(self) -> list[dict[str, Any]]:
         out = []

@@ -77,6 +77,10 @@ async def output_items(state: "ServerState", req: ResponsesRequest, plan: ToolPl
     return items
 
 
+def pick_first(*values):
+    return next(v for v in values if v is not None)
+
+
 def usage_of(final: Optional[RequestOutput]) -> Optional[dict]:
     if final is None:
         return None
@@ -89,7 +93,8 @@ def usage_of(final: Optional[RequestOutput]) -> Optional[dict]:
 
 def response_object(req: ResponsesRequest, response_id: str, model: str, created_at: int, status: str,
                     output: list[dict], usage: Optional[dict] = None, error: Optional[dict] = None,
-                    store: bool = False) -> dict[str, Any]:
+                    store: bool = False, temperature: Optional[float] = None,
+                    top_p: Optional[float] = None) -> dict[str, Any]:
     """The response object: what was asked (echoed as OpenAI echoes it, with the sampling
     values in effect), the output and usage, the status."""
     text = dict(req.text or {})
@@ -103,10 +108,10 @@ def response_object(req: ResponsesRequest, response_id: str, model: str, created
         "parallel_tool_calls": req.parallel_tool_calls is not False,
         "previous_response_id": req.previous_response_id, "reasoning": req.reasoning,
         "service_tier": req.service_tier or "auto", "store": store,
-        "temperature": 1.0 if req.temperature is None else req.temperature, "text": text,
+        "temperature": pick_first(temperature, req.temperature, 1.0), "text": text,
         "tool_choice": req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none"),
         "tools": req.tools or [], "top_logprobs": req.top_logprobs or 0,
-        "top_p": 1.0 if req.top_p is None else req.top_p, "truncation": req.truncation or "disabled",
+        "top_p": pick_first(top_p, req.top_p, 1.0), "truncation": req.truncation or "disabled",
         "usage": usage, "user": req.user,
         "completed_at": int(time.time()) if status in ("completed", "incomplete") else None,
     }
@@ -115,13 +120,18 @@ def response_object(req: ResponsesRequest, response_id: str, model: str, created
 class ResponseTurn:
     """One request's identity and what it asked: enough to build its response object."""
 
-    def __init__(self, state: "ServerState", req: ResponsesRequest, plan: ToolPlan, stored: bool) -> None:
+    def __init__(self, state: "ServerState", req: ResponsesRequest, plan: ToolPlan, stored: bool,
+                 params=None) -> None:
         self.state, self.req, self.plan, self.stored = state, req, plan, stored
+        self.params = params   # the SamplingParams in effect: the echoed temperature and top_p
         self.view = ReasoningView(None, [])   # its thinking (set once the prompt is known)
         self.response_id = req.response_id()
         self.created_at = int(time.time())
 
     def body(self, status: str, output: list[dict], usage: Optional[dict] = None,
              error: Optional[dict] = None) -> dict:
+        params = self.params
         return response_object(self.req, self.response_id, self.state.served_model_name, self.created_at,
-                               status, output, usage, error, store=self.stored)
+                               status, output, usage, error, store=self.stored,
+                               temperature=params.temperature if params is not None else None,
+                               top_p=params.top_p if params is not None else None)

@@ -164,6 +164,9 @@ def _log_start(state: ServerState, host: str, port: int, shutdown_timeout_s: flo
                 "API key required: %s; keep-alive %g s, shutdown timeout %g s",
                 sched.max_num_seqs, sched.max_num_batched_tokens, max_waiting,
                 "yes" if state.api_key else "no", state.limits.keep_alive_timeout_s, shutdown_timeout_s)
+    if state.sampling_defaults:
+        logger.info("sampling defaults from the model's generation config, for what requests leave unset: %s "
+                    "(--generation-config vllm: none)", state.sampling_defaults)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"aserve: serving model {state.served_model_name!r} (max_model_len {state.max_model_len}) "
           f"at http://{shown_host}:{port}  (OpenAI API at http://{shown_host}:{port}/v1)", flush=True)
