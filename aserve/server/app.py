@@ -24,6 +24,7 @@ from aserve.engine.async_engine import AsyncEngine
 from aserve.engine.gc_policy import serve_with_fewer_collections
 from aserve.server.access_log import USAGE, access_log_middleware
 from aserve.server.admission import Admission
+from aserve.server.cors import CorsPolicy, cors_headers_on_prepare, cors_middleware
 from aserve.server.errors import (ANTHROPIC_PATHS, APIError, api_error_from, bad_request_from_value_error,
                                   check_json_content_type, parse_request)
 from aserve.server.http_server import HttpLimits, error_response, read_body
@@ -64,6 +65,7 @@ class ServerState:
     limits: HttpLimits = field(default_factory=HttpLimits)
     admission: Admission = field(default_factory=Admission)
     responses: ResponseStore = field(default_factory=ResponseStore)   # /v1/responses' store=true
+    cors: CorsPolicy = field(default_factory=CorsPolicy)   # as vLLM's default: any origin
     # Tokenization and chat templates run here, off the event loop (prompts.py).
     prompt_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=2, thread_name_prefix="aserve-prompts"))
@@ -310,7 +312,8 @@ def build_app(state: ServerState) -> web.Application:
                                api_server_info)
     from aserve.server.request_tracking import add_request_id_header, load_tracking_middleware
 
-    middlewares = [error_middleware, readiness_middleware]
+    # CORS outside the rest: a browser's preflight is answered before the key is asked for.
+    middlewares = [cors_middleware(state.cors), error_middleware, readiness_middleware]
     if state.log_requests:
         middlewares.insert(0, access_log_middleware)
     if state.api_key:
@@ -321,6 +324,7 @@ def build_app(state: ServerState) -> web.Application:
     app[STATE] = state
     if state.enable_request_id_headers:
         app.on_response_prepare.append(add_request_id_header)
+    app.on_response_prepare.append(cors_headers_on_prepare(state.cors))
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)

@@ -194,6 +194,14 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help="/v1/responses: how many responses store=true keeps in memory for GET, "
                         "previous_response_id and background runs (the oldest is forgotten first); "
                         "0: none (store is ignored, as vLLM does by default). (default: %(default)s)")
+    s.add_argument("--allowed-origins", type=_json_list, default=["*"],
+                   help='Origins a browser may call the API from, a JSON list. (default: ["*"], as vLLM)')
+    s.add_argument("--allowed-methods", type=_json_list, default=["*"],
+                   help='Methods a cross-origin call may use, a JSON list. (default: ["*"])')
+    s.add_argument("--allowed-headers", type=_json_list, default=["*"],
+                   help='Headers a cross-origin call may send, a JSON list. (default: ["*"])')
+    s.add_argument("--allow-credentials", action="store_true",
+                   help="Cross-origin calls may carry credentials (cookies, the Authorization header).")
     s.add_argument("--enable-request-id-headers", action="store_true",
                    help="Put X-Request-Id on every response: the client's own, else a new one.")
     s.add_argument("--disable-log-requests", "--disable-uvicorn-access-log", action="store_true",
@@ -259,6 +267,16 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _json_list(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise argparse.ArgumentTypeError("must be a JSON list of strings")
+    return value
+
+
 def load_chat_template(value: Optional[str]) -> Optional[str]:
     """--chat-template names a file, or is the template itself (it has Jinja markers)."""
     if value is None:
@@ -320,6 +338,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from aserve.server.admission import Admission
     from aserve.server.app import ServerState
     from aserve.server.open_files import raise_open_file_limit
+    from aserve.server.cors import CorsPolicy
     from aserve.server.responses_store import ResponseStore
     from aserve.server.serving import serve
 
@@ -336,6 +355,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
         enable_request_id_headers=ns.enable_request_id_headers,
         responses=ResponseStore(ns.max_stored_responses),
+        cors=CorsPolicy(tuple(ns.allowed_origins), tuple(ns.allowed_methods), tuple(ns.allowed_headers),
+                        ns.allow_credentials),
         served_model_aliases=tuple((ns.served_model_name or [])[1:]),
         limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
