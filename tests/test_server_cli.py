@@ -214,3 +214,20 @@ def test_several_served_model_names_are_all_answered():
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="third", prompt="Hello", max_tokens=2)
     assert engine_args_from(make_parser().parse_args(["--served-model-name", "a", "b"])).served_model_name == "a"
+
+
+def test_response_role_data_parallel_size_and_the_grammar_backend_flags():
+    from aserve.server.cli import main
+    from server_fixtures import ServerThread
+
+    ns = parse_args(["--response-role", "bot", "--guided-decoding-backend", "xgrammar", "--data-parallel-size", "1"])
+    assert ns.response_role == "bot" and ns.data_parallel_size == 1
+    with pytest.raises(SystemExit, match="one server per replica"):
+        main(["--data-parallel-size", "2"])
+    with ServerThread(state_options={"response_role": "bot"}) as srv:
+        client = srv.openai_client()
+        reply = client.chat.completions.create(model="", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert reply.choices[0].message.role == "bot"
+        first = next(iter(client.chat.completions.create(model="", messages=[{"role": "user", "content": "Hi"}],
+                                                         max_tokens=2, stream=True)))
+        assert first.choices[0].delta.role == "bot"

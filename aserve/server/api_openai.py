@@ -240,7 +240,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.check_model(req.model)
     tool_plan = plan_tools(req.tools, req.tool_choice, state.tool_call_parser)
     params = req.to_sampling_params(tool_plan.constraint, state.sampling_defaults)
-    reply = chat_reply(req, state.return_tokens_as_token_ids)
+    reply = chat_reply(req, state.return_tokens_as_token_ids, state.response_role)
     request_id = req.response_id("chatcmpl")
     model, created = state.served_model_name, int(time.time())
     with state.admit():

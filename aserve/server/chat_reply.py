@@ -24,9 +24,10 @@ class ChatReply:
     as_ids: bool   # logprobs name tokens 'token_id:N'
 
 
-def chat_reply(req: ChatCompletionRequest, server_tokens_as_ids: bool) -> ChatReply:
+def chat_reply(req: ChatCompletionRequest, server_tokens_as_ids: bool, response_role: str = ASSISTANT) -> ChatReply:
+    """response_role: the server's --response-role (the reply's role after a generation prompt)."""
     last = req.messages[-1]
-    role = ASSISTANT if req.add_generation_prompt else last.role
+    role = response_role if req.add_generation_prompt else last.role
     echoed = last.text() if req.echo and last.role == role else ""
     return ChatReply(role=role, echoed=echoed, top_n=req.top_logprobs or 0,
                      as_ids=req.tokens_as_ids(server_tokens_as_ids))

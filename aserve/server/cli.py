@@ -194,6 +194,12 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help="/v1/responses: how many responses store=true keeps in memory for GET, "
                         "previous_response_id and background runs (the oldest is forgotten first); "
                         "0: none (store is ignored, as vLLM does by default). (default: %(default)s)")
+    s.add_argument("--response-role", default="assistant",
+                   help="The role of a chat reply to a request with add_generation_prompt (as vLLM). "
+                        "(default: %(default)s)")
+    s.add_argument("--data-parallel-size", type=int, default=1,
+                   help="vLLM's engine replicas; aserve runs one (1 only: put several servers behind a "
+                        "balancer for more).")
     s.add_argument("--allowed-origins", type=_json_list, default=["*"],
                    help='Origins a browser may call the API from, a JSON list. (default: ["*"], as vLLM)')
     s.add_argument("--allowed-methods", type=_json_list, default=["*"],
@@ -331,6 +337,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     chat_template = load_chat_template(ns.chat_template)
     if ns.enable_auto_tool_choice and ns.tool_call_parser is None:
         raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser (e.g. hermes).")
+    if ns.data_parallel_size != 1:
+        raise SystemExit(f"error: --data-parallel-size {ns.data_parallel_size}: aserve runs one engine a server; "
+                         "start one server per replica behind a load balancer.")
     if ns.max_stored_responses < 0:
         raise SystemExit(f"error: --max-stored-responses must be at least 0, got {ns.max_stored_responses}.")
 
@@ -353,7 +362,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         log_stats=not ns.disable_log_stats, metrics_prefix=ns.metrics_prefix,
         enable_server_load_tracking=ns.enable_server_load_tracking,
         enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
-        enable_request_id_headers=ns.enable_request_id_headers,
+        enable_request_id_headers=ns.enable_request_id_headers, response_role=ns.response_role,
         responses=ResponseStore(ns.max_stored_responses),
         cors=CorsPolicy(tuple(ns.allowed_origins), tuple(ns.allowed_methods), tuple(ns.allowed_headers),
                         ns.allow_credentials),

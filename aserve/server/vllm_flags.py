@@ -4,7 +4,7 @@ A launch script written for `vllm serve` must not die on the first flag aserve h
 (argparse would refuse it as unknown). The list is explicit, not a catch-all: a mistyped flag
 is still an error, and so is a vLLM flag whose meaning aserve cannot honour safely (--ssl-*:
 serving plain HTTP where HTTPS was asked for would be worse than refusing to start;
---pipeline-parallel-size, --data-parallel-size, --lora-modules, --quantization: the model
+--pipeline-parallel-size, --data-parallel-size above 1, --lora-modules, --quantization: the model
 would not be the one asked for).
 
 Each entry: flag -> (takes a value, why aserve ignores it). A boolean flag is accepted in its
@@ -71,6 +71,8 @@ IGNORED_VLLM_FLAGS: dict[str, tuple[bool, str]] = {
     "--collect-detailed-traces": (True, "no OpenTelemetry tracing"),
     "--show-hidden-metrics-for-version": (True, "no hidden metrics"),
     "--enable-prompt-tokens-details": (False, "usage.prompt_tokens_details is always reported"),
+    "--guided-decoding-backend": (True, "structured outputs always use llguidance (same grammars)"),
+    "--structured-outputs-config": (True, "structured outputs always use llguidance (same grammars)"),
     "--enable-force-include-usage": (False, "usage follows each request's stream_options"),
     "--disable-mm-preprocessor-cache": (False, "no multi-modal models"),
     "--limit-mm-per-prompt": (True, "no multi-modal models"),
