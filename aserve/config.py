@@ -144,6 +144,8 @@ class EngineArgs:
     # generation_config.json), vllm (none: the API's own), or a folder; and overrides of them.
     generation_config: str = "auto"
     override_generation_config: Optional[dict] = None
+    # vLLM's --hf-overrides: fields of the model's config.json set or replaced at load.
+    hf_overrides: Optional[dict] = None
     # api_server: `python -m aserve` (its CLI's default), which keeps smaller steps on a large GPU.
     usage_context: str = "offline"
 

@@ -152,3 +152,26 @@ def test_cached_hub_id_resolves_offline(offline_hub, tmp_path):
     config = create_model_config(_args("aserve-tests/cached"))
     assert config.model_path == os.path.join(repo, "snapshots", commit)
     assert config.served_model_name == "aserve-tests/cached"
+
+
+def test_hf_overrides_set_config_fields_before_anything_reads_them():
+    """vLLM's --hf-overrides: here a longer context than config.json allows."""
+    path = tiny_model_dir("llama")
+    config = create_model_config(_args(path, hf_overrides={"max_position_embeddings": 2 * MAX_POSITIONS}))
+    assert config.max_model_len == 2 * MAX_POSITIONS
+    assert config.hf_config.max_position_embeddings == 2 * MAX_POSITIONS
+    rope = dict(config.hf_config.rope_parameters)
+    merged = create_model_config(_args(path, hf_overrides={"rope_parameters": {"rope_theta": 1234.0}}))
+    assert merged.hf_config.rope_parameters == {**rope, "rope_theta": 1234.0}   # a dict field is updated
+
+
+def test_hf_overrides_reach_the_model():
+    from aserve import OfflineLLM, SamplingParams
+
+    path, params = tiny_model_dir("llama"), SamplingParams(temperature=0, max_tokens=8)
+    plain = OfflineLLM(model=path, device="cpu", dtype="float32", kv_cache_memory_gb=0.05)
+    moved = OfflineLLM(model=path, device="cpu", dtype="float32", kv_cache_memory_gb=0.05,
+                       hf_overrides={"rope_parameters": {"rope_theta": 3.0}})
+    prompt = "The capital of France is"
+    assert (plain.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+            != moved.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids)

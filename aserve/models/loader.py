@@ -113,6 +113,7 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         raise ValueError(f"{model_path} has no config.json: pass the folder of a Hugging Face model "
                          f"(config.json, tokenizer files, weights), or its hub id.")
     hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    _apply_hf_overrides(hf_config, args.hf_overrides)
     architecture = resolve_architecture(hf_config)
     dtype = args.resolve_dtype(hf_config, args.resolve_device())
 
@@ -132,6 +133,16 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         trust_remote_code=args.trust_remote_code, seed=args.seed, load_format=args.load_format,
         max_logprobs=args.max_logprobs,
         sampling_defaults=sampling_defaults(args.generation_config, model_path, args.override_generation_config))
+
+
+def _apply_hf_overrides(hf_config, overrides: Optional[dict]) -> None:
+    """vLLM's --hf-overrides: config fields set or replaced before anything reads the config (a
+    longer context with its rope scaling, say). A dict value updates a dict field key by key."""
+    for key, value in (overrides or {}).items():
+        current = getattr(hf_config, key, None)
+        if isinstance(value, dict) and isinstance(current, dict):
+            value = {**current, **value}
+        setattr(hf_config, key, value)
 
 
 def _weight_files(model_path: str, suffix: str, index_name: str) -> list[str]:

@@ -86,6 +86,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                         "repetition_penalty, max_new_tokens, for what a request leaves unset): auto, the "
                         "model's generation_config.json; vllm, none (the API's own); or a folder with "
                         "a generation_config.json. As vLLM. (default: %(default)s)")
+    m.add_argument("--hf-overrides", default=None, type=_json_object,
+                   help='JSON fields of the model\'s config.json to set or replace at load (as vLLM), '
+                        'e.g. \'{"max_position_embeddings": 65536, "rope_scaling": {...}}\'.')
     m.add_argument("--override-generation-config", default=None, type=_json_object,
                    help='JSON that sets or replaces sampling defaults, e.g. \'{"temperature": 0.5}\'.')
     m.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
