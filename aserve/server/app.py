@@ -52,6 +52,7 @@ class ServerState:
     reasoning_parser: Optional[str] = None   # --reasoning-parser's name; its parser is `reasoning`
     log_requests: bool = True   # the per-request access log line (--disable-log-requests)
     response_role: str = "assistant"   # a chat reply's role after a generation prompt (--response-role)
+    chat_template_content_format: str = "auto"   # messages' content as string or parts (content_format.py)
     return_tokens_as_token_ids: bool = False  # logprobs name tokens 'token_id:N' (a request may override)
     trust_request_chat_template: bool = False  # a request's own chat_template is rendered
     status_interval_s: float = 5.0

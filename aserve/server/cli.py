@@ -19,6 +19,7 @@ from aserve import __version__
 from aserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, LOAD_FORMATS, USAGE_CONTEXTS,
                            EngineArgs)
 from aserve.server.admission import DEFAULT_MAX_WAITING
+from aserve.server.content_format import FORMATS as CONTENT_FORMATS
 from aserve.server.http_server import HttpLimits
 from aserve.server.reasoning import PARSERS as REASONING_PARSERS
 from aserve.server.responses_store import DEFAULT_MAX_STORED_RESPONSES
@@ -75,6 +76,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
     m.add_argument("--chat-template", default=None,
                    help="Chat template for /v1/chat/completions: a Jinja file or an inline Jinja "
                         "string; default: the tokenizer's.")
+    m.add_argument("--chat-template-content-format", default="auto", choices=CONTENT_FORMATS,
+                   help="How message content reaches the chat template: string, openai (a list of "
+                        "text parts), or auto (read from the template, as vLLM). (default: %(default)s)")
     m.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='Chat: let the model decide to call tools (tool_choice "auto", the default '
                         "when a request has tools); needs --tool-call-parser.")
@@ -366,6 +370,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         enable_server_load_tracking=ns.enable_server_load_tracking,
         enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
         enable_request_id_headers=ns.enable_request_id_headers, response_role=ns.response_role,
+        chat_template_content_format=ns.chat_template_content_format,
         responses=ResponseStore(ns.max_stored_responses),
         cors=CorsPolicy(tuple(ns.allowed_origins), tuple(ns.allowed_methods), tuple(ns.allowed_headers),
                         ns.allow_credentials),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from aserve.engine.request_factory import TokenizedPrompt
+from aserve.server.content_format import as_template_content
 from aserve.server.errors import APIError
 
 if TYPE_CHECKING:
@@ -155,8 +156,10 @@ async def chat_prompt_ids(state: "ServerState", conversation: list[dict], add_ge
                             "<file or Jinja string>, or use /v1/completions.", param="messages")
 
     def render() -> list[int]:
+        messages = as_template_content(conversation, state.chat_template_content_format,
+                                       template if isinstance(template, str) else None)
         try:
-            text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                                  tools=tools, **template_kwargs)
         except Exception as exc:  # template errors are about the messages (or template) the user sent
             raise APIError(400, f"The chat template could not render these messages: {exc}",
