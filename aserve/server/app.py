@@ -32,8 +32,8 @@ from aserve.server.metrics import ServerMetrics, log_status_periodically
 from aserve.server.open_files import watch_open_files
 from aserve.server.prompts import (ChatTemplateOptions, chat_prompt_ids, max_prompt_chars, refuse_giant_prompts,
                                    tokenize_text)
-from aserve.server.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
-                                    TokenizeRequest, TokenizeResponse)
+from aserve.server.protocol_info import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
+                                         TokenizeRequest, TokenizeResponse)
 from aserve.server.reasoning import ReasoningParser, reasoning_parser_for
 from aserve.server.tool_calls import plan_tools, template_messages
 from aserve.server.responses_store import ResponseStore
