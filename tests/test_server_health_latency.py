@@ -4,6 +4,7 @@ The figures are printed (pytest -s) for bench/RESULTS.md."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 
 import load_client
@@ -40,6 +41,19 @@ ROUNDS = 3
 
 
 def test_health_p99_stays_under_100ms_under_heavy_load():
+    # The test process (the load client's threads) shares the 2 cores with the server. Late in a
+    # full run it holds every module and fixture so far, and a full collection of that heap
+    # takes a core for 100 ms and more: collected once here, and kept off while the load runs
+    # (reference counting still frees the client's garbage), so the server is what is measured.
+    gc.collect()
+    gc.disable()
+    try:
+        _measure()
+    finally:
+        gc.enable()
+
+
+def _measure() -> None:
     with subprocess_server("--kv-cache-memory-gb", "0.3") as (url, _, _log):
         url = url.replace("localhost", "127.0.0.1")
         p99s = []
