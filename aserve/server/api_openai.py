@@ -118,7 +118,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     try:
         if not req.stream:
             finals = await asyncio.gather(*(last_output(s) for s in streams))
-            choices = []
+            choices, token_ids = [], []   # token_ids: per choice, (prompt ids, output ids)
             for i, out in enumerate(finals):
                 prompt_lps, prompt_end = (await echoed_logprobs(out) if req.logprobs is not None
                                           else (None, 0))
@@ -135,8 +135,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     choices.append(CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
                                                     finish_reason=o.finish_reason, stop_reason=o.stop_reason,
                                                     prompt_logprobs=prompt_logprobs))
-            return json_response(CompletionResponse(id=request_id, created=created, model=model,
-                                                    choices=choices, usage=_usage(request, finals)))
+                    token_ids.append((out.prompt_token_ids, o.token_ids))
+            body = CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                      usage=_usage(request, finals)).model_dump()
+            if req.return_token_ids:
+                for choice, (prompt_ids, ids) in zip(body["choices"], token_ids):
+                    choice.update(prompt_token_ids=list(prompt_ids), token_ids=list(ids))
+            return json_response(body)
 
         response = await open_stream(request, "text/event-stream")
         await stream_or_report(request, response, _stream_completions(
@@ -165,7 +170,8 @@ async def _stream_completions(request, state, req, params, request_id, created, 
     finals: list[Optional[RequestOutput]] = [None] * len(streams)
     unfinished, events = len(streams), SSEEvents(response)
     if (len(streams) == 1 and params.n == 1 and req.logprobs is None and not req.echo and not continuous
-            and not _holds_back(params)):  # one plain choice: its chunks go out from the dispatch
+            and not _holds_back(params) and not req.return_token_ids):
+        # One plain choice: its chunks go out from the dispatch.
         streams[0].set_sink(TextChunkSink(
             request.transport, response.chunked, sent.setdefault((0, 0), ChoiceProgress()),
             completion_text_chunk(request_id, created, model, 0, TEXT_MARK, None, None)))
@@ -194,22 +200,26 @@ async def _stream_completions(request, state, req, params, request_id, created, 
                 st.offset = await add_completion_logprobs(state, lps, new_ids,
                                                           (o.logprobs or [])[st.num_tokens:] or None,
                                                           st.offset, as_ids)
-            st.started = True
+            first, st.started = not st.started, True
             st.text_len, st.num_tokens = len(o.text), len(o.token_ids)
             st.done = o.finish_reason is not None
             # A chunk for every step that brought tokens, even with no text yet (a token that is
             # part of a character): clients that count chunks as tokens count right, as with vLLM.
             if text or new_ids or st.done or (lps is not None and lps.tokens):
                 if lps is None and not continuous:  # the common chunk, without pydantic
-                    await events.send(completion_text_chunk(
-                        request_id, created, model, i * params.n + j, text, o.finish_reason, o.stop_reason),
-                        last=not unfinished)
-                    continue
-                choice = CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
-                                          finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
-                                           usage=_choice_usage(out, len(o.token_ids)) if continuous else None)
-                await events.send(_without_prompt_logprobs(chunk.model_dump()), last=not unfinished)
+                    body = completion_text_chunk(request_id, created, model, i * params.n + j, text,
+                                                 o.finish_reason, o.stop_reason)
+                else:
+                    choice = CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
+                                              finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                    chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
+                                               usage=_choice_usage(out, len(o.token_ids)) if continuous else None)
+                    body = _without_prompt_logprobs(chunk.model_dump())
+                if req.return_token_ids:   # vLLM's: the new ids, and the prompt's with a choice's first
+                    body["choices"][0]["token_ids"] = list(new_ids)
+                    if first:
+                        body["choices"][0]["prompt_token_ids"] = list(out.prompt_token_ids)
+                await events.send(body, last=not unfinished)
     usage = _usage(request, finals)
     if options is not None and options.final_usage:
         await events.send(CompletionResponse(id=request_id, created=created, model=model,
@@ -271,13 +281,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                     finish_reason=finish, stop_reason=o.stop_reason))
             prompt_logprobs = (await prompt_logprobs_out(final.prompt_logprobs)
                                if final.prompt_logprobs is not None else None)
-            return json_response(ChatCompletionResponse(id=request_id, created=created, model=model,
-                                                        choices=choices, usage=_usage(request, [final]),
-                                                        prompt_logprobs=prompt_logprobs))
+            body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                          usage=_usage(request, [final]), prompt_logprobs=prompt_logprobs).model_dump()
+            if req.return_token_ids:   # vLLM's: the prompt's ids on the response, each choice's own
+                body["prompt_token_ids"] = list(final.prompt_token_ids)
+                for choice, o in zip(body["choices"], final.outputs):
+                    choice["token_ids"] = list(o.token_ids)
+            return json_response(body)
 
         response = await open_stream(request, "text/event-stream")
         await stream_or_report(request, response, _stream_chat(
-            request, state, req, params, reply, request_id, created, stream, response, len(prompt_ids),
+            request, state, req, params, reply, request_id, created, stream, response, prompt_ids,
             tool_plan, view),
             send_sse_error_and_done)
         return response
@@ -286,8 +300,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream_chat(request, state, req, params, reply, request_id, created, stream, response,
-                       num_prompt_tokens: int, tool_plan, view: ReasoningView) -> None:
+                       prompt_ids: list[int], tool_plan, view: ReasoningView) -> None:
     model = state.served_model_name
+    num_prompt_tokens = len(prompt_ids)
     options = req.stream_options
     continuous = options is not None and options.continuous_usage
     tool_streams = [choice_stream(tool_plan) for _ in range(params.n)]  # None: plain content
@@ -299,8 +314,11 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                          total_tokens=num_prompt_tokens + completion_tokens)
 
     for j in range(params.n):  # the role comes first, before any content, as OpenAI does
-        await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
-            index=j, delta=DeltaMessage(role=reply.role, content="")), usage_so_far(0)))
+        body = _chunk(request_id, created, model, ChatStreamChoice(
+            index=j, delta=DeltaMessage(role=reply.role, content="")), usage_so_far(0))
+        if req.return_token_ids and j == 0:   # vLLM's: the prompt's ids on the stream's first chunk
+            body["prompt_token_ids"] = list(prompt_ids)
+        await send_sse(response, body)
     if reply.echoed:  # then the echoed message, as vLLM streams it
         for j in range(params.n):
             await send_sse(response, _chunk(request_id, created, model, ChatStreamChoice(
@@ -308,7 +326,7 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
     sent = [ChoiceProgress() for _ in range(params.n)]
     # One plain choice: its chunks go out from the dispatch.
     if (params.n == 1 and tool_streams[0] is None and not req.logprobs and not continuous
-            and not _holds_back(params) and not view.active):
+            and not _holds_back(params) and not view.active and not req.return_token_ids):
         stream.set_sink(TextChunkSink(request.transport, response.chunked, sent[0],
                                       chat_content_chunk(request_id, created, model, 0, TEXT_MARK, None, None)))
     final, events = None, SSEEvents(response)
@@ -348,16 +366,18 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
             plain = tool_streams[j] is None
             empty_chunk = plain and new_ids and not st.done and not view.active
             content = text if text or empty_chunk else None
+            body = None
             if plain and lps is None and not continuous and reasoning is None:
                 if text or empty_chunk or st.done:  # the common chunk, built without pydantic
-                    await events.send(chat_content_chunk(request_id, created, model, j, content, finish,
-                                                         o.stop_reason), last=final.finished)
+                    body = chat_content_chunk(request_id, created, model, j, content, finish, o.stop_reason)
             elif content is not None or tool_deltas or st.done or lps is not None or reasoning is not None:
-                await events.send(_chunk(request_id, created, model, ChatStreamChoice(
+                body = _chunk(request_id, created, model, ChatStreamChoice(
                     index=j, delta=DeltaMessage(content=content, reasoning=reasoning, tool_calls=tool_deltas),
-                    logprobs=lps,
-                    finish_reason=finish, stop_reason=o.stop_reason), usage_so_far(len(o.token_ids))),
-                    last=final.finished)
+                    logprobs=lps, finish_reason=finish, stop_reason=o.stop_reason), usage_so_far(len(o.token_ids)))
+            if body is not None:
+                if req.return_token_ids:   # vLLM's: the step's new ids
+                    body["choices"][0]["token_ids"] = list(new_ids)
+                await events.send(body, last=final.finished)
     usage = _usage(request, [final])
     if options is not None and options.final_usage:
         await events.send(ChatCompletionChunk(id=request_id, created=created, model=model,

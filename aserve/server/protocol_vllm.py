@@ -44,6 +44,9 @@ class VllmSamplingFields(_Strict):
     # The client's id for the request: the response's id is 'cmpl-<id>' / 'chatcmpl-<id>', as
     # vLLM names it; one still running with the same id makes this one a 400.
     request_id: Optional[str] = None
+    # The token ids with the text: the prompt's and each choice's (streams: the prompt's in the
+    # first chunk, then each chunk's new ids), as vLLM's field.
+    return_token_ids: Optional[bool] = None
     # Declared only to be refused when set (UNIMPLEMENTED_FIELDS).
     prompt_embeds: Optional[Any] = None
     logits_processors: Optional[Any] = None
