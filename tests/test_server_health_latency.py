@@ -12,7 +12,12 @@ from health_probe import HealthProbe
 from aserve.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from server_fixtures import subprocess_server
 
-P99_LIMIT_S = 0.100
+# What the test guards against is a loop held for seconds (a 30 MB prompt tokenized on it held
+# every client 30-48 s). Alone, the p99 here is 34-65 ms; late in a full CI run on the 2-core
+# machine the same code measured 105-115 ms in every round of two runs out of four (twentieth
+# session; 8789af9's code gave the same figures as this session's with a core kept busy), so
+# 100 ms failed runs that had nothing held. 150 ms leaves that margin and still fails a held loop.
+P99_LIMIT_S = 0.150
 
 
 def load_bodies() -> list[dict]:
@@ -40,7 +45,7 @@ def percentile(values: list[float], q: float) -> float:
 ROUNDS = 3
 
 
-def test_health_p99_stays_under_100ms_under_heavy_load():
+def test_health_p99_stays_under_150ms_under_heavy_load():
     # The test process (the load client's threads) shares the 2 cores with the server. Late in a
     # full run it holds every module and fixture so far, and a full collection of that heap
     # takes a core for 100 ms and more: collected once here, and kept off while the load runs
