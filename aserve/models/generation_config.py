@@ -61,3 +61,15 @@ def _file_diff(folder: str) -> dict[str, Any]:
 def pick(defaults: dict[str, Any], name: str, given: Any, fallback: Any) -> Any:
     """A request's value for a sampling field: its own, else the model's default, else the API's."""
     return given if given is not None else defaults.get(name, fallback)
+
+
+def sampling_fields(defaults: Optional[dict[str, Any]], temperature: Optional[float] = None,
+                    top_p: Optional[float] = None, top_k: Optional[int] = None, min_p: Optional[float] = None,
+                    repetition_penalty: Optional[float] = None,
+                    default_temperature: float = 1.0) -> dict[str, Any]:
+    """The SamplingParams fields a model's defaults reach, for one request (None: unset there)."""
+    d = defaults or {}
+    return {"temperature": pick(d, "temperature", temperature, default_temperature),
+            "top_p": pick(d, "top_p", top_p, 1.0), "top_k": pick(d, "top_k", top_k, -1),
+            "min_p": pick(d, "min_p", min_p, 0.0),
+            "repetition_penalty": pick(d, "repetition_penalty", repetition_penalty, 1.0)}

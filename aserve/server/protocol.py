@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aserve.models.generation_config import pick
+from aserve.models.generation_config import sampling_fields
 from aserve.sampling_params import RequestOutputKind, SamplingParams
 from aserve.server.errors import APIError, bad_request_from_value_error
 from aserve.server.structured_request import request_constraint
@@ -97,15 +97,12 @@ class _SamplingRequest(_Strict, VllmSamplingFields):
         self.check_vllm_fields(self.stream)
         # Beam search is deterministic: its natural temperature is 0, so that is the default.
         default_temperature = 0.0 if self.use_beam_search else 1.0
-        d = {} if self.use_beam_search else (defaults or {})
+        fields = sampling_fields(None if self.use_beam_search else defaults, self.temperature, self.top_p,
+                                 self.top_k, self.min_p, self.repetition_penalty, default_temperature)
         try:
             return SamplingParams(
-                n=self.n, best_of=self.best_of,
-                temperature=pick(d, "temperature", self.temperature, default_temperature),
-                top_p=pick(d, "top_p", self.top_p, 1.0), top_k=pick(d, "top_k", self.top_k, -1),
-                min_p=pick(d, "min_p", self.min_p, 0.0),
-                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                repetition_penalty=pick(d, "repetition_penalty", self.repetition_penalty, 1.0), seed=self.seed,
+                n=self.n, best_of=self.best_of, **fields,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty, seed=self.seed,
                 use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
                 early_stopping=self.early_stopping, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 include_stop_str_in_output=self.include_stop_str_in_output, ignore_eos=self.ignore_eos,

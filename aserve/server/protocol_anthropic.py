@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from aserve.models.generation_config import pick
+from aserve.models.generation_config import sampling_fields
 from aserve.sampling_params import SamplingParams
 from aserve.server.errors import APIError, bad_request_from_value_error
 from aserve.server.protocol import output_kind_for
@@ -60,16 +60,13 @@ class MessagesRequest(BaseModel):
         return plan_tools(chat_tools(self.tools), chat_choice, auto_parser)
 
     def to_sampling_params(self, plan: ToolPlan, defaults: Optional[dict] = None) -> SamplingParams:
-        d = defaults or {}   # the model's sampling defaults, for what the request leaves unset
         constraint = self._format_constraint()
         if constraint is not None and plan.constraint is not None:
             raise APIError(400, "output_config.format cannot be combined with a forced tool_choice (any, "
                                 "tool), which constrains the output itself.", param="output_config")
         try:
             return SamplingParams(
-                temperature=pick(d, "temperature", self.temperature, 1.0),
-                top_p=pick(d, "top_p", self.top_p, 1.0), top_k=pick(d, "top_k", self.top_k, -1),
-                min_p=d.get("min_p", 0.0), repetition_penalty=d.get("repetition_penalty", 1.0),
+                **sampling_fields(defaults, self.temperature, self.top_p, self.top_k),
                 max_tokens=self.max_tokens, stop=self.stop_sequences, seed=self.seed,
                 structured_outputs=constraint or plan.constraint, output_kind=output_kind_for(bool(self.stream)))
         except ValueError as exc:

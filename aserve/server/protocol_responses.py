@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from aserve.models.generation_config import pick
+from aserve.models.generation_config import sampling_fields
 from aserve.sampling_params import SamplingParams
 from aserve.server.errors import APIError, bad_request_from_value_error
 from aserve.server.protocol import output_kind_for
@@ -135,17 +135,14 @@ class ResponsesRequest(BaseModel):
         return "text" if isinstance(fmt, dict) and fmt.get("type") != "text" else "tool_choice"
 
     def to_sampling_params(self, plan: ToolPlan, defaults: Optional[dict] = None) -> SamplingParams:
-        d = defaults or {}   # the model's sampling defaults, for what the request leaves unset
         constraint = _text_format_constraint(self.text, self.structured_outputs)
         if constraint is not None and plan.constraint is not None:
             raise APIError(400, "text.format cannot be combined with a named or \"required\" tool_choice, "
                                 "which constrains the output itself.", param="text")
         try:
             return SamplingParams(
-                temperature=pick(d, "temperature", self.temperature, 1.0),
-                top_p=pick(d, "top_p", self.top_p, 1.0), top_k=pick(d, "top_k", self.top_k, -1),
-                min_p=d.get("min_p", 0.0),
-                repetition_penalty=pick(d, "repetition_penalty", self.repetition_penalty, 1.0),
+                **sampling_fields(defaults, self.temperature, self.top_p, self.top_k,
+                                  repetition_penalty=self.repetition_penalty),
                 seed=self.seed, stop=self.stop, ignore_eos=self.ignore_eos, logit_bias=self.logit_bias,
                 max_tokens=self.max_output_tokens,
                 logprobs=(self.top_logprobs or 0) if self.wants_logprobs else None,
