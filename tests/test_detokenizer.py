@@ -348,6 +348,40 @@ def test_stray_byte_runs_stream_to_decode_on_both_paths(tok_name, runs, prompt, 
         assert "".join(slow) == detok.text == tok.decode(output, skip_special_tokens=skip)
 
 
+def byte_ids(tok_name: str, data: bytes) -> list:
+    """One token per byte: the byte-fallback ids, or ByteLevel's character for each byte."""
+    if tok_name == "metaspace":
+        return [3 + b for b in data]
+    return [_BYTE_LEVEL_IDS[b] for b in data]
+
+
+def _byte_level_chars():
+    # GPT-2's byte-to-character table: printable Latin-1 bytes map to themselves, the rest to
+    # U+0100 onwards in byte order.
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+_BYTE_LEVEL_IDS = {b: byte_level_tokenizer().convert_tokens_to_ids(c) for b, c in _byte_level_chars().items()}
+
+
+@both_tokenizers
+@all_paths
+@pytest.mark.parametrize("empties", [1, 3, 5, 8])
+def test_tokens_without_bytes_do_not_close_a_pending_character(tok_name, path, empties):
+    """Stray bytes, then the first two bytes of U+30FA, then ids that decode to nothing (past the
+    vocabulary), then its last byte: the text is decode()'s. On the byte-level tokenizer the
+    character is joined; the settled-text bound counted the empty ids as bytes and gave U+FFFD
+    for the open character. (ByteFallback decoders join only adjacent byte tokens.)"""
+    tok = TOKENIZERS[tok_name]()
+    unknown = len(tok) + 7
+    output = byte_ids(tok_name, b"\xa1" * 3 + b"\xe3\x83") + [unknown] * empties + byte_ids(tok_name, b"\xba")
+    assert tok.decode(output).endswith("\u30fa") == (tok_name == "byte_level")
+    deltas, detok = run(tok, [], output, **PATHS[path])
+    assert "".join(deltas) == detok.text == tok.decode(output)
+
+
 def test_prompt_ending_inside_a_character_is_left_out_of_the_context():
     tok = byte_level_tokenizer()
     ids = encode(tok, "x 中 y")

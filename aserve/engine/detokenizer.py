@@ -206,11 +206,23 @@ class IncrementalDetokenizer:
         self._read = len(ids)
         return text[len(prefix_text):]
 
+    def _incomplete_tail_start(self, ids: list) -> int:
+        """Where the last _MAX_INCOMPLETE_TOKENS ids that carry bytes begin. Ids that decode to
+        nothing alone (a skipped special token, an id past the vocabulary) carry none, so they
+        do not count: [stray, E3 83, <unknown> x3] must keep E3 83 open for a later 0xBA."""
+        decode, split, carrying = self._decode, len(ids), 0
+        while split > self._read and carrying < _MAX_INCOMPLETE_TOKENS:
+            split -= 1
+            if decode(ids[split:split + 1]):
+                carrying += 1
+        return split
+
     def _settled_piece(self, ids: list, text: str) -> Optional[str]:
-        """The text of the held-back ids but the last _MAX_INCOMPLETE_TOKENS, which no later
-        token can change, when the split there is clean: the two parts decode to `text` joined
-        (no character or leading-space rule straddles it). Else None: keep holding back."""
-        split = len(ids) - _MAX_INCOMPLETE_TOKENS
+        """The text of the held-back ids but the last _MAX_INCOMPLETE_TOKENS that carry bytes,
+        which no later token can change, when the split there is clean: the two parts decode to
+        `text` joined (no character or leading-space rule straddles it). Else None: keep
+        holding back."""
+        split = self._incomplete_tail_start(ids)
         head = self._decode(ids[:split])
         prefix_text = self._prefix_text
         if (len(head) <= len(prefix_text) or not head.startswith(prefix_text)
@@ -218,7 +230,7 @@ class IncrementalDetokenizer:
             return None
         self._prefix_text = self._decode(ids[self._read:split])
         del ids[:self._read]
-        self._read = len(ids) - _MAX_INCOMPLETE_TOKENS
+        self._read = split - self._read
         return head[len(prefix_text):]
 
     # ---------------------------------------------------------------- public API
