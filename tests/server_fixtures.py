@@ -172,6 +172,19 @@ class ServerThread:
             await self._stop.wait()
         finally:
             await runner.cleanup()
+            _forget_cached_middleware_chains()
+
+
+def _forget_cached_middleware_chains() -> None:
+    """aiohttp caches each route's middleware chain keyed by its application (up to 1024), so a
+    stopped test server's app, and the engine and model behind it, stayed alive in the test
+    process (every engine of a full run, with its grammar threads). One server per process, as
+    in production, never notices the cache."""
+    from aiohttp import web_app
+
+    cached = getattr(web_app, "_cached_build_middleware", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 @contextmanager

@@ -4,8 +4,11 @@ and an offline run puts the caller's thresholds back."""
 from __future__ import annotations
 
 import gc
+import urllib.request
+import weakref
 
-from aserve.engine.gc_policy import FIRST_GENERATION_THRESHOLD, fewer_collections, serve_with_fewer_collections
+from aserve.engine.gc_policy import (FIRST_GENERATION_THRESHOLD, fewer_collections, serve_with_fewer_collections,
+                                     stop_serving_with_fewer_collections)
 
 
 def test_fewer_collections_inside_the_block_and_the_callers_thresholds_after():
@@ -49,12 +52,32 @@ def test_an_offline_run_leaves_the_threshold_as_it_found_it(llm_cache):
     assert gc.get_threshold() == saved
 
 
-def test_a_server_freezes_its_start_up_heap_and_collects_less_often():
+def test_a_server_freezes_its_start_up_heap_and_collects_less_often_until_it_stops():
     saved = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
-        serve_with_fewer_collections()
+        given_back = serve_with_fewer_collections()
+        assert given_back == (700, 10, 10)
         assert gc.get_threshold() == (FIRST_GENERATION_THRESHOLD, 10, 10)
         assert gc.get_freeze_count() > 0
+        stop_serving_with_fewer_collections(given_back)
+        assert gc.get_threshold() == (700, 10, 10)
+        assert gc.get_freeze_count() == 0
     finally:
+        gc.unfreeze()
         gc.set_threshold(*saved)
+
+
+def test_a_stopped_server_leaves_its_engine_to_the_collector():
+    """Serving freezes the heap; when the server stops, its engine (held in reference cycles)
+    must become collectable again, or a process that starts servers in turn keeps every model."""
+    from server_fixtures import ServerThread, small_engine_args
+
+    with ServerThread(small_engine_args()) as server:
+        engine = weakref.ref(server.async_engine.engine)
+        assert gc.get_freeze_count() > 0
+        with urllib.request.urlopen(f"{server.url}/v1/models", timeout=30) as reply:
+            assert reply.status == 200
+    server.state = None
+    gc.collect()
+    assert engine() is None

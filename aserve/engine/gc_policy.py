@@ -23,15 +23,26 @@ from typing import Iterator
 FIRST_GENERATION_THRESHOLD = 50_000
 
 
-def serve_with_fewer_collections() -> None:
+def serve_with_fewer_collections() -> tuple[int, int, int]:
     """For a server process, once start-up is done: what start-up built (the model's
     modules, the tokenizer, torch's and transformers' module state: millions of objects) lives
     as long as the process, so it is frozen out of every later collection (vLLM freezes its
-    heap too), and the youngest generation is collected less often."""
+    heap too), and the youngest generation is collected less often. Returns the thresholds
+    to give back to stop_serving_with_fewer_collections()."""
     gc.collect()
     gc.freeze()
-    first, middle, oldest = gc.get_threshold()
+    saved = gc.get_threshold()
+    first, middle, oldest = saved
     gc.set_threshold(max(first, FIRST_GENERATION_THRESHOLD), middle, oldest)
+    return saved
+
+
+def stop_serving_with_fewer_collections(saved: tuple[int, int, int]) -> None:
+    """A server stopped in a process that goes on (tests, an application that embeds the
+    server): the frozen heap may be collected again, so the stopped engine's cycles (and its
+    model) are freed, and the collector runs as often as before."""
+    gc.unfreeze()
+    gc.set_threshold(*saved)
 
 
 @contextlib.contextmanager

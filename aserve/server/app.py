@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from aserve.engine.async_engine import AsyncEngine
-from aserve.engine.gc_policy import serve_with_fewer_collections
+from aserve.engine.gc_policy import serve_with_fewer_collections, stop_serving_with_fewer_collections
 from aserve.server.access_log import USAGE, access_log_middleware
 from aserve.server.admission import Admission
 from aserve.server.cors import CorsPolicy, cors_headers_on_prepare, cors_middleware
@@ -84,6 +84,7 @@ class ServerState:
     reasoning: Optional[ReasoningParser] = None   # thinking apart from the answer (reasoning.py)
     sampling_defaults: dict = field(default_factory=dict)   # the model's (ModelConfig.sampling_defaults)
     background: list = field(default_factory=list)  # tasks running while the engine serves
+    saved_gc_thresholds: Optional[tuple] = None   # the collector's, given back when serving stops
 
     @property
     def ready(self) -> bool:
@@ -357,7 +358,7 @@ def start_engine(state: ServerState) -> None:
     # pass over it stalls the loop for ~200 ms. Freezing them (as vLLM does) keeps later
     # collections short, and fewer of them run while serving (engine/gc_policy.py), so /health
     # and the token streams never see such a pause.
-    serve_with_fewer_collections()
+    state.saved_gc_thresholds = serve_with_fewer_collections()
     state.async_engine.start()
     loop = asyncio.get_running_loop()
     state.background = [loop.create_task(watch_open_files())]
@@ -372,6 +373,9 @@ async def stop_engine(state: ServerState) -> None:
     if state.ready:
         await state.async_engine.shutdown()
     state.prompt_pool.shutdown(wait=False, cancel_futures=True)
+    if state.saved_gc_thresholds is not None:
+        stop_serving_with_fewer_collections(state.saved_gc_thresholds)
+        state.saved_gc_thresholds = None
 
 
 def state_from_engine(async_engine: AsyncEngine, api_key: Optional[str] = None,
