@@ -15,7 +15,7 @@ import torch
 
 from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
-FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "gpt2")
+FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -27,7 +27,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
 
     if family in ("opt", "opt-postln"):
         kw = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -50,6 +50,12 @@ def _config(family: str, overrides: dict):
         kw = dict(_LLAMA_LIKE, tie_word_embeddings=True, use_sliding_window=False,
                   architectures=["Qwen2ForCausalLM"])
         cls = Qwen2Config
+    elif family == "qwen3":
+        # Heads wider than hidden / heads (as Qwen3-0.6B: 16 x 128 over 1024), tied like the
+        # small checkpoints; q_norm and k_norm are drawn around 1 like every norm here.
+        kw = dict(_LLAMA_LIKE, head_dim=32, tie_word_embeddings=True, use_sliding_window=False,
+                  architectures=["Qwen3ForCausalLM"])
+        cls = Qwen3Config
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])

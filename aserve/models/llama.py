@@ -78,9 +78,10 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool):
+    def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool,
+                 attention_class: type = LlamaAttention):
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, o_bias)
+        self.self_attn = attention_class(config, layer_idx, qkv_bias, o_bias)
         self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -99,10 +100,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, attention_class: type = LlamaAttention):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias, attention_class)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -119,7 +120,10 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Llama-architecture causal LM over the paged KV cache (also serves MistralForCausalLM)."""
 
-    # Subclasses for Llama-shaped families override how their biases are configured.
+    # Subclasses for Llama-shaped families override how their biases are configured, and the
+    # attention module (Qwen3 normalises q and k per head).
+    attention_class: type = LlamaAttention
+
     @staticmethod
     def _biases(config) -> tuple[bool, bool]:
         bias = getattr(config, "attention_bias", False)
@@ -129,7 +133,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         qkv_bias, o_bias = self._biases(hf_config)
-        self.model = LlamaModel(hf_config, qkv_bias, o_bias)
+        self.model = LlamaModel(hf_config, qkv_bias, o_bias, self.attention_class)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)
