@@ -32,7 +32,8 @@ from aserve.server.protocol_anthropic import MessagesRequest, chat_tools, tool_i
 from aserve.server.reasoning import ReasoningView
 from aserve.server.streaming import open_stream, request_failed, stream_or_report
 from aserve.server.structured_request import check_grammar
-from aserve.server.tool_calls import ToolPlan, calls_from_output, plan_tools, streamed_tool_deltas
+from aserve.server.tool_calls import (ToolPlan, calls_from_output, keep_special_tokens_for_parser, plan_tools,
+                                      streamed_tool_deltas)
 
 
 async def _prompt(state: ServerState, req: MessagesRequest, plan: ToolPlan) -> list[int]:
@@ -48,6 +49,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     state.check_model(req.model)
     plan = req.tool_plan(state.tool_call_parser)
     params = req.to_sampling_params(plan, state.sampling_defaults)
+    keep_special_tokens_for_parser(plan, params)
     message_id = f"msg_{uuid.uuid4().hex}"
     with state.admit():
         await check_grammar(state, params, "output_config" if req.output_config else "tool_choice")

@@ -33,7 +33,8 @@ from aserve.server.stream_chunks import chat_content_chunk, completion_text_chun
 from aserve.server.streaming import (SSEEvents, open_stream, request_failed, send_sse, send_sse_error_and_done,
                                      stream_or_report)
 from aserve.server.structured_request import check_grammar, constraint_field
-from aserve.server.tool_calls import choice_stream, finish_reason, plan_tools, response_message
+from aserve.server.tool_calls import (choice_stream, finish_reason, keep_special_tokens_for_parser, plan_tools,
+                                      response_message)
 
 logger = logging.getLogger("aserve.server")
 
@@ -250,6 +251,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.check_model(req.model)
     tool_plan = plan_tools(req.tools, req.tool_choice, state.tool_call_parser)
     params = req.to_sampling_params(tool_plan.constraint, state.sampling_defaults)
+    keep_special_tokens_for_parser(tool_plan, params)
     reply = chat_reply(req, state.return_tokens_as_token_ids, state.response_role)
     request_id = req.response_id("chatcmpl")
     model, created = state.served_model_name, int(time.time())

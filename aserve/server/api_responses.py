@@ -32,6 +32,7 @@ from aserve.server.responses_store import EventLog, ResponseStore, StoredRespons
 from aserve.server.responses_stream import ResponseEvents, stream_response
 from aserve.server.streaming import open_stream, stream_or_report
 from aserve.server.structured_request import check_grammar
+from aserve.server.tool_calls import keep_special_tokens_for_parser
 
 logger = logging.getLogger("aserve.server")
 
@@ -53,6 +54,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     conversation = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + messages
     plan = req.tool_plan(state.tool_call_parser)
     params = req.to_sampling_params(plan, state.sampling_defaults)
+    keep_special_tokens_for_parser(plan, params)
     turn = ResponseTurn(state, req, plan, stored=req.store is not False and store.enabled,   # null: the default
                         params=params)
     with state.admit():

@@ -80,7 +80,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                         "when a request has tools); needs --tool-call-parser.")
     m.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
                    help="How the model writes its tool calls, for tool_choice \"auto\": hermes "
-                        "(<tool_call>{...}</tool_call>, Hermes, Qwen2.5 and others).")
+                        "(<tool_call>{...}</tool_call>: Hermes, Qwen2.5, Qwen3), llama3_json (Llama 3.x "
+                        "with a JSON tool template), mistral ([TOOL_CALLS]), pythonic ([f(a=1)]: "
+                        "Llama 3.2 and 4), qwen3_coder (Qwen3-Coder's XML); vLLM's names.")
     m.add_argument("--generation-config", default=_ENGINE_DEFAULTS.generation_config,
                    help="Where requests' sampling defaults come from (temperature, top_p, top_k, min_p, "
                         "repetition_penalty, max_new_tokens, for what a request leaves unset): auto, the "

@@ -178,8 +178,15 @@ def calls_from_output(plan: ToolPlan, text: str) -> tuple[Optional[str], list[To
         except (ValueError, KeyError, TypeError):   # cut off (max_tokens, a stop string): no calls
             return text, []
     if plan.mode == "auto":
-        return PARSERS[plan.parser]().extract(text)
+        return PARSERS[plan.parser](plan.tools).extract(text)
     return text, []
+
+
+def keep_special_tokens_for_parser(plan: ToolPlan, params) -> None:
+    """A parser whose marker is a special token (Mistral's [TOOL_CALLS]) must see it in the
+    text: the request then keeps special tokens, as vLLM's adjust_request sets it."""
+    if plan.mode == "auto" and PARSERS[plan.parser].keeps_special_tokens:
+        params.skip_special_tokens = False
 
 
 def response_message(plan: ToolPlan, text: str, finish: Optional[str]
@@ -223,7 +230,7 @@ def choice_stream(plan: ToolPlan) -> Optional[ToolParser]:
     if plan.mode == "required":
         return _RequiredStream()
     if plan.mode == "auto":
-        return PARSERS[plan.parser]()
+        return PARSERS[plan.parser](plan.tools)
     return None
 
 

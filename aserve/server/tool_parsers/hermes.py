@@ -1,67 +1,13 @@
-"""Tool-call parsers for tool_choice "auto": the model writes its calls in its own format (its
-chat template teaches it), and a parser finds them in the text, as vLLM's --tool-call-parser.
-
-A parser works on a finished text (extract) and on a stream of text deltas (feed, then finish),
-one instance per choice. PARSERS is the seam: add a class and its --tool-call-parser name.
-"""
+"""Hermes-style tool calls (Hermes, Qwen2.5, Qwen3 and many others)."""
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
-from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
-
-@dataclass(frozen=True)
-class ToolCall:
-    name: str
-    arguments: str          # JSON text, as OpenAI sends it
-    id: str
-
-
-def new_call_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"   # vLLM's shape
-
-
-@dataclass
-class Delta:
-    """What one step of a stream adds to a choice: content text and tool-call fragments in
-    OpenAI's delta shape ({"index", "id", "type", "function": {"name", "arguments"}} first,
-    then {"index", "function": {"arguments"}})."""
-
-    content: str = ""
-    tool_calls: list = field(default_factory=list)
-
-
-def call_header(index: int, name: str, arguments: str = "") -> dict:
-    return {"index": index, "id": new_call_id(), "type": "function",
-            "function": {"name": name, "arguments": arguments}}
-
-
-def call_arguments(index: int, arguments: str) -> dict:
-    return {"index": index, "function": {"arguments": arguments}}
-
-
-class ToolParser:
-    """The seam: extract() for a finished text, feed()/finish() for a stream."""
-
-    def extract(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
-        """(the message content, the calls) of a finished output."""
-        raise NotImplementedError
-
-    def feed(self, text: str) -> Delta:
-        raise NotImplementedError
-
-    def finish(self) -> Delta:
-        """What the stream held back, once the output is finished."""
-        raise NotImplementedError
-
-    @property
-    def called(self) -> bool:
-        """Whether the stream has sent a tool call."""
-        raise NotImplementedError
+from aserve.server.tool_parsers.base import (Delta, ToolCall, ToolParser, call_arguments, call_header,
+                                             new_call_id, partial_suffix)
 
 
 class HermesToolParser(ToolParser):
@@ -72,7 +18,7 @@ class HermesToolParser(ToolParser):
     START, END = "<tool_call>", "</tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
 
-    def __init__(self) -> None:
+    def __init__(self, tools: Sequence = ()) -> None:   # the calls are JSON: no schema needed
         self._pending = ""      # text not yet sent: a possible start tag, or an open block
         self._in_block = False
         self._num_calls = 0
@@ -102,7 +48,7 @@ class HermesToolParser(ToolParser):
                 start = self._pending.find(self.START)
                 if start < 0:
                     # Hold back a tail that may be the start of a tag split across deltas.
-                    cut = len(self._pending) - _partial_suffix(self._pending, self.START)
+                    cut = len(self._pending) - partial_suffix(self._pending, self.START)
                     self._add_content(out, self._pending[:cut])
                     self._pending = self._pending[cut:]
                     return out
@@ -147,15 +93,3 @@ def _parse_call(body: str) -> Optional[tuple[str, str]]:
     if not isinstance(call, dict) or not isinstance(call.get("name"), str):
         return None
     return call["name"], json.dumps(call.get("arguments", {}), ensure_ascii=False)
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """The length of the longest end of text that is a proper start of tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
-
-
-# --tool-call-parser NAME -> its parser class.
-PARSERS: dict[str, type[ToolParser]] = {"hermes": HermesToolParser}
