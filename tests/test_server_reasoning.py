@@ -1,4 +1,4 @@
-"""--reasoning-parser deepseek_r1: a reasoning model's thinking apart from its answer, on the
+"""--reasoning-parser deepseek_r1 (and qwen3): a reasoning model's thinking apart from its answer, on the
 chat and responses routes, streamed or not, against OfflineLLM's raw text of the same prompt.
 
 The model (tiny_models.make_thinking_model) is a random Llama made to close its thinking with
@@ -101,6 +101,55 @@ def test_the_prompt_decides_whether_the_thinking_is_open():
     assert PARSER.prompt_closed_thinking([1, 7, 1, 8, 1])
     assert not PARSER.prompt_closed_thinking([1, 8, 7, 1])
     assert not PARSER.prompt_closed_thinking([1, 1])
+
+
+QWEN3 = ReasoningParser("qwen3", _Tokenizer())
+CALL = "<tool_call>\n<function=get_time>\n</function>\n</tool_call>"
+
+
+@pytest.mark.parametrize("text, thinking, reasoning, content", [
+    ("abc</think>def", True, "abc", "def"),
+    ("abc", True, "abc", ""),                              # cut off inside the thinking
+    ("abc", None, "", "abc"),                              # nothing opened it: a model that does not think
+    ("<think>abc</think>def", None, "abc", "def"),         # the model opened it itself
+    ("plan it " + CALL, True, "plan it ", CALL),           # a call written inside the thinking ends it
+    ("say <tool_call> then stop", True, "say <tool_call> then stop", ""),   # a mention is no call
+    ("a</think>b " + CALL, True, "a", "b " + CALL),
+])
+def test_the_qwen3_split(text, thinking, reasoning, content):
+    split = QWEN3.split(text, thinking=thinking)
+    assert (split.reasoning, split.content) == (reasoning, content)
+
+
+@pytest.mark.parametrize("parser", [PARSER, QWEN3], ids=["deepseek_r1", "qwen3"])
+@pytest.mark.parametrize("thinking", [True, None])
+def test_streamed_pieces_add_up_to_the_finished_split_for_each_parser(parser, thinking):
+    rng = random.Random(1)
+    pieces = ["a", " ", "\n", "<", "think", ">", START, END, "<tool_call>", "<function=f>", "<func", "tool"]
+    for _ in range(400):
+        text = "".join(rng.choice(pieces) for _ in range(10))
+        progress, reasoning, content = ReasoningProgress(), "", ""
+        for cut in sorted(rng.sample(range(len(text) + 1), 5)):
+            r, c = progress.step(parser.split(text[:cut], finished=False, thinking=thinking))
+            reasoning, content = reasoning + r, content + c
+        r, c = progress.step(parser.split(text, finished=True, thinking=thinking))
+        final = parser.split(text, thinking=thinking)
+        assert (reasoning + r, content + c) == (final.reasoning, final.content), text
+
+
+def test_where_neither_tag_is_in_the_prompt_the_parsers_differ():
+    assert PARSER.thinking([1, 1]) is True and QWEN3.thinking([1, 1]) is None
+    for parser in (PARSER, QWEN3):
+        assert parser.thinking([1, 7, 1]) is True and parser.thinking([7, 1, 8, 1]) is False
+
+
+def test_qwen3_gates_a_constraint_only_when_the_prompt_opened_the_thinking():
+    from aserve.structured_output import StructuredOutputsParams
+
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="a+"))
+    assert QWEN3.gate(params, [1, 7]).structured_outputs.after_token_id == 8
+    assert QWEN3.gate(params, [1, 1]).structured_outputs.after_token_id is None
+    assert PARSER.gate(params, [1, 1]).structured_outputs.after_token_id == 8
 
 
 def test_a_tokenizer_without_the_tags_is_refused_at_start():
@@ -228,6 +277,7 @@ def test_the_cli_takes_the_flag():
     from aserve.server.cli import make_parser
 
     assert make_parser().parse_args(["--reasoning-parser", "deepseek_r1"]).reasoning_parser == "deepseek_r1"
+    assert make_parser().parse_args(["--reasoning-parser", "qwen3"]).reasoning_parser == "qwen3"
     with pytest.raises(SystemExit):
         make_parser().parse_args(["--reasoning-parser", "nope"])
 
@@ -280,3 +330,18 @@ def test_reasoning_effort_reaches_the_chat_template():
         assert plain < low and low != high
         with pytest.raises(openai.BadRequestError, match="reasoning_effort"):
             prompt_tokens(reasoning_effort="extreme")
+
+
+def test_qwen3_on_a_served_model_splits_as_deepseek_r1_after_a_prompt_that_opened_the_thinking(model_dir, raw):
+    reasoning, content = thinking_and_answer(raw())
+    with ServerThread(small_engine_args(model=model_dir), state_options={"reasoning_parser": "qwen3"}) as srv:
+        client = srv.openai_client()
+        message = client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=MAX_TOKENS,
+                                                 temperature=0).choices[0].message
+        assert (message.model_extra["reasoning"], message.content) == (reasoning, content)
+        # Qwen3's enable_thinking=false: the template closes the thinking, all is answer.
+        closed = client.chat.completions.create(
+            model="", messages=THINKING_PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}}).choices[0].message
+        assert closed.model_extra["reasoning"] is None
+        assert closed.content == raw(template_kwargs={"enable_thinking": False})

@@ -95,8 +95,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help='JSON that sets or replaces sampling defaults, e.g. \'{"temperature": 0.5}\'.')
     m.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="Take a reasoning model's thinking apart from its answer: chat's `reasoning` "
-                        "field, /v1/responses' reasoning item (deepseek_r1: <think>...</think>, "
-                        "DeepSeek-R1 and its distills, QwQ).")
+                        "field, /v1/responses' reasoning item (<think>...</think>; deepseek_r1: "
+                        "DeepSeek-R1 and its distills, QwQ; qwen3: Qwen3, where an output nothing "
+                        "opened is the answer and a tool call ends the thinking).")
     m.add_argument("--trust-remote-code", action="store_true", help="Allow the model's own code.")
     m.add_argument("--load-format", default="auto", choices=list(LOAD_FORMATS),
                    help="Weights to read: auto (safetensors, else pytorch_model*.bin), safetensors, "

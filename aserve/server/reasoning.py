@@ -1,12 +1,18 @@
 """Reasoning models' thinking apart from their answer (vLLM's --reasoning-parser).
 
-DeepSeek-R1 and its distills (Llama and Qwen2 architectures), QwQ and the like write their
-thinking first and close it with </think> (the opening <think> comes from the chat template's
-generation prompt, or from the model itself); what follows is the answer. The split is by the
-tags in the output's text, so it never depends on how the tokenizer cut them:
+DeepSeek-R1 and its distills (Llama and Qwen2 architectures), QwQ, Qwen3 and the like write
+their thinking first and close it with </think> (the opening <think> comes from the chat
+template's generation prompt, or from the model itself); what follows is the answer. The split
+is by the tags in the output's text, so it never depends on how the tokenizer cut them:
 - thinking still open (no </think> yet): all of it is reasoning (a cut-off output included);
 - a prompt that already closed the thinking (a template asked not to think, which writes
-  <think></think> itself): all of the output is the answer.
+  <think></think> itself, as Qwen3's enable_thinking=false does): all of the output is the answer.
+
+The parsers differ where neither the prompt nor the output opened the thinking: deepseek_r1
+takes the output as thinking all the same (R1 distills often leave <think> out), qwen3 as the
+answer (Qwen3-Instruct-2507 and other models that do not think). qwen3 also ends the thinking
+at a tool call written inside it (<tool_call> then <function=...>, as Qwen3.5 and Qwen3-Coder
+do), as vLLM's qwen3 parser does.
 
 Chat answers carry the thinking in the message's (and each delta's) `reasoning` field, as vLLM
 does, and `include_reasoning: false` leaves it out; /v1/responses gives it as a reasoning item.
@@ -22,7 +28,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 START, END = "<think>", "</think>"
-PARSERS = ("deepseek_r1",)
+TOOL_CALL, FUNCTION = "<tool_call>", "<function"
+# --reasoning-parser NAME -> whether an output that nothing opened is thinking all the same,
+# whether a tool call inside the thinking ends it.
+_STYLES = {"deepseek_r1": (True, False), "qwen3": (False, True)}
+PARSERS = tuple(_STYLES)
 
 
 @dataclass(frozen=True)
@@ -43,52 +53,87 @@ class ReasoningParser:
             raise ValueError(f"--reasoning-parser {name}: this model's tokenizer has no {START} and {END} "
                              "tokens, so it writes no thinking to take apart.")
         self.name = name
+        self.thinks_unopened, self.tool_call_ends_thinking = _STYLES[name]
 
     def prompt_closed_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether the prompt ends with its thinking closed (the last of the two tags in it is
         </think>): then the whole output is the answer."""
-        for token_id in reversed(prompt_ids):
-            if token_id == self.start_id:
-                return False
-            if token_id == self.end_id:
-                return True
-        return False
+        return self._last_tag(prompt_ids) == self.end_id
 
-    def split(self, text: str, finished: bool = True, thinking: bool = True) -> Split:
+    def thinking(self, prompt_ids: list[int]) -> Optional[bool]:
+        """Whether the output starts inside the thinking: False after a prompt that closed it,
+        True after one that opened it; None where the prompt has neither tag: then the output
+        thinks if it opens with <think>, or (deepseek_r1) all the same."""
+        last = self._last_tag(prompt_ids)
+        if last is not None:
+            return last == self.start_id
+        return True if self.thinks_unopened else None
+
+    def _last_tag(self, prompt_ids: list[int]) -> Optional[int]:
+        for token_id in reversed(prompt_ids):
+            if token_id == self.start_id or token_id == self.end_id:
+                return token_id
+        return None
+
+    def split(self, text: str, finished: bool = True, thinking: Optional[bool] = True) -> Split:
         """The output text so far as reasoning and answer. Unfinished, a tail that could be the
         start of a tag is held back (it goes out once the next text shows what it is), so the
-        pieces only ever grow. thinking False: the prompt closed the thinking."""
-        if not thinking:
+        pieces only ever grow. thinking: as thinking() gives it for the prompt."""
+        if thinking is False:
             return Split("", text)
         body = text.lstrip()
         if body.startswith(START):
             body = body[len(START):]
         elif not finished and START.startswith(body):
             return Split("", "")   # maybe the model's own opening tag, still arriving
+        elif thinking is None:
+            return Split("", text)   # nothing opened the thinking: no thinking (qwen3)
         else:
             body = text
         reasoning, end, content = body.partition(END)
+        if self.tool_call_ends_thinking:
+            # Whichever ends the thinking first wins: a later </think> is then the answer's.
+            # Before a </think>, a <tool_call> is whole or never (nothing more comes between).
+            cut, held = _tool_call_in(reasoning, finished or bool(end))
+            if cut is not None:
+                return Split(body[:cut], "" if held else body[cut:])
         if end:
             return Split(reasoning, content)
         if not finished:
-            reasoning = reasoning[:len(reasoning) - _tag_prefix_at_end(reasoning)]
+            reasoning = reasoning[:len(reasoning) - max(_tag_prefix_at_end(reasoning, END),
+                                                        _tag_prefix_at_end(reasoning, TOOL_CALL)
+                                                        if self.tool_call_ends_thinking else 0)]
         return Split(reasoning, "")
 
     def gate(self, params, prompt_ids: list[int]):
         """The request's sampling params with its constraint set to start after </think>
-        (unless the prompt closed the thinking, or there is no constraint)."""
+        (unless the output starts outside the thinking, or there is no constraint)."""
         constraint = params.structured_outputs
-        if constraint is None or self.prompt_closed_thinking(prompt_ids):
+        if constraint is None or not self.thinking(prompt_ids):
             return params
         params = params.clone()
         params.structured_outputs = dataclasses.replace(constraint, after_token_id=self.end_id)
         return params
 
 
-def _tag_prefix_at_end(text: str) -> int:
-    """The length of the longest proper prefix of </think> that text ends with."""
-    for size in range(min(len(END) - 1, len(text)), 0, -1):
-        if text.endswith(END[:size]):
+def _tool_call_in(reasoning: str, finished: bool) -> tuple[Optional[int], bool]:
+    """(where a tool call written inside the thinking starts, or None; whether it is only
+    maybe one yet: <tool_call> then, so far, what may begin <function=, held back)."""
+    at = reasoning.find(TOOL_CALL)
+    while at >= 0:
+        after = reasoning[at + len(TOOL_CALL):].lstrip()
+        if after.startswith(FUNCTION):
+            return at, False
+        if not finished and FUNCTION.startswith(after):
+            return at, True
+        at = reasoning.find(TOOL_CALL, at + 1)
+    return None, False
+
+
+def _tag_prefix_at_end(text: str, tag: str) -> int:
+    """The length of the longest proper prefix of tag that text ends with."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:size]):
             return size
     return 0
 
@@ -119,7 +164,7 @@ class ReasoningView:
     def __init__(self, parser: Optional[ReasoningParser], prompt_ids: list[int], include: bool = True,
                  num_choices: int = 1) -> None:
         self.parser = parser
-        self.thinking = parser is not None and not parser.prompt_closed_thinking(prompt_ids)
+        self.thinking = parser.thinking(prompt_ids) if parser is not None else False
         self.include = include   # the request's include_reasoning
         self._progress = [ReasoningProgress() for _ in range(num_choices)]
 
