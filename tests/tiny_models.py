@@ -15,19 +15,22 @@ import torch
 
 from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
-FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2")
+FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
+            "qwen3_moe")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
 _GPU_WIDTH_SCALE = 4
-_WIDTH_KEYS = ("hidden_size", "intermediate_size", "ffn_dim", "word_embed_proj_dim", "n_embd", "head_dim")
+_WIDTH_KEYS = ("hidden_size", "intermediate_size", "ffn_dim", "word_embed_proj_dim", "n_embd", "head_dim",
+               "moe_intermediate_size", "shared_expert_intermediate_size")
 _COMMON = dict(vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-6)
 
 
 def _config(family: str, overrides: dict):
-    from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config, Qwen3Config
+    from transformers import (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config,
+                              Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     if family in ("opt", "opt-postln"):
         kw = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -56,6 +59,22 @@ def _config(family: str, overrides: dict):
         kw = dict(_LLAMA_LIKE, head_dim=32, tie_word_embeddings=True, use_sliding_window=False,
                   architectures=["Qwen3ForCausalLM"])
         cls = Qwen3Config
+    elif family == "mixtral":
+        kw = dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
+                  architectures=["MixtralForCausalLM"])
+        cls = MixtralConfig
+    elif family == "qwen2_moe":
+        # Layer 0 dense, layer 1 sparse (every 2nd layer), with a shared expert; no renormalising.
+        kw = dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  shared_expert_intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=False,
+                  use_sliding_window=False, tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"])
+        cls = Qwen2MoeConfig
+    elif family == "qwen3_moe":
+        # As Qwen3-30B-A3B: every layer sparse, top-k renormalised, Qwen3's attention.
+        kw = dict(_LLAMA_LIKE, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, use_sliding_window=False,
+                  tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"])
+        cls = Qwen3MoeConfig
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])

@@ -7,7 +7,7 @@ MergedColumnParallelLinear); load_weights maps the HF per-projection names onto 
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from aserve.models.layers import (Attention, MergedColumnParallelLinear, Paralle
                                   VocabParallelEmbedding, get_rope_parameters, load_named_weights)
 from aserve.models.layers.activation import ActAndMul
 from aserve.models.layers.linear import uses_gemv
+from aserve.models.layers.moe import Experts, expert_shard
 
 
 def layer_sliding_window(config, layer_idx: int) -> Optional[int]:
@@ -77,12 +78,16 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))
 
 
+def dense_mlp(config, layer_idx: int) -> nn.Module:
+    return LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool,
-                 attention_class: type = LlamaAttention):
+                 attention_class: type = LlamaAttention, make_mlp: Callable = dense_mlp):
         super().__init__()
         self.self_attn = attention_class(config, layer_idx, qkv_bias, o_bias)
-        self.mlp = LlamaMLP(config, bias=getattr(config, "mlp_bias", False))
+        self.mlp = make_mlp(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -100,10 +105,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, qkv_bias: bool, o_bias: bool, attention_class: type = LlamaAttention):
+    def __init__(self, config, qkv_bias: bool, o_bias: bool, attention_class: type = LlamaAttention,
+                 make_mlp: Callable = dense_mlp):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias, attention_class)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias, attention_class, make_mlp)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -120,9 +126,11 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Llama-architecture causal LM over the paged KV cache (also serves MistralForCausalLM)."""
 
-    # Subclasses for Llama-shaped families override how their biases are configured, and the
-    # attention module (Qwen3 normalises q and k per head).
+    # Subclasses for Llama-shaped families override how their biases are configured, the
+    # attention module (Qwen3 normalises q and k per head) and each layer's MLP (mixtures of
+    # experts: Mixtral, Qwen-MoE).
     attention_class: type = LlamaAttention
+    make_mlp: Callable = staticmethod(dense_mlp)
 
     @staticmethod
     def _biases(config) -> tuple[bool, bool]:
@@ -133,7 +141,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         qkv_bias, o_bias = self._biases(hf_config)
-        self.model = LlamaModel(hf_config, qkv_bias, o_bias, self.attention_class)
+        self.model = LlamaModel(hf_config, qkv_bias, o_bias, self.attention_class, self.make_mlp)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)
@@ -164,9 +172,18 @@ class LlamaForCausalLM(nn.Module):
                 return None  # buffers some checkpoints saved; recomputed here
             if tied and name == "lm_head.weight":
                 return None  # same tensor as the embedding, which is loaded under its own name
-            return name
+            return self.checkpoint_name(name)
 
-        load_named_weights(self, weights, stacked, rename)
+        # One matrix per expert and projection goes into the experts' stacked parameters.
+        load_named_weights(self, weights, stacked, rename, route=expert_shard)
+        for module in self.modules():
+            if isinstance(module, Experts):
+                module.check_loaded()
+
+    @staticmethod
+    def checkpoint_name(name: str) -> str:
+        """A checkpoint name as this module tree names it (Mixtral's MLP has its own name)."""
+        return name
 
 
 class MistralForCausalLM(LlamaForCausalLM):

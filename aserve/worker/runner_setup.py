@@ -25,8 +25,11 @@ logger = logging.getLogger(__name__)
 
 def uses_decode_graphs(args: EngineArgs, model, device: torch.device, group: TensorParallelGroup) -> bool:
     """CUDA graphs bake in the CUDA kernels' launches (the torch reference plans on the host)
-    and the collectives (gloo's run on the host, so only NCCL's can be captured)."""
+    and the collectives (gloo's run on the host, so only NCCL's can be captured); a model whose
+    forward reads values back to the host (a mixture of experts: layers/moe.py) cannot be
+    captured either."""
     return (device.type == "cuda" and not args.enforce_eager and group.collectives_capturable
+            and getattr(model, "supports_decode_graphs", True)
             and get_attention_backend(device, model.head_dim).name == "cuda")
 
 

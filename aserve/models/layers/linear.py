@@ -236,13 +236,15 @@ class ReplicatedLinear(nn.Module):
         return linear(x, self.weight, self.bias)
 
 
-def load_named_weights(module: nn.Module, weights, stacked_params=(), rename=None) -> None:
+def load_named_weights(module: nn.Module, weights, stacked_params=(), rename=None, route=None) -> None:
     """Load HF-named checkpoint tensors into `module` through each parameter's weight_loader.
 
     stacked_params: (param_part, checkpoint_part, shard_id) triples such as
     (".qkv_proj.", ".q_proj.", "q"): a checkpoint name containing checkpoint_part loads shard
     shard_id of the parameter named with param_part instead. rename(name) maps a checkpoint
-    name to a parameter name, or None to skip it (rotary buffers, attention masks). Unknown
+    name to a parameter name, or None to skip it (rotary buffers, attention masks). route(name),
+    tried first, gives (parameter name, shard id) for names that no substring maps (one expert's
+    matrix of a stacked experts parameter), else None. Unknown
     names and parameters left unloaded raise ValueError, so a wrong mapping never serves noise.
     """
     params = dict(module.named_parameters(remove_duplicate=False))
@@ -253,10 +255,14 @@ def load_named_weights(module: nn.Module, weights, stacked_params=(), rename=Non
             if name is None:
                 continue
         shard_id = None
-        for param_part, ckpt_part, sid in stacked_params:
-            if ckpt_part in name:
-                name, shard_id = name.replace(ckpt_part, param_part), sid
-                break
+        routed = route(name) if route is not None else None
+        if routed is not None:
+            name, shard_id = routed
+        else:
+            for param_part, ckpt_part, sid in stacked_params:
+                if ckpt_part in name:
+                    name, shard_id = name.replace(ckpt_part, param_part), sid
+                    break
         param = params.get(name)
         if param is None:
             raise ValueError(f"checkpoint weight {name!r} has no matching parameter in "
