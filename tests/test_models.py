@@ -89,6 +89,13 @@ _VARIANTS = {
     "llama-rope-linear": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0,
                                                              factor=2.0))),
     "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    # As Qwen2.5's long-context setting: YaRN over a short original length, so the ramp of
+    # interpolated dimensions and the attention factor both show at the tested positions.
+    "qwen2-rope-yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                                                           original_max_position_embeddings=16))),
+    "qwen3-rope-yarn-mscale": ("qwen3", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=16,
+        mscale=1.0, mscale_all_dim=0.5, beta_fast=16, beta_slow=2))),
 }
 
 
@@ -196,8 +203,8 @@ def test_rope_settings_are_read_from_old_and_new_config_forms():
 def test_unsupported_rope_type_is_rejected():
     from aserve.models.layers import RotaryEmbedding
 
-    with pytest.raises(ValueError, match="unsupported rope type 'yarn'"):
-        RotaryEmbedding(16, 32, {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(ValueError, match="unsupported rope type 'longrope'"):
+        RotaryEmbedding(16, 32, {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
 
 
 def test_layers_share_one_rotary_table_and_keep_it_in_float32():
@@ -233,3 +240,17 @@ def test_layers_share_one_rotary_table_and_keep_it_in_float32():
         layout = RotaryEmbedding(head_dim, 1 << 20)
     assert layout.cos_cache.is_meta and layout.cos_cache.shape == (1 << 20, head_dim)
     assert layout.cos_cache.dtype == torch.float32
+
+
+def test_yarn_stretches_the_length_the_model_takes_and_its_rotary_table(tmp_path):
+    """As vLLM: YaRN's factor times its original length (Qwen2.5: 4 x 32768); the cos/sin
+    table covers every position of that length."""
+    yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=256)
+    path = make_tiny_model("qwen2", tmp_path / "yarn", rope_parameters=yarn)
+    config = create_model_config(EngineArgs(model=path, device="cpu"))
+    assert config.max_model_len == 1024
+    model = load_model(config, "cpu")
+    assert model.model.layers[0].self_attn.rotary_emb.cos_cache.shape[0] == 1024
+    runner = PagedRunner(model, num_blocks=160)
+    logits = runner.step([("a", _tokens(700, seed=3))])   # past the config's 512 positions
+    assert torch.isfinite(logits).all()

@@ -20,6 +20,7 @@ from aserve.models.layers import (Attention, MergedColumnParallelLinear, Paralle
 from aserve.models.layers.activation import ActAndMul
 from aserve.models.layers.linear import uses_gemv
 from aserve.models.layers.moe import Experts, expert_shard
+from aserve.models.layers.rotary import rope_position_limit
 
 
 def layer_sliding_window(config, layer_idx: int) -> Optional[int]:
@@ -67,7 +68,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings,
+        self.rotary_emb = RotaryEmbedding(self.head_dim, rope_position_limit(config, config.max_position_embeddings),
                                           get_rope_parameters(config))
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
                               self.num_kv_heads, layer_sliding_window(config, layer_idx))

@@ -14,6 +14,7 @@ from aserve.config import EngineArgs, ModelConfig
 from aserve.distributed import SINGLE_RANK, TensorParallelGroup, building_with
 from aserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from aserve.models.generation_config import sampling_defaults
+from aserve.models.layers.rotary import rope_position_limit
 from aserve.models.registry import get_model_class, resolve_architecture
 
 # Everything needed to serve a model except its weights (configs, tokenizer files, templates).
@@ -118,6 +119,8 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
     dtype = args.resolve_dtype(hf_config, args.resolve_device())
 
     limit = _max_positions(hf_config)
+    if limit is not None:   # linear and YaRN rope scaling stretch it (Qwen2.5 with YaRN: 4x)
+        limit = rope_position_limit(hf_config, limit)
     if args.max_model_len is not None:
         if limit is not None and args.max_model_len > limit:
             raise ValueError(f"max_model_len {args.max_model_len} is longer than the model supports "

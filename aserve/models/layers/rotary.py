@@ -16,7 +16,9 @@ from torch import nn
 
 from aserve.cuda import fused
 
-_SUPPORTED = ("default", "linear", "llama3")
+_SUPPORTED = ("default", "linear", "llama3", "yarn")
+# Rope types whose scaling stretches the positions a model takes, as vLLM counts them.
+_STRETCHING = ("linear", "dynamic", "yarn")
 
 
 def get_rope_parameters(hf_config) -> dict[str, Any]:
@@ -37,11 +39,59 @@ def get_rope_parameters(hf_config) -> dict[str, Any]:
     return params
 
 
-def _inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> torch.Tensor:
+def rope_position_limit(hf_config, max_positions: int) -> int:
+    """How many positions a model with this rope takes: its max_position_embeddings, stretched
+    by the scaling factor of linear and YaRN scaling (from YaRN's original length), as vLLM
+    derives a model's length. Qwen2.5 with YaRN factor 4 over 32768: 131072."""
+    params = get_rope_parameters(hf_config)
+    if params["rope_type"] not in _STRETCHING or not params.get("factor"):
+        return max_positions
+    base = params.get("original_max_position_embeddings") if params["rope_type"] == "yarn" else None
+    return int((base or max_positions) * params["factor"])
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(head_dim: int, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
+    """YaRN's inverse frequencies (interpolated below, extrapolated above a ramp of dimensions)
+    and its attention factor, which scales cos and sin; transformers' expressions."""
+    base, factor = params["rope_theta"], params.get("factor")
+    original = params["original_max_position_embeddings"]
+    if factor is None:   # DeepSeek-V3's form: the ratio of the two lengths
+        factor = max_position / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                     if mscale and mscale_all_dim else _yarn_mscale(factor))
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001   # no zero-width ramp
+    ramp = torch.clamp((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, device="cpu").to(dtype=torch.float) / head_dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention)
+
+
+def _inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
+    """(the inverse frequencies, the factor cos and sin are scaled by)."""
     base = params["rope_theta"]
     rope_type = params["rope_type"]
     if rope_type not in _SUPPORTED:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(_SUPPORTED)}")
+    if rope_type == "yarn":
+        return _yarn(head_dim, params, max_position)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if rope_type == "linear":
         inv_freq /= params["factor"]
@@ -57,7 +107,7 @@ def _inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> torch
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
         inv_freq = torch.where(is_medium, smoothed, scaled)
-    return inv_freq
+    return inv_freq, 1.0
 
 
 class _CosSinTables:
@@ -86,12 +136,15 @@ def _cos_sin_tables(head_dim: int, max_position: int, params: dict[str, Any],
                                torch.empty(shape, dtype=torch.float32, device=device))
         _live_tables[key] = tables
     elif tables is None:
-        inv_freq = _inv_freq(head_dim, params, max_position)
+        inv_freq, scale = _inv_freq(head_dim, params, max_position)
         # Built on the CPU whatever the default device is, so every device gets the same table.
         positions = torch.arange(max_position, dtype=torch.int64, device="cpu").float()
         freqs = positions[:, None] * inv_freq[None, :]           # one product, as HF's forward
         emb = torch.cat((freqs, freqs), dim=-1)                  # [max_position, head_dim]
-        tables = _CosSinTables(emb.cos().to(device), emb.sin().to(device))
+        cos, sin = emb.cos(), emb.sin()
+        if scale != 1.0:   # YaRN's attention factor, applied to the table as HF applies it
+            cos, sin = cos * scale, sin * scale
+        tables = _CosSinTables(cos.to(device), sin.to(device))
         _live_tables[key] = tables
     return tables
 
