@@ -205,6 +205,8 @@ def test_unsupported_rope_type_is_rejected():
 
     with pytest.raises(ValueError, match="unsupported rope type 'longrope'"):
         RotaryEmbedding(16, 32, {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.75"):
+        RotaryEmbedding(16, 32, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
 
 
 def test_layers_share_one_rotary_table_and_keep_it_in_float32():

@@ -16,7 +16,7 @@ import torch
 from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
-            "qwen3_moe")
+            "qwen3_moe", "phi3")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -30,7 +30,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 def _config(family: str, overrides: dict):
     from transformers import (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config,
-                              Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+                              Phi3Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     if family in ("opt", "opt-postln"):
         kw = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -75,6 +75,10 @@ def _config(family: str, overrides: dict):
                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, use_sliding_window=False,
                   tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"])
         cls = Qwen3MoeConfig
+    elif family == "phi3":
+        # Fused qkv_proj and gate_up_proj in the checkpoint; a sliding window as Phi-3-mini-4k's.
+        kw = dict(_LLAMA_LIKE, sliding_window=16, tie_word_embeddings=False, architectures=["Phi3ForCausalLM"])
+        cls = Phi3Config
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])

@@ -90,6 +90,9 @@ def _inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> tuple
     rope_type = params["rope_type"]
     if rope_type not in _SUPPORTED:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(_SUPPORTED)}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"a partial rotary embedding (partial_rotary_factor "
+                         f"{params['partial_rotary_factor']}) is not supported; aserve rotates whole heads")
     if rope_type == "yarn":
         return _yarn(head_dim, params, max_position)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
