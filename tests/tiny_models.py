@@ -16,7 +16,7 @@ import torch
 from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
-            "qwen3_moe", "phi3")
+            "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -29,7 +29,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config,
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config,
                               Phi3Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     if family in ("opt", "opt-postln"):
@@ -79,6 +79,28 @@ def _config(family: str, overrides: dict):
         # Fused qkv_proj and gate_up_proj in the checkpoint; a sliding window as Phi-3-mini-4k's.
         kw = dict(_LLAMA_LIKE, sliding_window=16, tie_word_embeddings=False, architectures=["Phi3ForCausalLM"])
         cls = Phi3Config
+    elif family in ("gemma", "gemma2", "gemma3"):
+        # Heads of 32 over a hidden size of 64 (Gemma's heads are wider than hidden / heads).
+        kw = dict(_LLAMA_LIKE, head_dim=32, tie_word_embeddings=True)
+        if family == "gemma":
+            kw.update(hidden_act="gelu_pytorch_tanh", architectures=["GemmaForCausalLM"])
+            cls = GemmaConfig
+        elif family == "gemma2":
+            # Capped scores and logits, a sliding first layer and a full second, a query scalar
+            # that is not head_dim.
+            kw.update(hidden_activation="gelu_pytorch_tanh", sliding_window=16, query_pre_attn_scalar=24,
+                      attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                      layer_types=["sliding_attention", "full_attention"], architectures=["Gemma2ForCausalLM"])
+            cls = Gemma2Config
+        else:
+            # Sliding and full layers with rotary bases of their own, the full ones scaled.
+            kw.update(hidden_activation="gelu_pytorch_tanh", sliding_window=16, query_pre_attn_scalar=24,
+                      layer_types=["sliding_attention", "full_attention"],
+                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                       "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
+                                                          "factor": 8.0}},
+                      architectures=["Gemma3ForCausalLM"])
+            cls = Gemma3TextConfig
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])

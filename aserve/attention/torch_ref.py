@@ -45,13 +45,15 @@ class _GroupPlan:
 
 
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                    scale: float, sliding_window: Optional[int] = None) -> torch.Tensor:
+                    scale: float, sliding_window: Optional[int] = None,
+                    logits_soft_cap: Optional[float] = None) -> torch.Tensor:
     """Causal attention of each sequence's queries over its cached context.
 
     query: [T, num_heads, head_dim]; returns [T, num_heads, head_dim]. The K/V of this step
     must already be in the cache (write_kv_cache), so prefill, chunked prefill and decode are
     one code path. Grouped-query attention repeats each KV head over its query heads.
-    Computed in float32 whatever the cache's dtype, as the oracle should be.
+    Computed in float32 whatever the cache's dtype, as the oracle should be. logits_soft_cap
+    (Gemma 2): each score s becomes cap * tanh(s / cap) before the softmax.
     """
     key = ("torch_ref", kv_cache.shape[2], sliding_window)
     plans = metadata.backend_cache.get(key)
@@ -61,7 +63,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, metadata: Atten
     out = torch.empty_like(query)
     for plan in plans:
         out[plan.token_lo:plan.token_hi] = _attend_group(
-            query[plan.token_lo:plan.token_hi], kv_cache, plan, scale).to(query.dtype)
+            query[plan.token_lo:plan.token_hi], kv_cache, plan, scale, logits_soft_cap).to(query.dtype)
     return out
 
 
@@ -96,7 +98,8 @@ def _plan_groups(metadata: AttentionMetadata, block_size: int, sliding_window: O
     return plans
 
 
-def _attend_group(query: torch.Tensor, kv_cache: torch.Tensor, plan: _GroupPlan, scale: float):
+def _attend_group(query: torch.Tensor, kv_cache: torch.Tensor, plan: _GroupPlan, scale: float,
+                  logits_soft_cap: Optional[float] = None):
     num_seqs = plan.blocks.shape[0]
     num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
     padded_q = query.new_zeros(num_seqs, plan.max_q, num_heads, query.shape[2], dtype=torch.float32)
@@ -106,12 +109,29 @@ def _attend_group(query: torch.Tensor, kv_cache: torch.Tensor, plan: _GroupPlan,
     # or probability does not cancel a NaN.
     keys = kv_cache[0][plan.blocks].flatten(1, 2)[:, :plan.max_s].float().masked_fill_(plan.outside, 0.0)
     values = kv_cache[1][plan.blocks].flatten(1, 2)[:, :plan.max_s].float().masked_fill_(plan.outside, 0.0)
-    # SDPA rather than einsum: einsum plans every new shape anew (~15 ms on the CPU machine),
-    # and continuous batching produces a new shape nearly every step.
-    padded_out = F.scaled_dot_product_attention(
-        padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=plan.visible, scale=scale, enable_gqa=num_heads != num_kv_heads)
+    q, k, v = padded_q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+    if logits_soft_cap is not None:
+        padded_out = _soft_capped_attention(q, k, v, plan.visible, scale, logits_soft_cap)
+    else:
+        # SDPA rather than einsum: einsum plans every new shape anew (~15 ms on the CPU machine),
+        # and continuous batching produces a new shape nearly every step.
+        padded_out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.visible, scale=scale,
+                                                    enable_gqa=num_heads != num_kv_heads)
     return padded_out.transpose(1, 2)[plan.seq_of_token, plan.row_of_token]
+
+
+def _soft_capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                           scale: float, cap: float) -> torch.Tensor:
+    """SDPA's attention with each score capped as cap * tanh(score / cap), which SDPA cannot
+    do; q [B, H, q, D], k and v [B, KVH, s, D] (each KV head serves H / KVH query heads)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    # A padded query row sees nothing: its NaNs are never read, but keep them out of the sum.
+    return torch.matmul(probs.nan_to_num(0.0), v)
 
 
 def _starts(lengths: list[int]) -> list[int]:
@@ -129,7 +149,8 @@ class TorchReferenceBackend:
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float,
-                sliding_window: Optional[int] = None, kv_cached: bool = False) -> torch.Tensor:
+                sliding_window: Optional[int] = None, kv_cached: bool = False,
+                logits_soft_cap: Optional[float] = None) -> torch.Tensor:
         if not kv_cached:
             write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
-        return paged_attention(query, kv_cache, metadata, scale, sliding_window)
+        return paged_attention(query, kv_cache, metadata, scale, sliding_window, logits_soft_cap)

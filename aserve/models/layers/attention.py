@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from aserve.attention import AttentionMetadata, get_attention_backend
+from aserve.attention.torch_ref import TorchReferenceBackend
 
 
 class Attention(nn.Module):
@@ -18,8 +19,11 @@ class Attention(nn.Module):
     """
 
     def __init__(self, num_heads: int, head_dim: int, scale: float,
-                 num_kv_heads: Optional[int] = None, sliding_window: Optional[int] = None):
+                 num_kv_heads: Optional[int] = None, sliding_window: Optional[int] = None,
+                 logits_soft_cap: Optional[float] = None):
         super().__init__()
+        # Gemma 2's capped scores: only the torch reference computes them (on a GPU too).
+        self.logits_soft_cap = logits_soft_cap
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = scale
@@ -35,7 +39,8 @@ class Attention(nn.Module):
         rotary (a RotaryEmbedding) rotates q and k at `positions` first: on the CUDA backend
         in the same kernel as the cache write (one launch a layer fewer at every step)."""
         if self.backend is None:
-            self.backend = get_attention_backend(q.device, self.head_dim)
+            self.backend = (TorchReferenceBackend() if self.logits_soft_cap is not None
+                            else get_attention_backend(q.device, self.head_dim))
         kv_cached = False
         if rotary is not None:
             kv_cached = self.backend.fuses_rotary and rotary.rotate_and_cache(
@@ -46,6 +51,7 @@ class Attention(nn.Module):
         query = q.view(num_tokens, self.num_heads, self.head_dim)
         key = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        capped = {} if self.logits_soft_cap is None else {"logits_soft_cap": self.logits_soft_cap}
         out = self.backend.forward(query, key, value, kv_cache, attn_metadata, self.scale,
-                                   self.sliding_window, kv_cached=kv_cached)
+                                   self.sliding_window, kv_cached=kv_cached, **capped)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
