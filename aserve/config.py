@@ -126,6 +126,8 @@ class EngineArgs:
     master_addr: Optional[str] = None
     master_port: Optional[int] = None
     enforce_eager: bool = False
+    # vLLM's: full attention on every layer, the model's length capped at its sliding window.
+    disable_sliding_window: bool = False
     # Decode steps with a longer context than this run eagerly (no CUDA graph), as in vLLM.
     max_seq_len_to_capture: int = 8192
     # auto: *.safetensors, else pytorch_model*.bin; safetensors / pt: only that format;

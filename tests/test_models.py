@@ -256,3 +256,19 @@ def test_yarn_stretches_the_length_the_model_takes_and_its_rotary_table(tmp_path
     runner = PagedRunner(model, num_blocks=160)
     logits = runner.step([("a", _tokens(700, seed=3))])   # past the config's 512 positions
     assert torch.isfinite(logits).all()
+
+
+def test_disable_sliding_window_caps_the_length_at_the_window_and_attends_fully():
+    """vLLM's --disable-sliding-window: within the window, full attention is the same."""
+    path = tiny_model_dir("mistral")   # window 16
+    config = create_model_config(EngineArgs(model=path, device="cpu", disable_sliding_window=True))
+    assert config.max_model_len == 16
+    model = load_model(config, "cpu")
+    assert all(layer.self_attn.attn.sliding_window is None for layer in model.model.layers)
+    tokens = _tokens(16, seed=9)
+    torch.testing.assert_close(PagedRunner(model).step([("a", tokens)]), _hf_logits(path, tokens), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="sliding window, 16 tokens"):
+        create_model_config(EngineArgs(model=path, device="cpu", disable_sliding_window=True, max_model_len=64))
+    # A model without a window is unchanged.
+    assert create_model_config(EngineArgs(model=tiny_model_dir("llama"), device="cpu",
+                                          disable_sliding_window=True)).max_model_len == 512

@@ -121,10 +121,15 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
     limit = _max_positions(hf_config)
     if limit is not None:   # linear and YaRN rope scaling stretch it (Qwen2.5 with YaRN: 4x)
         limit = rope_position_limit(hf_config, limit)
+    window = _drop_sliding_window(hf_config) if args.disable_sliding_window else None
+    if window is not None:
+        limit = min(limit, window) if limit is not None else window
     if args.max_model_len is not None:
         if limit is not None and args.max_model_len > limit:
+            why = (f"its sliding window, {window} tokens, with disable_sliding_window" if limit == window
+                   else f"{limit} positions in its config")
             raise ValueError(f"max_model_len {args.max_model_len} is longer than the model supports "
-                             f"({limit} positions in its config); use at most {limit}.")
+                             f"({why}); use at most {limit}.")
         max_model_len = args.max_model_len
     else:
         max_model_len = limit or 2048  # a config with no length limit at all: a modest default
@@ -136,6 +141,20 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         trust_remote_code=args.trust_remote_code, seed=args.seed, load_format=args.load_format,
         max_logprobs=args.max_logprobs,
         sampling_defaults=sampling_defaults(args.generation_config, model_path, args.override_generation_config))
+
+
+def _drop_sliding_window(hf_config) -> Optional[int]:
+    """vLLM's --disable-sliding-window: every layer attends to its whole context instead, and
+    the caller caps the model's length at the window, within which the two agree. Returns the
+    window (None: no layer has one, and nothing changes)."""
+    from aserve.models.llama import layer_sliding_window
+
+    layers = getattr(hf_config, "num_hidden_layers", 0) or 0
+    windows = {layer_sliding_window(hf_config, i) for i in range(layers)} - {None}
+    if not windows:
+        return None
+    hf_config.sliding_window = None
+    return min(windows)
 
 
 def _apply_hf_overrides(hf_config, overrides: Optional[dict]) -> None:

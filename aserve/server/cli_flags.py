@@ -128,6 +128,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help="Exactly this many KV cache blocks, whatever the memory (testing, "
                         "debugging); default: as many as the memory budget holds.")
     e.add_argument("--enforce-eager", action="store_true", help="GPU: do not capture CUDA graphs.")
+    e.add_argument("--disable-sliding-window", action="store_true",
+                   help="Attend to the whole context on every layer, and cap the model's length at its "
+                        "sliding window (Mistral, Phi-3, Gemma 2/3), as vLLM does.")
     e.add_argument("--max-seq-len-to-capture", type=int, default=_ENGINE_DEFAULTS.max_seq_len_to_capture,
                    help="GPU: decode steps with a longer context than this run without a CUDA "
                         "graph. (default: %(default)s)")

@@ -33,7 +33,6 @@ IGNORED_VLLM_FLAGS: dict[str, tuple[bool, str]] = {
     "--num-lookahead-slots": (True, "no speculative decoding"),
     "--scheduler-delay-factor": (True, "the scheduler never delays a step"),
     "--use-v2-block-manager": (False, "there is one block manager"),
-    "--disable-sliding-window": (False, "no supported model uses a sliding window"),
     "--block-allocator": (True, "there is one block allocator"),
     "--prefix-caching-hash-algo": (True, "cached blocks are keyed by content, compared exactly"),
     "--disable-hybrid-kv-cache-manager": (False, "there is one KV cache manager"),
@@ -63,6 +62,7 @@ IGNORED_VLLM_FLAGS: dict[str, tuple[bool, str]] = {
     # ---- observability and the HTTP front end
     "--enable-log-requests": (False, "aserve logs one access line per request by default"),
     "--max-log-len": (True, "the access log never prints prompts"),
+    "--enable-log-outputs": (False, "the access log never prints outputs"),
     "--uvicorn-log-level": (True, "aiohttp, not uvicorn, serves; see --log-level"),
     "--disable-fastapi-docs": (False, "there are no FastAPI docs pages"),
     "--root-path": (True, "no path prefix is stripped"),
@@ -77,7 +77,8 @@ IGNORED_VLLM_FLAGS: dict[str, tuple[bool, str]] = {
     "--disable-mm-preprocessor-cache": (False, "no multi-modal models"),
     "--limit-mm-per-prompt": (True, "no multi-modal models"),
     "--mm-processor-kwargs": (True, "no multi-modal models"),
-    "--enable-expert-parallel": (False, "no mixture-of-experts models"),
+    "--enable-expert-parallel": (False, "experts are split over the tensor-parallel ranks by their "
+                                        "intermediate size, each rank holding a slice of every expert"),
     "--speculative-config": (True, "no speculative decoding (outputs are the same, only slower)"),
 }
 
