@@ -231,3 +231,37 @@ def test_response_role_data_parallel_size_and_the_grammar_backend_flags():
         first = next(iter(client.chat.completions.create(model="", messages=[{"role": "user", "content": "Hi"}],
                                                          max_tokens=2, stream=True)))
         assert first.choices[0].delta.role == "bot"
+
+
+def test_a_log_config_file_is_applied_after_the_defaults(tmp_path):
+    import json
+    import logging
+
+    from aserve.server.cli import configure_logging, make_parser
+
+    log = tmp_path / "out.log"
+    config = {"version": 1, "disable_existing_loggers": False,
+              "formatters": {"plain": {"format": "CFG %(levelname)s %(message)s"}},
+              "handlers": {"file": {"class": "logging.FileHandler", "filename": str(log), "formatter": "plain"}},
+              "loggers": {"aserve.log_config_test": {"handlers": ["file"], "level": "DEBUG", "propagate": False}}}
+    path = tmp_path / "logging.json"
+    path.write_text(json.dumps(config))
+    assert make_parser().parse_args(["--log-config-file", str(path)]).log_config_file == str(path)
+    saved_level = logging.getLogger("aserve").level
+    configure_logging("warning", str(path))
+    logger = logging.getLogger("aserve.log_config_test")
+    try:
+        logger.debug("hello from the test")
+        for handler in logger.handlers:
+            handler.flush()
+        assert log.read_text() == "CFG DEBUG hello from the test\n"
+    finally:
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
+        logging.getLogger("aserve").setLevel(saved_level)
+    for bad, words in [("missing.json", "No such file"), ("bad.json", "not a logging configuration")]:
+        if bad == "bad.json":
+            (tmp_path / bad).write_text('{"version": 7}')
+        with pytest.raises(SystemExit, match=words):
+            configure_logging("info", str(tmp_path / bad))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
+import logging.config
 import os
 import sys
 import traceback
@@ -39,8 +41,9 @@ def resolve_api_key(ns: argparse.Namespace) -> Optional[str]:
     return ns.api_key or os.environ.get(API_KEY_ENV) or None
 
 
-def configure_logging(level: str) -> None:
-    """Every line once, in one format, on stderr."""
+def configure_logging(level: str, config_file: Optional[str] = None) -> None:
+    """Every line once, in one format, on stderr; then vLLM's --log-config-file, a JSON
+    logging.config.dictConfig (handlers, formats and levels of any logger), if given."""
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # aserve's default handler, and huggingface_hub's (installed on import, and propagating to
@@ -55,11 +58,24 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.getLogger("aserve").setLevel(level.upper())
+    if config_file:
+        _apply_logging_config(config_file)
+
+
+def _apply_logging_config(path: str) -> None:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        logging.config.dictConfig(config)
+    except OSError as exc:
+        raise SystemExit(f"error: --log-config-file {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, AttributeError, ImportError) as exc:   # bad JSON, or not a dictConfig
+        raise SystemExit(f"error: --log-config-file {path} is not a logging configuration: {exc}") from None
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     ns = parse_args(argv)
-    configure_logging(ns.log_level)
+    configure_logging(ns.log_level, ns.log_config_file)
     warn_ignored_vllm_flags(ns)
     try:
         engine_args = engine_args_from(ns)

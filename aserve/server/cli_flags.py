@@ -228,6 +228,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help=f"Show the traceback of a start-up error (also ${DEBUG_ENV}=1).")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="Log level. (default: %(default)s)")
+    s.add_argument("--log-config-file", default=None,
+                   help="A JSON logging configuration (Python's logging.config.dictConfig: handlers, "
+                        "formats, levels), applied after the defaults, as vLLM's flag.")
     add_ignored_vllm_flags(p)
     return p
 
