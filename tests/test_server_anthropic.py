@@ -102,6 +102,39 @@ def test_content_blocks_and_turns_render_as_chat(client, server, offline):
     assert msg.usage.input_tokens == len(rendered(offline.get_tokenizer(), chat))
 
 
+def test_system_messages_inside_messages_join_the_system_prompt(client, server):
+    inside = client.messages.count_tokens(model=server.model_name, messages=[
+        {"role": "system", "content": "Be "}, {"role": "system", "content": [{"type": "text", "text": "terse."}]},
+        *MESSAGES])
+    assert inside.input_tokens == client.messages.count_tokens(model=server.model_name, system=SYSTEM,
+                                                               messages=MESSAGES).input_tokens
+
+
+KWARGS_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                   "{% if reasoning_effort is defined %}(effort {{ reasoning_effort }}){% endif %}"
+                   "{% if persona is defined %}(as {{ persona }}){% endif %}assistant:")
+
+
+def test_chat_template_kwargs_and_effort_reach_the_template():
+    """vLLM's extras on /v1/messages: chat_template_kwargs, and output_config.effort as the
+    template's reasoning_effort (the request's own kwargs win)."""
+    with ServerThread(chat_template=KWARGS_TEMPLATE) as srv:
+        client = anthropic.Anthropic(base_url=srv.url, api_key="unused", max_retries=0)
+
+        def count(**extra) -> int:
+            return client.messages.count_tokens(model=srv.model_name, messages=MESSAGES,
+                                                extra_body=extra).input_tokens
+
+        plain = count()
+        assert count(chat_template_kwargs={"persona": "a pirate"}) > plain
+        effort = count(output_config={"effort": "high"})
+        assert effort > plain
+        assert count(output_config={"effort": "high"}, chat_template_kwargs={"reasoning_effort": "low"}) != effort
+        body = {"model": srv.model_name, "max_tokens": 1, "messages": MESSAGES, "output_config": {"effort": 3}}
+        bad = requests.post(srv.url + "/v1/messages", json=body, timeout=30)
+        assert bad.status_code == 400 and "output_config.effort" in bad.json()["error"]["message"]
+
+
 def test_output_config_format_gives_valid_json(client, server):
     schema = {"type": "object", "properties": {"w": {"enum": ["x", "y"]}}, "required": ["w"],
               "additionalProperties": False}

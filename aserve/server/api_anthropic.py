@@ -38,8 +38,8 @@ from aserve.server.tool_calls import (ToolPlan, calls_from_output, keep_special_
 
 async def _prompt(state: ServerState, req: MessagesRequest, plan: ToolPlan) -> list[int]:
     """The conversation rendered with the chat template (with the tools) and tokenized."""
-    return await chat_prompt_ids(state, req.conversation(), True, ChatTemplateOptions(),
-                                 tools=plan.template_tools())
+    options = ChatTemplateOptions(chat_template_kwargs=req.template_kwargs())
+    return await chat_prompt_ids(state, req.conversation(), True, options, tools=plan.template_tools())
 
 
 # ----------------------------------------------------------------------------- POST /v1/messages

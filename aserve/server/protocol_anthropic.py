@@ -3,7 +3,9 @@ asks of the engine: the conversation as chat messages, the sampling params, the 
 
 Content blocks: text; an assistant's tool_use (a tool call, its input an object); a user's
 tool_result (a "tool" message answering the call); thinking blocks of earlier turns are
-dropped, as templates take no thinking back. Images and documents (no multi-modal models),
+dropped, as templates take no thinking back; system messages inside `messages` join the
+system prompt. vLLM's extras: chat_template_kwargs, and output_config.effort as the template's
+reasoning_effort. Images and documents (no multi-modal models),
 and Anthropic's server tools (web search, code execution...), are a 400 naming the field.
 """
 
@@ -44,6 +46,18 @@ class MessagesRequest(BaseModel):
     thinking: Optional[dict[str, Any]] = None   # with --reasoning-parser the thinking comes back
     output_config: Optional[dict[str, Any]] = None   # format: a JSON schema the answer must follow
     seed: Optional[int] = None   # not Anthropic's: as on the OpenAI routes, a reproducible sample
+    chat_template_kwargs: Optional[dict[str, Any]] = None   # vLLM's extra: more template variables
+
+    def template_kwargs(self) -> Optional[dict[str, Any]]:
+        """The template's extra variables: chat_template_kwargs, and output_config.effort as
+        `reasoning_effort` (vLLM maps it so), which the request's own kwargs override."""
+        effort = (self.output_config or {}).get("effort")
+        if effort is None:
+            return self.chat_template_kwargs
+        if not isinstance(effort, str):
+            raise APIError(400, f"output_config.effort must be a string such as \"low\" or \"high\", got "
+                                f"{effort!r}.", param="output_config")
+        return {"reasoning_effort": effort, **(self.chat_template_kwargs or {})}
 
     def tool_plan(self, auto_parser: Optional[str]) -> ToolPlan:
         choice = self.tool_choice or {}
@@ -88,15 +102,20 @@ class MessagesRequest(BaseModel):
             raise APIError(400, f"output_config.format: {exc}", param="output_config") from None
 
     def conversation(self) -> list[dict]:
-        """The system prompt and the messages as chat messages for the template."""
-        out = []
-        if self.system:
-            out.append({"role": "system", "content": _text_of(self.system, "system")})
+        """The system prompt and the messages as chat messages for the template. System
+        messages inside `messages` join the system prompt, as vLLM joins them."""
         if not self.messages:
             raise APIError(400, "messages: at least one message is required.", param="messages")
+        system = [_text_of(self.system, "system")] if self.system else []
+        out = []
         for index, message in enumerate(self.messages):
-            out += _chat_messages(index, message)
-        return out
+            if isinstance(message, dict) and message.get("role") == "system":
+                system.append(_text_of(message.get("content") or "", f"messages[{index}].content"))
+            else:
+                out += _chat_messages(index, message)
+        if not out:
+            raise APIError(400, "messages: at least one user or assistant message is required.", param="messages")
+        return ([{"role": "system", "content": "".join(system)}] if system else []) + out
 
 
 def chat_tools(tools: Optional[list[Any]]) -> Optional[list[dict]]:
