@@ -64,7 +64,7 @@ def thinking_and_answer(text: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- the parser
 class _Tokenizer:
     def get_vocab(self):
-        return {START: 7, END: 8, "a": 1}
+        return {START: 7, END: 8, "a": 1, "<tool_call>": 9}
 
 
 PARSER = ReasoningParser("deepseek_r1", _Tokenizer())
@@ -152,6 +152,18 @@ def test_qwen3_gates_a_constraint_only_when_the_prompt_opened_the_thinking():
     assert PARSER.gate(params, [1, 1]).structured_outputs.after_token_id == 8
 
 
+def test_reasoning_tokens_count_up_to_the_end_of_the_thinking():
+    from aserve.server.reasoning import ReasoningView
+
+    opened = ReasoningView(QWEN3, [1, 7])
+    assert opened.reasoning_tokens([1, 1, 8, 1], "ab</think>c") == 3     # </think> included
+    assert opened.reasoning_tokens([1, 1], "ab") == 2                     # cut off: all of it
+    assert opened.reasoning_tokens([1, 9, 1, 1], "a" + CALL) == 1         # ended by a tool call
+    assert ReasoningView(QWEN3, [7, 8]).reasoning_tokens([1, 1], "ab") == 0   # the prompt closed it
+    assert ReasoningView(QWEN3, [1]).reasoning_tokens([1, 1], "ab") == 0      # nothing opened it
+    assert ReasoningView(None, [1]).reasoning_tokens([1, 8], "a</think>") == 0
+
+
 def test_a_tokenizer_without_the_tags_is_refused_at_start():
     with pytest.raises(ValueError, match="no <think> and </think>"):
         ReasoningParser("deepseek_r1", type("T", (), {"get_vocab": lambda self: {"a": 1}})())
@@ -225,13 +237,20 @@ def test_a_prompt_that_closed_the_thinking_gets_all_answer_and_the_constraint_at
 
 
 # ----------------------------------------------------------------------------- responses
-def test_responses_give_a_reasoning_item_then_the_message(client, raw):
+def test_responses_give_a_reasoning_item_then_the_message(client, raw, server):
     reasoning, content = thinking_and_answer(raw())
     resp = client.responses.create(input=THINKING_PROMPT, max_output_tokens=MAX_TOKENS, temperature=0)
     thought, message = resp.output
     assert thought.type == "reasoning" and thought.content[0].type == "reasoning_text"
     assert thought.content[0].text == reasoning and thought.status == "completed"
     assert message.type == "message" and resp.output_text == content and resp.status == "incomplete"
+    # The thinking's tokens, </think> included, counted in the output's own ids.
+    ids = client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"]
+    expected = ids.index(server.async_engine.engine.tokenizer.convert_tokens_to_ids(END)) + 1
+    assert resp.usage.output_tokens_details.reasoning_tokens == expected < resp.usage.output_tokens
+    cut = client.responses.create(input=THINKING_PROMPT, max_output_tokens=2, temperature=0)
+    assert cut.usage.output_tokens_details.reasoning_tokens == cut.usage.output_tokens == 2
 
 
 def test_responses_stream_the_reasoning_item_then_the_message(client):

@@ -81,7 +81,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         if not req.stream:
             final = await last_output(stream)
             finished(turn.body(status_of(final.outputs[0].finish_reason),
-                               await output_items(state, req, plan, final.outputs[0], turn.view), usage_of(final)))
+                               await output_items(state, req, plan, final.outputs[0], turn.view),
+                               usage_of(final, turn.view)))
             return json_response(entry.body)
         response = await open_stream(request, "text/event-stream")
         events = ResponseEvents(response.write, response.write_eof)
@@ -137,7 +138,7 @@ async def _run_in_background(turn: ResponseTurn, stream, entry: StoredResponse) 
         final = await last_output(stream)
         entry.body = turn.body(status_of(final.outputs[0].finish_reason),
                                await output_items(turn.state, turn.req, turn.plan, final.outputs[0], turn.view),
-                               usage_of(final))
+                               usage_of(final, turn.view))
     except Exception as exc:
         _failed(turn, entry, exc)
 

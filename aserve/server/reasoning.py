@@ -54,6 +54,7 @@ class ReasoningParser:
                              "tokens, so it writes no thinking to take apart.")
         self.name = name
         self.thinks_unopened, self.tool_call_ends_thinking = _STYLES[name]
+        self.tool_call_id = vocab.get(TOOL_CALL)
 
     def prompt_closed_thinking(self, prompt_ids: list[int]) -> bool:
         """Whether the prompt ends with its thinking closed (the last of the two tags in it is
@@ -178,6 +179,22 @@ class ReasoningView:
             return None, text
         split = self.parser.split(text, finished=True, thinking=self.thinking)
         return (split.reasoning or None) if self.include else None, split.content
+
+    def reasoning_tokens(self, token_ids, text: str) -> int:
+        """How many of a finished output's tokens are its thinking (usage's reasoning_tokens):
+        up to its </think> (or, qwen3, the <tool_call> that ended it); all of them when the
+        thinking never ended."""
+        if self.parser is None or self.thinking is False:
+            return 0
+        split = self.parser.split(text, finished=True, thinking=self.thinking)
+        if not split.reasoning:
+            return 0
+        ids = list(token_ids)
+        ends = [ids.index(t) + (1 if t == self.parser.end_id else 0)
+                for t in (self.parser.end_id, self.parser.tool_call_id) if t is not None and t in ids]
+        if not split.content:
+            return min(ends) if ends and self.parser.end_id in ids else len(ids)
+        return min(ends) if ends else 0
 
     def step(self, choice: int, text: str, finished: bool) -> tuple[Optional[str], str]:
         """What choice's cumulative text adds to its reasoning and its answer since the last step."""

@@ -81,13 +81,14 @@ def pick_first(*values):
     return next(v for v in values if v is not None)
 
 
-def usage_of(final: Optional[RequestOutput]) -> Optional[dict]:
+def usage_of(final: Optional[RequestOutput], view: Optional[ReasoningView] = None) -> Optional[dict]:
     if final is None:
         return None
     prompt = len(final.prompt_token_ids)
     completion = sum(len(o.token_ids) for o in final.outputs)
+    reasoning = sum(view.reasoning_tokens(o.token_ids, o.text) for o in final.outputs) if view else 0
     return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": final.num_cached_tokens or 0},
-            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": prompt + completion}
 
 

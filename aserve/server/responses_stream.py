@@ -68,7 +68,7 @@ async def stream_response(turn: ResponseTurn, stream, events: ResponseEvents,
         for index, item in enumerate(output):
             await _send_whole_item(events, index, item)
     status = status_of(final.outputs[0].finish_reason)
-    body = turn.body(status, output, usage_of(final))
+    body = turn.body(status, output, usage_of(final, turn.view))
     finished(body)
     await events.send(f"response.{status}", response=body)
     await events.end()
