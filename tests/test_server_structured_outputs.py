@@ -291,6 +291,20 @@ def test_auto_tool_choice_without_the_flags_is_a_400(server):
     assert body.status_code == 400 and "--enable-auto-tool-choice" in body.json()["error"]["message"]
 
 
+def test_a_structural_tag_from_response_format_or_structured_outputs(client, server):
+    """vLLM's structural tags on both of its request forms: after each trigger ("e", which the
+    random model writes often) the structure follows (an integer, then "!")."""
+    tag = {"structures": [{"begin": "e", "schema": {"type": "integer"}, "end": "!"}], "triggers": ["e"]}
+    pattern = r"(?:[^e]*e-?(?:0|[1-9][0-9]*)!)*[^e]*"
+    for extra in ({"response_format": {"type": "structural_tag", **tag}},
+                  {"structured_outputs": {"structural_tag": json.dumps(tag)}}):
+        choice = client.chat.completions.create(model=server.model_name, messages=USER, max_tokens=50, seed=21,
+                                                temperature=1.0, extra_body=extra).choices[0]
+        text = choice.message.content
+        kept = text if choice.finish_reason == "stop" else text[:text.rfind("e")]
+        assert "e" in text and re.fullmatch(pattern, kept), text
+
+
 # ----------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("path, extra, param, words", [
     ("/v1/completions", {"guided_regex": "a(b"}, "guided_regex", "unclosed group"),

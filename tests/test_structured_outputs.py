@@ -91,6 +91,31 @@ def test_regex_choice_and_grammars(llm):
         assert re.fullmatch(r"\[\d{1,3}(?:,\d{1,3}){0,3}\]", out.text), out.text
 
 
+def test_a_structural_tag_constrains_what_follows_each_trigger_and_leaves_the_rest_free(llm):
+    """vLLM's structural tag: the random model writes "e" often; each one must go on as the
+    structure that begins with it (here: an integer, then "!"), the text between is free."""
+    tag = {"structures": [{"begin": "e", "schema": {"type": "integer"}, "end": "!"}], "triggers": ["e"]}
+    outs = _texts(llm, _sample(5, S(structural_tag=tag), max_tokens=60))
+    assert sum(out.text.count("e") for out in outs) >= 3, "the test needs triggers in the text"
+    for out in outs:
+        text = out.text if out.finish_reason == "stop" else out.text[:out.text.rfind("e")]
+        assert re.fullmatch(r"(?:[^e]*e-?(?:0|[1-9][0-9]*)!)*[^e]*", text), out.text
+    # The same as JSON text, as vLLM's structured_outputs.structural_tag takes it.
+    assert S(structural_tag=json.dumps(tag)).spec == S(structural_tag=tag).spec
+
+
+@pytest.mark.parametrize("tag, words", [
+    ({"structures": [{"begin": "<f>", "schema": {}, "end": ""}], "triggers": ["<g"]}, "starts with none"),
+    ({"structures": [], "triggers": ["<f"]}, "non-empty list"),
+    ({"structures": [{"begin": "<f>", "end": ""}], "triggers": ["<f"]}, r"structures\[0\]"),
+    ({"type": "structural_tag", "format": {"type": "triggered_tags"}}, "'format' form"),
+    ("{not json", "not valid JSON"),
+])
+def test_a_malformed_structural_tag_is_a_value_error_naming_it(tag, words):
+    with pytest.raises(ValueError, match=words):
+        S(structural_tag=tag)
+
+
 def test_every_sample_of_n_follows_the_grammar(llm):
     params = SamplingParams(n=4, best_of=4, temperature=1.0, seed=7, max_tokens=20,
                             structured_outputs=S(regex=r"(cat|dog|bird)s? [0-9]"))

@@ -2,9 +2,10 @@
 
 OpenAI: response_format {"type": "text" | "json_object" | "json_schema", "json_schema":
 {"name", "schema", "strict"}}. vLLM: structured_outputs {json | regex | choice | grammar |
-json_object}, and the older guided_json, guided_regex, guided_choice and guided_grammar.
+json_object | structural_tag}, response_format {"type": "structural_tag", "structures",
+"triggers"}, and the older guided_json, guided_regex, guided_choice and guided_grammar.
 At most one of them per request; anything wrong is a 400 naming the field. vLLM options aserve
-does not honour (guided_whitespace_pattern, guided_decoding_backend, structural tags) are
+does not honour (guided_whitespace_pattern, another guided_decoding_backend) are
 refused by name rather than ignored: a client relying on them would get output it did not ask
 for.
 """
@@ -122,11 +123,8 @@ def _response_format_kind(response_format: Any) -> Optional[str]:
     kind = _get(response_format, "type")
     if kind == "text":
         return None
-    if kind == "structural_tag":
-        raise APIError(400, "response_format type structural_tag is not supported by aserve; use "
-                            "json_object or json_schema.", param="response_format")
-    if kind not in ("json_object", "json_schema"):
-        raise APIError(400, "response_format.type must be text, json_object or json_schema, "
+    if kind not in ("json_object", "json_schema", "structural_tag"):
+        raise APIError(400, "response_format.type must be text, json_object, json_schema or structural_tag, "
                             f"got {kind!r}.", param="response_format")
     return kind
 
@@ -134,6 +132,9 @@ def _response_format_kind(response_format: Any) -> Optional[str]:
 def _from_response_format(response_format: Any, kind: str) -> StructuredOutputsParams:
     if kind == "json_object":
         return StructuredOutputsParams(json_object=True)
+    if kind == "structural_tag":   # vLLM's: {"type", "structures", "triggers"}
+        return StructuredOutputsParams(structural_tag={k: v for k, v in _plain(response_format).items()
+                                                       if k != "type"})
     spec = _get(response_format, "json_schema")
     schema = _get(spec, "schema") if isinstance(spec, dict) else None
     if schema is None:

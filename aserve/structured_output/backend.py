@@ -118,9 +118,21 @@ def _compile(params: StructuredOutputsParams) -> str:
             return LLMatcher.grammar_from_json_schema(json.dumps({"type": "object"}), defaults=options)
         if params.kind == "regex":
             return LLMatcher.grammar_from_regex(params.spec)
+        if params.kind == "structural_tag":
+            return _structural_tag_grammar(json.loads(params.spec))
         if params.kind == "choice":
             # Lark string literals take JSON's quoting, so any text is matched literally.
             return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
         return LLMatcher.grammar_from_lark(any_to_lark(params.spec))
     except Exception as exc:  # a parse error of the user's text: a bad request
         raise ValueError(f"structured_outputs.{params.kind} is not usable: {exc}") from None
+
+
+def _structural_tag_grammar(tag: dict) -> str:
+    """Free text in which each trigger, once written, must go on as one of the structures
+    that begin with it (llguidance's lazy lexemes)."""
+    from llguidance import StructTag
+
+    tags = [StructTag(trigger=next(t for t in tag["triggers"] if s["begin"].startswith(t)),
+                      begin=s["begin"], grammar=s["schema"], end=s["end"]) for s in tag["structures"]]
+    return StructTag.to_grammar(tags)

@@ -21,14 +21,16 @@ MAX_CHOICES = 1024
 class StructuredOutputsParams:
     """json: a JSON schema (dict or JSON text); regex: a regular expression; choice: the
     output is exactly one of these strings; grammar: a Lark or GBNF/EBNF grammar;
-    json_object: any JSON object; structural_tag is vLLM's and not supported here."""
+    json_object: any JSON object; structural_tag: vLLM's (JSON text or a dict) {"structures":
+    [{"begin", "schema", "end"}], "triggers": [...]}: free text, in which each trigger starts
+    one of the structures that begin with it, whose body follows its JSON schema."""
 
     json: Optional[Union[str, dict]] = None
     regex: Optional[str] = None
     choice: Optional[list[str]] = None
     grammar: Optional[str] = None
     json_object: Optional[bool] = None
-    structural_tag: Optional[str] = None
+    structural_tag: Optional[Union[str, dict]] = None
     disable_any_whitespace: bool = False
     # The server's, never a request's: the grammar starts once this token has been generated
     # (a reasoning model's </think>, server/reasoning.py); until then the output is free.
@@ -40,12 +42,9 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]
         if len(given) != 1:
-            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar "
-                             f"or json_object, got {given or 'none'}.")
+            raise ValueError("structured_outputs must set exactly one of json, regex, choice, grammar, "
+                             f"json_object or structural_tag, got {given or 'none'}.")
         self.kind = given[0]
-        if self.kind == "structural_tag":
-            raise ValueError("structured_outputs.structural_tag is not supported by aserve; use json, "
-                             "regex, choice or grammar.")
         self.spec = _spec_text(self.kind, getattr(self, self.kind))
         if len(self.spec) > MAX_SPEC_CHARS:
             raise ValueError(f"structured_outputs.{self.kind} is too long: at most {MAX_SPEC_CHARS} "
@@ -90,6 +89,39 @@ def _spec_text(kind: str, value: Any) -> str:
         if value is not True:
             raise ValueError("structured_outputs.json_object must be true.")
         return "true"
+    if kind == "structural_tag":
+        return _json.dumps(_structural_tag(value))
     if not isinstance(value, str) or not value:
         raise ValueError(f"structured_outputs.{kind} must be a non-empty string.")
     return value
+
+
+def _structural_tag(value: Any) -> dict:
+    """vLLM's structural tag as {"structures": [{"begin", "schema", "end"}], "triggers"}, each
+    structure's begin starting with one of the triggers."""
+    where = "structured_outputs.structural_tag"
+    if isinstance(value, str):
+        try:
+            value = _json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object with structures and triggers.")
+    if "format" in value and "structures" not in value:
+        raise ValueError(f"{where}: the 'format' form (xgrammar's) is not supported; give "
+                         "structures [{begin, schema, end}] and triggers.")
+    structures, triggers = value.get("structures"), value.get("triggers")
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError(f"{where}.triggers must be a list of non-empty strings.")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError(f"{where}.structures must be a non-empty list of {{begin, schema, end}}.")
+    for index, item in enumerate(structures):
+        if (not isinstance(item, dict) or not isinstance(item.get("begin"), str)
+                or not isinstance(item.get("end"), str) or not isinstance(item.get("schema"), (dict, bool))):
+            raise ValueError(f"{where}.structures[{index}] must be {{\"begin\": str, \"schema\": "
+                             "a JSON schema, \"end\": str}.")
+        if not any(item["begin"].startswith(t) for t in triggers):
+            raise ValueError(f"{where}.structures[{index}].begin {item['begin']!r} starts with none of "
+                             f"the triggers {triggers}.")
+    return {"structures": [{"begin": s["begin"], "schema": s["schema"], "end": s["end"]} for s in structures],
+            "triggers": list(triggers)}
