@@ -16,7 +16,7 @@ import torch
 from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
-            "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3")
+            "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -29,7 +29,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config,
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GraniteConfig, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config,
                               Phi3Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     if family in ("opt", "opt-postln"):
@@ -101,6 +101,11 @@ def _config(family: str, overrides: dict):
                                                           "factor": 8.0}},
                       architectures=["Gemma3ForCausalLM"])
             cls = Gemma3TextConfig
+    elif family == "granite":
+        # Multipliers far from 1, so each shows (granite-3.1-8b: 12, 0.22, 1/128, 16).
+        kw = dict(_LLAMA_LIKE, embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                  logits_scaling=4.0, tie_word_embeddings=True, architectures=["GraniteForCausalLM"])
+        cls = GraniteConfig
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])

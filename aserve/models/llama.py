@@ -107,15 +107,18 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, config, qkv_bias: bool, o_bias: bool, attention_class: type = LlamaAttention,
-                 make_mlp: Callable = dense_mlp):
+                 make_mlp: Callable = dense_mlp, layer_class: type = LlamaDecoderLayer):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, qkv_bias, o_bias, attention_class, make_mlp)
+        self.layers = nn.ModuleList(layer_class(config, i, qkv_bias, o_bias, attention_class, make_mlp)
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embedding_multiplier: Optional[float] = None   # Granite scales its embeddings
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata):
         hidden_states = self.embed_tokens(input_ids)
+        if self.embedding_multiplier is not None:
+            hidden_states = hidden_states * self.embedding_multiplier
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden_states, residual = layer(positions, hidden_states, residual, kv_cache, attn_metadata)
@@ -132,6 +135,7 @@ class LlamaForCausalLM(nn.Module):
     # experts: Mixtral, Qwen-MoE).
     attention_class: type = LlamaAttention
     make_mlp: Callable = staticmethod(dense_mlp)
+    decoder_layer_class: type = LlamaDecoderLayer
 
     @staticmethod
     def _biases(config) -> tuple[bool, bool]:
@@ -142,7 +146,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         qkv_bias, o_bias = self._biases(hf_config)
-        self.model = LlamaModel(hf_config, qkv_bias, o_bias, self.attention_class, self.make_mlp)
+        self.model = LlamaModel(hf_config, qkv_bias, o_bias, self.attention_class, self.make_mlp,
+                                self.decoder_layer_class)
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)
