@@ -16,7 +16,8 @@ import torch
 from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
-            "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite")
+            "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite",
+            "olmo2", "olmo3")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -29,8 +30,9 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GraniteConfig, LlamaConfig, MistralConfig, MixtralConfig, OPTConfig, Qwen2Config,
-                              Phi3Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GraniteConfig, LlamaConfig,
+                              MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig, Phi3Config,
+                              Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     if family in ("opt", "opt-postln"):
         kw = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -106,6 +108,16 @@ def _config(family: str, overrides: dict):
         kw = dict(_LLAMA_LIKE, embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3,
                   logits_scaling=4.0, tie_word_embeddings=True, architectures=["GraniteForCausalLM"])
         cls = GraniteConfig
+    elif family == "olmo2":
+        kw = dict(_LLAMA_LIKE, tie_word_embeddings=False, architectures=["Olmo2ForCausalLM"])
+        cls = Olmo2Config
+    elif family == "olmo3":
+        # A sliding first layer, a full second, each with its own rotary base.
+        kw = dict(_LLAMA_LIKE, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                   "full_attention": {"rope_type": "default", "rope_theta": 500000.0}},
+                  tie_word_embeddings=False, architectures=["Olmo3ForCausalLM"])
+        cls = Olmo3Config
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])

@@ -26,7 +26,7 @@ from aserve.models.layers import (Attention, MergedColumnParallelLinear, Paralle
                                   RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
                                   default_weight_loader, load_named_weights)
 from aserve.models.layers.activation import ActAndMul
-from aserve.models.layers.rotary import get_rope_parameters
+from aserve.models.layers.rotary import layer_rope_parameters
 from aserve.models.llama import layer_sliding_window
 
 
@@ -45,17 +45,6 @@ class GemmaRMSNorm(nn.Module):
         return (h * (1.0 + self.weight.float())).type_as(x)
 
 
-def _rope_parameters(config, layer_idx: int) -> dict:
-    """Gemma 3 keys its rotary settings by layer type; the others have one set."""
-    params = getattr(config, "rope_parameters", None)
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(params, dict) and layer_types and layer_types[layer_idx] in params:
-        params = dict(params[layer_types[layer_idx]])
-        params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
-        return params
-    return get_rope_parameters(config)
-
-
 class GemmaAttention(nn.Module):
     def __init__(self, config, layer_idx: int, qk_norm: bool):
         super().__init__()
@@ -67,7 +56,7 @@ class GemmaAttention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, config.hidden_size, bias=bias)
         self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings,
-                                          _rope_parameters(config, layer_idx))
+                                          layer_rope_parameters(config, layer_idx))
         scalar = getattr(config, "query_pre_attn_scalar", None) or self.head_dim
         self.attn = Attention(self.num_heads, self.head_dim, scalar ** -0.5, self.num_kv_heads,
                               layer_sliding_window(config, layer_idx),

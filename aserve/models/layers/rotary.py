@@ -39,6 +39,18 @@ def get_rope_parameters(hf_config) -> dict[str, Any]:
     return params
 
 
+def layer_rope_parameters(hf_config, layer_idx: int) -> dict[str, Any]:
+    """The rope settings of one layer: Gemma 3 and OLMo 3 key them by layer type
+    ({"sliding_attention": {...}, "full_attention": {...}}); the others have one set."""
+    params = getattr(hf_config, "rope_parameters", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if isinstance(params, dict) and layer_types and layer_types[layer_idx] in params:
+        params = dict(params[layer_types[layer_idx]])
+        params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+        return params
+    return get_rope_parameters(hf_config)
+
+
 def rope_position_limit(hf_config, max_positions: int) -> int:
     """How many positions a model with this rope takes: its max_position_embeddings, stretched
     by the scaling factor of linear and YaRN scaling (from YaRN's original length), as vLLM
