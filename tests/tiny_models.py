@@ -17,7 +17,7 @@ from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
             "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite",
-            "olmo2", "olmo3")
+            "olmo2", "olmo3", "starcoder2")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -32,7 +32,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 def _config(family: str, overrides: dict):
     from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GraniteConfig, LlamaConfig,
                               MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig, Phi3Config,
-                              Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
+                              Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, Starcoder2Config)
 
     if family in ("opt", "opt-postln"):
         kw = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -118,6 +118,12 @@ def _config(family: str, overrides: dict):
                                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0}},
                   tie_word_embeddings=False, architectures=["Olmo3ForCausalLM"])
         cls = Olmo3Config
+    elif family == "starcoder2":
+        # Biases everywhere, LayerNorm, a plain GELU MLP, a sliding window; tied as the checkpoints.
+        kw = dict(_LLAMA_LIKE, use_bias=True, norm_epsilon=1e-5, hidden_act="gelu_pytorch_tanh", sliding_window=16,
+                  tie_word_embeddings=True, architectures=["Starcoder2ForCausalLM"])
+        kw.pop("rms_norm_eps")
+        cls = Starcoder2Config
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])
