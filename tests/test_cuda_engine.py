@@ -20,14 +20,21 @@ PROMPT_LENGTHS = [3, 17, 40, 9, 1, 26]
 def test_cuda_graphs_on_and_off_give_the_same_tokens_as_transformers(family, llm_cache):
     prompts = random_prompts(4, PROMPT_LENGTHS)
     with_graphs = llm_cache(family)
-    eager = llm_cache(family, enforce_eager=True)
     graphs = with_graphs.engine.runner.decode_graphs
+    expected = [hf_greedy(tiny_model_dir(family), p, GREEDY.max_tokens) for p in prompts]
+    if not getattr(with_graphs.engine.model, "supports_decode_graphs", True):
+        # Mixtures of experts and Gemma 2's capped attention run eagerly (they read back to
+        # the host inside the forward).
+        assert graphs is None
+        assert [o.outputs[0].token_ids for o in with_graphs.generate(prompts, GREEDY, use_tqdm=False)] == expected
+        return
+    eager = llm_cache(family, enforce_eager=True)
     assert graphs is not None and eager.engine.runner.decode_graphs is None
     replays = graphs.num_replays
     got = [o.outputs[0].token_ids for o in with_graphs.generate(prompts, GREEDY, use_tqdm=False)]
     assert graphs.num_replays > replays, "decode steps did not replay the captured graphs"
     assert got == [o.outputs[0].token_ids for o in eager.generate(prompts, GREEDY, use_tqdm=False)]
-    assert got == [hf_greedy(tiny_model_dir(family), p, GREEDY.max_tokens) for p in prompts]
+    assert got == expected
 
 
 def test_attention_runs_on_the_cuda_backend(llm_cache):

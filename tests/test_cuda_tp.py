@@ -40,7 +40,8 @@ def test_tp2_on_gpus_gives_the_tokens_of_transformers(family, enforce_eager, tp_
     with OfflineLLM(model=path, dtype="float32", kv_cache_memory_gb=0.25, tensor_parallel_size=2,
                     enforce_eager=enforce_eager) as llm:
         graphs = llm.engine.runner.decode_graphs
-        assert (graphs is not None) == (tp_backend == "nccl" and not enforce_eager)
+        capturable = getattr(llm.engine.model, "supports_decode_graphs", True)   # not MoE, not Gemma 2
+        assert (graphs is not None) == (tp_backend == "nccl" and not enforce_eager and capturable)
         got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
         if graphs is not None:
             assert graphs.num_replays > 0
