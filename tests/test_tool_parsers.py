@@ -93,6 +93,11 @@ CASES = [
     ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nLima", None,
      [("get_weather", {"city": "Lima"})]),
     ("qwen3_coder", "a <b> c", "a <b> c", []),
+    ("qwen3_coder", "ends on a tag <tool_call>\n", "ends on a tag <tool_call>\n", []),
+    ("qwen3_coder", "<function=get_weather>\n<parameter=ratio>\nnan\n</parameter>\n</function>", None,
+     [("get_weather", {"ratio": "nan"})]),                      # JSON has no nan: kept as text
+    # Nested past what Python's parser takes: text, not a crash.
+    ("pythonic", "[get_time(x=" + "[" * 400 + "]" * 400 + ")]", "[get_time(x=" + "[" * 400 + "]" * 400 + ")]", []),
 ]
 
 

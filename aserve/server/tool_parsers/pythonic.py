@@ -26,7 +26,7 @@ class PythonicToolParser(CallBlockParser):
             return ParsedCalls([], 0)
         try:
             tree = ast.parse(code, mode="eval").body
-        except SyntaxError:
+        except (SyntaxError, ValueError, MemoryError, RecursionError):   # not (yet) Python
             return ParsedCalls([], 0, valid=not final)
         calls = _calls_of(tree)
         if calls is None:
@@ -48,7 +48,7 @@ def _calls_of(tree: ast.AST) -> Optional[list[tuple[str, str]]]:
                 return None
             try:
                 arguments[keyword.arg] = ast.literal_eval(keyword.value)
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 return None
         try:
             calls.append((node.func.id, json.dumps(arguments, ensure_ascii=False)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 from typing import Any
 
@@ -37,8 +38,8 @@ class Qwen3XmlToolParser(CallBlockParser):
         calls, consumed = [], 0
         while True:
             pos = self._skip_tags(body, consumed)
-            if pos == len(body):
-                return ParsedCalls(calls, pos)
+            if pos == len(body):   # the wrappers after a call go with it; alone, they are kept
+                return ParsedCalls(calls, pos if calls else consumed)
             if not body.startswith(self.FUNCTION, pos):
                 waiting = not final and any(t.startswith(body[pos:]) for t in (self.OPEN, self.CLOSE, self.FUNCTION))
                 return ParsedCalls(calls, consumed, valid=waiting)
@@ -92,7 +93,10 @@ def typed_value(text: str, schema: Any) -> Any:
         if kind == "integer":
             return int(stripped)
         if kind == "number":
-            return int(stripped) if stripped.lstrip("+-").isdigit() else float(stripped)
+            if stripped.lstrip("+-").isdigit():
+                return int(stripped)
+            number = float(stripped)
+            return number if math.isfinite(number) else text   # JSON has no inf or nan
     except ValueError:
         return text
     if kind == "boolean":
@@ -103,5 +107,5 @@ def typed_value(text: str, schema: Any) -> Any:
     except ValueError:
         try:
             return ast.literal_eval(stripped)
-        except (ValueError, SyntaxError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return text
