@@ -45,6 +45,9 @@ class ModelConfig:
     # The model's sampling defaults (its generation_config.json: models/generation_config.py),
     # for what a request leaves unset; max_new_tokens is max_tokens here.
     sampling_defaults: dict = field(default_factory=dict)
+    # A multimodal checkpoint served as its language model alone (models/registry.text_part):
+    # hf_config is the text config, and the weights are read through loader.text_part_weights.
+    text_part_only: bool = False
 
     @property
     def vocab_size(self) -> int:

@@ -272,3 +272,54 @@ def test_disable_sliding_window_caps_the_length_at_the_window_and_attends_fully(
     # A model without a window is unchanged.
     assert create_model_config(EngineArgs(model=tiny_model_dir("llama"), device="cpu",
                                           disable_sliding_window=True)).max_model_len == 512
+
+
+def _multimodal_checkpoint(kind: str, path) -> str:
+    """A tiny multimodal checkpoint saved by transformers: its language model, vision tower
+    and projector (which aserve leaves unread)."""
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Mistral3Config,
+                              Mistral3ForConditionalGeneration)
+
+    text = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+    if kind == "gemma3":
+        config = Gemma3Config(text_config=dict(text, sliding_window=16, layer_types=["sliding_attention",
+                                                                                   "full_attention"]),
+                              vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=28, patch_size=14),
+                              mm_tokens_per_image=4)
+        model = Gemma3ForConditionalGeneration(config)
+    else:
+        config = Mistral3Config(text_config=dict(text, model_type="mistral"),
+                                vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                                                   patch_size=14, head_dim=16), tie_word_embeddings=False)
+        model = Mistral3ForConditionalGeneration(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.3)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral3"])
+def test_a_multimodal_checkpoint_serves_its_language_model_as_transformers_does(kind, tmp_path):
+    """gemma-3-27b-it or Mistral-Small-3.1 for text: the language model alone, as the whole
+    model computes text-only input; the vision weights are not read."""
+    from transformers import AutoModelForImageTextToText
+
+    path = _multimodal_checkpoint(kind, tmp_path / kind)
+    config = create_model_config(EngineArgs(model=path, device="cpu"))
+    assert config.text_part_only and config.architecture in ("Gemma3ForCausalLM", "MistralForCausalLM")
+    tokens = _tokens(30, seed=11)
+    ours = PagedRunner(load_model(config, "cpu")).step([("a", tokens)])
+    hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([tokens])).logits[0].float()
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+    from aserve.models.loader import is_vision_weight, iterate_weights
+
+    every = [name for name, _ in iterate_weights(path)]
+    read = [name for name, _ in iterate_weights(path, skip=is_vision_weight)]
+    assert any(is_vision_weight(n) for n in every) and not any(is_vision_weight(n) for n in read)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from aserve.distributed import SINGLE_RANK, TensorParallelGroup, building_with
 from aserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from aserve.models.generation_config import sampling_defaults
 from aserve.models.layers.rotary import rope_position_limit
-from aserve.models.registry import get_model_class, resolve_architecture
+from aserve.models.registry import get_model_class, resolve_architecture, text_part
 
 # Everything needed to serve a model except its weights (configs, tokenizer files, templates).
 _META_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
@@ -115,8 +115,12 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
                          f"(config.json, tokenizer files, weights), or its hub id.")
     hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     _apply_hf_overrides(hf_config, args.hf_overrides)
-    architecture = resolve_architecture(hf_config)
     dtype = args.resolve_dtype(hf_config, args.resolve_device())
+    text = text_part(hf_config)
+    if text is not None:   # a multimodal checkpoint: its language model, alone
+        hf_config, architecture = text
+    else:
+        architecture = resolve_architecture(hf_config)
 
     limit = _max_positions(hf_config)
     if limit is not None:   # linear and YaRN rope scaling stretch it (Qwen2.5 with YaRN: 4x)
@@ -139,7 +143,7 @@ def create_model_config(args: EngineArgs) -> ModelConfig:
         architecture=architecture, dtype=dtype, max_model_len=max_model_len,
         served_model_name=args.served_model_name or default_name,
         trust_remote_code=args.trust_remote_code, seed=args.seed, load_format=args.load_format,
-        max_logprobs=args.max_logprobs,
+        max_logprobs=args.max_logprobs, text_part_only=text is not None,
         sampling_defaults=sampling_defaults(args.generation_config, model_path, args.override_generation_config))
 
 
@@ -177,8 +181,10 @@ def _weight_files(model_path: str, suffix: str, index_name: str) -> list[str]:
     return [f for f in files if not os.path.basename(f).startswith("consolidated")]
 
 
-def iterate_weights(model_path: str, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) for every checkpoint tensor, one file at a time.
+def iterate_weights(model_path: str, load_format: str = "auto",
+                    skip: Optional[Callable[[str], bool]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) for every checkpoint tensor, one file at a time; names skip() takes
+    are left out, unread.
 
     auto: *.safetensors (memory-mapped, no pickle) when there are any, else pytorch_model*.bin;
     "safetensors" or "pt" reads only that format.
@@ -191,7 +197,8 @@ def iterate_weights(model_path: str, load_format: str = "auto") -> Iterator[tupl
         for path in files:
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if skip is None or not skip(name):
+                        yield name, f.get_tensor(name)
         return
     if load_format != "safetensors":
         files = [f for f in _weight_files(model_path, ".bin", "pytorch_model.bin.index.json")
@@ -203,7 +210,7 @@ def iterate_weights(model_path: str, load_format: str = "auto") -> Iterator[tupl
                          f"expected {expected} (or load_format='dummy' for random weights).")
     for path in files:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        yield from state.items()
+        yield from ((name, tensor) for name, tensor in state.items() if skip is None or not skip(name))
         del state
 
 
@@ -250,8 +257,36 @@ def load_model(model_config: ModelConfig, device, group: TensorParallelGroup = S
         if model_config.load_format == "dummy":
             fill_dummy_weights(model, model_config.seed)
         else:
-            model.load_weights(iterate_weights(model_config.model_path, model_config.load_format))
+            if model_config.text_part_only:
+                model.load_weights(text_part_weights(iterate_weights(
+                    model_config.model_path, model_config.load_format, skip=is_vision_weight)))
+            else:
+                model.load_weights(iterate_weights(model_config.model_path, model_config.load_format))
     return model.eval()
+
+
+# The language model's weights in a multimodal checkpoint: transformers 4's names
+# (language_model.model.*, language_model.lm_head.*) and 5's (model.language_model.*).
+_TEXT_PREFIXES = (("language_model.", ""), ("model.language_model.", "model."))
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                    "model.multi_modal_projector.")
+
+
+def is_vision_weight(name: str) -> bool:
+    """A multimodal checkpoint's vision tower or projector weight (left unread)."""
+    return name.startswith(_VISION_PREFIXES)
+
+
+def text_part_weights(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A multimodal checkpoint's language-model weights, named as the text model's own."""
+    for name, tensor in weights:
+        if is_vision_weight(name):
+            continue
+        for prefix, replacement in _TEXT_PREFIXES:
+            if name.startswith(prefix):
+                name = replacement + name[len(prefix):]
+                break
+        yield name, tensor
 
 
 def load_tokenizer(model_config: ModelConfig, trust_remote_code: Optional[bool] = None):

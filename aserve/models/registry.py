@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 
 from torch import nn
@@ -29,9 +30,34 @@ _MODELS: dict[str, tuple[str, str]] = {
 }
 
 
+# Multimodal checkpoints whose language model aserve serves alone (text in, text out): the
+# architecture of their text part. Their vision weights are not read.
+_TEXT_PARTS: dict[str, str] = {
+    "Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",       # gemma-3-4b/12b/27b-it
+    "Mistral3ForConditionalGeneration": "MistralForCausalLM",    # Mistral-Small-3.1/3.2-24B
+}
+
+
+def text_part(hf_config):
+    """(the text part's config, its architecture) of a multimodal checkpoint in _TEXT_PARTS,
+    else None. The text config takes the whole model's tie_word_embeddings, which is what
+    transformers ties by."""
+    architectures = getattr(hf_config, "architectures", None) or []
+    text_config = getattr(hf_config, "text_config", None)
+    for arch in architectures:
+        if arch in _TEXT_PARTS and text_config is not None:
+            text_config = copy.deepcopy(text_config)
+            text_config.architectures = [_TEXT_PARTS[arch]]
+            tied = getattr(hf_config, "tie_word_embeddings", None)
+            if tied is not None:
+                text_config.tie_word_embeddings = tied
+            return text_config, _TEXT_PARTS[arch]
+    return None
+
+
 def supported_architectures() -> list[str]:
-    """The architecture names aserve can serve, sorted."""
-    return sorted(_MODELS)
+    """The architecture names aserve can serve, sorted (multimodal ones: their text part)."""
+    return sorted([*_MODELS, *_TEXT_PARTS])
 
 
 def get_model_class(architecture: str) -> type[nn.Module]:
