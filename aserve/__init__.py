@@ -4,12 +4,14 @@ import logging as _logging
 import os as _os
 
 from aserve.config import EngineArgs
-from aserve.outputs import CompletionOutput, Logprob, RequestOutput
+from aserve.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from aserve.pooling_params import PoolingParams
 from aserve.sampling_params import BeamSearchParams, SamplingParams
 from aserve.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
 __all__ = ["OfflineLLM", "LLM", "SamplingParams", "BeamSearchParams", "RequestOutput", "CompletionOutput",
-           "Logprob", "EngineArgs", "StructuredOutputsParams", "GuidedDecodingParams"]
+           "Logprob", "EngineArgs", "StructuredOutputsParams", "GuidedDecodingParams", "PoolingParams",
+           "EmbeddingOutput", "EmbeddingRequestOutput"]
 __version__ = "0.1.0"
 
 

@@ -23,6 +23,8 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192, "large-gpu": 16384}
 DEFAULT_MAX_NUM_SEQS = {"cpu": 256, "cuda": 256, "large-gpu": 512}
 # Who runs the engine (vLLM's UsageContext): OfflineLLM and direct users, or the API server.
 USAGE_CONTEXTS = ("offline", "api_server")
+# vLLM's --runner: generate text, or pool prompts into embeddings (/v1/embeddings, embed()).
+RUNNERS = ("generate", "pooling")
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
            "float32": torch.float32, "float": torch.float32}
 
@@ -153,8 +155,13 @@ class EngineArgs:
     hf_overrides: Optional[dict] = None
     # api_server: `python -m aserve` (its CLI's default), which keeps smaller steps on a large GPU.
     usage_context: str = "offline"
+    # generate: text (the default); pooling: each prompt becomes an embedding, its last token's
+    # final hidden state (aserve/pooling_params.py), and nothing is generated.
+    runner: str = "generate"
 
     def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}.")
         if self.usage_context not in USAGE_CONTEXTS:
             raise ValueError(f"usage_context must be one of {', '.join(USAGE_CONTEXTS)}, got {self.usage_context!r}.")
         if self.load_format not in LOAD_FORMATS:

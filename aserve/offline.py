@@ -12,7 +12,8 @@ from aserve.engine.engine import Engine
 from aserve.engine.gc_policy import fewer_collections
 from aserve.offline_inputs import (BeamSearchOutput, BeamSearchSequence, PromptInput, as_prompt_list,
                                    chat_prompt_ids, is_conversation)
-from aserve.outputs import RequestOutput
+from aserve.outputs import EmbeddingRequestOutput, RequestOutput
+from aserve.pooling_params import PoolingParams
 from aserve.sampling_params import BeamSearchParams, SamplingParams
 
 
@@ -88,6 +89,25 @@ class OfflineLLM:
                                    continue_final_message, chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
+    def embed(self, prompts: Union[PromptInput, Sequence[PromptInput]], *,
+              truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = True,
+              pooling_params: Union[PoolingParams, Sequence[PoolingParams], None] = None,
+              ) -> list[EmbeddingRequestOutput]:
+        """vLLM's LLM.embed, on an engine built with runner="pooling": one vector per prompt
+        (its last token's final hidden state, L2-normalised; aserve/pooling_params.py), in the
+        prompts' order, as `output.outputs.embedding`."""
+        prompts = as_prompt_list(prompts)
+        if pooling_params is None:
+            pooling_params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens)
+        if isinstance(pooling_params, PoolingParams):
+            pooling_params = [pooling_params] * len(prompts)
+        elif len(pooling_params) != len(prompts):
+            raise ValueError(f"pooling_params must be one PoolingParams or one per prompt: got "
+                             f"{len(pooling_params)} for {len(prompts)} prompts.")
+        ids = self._add_all(prompts, pooling_params)
+        finished = self._run(len(ids), use_tqdm)
+        return [finished[i] for i in ids]
+
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search: params.beam_width beams per prompt, best first; each
         sequence's tokens and text include its prompt."""
@@ -133,7 +153,8 @@ class OfflineLLM:
                         continue
                     finished[output.request_id] = output
                     prompt_tokens += len(output.prompt_token_ids)
-                    output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                    if isinstance(output, RequestOutput):   # an embedding has no output tokens
+                        output_tokens += sum(len(c.token_ids) for c in output.outputs)
                     elapsed = max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"input: {prompt_tokens / elapsed:.1f} toks/s, "
                                         f"output: {output_tokens / elapsed:.1f} toks/s")

@@ -7,8 +7,8 @@ from typing import Optional, Union
 
 from aserve.logprobs import FlatLogprobs, Logprob, PromptLogprobs, SampleLogprobs
 
-__all__ = ["CompletionOutput", "RequestOutput", "RequestMetrics", "Logprob", "FlatLogprobs",
-           "SampleLogprobs", "PromptLogprobs"]
+__all__ = ["CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "RequestOutput", "RequestMetrics",
+           "Logprob", "FlatLogprobs", "SampleLogprobs", "PromptLogprobs"]
 
 
 @dataclass
@@ -54,3 +54,25 @@ class RequestMetrics:
     last_token_time: Optional[float] = None
     finished_time: Optional[float] = None
     num_generation_tokens: int = 0
+
+
+@dataclass
+class EmbeddingOutput:
+    """A pooled prompt (vLLM's EmbeddingOutput): the vector, as floats."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What an embedding request returns (runner="pooling"; vLLM's EmbeddingRequestOutput)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    error: Optional[str] = None

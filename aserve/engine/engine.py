@@ -19,6 +19,7 @@ from aserve.distributed.group import TensorParallelError
 from aserve.executor.model_side import start_model_side
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import GrammarConflictError, OutputProcessor
+from aserve.engine.pooling import check_runner_takes, pooling_as_sampling
 from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
@@ -103,7 +104,9 @@ class Engine:
         # Requests whose sampling reads their token history on the host: while any is here,
         # steps run synchronously (see engine/pipeline.py).
         self._unpipelinable: set[str] = set()
-        self.pipeline = StepPipeline(self) if args.async_scheduling else None
+        # A pooling engine runs prompts only, whose rows read nothing back: steps run in turn.
+        self.pooling = args.runner == "pooling"
+        self.pipeline = StepPipeline(self) if args.async_scheduling and not self.pooling else None
         self.startup_seconds = time.perf_counter() - started
         logger.info("engine ready in %.1f s: %s on %s%s, %d KV blocks of %d tokens",
                     self.startup_seconds, self.model_config.model, self.device,
@@ -131,8 +134,16 @@ class Engine:
             request_id = str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
+        pooling = check_runner_takes(params, self.pooling)
+        if pooling is not None:   # the prompt's run is a one-row "sample" that is pooled instead
+            hidden_size = self.model_config.hf_config.hidden_size
+            if pooling.dimensions is not None and pooling.dimensions > hidden_size:
+                raise ValueError(f"dimensions {pooling.dimensions} is more than the model's embedding "
+                                 f"size, {hidden_size}.")
+            params = pooling_as_sampling(pooling)
         request = self.factory.create(request_id, prompt, params,
                                       arrival_time if arrival_time is not None else time.monotonic())
+        request.pooling_params = pooling
         self.requests[request_id] = request
         if not can_pipeline(request):
             self._unpipelinable.add(request_id)
@@ -291,6 +302,10 @@ class Engine:
             self.outputs.add_prompt_logprobs(request, span.prompt_first,
                                            output.prompt_logprobs[span.prompt_group])
         if not item.samples:
+            return
+        if request.pooling_params is not None:   # the prompt ran to its end: its vector is done
+            self.outputs.finish_pooled(request, seq, output.pooled[span.sample_start])
+            self.scheduler.remove_request(request)
             return
         if request.beam_state is not None:
             if span.beam_last:  # every beam of the request has its logits: one beam step

@@ -13,6 +13,7 @@ from typing import Optional
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.beam_search import Beam
 from aserve.engine.detokenizer import token_text_decoder
+from aserve.engine.pooling import pooled_output
 from aserve.engine.request import Request, Sequence
 from aserve.logprobs import FlatLogprobs
 from aserve.outputs import CompletionOutput, RequestOutput
@@ -135,9 +136,16 @@ class OutputProcessor:
             self.block_manager.free(seq.seq_id)
 
     # ---------------------------------------------------------------- reporting
+    def finish_pooled(self, request: Request, seq, hidden) -> None:
+        """A pooling request's prompt has run: keep its vector and end it."""
+        request.pooled = hidden
+        seq.finish_reason = "stop"
+
     def make_output(self, request: Request) -> RequestOutput:
         """The request's output now, as its output_kind asks: cumulative (also FINAL_ONLY's one
         output), or DELTA's new part since its last output (each call is a report)."""
+        if request.pooling_params is not None:
+            return pooled_output(request)
         seqs = request.seqs
         if len(seqs) == 1 and request.error is None and request.beam_outputs is None:
             output = self._one_sample_output(request, seqs[0])

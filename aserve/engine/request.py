@@ -115,6 +115,10 @@ class Request:
         self.num_cached_tokens: Optional[int] = None
         # Structured outputs: the matcher being made for it (the request waits for it).
         self.pending_matcher = None
+        # runner="pooling": what the request asked (engine/pooling.py) and, once its prompt has
+        # run, its last token's final hidden state.
+        self.pooling_params = None
+        self.pooled = None
         kind = params.output_kind
         # Whether outputs before the final one are reported: not under FINAL_ONLY; not for a
         # beam search, whose live beams are not prefixes of its answer; and not as deltas of a

@@ -81,12 +81,16 @@ class ModelOutput:
     prompt_logprobs: list[FlatLogprobs]               # one per PromptLogprobRows group, a position per row
     # Sample rows whose sampling failed (their ids are placeholders): only their requests fail.
     sample_errors: dict[int, Exception] = field(default_factory=dict)
+    # A pooling runner's: each sample row's final hidden state [rows, hidden], float32 on the
+    # CPU (the rows are the prompts' last tokens); nothing is sampled.
+    pooled: Optional[torch.Tensor] = None
 
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
-                 seed: int, group: TensorParallelGroup = SINGLE_RANK) -> None:
+                 seed: int, group: TensorParallelGroup = SINGLE_RANK, pooling: bool = False) -> None:
         self.model = model
+        self.pooling = pooling   # runner="pooling": hidden states out, no logits, no sampling
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.num_blocks = kv_caches[0].shape[1] if kv_caches else 0
@@ -191,6 +195,9 @@ class ModelRunner:
             hidden = self._forward(model_input, model_input.input_ids)
             if model_input.logits_indices.numel() == 0:
                 return ModelOutput([], None, [], None, [])
+            if self.pooling:
+                rows = model_input.logits_rows(hidden)
+                return ModelOutput([0] * rows.shape[0], None, [], None, [], pooled=rows.float().cpu())
             logits = self.model.compute_logits(model_input.logits_rows(hidden)).float()
         n_sample, n_beam = model_input.num_sample_rows, model_input.num_beam_rows
 
@@ -228,7 +235,7 @@ class ModelRunner:
             input_ids = model_input.filled_input_ids(self._last_sampled)
         hidden = self._forward(model_input, input_ids)
         rows = model_input.logits_indices.numel()
-        if rows:
+        if rows and not self.pooling:   # rank 0 pools without the LM head's gather
             self.model.compute_logits(model_input.logits_rows(hidden))
         if kind == STEP_LAUNCH:
             sampled = torch.empty(rows, dtype=torch.long, device=self.device)

@@ -47,7 +47,9 @@ def build_model_runner(args: EngineArgs, model_config: ModelConfig, device: torc
     # Every rank holds the same block tables, so every rank's cache has the smallest count.
     num_blocks = group.min_over_ranks(num_blocks)
     kv_caches = allocate_kv_caches(model, num_blocks, args.block_size, model_config.dtype, device)
-    runner = ModelRunner(model, kv_caches, args.block_size, device, args.seed, group)
-    if group.all_ranks_agree(uses_decode_graphs(args, model, device, group)):
+    pooling = args.runner == "pooling"
+    runner = ModelRunner(model, kv_caches, args.block_size, device, args.seed, group, pooling=pooling)
+    # A pooling engine runs prompts only: no decode step to capture.
+    if not pooling and group.all_ranks_agree(uses_decode_graphs(args, model, device, group)):
         runner.capture_decode_graphs(args.resolve_max_num_seqs(device), min(max_len, args.max_seq_len_to_capture))
     return runner
