@@ -128,6 +128,13 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help="Exactly this many KV cache blocks, whatever the memory (testing, "
                         "debugging); default: as many as the memory budget holds.")
     e.add_argument("--enforce-eager", action="store_true", help="GPU: do not capture CUDA graphs.")
+    e.add_argument("--runner", default="auto", choices=["auto", "generate", "pooling"],
+                   help="generate text (auto: the default), or pool prompts into embeddings "
+                        "(/v1/embeddings: an embedding model such as Qwen3-Embedding), as vLLM's flag.")
+    e.add_argument("--task", default=None, choices=["auto", "generate", "embed", "embedding"],
+                   help=argparse.SUPPRESS)   # vLLM's older name: embed is --runner pooling
+    e.add_argument("--convert", default=None, choices=["auto", "none", "embed"],
+                   help="embed: serve the model as an embedding model (--runner pooling), as vLLM's flag.")
     e.add_argument("--disable-sliding-window", action="store_true",
                    help="Attend to the whole context on every layer, and cap the model's length at its "
                         "sliding window (Mistral, Phi-3, Gemma 2/3), as vLLM does.")
@@ -270,6 +277,10 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     """Every EngineArgs field from the flag of the same name (the engine takes the first served
     model name; the server answers to the others too)."""
     fields = {name: getattr(ns, name) for name in EngineArgs.field_names() if hasattr(ns, name)}
+    if "runner" in fields:   # --runner auto, or vLLM's --task / --convert naming embeddings
+        pooling = (fields["runner"] == "pooling" or getattr(ns, "task", None) in ("embed", "embedding")
+                   or getattr(ns, "convert", None) == "embed")
+        fields["runner"] = "pooling" if pooling else "generate"
     if isinstance(fields.get("served_model_name"), list):
         fields["served_model_name"] = fields["served_model_name"][0]
     return EngineArgs(**fields)

@@ -1,0 +1,87 @@
+"""/v1/embeddings through a real server on loopback (--runner pooling) with the official openai
+client: the vectors equal OfflineLLM.embed's on the same prompts, as floats or base64; token-id
+input, dimensions, usage; the generation routes refuse, and a generating server refuses
+embeddings, each with a 400."""
+
+from __future__ import annotations
+
+import numpy as np
+import openai
+import pytest
+import requests
+
+from aserve import OfflineLLM
+from server_fixtures import ServerThread, small_engine_args
+
+TEXTS = ["The sky is blue.", "Embeddings map text to vectors", "x"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(small_engine_args(runner="pooling")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.openai_client()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    return OfflineLLM(runner="pooling", device="cpu", kv_cache_memory_gb=0.05)
+
+
+def _offline_vectors(offline, prompts):
+    tok = offline.get_tokenizer()
+    ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]   # special tokens added, as vLLM
+    return [np.array(o.outputs.embedding) for o in offline.embed(ids, use_tqdm=False)]
+
+
+def test_embeddings_equal_offline_ones_as_floats_and_base64(client, server, offline):
+    expected = _offline_vectors(offline, TEXTS)
+    floats = client.embeddings.create(model=server.model_name, input=TEXTS, encoding_format="float")
+    assert [d.index for d in floats.data] == [0, 1, 2]
+    for got, want in zip(floats.data, expected):
+        np.testing.assert_allclose(got.embedding, want, atol=1e-6)
+        assert abs(np.linalg.norm(got.embedding) - 1.0) < 1e-5
+    encoded = client.embeddings.create(model=server.model_name, input=TEXTS)   # the client asks base64
+    for got, want in zip(encoded.data, expected):
+        np.testing.assert_allclose(got.embedding, want, atol=1e-6)
+    tok = offline.get_tokenizer()
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens == sum(len(tok.encode(t)) for t in TEXTS)
+
+
+def test_token_id_input_and_dimensions(client, server, offline):
+    ids = [[5, 6, 7, 8, 9], [10, 11]]
+    got = client.embeddings.create(model=server.model_name, input=ids, encoding_format="float")
+    for d, want in zip(got.data, _offline_vectors(offline, ids)):
+        np.testing.assert_allclose(d.embedding, want, atol=1e-6)
+    one = client.embeddings.create(model=server.model_name, input=ids[0], dimensions=8, encoding_format="float")
+    raw = _offline_vectors(offline, ids[:1])[0]
+    assert len(one.data[0].embedding) == 8
+    np.testing.assert_allclose(one.data[0].embedding, raw[:8] / np.linalg.norm(raw[:8]), atol=1e-5)
+
+
+def test_bad_requests_and_the_generation_routes_are_400s(client, server):
+    with pytest.raises(openai.BadRequestError, match="input"):
+        client.embeddings.create(model=server.model_name, input=[])
+    with pytest.raises(openai.BadRequestError, match="dimensions"):
+        client.embeddings.create(model=server.model_name, input="hi", dimensions=100000)
+    body = {"model": server.model_name, "prompt": "hello", "max_tokens": 3}
+    refused = requests.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert refused.status_code == 400 and "embed" in refused.json()["error"]["message"]
+
+
+def test_a_generating_server_refuses_embeddings():
+    with ServerThread() as srv:
+        answer = requests.post(srv.url + "/v1/embeddings", json={"input": "hi"}, timeout=30)
+    assert answer.status_code == 400 and "--runner pooling" in answer.json()["error"]["message"]
+
+
+def test_the_cli_takes_vllms_flags_for_a_pooling_runner():
+    from aserve.server.cli import engine_args_from, make_parser
+
+    for argv in (["--runner", "pooling"], ["--task", "embed"], ["--convert", "embed"]):
+        assert engine_args_from(make_parser().parse_args(argv)).runner == "pooling"
+    assert engine_args_from(make_parser().parse_args([])).runner == "generate"
