@@ -89,3 +89,12 @@ def test_tensor_parallel_embeddings_equal_one_ranks():
         split = embed(llm, prompts)
     for got, prompt in zip(split, prompts):
         torch.testing.assert_close(got, hf_embedding("qwen3", prompt), atol=1e-5, rtol=0)
+
+
+def test_an_input_may_fill_the_context_but_not_pass_it(pooling_llm):
+    llm = pooling_llm("llama", max_model_len=32)
+    full = random_prompts(5, [32])
+    got, = embed(llm, full)
+    torch.testing.assert_close(got, hf_embedding("llama", full[0]), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="33 tokens in the input for embedding"):
+        llm.embed(random_prompts(6, [33]), use_tqdm=False)

@@ -142,7 +142,8 @@ class Engine:
                                  f"size, {hidden_size}.")
             params = pooling_as_sampling(pooling)
         request = self.factory.create(request_id, prompt, params,
-                                      arrival_time if arrival_time is not None else time.monotonic())
+                                      arrival_time if arrival_time is not None else time.monotonic(),
+                                      pooling=pooling is not None)
         request.pooling_params = pooling
         self.requests[request_id] = request
         if not can_pipeline(request):

@@ -42,13 +42,18 @@ class RequestFactory:
             prepare_tokenizer(tokenizer)
 
     def create(self, request_id: str, prompt: Union[str, list[int], TokenizedPrompt],
-               params: Optional[SamplingParams], arrival_time: float) -> Request:
+               params: Optional[SamplingParams], arrival_time: float, pooling: bool = False) -> Request:
+        """pooling: an embedding request (engine/pooling.py), whose prompt may fill the context,
+        since nothing is generated after it."""
         params = (params or SamplingParams()).clone()
         self._check_token_ids(params)
         self._resolve_logprobs(params)
         prompt_text, prompt_ids = self._tokenize(prompt)
         prompt_ids = self._truncate(prompt_ids, params.truncate_prompt_tokens)
-        self._check_lengths(len(prompt_ids), params)
+        if pooling:
+            self._check_input_length(len(prompt_ids))
+        else:
+            self._check_lengths(len(prompt_ids), params)
         params.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         params.all_stop_token_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -156,6 +161,13 @@ class RequestFactory:
                 if ids and ids not in spellings:
                     spellings.append(ids)
         return spellings
+
+    def _check_input_length(self, prompt_len: int) -> None:
+        max_len = self.model_config.max_model_len
+        if prompt_len > max_len:   # vLLM's words for an embedding input
+            raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                             f"{prompt_len} tokens in the input for embedding generation. Please reduce the "
+                             f"length of the input.")
 
     def _check_lengths(self, prompt_len: int, params: SamplingParams) -> None:
         max_len = self.model_config.max_model_len
