@@ -98,3 +98,33 @@ def test_an_input_may_fill_the_context_but_not_pass_it(pooling_llm):
     torch.testing.assert_close(got, hf_embedding("llama", full[0]), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="33 tokens in the input for embedding"):
         llm.embed(random_prompts(6, [33]), use_tqdm=False)
+
+
+def _sentence_transformers_files(path, pooling: dict, normalize: bool) -> None:
+    import json
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (path / "modules.json").write_text(json.dumps(modules))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **pooling}))
+
+
+def test_the_models_sentence_transformers_config_decides_normalising_and_other_poolings_are_refused(tmp_path):
+    import shutil
+
+    last = tmp_path / "last"
+    shutil.copytree(tiny_model_dir("llama"), last)
+    _sentence_transformers_files(last, {"pooling_mode_lasttoken": True}, normalize=False)
+    llm = OfflineLLM(model=str(last), runner="pooling", dtype="float32", kv_cache_memory_gb=0.05)
+    vector, = embed(llm, [[5, 6, 7]])
+    assert abs(vector.norm().item() - 1.0) > 1e-3            # no Normalize module: as the model says
+    normalized, = embed(llm, [[5, 6, 7]], normalize=True)      # a request may still ask
+    torch.testing.assert_close(normalized, torch.nn.functional.normalize(vector, dim=0), atol=1e-6, rtol=0)
+    mean = tmp_path / "mean"
+    shutil.copytree(tiny_model_dir("llama"), mean)
+    _sentence_transformers_files(mean, {"pooling_mode_mean_tokens": True}, normalize=True)
+    with pytest.raises(ValueError, match="pools by mean_tokens"):
+        OfflineLLM(model=str(mean), runner="pooling", dtype="float32", kv_cache_memory_gb=0.05)

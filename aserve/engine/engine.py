@@ -7,6 +7,7 @@ against the model and the cache so that nothing the engine accepts can later fai
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import logging
@@ -20,6 +21,7 @@ from aserve.executor.model_side import start_model_side
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import GrammarConflictError, OutputProcessor
 from aserve.engine.pooling import check_runner_takes, pooling_as_sampling
+from aserve.models.pooling_config import normalizes_by_default
 from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
@@ -55,6 +57,10 @@ class Engine:
             raise ValueError("the engine runs on the head node (node_rank 0); other nodes run "
                              "`python -m aserve --headless`, which starts their ranks.")
         self.model_config = create_model_config(args)
+        # runner="pooling": embeddings (engine/pooling.py); a model that pools otherwise than by
+        # its last token is refused here, before anything is loaded.
+        self.pooling = args.runner == "pooling"
+        self.normalize_embeddings = self.pooling and normalizes_by_default(self.model_config.model_path)
         check_tensor_parallel_split(self.model_config, self.parallel_config.world_size)
         self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(self.model_config)
         self.device, self.runner, self.workers = start_model_side(
@@ -105,7 +111,6 @@ class Engine:
         # steps run synchronously (see engine/pipeline.py).
         self._unpipelinable: set[str] = set()
         # A pooling engine runs prompts only, whose rows read nothing back: steps run in turn.
-        self.pooling = args.runner == "pooling"
         self.pipeline = StepPipeline(self) if args.async_scheduling and not self.pooling else None
         self.startup_seconds = time.perf_counter() - started
         logger.info("engine ready in %.1f s: %s on %s%s, %d KV blocks of %d tokens",
@@ -140,6 +145,8 @@ class Engine:
             if pooling.dimensions is not None and pooling.dimensions > hidden_size:
                 raise ValueError(f"dimensions {pooling.dimensions} is more than the model's embedding "
                                  f"size, {hidden_size}.")
+            if pooling.normalize is None:   # the model's own choice (its Normalize module)
+                pooling = dataclasses.replace(pooling, normalize=self.normalize_embeddings)
             params = pooling_as_sampling(pooling)
         request = self.factory.create(request_id, prompt, params,
                                       arrival_time if arrival_time is not None else time.monotonic(),
