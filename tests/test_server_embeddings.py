@@ -1,7 +1,7 @@
-"""/v1/embeddings through a real server on loopback (--runner pooling) with the official openai
-client: the vectors equal OfflineLLM.embed's on the same prompts, as floats or base64; token-id
-input, dimensions, usage; the generation routes refuse, and a generating server refuses
-embeddings, each with a 400."""
+"""/v1/embeddings, /score and /rerank through a real server on loopback (--runner pooling), with
+the official openai client where it has the route: the vectors equal OfflineLLM.embed's on the
+same prompts, as floats or base64; token-id input, dimensions, usage; scores are the cosines of
+those vectors; the generation routes refuse, and a generating server refuses these, with 400s."""
 
 from __future__ import annotations
 
@@ -75,8 +75,11 @@ def test_bad_requests_and_the_generation_routes_are_400s(client, server):
 
 def test_a_generating_server_refuses_embeddings():
     with ServerThread() as srv:
-        answer = requests.post(srv.url + "/v1/embeddings", json={"input": "hi"}, timeout=30)
-    assert answer.status_code == 400 and "--runner pooling" in answer.json()["error"]["message"]
+        answers = [requests.post(srv.url + "/v1/embeddings", json={"input": "hi"}, timeout=30),
+                   requests.post(srv.url + "/score", json={"text_1": "a", "text_2": "b"}, timeout=30),
+                   requests.post(srv.url + "/rerank", json={"query": "a", "documents": ["b"]}, timeout=30)]
+    for answer in answers:
+        assert answer.status_code == 400 and "--runner pooling" in answer.json()["error"]["message"]
 
 
 def test_the_cli_takes_vllms_flags_for_a_pooling_runner():
@@ -85,3 +88,35 @@ def test_the_cli_takes_vllms_flags_for_a_pooling_runner():
     for argv in (["--runner", "pooling"], ["--task", "embed"], ["--convert", "embed"]):
         assert engine_args_from(make_parser().parse_args(argv)).runner == "pooling"
     assert engine_args_from(make_parser().parse_args([])).runner == "generate"
+
+
+def _cosine(a, b) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_score_pairs_texts_by_the_cosine_of_their_embeddings(server, offline):
+    vectors = dict(zip(TEXTS, _offline_vectors(offline, TEXTS)))
+    body = {"model": server.model_name, "text_1": TEXTS[0], "text_2": TEXTS[1:]}
+    answer = requests.post(server.url + "/score", json=body, timeout=30).json()
+    assert [d["index"] for d in answer["data"]] == [0, 1] and answer["object"] == "list"
+    for d, other in zip(answer["data"], TEXTS[1:]):
+        assert abs(d["score"] - _cosine(vectors[TEXTS[0]], vectors[other])) < 1e-5
+    pairs = requests.post(server.url + "/v1/score", json={"text_1": TEXTS[:2], "text_2": TEXTS[1:]}, timeout=30)
+    assert abs(pairs.json()["data"][1]["score"] - _cosine(vectors[TEXTS[1]], vectors[TEXTS[2]])) < 1e-5
+    bad = requests.post(server.url + "/score", json={"text_1": TEXTS[:2], "text_2": TEXTS}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "text_2"
+
+
+def test_rerank_returns_documents_best_first_and_top_n(server, offline):
+    query, documents = TEXTS[0], [TEXTS[1], {"text": TEXTS[2]}, "another one"]
+    texts = [TEXTS[1], TEXTS[2], "another one"]
+    vectors = _offline_vectors(offline, [query] + texts)
+    expected = sorted(range(3), key=lambda i: _cosine(vectors[0], vectors[i + 1]), reverse=True)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        answer = requests.post(server.url + path, json={"query": query, "documents": documents, "top_n": 2},
+                               timeout=30).json()
+        assert [r["index"] for r in answer["results"]] == expected[:2]
+        assert answer["results"][0]["document"]["text"] == texts[expected[0]]
+        assert answer["usage"]["total_tokens"] > 0
+    everything = requests.post(server.url + "/rerank", json={"query": query, "documents": documents}, timeout=30)
+    assert len(everything.json()["results"]) == 3
