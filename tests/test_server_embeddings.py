@@ -9,6 +9,8 @@ import numpy as np
 import openai
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aserve import OfflineLLM
 from server_fixtures import ServerThread, small_engine_args
@@ -120,3 +122,18 @@ def test_rerank_returns_documents_best_first_and_top_n(server, offline):
         assert answer["usage"]["total_tokens"] > 0
     everything = requests.post(server.url + "/rerank", json={"query": query, "documents": documents}, timeout=30)
     assert len(everything.json()["results"]) == 3
+
+
+@given(body=st.fixed_dictionaries({}, optional={
+    "input": st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 2000), max_size=8),
+                       st.lists(st.text(max_size=10), max_size=3), st.integers(), st.none()),
+    "encoding_format": st.sampled_from(["float", "base64", "int8"]), "dimensions": st.integers(-2, 70),
+    "truncate_prompt_tokens": st.integers(-2, 600), "normalize": st.booleans(), "model": st.text(max_size=5)}))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_embeddings_body_gets_vectors_or_a_400_never_a_500(server, body):
+    answer = requests.post(server.url + "/v1/embeddings", json=body, timeout=30)
+    assert answer.status_code in (200, 400, 404), answer.text
+    if answer.status_code == 200:
+        assert all(d["object"] == "embedding" for d in answer.json()["data"])
+    else:
+        assert set(answer.json()["error"]) == {"message", "type", "param", "code"}

@@ -115,6 +115,12 @@ ROUTES = {
         "temperature": st.floats(0, 1), "top_p": st.floats(0, 1), "top_k": st.integers(0, 60),
         "tools": st.lists(ANY_JSON, max_size=2),
         "tool_choice": st.fixed_dictionaries({"type": st.sampled_from(["auto", "any", "none"])})},
+    # A generating server answers these 400 (they need --runner pooling): the shape still counts.
+    "/v1/embeddings": {"model": MODEL, "input": st.one_of(TEXT, TOKEN_IDS, st.lists(TEXT, max_size=3)),
+                       "encoding_format": st.sampled_from(["float", "base64"]), "dimensions": st.integers(-1, 80)},
+    "/score": {"model": MODEL, "text_1": st.one_of(TEXT, st.lists(TEXT, max_size=2)),
+               "text_2": st.one_of(TEXT, st.lists(TEXT, max_size=2))},
+    "/rerank": {"model": MODEL, "query": TEXT, "documents": st.lists(TEXT, max_size=3), "top_n": st.integers(-1, 3)},
 }
 
 # vLLM's extra fields (protocol_vllm.py), with the values that are refused by name among them.
@@ -135,7 +141,8 @@ ROUTES["/tokenize"].update(continue_final_message=st.booleans(), return_token_st
 
 REQUIRED = {"/generate": ["prompt"], "/v1/completions": ["prompt"], "/v1/chat/completions": ["messages"],
             "/tokenize": [], "/detokenize": ["tokens"], "/v1/responses": ["input"],
-            "/v1/messages": ["messages", "max_tokens"]}
+            "/v1/messages": ["messages", "max_tokens"], "/v1/embeddings": ["input"], "/score": ["text_1", "text_2"],
+            "/rerank": ["query", "documents"]}
 # Fields that a plausible body only carries when another says so (else each is a 400 of its own).
 REFUSED_ALONE = ["suffix", "tools", "previous_response_id"]
 
