@@ -137,3 +137,15 @@ def test_any_embeddings_body_gets_vectors_or_a_400_never_a_500(server, body):
         assert all(d["object"] == "embedding" for d in answer.json()["data"])
     else:
         assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_the_embeddings_example_runs_against_a_pooling_server(server):
+    import os
+    import subprocess
+    import sys
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "openai_embeddings_client.py")
+    done = subprocess.run([sys.executable, example, "--base-url", server.url], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dimensions: 64" in done.stdout and done.stdout.count("  ") >= 2
