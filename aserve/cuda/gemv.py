@@ -71,8 +71,10 @@ _GEOMETRY.update(parse_geometry(os.environ.get(GEOMETRY_ENV, "")))
 # than a wave at 4 an SM) lost, and the norms after o_proj and down ended 1.1 us later (likely:
 # a full register file keeps the norm's CTA from moving in early; bench/RESULTS.md, nineteenth
 # session). ASERVE_GEMV_DEEP=1 takes it for each layer whose grid at it fits one wave of
-# resident CTAs (deep_fits_one_wave); =WxU takes that geometry instead (2x6: ~108 registers,
-# also 4 CTAs an SM, with room beside them); 0, the default until measured, never.
+# resident CTAs (deep_fits_one_wave), the default since the twenty-first session measured it
+# on an H200 (B1 3.92 / 3.93 ms a token against 3.98 / 3.99 at 0, taking turns in one lease;
+# the chain 3.917 against 4.068 ms a step: bench/RESULTS.md); =WxU takes that geometry instead
+# (2x6: ~108 registers, also 4 CTAs an SM, with room beside them: 3.97 / 3.94); 0 never.
 DEEP_GEOMETRY = (2, 8)
 DEEP_ROWS = (1, 2)
 DEEP_ENV = "ASERVE_GEMV_DEEP"
@@ -87,7 +89,7 @@ def parse_deep(text: str) -> Optional[tuple[int, int]]:
     return DEEP_GEOMETRY if text == "1" else _parse_shape(text, DEEP_ENV, "2x6")
 
 
-_deep = parse_deep(os.environ.get(DEEP_ENV, "0"))
+_deep = parse_deep(os.environ.get(DEEP_ENV, "1"))
 # A layer shape's launch, made once: (kernel, CTAs, warps a CTA, geometry) by (variant, dtype,
 # rows, n, device), so a decode step's launches skip the options, the module lookup and the
 # grid arithmetic.
