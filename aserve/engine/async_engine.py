@@ -173,8 +173,7 @@ class AsyncEngine:
             raise EngineDeadError(f"The engine is not running: {self._dead or 'not started'}.")
         if request_id in self._streams:
             raise ValueError(f"Request id {request_id!r} is already in use.")
-        # (PoolingParams have no output kind: an embedding is one final output.)
-        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA
+        delta = getattr(params, "output_kind", None) == RequestOutputKind.DELTA   # (PoolingParams: none)
         stream = RequestStream(request_id, self, delta=delta)
         self._streams[request_id] = stream
         accepted = asyncio.get_running_loop().create_future()

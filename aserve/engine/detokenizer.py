@@ -207,21 +207,18 @@ class IncrementalDetokenizer:
         return text[len(prefix_text):]
 
     def _incomplete_tail_start(self, ids: list) -> int:
-        """Where the last _MAX_INCOMPLETE_TOKENS ids that carry bytes begin. Ids that decode to
-        nothing alone (a skipped special token, an id past the vocabulary) carry none, so they
-        do not count: [stray, E3 83, <unknown> x3] must keep E3 83 open for a later 0xBA."""
+        """Where the last _MAX_INCOMPLETE_TOKENS ids that carry bytes begin: an id that decodes
+        to nothing alone (a skipped special token, one past the vocabulary) carries none."""
         decode, split, carrying = self._decode, len(ids), 0
         while split > self._read and carrying < _MAX_INCOMPLETE_TOKENS:
             split -= 1
-            if decode(ids[split:split + 1]):
-                carrying += 1
+            carrying += bool(decode(ids[split:split + 1]))
         return split
 
     def _settled_piece(self, ids: list, text: str) -> Optional[str]:
         """The text of the held-back ids but the last _MAX_INCOMPLETE_TOKENS that carry bytes,
         which no later token can change, when the split there is clean: the two parts decode to
-        `text` joined (no character or leading-space rule straddles it). Else None: keep
-        holding back."""
+        `text` joined (no character or leading-space rule straddles it). Else None."""
         split = self._incomplete_tail_start(ids)
         head = self._decode(ids[:split])
         prefix_text = self._prefix_text

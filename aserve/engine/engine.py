@@ -7,7 +7,6 @@ against the model and the cache so that nothing the engine accepts can later fai
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import logging
@@ -21,13 +20,13 @@ from aserve.executor.model_side import start_model_side
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import GrammarConflictError, OutputProcessor
 from aserve.engine.pooling import check_runner_takes, pooling_as_sampling
-from aserve.models.pooling_config import normalizes_by_default
 from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
 from aserve.engine.scheduler import Scheduler, SchedulerOutput
 from aserve.engine.stats import EngineStats, EngineStatsRecorder, finish_reason_of
 from aserve.models.loader import check_tensor_parallel_split, create_model_config, load_tokenizer
+from aserve.models.pooling_config import normalizes_by_default
 from aserve.outputs import RequestOutput
 from aserve.worker.kv_cache import bytes_per_block
 from aserve.worker.model_runner import ModelInput, ModelOutput
@@ -139,14 +138,9 @@ class Engine:
             request_id = str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
-        pooling = check_runner_takes(params, self.pooling)
+        pooling = check_runner_takes(params, self.pooling, self.model_config.hf_config.hidden_size,
+                                     self.normalize_embeddings)
         if pooling is not None:   # the prompt's run is a one-row "sample" that is pooled instead
-            hidden_size = self.model_config.hf_config.hidden_size
-            if pooling.dimensions is not None and pooling.dimensions > hidden_size:
-                raise ValueError(f"dimensions {pooling.dimensions} is more than the model's embedding "
-                                 f"size, {hidden_size}.")
-            if pooling.normalize is None:   # the model's own choice (its Normalize module)
-                pooling = dataclasses.replace(pooling, normalize=self.normalize_embeddings)
             params = pooling_as_sampling(pooling)
         request = self.factory.create(request_id, prompt, params,
                                       arrival_time if arrival_time is not None else time.monotonic(),

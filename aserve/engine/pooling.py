@@ -8,6 +8,7 @@ cut to the request's dimensions and L2-normalised here, when its output is made.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -17,14 +18,18 @@ from aserve.pooling_params import PoolingParams
 from aserve.sampling_params import RequestOutputKind, SamplingParams
 
 
-def check_runner_takes(params, pooling_runner: bool) -> Optional[PoolingParams]:
-    """The request's PoolingParams (None for a generation request); ValueError where the
-    request does not fit the engine's runner."""
+def check_runner_takes(params, pooling_runner: bool, hidden_size: int, normalize: bool) -> Optional[PoolingParams]:
+    """The request's PoolingParams, with the model's normalising where it asks nothing (None
+    for a generation request); ValueError where the request does not fit the engine's runner
+    or the model's width."""
     if isinstance(params, PoolingParams):
         if not pooling_runner:
             raise ValueError("embedding requests need a pooling model: start the engine with "
                              "runner='pooling' (the server: --runner pooling).")
-        return params
+        if params.dimensions is not None and params.dimensions > hidden_size:
+            raise ValueError(f"dimensions {params.dimensions} is more than the model's embedding size, "
+                             f"{hidden_size}.")
+        return params if params.normalize is not None else dataclasses.replace(params, normalize=normalize)
     if pooling_runner:
         raise ValueError("this engine pools prompts into embeddings (runner='pooling') and generates no "
                          "text: use embed() or /v1/embeddings.")
@@ -37,14 +42,13 @@ def pooling_as_sampling(pooling: PoolingParams) -> SamplingParams:
                           output_kind=RequestOutputKind.FINAL_ONLY)
 
 
-def embedding_of(hidden: torch.Tensor, params: PoolingParams, normalize_default: bool = True) -> list[float]:
-    """The request's vector: the first `dimensions` components, L2-normalised unless asked not."""
+def embedding_of(hidden: torch.Tensor, params: PoolingParams) -> list[float]:
+    """The request's vector: the first `dimensions` components (checked against the model's
+    width when the request was added), L2-normalised unless the request (or, by default, the
+    model: Engine.add_request fills it in) says not to."""
     if params.dimensions is not None:
-        if params.dimensions > hidden.shape[0]:
-            raise ValueError(f"dimensions {params.dimensions} is more than the model's {hidden.shape[0]}.")
         hidden = hidden[:params.dimensions]
-    normalize = normalize_default if params.normalize is None else params.normalize
-    if normalize:
+    if params.normalize is not False:
         hidden = torch.nn.functional.normalize(hidden, p=2, dim=0)
     return hidden.tolist()
 
