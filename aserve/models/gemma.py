@@ -16,15 +16,12 @@ What sets them apart from Llama, all as transformers computes it:
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
-
 import torch
 from torch import nn
 
-from aserve.attention import AttentionMetadata
-from aserve.models.layers import (Attention, MergedColumnParallelLinear, ParallelLMHead, QKVParallelLinear,
-                                  RotaryEmbedding, RowParallelLinear, VocabParallelEmbedding,
-                                  default_weight_loader, load_named_weights)
+from aserve.models.decoder_lm import DecoderOnlyLM
+from aserve.models.layers import (Attention, MergedColumnParallelLinear, QKVParallelLinear, RotaryEmbedding,
+                                  RowParallelLinear, default_weight_loader)
 from aserve.models.layers.activation import ActAndMul
 from aserve.models.layers.rotary import layer_rope_parameters
 from aserve.models.llama import layer_sliding_window
@@ -112,38 +109,31 @@ class GemmaDecoderLayer(nn.Module):
         return hidden_states + self.post_feedforward_layernorm(mlp_out)
 
 
-class GemmaForCausalLM(nn.Module):
+class GemmaForCausalLM(DecoderOnlyLM):
     """Gemma over the paged KV cache (Gemma2ForCausalLM and Gemma3ForCausalLM subclass it)."""
 
     sandwich = False
     qk_norm = False
 
     def __init__(self, hf_config):
-        super().__init__()
-        self.config = hf_config
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(hf_config, i, self.sandwich, self.qk_norm)
-                                    for i in range(hf_config.num_hidden_layers))
-        self.norm = GemmaRMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        # Every Gemma ties its LM head to the embedding.
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
-        self.lm_head.tie_weights(self.embed_tokens)
+        super().__init__(hf_config)
         self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
         # Capped attention scores run in the torch reference, which plans on the host.
         self.supports_decode_graphs = getattr(hf_config, "attn_logit_softcapping", None) is None
-        attn = self.layers[0].self_attn
-        self.num_layers = hf_config.num_hidden_layers
-        self.num_kv_heads = attn.num_kv_heads
-        self.head_dim = attn.head_dim
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def make_layer(self, config, index: int) -> nn.Module:
+        return GemmaDecoderLayer(config, index, self.sandwich, self.qk_norm)
+
+    def make_norm(self, config) -> nn.Module:
+        return GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def tie_embeddings(self, config) -> bool:
+        return True   # every Gemma ties its LM head to the embedding
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
         # HF multiplies by sqrt(hidden) rounded to the embedding's dtype (33.94 -> 34.0 in bf16).
-        hidden_states = hidden_states * torch.tensor(self.config.hidden_size ** 0.5, dtype=hidden_states.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden_states = layer(positions, hidden_states, kv_cache, attn_metadata)
-        return self.norm(hidden_states)
+        return hidden_states * torch.tensor(self.config.hidden_size ** 0.5, dtype=hidden_states.dtype)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head.get_logits(hidden_states)
@@ -151,18 +141,6 @@ class GemmaForCausalLM(nn.Module):
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        stacked = [(".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"),
-                   (".qkv_proj.", ".v_proj.", "v"), (".gate_up_proj.", ".gate_proj.", 0),
-                   (".gate_up_proj.", ".up_proj.", 1)]
-
-        def rename(name: str) -> Optional[str]:
-            if name == "lm_head.weight":
-                return None   # tied to the embedding
-            return name[len("model."):] if name.startswith("model.") else name
-
-        load_named_weights(self, weights, stacked, rename)
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):

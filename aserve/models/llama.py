@@ -17,6 +17,7 @@ from aserve.cuda.gemv import gemv_silu_mul
 from aserve.models.layers import (Attention, MergedColumnParallelLinear, ParallelLMHead,
                                   QKVParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear,
                                   VocabParallelEmbedding, get_rope_parameters, load_named_weights)
+from aserve.models.decoder_lm import QKV_GATE_UP_SHARDS
 from aserve.models.layers.activation import ActAndMul
 from aserve.models.layers.linear import uses_gemv
 from aserve.models.layers.moe import Experts, expert_shard
@@ -167,9 +168,6 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named weights (q/k/v and gate/up are fused on the way)."""
-        stacked = [(".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"),
-                   (".qkv_proj.", ".v_proj.", "v"), (".gate_up_proj.", ".gate_proj.", 0),
-                   (".gate_up_proj.", ".up_proj.", 1)]
         tied = getattr(self.config, "tie_word_embeddings", False)
 
         def rename(name: str) -> Optional[str]:
@@ -181,7 +179,7 @@ class LlamaForCausalLM(nn.Module):
             return self.checkpoint_name(name)
 
         # One matrix per expert and projection goes into the experts' stacked parameters.
-        load_named_weights(self, weights, stacked, rename, route=expert_shard)
+        load_named_weights(self, weights, QKV_GATE_UP_SHARDS, rename, route=expert_shard)
         for module in self.modules():
             if isinstance(module, Experts):
                 module.check_loaded()

@@ -12,16 +12,14 @@ Llama's attention and MLP, arranged differently:
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from aserve.attention import AttentionMetadata
 from aserve.distributed import current_group
-from aserve.models.layers import (Attention, ParallelLMHead, QKVParallelLinear, RotaryEmbedding,
-                                  RowParallelLinear, VocabParallelEmbedding, default_weight_loader,
-                                  load_named_weights)
+from aserve.models.decoder_lm import DecoderOnlyLM
+from aserve.models.layers import Attention, QKVParallelLinear, RotaryEmbedding, RowParallelLinear, default_weight_loader
 from aserve.models.layers.rotary import layer_rope_parameters
 from aserve.models.llama import LlamaMLP, layer_sliding_window
 
@@ -98,45 +96,14 @@ class Olmo2DecoderLayer(nn.Module):
         return hidden_states + self.post_feedforward_layernorm(self.mlp(hidden_states))
 
 
-class Olmo2ForCausalLM(nn.Module):
+class Olmo2ForCausalLM(DecoderOnlyLM):
     """OLMo 2 over the paged KV cache (Olmo3ForCausalLM is the same module tree)."""
 
-    def __init__(self, hf_config):
-        super().__init__()
-        self.config = hf_config
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList(Olmo2DecoderLayer(hf_config, i) for i in range(hf_config.num_hidden_layers))
-        self.norm = Olmo2RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if self.tied:
-            self.lm_head.tie_weights(self.embed_tokens)
-        attn = self.layers[0].self_attn
-        self.num_layers = hf_config.num_hidden_layers
-        self.num_kv_heads = attn.num_kv_heads
-        self.head_dim = attn.head_dim
+    def make_layer(self, config, index: int) -> nn.Module:
+        return Olmo2DecoderLayer(config, index)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden_states = layer(positions, hidden_states, kv_cache, attn_metadata)
-        return self.norm(hidden_states)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.get_logits(hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        stacked = [(".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"),
-                   (".qkv_proj.", ".v_proj.", "v"), (".gate_up_proj.", ".gate_proj.", 0),
-                   (".gate_up_proj.", ".up_proj.", 1)]
-
-        def rename(name: str) -> Optional[str]:
-            if self.tied and name == "lm_head.weight":
-                return None
-            return name[len("model."):] if name.startswith("model.") else name
-
-        load_named_weights(self, weights, stacked, rename)
+    def make_norm(self, config) -> nn.Module:
+        return Olmo2RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 Olmo3ForCausalLM = Olmo2ForCausalLM

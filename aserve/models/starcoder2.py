@@ -8,14 +8,11 @@ sliding window.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
-
 import torch
 from torch import nn
 
-from aserve.attention import AttentionMetadata
-from aserve.models.layers import (ColumnParallelLinear, LayerNorm, ParallelLMHead, RowParallelLinear,
-                                  VocabParallelEmbedding, get_act_fn, load_named_weights)
+from aserve.models.decoder_lm import DecoderOnlyLM
+from aserve.models.layers import ColumnParallelLinear, LayerNorm, RowParallelLinear, get_act_fn
 from aserve.models.llama import LlamaAttention
 
 
@@ -44,40 +41,12 @@ class Starcoder2DecoderLayer(nn.Module):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-class Starcoder2ForCausalLM(nn.Module):
-    def __init__(self, hf_config):
-        super().__init__()
-        self.config = hf_config
-        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
-        self.layers = nn.ModuleList(Starcoder2DecoderLayer(hf_config, i) for i in range(hf_config.num_hidden_layers))
-        self.norm = LayerNorm(hf_config.hidden_size, eps=hf_config.norm_epsilon)
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
-        self.tied = bool(getattr(hf_config, "tie_word_embeddings", True))
-        if self.tied:
-            self.lm_head.tie_weights(self.embed_tokens)
-        attn = self.layers[0].self_attn
-        self.num_layers = hf_config.num_hidden_layers
-        self.num_kv_heads = attn.num_kv_heads
-        self.head_dim = attn.head_dim
+class Starcoder2ForCausalLM(DecoderOnlyLM):
+    def make_layer(self, config, index: int) -> nn.Module:
+        return Starcoder2DecoderLayer(config, index)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[torch.Tensor], attn_metadata: AttentionMetadata) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden_states = layer(positions, hidden_states, kv_cache, attn_metadata)
-        return self.norm(hidden_states)
+    def make_norm(self, config) -> nn.Module:
+        return LayerNorm(config.hidden_size, eps=config.norm_epsilon)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.get_logits(hidden_states)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        stacked = [(".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v")]
-
-        def rename(name: str) -> Optional[str]:
-            if self.tied and name == "lm_head.weight":
-                return None
-            if "rotary_emb.inv_freq" in name:
-                return None
-            return name[len("model."):] if name.startswith("model.") else name
-
-        load_named_weights(self, weights, stacked, rename)
+    def tie_embeddings(self, config) -> bool:
+        return bool(getattr(config, "tie_word_embeddings", True))   # the checkpoints tie
