@@ -70,6 +70,8 @@ def test_bad_requests_and_the_generation_routes_are_400s(client, server):
         client.embeddings.create(model=server.model_name, input=[])
     with pytest.raises(openai.BadRequestError, match="dimensions"):
         client.embeddings.create(model=server.model_name, input="hi", dimensions=100000)
+    giant = requests.post(server.url + "/v1/embeddings", json={"input": "x" * 1_000_000}, timeout=30)
+    assert giant.status_code == 400   # refused before validation, as a too-long prompt
     body = {"model": server.model_name, "prompt": "hello", "max_tokens": 3}
     refused = requests.post(server.url + "/v1/completions", json=body, timeout=30)
     assert refused.status_code == 400 and "embed" in refused.json()["error"]["message"]

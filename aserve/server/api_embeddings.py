@@ -21,11 +21,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
 from aserve.pooling_params import PoolingParams
-from aserve.server.app import STATE, ServerState, json_response, note_usage
+from aserve.server.app import STATE, ServerState, json_response, note_usage, read_request
 from aserve.server.engine_requests import add_all, last_output
-from aserve.server.errors import APIError, check_json_content_type, parse_request
-from aserve.server.http_server import read_body
-from aserve.server.prompts import refuse_giant_prompts
+from aserve.server.errors import APIError
 
 
 class EmbeddingRequest(BaseModel):
@@ -57,11 +55,7 @@ class EmbeddingRequest(BaseModel):
 
 async def create_embeddings(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
-    check_json_content_type(request.headers.get("Content-Type"))
-    raw = await read_body(request, state.limits)
-    # The prompts are in `input`: refused early, as /v1/completions' are, when none could fit.
-    req: EmbeddingRequest = parse_request(raw, EmbeddingRequest, precheck=lambda body: refuse_giant_prompts(
-        state, {"prompt": body.get("input")}))
+    req: EmbeddingRequest = await read_request(request, EmbeddingRequest, prompt_field="input")
     state.check_model(req.model)
     if not state.async_engine.engine.pooling:
         raise APIError(400, "this model generates text; the Embeddings API needs a model served with "

@@ -148,12 +148,16 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-async def read_request(request: web.Request, model_cls: type[BaseModel]) -> Any:
-    """Read and validate a JSON body (within the server's size and time limits)."""
+async def read_request(request: web.Request, model_cls: type[BaseModel], prompt_field: str = "prompt") -> Any:
+    """Read and validate a JSON body (within the server's size and time limits); a prompt that
+    cannot fit (in prompt_field: /v1/embeddings' is `input`) is refused before validation."""
     state = request.app[STATE]
     check_json_content_type(request.headers.get("Content-Type"))
     raw = await read_body(request, state.limits)
-    return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body))
+    if prompt_field == "prompt":
+        return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body))
+    return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(
+        state, {"prompt": body.get(prompt_field)}))
 
 
 async def add_request_or_400(state: ServerState, request_id: str, prompt, params):
