@@ -19,6 +19,7 @@ streaming their weights early. ASERVE_PDL=0 turns it off (to measure it, or to r
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -27,7 +28,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -97,20 +98,30 @@ def _read_sources(source_name: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     return source, headers
 
 
+def _full_options(options: Sequence[str], arch: int) -> list[str]:
+    return [f"--gpu-architecture=sm_{arch}", "-std=c++17", "-default-device", *options]
+
+
+def _cubin_path(source_name: str, options: Sequence[str], arch: int) -> Path:
+    """Where a build's cubin is cached: named by a hash of the sources, the options, the
+    architecture and NVRTC's version."""
+    source, headers = _read_sources(source_name)
+    digest = hashlib.sha256()
+    for part in (source, *(h for _, h in headers), repr(_full_options(options, arch)).encode(),
+                 repr(nvrtc_version()).encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return _cache_dir() / f"{Path(source_name).stem}-sm{arch}-{digest.hexdigest()[:24]}.cubin"
+
+
 def compile_cubin(source_name: str, options: Sequence[str], arch: int) -> bytes:
     """The CUBIN of aserve/cuda/<source_name> for sm_<arch> (e.g. 90), compiled with the -D
     options given, from the disk cache when it was compiled before. Needs no GPU."""
-    source, headers = _read_sources(source_name)
-    version = nvrtc_version()
-    full_options = [f"--gpu-architecture=sm_{arch}", "-std=c++17", "-default-device", *options]
-    digest = hashlib.sha256()
-    for part in (source, *(h for _, h in headers), repr(full_options).encode(), repr(version).encode()):
-        digest.update(part)
-        digest.update(b"\0")
-    path = _cache_dir() / f"{Path(source_name).stem}-sm{arch}-{digest.hexdigest()[:24]}.cubin"
+    path = _cubin_path(source_name, options, arch)
     if path.is_file():
         return path.read_bytes()
-    cubin = _compile(source_name, source, headers, full_options)
+    source, headers = _read_sources(source_name)
+    cubin = _compile(source_name, source, headers, _full_options(options, arch))
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written whole under a temporary name, then renamed: concurrent processes never read half a file.
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -341,6 +352,53 @@ class LoadedModule:
 
 _modules: dict[tuple, LoadedModule] = {}
 _lock = threading.Lock()
+# Builds being compiled ahead (compile_ahead), by (source, options, arch): a load of one of them
+# waits for its worker instead of compiling it a second time.
+_ahead: dict[tuple, concurrent.futures.Future] = {}
+_ahead_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+# Worker threads at most: NVRTC releases the GIL while it compiles, so they run in parallel.
+_AHEAD_THREADS = 8
+
+
+def compile_ahead(builds: Sequence[tuple[str, Sequence[str]]], arch: int) -> int:
+    """Start compiling these (source, options) builds for sm_<arch> in worker threads, into the
+    disk cache, and return how many were started (those not cached already). A first start on a
+    machine compiles ~20 builds one after another as the warm-up reaches them (7.7 s of model B's
+    11.5 s on an H200 host); started together while the weights load, they take about one
+    build's time. A build that fails here is only logged: its load compiles it again and
+    raises there, where it is needed."""
+    global _ahead_pool
+    started = 0
+    with _lock:
+        for source_name, options in builds:
+            key = (source_name, tuple(options), arch)
+            if key in _ahead or _cubin_path(source_name, options, arch).is_file():
+                continue
+            if _ahead_pool is None:
+                workers = min(_AHEAD_THREADS, len(os.sched_getaffinity(0)))
+                _ahead_pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="aserve-nvrtc")
+            future = _ahead_pool.submit(compile_cubin, source_name, options, arch)
+            future.add_done_callback(functools.partial(_log_ahead_failure, key))
+            _ahead[key] = future
+            started += 1
+    return started
+
+
+def _log_ahead_failure(key: tuple, future: concurrent.futures.Future) -> None:
+    if future.exception() is not None:
+        logger.debug("compiling %s ahead failed: %s", key, future.exception())
+
+
+def cubin_for(source_name: str, options: Sequence[str], arch: int) -> bytes:
+    """The cubin of a build: from its compile ahead where one was started (waiting for it),
+    else compile_cubin's (the disk cache, or NVRTC now)."""
+    future = _ahead.get((source_name, tuple(options), arch))
+    if future is not None:
+        try:
+            return future.result()
+        except KernelCompileError:
+            pass   # compiled again below, so the error is raised from the load that needs it
+    return compile_cubin(source_name, options, arch)
 
 
 def load_module(source_name: str, options: Sequence[str], device_index: int) -> LoadedModule:
@@ -352,10 +410,14 @@ def load_module(source_name: str, options: Sequence[str], device_index: int) -> 
         refuse_set_up_during_capture(f"loading {source_name} {' '.join(options)}")
         with _lock:
             module = _modules.get(key)
-            if module is None:
-                major, minor = capability(device_index)
-                cubin = compile_cubin(source_name, options, major * 10 + minor)
-                module = _modules[key] = LoadedModule(cubin, device_index)
+        if module is None:
+            major, minor = capability(device_index)
+            # Outside the lock: compile_ahead's bookkeeping takes it, and a wait here may be long.
+            cubin = cubin_for(source_name, options, major * 10 + minor)
+            with _lock:
+                module = _modules.get(key)
+                if module is None:
+                    module = _modules[key] = LoadedModule(cubin, device_index)
     return module
 
 

@@ -123,6 +123,20 @@ def gemv_options(dtype: torch.dtype, rows: int, variant: str = PLAIN,
             f"-DUNROLL={unroll}", f"-DSILU_MUL={int(variant == SILU_MUL)}"]
 
 
+def gemv_builds(dtype: torch.dtype) -> list[tuple[str, list[str]]]:
+    """Every gemv.cu build a decode step in `dtype` may load (_plan): each row count and variant
+    at its geometry, and at the deep one where a layer may take it. For compile_ahead."""
+    builds = []
+    for rows in range(1, GEMV_MAX_ROWS + 1):
+        geometries = [_GEOMETRY[rows], *([_deep] if rows in DEEP_ROWS and _deep is not None else [])]
+        for variant in VARIANTS:
+            for geometry in geometries:
+                build = ("gemv.cu", gemv_options(dtype, rows, variant, geometry))
+                if build not in builds:
+                    builds.append(build)
+    return builds
+
+
 def _unsupported(x: torch.Tensor, weight: torch.Tensor) -> Optional[str]:
     """Why the kernel cannot take x [M, K] and weight [N, K], or None when it can."""
     if x.dim() != 2:

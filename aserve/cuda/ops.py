@@ -139,6 +139,24 @@ def decode_cluster(num_groups: int, splits: int, max_seq_len: int, device_index:
     return cluster, math.ceil(splits / cluster) * cluster
 
 
+def decode_builds(dtype: torch.dtype, head_dim: int, block_size: int, group: int,
+                  device_index: int) -> list[tuple[str, list[str]]]:
+    """The builds paged_decode_attention may load for a model of this shape on the GPU
+    device_index (the CUDA-core kernel, its cluster-combining build on Hopper and newer, the
+    tensor-core kernel where large batches take it), and the cache ops. For compile_ahead."""
+    if head_dim not in HEAD_SIZES or dtype not in KERNEL_DTYPES:
+        return []
+    builds = [("cache_ops.cu", []),
+              ("paged_attention.cu", paged_attention_options(dtype, head_dim, block_size, group))]
+    if DECODE_CLUSTER.isdigit() and int(DECODE_CLUSTER) > 1 and _capability(device_index) >= (9, 0):
+        builds.append(("paged_attention.cu", paged_attention_options(dtype, head_dim, block_size, group, True)))
+    # The largest batches' choice: at MMA_MIN_ROWS rows the tensor cores pay wherever they apply.
+    source = decode_kernel_source(dtype, head_dim, group, MMA_MIN_ROWS, device_index)
+    if source == "paged_attention_mma.cu":
+        builds.append((source, paged_attention_options(dtype, head_dim, block_size, group)))
+    return builds
+
+
 _split_counters: dict[int, torch.Tensor] = {}
 # Every counter buffer ever handed out: a captured CUDA graph keeps using the one it saw.
 _retired_counters: list[torch.Tensor] = []
