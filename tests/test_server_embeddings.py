@@ -72,9 +72,24 @@ def test_bad_requests_and_the_generation_routes_are_400s(client, server):
         client.embeddings.create(model=server.model_name, input="hi", dimensions=100000)
     giant = requests.post(server.url + "/v1/embeddings", json={"input": "x" * 1_000_000}, timeout=30)
     assert giant.status_code == 400   # refused before validation, as a too-long prompt
+    assert giant.json()["error"]["param"] == "input"
     body = {"model": server.model_name, "prompt": "hello", "max_tokens": 3}
     refused = requests.post(server.url + "/v1/completions", json=body, timeout=30)
     assert refused.status_code == 400 and "embed" in refused.json()["error"]["message"]
+
+
+def test_an_input_may_fill_the_whole_context_and_no_more(client, server):
+    """An input to embed generates nothing, so max_model_len ids fit (a prompt to generate from
+    needs one position less); one more is a 400 naming `input`, as ids and as a batch."""
+    max_len = client.models.list().data[0].max_model_len
+    whole = [(7 * i) % 500 + 3 for i in range(max_len)]
+    got = client.embeddings.create(model=server.model_name, input=whole, encoding_format="float")
+    assert got.usage.prompt_tokens == max_len
+    for too_long in (whole + [5], [[5, 6], whole + [5]]):
+        refused = requests.post(server.url + "/v1/embeddings", json={"input": too_long}, timeout=30)
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "input"
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_a_generating_server_refuses_embeddings():

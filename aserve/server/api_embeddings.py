@@ -65,7 +65,7 @@ async def create_embeddings(request: web.Request) -> web.Response:
     with state.admit(len(prompts)):
         streams = await add_all(state, request_id, prompts, lambda _: params,
                                 add_special_tokens=req.add_special_tokens,
-                                truncate_prompt_tokens=req.truncate_prompt_tokens)
+                                truncate_prompt_tokens=req.truncate_prompt_tokens, field="input")
     try:
         outputs = await asyncio.gather(*(last_output(s) for s in streams))
     finally:

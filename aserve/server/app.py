@@ -154,10 +154,7 @@ async def read_request(request: web.Request, model_cls: type[BaseModel], prompt_
     state = request.app[STATE]
     check_json_content_type(request.headers.get("Content-Type"))
     raw = await read_body(request, state.limits)
-    if prompt_field == "prompt":
-        return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body))
-    return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(
-        state, {"prompt": body.get(prompt_field)}))
+    return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body, prompt_field))
 
 
 async def add_request_or_400(state: ServerState, request_id: str, prompt, params):

@@ -38,24 +38,25 @@ def max_prompt_chars(tokenizer, max_model_len: int) -> int:
     return max_model_len * _CHARS_PER_TOKEN_SLACK * max(longest, _MIN_CHARS_PER_TOKEN)
 
 
-def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
+def refuse_giant_prompts(state: "ServerState", body: dict[str, Any], field: str = "prompt") -> None:
     """On a parsed JSON body, before validation (which costs ~1 s per million ids): a 400 for
     any prompt that cannot fit. Shapes that validation will refuse anyway are left to it.
     With truncate_prompt_tokens, token-id lists are cut here, before validation, so a long one
-    costs no more to validate than one that fits."""
-    _truncate_id_lists_early(state, body)
-    prompt = body.get("prompt")
+    costs no more to validate than one that fits. field: where the body holds its prompts
+    (/v1/embeddings' is `input`)."""
+    _truncate_id_lists_early(state, body, field)
+    prompt = body.get(field)
     if isinstance(prompt, str):
-        _check_text(state, prompt, "prompt")
+        _check_text(state, prompt, field)
     elif isinstance(prompt, list) and prompt:
         if isinstance(prompt[0], (str, list)):  # a batch: each prompt on its own
             for one in prompt:
                 if isinstance(one, str):
-                    _check_text(state, one, "prompt")
+                    _check_text(state, one, field)
                 elif isinstance(one, list):
-                    _check_length(state, one)
+                    _check_length(state, one, field)
         else:
-            _check_length(state, prompt)
+            _check_length(state, prompt, field)
     messages = body.get("messages")
     if isinstance(messages, list):
         chars = sum(_content_chars(m.get("content")) for m in messages if isinstance(m, dict))
@@ -63,36 +64,37 @@ def refuse_giant_prompts(state: "ServerState", body: dict[str, Any]) -> None:
             raise _too_long(state, chars, "messages")
 
 
-def _truncate_id_lists_early(state: "ServerState", body: dict[str, Any]) -> None:
+def _truncate_id_lists_early(state: "ServerState", body: dict[str, Any], field: str) -> None:
     keep = body.get("truncate_prompt_tokens")
     if not isinstance(keep, int) or isinstance(keep, bool) or not (keep == -1 or keep >= 1):
         return  # absent, or a bad value that validation refuses by name
     if keep > state.max_model_len:
         raise APIError(400, f"truncate_prompt_tokens must be at most the maximum context length "
                             f"({state.max_model_len}), got {keep}.", param="truncate_prompt_tokens")
-    prompt = body.get("prompt")
+    prompt = body.get(field)
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
         if isinstance(prompt[0], list):
-            body["prompt"] = [_truncate(state, one, keep) if isinstance(one, list) else one for one in prompt]
+            body[field] = [_truncate(state, one, keep) if isinstance(one, list) else one for one in prompt]
         else:
-            body["prompt"] = _truncate(state, prompt, keep)
+            body[field] = _truncate(state, prompt, keep)
 
 
 async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]], add_special_tokens: bool = True,
-                         truncate_prompt_tokens: Optional[int] = None):
+                         truncate_prompt_tokens: Optional[int] = None, field: str = "prompt"):
     """A text prompt tokenized off the loop (TokenizedPrompt), or a token-id prompt checked;
-    either cut to its last truncate_prompt_tokens tokens (-1: the context length) first."""
+    either cut to its last truncate_prompt_tokens tokens (-1: the context length) first.
+    field: the request's name for it, in errors."""
     if isinstance(prompt, str):
-        _check_text(state, prompt, "prompt")
-        tokenizer = state.require_tokenizer("prompt")
+        _check_text(state, prompt, field)
+        tokenizer = state.require_tokenizer(field)
         if not prompt:
-            raise APIError(400, EMPTY_PROMPT, param="prompt")
+            raise APIError(400, EMPTY_PROMPT, param=field)
         ids = await run_off_loop(state, lambda: tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
         return TokenizedPrompt(prompt, _truncate(state, ids, truncate_prompt_tokens))
     if not prompt:
-        raise APIError(400, EMPTY_PROMPT, param="prompt")
+        raise APIError(400, EMPTY_PROMPT, param=field)
     prompt = _truncate(state, prompt, truncate_prompt_tokens)
-    _check_length(state, prompt)
+    _check_length(state, prompt, field)
     state.check_token_ids(prompt)
     return prompt
 
@@ -184,13 +186,16 @@ def _check_text(state: "ServerState", text: str, param: str) -> None:
         raise _too_long(state, len(text), param)
 
 
-def _check_length(state: "ServerState", token_ids: list) -> None:
+def _check_length(state: "ServerState", token_ids: list, field: str) -> None:
+    """A prompt to generate from needs a position left for its first token; an input to a
+    pooling model (embeddings, scores) may fill the whole context, as the engine allows."""
     max_len = state.max_model_len
-    if len(token_ids) >= max_len:
-        raise APIError(400, f"The prompt is {len(token_ids)} tokens long, and this model's maximum "
-                            f"context length is {max_len} tokens, which leaves no room to "
-                            f"generate: shorten the prompt.",
-                       param="prompt", code="context_length_exceeded")
+    generates = not state.async_engine.engine.pooling
+    if len(token_ids) >= max_len + (not generates):
+        room = ", which leaves no room to generate" if generates else ""
+        raise APIError(400, f"The {field} is {len(token_ids)} tokens long, and this model's maximum "
+                            f"context length is {max_len} tokens{room}: shorten the {field}.",
+                       param=field, code="context_length_exceeded")
 
 
 def _too_long(state: "ServerState", chars: int, param: str) -> APIError:
