@@ -8,6 +8,8 @@
 #    value of ASERVE_DELIVERY_REST in RESTS (the event loop's rest after writing a step's chunks,
 #    aserve/engine/async_engine.py), then at the Poisson RATES with the default.
 # PREVIOUS_DIR (an earlier version unpacked, carried): its server too, first.
+# CLIENT_PROCESSES: bench/serving.py's --processes (default 1) for the servers' runs; one client
+# process parsing ~66k chunks a second may be what limits (its "Client CPU" row near 1.0).
 # TOKENIZER: bytes (default: a byte-level BPE, as OPT-125m's own) or words (earlier sessions'
 # word-level tokenizer), bench/make_random_model.py --tokenizer.
 # NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
@@ -64,8 +66,8 @@ serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one 
     [ "$rate" != inf ] && n=${RATE_PROMPTS:-300}
     echo "=== server A, $label, rate $rate, $n prompts: $(timeout 200 python3 bench/serving.py \
         --base-url http://localhost:8125 --request-rate "$rate" --num-prompts $n --input-len 128 \
-        --output-len 128 --random-token-ids 30000 --ignore-eos 2>&1 \
-        | grep -E 'Failed|Output token|MEAN|P50|P99' | tr -s ' ' | paste -sd' ')"
+        --output-len 128 --random-token-ids 30000 --ignore-eos --processes "${CLIENT_PROCESSES:-1}" 2>&1 \
+        | grep -E 'Failed|Output token|Client CPU|MEAN|P50|P99' | tr -s ' ' | paste -sd' ')"
     kill -INT $server
     wait $server 2>/dev/null
     if timing && [ "$dir" = . ]; then grep -E "^(===|  )" /tmp/sv_server.log | head -30; fi

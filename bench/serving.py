@@ -12,6 +12,9 @@ It speaks plain OpenAI, so it runs unchanged against aserve, vLLM or any compati
 prompt-as-ids form): exact lengths and no shared prefix, the offline workloads' prompts (the
 default, English words, repeats words, which a prefix cache partly reuses).
 vLLM's `ignore_eos` extra (fixed output lengths) is sent only with --ignore-eos.
+One Python process parses every streamed chunk, so at tens of thousands of chunks a second the
+client itself can set the pace: "Client CPU (cores busy)" near 1.0 a process says so, and
+--processes N shares the requests (and the rate) over N client processes.
 Token counts come from the final usage chunk (stream_options.include_usage); a server that
 sends none is measured in chunks instead (--no-usage to stop asking). --no-stream sends
 non-streaming requests: throughput and whole-request latency (as TTFT) only.
@@ -21,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -129,30 +134,72 @@ async def _one_whole_request(session: aiohttp.ClientSession, args, body: dict) -
     return result
 
 
-async def run(args) -> dict:
+def _session(args) -> aiohttp.ClientSession:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as session:
-        model = args.model
-        if model is None:  # ask the server which model it serves
-            async with session.get(args.base_url.rstrip("/") + "/v1/models") as resp:
-                resp.raise_for_status()
-                model = (await resp.json())["data"][0]["id"]
-        rng = random.Random(args.seed)
-        prompts = [make_prompt(rng, args.input_len, args.random_token_ids) for _ in range(args.num_prompts)]
-        print(f"Benchmarking {model} at {args.base_url}: {args.num_prompts} requests, "
-              f"rate {args.request_rate}/s, ~{args.input_len} words in, {args.output_len} tokens out",
-              flush=True)
+    return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector)
+
+
+async def _served_model(args) -> str:
+    """The first model of the server's /v1/models."""
+    async with _session(args) as session:
+        async with session.get(args.base_url.rstrip("/") + "/v1/models") as resp:
+            resp.raise_for_status()
+            return (await resp.json())["data"][0]["id"]
+
+
+async def _send_all(args, model: str, prompts: list, rate: float, rng: random.Random) -> list[Result]:
+    """Every prompt as its own request, all at once or as a Poisson process at `rate` a second."""
+    async with _session(args) as session:
         tasks = []
-        start = time.perf_counter()
         for prompt in prompts:
             tasks.append(asyncio.create_task(one_request(session, args, model, prompt)))
-            if args.request_rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(args.request_rate))
-        results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
-    return summarize(args, model, results, duration)
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        return await asyncio.gather(*tasks)
+
+
+def _client_process(args, model: str, prompts: list, rate: float, seed: int, barrier, queue) -> None:
+    """One of --processes clients: its share of the prompts, at its share of the rate (N Poisson
+    processes at rate/N make one at the rate), started with the others at the barrier."""
+    barrier.wait()
+    start, cpu = time.time(), time.process_time()
+    results = asyncio.run(_send_all(args, model, prompts, rate, random.Random(seed)))
+    queue.put(([dataclasses.asdict(r) for r in results], start, time.time(), time.process_time() - cpu))
+
+
+def run(args) -> dict:
+    model = args.model or asyncio.run(_served_model(args))
+    rng = random.Random(args.seed)
+    prompts = [make_prompt(rng, args.input_len, args.random_token_ids) for _ in range(args.num_prompts)]
+    print(f"Benchmarking {model} at {args.base_url}: {args.num_prompts} requests, "
+          f"rate {args.request_rate}/s, ~{args.input_len} words in, {args.output_len} tokens out"
+          + (f", from {args.processes} client processes" if args.processes > 1 else ""), flush=True)
+    if args.processes == 1:
+        start, cpu = time.perf_counter(), time.process_time()
+        results = asyncio.run(_send_all(args, model, prompts, args.request_rate, rng))
+        duration, cpu = time.perf_counter() - start, time.process_time() - cpu
+    else:
+        # Processes of their own (spawned: no event loop or session forked), each with its own
+        # share; the run lasts from the common start to the last process's end.
+        n = args.processes
+        context = multiprocessing.get_context("spawn")
+        barrier, queue = context.Barrier(n + 1), context.Queue()
+        workers = [context.Process(target=_client_process, daemon=True, args=(
+            args, model, prompts[i::n], args.request_rate / n, args.seed * 1000 + i, barrier, queue)) for i in range(n)]
+        for worker in workers:
+            worker.start()
+        barrier.wait()
+        start = time.time()
+        finished = [queue.get() for _ in workers]
+        for worker in workers:
+            worker.join()
+        results = [Result(**r) for rows, *_ in finished for r in rows]
+        duration, cpu = max(end for _, _, end, _ in finished) - start, sum(c for *_, c in finished)
+    summary = summarize(args, model, results, duration)
+    summary["client"].update(processes=args.processes, cpu_s=cpu)
+    return summary
 
 
 def _carries_tokens(choice: dict) -> bool:
@@ -207,6 +254,8 @@ def print_summary(s: dict) -> None:
             ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
             ("Output token throughput (tok/s)", f"{s['output_token_throughput']:.2f}"),
             ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}")]
+    # The client's own CPU a second of the run: near 1.0 a process, the client may be what limits.
+    rows.append(("Client CPU (cores busy)", f"{s['client']['cpu_s'] / s['duration_s']:.2f}"))
     for name, value in rows:
         print(f"{name:<40}{value:>15}")
     for key, title in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st)"),
@@ -227,7 +276,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="Poisson arrival rate in requests/s; inf sends all at once")
-    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight (per process)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes sharing the requests (and the rate), for servers that one "
+                        "Python client cannot keep up with")
     p.add_argument("--input-len", type=int, default=128, help="prompt length in words (or token ids)")
     p.add_argument("--random-token-ids", type=int, default=None, metavar="VOCAB",
                    help="prompts of random token ids below VOCAB (completions only)")
@@ -243,7 +295,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = p.parse_args(argv)
     if args.random_token_ids and args.endpoint.endswith("chat/completions"):
         p.error("--random-token-ids sends token-id prompts, which only /v1/completions takes")
-    summary = asyncio.run(run(args))
+    if args.processes < 1:
+        p.error("--processes must be at least 1")
+    summary = run(args)
     print_summary(summary)
     if args.result_json:
         with open(args.result_json, "w") as f:

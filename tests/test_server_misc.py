@@ -119,3 +119,27 @@ def test_the_serving_benchmark_runs_against_the_server(server, tmp_path):
     assert summary["completed"] == 6 and summary["failed"] == 0
     assert summary["output_token_throughput"] > 0 and summary["ttft_ms"]["p99"] > 0
     assert "Time to First Token" in out.stdout and "P99" in out.stdout
+    assert summary["client"]["processes"] == 1 and summary["client"]["cpu_s"] > 0
+
+
+def test_the_serving_benchmark_shares_its_requests_over_client_processes(server, tmp_path):
+    """--processes: every request is sent once, from processes of their own, and the results
+    come together in one summary."""
+    import json
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = tmp_path / "result.json"
+    before = server.call(lambda: server.state.async_engine.engine.get_stats())
+    out = subprocess.run([sys.executable, os.path.join(repo, "bench", "serving.py"), "--base-url", server.url,
+                          "--num-prompts", "7", "--input-len", "8", "--output-len", "3", "--ignore-eos",
+                          "--processes", "2", "--result-json", str(result)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads(result.read_text())
+    assert summary["completed"] == 7 and summary["failed"] == 0
+    assert summary["client"]["processes"] == 2
+    after = server.call(lambda: server.state.async_engine.engine.get_stats())
+    assert after.generation_tokens_total - before.generation_tokens_total == 7 * 3   # each sent once
+    assert "Client CPU (cores busy)" in out.stdout
