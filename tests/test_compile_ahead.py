@@ -88,8 +88,22 @@ def test_a_build_that_fails_ahead_fails_again_where_it_is_loaded():
         compiler.cubin_for(*broken, 90)
 
 
-def test_no_builds_off_a_gpu():
-    assert compile_ahead.start_for_model(_llama_8b_shape(), torch.bfloat16, 16, 1, torch.device("cpu")) == 0
+@needs_nvrtc
+def test_a_start_compiles_the_model_builds_unless_turned_off(monkeypatch, tmp_path):
+    """start_for_model as a start on an sm_90 card calls it (the card's capability stood in);
+    the builds land in the cache. Off a GPU, and with ASERVE_COMPILE_AHEAD=0, nothing starts."""
+    monkeypatch.setattr(ops, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(compile_ahead, "capability", lambda index: (9, 0))
+    config, card = _llama_8b_shape(), torch.device("cuda", 0)
+    assert compile_ahead.start_for_model(config, torch.bfloat16, 16, 1, torch.device("cpu")) == 0
+    monkeypatch.setenv("ASERVE_COMPILE_AHEAD", "0")
+    assert compile_ahead.start_for_model(config, torch.bfloat16, 16, 1, card) == 0
+    monkeypatch.setenv("ASERVE_COMPILE_AHEAD", "1")
+    builds = compile_ahead.model_kernel_builds(config, torch.bfloat16, 16, 1, 0)
+    assert compile_ahead.start_for_model(config, torch.bfloat16, 16, 1, card) == len(builds)
+    for source, options in builds:
+        assert compiler.cubin_for(source, options, 90)[:4] == b"\x7fELF"
+    assert len(list((tmp_path / "cubins").glob("*.cubin"))) == len(builds)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")

@@ -15,13 +15,16 @@ import logging
 
 import torch
 
-from aserve.cuda.compiler import KERNEL_DTYPES, capability, compile_ahead
+from aserve.cuda.compiler import KERNEL_DTYPES, capability, compile_ahead, env_switch
 from aserve.cuda.fused import kernels_enabled
 from aserve.cuda.gemv import gemv_builds
 from aserve.cuda.graph_inputs import graph_inputs_kernel_enabled
 from aserve.cuda.ops import decode_builds, decode_group_size
 
 logger = logging.getLogger(__name__)
+
+# ASERVE_COMPILE_AHEAD=0: compile each build only where it is first loaded (the way before).
+COMPILE_AHEAD_ENV = "ASERVE_COMPILE_AHEAD"
 
 
 def model_kernel_builds(hf_config, dtype: torch.dtype, block_size: int, tp_size: int,
@@ -45,10 +48,10 @@ def model_kernel_builds(hf_config, dtype: torch.dtype, block_size: int, tp_size:
 
 
 def start_for_model(hf_config, dtype: torch.dtype, block_size: int, tp_size: int, device: torch.device) -> int:
-    """Start compiling the model's builds that are not cached yet (none off a GPU or with the
-    kernels off); returns how many were started. A failure to predict is logged, never raised:
+    """Start compiling the model's builds that are not cached yet (none off a GPU, with the
+    kernels off, or with ASERVE_COMPILE_AHEAD=0); returns how many were started. A failure to predict is logged, never raised:
     the loads compile what they need either way."""
-    if device.type != "cuda" or not kernels_enabled():
+    if device.type != "cuda" or not kernels_enabled() or not env_switch(COMPILE_AHEAD_ENV, "1"):
         return 0
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
