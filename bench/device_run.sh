@@ -25,6 +25,8 @@
 #   profile  bench/profile_step.py $PROFILE_ARGS, once per value of AB_VAR (kernel table, step wall time)
 #   runprofile  bench/profile_run.py $RUN_PROFILE_ARGS (default workload B): a whole offline run's
 #            steps by kind, and the kernels of a window of its steps by group
+#   coldstart  bench/cold_start.sh: model B's first start on an empty cubin cache, then a second one,
+#            taking turns with $PREVIOUS_DIR's when set (ROUNDS, default 2)
 #   startprofile  bench/profile_start.py $START_PROFILE_ARGS (default model B, 2 starts), once per
 #            value of AB_VAR when AB_VAR is set (e.g. ASERVE_GRAPH_WARMUP over "each needed"): each
 #            start's time and capture, and a cProfile of the last start
@@ -174,6 +176,10 @@ stage_bench() {
         --time-limit $((BENCH_TIMEOUT - 15)) ${BENCH_ARGS:-} 2>&1 | tee "$bench_log"
 }
 
+stage_coldstart() {
+    run "cold start" "${COLD_START_TIMEOUT:-420}" bash bench/cold_start.sh
+}
+
 stage_serverratio() {
     run "server vs offline" "${SERVER_RATIO_TIMEOUT:-240}" env RESTS="${RESTS:-6}" bash bench/server_vs_offline.sh
 }
@@ -188,7 +194,7 @@ main() {
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, torch, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
-    for stage in tests kernels structured serving profile runprofile startprofile ab previous bench serverratio; do  # the workloads' table is printed last
+    for stage in tests kernels structured serving profile runprofile startprofile coldstart ab previous bench serverratio; do  # the workloads' table is printed last
         case " $STAGES " in *" $stage "*) "stage_$stage" ;; esac
     done
     echo "=== steps:"
