@@ -198,6 +198,8 @@ def test_rope_settings_are_read_from_old_and_new_config_forms():
     old = SimpleNamespace(rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0})
     assert get_rope_parameters(new) | {"type": "linear"} == get_rope_parameters(old)
     assert get_rope_parameters(SimpleNamespace()) == {"rope_theta": 10000.0, "rope_type": "default"}
+    neox_4x = SimpleNamespace(rotary_pct=0.25, rotary_emb_base=500)   # GPT-NeoX under transformers 4
+    assert get_rope_parameters(neox_4x) == {"rope_theta": 500, "rope_type": "default", "partial_rotary_factor": 0.25}
 
 
 def test_unsupported_rope_type_is_rejected():
@@ -205,8 +207,32 @@ def test_unsupported_rope_type_is_rejected():
 
     with pytest.raises(ValueError, match="unsupported rope type 'longrope'"):
         RotaryEmbedding(16, 32, {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
-    with pytest.raises(ValueError, match="partial_rotary_factor 0.75"):
-        RotaryEmbedding(16, 32, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75})
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5625 rotates 9 of 16"):
+        RotaryEmbedding(16, 32, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5625})
+
+
+def test_a_partial_rotary_embedding_rotates_the_leading_dimensions_as_transformers():
+    """GPT-NeoX's rope (a quarter of each head rotated) against transformers' own rotary module
+    and apply_rotary_pos_emb, at random positions, on random q and k; the rest passes through."""
+    from transformers import GPTNeoXConfig
+    from transformers.models.gpt_neox import modeling_gpt_neox as hf
+
+    from aserve.models.layers import RotaryEmbedding
+
+    config = GPTNeoXConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=64)
+    config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": 0.25, "rope_theta": 500.0}
+    rope = RotaryEmbedding(32, 64, config.rope_parameters)
+    assert rope.rotary_dim == 8 and tuple(rope.cos_cache.shape) == (64, 8)
+    generator = torch.Generator().manual_seed(3)
+    positions = torch.randint(0, 64, (5,), generator=generator)
+    q, k = torch.randn(5, 4 * 32, generator=generator), torch.randn(5, 2 * 32, generator=generator)
+    got_q, got_k = rope(positions, q.clone(), k.clone())
+    cos, sin = hf.GPTNeoXRotaryEmbedding(config)(q, positions[None])
+    want_q, want_k = hf.apply_rotary_pos_emb(q.view(1, 5, 4, 32).transpose(1, 2), k.view(1, 5, 2, 32).transpose(1, 2),
+                                             cos, sin)
+    torch.testing.assert_close(got_q.view(5, 4, 32), want_q.transpose(1, 2)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k.view(5, 2, 32), want_k.transpose(1, 2)[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_q.view(5, 4, 32)[..., 8:], q.view(5, 4, 32)[..., 8:], rtol=0, atol=0)
 
 
 def test_layers_share_one_rotary_table_and_keep_it_in_float32():

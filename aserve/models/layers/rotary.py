@@ -26,7 +26,8 @@ def get_rope_parameters(hf_config) -> dict[str, Any]:
 
     transformers >= 5 keeps them in `config.rope_parameters`; older configs (and config.json
     files written by older versions) use `rope_theta` plus an optional `rope_scaling` dict whose
-    type key is "type" or "rope_type". Both forms are read.
+    type key is "type" or "rope_type", and `partial_rotary_factor` (GPT-NeoX: `rotary_pct` and
+    `rotary_emb_base`). Both forms are read.
     """
     params = getattr(hf_config, "rope_parameters", None)
     if isinstance(params, dict) and "rope_theta" in params:
@@ -34,7 +35,12 @@ def get_rope_parameters(hf_config) -> dict[str, Any]:
     else:
         scaling = getattr(hf_config, "rope_scaling", None)
         params = dict(scaling) if isinstance(scaling, dict) else {}
-        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", None) or 10000.0)
+        # GPT-NeoX's older names: rotary_emb_base for the base, rotary_pct for the share rotated.
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", None)
+                          or getattr(hf_config, "rotary_emb_base", None) or 10000.0)
+        partial = getattr(hf_config, "partial_rotary_factor", None) or getattr(hf_config, "rotary_pct", None)
+        if partial is not None:
+            params.setdefault("partial_rotary_factor", partial)
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
     return params
 
@@ -97,14 +103,12 @@ def _yarn(head_dim: int, params: dict[str, Any], max_position: int) -> tuple[tor
 
 
 def _inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
-    """(the inverse frequencies, the factor cos and sin are scaled by)."""
+    """(the inverse frequencies, the factor cos and sin are scaled by), for head_dim rotated
+    dimensions (a partial rotary embedding's rotated part)."""
     base = params["rope_theta"]
     rope_type = params["rope_type"]
     if rope_type not in _SUPPORTED:
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(_SUPPORTED)}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"a partial rotary embedding (partial_rotary_factor "
-                         f"{params['partial_rotary_factor']}) is not supported; aserve rotates whole heads")
     if rope_type == "yarn":
         return _yarn(head_dim, params, max_position)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
@@ -164,14 +168,29 @@ def _cos_sin_tables(head_dim: int, max_position: int, params: dict[str, Any],
     return tables
 
 
+def rotary_dims(head_dim: int, params: dict[str, Any]) -> int:
+    """How many leading dimensions of each head a rope rotates: all, or the partial rotary
+    factor's share (GPT-NeoX/Pythia 0.25, Phi-2 0.4), as transformers counts them."""
+    factor = params.get("partial_rotary_factor")
+    rotated = head_dim if factor is None else int(head_dim * factor)
+    if rotated % 2 or not 0 < rotated <= head_dim:
+        raise ValueError(f"partial_rotary_factor {factor} rotates {rotated} of {head_dim} dimensions: "
+                         f"it must be an even number from 2 to the head size")
+    return rotated
+
+
 class RotaryEmbedding(nn.Module):
-    """Applies rotary embeddings to q [T, H*D] and k [T, KVH*D] at positions [T]."""
+    """Applies rotary embeddings to q [T, H*D] and k [T, KVH*D] at positions [T]: to the first
+    rotary_dim dimensions of each head (all of them, or a partial rotary embedding's share;
+    the rest pass through)."""
 
     def __init__(self, head_dim: int, max_position: int, rope_parameters: Optional[dict] = None):
         super().__init__()
         self.head_dim = head_dim
         params = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
-        self._settings = (head_dim, max_position, params)
+        self.rotary_dim = rotary_dims(head_dim, params)
+        # The tables span the rotated dimensions only; the CUDA kernels rotate whole heads.
+        self._settings = (self.rotary_dim, max_position, params)
         # On the construction device (the loader's); read-only, so shared by layers alike.
         self._tables = _cos_sin_tables(*self._settings, torch.empty(0).device)
         self.register_buffer("cos_cache", self._tables.cos, persistent=False)
@@ -197,7 +216,7 @@ class RotaryEmbedding(nn.Module):
         """Rotate q and k in place and store k and v at their cache slots in one CUDA kernel;
         False (nothing done) where that kernel does not apply: then forward() and the backend's
         own cache write serve."""
-        if not fused.usable(q):
+        if not fused.usable(q) or self.rotary_dim != self.head_dim:
             return False
         return fused.rotary_embedding_and_cache(positions, q, k, v, kv_cache[0], kv_cache[1], slot_mapping,
                                                 self.cos_cache, self.sin_cache, self.head_dim)
@@ -205,14 +224,18 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate q and k (flattened heads) at `positions`; returns (q, k), rotated in place
         by the fused CUDA kernel on a GPU, as new tensors otherwise."""
-        if fused.usable(q):
+        if fused.usable(q) and self.rotary_dim == self.head_dim:
             fused.rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache, self.head_dim)
             return q, k
-        cos = self.cos_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)   # [T, 1, D]
+        cos = self.cos_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)   # [T, 1, R]
         sin = self.sin_cache.index_select(0, positions).to(q.dtype).unsqueeze(1)
         num_tokens = q.shape[0]
-        q = q.view(num_tokens, -1, self.head_dim)
-        k = k.view(num_tokens, -1, self.head_dim)
-        q = q * cos + self._rotate_half(q) * sin
-        k = k * cos + self._rotate_half(k) * sin
-        return q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
+        return self._rotate(q, cos, sin).reshape(num_tokens, -1), self._rotate(k, cos, sin).reshape(num_tokens, -1)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, H*D] as [T, H, D], its first rotary_dim dimensions rotated (HF's expressions)."""
+        x = x.view(x.shape[0], -1, self.head_dim)
+        if self.rotary_dim == self.head_dim:
+            return x * cos + self._rotate_half(x) * sin
+        rotated, passed = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
+        return torch.cat((rotated * cos + self._rotate_half(rotated) * sin, passed), dim=-1)
