@@ -93,6 +93,9 @@ _VARIANTS = {
     # interpolated dimensions and the attention factor both show at the tested positions.
     "qwen2-rope-yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                            original_max_position_embeddings=16))),
+    # phi-2 itself: no q/k LayerNorms, an odd share of the head rotated (6 of 16 dimensions).
+    "phi-2": ("phi", dict(qk_layernorm=False, rope_parameters=dict(
+        rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.375))),
     "qwen3-rope-yarn-mscale": ("qwen3", dict(rope_parameters=dict(
         rope_type="yarn", rope_theta=10000.0, factor=8.0, original_max_position_embeddings=16,
         mscale=1.0, mscale_all_dim=0.5, beta_fast=16, beta_slow=2))),

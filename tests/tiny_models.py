@@ -17,7 +17,7 @@ from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
             "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite",
-            "olmo2", "olmo3", "starcoder2", "gpt_neox", "gpt_neox-sequential")
+            "olmo2", "olmo3", "starcoder2", "gpt_neox", "gpt_neox-sequential", "phi")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -31,8 +31,8 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 def _config(family: str, overrides: dict):
     from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTNeoXConfig, GraniteConfig,
-                              LlamaConfig,
-                              MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig, Phi3Config,
+                              LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig,
+                              PhiConfig, Phi3Config,
                               Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, Starcoder2Config)
 
     if family in ("opt", "opt-postln"):
@@ -127,7 +127,7 @@ def _config(family: str, overrides: dict):
                   tie_word_embeddings=True, architectures=["Starcoder2ForCausalLM"])
         kw.pop("rms_norm_eps")
         cls = Starcoder2Config
-    elif family in ("gpt_neox", "gpt_neox-sequential"):
+    elif family in ("gpt_neox", "gpt_neox-sequential", "phi"):
         # A quarter of each head rotated and parallel attention and MLP, as Pythia; the other
         # form (as some GPT-NeoX fine-tunes) rotates half and runs them one after the other.
         sequential = family == "gpt_neox-sequential"
@@ -137,6 +137,17 @@ def _config(family: str, overrides: dict):
                                    "partial_rotary_factor": 0.5 if sequential else 0.25},
                   tie_word_embeddings=False, architectures=["GPTNeoXForCausalLM"])
         cls = GPTNeoXConfig
+    elif family == "phi":
+        # As phi-2: attention and MLP side by side, 0.4 of each head rotated (a quarter of these
+        # 16-wide heads is 6.4: 0.5 keeps the rotated share even on the CPU's and the GPU's
+        # widths), biases everywhere, an LM head with a bias; per-head q/k LayerNorms as phi's
+        # qk_layernorm variant, so that path is held to transformers too.
+        kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, max_position_embeddings=MAX_POSITIONS, layer_norm_eps=1e-5,
+                  hidden_act="gelu_new", qk_layernorm=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                  tie_word_embeddings=False, architectures=["PhiForCausalLM"])
+        cls = PhiConfig
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])

@@ -1,5 +1,5 @@
 """What the decoder-only families written outside Llama's module tree share (Gemma, OLMo 2,
-StarCoder2, GPT-NeoX): the embedding, a stack of layers each taking (positions, hidden, kv cache,
+StarCoder2, GPT-NeoX, Phi): the embedding, a stack of layers each taking (positions, hidden, kv cache,
 metadata), a final norm, and an LM head tied to the embedding where the config says; their
 checkpoints' per-projection names fused into q/k/v and gate/up."""
 
@@ -21,7 +21,8 @@ QKV_GATE_UP_SHARDS = [(".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj."
 
 class DecoderOnlyLM(nn.Module):
     """Subclasses give make_layer(config, index), make_norm(config) and tie_embeddings(config),
-    and may scale the embeddings (embed) or the logits (compute_logits)."""
+    may give the LM head a bias (lm_head_bias), and may scale the embeddings (embed) or the
+    logits (compute_logits)."""
 
     def __init__(self, hf_config):
         super().__init__()
@@ -29,7 +30,7 @@ class DecoderOnlyLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(self.make_layer(hf_config, i) for i in range(hf_config.num_hidden_layers))
         self.norm = self.make_norm(hf_config)
-        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, bias=self.lm_head_bias(hf_config))
         self.tied = self.tie_embeddings(hf_config)
         if self.tied:
             self.lm_head.tie_weights(self.embed_tokens)
@@ -46,6 +47,9 @@ class DecoderOnlyLM(nn.Module):
 
     def tie_embeddings(self, config) -> bool:
         return bool(getattr(config, "tie_word_embeddings", False))
+
+    def lm_head_bias(self, config) -> bool:
+        return False
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
