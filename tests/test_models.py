@@ -208,8 +208,11 @@ def test_rope_settings_are_read_from_old_and_new_config_forms():
 def test_unsupported_rope_type_is_rejected():
     from aserve.models.layers import RotaryEmbedding
 
-    with pytest.raises(ValueError, match="unsupported rope type 'longrope'"):
-        RotaryEmbedding(16, 32, {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(ValueError, match="unsupported rope type 'dynamic'"):
+        RotaryEmbedding(16, 32, {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0})
+    with pytest.raises(ValueError, match="one factor per pair of the 16 rotated dimensions"):
+        RotaryEmbedding(16, 32, {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+                                 "long_factor": [1.0] * 4, "original_max_position_embeddings": 8})
     with pytest.raises(ValueError, match="partial_rotary_factor 0.5625 rotates 9 of 16"):
         RotaryEmbedding(16, 32, {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5625})
 
@@ -236,6 +239,34 @@ def test_a_partial_rotary_embedding_rotates_the_leading_dimensions_as_transforme
     torch.testing.assert_close(got_q.view(5, 4, 32), want_q.transpose(1, 2)[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_k.view(5, 2, 32), want_k.transpose(1, 2)[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_q.view(5, 4, 32)[..., 8:], q.view(5, 4, 32)[..., 8:], rtol=0, atol=0)
+
+
+def test_longrope_picks_its_factors_by_the_served_length_and_matches_transformers(tmp_path):
+    """Phi-3.5's LongRoPE on a tiny Phi-3 (original length 48 of 512, factors per dimension
+    pair): served up to 48 tokens, the short factors, equal to transformers on a 37-token prompt;
+    served longer (the default, the config's 512), the long ones, equal to transformers on a
+    100-token prompt, where it switches to them too. The middle case (served long, a short
+    sequence) is where vLLM and aserve keep the long set and transformers does not."""
+    from tiny_models import _GPU_WIDTH_SCALE
+
+    pairs = (64 * (_GPU_WIDTH_SCALE if torch.cuda.is_available() else 1) // 4) // 2
+    rope = dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=48,
+                short_factor=[1.0 + 0.3 * i for i in range(pairs)], long_factor=[2.0 + 1.5 * i for i in range(pairs)])
+    path = make_tiny_model("phi3", tmp_path / "phi3-longrope", rope_parameters=rope, max_position_embeddings=512,
+                           original_max_position_embeddings=48, sliding_window=None)
+    short, long = _tokens(37, seed=4), _tokens(100, seed=5)
+    served_short = PagedRunner(_load(path, max_model_len=48)).step([("a", short)])
+    torch.testing.assert_close(served_short, _hf_logits(path, short), atol=ATOL, rtol=0)
+    served_long = PagedRunner(_load(path))
+    torch.testing.assert_close(served_long.step([("b", long)]), _hf_logits(path, long), atol=ATOL, rtol=0)
+    assert not torch.allclose(served_long.step([("c", short)]), served_short, atol=ATOL)   # the long set
+    # Phi-4-mini's form: LongRoPE on a share of each head (half here: half as many factors).
+    half = {**rope, "partial_rotary_factor": 0.5, "short_factor": rope["short_factor"][:pairs // 2],
+            "long_factor": rope["long_factor"][:pairs // 2]}
+    partial = make_tiny_model("phi3", tmp_path / "phi3-longrope-partial", rope_parameters=half,
+                              max_position_embeddings=512, original_max_position_embeddings=48, sliding_window=None)
+    torch.testing.assert_close(PagedRunner(_load(partial)).step([("d", long)]), _hf_logits(partial, long),
+                               atol=ATOL, rtol=0)
 
 
 def test_layers_share_one_rotary_table_and_keep_it_in_float32():

@@ -14,7 +14,7 @@ from aserve.config import EngineArgs, ModelConfig
 from aserve.distributed import SINGLE_RANK, TensorParallelGroup, building_with
 from aserve.models.default_model import DEFAULT_MODEL_NAME, default_model_path
 from aserve.models.generation_config import sampling_defaults
-from aserve.models.layers.rotary import rope_position_limit
+from aserve.models.layers.rotary import rope_position_limit, serving_max_len
 from aserve.models.registry import get_model_class, resolve_architecture, text_part
 
 # Everything needed to serve a model except its weights (configs, tokenizer files, templates).
@@ -249,7 +249,7 @@ def load_model(model_config: ModelConfig, device, group: TensorParallelGroup = S
     # materialised twice (first in float32 on the CPU) on its way there.
     torch.set_default_dtype(model_config.dtype)
     try:
-        with torch.device(device), building_with(group):
+        with torch.device(device), building_with(group), serving_max_len(model_config.max_model_len):
             model = model_cls(model_config.hf_config)
     finally:
         torch.set_default_dtype(previous_dtype)

@@ -7,16 +7,17 @@ applied, as HF does.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from aserve.cuda import fused
 
-_SUPPORTED = ("default", "linear", "llama3", "yarn")
+_SUPPORTED = ("default", "linear", "llama3", "yarn", "longrope")
 # Rope types whose scaling stretches the positions a model takes, as vLLM counts them.
 _STRETCHING = ("linear", "dynamic", "yarn")
 
@@ -41,6 +42,9 @@ def get_rope_parameters(hf_config) -> dict[str, Any]:
         partial = getattr(hf_config, "partial_rotary_factor", None) or getattr(hf_config, "rotary_pct", None)
         if partial is not None:
             params.setdefault("partial_rotary_factor", partial)
+        original = getattr(hf_config, "original_max_position_embeddings", None)   # Phi-3's LongRoPE
+        if original is not None:
+            params.setdefault("original_max_position_embeddings", original)
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
     return params
 
@@ -102,6 +106,39 @@ def _yarn(head_dim: int, params: dict[str, Any], max_position: int) -> tuple[tor
     return inv_freq, float(attention)
 
 
+def _longrope(head_dim: int, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini): the base frequencies divided by one
+    factor per dimension pair, the long set or the short one as params["use_long_factor"] says
+    (RotaryEmbedding decides), and cos and sin scaled by the attention factor; transformers'
+    expressions."""
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_position / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    factors = params["long_factor" if params["use_long_factor"] else "short_factor"]
+    if len(factors) != head_dim // 2:
+        raise ValueError(f"LongRoPE needs one factor per pair of the {head_dim} rotated dimensions "
+                         f"({head_dim // 2}), got {len(factors)}")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    return 1.0 / (torch.tensor(factors, dtype=torch.float32) * params["rope_theta"] ** exponents), float(attention)
+
+
+# The longest context the engine serves (its max_model_len), while loader.load_model builds a
+# model: LongRoPE chooses its factors by it.
+_serving_max_len: Optional[int] = None
+
+
+@contextlib.contextmanager
+def serving_max_len(max_len: int) -> Iterator[None]:
+    global _serving_max_len
+    previous, _serving_max_len = _serving_max_len, max_len
+    try:
+        yield
+    finally:
+        _serving_max_len = previous
+
+
 def _inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> tuple[torch.Tensor, float]:
     """(the inverse frequencies, the factor cos and sin are scaled by), for head_dim rotated
     dimensions (a partial rotary embedding's rotated part)."""
@@ -111,6 +148,8 @@ def _inv_freq(head_dim: int, params: dict[str, Any], max_position: int) -> tuple
         raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(_SUPPORTED)}")
     if rope_type == "yarn":
         return _yarn(head_dim, params, max_position)
+    if rope_type == "longrope":
+        return _longrope(head_dim, params, max_position)
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     if rope_type == "linear":
         inv_freq /= params["factor"]
@@ -188,6 +227,13 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         params = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        if params.get("rope_type") == "longrope":
+            # One set of factors for every position, as vLLM: the long one wherever the engine
+            # serves contexts past the original length. transformers switches per forward call
+            # (long once a sequence passes it), so the two agree while every sequence stays on
+            # one side; keys cached under the other set would otherwise be rotated wrongly.
+            params = {**params, "use_long_factor": (_serving_max_len or max_position)
+                      > params["original_max_position_embeddings"]}
         self.rotary_dim = rotary_dims(head_dim, params)
         # The tables span the rotated dimensions only; the CUDA kernels rotate whole heads.
         self._settings = (self.rotary_dim, max_position, params)
