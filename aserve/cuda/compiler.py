@@ -6,7 +6,9 @@ architecture into a CUBIN for that exact sm_XX (never PTX: a newer NVRTC's PTX c
 JIT-compiled by an older driver, while a cubin of any 13.x toolkit loads). Cubins are cached in
 ~/.cache/aserve/cubins (ASERVE_CACHE_DIR overrides the root), keyed by a hash of the sources,
 the options, the architecture and NVRTC's version. Every NVRTC and driver call is checked; a
-compile error names the kernel file and carries NVRTC's log.
+compile error names the kernel file and carries NVRTC's log. compile_ahead starts builds in
+worker threads (a model's, from compile_ahead.py, while its weights load); a load waits for its
+build there rather than compiling it twice.
 
 Programmatic dependent launch (Hopper and newer): a kernel launched with pdl=True may start
 while the kernel before it in the stream is still running, and must call
@@ -364,9 +366,9 @@ def compile_ahead(builds: Sequence[tuple[str, Sequence[str]]], arch: int) -> int
     """Start compiling these (source, options) builds for sm_<arch> in worker threads, into the
     disk cache, and return how many were started (those not cached already). A first start on a
     machine compiles ~20 builds one after another as the warm-up reaches them (7.7 s of model B's
-    11.5 s on an H200 host); started together while the weights load, they take about one
-    build's time. A build that fails here is only logged: its load compiles it again and
-    raises there, where it is needed."""
+    11.5 s on an H200 host); started together while the weights load, they compile in
+    parallel. A build that fails here is only logged: its load compiles it again and raises
+    there, where it is needed."""
     global _ahead_pool
     started = 0
     with _lock:
