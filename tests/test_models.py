@@ -93,6 +93,8 @@ _VARIANTS = {
     # interpolated dimensions and the attention factor both show at the tested positions.
     "qwen2-rope-yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                            original_max_position_embeddings=16))),
+    # GPT-BigCode without multi-query attention: c_attn keeps each head's q, k, v together.
+    "gpt_bigcode-mha": ("gpt_bigcode", dict(multi_query=False)),
     # phi-2 itself: no q/k LayerNorms, an odd share of the head rotated (6 of 16 dimensions).
     "phi-2": ("phi", dict(qk_layernorm=False, rope_parameters=dict(
         rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.375))),

@@ -1,4 +1,6 @@
-"""GPT-2: learned absolute positions, pre-LayerNorm blocks, gelu_new MLP, tied LM head.
+"""GPT-2: learned absolute positions, pre-LayerNorm blocks, gelu_new MLP, tied LM head; and
+GPT-BigCode (StarCoder 1, SantaCoder, WizardCoder, OctoCoder), the same blocks with one shared
+key/value head (multi-query attention) and nn.Linear weights.
 
 HF stores GPT-2's projections as Conv1D, whose weights are [in, out]; they are transposed to
 the [out, in] layout of our linear layers while loading, and the fused c_attn splits into q/k/v.
@@ -25,9 +27,10 @@ class GPT2Attention(nn.Module):
         super().__init__()
         hidden, total_heads = config.hidden_size, config.num_attention_heads
         self.head_dim = hidden // total_heads
-        self.c_attn = QKVParallelLinear(hidden, self.head_dim, total_heads, total_heads, bias=True)
-        self.num_heads = self.num_kv_heads = self.c_attn.num_heads
-        self.size = self.num_heads * self.head_dim
+        total_kv_heads = 1 if getattr(config, "multi_query", False) else total_heads   # GPT-BigCode's MQA
+        self.c_attn = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv_heads, bias=True)
+        self.num_heads, self.num_kv_heads = self.c_attn.num_heads, self.c_attn.num_kv_heads
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.c_proj = RowParallelLinear(hidden, hidden, bias=True)
         # The same scale HF's GPT2Attention computes from its two config switches.
         scale = self.head_dim ** -0.5 if getattr(config, "scale_attn_weights", True) else 1.0
@@ -38,7 +41,7 @@ class GPT2Attention(nn.Module):
     def forward(self, hidden_states, kv_cache, attn_metadata, residual):
         """residual + attention(hidden_states); in a decode step the residual add runs in the
         output GEMV's epilogue (a kernel fewer, the same bits)."""
-        q, k, v = self.c_attn(hidden_states).split([self.size] * 3, dim=-1)
+        q, k, v = self.c_attn(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         attn = self.attn(q, k, v, kv_cache, attn_metadata)
         out = fused_linear(attn, self.c_proj, residual=residual)
         return out if out is not None else residual + self.c_proj(attn)
@@ -113,11 +116,14 @@ class GPT2LMHeadModel(nn.Module):
         """Logits [N, vocab_size] of the given hidden states, in the model's dtype."""
         return self.lm_head.get_logits(hidden_states)
 
+    # Checkpoint weights stored as Conv1D ([in, out]), transposed on load.
+    conv1d_weights: tuple[str, ...] = _CONV1D_WEIGHTS
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named weights, with or without the "transformer." prefix."""
         def transposed(items):
-            for name, tensor in items:
-                yield name, tensor.t() if name.endswith(_CONV1D_WEIGHTS) else tensor
+            for name, tensor in self.checkpoint_tensors(items):
+                yield name, tensor.t() if self.conv1d_weights and name.endswith(self.conv1d_weights) else tensor
 
         def rename(name: str) -> Optional[str]:
             if name.endswith((".attn.bias", ".attn.masked_bias")):
@@ -127,3 +133,24 @@ class GPT2LMHeadModel(nn.Module):
             return name if name.startswith("transformer.") else "transformer." + name
 
         load_named_weights(self, transposed(weights), (), rename)
+
+    def checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors in GPT-2's layout (GPT-BigCode reorders one)."""
+        return weights
+
+
+class GPTBigCodeForCausalLM(GPT2LMHeadModel):
+    """GPT-BigCode: nn.Linear weights (no transposes). Its checkpoints with multi_query=False
+    keep each head's q, k and v rows together in c_attn; they are reordered into q, k, v."""
+
+    conv1d_weights = ()
+
+    def checkpoint_tensors(self, weights):
+        if getattr(self.config, "multi_query", False):
+            yield from weights
+            return
+        heads = self.config.num_attention_heads
+        for name, tensor in weights:
+            if name.endswith((".c_attn.weight", ".c_attn.bias")):
+                tensor = tensor.reshape(heads, 3, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+            yield name, tensor
