@@ -93,6 +93,8 @@ _VARIANTS = {
     # interpolated dimensions and the attention factor both show at the tested positions.
     "qwen2-rope-yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                            original_max_position_embeddings=16))),
+    # Command-R's form: no q/k norms, and biases (reordered with q's and k's rows).
+    "cohere-bias": ("cohere", dict(use_qk_norm=False, attention_bias=True)),
     # GPT-BigCode without multi-query attention: c_attn keeps each head's q, k, v together.
     "gpt_bigcode-mha": ("gpt_bigcode", dict(multi_query=False)),
     # phi-2 itself: no q/k LayerNorms, an odd share of the head rotated (6 of 16 dimensions).
@@ -115,6 +117,16 @@ def _model_dir(name: str, variant_dirs) -> str:
 
 
 ALL = list(FAMILIES) + list(_VARIANTS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_tiny_family_builds_its_own_architecture(family):
+    """A guard on tests/tiny_models.py: a family's config names that family's architecture
+    (one of its branches once caught three new families' names and built GPT-NeoX for them)."""
+    from tiny_models import _config
+
+    architecture = _config(family, {}).architectures[0].lower()
+    assert family.split("-")[0].replace("_", "") in architecture, (family, architecture)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -23,8 +23,10 @@ MAX_TOKENS = 24
 PROMPT_LENGTHS = [3, 17, 40, 9]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 # Beyond the tiny models of every family: MQA with tied embeddings (one KV head, so every
-# rank keeps a replica), and GPT-2 with an odd vocabulary (padded to divide over the ranks).
+# rank keeps a replica), the same for Cohere's per-head k norms (each rank loads the replicated
+# head's weights), and GPT-2 with an odd vocabulary (padded to divide over the ranks).
 VARIANTS = {"llama-mqa": ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+            "cohere-mqa": ("cohere", dict(num_key_value_heads=1)),
             "gpt2-odd-vocab": ("gpt2", dict(vocab_size=509))}
 
 

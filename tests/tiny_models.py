@@ -17,7 +17,7 @@ from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
             "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite",
-            "olmo2", "olmo3", "starcoder2", "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode")
+            "olmo2", "olmo3", "starcoder2", "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -30,7 +30,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
+    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
                               GraniteConfig,
                               LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig,
                               PhiConfig, Phi3Config,
@@ -128,7 +128,7 @@ def _config(family: str, overrides: dict):
                   tie_word_embeddings=True, architectures=["Starcoder2ForCausalLM"])
         kw.pop("rms_norm_eps")
         cls = Starcoder2Config
-    elif family in ("gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode"):
+    elif family in ("gpt_neox", "gpt_neox-sequential"):
         # A quarter of each head rotated and parallel attention and MLP, as Pythia; the other
         # form (as some GPT-NeoX fine-tunes) rotates half and runs them one after the other.
         sequential = family == "gpt_neox-sequential"
@@ -149,6 +149,18 @@ def _config(family: str, overrides: dict):
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
                   tie_word_embeddings=False, architectures=["PhiForCausalLM"])
         cls = PhiConfig
+    elif family in ("cohere", "cohere2"):
+        # Interleaved rotary pairs, a logit scale far from 1, tied; Cohere with Command-R+'s
+        # per-head q/k norms, Cohere 2 with a sliding rotary layer and a full one without rope.
+        kw = dict(_LLAMA_LIKE, logit_scale=0.25, layer_norm_eps=1e-5, tie_word_embeddings=True)
+        kw.pop("rms_norm_eps")
+        if family == "cohere":
+            kw.update(use_qk_norm=True, architectures=["CohereForCausalLM"])
+            cls = CohereConfig
+        else:
+            kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                      architectures=["Cohere2ForCausalLM"])
+            cls = Cohere2Config
     elif family == "gpt_bigcode":
         # As StarCoder 1 / SantaCoder: one key/value head shared by all (multi-query), tied.
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, multi_query=True,

@@ -10,6 +10,8 @@ from torch import nn
 # architecture -> (module under aserve.models, class name); imported lazily so that asking for
 # one family never imports the others.
 _MODELS: dict[str, tuple[str, str]] = {
+    "CohereForCausalLM": ("cohere", "CohereForCausalLM"),
+    "Cohere2ForCausalLM": ("cohere", "Cohere2ForCausalLM"),
     "GemmaForCausalLM": ("gemma", "GemmaForCausalLM"),
     "Gemma2ForCausalLM": ("gemma", "Gemma2ForCausalLM"),
     "Gemma3ForCausalLM": ("gemma", "Gemma3ForCausalLM"),

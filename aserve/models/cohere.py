@@ -1,0 +1,123 @@
+"""Cohere (CohereForCausalLM: Command-R, Command-R+, Aya) and Cohere 2 (Cohere2ForCausalLM:
+Command-R7B, Command-A).
+
+Each layer runs attention and a SiLU-gated MLP side by side on one bias-free LayerNorm of its
+input and adds both to it; the logits are scaled by logit_scale. Command-R+ normalises each
+head of q and k with its own LayerNorm weights (use_qk_norm). Cohere 2 alternates sliding-window
+layers, which are rotary, with full-attention layers, which have no position embedding at all.
+
+Cohere's rotary embedding rotates interleaved pairs (dimensions 2i and 2i+1) where aserve's
+kernels rotate halves (i and i + d/2). Attention only sees q.k, which is the same under one
+permutation of each head's dimensions applied to both, so q's and k's rows (and their biases
+and norm weights) are reordered on load, evens first, and the half-rotating kernels give
+exactly Cohere's scores. v is left as it is, so the outputs are untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from aserve.distributed import current_group
+from aserve.models.decoder_lm import DecoderOnlyLM
+from aserve.models.layers import LayerNorm
+from aserve.models.llama import LlamaAttention, LlamaMLP
+
+
+class PerHeadLayerNorm(nn.Module):
+    """A bias-free LayerNorm over each head of x [T, heads * head_dim], with one weight row per
+    head (Cohere's q_norm/k_norm), computed in float32 as transformers does. Each
+    tensor-parallel rank holds the rows of its heads: `replicas` ranks share each head (KV heads
+    replicated over more ranks than there are of them)."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float, replicas: int = 1):
+        super().__init__()
+        group = current_group()
+        self.first_head = group.rank // replicas * num_heads
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim), requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        param.data.copy_(loaded.narrow(0, self.first_head, param.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = x.reshape(x.shape[0], *self.weight.shape).float()
+        mean = heads.mean(-1, keepdim=True)
+        variance = (heads - mean).pow(2).mean(-1, keepdim=True)
+        normed = self.weight.float() * ((heads - mean) * torch.rsqrt(variance + self.eps))
+        return normed.to(x.dtype).reshape(x.shape[0], -1)
+
+
+class CohereAttention(LlamaAttention):
+    def __init__(self, config, layer_idx: int):
+        bias = getattr(config, "attention_bias", False)
+        super().__init__(config, layer_idx, bias, bias)
+        layer_types = getattr(config, "layer_types", None)
+        # Cohere 2's full-attention layers take no position embedding (transformers rotates only
+        # where a layer slides).
+        self.rotary = layer_types is None or layer_types[layer_idx] == "sliding_attention"
+        self.q_norm = self.k_norm = None
+        if getattr(config, "use_qk_norm", False):
+            eps = config.layer_norm_eps
+            self.q_norm = PerHeadLayerNorm(self.num_heads, self.head_dim, eps)
+            self.k_norm = PerHeadLayerNorm(self.num_kv_heads, self.head_dim, eps, self.qkv_proj.num_kv_head_replicas)
+
+    def forward(self, positions, hidden_states, kv_cache, attn_metadata):
+        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        rotary = self.rotary_emb if self.rotary else None
+        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, rotary, positions))
+
+
+class CohereDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.self_attn = CohereAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config, bias=False)
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=False)
+
+    def forward(self, positions, hidden_states, kv_cache, attn_metadata):
+        normed = self.input_layernorm(hidden_states)
+        # transformers' order of the two adds, so the roundings match.
+        return hidden_states + self.self_attn(positions, normed, kv_cache, attn_metadata) + self.mlp(normed)
+
+
+class CohereForCausalLM(DecoderOnlyLM):
+    def make_layer(self, config, index: int) -> nn.Module:
+        return CohereDecoderLayer(config, index)
+
+    def make_norm(self, config) -> nn.Module:
+        return LayerNorm(config.hidden_size, eps=config.layer_norm_eps, bias=False)
+
+    def tie_embeddings(self, config) -> bool:
+        return bool(getattr(config, "tie_word_embeddings", True))   # the checkpoints tie
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.get_logits(hidden_states) * self.config.logit_scale
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        super().load_weights(_halves_first(weights, self.layers[0].self_attn.head_dim))
+
+
+class Cohere2ForCausalLM(CohereForCausalLM):
+    """Cohere 2: the same layers; sliding and full attention alternate (CohereAttention)."""
+
+
+_ROTATED = (".q_proj.weight", ".q_proj.bias", ".k_proj.weight", ".k_proj.bias", ".q_norm.weight", ".k_norm.weight")
+
+
+def _halves_first(weights: Iterable[tuple[str, torch.Tensor]], head_dim: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """q's and k's tensors with each head's dimensions reordered evens first, then odds: the
+    pair (2i, 2i+1) Cohere rotates together lands on (i, i + head_dim / 2), the pair aserve's
+    rotary layer rotates (see the module's docstring)."""
+    order = torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
+    for name, tensor in weights:
+        if name.endswith(_ROTATED):
+            # [heads * head_dim, hidden] for the projections, [heads * head_dim] or [heads, head_dim] else.
+            rest = tensor.shape[1:] if name.endswith("_proj.weight") else ()
+            tensor = tensor.reshape(-1, head_dim, *rest).index_select(1, order).reshape(tensor.shape)
+        yield name, tensor
