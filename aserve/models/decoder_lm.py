@@ -1,7 +1,7 @@
 """What the decoder-only families written outside Llama's module tree share (Gemma, OLMo 2,
-StarCoder2, GPT-NeoX, Phi, Cohere): the embedding, a stack of layers each taking (positions, hidden, kv cache,
-metadata), a final norm, and an LM head tied to the embedding where the config says; their
-checkpoints' per-projection names fused into q/k/v and gate/up."""
+StarCoder2, GPT-NeoX, Phi, Cohere): the embedding, a stack of layers each taking (positions,
+hidden, kv cache, metadata), a final norm, and an LM head tied to the embedding where the
+config says; their checkpoints' per-projection names fused into q/k/v and gate/up."""
 
 from __future__ import annotations
 
