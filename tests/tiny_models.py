@@ -16,8 +16,8 @@ import torch
 from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
-            "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite",
-            "olmo2", "olmo3", "starcoder2", "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2")
+            "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "olmo3", "starcoder2",
+            "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -30,7 +30,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
+    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, SmolLM3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
                               GraniteConfig,
                               LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig,
                               PhiConfig, Phi3Config,
@@ -161,6 +161,10 @@ def _config(family: str, overrides: dict):
             kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                       architectures=["Cohere2ForCausalLM"])
             cls = Cohere2Config
+    elif family == "smollm3":
+        # The second of the two layers without rope (SmolLM3-3B: every fourth), tied as the 3B.
+        kw = dict(_LLAMA_LIKE, no_rope_layers=[1, 0], tie_word_embeddings=True, architectures=["SmolLM3ForCausalLM"])
+        cls = SmolLM3Config
     elif family == "gpt_bigcode":
         # As StarCoder 1 / SantaCoder: one key/value head shared by all (multi-query), tied.
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, multi_query=True,

@@ -58,7 +58,7 @@ class CohereAttention(LlamaAttention):
         layer_types = getattr(config, "layer_types", None)
         # Cohere 2's full-attention layers take no position embedding (transformers rotates only
         # where a layer slides).
-        self.rotary = layer_types is None or layer_types[layer_idx] == "sliding_attention"
+        self.uses_rope = layer_types is None or layer_types[layer_idx] == "sliding_attention"
         self.q_norm = self.k_norm = None
         if getattr(config, "use_qk_norm", False):
             eps = config.layer_norm_eps
@@ -69,7 +69,7 @@ class CohereAttention(LlamaAttention):
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rotary = self.rotary_emb if self.rotary else None
+        rotary = self.rotary_emb if self.uses_rope else None
         return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, rotary, positions))
 
 

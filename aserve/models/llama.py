@@ -58,6 +58,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
+    # False in layers without a position embedding (SmolLM3's every fourth, Cohere 2's full ones).
+    uses_rope = True
+
     def __init__(self, config, layer_idx: int, qkv_bias: bool, o_bias: bool):
         super().__init__()
         total_heads = config.num_attention_heads
@@ -77,7 +80,8 @@ class LlamaAttention(nn.Module):
     def forward(self, positions, hidden_states, kv_cache, attn_metadata):
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))
+        rotary = self.rotary_emb if self.uses_rope else None
+        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, rotary, positions))
 
 
 def dense_mlp(config, layer_idx: int) -> nn.Module:
