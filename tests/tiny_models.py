@@ -17,7 +17,7 @@ from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
             "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "olmo3", "starcoder2",
-            "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3")
+            "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3", "olmoe")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -30,7 +30,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, SmolLM3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
+    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, OlmoeConfig, SmolLM3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
                               GraniteConfig,
                               LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig,
                               PhiConfig, Phi3Config,
@@ -161,6 +161,11 @@ def _config(family: str, overrides: dict):
             kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                       architectures=["Cohere2ForCausalLM"])
             cls = Cohere2Config
+    elif family == "olmoe":
+        # 4 experts, 2 a token, not renormalised (as OLMoE-1B-7B), q/k/v clipped at a value that bites.
+        kw = dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=2.0,
+                  tie_word_embeddings=False, architectures=["OlmoeForCausalLM"])
+        cls = OlmoeConfig
     elif family == "smollm3":
         # The second of the two layers without rope (SmolLM3-3B: every fourth), tied as the 3B.
         kw = dict(_LLAMA_LIKE, no_rope_layers=[1, 0], tie_word_embeddings=True, architectures=["SmolLM3ForCausalLM"])

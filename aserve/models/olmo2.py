@@ -30,9 +30,12 @@ class Olmo2RMSNorm(nn.Module):
     k's heads); the mean is over the whole vector, and the weight is this rank's slice
     (shard_of_rank gives which: a k head replicated over ranks has its copy's slice)."""
 
-    def __init__(self, size: int, eps: float, sharded: bool = False, shard_of_rank: Optional[int] = None):
+    def __init__(self, size: int, eps: float, sharded: bool = False, shard_of_rank: Optional[int] = None,
+                 weight_in_float32: bool = True):
         super().__init__()
         self.tp = current_group()
+        # OLMo 2 scales in float32 and casts after; OLMoE casts first, then scales (as Llama).
+        self.weight_in_float32 = weight_in_float32
         self.sharded = sharded and self.tp.world_size > 1
         self.shard_of_rank = self.tp.rank if shard_of_rank is None else shard_of_rank
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
@@ -52,7 +55,7 @@ class Olmo2RMSNorm(nn.Module):
             squares = self.tp.all_reduce(squares)
             count *= self.tp.world_size
         h = h * torch.rsqrt(squares / count + self.eps)
-        return (self.weight * h).to(x.dtype)
+        return (self.weight * h).to(x.dtype) if self.weight_in_float32 else self.weight * h.to(x.dtype)
 
 
 class Olmo2Attention(nn.Module):
