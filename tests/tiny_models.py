@@ -17,7 +17,7 @@ from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
             "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "olmo3", "starcoder2",
-            "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3", "olmoe")
+            "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3", "olmoe", "granitemoe")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -30,7 +30,8 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, OlmoeConfig, SmolLM3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
+    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, GraniteMoeConfig, OlmoeConfig,
+                              SmolLM3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
                               GraniteConfig,
                               LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig,
                               PhiConfig, Phi3Config,
@@ -161,6 +162,12 @@ def _config(family: str, overrides: dict):
             kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                       architectures=["Cohere2ForCausalLM"])
             cls = Cohere2Config
+    elif family == "granitemoe":
+        # Granite's multipliers (far from 1) over 4 experts, 2 a token.
+        kw = dict(_LLAMA_LIKE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                  embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0,
+                  tie_word_embeddings=True, architectures=["GraniteMoeForCausalLM"])
+        cls = GraniteMoeConfig
     elif family == "olmoe":
         # 4 experts, 2 a token, not renormalised (as OLMoE-1B-7B), q/k/v clipped at a value that bites.
         kw = dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=2.0,

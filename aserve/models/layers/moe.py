@@ -1,4 +1,4 @@
-"""A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks each token's top-k
+"""A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE): a router picks each token's top-k
 experts, each a SiLU-gated MLP, and the token's output is their outputs weighted by the
 router's probabilities.
 
@@ -106,18 +106,24 @@ class MoEBlock(nn.Module):
     """Router and experts. renormalize: the top-k probabilities are scaled to sum to 1 (Mixtral
     always; Qwen where the config's norm_topk_prob says so). float32_weights: the probabilities
     multiply the experts' outputs in float32 (Mixtral's transformers code), else in the model's
-    dtype (Qwen's)."""
+    dtype (Qwen's). top_k_first: the weights are the softmax of the top-k logits alone
+    (Granite's; the same as renormalising, up to rounding)."""
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
-                 renormalize: bool, float32_weights: bool):
+                 renormalize: bool, float32_weights: bool, top_k_first: bool = False):
         super().__init__()
         self.top_k, self.renormalize, self.float32_weights = top_k, renormalize, float32_weights
+        self.top_k_first = top_k_first
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(each token's top-k experts, their weights)."""
         logits = self.gate(x)
+        if self.top_k_first:
+            top_logits, top_ids = torch.topk(logits.float(), self.top_k, dim=-1)
+            top_weights = torch.softmax(top_logits, dim=-1)
+            return top_ids, top_weights if self.float32_weights else top_weights.to(x.dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top_weights, top_ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:
