@@ -17,7 +17,8 @@ from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
             "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "olmo3", "starcoder2",
-            "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3", "olmoe", "granitemoe")
+            "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3", "olmoe",
+            "granitemoe", "glm", "glm4")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -30,7 +31,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, GraniteMoeConfig, OlmoeConfig,
+    from transformers import (Cohere2Config, CohereConfig, Gemma2Config, Glm4Config, GlmConfig, GraniteMoeConfig, OlmoeConfig,
                               SmolLM3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
                               GraniteConfig,
                               LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig,
@@ -162,6 +163,13 @@ def _config(family: str, overrides: dict):
             kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                       architectures=["Cohere2ForCausalLM"])
             cls = Cohere2Config
+    elif family in ("glm", "glm4"):
+        # Interleaved rotary pairs on half of each head, q/k/v biases, a merged gate/up in the
+        # checkpoint; GLM-4 with its two extra norms a layer.
+        kw = dict(_LLAMA_LIKE, attention_bias=True, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
+        kw.update(architectures=["GlmForCausalLM"] if family == "glm" else ["Glm4ForCausalLM"])
+        cls = GlmConfig if family == "glm" else Glm4Config
     elif family == "granitemoe":
         # Granite's multipliers (far from 1) over 4 experts, 2 a token.
         kw = dict(_LLAMA_LIKE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,

@@ -7,15 +7,14 @@ head of q and k with its own LayerNorm weights (use_qk_norm). Cohere 2 alternate
 layers, which are rotary, with full-attention layers, which have no position embedding at all.
 
 Cohere's rotary embedding rotates interleaved pairs (dimensions 2i and 2i+1) where aserve's
-kernels rotate halves (i and i + d/2). Attention only sees q.k, which is the same under one
-permutation of each head's dimensions applied to both, so q's and k's rows (and their biases
-and norm weights) are reordered on load, evens first, and the half-rotating kernels give
-exactly Cohere's scores. v is left as it is, so the outputs are untouched.
+kernels rotate halves (i and i + d/2): q's and k's rows (and their biases and norm weights) are
+reordered on load (rotary.interleaved_pairs_to_halves), which leaves q.k and so the scores
+exactly Cohere's.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from torch import nn
 from aserve.distributed import current_group
 from aserve.models.decoder_lm import DecoderOnlyLM
 from aserve.models.layers import LayerNorm
+from aserve.models.layers.rotary import interleaved_pairs_to_halves
 from aserve.models.llama import LlamaAttention, LlamaMLP
 
 
@@ -100,24 +100,9 @@ class CohereForCausalLM(DecoderOnlyLM):
         return self.lm_head.get_logits(hidden_states) * self.config.logit_scale
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        super().load_weights(_halves_first(weights, self.layers[0].self_attn.head_dim))
+        head_dim = self.layers[0].self_attn.head_dim
+        super().load_weights(interleaved_pairs_to_halves(weights, head_dim, head_dim))
 
 
 class Cohere2ForCausalLM(CohereForCausalLM):
     """Cohere 2: the same layers; sliding and full attention alternate (CohereAttention)."""
-
-
-_ROTATED = (".q_proj.weight", ".q_proj.bias", ".k_proj.weight", ".k_proj.bias", ".q_norm.weight", ".k_norm.weight")
-
-
-def _halves_first(weights: Iterable[tuple[str, torch.Tensor]], head_dim: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """q's and k's tensors with each head's dimensions reordered evens first, then odds: the
-    pair (2i, 2i+1) Cohere rotates together lands on (i, i + head_dim / 2), the pair aserve's
-    rotary layer rotates (see the module's docstring)."""
-    order = torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
-    for name, tensor in weights:
-        if name.endswith(_ROTATED):
-            # [heads * head_dim, hidden] for the projections, [heads * head_dim] or [heads, head_dim] else.
-            rest = tensor.shape[1:] if name.endswith("_proj.weight") else ()
-            tensor = tensor.reshape(-1, head_dim, *rest).index_select(1, order).reshape(tensor.shape)
-        yield name, tensor

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -285,3 +285,26 @@ class RotaryEmbedding(nn.Module):
             return x * cos + self._rotate_half(x) * sin
         rotated, passed = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
         return torch.cat((rotated * cos + self._rotate_half(rotated) * sin, passed), dim=-1)
+
+
+# The q/k tensors whose rows follow each head's dimensions (projections, biases, per-head norms).
+QK_TENSORS = (".q_proj.weight", ".q_proj.bias", ".k_proj.weight", ".k_proj.bias", ".q_norm.weight", ".k_norm.weight")
+
+
+def interleaved_pairs_to_halves(weights: Iterable[tuple[str, torch.Tensor]], head_dim: int, rotary_dim: int,
+                                names: tuple[str, ...] = QK_TENSORS) -> Iterator[tuple[str, torch.Tensor]]:
+    """A checkpoint of a model that rotates interleaved pairs (dimensions 2i and 2i+1: Cohere,
+    GLM), with q's and k's tensors (those ending in `names`) reordered so that each head's first
+    rotary_dim dimensions come evens first, then odds: the pair lands on (i, i + rotary_dim / 2),
+    which RotaryEmbedding rotates together. Attention sees only q.k, which one permutation of
+    both leaves unchanged, so the half-rotating kernels then give the model's scores exactly;
+    v and the dimensions past rotary_dim stay in place."""
+    order = torch.cat((torch.arange(0, rotary_dim, 2), torch.arange(1, rotary_dim, 2),
+                       torch.arange(rotary_dim, head_dim)))
+    for name, tensor in weights:
+        if name.endswith(names):
+            # [heads * head_dim, hidden] for a projection's weight; [heads * head_dim] or
+            # [heads, head_dim] for a bias or a per-head norm.
+            rest = tensor.shape[1:] if name.endswith("_proj.weight") else ()
+            tensor = tensor.reshape(-1, head_dim, *rest).index_select(1, order).reshape(tensor.shape)
+        yield name, tensor
