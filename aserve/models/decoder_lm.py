@@ -14,9 +14,8 @@ from aserve.attention import AttentionMetadata
 from aserve.models.layers import ParallelLMHead, VocabParallelEmbedding, load_named_weights
 
 # Checkpoint q/k/v and gate/up projections, loaded as shards of the fused layers.
-QKV_GATE_UP_SHARDS = [(".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"),
-                      (".qkv_proj.", ".v_proj.", "v"), (".gate_up_proj.", ".gate_proj.", 0),
-                      (".gate_up_proj.", ".up_proj.", 1)]
+QKV_SHARDS = [(".qkv_proj.", ".q_proj.", "q"), (".qkv_proj.", ".k_proj.", "k"), (".qkv_proj.", ".v_proj.", "v")]
+QKV_GATE_UP_SHARDS = QKV_SHARDS + [(".gate_up_proj.", ".gate_proj.", 0), (".gate_up_proj.", ".up_proj.", 1)]
 
 
 class DecoderOnlyLM(nn.Module):

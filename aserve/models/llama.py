@@ -141,6 +141,9 @@ class LlamaForCausalLM(nn.Module):
     attention_class: type = LlamaAttention
     make_mlp: Callable = staticmethod(dense_mlp)
     decoder_layer_class: type = LlamaDecoderLayer
+    # Checkpoint projections loaded as shards of the fused layers (an MLP without a gate keeps
+    # its up_proj: QKV_SHARDS).
+    stacked_shards: list = QKV_GATE_UP_SHARDS
 
     @staticmethod
     def _biases(config) -> tuple[bool, bool]:
@@ -183,7 +186,7 @@ class LlamaForCausalLM(nn.Module):
             return self.checkpoint_name(name)
 
         # One matrix per expert and projection goes into the experts' stacked parameters.
-        load_named_weights(self, weights, QKV_GATE_UP_SHARDS, rename, route=expert_shard)
+        load_named_weights(self, weights, self.stacked_shards, rename, route=expert_shard)
         for module in self.modules():
             if isinstance(module, Experts):
                 module.check_loaded()
