@@ -37,11 +37,7 @@ class Glm4DecoderLayer(LlamaDecoderLayer):
 
     def forward(self, positions, hidden_states, residual, kv_cache, attn_metadata):
         # Llama's fused residual adds, each sublayer's output normalised first.
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = self.normed_input(hidden_states, residual)
         attended = self.post_self_attn_layernorm(self.self_attn(positions, hidden_states, kv_cache, attn_metadata))
         hidden_states, residual = self.post_attention_layernorm(attended, residual)
         return self.post_mlp_layernorm(self.mlp(hidden_states)), residual

@@ -19,11 +19,7 @@ class GraniteDecoderLayer(LlamaDecoderLayer):
 
     def forward(self, positions, hidden_states, residual, kv_cache, attn_metadata):
         # Llama's fused residual adds, each sublayer's output scaled first (HF: residual + h * m).
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = self.normed_input(hidden_states, residual)
         attended = self.self_attn(positions, hidden_states, kv_cache, attn_metadata) * self.residual_multiplier
         hidden_states, residual = self.post_attention_layernorm(attended, residual)
         return self.mlp(hidden_states) * self.residual_multiplier, residual

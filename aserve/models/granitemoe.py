@@ -14,7 +14,6 @@ from typing import Iterable, Iterator
 
 import torch
 
-from aserve.distributed import current_group
 from aserve.models.granite import GraniteForCausalLM
 from aserve.models.layers.moe import MoEBlock
 
@@ -23,11 +22,6 @@ class GraniteMoE(MoEBlock):
     def __init__(self, config, layer_idx: int):
         super().__init__(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
                          config.intermediate_size, renormalize=False, float32_weights=False, top_k_first=True)
-        self.tp = current_group()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        return self.tp.all_reduce(out) if self.tp.world_size > 1 else out
 
 
 class GraniteMoeForCausalLM(GraniteForCausalLM):

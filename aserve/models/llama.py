@@ -97,14 +97,18 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def normed_input(self, hidden_states, residual):
+        """(input_layernorm(the residual stream), the residual stream): the previous layer's
+        residual add fused with this norm (residual None: the first layer, whose input is the
+        residual stream itself)."""
+        if residual is None:
+            return self.input_layernorm(hidden_states), hidden_states
+        return self.input_layernorm(hidden_states, residual)
+
     def forward(self, positions, hidden_states, residual, kv_cache, attn_metadata):
         """(hidden_states, residual) in and out: each residual add is fused with the norm after
-        it (residual None: the first layer, whose input is the residual stream itself)."""
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        it."""
+        hidden_states, residual = self.normed_input(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states, kv_cache, attn_metadata)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual

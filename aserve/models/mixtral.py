@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import torch
-
-from aserve.distributed import current_group
 from aserve.models.layers.moe import MoEBlock
 from aserve.models.llama import LlamaForCausalLM
 
@@ -14,11 +11,6 @@ class MixtralMoE(MoEBlock):
     def __init__(self, config, layer_idx: int):
         super().__init__(config.num_local_experts, config.num_experts_per_tok, config.hidden_size,
                          config.intermediate_size, renormalize=True, float32_weights=True)
-        self.tp = current_group()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        return self.tp.all_reduce(out) if self.tp.world_size > 1 else out
 
 
 class MixtralForCausalLM(LlamaForCausalLM):

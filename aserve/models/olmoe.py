@@ -6,8 +6,6 @@ tensor-parallel ranks, as OLMo 2's), and q, k and v clamped to clip_qkv where th
 
 from __future__ import annotations
 
-import torch
-
 from aserve.distributed import current_group
 from aserve.models.layers.moe import MoEBlock
 from aserve.models.llama import LlamaAttention, LlamaForCausalLM
@@ -36,11 +34,6 @@ class OlmoeMoE(MoEBlock):
         super().__init__(config.num_experts, config.num_experts_per_tok, config.hidden_size,
                          config.intermediate_size, renormalize=bool(config.norm_topk_prob),
                          float32_weights=False)
-        self.tp = current_group()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        return self.tp.all_reduce(out) if self.tp.world_size > 1 else out
 
 
 class OlmoeForCausalLM(LlamaForCausalLM):

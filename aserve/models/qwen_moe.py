@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aserve.distributed import current_group
 from aserve.models.layers import ReplicatedLinear
 from aserve.models.layers.moe import MoEBlock
 from aserve.models.llama import LlamaForCausalLM, LlamaMLP
@@ -38,7 +37,6 @@ class QwenMoE(MoEBlock):
         super().__init__(config.num_experts, config.num_experts_per_tok, config.hidden_size,
                          config.moe_intermediate_size, renormalize=bool(config.norm_topk_prob),
                          float32_weights=False)
-        self.tp = current_group()
         self.shared_expert = self.shared_expert_gate = None
         if shared_expert:
             # A dense MLP over every token (its down projection all-reduces on its own).
@@ -46,9 +44,7 @@ class QwenMoE(MoEBlock):
             self.shared_expert_gate = ReplicatedLinear(config.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.tp.world_size > 1:
-            out = self.tp.all_reduce(out)
+        out = super().forward(x)   # summed over the ranks; the shared expert's down projection sums its own
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -131,6 +131,8 @@ class MoEBlock(nn.Module):
         return top_ids, top_weights if self.float32_weights else top_weights.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The partial output of this rank (the caller all-reduces, once with any shared expert)."""
+        """The experts' output, summed over the tensor-parallel ranks (each holds a slice of
+        every expert)."""
         top_ids, top_weights = self.route(x)
-        return self.experts(x, top_ids, top_weights)
+        out = self.experts(x, top_ids, top_weights)
+        return self.experts.tp.all_reduce(out) if self.experts.tp.world_size > 1 else out
