@@ -7,6 +7,10 @@
   B   Llama-3.1-8B shape, bfloat16, 1000 requests x (512 prompt + 256 output), sampling: output tokens/s.
   B1  model B, one request, 128 prompt + 512 output tokens, greedy: ms per output token.
   A1  the same request on model A: ms per output token.
+  M   Qwen3-30B-A3B shape (a mixture of 128 experts, 8 a token), bfloat16, B's requests: output tokens/s.
+  M1  model M, B1's request: ms per output token.
+  (M and M1 are not issue goals: their table rows compare with transformers only. The experts'
+  path follows ASERVE_MOE_GROUPED_MM, aserve/models/layers/moe.py: run both to compare.)
 
 Every model has random weights (load_format="dummy": only a config.json is written, to a temp
 folder) and no tokenizer (skip_tokenizer_init); prompts are token ids from
@@ -38,6 +42,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -53,7 +58,7 @@ class Workload:
     prompt_len: int
     output_len: int
     greedy: bool          # greedy single-request latency, else sampling throughput
-    goal_value: float     # tokens/s at least (throughput) or ms/token at most (latency)
+    goal_value: Optional[float]  # tokens/s at least (throughput) or ms/token at most (latency); None: none
     goal_ratio: float = 0.0  # throughput: at least this many times HF's tokens/s
 
     @property
@@ -68,10 +73,13 @@ WORKLOADS = {
     # measured it (not the inter-token latency of the decode alone).
     "B1": Workload("B1", "llama", 1, 128, 512, True, 7.0),
     "A1": Workload("A1", "opt", 1, 128, 512, True, 2.0),
+    "M": Workload("M", "qwen3moe", 1000, 512, 256, False, None),
+    "M1": Workload("M1", "qwen3moe", 1, 128, 512, True, None),
 }
-TINY = {"A": (16, 16, 16), "B": (16, 32, 16), "B1": (1, 16, 32), "A1": (1, 16, 32)}  # N, P, out
-MODEL_NAMES = {"opt": "opt-125m", "llama": "llama-3.1-8b"}
-MODEL_DTYPES = {"opt": "float16", "llama": "bfloat16"}
+TINY = {"A": (16, 16, 16), "B": (16, 32, 16), "B1": (1, 16, 32), "A1": (1, 16, 32),
+        "M": (16, 32, 16), "M1": (1, 16, 32)}  # N, P, out
+MODEL_NAMES = {"opt": "opt-125m", "llama": "llama-3.1-8b", "qwen3moe": "qwen3-30b-a3b"}
+MODEL_DTYPES = {"opt": "float16", "llama": "bfloat16", "qwen3moe": "bfloat16"}
 
 
 def workload(name: str, tiny: bool, num_prompts) -> Workload:
@@ -86,7 +94,7 @@ def workload(name: str, tiny: bool, num_prompts) -> Workload:
 
 
 def hf_config(model: str, tiny: bool):
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, OPTConfig, Qwen3MoeConfig
 
     if model == "opt":
         config = OPTConfig(architectures=["OPTForCausalLM"])  # facebook/opt-125m's shape
@@ -94,6 +102,15 @@ def hf_config(model: str, tiny: bool):
             config = OPTConfig(architectures=["OPTForCausalLM"], hidden_size=64, word_embed_proj_dim=64,
                                ffn_dim=128, num_hidden_layers=2, num_attention_heads=4)
         return config
+    if model == "qwen3moe":   # Qwen/Qwen3-30B-A3B: every layer sparse, 128 experts, 8 a token
+        size = dict(hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, num_experts=8) if tiny else dict(
+            hidden_size=2048, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+            num_key_value_heads=4, head_dim=128, num_experts=128)
+        return Qwen3MoeConfig(vocab_size=151936, intermediate_size=6144, num_experts_per_tok=8, norm_topk_prob=True,
+                              decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960,
+                              rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                              bos_token_id=151643, eos_token_id=151645, architectures=["Qwen3MoeForCausalLM"], **size)
     # Llama-3.1-8B (its llama3 rope scaling left out: it changes no cost).
     size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2) if tiny else dict(
@@ -232,9 +249,9 @@ def run_model_group(model: str, names: list[str], args) -> None:
     name = MODEL_NAMES[model] + ("-tiny" if args.tiny else "")
     dtype = args.dtype or ("float32" if args.tiny and not torch.cuda.is_available() else MODEL_DTYPES[model])
     config = hf_config(model, args.tiny)
-    # A: 2048 is OPT's whole context. B: 4096 unless --llama-max-model-len says otherwise (0: the
-    # model's 131072); the issue's vLLM anchor ran B with the model's default length.
-    max_model_len = 2048 if model == "opt" else (args.llama_max_model_len or 131072)
+    # A: 2048 is OPT's whole context. B and M: 4096 unless --llama-max-model-len says otherwise
+    # (0: the model's whole length); the issue's vLLM anchor ran B with the model's default length.
+    max_model_len = 2048 if model == "opt" else (args.llama_max_model_len or config.max_position_embeddings)
     if args.baseline == "hf":
         run_hf(config, getattr(torch, dtype), workloads, args, name)
     with tempfile.TemporaryDirectory(prefix=f"aserve-bench-{model}-") as folder:
@@ -285,7 +302,9 @@ def table(names: list[str], results: list[dict], tiny: bool) -> str:
         ours, hf = got.get("aserve"), got.get("hf")
         # A speed ratio either way: > 1 means aserve is faster.
         ratio = None if not (ours and hf) else (hf / ours if w.latency else ours / hf)
-        if w.latency:
+        if w.goal_value is None:
+            goal, met = "- (not an issue goal)", None
+        elif w.latency:
             goal = f"<= {w.goal_value} ms/tok"
             met = None if ours is None else ours <= w.goal_value
         else:
@@ -293,7 +312,7 @@ def table(names: list[str], results: list[dict], tiny: bool) -> str:
             met = None if ours is None else ours >= w.goal_value and (ratio is not None and ratio >= w.goal_ratio)
             if met is False and ours >= w.goal_value and ratio is None:
                 met = None  # no baseline ran: the ratio half is unknown
-        shown = {None: "?", True: "yes", False: "no"}[met]
+        shown = "-" if w.goal_value is None else {None: "?", True: "yes", False: "no"}[met]
         rows.append(f"| {name} | {_fmt(ours, w.latency)} | {_fmt(hf, w.latency)} | "
                     f"{'-' if ratio is None else f'{ratio:.2f}x'} | {goal} | {shown} |")
     if tiny:

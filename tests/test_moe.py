@@ -1,6 +1,8 @@
-"""layers/moe.py: checkpoint names of one expert's matrix, incomplete checkpoints refused, and
-the mixture models kept off decode CUDA graphs. (Their logits against transformers are in
-test_models.py; greedy output, prefix caching and tensor parallelism in the engine tests.)"""
+"""layers/moe.py: checkpoint names of one expert's matrix, incomplete checkpoints refused, the
+mixture models kept off decode CUDA graphs by the default path, and the grouped-matmul path
+(ASERVE_MOE_GROUPED_MM=1) against the default one and through the engine. (Their logits against
+transformers are in test_models.py; greedy output, prefix caching and tensor parallelism in the
+engine tests.)"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from safetensors.torch import load_file
 from aserve.config import EngineArgs
 from aserve.distributed import SINGLE_RANK
 from aserve.models import create_model_config, get_model_class
-from aserve.models.layers.moe import expert_shard
+from aserve.models.layers.moe import Experts, expert_shard
 from aserve.worker.runner_setup import uses_decode_graphs
 from tiny_models import tiny_model_dir
 
@@ -54,5 +56,54 @@ def test_an_expert_the_config_does_not_have_is_refused():
 
 def test_mixture_models_run_without_decode_graphs():
     model, _ = _model_and_weights("mixtral")
+    assert not model.supports_decode_graphs   # the default path reads counts back to the host
     args = EngineArgs(model=tiny_model_dir("mixtral"))
     assert not uses_decode_graphs(args, model, torch.device("cuda"), SINGLE_RANK)
+
+
+def _experts(num_experts: int, hidden: int, inter: int, dtype: torch.dtype, grouped: bool, seed: int) -> Experts:
+    experts = Experts(num_experts, hidden, inter, grouped=grouped)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in (experts.w13, experts.w2):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return experts.to(dtype)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("num_tokens", [1, 3, 40])
+def test_the_grouped_path_equals_the_loop(dtype, tolerance, num_tokens):
+    """Random tokens, routes and weights (some experts chosen by none, one token's choices
+    all different): the grouped matmuls give the loop's sums within the dtype's rounding."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    num_experts, k = 6, 2
+    x = torch.randn(num_tokens, 32, generator=generator).to(dtype)
+    top_ids = torch.stack([torch.randperm(num_experts - 2, generator=generator)[:k] for _ in range(num_tokens)])
+    top_weights = torch.rand(num_tokens, k, generator=generator)   # float32, as Mixtral weighs
+    loop = _experts(num_experts, 32, 16, dtype, grouped=False, seed=1)(x, top_ids, top_weights)
+    grouped = _experts(num_experts, 32, 16, dtype, grouped=True, seed=1)(x, top_ids, top_weights)
+    assert grouped.dtype == loop.dtype == dtype
+    torch.testing.assert_close(grouped.float(), loop.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_the_grouped_path_lets_mixture_models_take_decode_graphs(monkeypatch):
+    monkeypatch.setenv("ASERVE_MOE_GROUPED_MM", "1")
+    model, _ = _model_and_weights("qwen2_moe")
+    assert model.supports_decode_graphs   # nothing read back to the host any more
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "granitemoe"])
+def test_the_grouped_path_gives_transformers_greedy_tokens(monkeypatch, family):
+    """Through the engine (chunked prefill, several sequences at once), float32: the same
+    greedy tokens as transformers, though sums run in another order than its loop."""
+    from aserve import OfflineLLM, SamplingParams
+    from hf_reference import hf_greedy, random_prompts
+
+    monkeypatch.setenv("ASERVE_MOE_GROUPED_MM", "1")
+    llm = OfflineLLM(model=tiny_model_dir(family), device="cpu", dtype="float32", kv_cache_memory_gb=0.05,
+                     max_num_batched_tokens=32)
+    assert all(m.grouped for m in llm.engine.model.modules() if isinstance(m, Experts))
+    prompts = random_prompts(7, [5, 40, 17])
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == [hf_greedy(tiny_model_dir(family), p, 12) for p in prompts]

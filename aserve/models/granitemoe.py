@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import torch
 
 from aserve.models.granite import GraniteForCausalLM
-from aserve.models.layers.moe import MoEBlock
+from aserve.models.layers.moe import CapturableWhenGrouped, MoEBlock
 
 
 class GraniteMoE(MoEBlock):
@@ -24,9 +24,8 @@ class GraniteMoE(MoEBlock):
                          config.intermediate_size, renormalize=False, float32_weights=False, top_k_first=True)
 
 
-class GraniteMoeForCausalLM(GraniteForCausalLM):
+class GraniteMoeForCausalLM(CapturableWhenGrouped, GraniteForCausalLM):
     make_mlp = staticmethod(GraniteMoE)
-    supports_decode_graphs = False   # the experts' token counts are read on the host (moe.py)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(_per_expert(weights))

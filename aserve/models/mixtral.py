@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from aserve.models.layers.moe import MoEBlock
+from aserve.models.layers.moe import CapturableWhenGrouped, MoEBlock
 from aserve.models.llama import LlamaForCausalLM
 
 
@@ -13,11 +13,10 @@ class MixtralMoE(MoEBlock):
                          config.intermediate_size, renormalize=True, float32_weights=True)
 
 
-class MixtralForCausalLM(LlamaForCausalLM):
+class MixtralForCausalLM(CapturableWhenGrouped, LlamaForCausalLM):
     """Mixtral-8x7B, Mixtral-8x22B and their fine-tunes over the paged KV cache."""
 
     make_mlp = staticmethod(MixtralMoE)
-    supports_decode_graphs = False   # the experts' token counts are read on the host (moe.py)
 
     @staticmethod
     def checkpoint_name(name: str) -> str:

@@ -7,7 +7,7 @@ tensor-parallel ranks, as OLMo 2's), and q, k and v clamped to clip_qkv where th
 from __future__ import annotations
 
 from aserve.distributed import current_group
-from aserve.models.layers.moe import MoEBlock
+from aserve.models.layers.moe import CapturableWhenGrouped, MoEBlock
 from aserve.models.llama import LlamaAttention, LlamaForCausalLM
 from aserve.models.olmo2 import Olmo2RMSNorm
 
@@ -36,7 +36,6 @@ class OlmoeMoE(MoEBlock):
                          float32_weights=False)
 
 
-class OlmoeForCausalLM(LlamaForCausalLM):
+class OlmoeForCausalLM(CapturableWhenGrouped, LlamaForCausalLM):
     attention_class = OlmoeAttention
     make_mlp = staticmethod(OlmoeMoE)
-    supports_decode_graphs = False   # the experts' token counts are read on the host (moe.py)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from aserve.models.layers import ReplicatedLinear
-from aserve.models.layers.moe import MoEBlock
+from aserve.models.layers.moe import CapturableWhenGrouped, MoEBlock
 from aserve.models.llama import LlamaForCausalLM, LlamaMLP
 from aserve.models.qwen3 import Qwen3Attention
 
@@ -58,16 +58,14 @@ def _qwen_mlp(shared_expert: bool):
     return make
 
 
-class Qwen2MoeForCausalLM(LlamaForCausalLM):
+class Qwen2MoeForCausalLM(CapturableWhenGrouped, LlamaForCausalLM):
     make_mlp = staticmethod(_qwen_mlp(shared_expert=True))
-    supports_decode_graphs = False   # the experts' token counts are read on the host (moe.py)
 
     @staticmethod
     def _biases(config) -> tuple[bool, bool]:
         return getattr(config, "qkv_bias", True), False
 
 
-class Qwen3MoeForCausalLM(LlamaForCausalLM):
+class Qwen3MoeForCausalLM(CapturableWhenGrouped, LlamaForCausalLM):
     attention_class = Qwen3Attention
     make_mlp = staticmethod(_qwen_mlp(shared_expert=False))
-    supports_decode_graphs = False

@@ -1,6 +1,6 @@
-"""A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE): a router picks each token's top-k
-experts, each a SiLU-gated MLP, and the token's output is their outputs weighted by the
-router's probabilities.
+"""A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE): a router picks
+each token's top-k experts, each a SiLU-gated MLP, and the token's output is their outputs
+weighted by the router's probabilities.
 
 Every expert is split over the tensor-parallel ranks like a dense MLP: each rank holds a slice
 of every expert's intermediate size (gate and up rows, down columns), computes its partial
@@ -10,10 +10,17 @@ The experts' weights are two stacked tensors ([experts, 2 * intermediate, hidden
 [experts, hidden, intermediate]); checkpoints store one matrix per expert and projection,
 which load_weights routes here through expert_shard().
 
-Computation: the tokens are grouped by expert (one sort and one count read back to the host),
-then each expert that has tokens runs as two dense matmuls over its group, in expert order,
-as transformers' loop does, so float32 outputs match it exactly. The count read makes a step
-wait for the GPU, so models with this layer run without decode CUDA graphs.
+Computation, two ways:
+- by default, the tokens are grouped by expert (one sort and one count read back to the host),
+  then each expert that has tokens runs as two dense matmuls over its group, in expert order,
+  as transformers' loop does, so float32 outputs match it exactly. The count read makes a step
+  wait for the GPU, so models with this layer run without decode CUDA graphs.
+- with ASERVE_MOE_GROUPED_MM=1, the sorted rows go through torch._grouped_mm, the
+  group boundaries found on the device (searchsorted), so nothing is read back: two launches a
+  layer whatever the number of experts, and the decode steps can be captured in CUDA graphs. A
+  token's k outputs are summed in its top-k order, not in expert order, so float32 results
+  differ from transformers' in the last bits. Off by default until a card has checked and
+  measured it (bench/workloads.py's M and M1, Qwen3-30B-A3B's shape).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aserve.cuda.compiler import env_switch
 from aserve.distributed import current_group
 from aserve.models.layers.linear import ReplicatedLinear, divide
 
@@ -45,11 +53,23 @@ def expert_shard(name: str) -> Optional[tuple[str, tuple[int, str]]]:
     return f"{match['layer']}.{'w2' if kind == 'down' else 'w13'}", (int(match["expert"]), kind)
 
 
-class Experts(nn.Module):
-    """The experts' stacked weights, this rank's slice of each."""
+GROUPED_MM_ENV = "ASERVE_MOE_GROUPED_MM"
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+
+def grouped_mm_wanted() -> bool:
+    """Whether experts take the grouped path (see the module's docstring); torch runs it on the
+    CPU too, where the tests hold it to the loop."""
+    return env_switch(GROUPED_MM_ENV, "0") and hasattr(torch, "_grouped_mm")
+
+
+class Experts(nn.Module):
+    """The experts' stacked weights, this rank's slice of each. grouped: the grouped-matmul path
+    (default: grouped_mm_wanted())."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 grouped: Optional[bool] = None):
         super().__init__()
+        self.grouped = grouped_mm_wanted() if grouped is None else grouped
         self.tp = current_group()
         self.num_experts = num_experts
         self.shard = divide(intermediate_size, self.tp.world_size, "the experts' intermediate size")
@@ -84,6 +104,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum over each token's experts of weight * expert(x)."""
+        if self.grouped:
+            return self._grouped_forward(x, top_ids, top_weights)
         out = torch.zeros_like(x)
         flat = top_ids.flatten()
         order = torch.argsort(flat, stable=True)
@@ -100,6 +122,32 @@ class Experts(nn.Module):
             y = F.linear(F.silu(gate) * up, self.w2[expert]) * weights[:, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
+
+    def _grouped_forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
+        """The same sum with no value read back to the host: the (token, choice) rows sorted by
+        expert, two grouped matmuls over the experts' groups, and each token's k outputs summed
+        in a fixed order (no atomics)."""
+        num_tokens, k = top_ids.shape
+        flat = top_ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        experts = torch.arange(self.num_experts, device=x.device, dtype=flat.dtype)
+        ends = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)   # each group's end row
+        gate, up = torch._grouped_mm(x[order // k], self.w13.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=ends)
+        by_choice = torch.empty_like(y)
+        by_choice[order] = y                                 # back to (token, choice) order
+        # Weighted in the weights' dtype, as the loop weights each expert's rows.
+        by_choice = by_choice.view(num_tokens, k, -1) * top_weights[..., None]
+        return by_choice.sum(dim=1).to(x.dtype)
+
+
+class CapturableWhenGrouped:
+    """For a model with Experts layers: its decode steps can be captured in CUDA graphs only
+    where every one takes the grouped path (the default one reads counts back to the host)."""
+
+    @property
+    def supports_decode_graphs(self) -> bool:
+        return all(m.grouped for m in self.modules() if isinstance(m, Experts))
 
 
 class MoEBlock(nn.Module):
