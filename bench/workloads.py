@@ -334,7 +334,7 @@ def main() -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
                    help="schedule step k+1 while step k runs on the GPU (engine/pipeline.py)")
     p.add_argument("--llama-max-model-len", type=int, default=4096,
-                   help="model B's max_model_len; 0: the model's 131072 (the vLLM anchor's)")
+                   help="model B's and M's max_model_len; 0: the model's whole length (B: 131072, the vLLM anchor's)")
     p.add_argument("--latency-runs", type=int, default=5,
                    help="timed runs of A1 and B1 after a warm-up run; the median is reported")
     p.add_argument("--hf-num-prompts", type=int, default=128)
