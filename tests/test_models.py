@@ -93,6 +93,8 @@ _VARIANTS = {
     # interpolated dimensions and the attention factor both show at the tested positions.
     "qwen2-rope-yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                            original_max_position_embeddings=16))),
+    # EXAONE-4.0-1.2B's form: no sliding layers, so every layer rotary.
+    "exaone4-full": ("exaone4", dict(sliding_window=None, layer_types=["full_attention", "full_attention"])),
     # Command-R's form: no q/k norms, and biases (reordered with q's and k's rows).
     "cohere-bias": ("cohere", dict(use_qk_norm=False, attention_bias=True)),
     # GPT-BigCode without multi-query attention: c_attn keeps each head's q, k, v together.

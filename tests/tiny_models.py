@@ -18,7 +18,7 @@ from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
             "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "olmo3", "starcoder2",
             "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3", "olmoe",
-            "granitemoe", "glm", "glm4", "ernie4_5", "seed_oss", "arcee", "olmo")
+            "granitemoe", "glm", "glm4", "ernie4_5", "seed_oss", "arcee", "olmo", "exaone4")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -31,7 +31,7 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (ArceeConfig, Cohere2Config, CohereConfig, Ernie4_5Config, OlmoConfig, SeedOssConfig, Gemma2Config, Glm4Config, GlmConfig, GraniteMoeConfig, OlmoeConfig,
+    from transformers import (ArceeConfig, Exaone4Config, Cohere2Config, CohereConfig, Ernie4_5Config, OlmoConfig, SeedOssConfig, Gemma2Config, Glm4Config, GlmConfig, GraniteMoeConfig, OlmoeConfig,
                               SmolLM3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
                               GraniteConfig,
                               LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig,
@@ -163,6 +163,11 @@ def _config(family: str, overrides: dict):
             kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                       architectures=["Cohere2ForCausalLM"])
             cls = Cohere2Config
+    elif family == "exaone4":
+        # As the 32B: a sliding rotary layer, then a full one without rope.
+        kw = dict(_LLAMA_LIKE, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                  tie_word_embeddings=False, architectures=["Exaone4ForCausalLM"])
+        cls = Exaone4Config
     elif family == "arcee":
         kw = dict(_LLAMA_LIKE, hidden_act="relu2", tie_word_embeddings=False, architectures=["ArceeForCausalLM"])
         cls = ArceeConfig

@@ -66,11 +66,10 @@ class CohereAttention(LlamaAttention):
             self.k_norm = PerHeadLayerNorm(self.num_kv_heads, self.head_dim, eps, self.qkv_proj.num_kv_head_replicas)
 
     def forward(self, positions, hidden_states, kv_cache, attn_metadata):
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.split_qkv(hidden_states)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        rotary = self.rotary_emb if self.uses_rope else None
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, rotary, positions))
+        return self.attend(positions, q, k, v, kv_cache, attn_metadata)
 
 
 class CohereDecoderLayer(nn.Module):

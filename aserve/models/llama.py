@@ -77,11 +77,16 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5,
                               self.num_kv_heads, layer_sliding_window(config, layer_idx))
 
-    def forward(self, positions, hidden_states, kv_cache, attn_metadata):
-        qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def split_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+    def attend(self, positions, q, k, v, kv_cache, attn_metadata) -> torch.Tensor:
+        """o_proj(attention(q, k, v)), q and k rotated first where this layer uses rope."""
         rotary = self.rotary_emb if self.uses_rope else None
         return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, rotary, positions))
+
+    def forward(self, positions, hidden_states, kv_cache, attn_metadata):
+        return self.attend(positions, *self.split_qkv(hidden_states), kv_cache, attn_metadata)
 
 
 def dense_mlp(config, layer_idx: int) -> nn.Module:

@@ -22,10 +22,10 @@ class OlmoAttention(LlamaAttention):
         self.clip = getattr(config, "clip_qkv", None)
 
     def forward(self, positions, hidden_states, kv_cache, attn_metadata):
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.split_qkv(hidden_states)
         if self.clip is not None:
             q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))
+        return self.attend(positions, q, k, v, kv_cache, attn_metadata)
 
 
 class OlmoDecoderLayer(nn.Module):

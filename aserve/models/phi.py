@@ -28,11 +28,11 @@ class PhiAttention(LlamaAttention):
             self.k_layernorm = LayerNorm(self.head_dim, eps=config.layer_norm_eps)
 
     def forward(self, positions, hidden_states, kv_cache, attn_metadata):
-        q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.split_qkv(hidden_states)
         if self.q_layernorm is not None:   # each head on its own: local to a tensor-parallel rank
             q = self.q_layernorm(q.reshape(-1, self.head_dim)).view(q.shape[0], self.q_size)
             k = self.k_layernorm(k.reshape(-1, self.head_dim)).view(k.shape[0], self.kv_size)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))
+        return self.attend(positions, q, k, v, kv_cache, attn_metadata)
 
 
 class PhiMLP(nn.Module):

@@ -19,13 +19,12 @@ class Qwen3Attention(LlamaAttention):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(self, positions, hidden_states, kv_cache, attn_metadata):
-        qkv = self.qkv_proj(hidden_states)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        num_tokens = qkv.shape[0]
+        q, k, v = self.split_qkv(hidden_states)
+        num_tokens = q.shape[0]
         # Each head's vector is a row of its own for the norm.
         q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, self.q_size)
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, self.kv_size)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata, self.rotary_emb, positions))
+        return self.attend(positions, q, k, v, kv_cache, attn_metadata)
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
