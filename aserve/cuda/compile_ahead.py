@@ -49,8 +49,8 @@ def model_kernel_builds(hf_config, dtype: torch.dtype, block_size: int, tp_size:
 
 def start_for_model(hf_config, dtype: torch.dtype, block_size: int, tp_size: int, device: torch.device) -> int:
     """Start compiling the model's builds that are not cached yet (none off a GPU, with the
-    kernels off, or with ASERVE_COMPILE_AHEAD=0); returns how many were started. A failure to predict is logged, never raised:
-    the loads compile what they need either way."""
+    kernels off, or with ASERVE_COMPILE_AHEAD=0); returns how many were started. A failure to
+    predict is logged, never raised: the loads compile what they need either way."""
     if device.type != "cuda" or not kernels_enabled() or not env_switch(COMPILE_AHEAD_ENV, "1"):
         return 0
     index = device.index if device.index is not None else torch.cuda.current_device()
