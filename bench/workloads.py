@@ -94,7 +94,7 @@ def workload(name: str, tiny: bool, num_prompts) -> Workload:
 
 
 def hf_config(model: str, tiny: bool):
-    from transformers import LlamaConfig, OPTConfig, Qwen3MoeConfig
+    from transformers import LlamaConfig, OPTConfig
 
     if model == "opt":
         config = OPTConfig(architectures=["OPTForCausalLM"])  # facebook/opt-125m's shape
@@ -103,6 +103,8 @@ def hf_config(model: str, tiny: bool):
                                ffn_dim=128, num_hidden_layers=2, num_attention_heads=4)
         return config
     if model == "qwen3moe":   # Qwen/Qwen3-30B-A3B: every layer sparse, 128 experts, 8 a token
+        from transformers import Qwen3MoeConfig
+
         size = dict(hidden_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=16, num_experts=8) if tiny else dict(
             hidden_size=2048, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,

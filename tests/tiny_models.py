@@ -31,12 +31,9 @@ _LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, n
 
 
 def _config(family: str, overrides: dict):
-    from transformers import (ArceeConfig, Exaone4Config, Cohere2Config, CohereConfig, Ernie4_5Config, OlmoConfig, SeedOssConfig, Gemma2Config, Glm4Config, GlmConfig, GraniteMoeConfig, OlmoeConfig,
-                              SmolLM3Config, Gemma3TextConfig, GemmaConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig,
-                              GraniteConfig,
-                              LlamaConfig, MistralConfig, MixtralConfig, Olmo2Config, Olmo3Config, OPTConfig,
-                              PhiConfig, Phi3Config,
-                              Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, Starcoder2Config)
+    # Each family's config class is looked up when asked for: a transformers without one fails
+    # that family alone.
+    import transformers as hf
 
     if family in ("opt", "opt-postln"):
         kw = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
@@ -45,52 +42,52 @@ def _config(family: str, overrides: dict):
         if family == "opt-postln":
             # Like facebook/opt-350m: post-LayerNorm and a smaller embedding projected in/out.
             kw.update(do_layer_norm_before=False, word_embed_proj_dim=32)
-        cls = OPTConfig
+        cls = hf.OPTConfig
     elif family == "llama":
         kw = dict(_LLAMA_LIKE, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
-        cls = LlamaConfig
+        cls = hf.LlamaConfig
     elif family == "mistral":
         # A window shorter than typical test prompts, so the sliding-window mask is exercised.
         kw = dict(_LLAMA_LIKE, sliding_window=16, head_dim=32, tie_word_embeddings=False,
                   architectures=["MistralForCausalLM"])
-        cls = MistralConfig
+        cls = hf.MistralConfig
     elif family == "qwen2":
         # Tied like the small Qwen2 checkpoints, so the loader's tying path is exercised.
         kw = dict(_LLAMA_LIKE, tie_word_embeddings=True, use_sliding_window=False,
                   architectures=["Qwen2ForCausalLM"])
-        cls = Qwen2Config
+        cls = hf.Qwen2Config
     elif family == "qwen3":
         # Heads wider than hidden / heads (as Qwen3-0.6B: 16 x 128 over 1024), tied like the
         # small checkpoints; q_norm and k_norm are drawn around 1 like every norm here.
         kw = dict(_LLAMA_LIKE, head_dim=32, tie_word_embeddings=True, use_sliding_window=False,
                   architectures=["Qwen3ForCausalLM"])
-        cls = Qwen3Config
+        cls = hf.Qwen3Config
     elif family == "mixtral":
         kw = dict(_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False,
                   architectures=["MixtralForCausalLM"])
-        cls = MixtralConfig
+        cls = hf.MixtralConfig
     elif family == "qwen2_moe":
         # Layer 0 dense, layer 1 sparse (every 2nd layer), with a shared expert; no renormalising.
         kw = dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                   shared_expert_intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=False,
                   use_sliding_window=False, tie_word_embeddings=False, architectures=["Qwen2MoeForCausalLM"])
-        cls = Qwen2MoeConfig
+        cls = hf.Qwen2MoeConfig
     elif family == "qwen3_moe":
         # As Qwen3-30B-A3B: every layer sparse, top-k renormalised, Qwen3's attention.
         kw = dict(_LLAMA_LIKE, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                   decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True, use_sliding_window=False,
                   tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"])
-        cls = Qwen3MoeConfig
+        cls = hf.Qwen3MoeConfig
     elif family == "phi3":
         # Fused qkv_proj and gate_up_proj in the checkpoint; a sliding window as Phi-3-mini-4k's.
         kw = dict(_LLAMA_LIKE, sliding_window=16, tie_word_embeddings=False, architectures=["Phi3ForCausalLM"])
-        cls = Phi3Config
+        cls = hf.Phi3Config
     elif family in ("gemma", "gemma2", "gemma3"):
         # Heads of 32 over a hidden size of 64 (Gemma's heads are wider than hidden / heads).
         kw = dict(_LLAMA_LIKE, head_dim=32, tie_word_embeddings=True)
         if family == "gemma":
             kw.update(hidden_act="gelu_pytorch_tanh", architectures=["GemmaForCausalLM"])
-            cls = GemmaConfig
+            cls = hf.GemmaConfig
         elif family == "gemma2":
             # Capped scores and logits, a sliding first layer and a full second, a query scalar
             # that is not head_dim.
@@ -99,7 +96,7 @@ def _config(family: str, overrides: dict):
             kw.update(hidden_activation="gelu_pytorch_tanh", sliding_window=16, query_pre_attn_scalar=24,
                       attn_logit_softcapping=5.0, final_logit_softcapping=10.0,
                       layer_types=["sliding_attention", "full_attention"], architectures=["Gemma2ForCausalLM"])
-            cls = Gemma2Config
+            cls = hf.Gemma2Config
         else:
             # Sliding and full layers with rotary bases of their own, the full ones scaled.
             kw.update(hidden_activation="gelu_pytorch_tanh", sliding_window=16, query_pre_attn_scalar=24,
@@ -108,28 +105,28 @@ def _config(family: str, overrides: dict):
                                        "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
                                                           "factor": 8.0}},
                       architectures=["Gemma3ForCausalLM"])
-            cls = Gemma3TextConfig
+            cls = hf.Gemma3TextConfig
     elif family == "granite":
         # Multipliers far from 1, so each shows (granite-3.1-8b: 12, 0.22, 1/128, 16).
         kw = dict(_LLAMA_LIKE, embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3,
                   logits_scaling=4.0, tie_word_embeddings=True, architectures=["GraniteForCausalLM"])
-        cls = GraniteConfig
+        cls = hf.GraniteConfig
     elif family == "olmo2":
         kw = dict(_LLAMA_LIKE, tie_word_embeddings=False, architectures=["Olmo2ForCausalLM"])
-        cls = Olmo2Config
+        cls = hf.Olmo2Config
     elif family == "olmo3":
         # A sliding first layer, a full second, each with its own rotary base.
         kw = dict(_LLAMA_LIKE, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0}},
                   tie_word_embeddings=False, architectures=["Olmo3ForCausalLM"])
-        cls = Olmo3Config
+        cls = hf.Olmo3Config
     elif family == "starcoder2":
         # Biases everywhere, LayerNorm, a plain GELU MLP, a sliding window; tied as the checkpoints.
         kw = dict(_LLAMA_LIKE, use_bias=True, norm_epsilon=1e-5, hidden_act="gelu_pytorch_tanh", sliding_window=16,
                   tie_word_embeddings=True, architectures=["Starcoder2ForCausalLM"])
         kw.pop("rms_norm_eps")
-        cls = Starcoder2Config
+        cls = hf.Starcoder2Config
     elif family in ("gpt_neox", "gpt_neox-sequential"):
         # A quarter of each head rotated and parallel attention and MLP, as Pythia; the other
         # form (as some GPT-NeoX fine-tunes) rotates half and runs them one after the other.
@@ -139,7 +136,7 @@ def _config(family: str, overrides: dict):
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                    "partial_rotary_factor": 0.5 if sequential else 0.25},
                   tie_word_embeddings=False, architectures=["GPTNeoXForCausalLM"])
-        cls = GPTNeoXConfig
+        cls = hf.GPTNeoXConfig
     elif family == "phi":
         # As phi-2: attention and MLP side by side, 0.4 of each head rotated (a quarter of these
         # 16-wide heads is 6.4: 0.5 keeps the rotated share even on the CPU's and the GPU's
@@ -150,7 +147,7 @@ def _config(family: str, overrides: dict):
                   hidden_act="gelu_new", qk_layernorm=True,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
                   tie_word_embeddings=False, architectures=["PhiForCausalLM"])
-        cls = PhiConfig
+        cls = hf.PhiConfig
     elif family in ("cohere", "cohere2"):
         # Interleaved rotary pairs, a logit scale far from 1, tied; Cohere with Command-R+'s
         # per-head q/k norms, Cohere 2 with a sliding rotary layer and a full one without rope.
@@ -158,64 +155,64 @@ def _config(family: str, overrides: dict):
         kw.pop("rms_norm_eps")
         if family == "cohere":
             kw.update(use_qk_norm=True, architectures=["CohereForCausalLM"])
-            cls = CohereConfig
+            cls = hf.CohereConfig
         else:
             kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                       architectures=["Cohere2ForCausalLM"])
-            cls = Cohere2Config
+            cls = hf.Cohere2Config
     elif family == "exaone4":
         # As the 32B: a sliding rotary layer, then a full one without rope.
         kw = dict(_LLAMA_LIKE, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                   tie_word_embeddings=False, architectures=["Exaone4ForCausalLM"])
-        cls = Exaone4Config
+        cls = hf.Exaone4Config
     elif family == "arcee":
         kw = dict(_LLAMA_LIKE, hidden_act="relu2", tie_word_embeddings=False, architectures=["ArceeForCausalLM"])
-        cls = ArceeConfig
+        cls = hf.ArceeConfig
     elif family == "olmo":
         # Weightless LayerNorms; q/k/v clipped at a value that bites (OLMo-7B-0424: 8).
         kw = dict(_LLAMA_LIKE, clip_qkv=2.0, tie_word_embeddings=False, architectures=["OlmoForCausalLM"])
         kw.pop("rms_norm_eps")
-        cls = OlmoConfig
+        cls = hf.OlmoConfig
     elif family == "ernie4_5":
         # Interleaved rotary pairs over whole heads, biases everywhere, tied as ERNIE-4.5-0.3B.
         kw = dict(_LLAMA_LIKE, use_bias=True, tie_word_embeddings=True, architectures=["Ernie4_5ForCausalLM"])
-        cls = Ernie4_5Config
+        cls = hf.Ernie4_5Config
     elif family == "seed_oss":
         # q/k/v biases without an output bias, as Seed-OSS-36B.
         kw = dict(_LLAMA_LIKE, attention_bias=True, attention_out_bias=False, tie_word_embeddings=False,
                   architectures=["SeedOssForCausalLM"])
-        cls = SeedOssConfig
+        cls = hf.SeedOssConfig
     elif family in ("glm", "glm4"):
         # Interleaved rotary pairs on half of each head, q/k/v biases, a merged gate/up in the
         # checkpoint; GLM-4 with its two extra norms a layer.
         kw = dict(_LLAMA_LIKE, attention_bias=True, tie_word_embeddings=False,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})
         kw.update(architectures=["GlmForCausalLM"] if family == "glm" else ["Glm4ForCausalLM"])
-        cls = GlmConfig if family == "glm" else Glm4Config
+        cls = hf.GlmConfig if family == "glm" else hf.Glm4Config
     elif family == "granitemoe":
         # Granite's multipliers (far from 1) over 4 experts, 2 a token.
         kw = dict(_LLAMA_LIKE, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                   embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.3, logits_scaling=4.0,
                   tie_word_embeddings=True, architectures=["GraniteMoeForCausalLM"])
-        cls = GraniteMoeConfig
+        cls = hf.GraniteMoeConfig
     elif family == "olmoe":
         # 4 experts, 2 a token, not renormalised (as OLMoE-1B-7B), q/k/v clipped at a value that bites.
         kw = dict(_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=2.0,
                   tie_word_embeddings=False, architectures=["OlmoeForCausalLM"])
-        cls = OlmoeConfig
+        cls = hf.OlmoeConfig
     elif family == "smollm3":
         # The second of the two layers without rope (SmolLM3-3B: every fourth), tied as the 3B.
         kw = dict(_LLAMA_LIKE, no_rope_layers=[1, 0], tie_word_embeddings=True, architectures=["SmolLM3ForCausalLM"])
-        cls = SmolLM3Config
+        cls = hf.SmolLM3Config
     elif family == "gpt_bigcode":
         # As StarCoder 1 / SantaCoder: one key/value head shared by all (multi-query), tied.
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, multi_query=True,
                   architectures=["GPTBigCodeForCausalLM"])
-        cls = GPTBigCodeConfig
+        cls = hf.GPTBigCodeConfig
     elif family == "gpt2":
         kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
                   architectures=["GPT2LMHeadModel"])
-        cls = GPT2Config
+        cls = hf.GPT2Config
     else:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {FAMILIES}")
     if torch.cuda.is_available():
