@@ -1,4 +1,5 @@
-"""The tool-call parsers of --tool-call-parser (llama3_json, mistral, pythonic, qwen3_coder;
+"""The tool-call parsers of --tool-call-parser (llama3_json, mistral, pythonic, qwen3_coder, granite,
+phi4_mini_json, seed_oss;
 hermes has its own tests in test_server_structured_parts.py): each format's calls, its content,
 text that only looks like calls, and a stream cut anywhere giving what the whole text gives."""
 
@@ -96,6 +97,22 @@ CASES = [
     ("qwen3_coder", "ends on a tag <tool_call>\n", "ends on a tag <tool_call>\n", []),
     ("qwen3_coder", "<function=get_weather>\n<parameter=ratio>\nnan\n</parameter>\n</function>", None,
      [("get_weather", {"ratio": "nan"})]),                      # JSON has no nan: kept as text
+    # granite: a JSON array opening the answer, after <|tool_call|> (3.0) or <tool_call> (3.1+)
+    ("granite", '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Oslo"}}, '
+                '{"name": "get_time", "arguments": {}}]', None, [("get_weather", {"city": "Oslo"}), ("get_time", {})]),
+    ("granite", ' <tool_call> [{"name": "get_time", "arguments": {}}]', None, [("get_time", {})]),
+    ("granite", '[{"name": "get_time", "arguments": {}}]', None, [("get_time", {})]),
+    ("granite", 'Later: [{"name": "get_time", "arguments": {}}]', 'Later: [{"name": "get_time", "arguments": {}}]',
+     []),                                                       # only at the start, as vLLM's
+    ("granite", "[1, 2]", "[1, 2]", []),
+    ("granite", "<|tool_call|>[{", "<|tool_call|>[{", []),      # cut off: text
+    # phi4_mini_json: functools[...] anywhere, the text before it the content
+    ("phi4_mini_json", 'Checking. functools[{"name": "get_weather", "arguments": {"city": "Lima", "days": 1}}]',
+     "Checking. ", [("get_weather", {"city": "Lima", "days": 1})]),
+    ("phi4_mini_json", "no functools here", "no functools here", []),
+    # seed_oss: Qwen3-Coder's calls inside <seed:tool_call>
+    ("seed_oss", "Let me see.<seed:tool_call>\n<function=get_weather>\n<parameter=days>\n2\n</parameter>\n"
+                 "</function>\n</seed:tool_call>", "Let me see.", [("get_weather", {"days": 2})]),
     # Nested past what Python's parser takes: text, not a crash.
     ("pythonic", "[get_time(x=" + "[" * 400 + "]" * 400 + ")]", "[get_time(x=" + "[" * 400 + "]" * 400 + ")]", []),
 ]
@@ -149,7 +166,7 @@ def test_llama3_waits_through_leading_whitespace_before_deciding():
 
 def test_every_vllm_parser_name_is_offered():
     assert {"hermes", "llama3_json", "llama4_json", "mistral", "pythonic", "llama4_pythonic",
-            "qwen3_coder", "qwen3_xml"} <= set(PARSERS)
+            "qwen3_coder", "qwen3_xml", "granite", "phi4_mini_json", "seed_oss"} <= set(PARSERS)
 
 
 def test_a_mistral_auto_request_keeps_special_tokens_and_others_do_not():

@@ -1,4 +1,5 @@
-"""Formats whose calls are JSON objects after a marker: Llama 3's (llama3_json) and Mistral's."""
+"""Formats whose calls are JSON objects after a marker: Llama 3's (llama3_json), Mistral's,
+Granite's and Phi-4-mini's (phi4_mini_json)."""
 
 from __future__ import annotations
 
@@ -162,3 +163,67 @@ class MistralToolParser(CallBlockParser):
         except ValueError:
             return None
         return (obj, end) if isinstance(obj, dict) else ()
+
+
+def _json_list_of_calls(body: str, pos: int, final: bool) -> ParsedCalls:
+    """The calls of a JSON array of {"name", "arguments"} objects at pos: whole calls once the
+    array is whole, a wait while it may still come or complete (unless the output has ended),
+    else not calls."""
+    if pos == len(body) or body[pos] != "[":
+        return ParsedCalls([], 0, valid=pos == len(body) and not final)
+    try:
+        items, end = _DECODER.raw_decode(body, pos)
+    except ValueError:
+        return ParsedCalls([], 0, valid=not final)
+    calls = [_call_of(item, ("arguments", "parameters")) for item in items] if isinstance(items, list) else [None]
+    if not calls or None in calls:
+        return ParsedCalls([], 0, valid=False)
+    return ParsedCalls(calls, end)
+
+
+class GraniteToolParser(CallBlockParser):
+    """IBM Granite 3.x (vLLM's granite): an answer that opens with a JSON array of {"name",
+    "arguments"}, after <|tool_call|> (Granite 3.0's token) or <tool_call> (3.1 on), or bare. As
+    vLLM's, calls come only at the start of the answer: once other text has come, it is all text."""
+
+    MARKERS = ("<|tool_call|>", "<tool_call>")
+
+    def find_start(self, text: str) -> tuple[int, int]:
+        if self.content_so_far.strip():
+            return -1, 0
+        lead = len(text) - len(text.lstrip())
+        rest = text[lead:]
+        if rest.startswith(("[", *self.MARKERS)):
+            return lead, 0
+        if not rest or any(m.startswith(rest) for m in self.MARKERS):
+            return -1, len(text)   # undecided: hold it all
+        return -1, 0
+
+    def parse_calls(self, body: str, final: bool) -> ParsedCalls:
+        pos = _skip_space(body, 0)
+        for marker in self.MARKERS:
+            if body.startswith(marker, pos):
+                pos = _skip_space(body, pos + len(marker))
+            elif not final and marker.startswith(body[pos:]) and pos < len(body):
+                return ParsedCalls([], 0)   # a marker still arriving
+        return _json_list_of_calls(body, pos, final)
+
+
+class Phi4MiniJsonToolParser(CallBlockParser):
+    """Phi-4-mini (vLLM's phi4_mini_json): functools[{"name": ..., "arguments": {...}}, ...]
+    anywhere in the answer; the text before it is the content."""
+
+    TAG = "functools"
+
+    def find_start(self, text: str) -> tuple[int, int]:
+        at = text.find(self.TAG)
+        return at, (0 if at >= 0 else partial_suffix(text, self.TAG))
+
+    def parse_calls(self, body: str, final: bool) -> ParsedCalls:
+        pos = _skip_space(body, 0)
+        if pos == len(body):   # the calls so far were all there was
+            return ParsedCalls([], pos)
+        if not body.startswith(self.TAG, pos):
+            waiting = not final and self.TAG.startswith(body[pos:])
+            return ParsedCalls([], 0, valid=waiting)
+        return _json_list_of_calls(body, _skip_space(body, pos + len(self.TAG)), final)

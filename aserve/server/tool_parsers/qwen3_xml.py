@@ -1,4 +1,5 @@
-"""Qwen3-Coder's XML calls (vLLM's --tool-call-parser qwen3_coder, and qwen3_xml):
+"""Qwen3-Coder's XML calls (vLLM's --tool-call-parser qwen3_coder, and qwen3_xml), and Seed-OSS's,
+the same inside <seed:tool_call> (seed_oss):
 
     <tool_call>
     <function=get_weather>
@@ -109,3 +110,9 @@ def typed_value(text: str, schema: Any) -> Any:
             return ast.literal_eval(stripped)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return text
+
+
+class SeedOssToolParser(Qwen3XmlToolParser):
+    """Seed-OSS-36B: Qwen3-Coder's calls inside <seed:tool_call> ... </seed:tool_call>."""
+
+    OPEN, CLOSE = "<seed:tool_call>", "</seed:tool_call>"
