@@ -1,4 +1,4 @@
-"""--reasoning-parser deepseek_r1 (and qwen3): a reasoning model's thinking apart from its answer, on the
+"""--reasoning-parser deepseek_r1 (and qwen3, seed_oss, mistral): a reasoning model's thinking apart from its answer, on the
 chat and responses routes, streamed or not, against OfflineLLM's raw text of the same prompt.
 
 The model (tiny_models.make_thinking_model) is a random Llama made to close its thinking with
@@ -162,6 +162,45 @@ def test_reasoning_tokens_count_up_to_the_end_of_the_thinking():
     assert ReasoningView(QWEN3, [7, 8]).reasoning_tokens([1, 1], "ab") == 0   # the prompt closed it
     assert ReasoningView(QWEN3, [1]).reasoning_tokens([1, 1], "ab") == 0      # nothing opened it
     assert ReasoningView(None, [1]).reasoning_tokens([1, 8], "a</think>") == 0
+
+
+class _TaggedTokenizer:
+    def get_vocab(self):
+        return {"<seed:think>": 7, "</seed:think>": 8, "[THINK]": 5, "[/THINK]": 6, "a": 1}
+
+
+SEED, MISTRAL = ReasoningParser("seed_oss", _TaggedTokenizer()), ReasoningParser("mistral", _TaggedTokenizer())
+
+
+@pytest.mark.parametrize("parser, text, thinking, reasoning, content", [
+    # seed_oss: Seed-OSS's own tags, and as deepseek_r1 an output nothing opened is thinking
+    (SEED, "<seed:think>plan</seed:think>answer", None, "plan", "answer"),
+    (SEED, "plan</seed:think>answer", True, "plan", "answer"),
+    (SEED, "<think>not these</think>", True, "<think>not these</think>", ""),
+    # mistral: Magistral's [THINK] tags; thinking only where the output (or prompt) opens it
+    (MISTRAL, "[THINK]plan[/THINK]answer", None, "plan", "answer"),
+    (MISTRAL, "just an answer", None, "", "just an answer"),
+    (MISTRAL, "[THINK]cut off", None, "cut off", ""),
+])
+def test_the_seed_oss_and_mistral_splits(parser, text, thinking, reasoning, content):
+    assert parser.thinking([1, 1]) is (True if parser is SEED else None)
+    split = parser.split(text, thinking=thinking)
+    assert (split.reasoning, split.content) == (reasoning, content)
+
+
+@pytest.mark.parametrize("parser", [SEED, MISTRAL], ids=["seed_oss", "mistral"])
+def test_the_seed_oss_and_mistral_streams_add_up_to_their_finished_split(parser):
+    rng = random.Random(2)
+    pieces = ["a", " ", "<seed:", "think>", "<seed:think>", "</seed:think>", "[THINK]", "[/THINK]", "[", "THINK"]
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(9))
+        progress, reasoning, content = ReasoningProgress(), "", ""
+        for cut in sorted(rng.sample(range(len(text) + 1), 4)):
+            r, c = progress.step(parser.split(text[:cut], finished=False, thinking=parser.thinking([1])))
+            reasoning, content = reasoning + r, content + c
+        r, c = progress.step(parser.split(text, finished=True, thinking=parser.thinking([1])))
+        final = parser.split(text, thinking=parser.thinking([1]))
+        assert (reasoning + r, content + c) == (final.reasoning, final.content), text
 
 
 def test_a_tokenizer_without_the_tags_is_refused_at_start():

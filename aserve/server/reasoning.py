@@ -1,4 +1,5 @@
-"""Reasoning models' thinking apart from their answer (vLLM's --reasoning-parser).
+"""Reasoning models' thinking apart from their answer (vLLM's --reasoning-parser: deepseek_r1,
+qwen3, seed_oss with <seed:think> tags, mistral with Magistral's [THINK] tags).
 
 DeepSeek-R1 and its distills (Llama and Qwen2 architectures), QwQ, Qwen3 and the like write
 their thinking first and close it with </think> (the opening <think> comes from the chat
@@ -29,9 +30,12 @@ from typing import Optional
 
 START, END = "<think>", "</think>"
 TOOL_CALL, FUNCTION = "<tool_call>", "<function"
-# --reasoning-parser NAME -> whether an output that nothing opened is thinking all the same,
-# whether a tool call inside the thinking ends it.
-_STYLES = {"deepseek_r1": (True, False), "qwen3": (False, True)}
+# --reasoning-parser NAME -> (its opening and closing tags, whether an output that nothing
+# opened is thinking all the same, whether a tool call inside the thinking ends it).
+_STYLES = {"deepseek_r1": (START, END, True, False),
+           "qwen3": (START, END, False, True),
+           "seed_oss": ("<seed:think>", "</seed:think>", True, False),   # Seed-OSS, as deepseek_r1
+           "mistral": ("[THINK]", "[/THINK]", False, False)}            # Magistral: thinks only if it opens
 PARSERS = tuple(_STYLES)
 
 
@@ -47,13 +51,13 @@ class ReasoningParser:
             raise ValueError(f"--reasoning-parser must be one of {', '.join(PARSERS)}, got {name!r}.")
         if tokenizer is None:
             raise ValueError("--reasoning-parser needs the model's tokenizer (not --skip-tokenizer-init).")
+        self.start, self.end, self.thinks_unopened, self.tool_call_ends_thinking = _STYLES[name]
         vocab = tokenizer.get_vocab()
-        self.start_id, self.end_id = vocab.get(START), vocab.get(END)
+        self.start_id, self.end_id = vocab.get(self.start), vocab.get(self.end)
         if self.start_id is None or self.end_id is None:
-            raise ValueError(f"--reasoning-parser {name}: this model's tokenizer has no {START} and {END} "
-                             "tokens, so it writes no thinking to take apart.")
+            raise ValueError(f"--reasoning-parser {name}: this model's tokenizer has no {self.start} and "
+                             f"{self.end} tokens, so it writes no thinking to take apart.")
         self.name = name
-        self.thinks_unopened, self.tool_call_ends_thinking = _STYLES[name]
         self.tool_call_id = vocab.get(TOOL_CALL)
 
     def prompt_closed_thinking(self, prompt_ids: list[int]) -> bool:
@@ -83,15 +87,15 @@ class ReasoningParser:
         if thinking is False:
             return Split("", text)
         body = text.lstrip()
-        if body.startswith(START):
-            body = body[len(START):]
-        elif not finished and START.startswith(body):
+        if body.startswith(self.start):
+            body = body[len(self.start):]
+        elif not finished and self.start.startswith(body):
             return Split("", "")   # maybe the model's own opening tag, still arriving
         elif thinking is None:
-            return Split("", text)   # nothing opened the thinking: no thinking (qwen3)
+            return Split("", text)   # nothing opened the thinking: no thinking (qwen3, mistral)
         else:
             body = text
-        reasoning, end, content = body.partition(END)
+        reasoning, end, content = body.partition(self.end)
         if self.tool_call_ends_thinking:
             # Whichever ends the thinking first wins: a later </think> is then the answer's.
             # Before a </think>, a <tool_call> is whole or never (nothing more comes between).
@@ -101,7 +105,7 @@ class ReasoningParser:
         if end:
             return Split(reasoning, content)
         if not finished:
-            reasoning = reasoning[:len(reasoning) - max(_tag_prefix_at_end(reasoning, END),
+            reasoning = reasoning[:len(reasoning) - max(_tag_prefix_at_end(reasoning, self.end),
                                                         _tag_prefix_at_end(reasoning, TOOL_CALL)
                                                         if self.tool_call_ends_thinking else 0)]
         return Split(reasoning, "")
