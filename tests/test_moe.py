@@ -107,3 +107,21 @@ def test_the_grouped_path_gives_transformers_greedy_tokens(monkeypatch, family):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == [hf_greedy(tiny_model_dir(family), p, 12) for p in prompts]
+
+
+def test_the_grouped_path_over_two_gloo_ranks_gives_transformers_greedy_tokens(monkeypatch):
+    """Each rank's experts hold half of every expert's intermediate size; the grouped partial
+    sums all-reduce to transformers' tokens (the worker processes inherit the switch)."""
+    from aserve import OfflineLLM, SamplingParams
+    from hf_reference import hf_greedy, random_prompts
+
+    monkeypatch.setenv("ASERVE_MOE_GROUPED_MM", "1")
+    path = tiny_model_dir("qwen3_moe")
+    llm = OfflineLLM(model=path, device="cpu", dtype="float32", kv_cache_memory_gb=0.05, tensor_parallel_size=2)
+    try:
+        prompts = random_prompts(9, [6, 23])
+        params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == [hf_greedy(path, p, 10) for p in prompts]
+    finally:
+        llm.shutdown()
