@@ -75,6 +75,7 @@ CASES = [
     ("pythonic", "<|python_start|>[get_time()]<|python_end|>", None, [("get_time", {})]),
     ("pythonic", "[1, 2, 3]", "[1, 2, 3]", []),
     ("pythonic", "[get_weather(city=somewhere)]", "[get_weather(city=somewhere)]", []),   # not a literal
+    ("pythonic", "[get_weather(metric=true)]", "[get_weather(metric=true)]", []),   # JSON's true: olmo3's only
     ("pythonic", "See [get_time()] above", "See [get_time()] above", []),
     ("pythonic", "[get_time(", "[get_time(", []),
     # qwen3_coder: values typed by the tool's schema
@@ -113,6 +114,14 @@ CASES = [
     # seed_oss: Qwen3-Coder's calls inside <seed:tool_call>
     ("seed_oss", "Let me see.<seed:tool_call>\n<function=get_weather>\n<parameter=days>\n2\n</parameter>\n"
                  "</function>\n</seed:tool_call>", "Let me see.", [("get_weather", {"days": 2})]),
+    # olmo3: one Python call a line inside <function_calls>, JSON's null/true/false taken
+    ("olmo3", '<function_calls>\nget_weather(city="Oslo", metric=true, maybe=null)\nget_time()\n</function_calls>',
+     None, [("get_weather", {"city": "Oslo", "metric": True, "maybe": None}), ("get_time", {})]),
+    ("olmo3", "Sure. <function_calls>\nget_time()\n</function_calls>", "Sure. <function_calls>\nget_time()\n"
+     "</function_calls>", []),                                  # only at the start, as vLLM's stream
+    ("olmo3", "<function_calls>\nnot a call\n</function_calls>", "<function_calls>\nnot a call\n"
+     "</function_calls>", []),
+    ("olmo3", '<function_calls>\nget_weather(city="Lima")', None, [("get_weather", {"city": "Lima"})]),   # cut off
     # Nested past what Python's parser takes: text, not a crash.
     ("pythonic", "[get_time(x=" + "[" * 400 + "]" * 400 + ")]", "[get_time(x=" + "[" * 400 + "]" * 400 + ")]", []),
 ]
@@ -166,7 +175,7 @@ def test_llama3_waits_through_leading_whitespace_before_deciding():
 
 def test_every_vllm_parser_name_is_offered():
     assert {"hermes", "llama3_json", "llama4_json", "mistral", "pythonic", "llama4_pythonic",
-            "qwen3_coder", "qwen3_xml", "granite", "phi4_mini_json", "seed_oss"} <= set(PARSERS)
+            "qwen3_coder", "qwen3_xml", "granite", "phi4_mini_json", "seed_oss", "olmo3"} <= set(PARSERS)
 
 
 def test_a_mistral_auto_request_keeps_special_tokens_and_others_do_not():

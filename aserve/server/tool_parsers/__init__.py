@@ -11,7 +11,7 @@ from aserve.server.tool_parsers.base import (CallBlockParser, Delta, ParsedCalls
 from aserve.server.tool_parsers.hermes import HermesToolParser
 from aserve.server.tool_parsers.json_calls import (GraniteToolParser, Llama3JsonToolParser, MistralToolParser,
                                                    Phi4MiniJsonToolParser)
-from aserve.server.tool_parsers.pythonic import PythonicToolParser
+from aserve.server.tool_parsers.pythonic import Olmo3ToolParser, PythonicToolParser
 from aserve.server.tool_parsers.qwen3_xml import Qwen3XmlToolParser, SeedOssToolParser
 
 # --tool-call-parser NAME -> its parser class (vLLM's names).
@@ -21,6 +21,7 @@ PARSERS: dict[str, type[ToolParser]] = {
     "llama3_json": Llama3JsonToolParser,
     "llama4_json": Llama3JsonToolParser,
     "mistral": MistralToolParser,
+    "olmo3": Olmo3ToolParser,
     "phi4_mini_json": Phi4MiniJsonToolParser,
     "pythonic": PythonicToolParser,
     "llama4_pythonic": PythonicToolParser,
@@ -30,6 +31,6 @@ PARSERS: dict[str, type[ToolParser]] = {
 }
 
 __all__ = ["PARSERS", "CallBlockParser", "Delta", "GraniteToolParser", "HermesToolParser", "Llama3JsonToolParser",
-           "MistralToolParser", "ParsedCalls", "Phi4MiniJsonToolParser", "PythonicToolParser", "Qwen3XmlToolParser",
+           "MistralToolParser", "Olmo3ToolParser", "ParsedCalls", "Phi4MiniJsonToolParser", "PythonicToolParser", "Qwen3XmlToolParser",
            "SeedOssToolParser", "ToolCall", "ToolParser", "call_arguments", "call_header", "calls_from_deltas",
            "new_call_id"]
