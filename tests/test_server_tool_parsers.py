@@ -34,6 +34,14 @@ FORMATS = {
     "qwen3_coder": (r"Let me look\.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n"
                     r"<parameter=days>\n[2-3]\n</parameter>\n</function>\n</tool_call>", "Let me look.\n",
                     [("get_weather", {"city": "Rome"})]),
+    "seed_oss": (r"On it\.<seed:tool_call>\n<function=get_weather>\n<parameter=city>\nRome\n</parameter>\n"
+                 r"</function>\n</seed:tool_call>", "On it.", [("get_weather", {"city": "Rome"})]),
+    "granite": (r'<tool_call>\[\{"name": "get_weather", "arguments": \{"city": "Rome", "days": [2-3]\}\}\]', None,
+                [("get_weather", {"city": "Rome"})]),
+    "phi4_mini_json": (r'Sure\. functools\[\{"name": "get_time", "arguments": \{\}\}\]', "Sure. ",
+                       [("get_time", {})]),
+    "olmo3": (r'<function_calls>\nget_weather\(city="Rome", days=[2-3]\)\n</function_calls>', None,
+              [("get_weather", {"city": "Rome"})]),
 }
 
 
