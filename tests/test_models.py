@@ -93,6 +93,8 @@ _VARIANTS = {
     # interpolated dimensions and the attention factor both show at the tested positions.
     "qwen2-rope-yarn": ("qwen2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                                                            original_max_position_embeddings=16))),
+    # stablelm-2-1_6b's form: sequential layers, no q/k norms, no biases.
+    "stablelm-2-1_6b": ("stablelm", dict(use_qkv_bias=False, qk_layernorm=False, use_parallel_residual=False)),
     # EXAONE-4.0-1.2B's form: no sliding layers, so every layer rotary.
     "exaone4-full": ("exaone4", dict(sliding_window=None, layer_types=["full_attention", "full_attention"])),
     # Command-R's form: no q/k norms, and biases (reordered with q's and k's rows).

@@ -18,7 +18,8 @@ from aserve.models.default_model import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 FAMILIES = ("opt", "opt-postln", "llama", "mistral", "qwen2", "qwen3", "gpt2", "mixtral", "qwen2_moe",
             "qwen3_moe", "phi3", "gemma", "gemma2", "gemma3", "granite", "olmo2", "olmo3", "starcoder2",
             "gpt_neox", "gpt_neox-sequential", "phi", "gpt_bigcode", "cohere", "cohere2", "smollm3", "olmoe",
-            "granitemoe", "glm", "glm4", "ernie4_5", "seed_oss", "arcee", "olmo", "exaone4")
+            "granitemoe", "glm", "glm4", "ernie4_5", "seed_oss", "arcee", "olmo", "exaone4",
+            "stablelm")
 VOCAB_SIZE = 512
 MAX_POSITIONS = 512
 
@@ -160,6 +161,14 @@ def _config(family: str, overrides: dict):
             kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"],
                       architectures=["Cohere2ForCausalLM"])
             cls = hf.Cohere2Config
+    elif family == "stablelm":
+        # stablelm-2-12b's form: q/k/v biases, per-head q/k LayerNorms, parallel attention and MLP;
+        # a quarter of each head rotated.
+        kw = dict(_LLAMA_LIKE, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True,
+                  layer_norm_eps=1e-5, tie_word_embeddings=False, architectures=["StableLmForCausalLM"],
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+        kw.pop("rms_norm_eps")
+        cls = hf.StableLmConfig
     elif family == "exaone4":
         # As the 32B: a sliding rotary layer, then a full one without rope.
         kw = dict(_LLAMA_LIKE, sliding_window=16, layer_types=["sliding_attention", "full_attention"],

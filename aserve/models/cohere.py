@@ -19,36 +19,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from aserve.distributed import current_group
 from aserve.models.decoder_lm import DecoderOnlyLM
 from aserve.models.layers import LayerNorm
+from aserve.models.layers.layernorm import PerHeadLayerNorm
 from aserve.models.layers.rotary import interleaved_pairs_to_halves
 from aserve.models.llama import LlamaAttention, LlamaMLP
-
-
-class PerHeadLayerNorm(nn.Module):
-    """A bias-free LayerNorm over each head of x [T, heads * head_dim], with one weight row per
-    head (Cohere's q_norm/k_norm), computed in float32 as transformers does. Each
-    tensor-parallel rank holds the rows of its heads: `replicas` ranks share each head (KV heads
-    replicated over more ranks than there are of them)."""
-
-    def __init__(self, num_heads: int, head_dim: int, eps: float, replicas: int = 1):
-        super().__init__()
-        group = current_group()
-        self.first_head = group.rank // replicas * num_heads
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(num_heads, head_dim), requires_grad=False)
-        self.weight.weight_loader = self._load
-
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        param.data.copy_(loaded.narrow(0, self.first_head, param.shape[0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = x.reshape(x.shape[0], *self.weight.shape).float()
-        mean = heads.mean(-1, keepdim=True)
-        variance = (heads - mean).pow(2).mean(-1, keepdim=True)
-        normed = self.weight.float() * ((heads - mean) * torch.rsqrt(variance + self.eps))
-        return normed.to(x.dtype).reshape(x.shape[0], -1)
 
 
 class CohereAttention(LlamaAttention):

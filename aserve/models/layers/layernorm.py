@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from aserve.cuda import fused
+from aserve.distributed import current_group
 from aserve.models.layers.linear import default_weight_loader
 
 
@@ -58,3 +59,32 @@ class LayerNorm(nn.LayerNorm):
         if len(self.normalized_shape) == 1 and fused.usable(x):
             return fused.layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
+
+
+class PerHeadLayerNorm(nn.Module):
+    """A bias-free LayerNorm over each head of x [T, heads * head_dim], with one weight row per
+    head (Cohere's and StableLM's q/k norms), computed in float32 as transformers does. Each
+    tensor-parallel rank holds the rows of its heads: `replicas` ranks share each head (KV heads
+    replicated over more ranks than there are of them). A checkpoint stores the rows as one
+    [heads, head_dim] tensor (Cohere), or one tensor a head (StableLM: shard_id is the head)."""
+
+    def __init__(self, num_heads: int, head_dim: int, eps: float, replicas: int = 1):
+        super().__init__()
+        group = current_group()
+        self.first_head = group.rank // replicas * num_heads
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim), requires_grad=False)
+        self.weight.weight_loader = self._load
+
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Optional[int] = None) -> None:
+        if shard_id is None:
+            param.data.copy_(loaded.narrow(0, self.first_head, param.shape[0]))
+        elif self.first_head <= shard_id < self.first_head + param.shape[0]:   # another rank's head: skipped
+            param.data[shard_id - self.first_head].copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = x.reshape(x.shape[0], *self.weight.shape).float()
+        mean = heads.mean(-1, keepdim=True)
+        variance = (heads - mean).pow(2).mean(-1, keepdim=True)
+        normed = self.weight.float() * ((heads - mean) * torch.rsqrt(variance + self.eps))
+        return normed.to(x.dtype).reshape(x.shape[0], -1)
