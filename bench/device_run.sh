@@ -37,7 +37,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 STAGES=${STAGES:-tests bench}
 WORKLOADS=${WORKLOADS:-A,A1,B1,B}
 # The CUDA tests (1,221 on the H200, seventeenth session) ran past 270 s: 1,071 done by then.
-# test_cuda_engine.py runs every tiny family (36 since the twenty-second session, 21 before).
+# test_cuda_engine.py runs every tiny family (35 since the twenty-second session, 18 before).
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-540}
 SERVING_TIMEOUT=${SERVING_TIMEOUT:-300}
 KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-150}
