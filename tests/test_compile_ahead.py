@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from aserve.cuda import compile_ahead, compiler, gemv, ops
+from aserve.cuda import compile_ahead, compiler, cubins, gemv, ops
 
 needs_nvrtc = pytest.mark.skipif(not compiler.nvrtc_available(),
                                  reason='NVRTC is not installed (pip install "cuda-python[all]")')
@@ -18,7 +18,7 @@ needs_nvrtc = pytest.mark.skipif(not compiler.nvrtc_available(),
 def fresh_cubin_cache(tmp_path, monkeypatch):
     """An empty disk cache (a first start on a machine) and no compiles in flight."""
     monkeypatch.setenv("ASERVE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(compiler, "_ahead", {})
+    monkeypatch.setattr(cubins, "_ahead", {})
 
 
 def _llama_8b_shape(**overrides):
@@ -75,7 +75,7 @@ def test_builds_compiled_ahead_land_in_the_cache_and_loads_take_them(tmp_path):
         assert cubin[:4] == b"\x7fELF"
         assert compiler.compile_cubin(source, options, 90) == cubin   # the disk cache's copy
     assert len(list((tmp_path / "cubins").glob("*.cubin"))) == 3
-    compiler._ahead.clear()
+    cubins._ahead.clear()
     assert compiler.compile_ahead(builds, 90) == 0     # cached on disk now
 
 
@@ -83,7 +83,7 @@ def test_builds_compiled_ahead_land_in_the_cache_and_loads_take_them(tmp_path):
 def test_a_build_that_fails_ahead_fails_again_where_it_is_loaded():
     broken = ("gemv.cu", ["-DROWS=1", "-DUNROLL=x"])   # not a number: gemv.cu does not compile
     assert compiler.compile_ahead([broken], 90) == 1
-    compiler._ahead[(broken[0], tuple(broken[1]), 90)].exception()   # finished, and only logged
+    cubins._ahead[(broken[0], tuple(broken[1]), 90)].exception()   # finished, and only logged
     with pytest.raises(compiler.KernelCompileError, match="gemv.cu"):
         compiler.cubin_for(*broken, 90)
 

@@ -1,7 +1,7 @@
 """The CUDA kernel builds a model will load, compiled together in worker threads while its
 weights load.
 
-On a machine whose cubin cache (compiler.py) is empty, a start used to compile each build the
+On a machine whose cubin cache (cubins.py) is empty, a start used to compile each build the
 moment the profiling forward or a decode graph's warm-up first reached it, one after another:
 ~20 builds, 7.7 s of model B's 11.5 s first start on an H200 host (bench/RESULTS.md,
 twenty-second session). The builds follow from the model's shape and each kernel module's own
@@ -15,7 +15,8 @@ import logging
 
 import torch
 
-from aserve.cuda.compiler import KERNEL_DTYPES, capability, compile_ahead, env_switch
+from aserve.cuda.compiler import KERNEL_DTYPES, capability, env_switch
+from aserve.cuda.cubins import compile_ahead
 from aserve.cuda.fused import kernels_enabled
 from aserve.cuda.gemv import gemv_builds
 from aserve.cuda.graph_inputs import graph_inputs_kernel_enabled
