@@ -20,31 +20,20 @@ import torch
 from torch import nn
 
 from aserve.models.decoder_lm import DecoderOnlyLM
+from aserve.models.head_normed_attention import HeadNormedAttention
 from aserve.models.layers import LayerNorm
-from aserve.models.layers.layernorm import PerHeadLayerNorm
 from aserve.models.layers.rotary import interleaved_pairs_to_halves
-from aserve.models.llama import LlamaAttention, LlamaMLP
+from aserve.models.llama import LlamaMLP
 
 
-class CohereAttention(LlamaAttention):
+class CohereAttention(HeadNormedAttention):
     def __init__(self, config, layer_idx: int):
         bias = getattr(config, "attention_bias", False)
-        super().__init__(config, layer_idx, bias, bias)
+        super().__init__(config, layer_idx, bias, bias, bool(getattr(config, "use_qk_norm", False)))
         layer_types = getattr(config, "layer_types", None)
         # Cohere 2's full-attention layers take no position embedding (transformers rotates only
         # where a layer slides).
         self.uses_rope = layer_types is None or layer_types[layer_idx] == "sliding_attention"
-        self.q_norm = self.k_norm = None
-        if getattr(config, "use_qk_norm", False):
-            eps = config.layer_norm_eps
-            self.q_norm = PerHeadLayerNorm(self.num_heads, self.head_dim, eps)
-            self.k_norm = PerHeadLayerNorm(self.num_kv_heads, self.head_dim, eps, self.qkv_proj.num_kv_head_replicas)
-
-    def forward(self, positions, hidden_states, kv_cache, attn_metadata):
-        q, k, v = self.split_qkv(hidden_states)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.attend(positions, q, k, v, kv_cache, attn_metadata)
 
 
 class CohereDecoderLayer(nn.Module):

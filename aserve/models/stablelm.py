@@ -14,28 +14,18 @@ import torch
 from torch import nn
 
 from aserve.models.decoder_lm import QKV_GATE_UP_SHARDS, DecoderOnlyLM
+from aserve.models.head_normed_attention import HeadNormedAttention
 from aserve.models.layers import LayerNorm, load_named_weights
-from aserve.models.layers.layernorm import PerHeadLayerNorm
-from aserve.models.llama import LlamaAttention, LlamaMLP
+from aserve.models.llama import LlamaMLP
 
 # One head's q or k norm in the checkpoint: ...self_attn.q_layernorm.norms.3.weight
 _HEAD_NORM = re.compile(r"^(?P<attn>.*\.self_attn)\.(?P<which>[qk])_layernorm\.norms\.(?P<head>\d+)\.weight$")
 
 
-class StableLmAttention(LlamaAttention):
+class StableLmAttention(HeadNormedAttention):
     def __init__(self, config, layer_idx: int):
-        super().__init__(config, layer_idx, bool(getattr(config, "use_qkv_bias", False)), False)
-        self.q_norm = self.k_norm = None
-        if getattr(config, "qk_layernorm", False):
-            eps = config.layer_norm_eps
-            self.q_norm = PerHeadLayerNorm(self.num_heads, self.head_dim, eps)
-            self.k_norm = PerHeadLayerNorm(self.num_kv_heads, self.head_dim, eps, self.qkv_proj.num_kv_head_replicas)
-
-    def forward(self, positions, hidden_states, kv_cache, attn_metadata):
-        q, k, v = self.split_qkv(hidden_states)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.attend(positions, q, k, v, kv_cache, attn_metadata)
+        super().__init__(config, layer_idx, bool(getattr(config, "use_qkv_bias", False)), False,
+                         bool(getattr(config, "qk_layernorm", False)))
 
 
 class StableLmDecoderLayer(nn.Module):
