@@ -192,7 +192,14 @@ def run(args) -> dict:
             worker.start()
         barrier.wait()
         start = time.time()
-        finished = [queue.get() for _ in workers]
+        finished = []
+        while len(finished) < n:
+            try:
+                finished.append(queue.get(timeout=1.0))
+            except Exception:   # queue.Empty: make sure no client process died instead of reporting
+                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if dead:
+                    raise SystemExit(f"a client process failed (exit status {dead[0]})") from None
         for worker in workers:
             worker.join()
         results = [Result(**r) for rows, *_ in finished for r in rows]
