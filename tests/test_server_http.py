@@ -163,3 +163,28 @@ def test_an_idle_keep_alive_connection_is_closed_after_its_response(server):
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
         assert _closed_by_server_within(sock, LIMITS.keep_alive_timeout_s + 3)
+
+
+def test_a_burst_of_connections_while_the_loop_is_busy_waits_no_retry(server):
+    """600 clients connect while the event loop is busy (0.5 s): the kernel queues them
+    (the listen backlog), so each is answered once the loop is free, none after the
+    second-long retry that a dropped connection waits for."""
+    server.loop.call_soon_threadsafe(time.sleep, 0.5)
+    started = time.monotonic()
+    socks = []
+    try:
+        for _ in range(600):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", server.port))
+            socks.append(sock)
+        for sock in socks:
+            sock.setblocking(True)
+            sock.settimeout(10.0)
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for sock in socks:
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")
+        assert time.monotonic() - started < 1.4   # 0.5 s busy; a dropped connection retries at 1 s+
+    finally:
+        for sock in socks:
+            sock.close()

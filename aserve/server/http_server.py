@@ -104,6 +104,12 @@ class _RequestHandler(web_protocol.RequestHandler):
         return error_response(err)
 
 
+# Connections the kernel holds for the loop to accept. aiohttp's default of 128 is overrun by a
+# burst of clients (a benchmark's 1000 requests at once): a connection past it is dropped and
+# its client's retry comes a second or more later. uvicorn, vLLM's server, listens with 2048.
+LISTEN_BACKLOG = 2048
+
+
 class _Server(web_server.Server):
     def __call__(self) -> web_protocol.RequestHandler:
         handler = super().__call__()
@@ -128,7 +134,7 @@ async def start_site(app: web.Application, host: str, port: int, limits: HttpLim
                         keepalive_timeout=limits.keep_alive_timeout_s,
                         shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     return runner, bound
