@@ -9,7 +9,10 @@
 #    aserve/engine/async_engine.py), then at the Poisson RATES with the default.
 # PREVIOUS_DIR (an earlier version unpacked, carried): its server too, first.
 # CLIENT_PROCESSES: bench/serving.py's --processes (default 1) for the servers' runs; one client
-# process parsing ~66k chunks a second may be what limits (its "Client CPU" row near 1.0).
+# process parsing ~66k chunks a second may be what limits (its "Client CPU" row near 1.0). A
+# list ("1 4") runs each server variant once per count.
+# SERVER_ARGS_SETS: server variants of one call, ';' between them, e.g.
+# "--max-num-seqs 256;--max-num-seqs 512" (each adds to SERVER_ARGS; default: one, the defaults).
 # TOKENIZER: bytes (default: a byte-level BPE, as OPT-125m's own) or words (earlier sessions'
 # word-level tokenizer), bench/make_random_model.py --tokenizer.
 # NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
@@ -73,14 +76,28 @@ serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one 
     if timing && [ "$dir" = . ]; then grep -E "^(===|  )" /tmp/sv_server.log | head -30; fi
 }
 
+all_processes=${CLIENT_PROCESSES:-1}
+first_processes=${all_processes%% *}
+CLIENT_PROCESSES=$first_processes   # the previous version's server and the Poisson runs take the first
 offline "no tokenizer" --skip-tokenizer-init
 offline "with a tokenizer"
 if [ -n "${PREVIOUS_DIR:-}" ]; then
     serve "previous version" inf "$PREVIOUS_DIR" PYTHONPATH="/tmp/site:$PWD/$PREVIOUS_DIR"
 fi
-for rest in $RESTS; do
-    serve "ASERVE_DELIVERY_REST=$rest" inf . ASERVE_DELIVERY_REST=$rest
+# Every server variant of one call: each set of SERVER_ARGS_SETS (';' between sets; a set adds
+# to SERVER_ARGS) with each count of CLIENT_PROCESSES (a list), at each rest.
+IFS=';' read -r -a arg_sets <<< "${SERVER_ARGS_SETS:-}"
+[ ${#arg_sets[@]} = 0 ] && arg_sets=("")
+base_args=${SERVER_ARGS:-}
+for set in "${arg_sets[@]}"; do
+    for processes in $all_processes; do
+        for rest in $RESTS; do
+            SERVER_ARGS="$base_args $set" CLIENT_PROCESSES=$processes \
+                serve "ASERVE_DELIVERY_REST=$rest${set:+,$set}, $processes client process(es)" inf . ASERVE_DELIVERY_REST=$rest
+        done
+    done
 done
+SERVER_ARGS=$base_args CLIENT_PROCESSES=$first_processes
 if [ "${NO_TOKENIZER_SERVER:-0}" = 1 ]; then
     SERVER_ARGS=--skip-tokenizer-init serve "--skip-tokenizer-init" inf .
 fi
