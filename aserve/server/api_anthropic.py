@@ -18,7 +18,6 @@ once the output has ended).
 
 from __future__ import annotations
 
-import uuid
 from typing import Optional
 
 import orjson
@@ -29,6 +28,7 @@ from aserve.server.engine_requests import add_all, fill_max_tokens, last_output
 from aserve.server.errors import APIError
 from aserve.server.prompts import ChatTemplateOptions, chat_prompt_ids
 from aserve.server.protocol_anthropic import MessagesRequest, chat_tools, tool_input
+from aserve.server.random_ids import random_hex_id
 from aserve.server.reasoning import ReasoningView
 from aserve.server.streaming import open_stream, request_failed, stream_or_report
 from aserve.server.structured_request import check_grammar
@@ -50,7 +50,7 @@ async def create_message(request: web.Request) -> web.StreamResponse:
     plan = req.tool_plan(state.tool_call_parser)
     params = req.to_sampling_params(plan, state.sampling_defaults)
     keep_special_tokens_for_parser(plan, params)
-    message_id = f"msg_{uuid.uuid4().hex}"
+    message_id = f"msg_{random_hex_id()}"
     with state.admit():
         await check_grammar(state, params, "output_config" if req.output_config else "tool_choice")
         prompt_ids = await _prompt(state, req, plan)
@@ -93,7 +93,7 @@ def _thinking_block(text: str) -> dict:
 
 
 def _tool_use_block(name: str, arguments) -> dict:
-    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": name, "input": arguments}
+    return {"type": "tool_use", "id": f"toolu_{random_hex_id()[:24]}", "name": name, "input": arguments}
 
 
 def _message(req: MessagesRequest, state: ServerState, message_id: str, content: list[dict],

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-import uuid
 from typing import Literal, Optional, Union
 
 import numpy as np
@@ -24,6 +23,7 @@ from aserve.pooling_params import PoolingParams
 from aserve.server.app import STATE, ServerState, json_response, note_usage, read_request
 from aserve.server.engine_requests import add_all, last_output
 from aserve.server.errors import APIError
+from aserve.server.random_ids import random_hex_id
 
 
 class EmbeddingRequest(BaseModel):
@@ -61,7 +61,7 @@ async def create_embeddings(request: web.Request) -> web.Response:
         raise APIError(400, "this model generates text; the Embeddings API needs a model served with "
                             "--runner pooling.", param="model")
     prompts, params = req.prompts(), req.pooling_params()
-    request_id = f"embd-{uuid.uuid4().hex}"
+    request_id = f"embd-{random_hex_id()}"
     with state.admit(len(prompts)):
         streams = await add_all(state, request_id, prompts, lambda _: params,
                                 add_special_tokens=req.add_special_tokens,

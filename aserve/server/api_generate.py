@@ -8,7 +8,6 @@ line when the request failed or the server aborted it).
 
 from __future__ import annotations
 
-import uuid
 
 import orjson
 from aiohttp import web
@@ -17,6 +16,7 @@ from aserve.outputs import RequestOutput
 from aserve.server.app import STATE, add_request_or_400, json_response, note_usage, read_request
 from aserve.server.prompts import prepare_prompt
 from aserve.server.protocol_generate import GenerateRequest, GenerateResponse
+from aserve.server.random_ids import random_hex_id
 from aserve.server.streaming import open_stream, request_failed, send_json_line_error, stream_or_report
 from aserve.server.structured_request import check_grammar
 
@@ -32,7 +32,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     with state.admit():
         await check_grammar(state, params, "guided_decoding" if req.guided_decoding is not None else "structured_outputs")
         prompt = await prepare_prompt(state, req.prompt, truncate_prompt_tokens=params.truncate_prompt_tokens)
-        stream = await add_request_or_400(state, f"generate-{uuid.uuid4().hex}", prompt, params)
+        stream = await add_request_or_400(state, f"generate-{random_hex_id()}", prompt, params)
     try:
         if not req.stream:
             final = None

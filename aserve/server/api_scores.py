@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Optional, Union
 
 import torch
@@ -23,6 +22,7 @@ from aserve.pooling_params import PoolingParams
 from aserve.server.app import STATE, ServerState, json_response, note_usage, read_request
 from aserve.server.engine_requests import add_all, last_output
 from aserve.server.errors import APIError
+from aserve.server.random_ids import random_hex_id
 
 
 class ScoreRequest(BaseModel):
@@ -52,7 +52,7 @@ async def _embed_texts(state: ServerState, texts: list[str], truncate: Optional[
                             "--runner pooling.", param="model")
     distinct = list(dict.fromkeys(texts))
     with state.admit(len(distinct)):
-        streams = await add_all(state, f"{kind}-{uuid.uuid4().hex}", distinct,
+        streams = await add_all(state, f"{kind}-{random_hex_id()}", distinct,
                                 lambda _: PoolingParams(normalize=True), truncate_prompt_tokens=truncate)
     try:
         outputs = await asyncio.gather(*(last_output(s) for s in streams))
@@ -83,7 +83,7 @@ async def score(request: web.Request) -> web.Response:
     vectors, tokens = await _embed_texts(state, first + second, req.truncate_prompt_tokens, "score")
     note_usage(request, tokens, 0)
     return json_response({
-        "id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+        "id": f"score-{random_hex_id()}", "object": "list", "created": int(time.time()),
         "model": state.served_model_name,
         "data": [{"index": i, "object": "score", "score": _cosine(vectors[a], vectors[b])}
                  for i, (a, b) in enumerate(zip(first, second))],
@@ -106,7 +106,7 @@ async def rerank(request: web.Request) -> web.Response:
     if req.top_n:   # None or 0: every document, as vLLM
         ranked = ranked[:req.top_n]
     return json_response({
-        "id": f"rerank-{uuid.uuid4().hex}", "model": state.served_model_name, "usage": {"total_tokens": tokens},
+        "id": f"rerank-{random_hex_id()}", "model": state.served_model_name, "usage": {"total_tokens": tokens},
         "results": [{"index": i, "document": {"text": texts[i]}, "relevance_score": s} for i, s in ranked]})
 
 

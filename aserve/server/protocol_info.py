@@ -4,18 +4,18 @@ as pydantic models; the chat and completion bodies are in protocol.py."""
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
 from aserve.server.protocol import ChatMessage, _Strict
+from aserve.server.random_ids import random_hex_id
 
 
 class ModelPermission(BaseModel):
     """What vLLM lists under a model card's `permission` (OpenAI's old model-permission
     object): sampling and logprobs allowed, no fine-tuning; some clients read it."""
-    id: str = Field(default_factory=lambda: f"modelperm-{uuid.uuid4().hex}")
+    id: str = Field(default_factory=lambda: f"modelperm-{random_hex_id()}")
     object: str = "model_permission"
     created: int = Field(default_factory=lambda: int(time.time()))
     allow_create_engine: bool = False

@@ -11,7 +11,6 @@ hosted tools, item references, stored prompts) is a 400 naming the field, never 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
@@ -21,6 +20,7 @@ from aserve.sampling_params import SamplingParams
 from aserve.server.errors import APIError, bad_request_from_value_error
 from aserve.server.protocol import output_kind_for
 from aserve.server.protocol_vllm import UNIMPLEMENTED_FIELDS
+from aserve.server.random_ids import random_hex_id
 from aserve.server.structured_request import structured_outputs_from
 from aserve.server.tool_calls import ToolPlan, plan_tools
 
@@ -42,7 +42,7 @@ _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "develop
 
 
 def new_item_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{random_hex_id()}"
 
 
 class ResponsesRequest(BaseModel):
@@ -120,7 +120,7 @@ class ResponsesRequest(BaseModel):
         return LOGPROBS_INCLUDE in (self.include or [])
 
     def response_id(self) -> str:
-        return f"resp_{self.request_id or uuid.uuid4().hex}"
+        return f"resp_{self.request_id or random_hex_id()}"
 
     # ------------------------------------------------------------------ tools and sampling
     def tool_plan(self, auto_parser: Optional[str]) -> ToolPlan:

@@ -9,12 +9,12 @@ and OpenAI ignore them. (Structured output and tool fields are owned by structur
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict
 
 from aserve.server.errors import APIError
+from aserve.server.random_ids import random_hex_id
 
 # vLLM's fields that aserve does not implement, with the value that means "not used": each is
 # refused when set to anything else. Why: prompt_embeds needs an embedding input path;
@@ -86,7 +86,7 @@ class VllmSamplingFields(_Strict):
                 "truncate_prompt_tokens": self.truncate_prompt_tokens}
 
     def response_id(self, prefix: str) -> str:
-        return f"{prefix}-{self.request_id or uuid.uuid4().hex}"
+        return f"{prefix}-{self.request_id or random_hex_id()}"
 
     def tokens_as_ids(self, server_default: bool) -> bool:
         return server_default if self.return_tokens_as_token_ids is None else self.return_tokens_as_token_ids

@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-import uuid
 
 from aiohttp import web
 
 from aserve.server.app import STATE
+from aserve.server.random_ids import random_hex_id
 
 # vLLM counts the routes that run a model or a tokenizer. /invocations counts once: the handler
 # it dispatches to runs inside the same request.
@@ -20,7 +20,7 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
     """on_response_prepare: runs just before any response's headers go out, streams and error
     answers included (a middleware could not add a header to a stream already started)."""
     # The client's id if it sent one (to match its logs with ours), else a fresh one.
-    response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or random_hex_id()
 
 
 @web.middleware

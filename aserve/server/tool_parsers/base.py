@@ -3,9 +3,10 @@ streaming frame of the formats whose calls follow a marker (CallBlockParser)."""
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
+
+from aserve.server.random_ids import random_hex_id
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class ToolCall:
 
 
 def new_call_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"   # vLLM's shape
+    return f"chatcmpl-tool-{random_hex_id()}"   # vLLM's shape
 
 
 @dataclass
