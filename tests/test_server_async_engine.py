@@ -97,6 +97,25 @@ async def test_a_loop_slow_to_deliver_gets_several_steps_per_output(async_engine
         assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
 
 
+async def test_the_loops_rest_ends_when_the_engine_runs_out_of_steps(async_engine, monkeypatch):
+    """The rest after a round of writes leaves the GIL to a stepping engine; once the engine
+    has nothing left to step, the last outputs go out at once, not after the whole rest."""
+    import aserve.engine.async_engine as async_engine_module
+
+    monkeypatch.setattr(async_engine_module, "_MAX_REST_S", 30.0)
+    async_engine.delivery_rest = 1e6   # every rest is the longest, 30 s, unless cut short
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def run(i: int) -> list:
+        return [out async for out in async_engine.generate(f"rest-{i}", f"Story {i}:", params)]
+
+    started = time.monotonic()
+    runs = await asyncio.wait_for(asyncio.gather(*(run(i) for i in range(4))), 20)
+    assert time.monotonic() - started < 10
+    for outputs in runs:
+        assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 12
+
+
 async def test_the_driver_sleeps_while_idle(async_engine):
     await asyncio.sleep(0.05)
     before = async_engine.num_steps

@@ -17,7 +17,8 @@ one round of writes (a chunk each) costs about as much as a step of a small mode
 GPU, and writing every step would halve the engine's speed. So when a round of writes takes
 longer than a step / DELIVERY_REST, the loop then rests DELIVERY_REST times as long as the
 writing took before it takes the next outputs: delivery gets at most 1 / (1 + DELIVERY_REST)
-of the time. A stream then gets its tokens in chunks of a few when the server is saturated,
+of the time. The rest ends early when the engine thread runs out of steps (the last tokens
+of a burst then go out at once, not up to 0.1 s later). A stream then gets its tokens in chunks of a few when the server is saturated,
 and one chunk per token when it is not. Streams themselves are in request_stream.py; a plain
 stream's chunks are written by its sink during the dispatch (server/chunk_sink.py), without
 waking its handler.
@@ -90,6 +91,9 @@ class AsyncEngine:
         self._wants_outputs = False
         self._stopping = False
         self._batch_waiter: Optional[asyncio.Future] = None
+        # Set (on the loop) when the engine thread ran out of steps with outputs waiting: the
+        # driver's rest, there to leave the GIL to a stepping engine, then ends at once.
+        self._engine_went_idle: Optional[asyncio.Event] = None
         self._engine_loop_done: Optional[asyncio.Future] = None
         self.delivery_rest = DELIVERY_REST
         self._step_seconds = 0.0    # a recent step's wall time, measured by the engine thread
@@ -118,6 +122,7 @@ class AsyncEngine:
             return
         loop = asyncio.get_running_loop()
         self._died = asyncio.Event()
+        self._engine_went_idle = asyncio.Event()
         self._engine_loop_done = loop.run_in_executor(self._executor, self._engine_loop, loop)
         self._driver = loop.create_task(self._run(), name="aserve-step-driver")
         workers = getattr(self.engine, "workers", None)
@@ -290,6 +295,11 @@ class AsyncEngine:
             self._work.clear()
             if self._inbox or self._stopping or (self._wants_outputs and (outputs or results or stepped)):
                 continue
+            if (outputs or results or stepped) and not engine.has_unfinished_requests():
+                # Idle with outputs the loop has not asked for yet: it is resting so as to
+                # leave the GIL to the steps, and there are none now (a run's last tokens
+                # waited up to the whole rest, 0.1 s, for it).
+                loop.call_soon_threadsafe(self._engine_went_idle.set)
             self._work.wait(_IDLE_STEP_WAIT_S if engine.has_unfinished_requests() else None)
 
     def _empty_engine(self) -> None:
@@ -314,6 +324,7 @@ class AsyncEngine:
 
     async def _next_batch(self):
         """The engine thread's next batch; raises what ended the engine thread's loop."""
+        self._engine_went_idle.clear()   # set again only when the engine idles after this
         self._batch_waiter = asyncio.get_running_loop().create_future()
         self._wants_outputs = True
         self._work.set()
@@ -347,12 +358,21 @@ class AsyncEngine:
                 # next to a step; past that, the loop rests and the engine's batches grow.
                 rest = (time.perf_counter() - started) * self.delivery_rest
                 if rest > self._step_seconds and rest >= _MIN_REST_S:
-                    await asyncio.sleep(min(rest, _MAX_REST_S))
+                    await self._rest(min(rest, _MAX_REST_S))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the engine itself failed: no step can be trusted now
             logger.exception("The engine's step driver failed; the server can serve no more requests")
             self._die(exc)
+
+    async def _rest(self, seconds: float) -> None:
+        """Leave the GIL to the engine thread for `seconds`, or until it has no step to run."""
+        if self._engine_went_idle.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._engine_went_idle.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def _die(self, exc: BaseException) -> None:
         """The engine failed for good: every open request ends with the error, /health turns
