@@ -8,6 +8,8 @@ GPU) come apart.
     (--detail anywhere: also the parts of launch and of the step's tensors)
     (--stand-in-model anywhere: no model work; each launched step's ids are ready at once)
     (--timeline anywhere: also when requests arrived and how full the steps were over the run)
+    (--stand-in-gpu BASE_MS,ROW_US,TOKEN_US,EAGER_MS with --stand-in-model: a modelled GPU's
+     step times and the eager prompt steps' host work, see _stand_in_gpu)
 
 offline: model A's workload through OfflineLLM.generate (random token ids, sampling at
 temperature 1, ignore_eos), timed after a warm-up. server: `python -m aserve` with the same
@@ -92,15 +94,54 @@ def _install_stand_in_model() -> None:
     import torch
 
     next_id = [0]
+    gpu = _stand_in_gpu()
+    gpu_free_at = [0.0]
 
     def launch(self, model_input, previous):
         rows = model_input.num_sample_rows
         start = next_id[0]
         next_id[0] = (start + rows) % 3000
         ids = torch.arange(start, start + rows, dtype=torch.long) % 3000 + 300
-        return model_runner.PendingStep.start(ids)
+        pending = model_runner.PendingStep.start(ids)
+        if gpu is not None:
+            base_ms, row_us, token_us, eager_ms = gpu
+            num_tokens = int(model_input.attn_metadata.num_tokens)
+            if num_tokens > rows and eager_ms:   # prompt tokens: an eager forward, the GIL held
+                spin_until = time.perf_counter() + eager_ms / 1e3
+                while time.perf_counter() < spin_until:
+                    pass
+            busy_s = (base_ms + rows * row_us / 1e3 + max(0, num_tokens - rows) * token_us / 1e3) / 1e3
+            gpu_free_at[0] = max(time.perf_counter(), gpu_free_at[0]) + busy_s
+            pending.stand_in_done_at = gpu_free_at[0]
+        return pending
 
     model_runner.ModelRunner.launch = launch
+    if gpu is not None:
+        original_result = model_runner.PendingStep.result
+
+        def result(self):
+            wait = getattr(self, "stand_in_done_at", 0.0) - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)   # as a wait on the device: the GIL is free meanwhile
+            return original_result(self)
+
+        model_runner.PendingStep.result = result
+
+
+def _stand_in_gpu():
+    """--stand-in-gpu BASE_MS,ROW_US,TOKEN_US,EAGER_MS (with --stand-in-model): each step also
+    keeps a modelled GPU busy for BASE_MS + ROW_US a sampled row + TOKEN_US a prompt token (its
+    result waits for that, the GIL free, as a wait on the device does; steps queue on the one
+    GPU), and a step with prompt tokens first holds the GIL for EAGER_MS (the eager forward's
+    host work; decode steps replay graphs). None without the flag."""
+    if "--stand-in-gpu" not in sys.argv:
+        return None
+    at = sys.argv.index("--stand-in-gpu")
+    values = [float(v) for v in sys.argv[at + 1].split(",")]
+    del sys.argv[at:at + 2]
+    if len(values) != 4:
+        sys.exit("--stand-in-gpu takes BASE_MS,ROW_US,TOKEN_US,EAGER_MS")
+    return values
 
 
 _steps: list[tuple[float, int, int]] = []   # --timeline: (time, running, waiting) a schedule
@@ -150,6 +191,8 @@ def _report_timeline() -> None:
             print(f"=== timeline: {label}: {len(times)}; at 10/25/50/75/90%/last: "
                   + " / ".join(f"{(t - t0) * 1e3:.0f}" for t in marks + [times[-1]]) + " ms", flush=True)
     span = _steps[-1][0] - _steps[0][0] or 1e-9
+    print(f"=== timeline: t0 (the first arrival, or step) at {t0:.4f} s of the monotonic clock; the "
+          f"last step at {_steps[-1][0]:.4f}", flush=True)
     print(f"=== timeline: steps by tenth of the run ({(_steps[0][0] - t0) * 1e3:.0f} to "
           f"{(_steps[-1][0] - t0) * 1e3:.0f} ms): steps, mean rows running, mean waiting", flush=True)
     for tenth in range(10):
@@ -215,8 +258,13 @@ def run_offline(argv: list[str]) -> None:
     p.add_argument("--vocab", type=int, default=30000, help="prompt ids are drawn from [100, vocab)")
     p.add_argument("--load-format", default="dummy")
     p.add_argument("--skip-tokenizer-init", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
     args = p.parse_args(argv)
-    llm = OfflineLLM(model=args.model, load_format=args.load_format, skip_tokenizer_init=args.skip_tokenizer_init)
+    limits = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
+                                ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+    llm = OfflineLLM(model=args.model, load_format=args.load_format, skip_tokenizer_init=args.skip_tokenizer_init,
+                     **limits)
     prompts = np.random.RandomState(0).randint(100, args.vocab, size=(args.num_prompts, args.input_len))
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     warm_up = np.random.RandomState(1).randint(100, args.vocab, size=(32, args.input_len))  # not the run's

@@ -14,7 +14,10 @@ default, English words, repeats words, which a prefix cache partly reuses).
 vLLM's `ignore_eos` extra (fixed output lengths) is sent only with --ignore-eos.
 One Python process parses every streamed chunk, so at tens of thousands of chunks a second the
 client itself can set the pace: "Client CPU (cores busy)" near 1.0 a process says so, and
---processes N shares the requests (and the rate) over N client processes.
+--processes N shares the requests (and the rate) over N client processes. All at once, one
+process starts every request before any of its connections is up (~0.2 s for 1000 on the
+development VM): --warm-connections opens them beforehand, as a pool of keep-alive connections
+would hold them.
 Token counts come from the final usage chunk (stream_options.include_usage); a server that
 sends none is measured in chunks instead (--no-usage to stop asking). --no-stream sends
 non-streaming requests: throughput and whole-request latency (as TTFT) only.
@@ -149,24 +152,48 @@ async def _served_model(args) -> str:
             return (await resp.json())["data"][0]["id"]
 
 
-async def _send_all(args, model: str, prompts: list, rate: float, rng: random.Random) -> list[Result]:
-    """Every prompt as its own request, all at once or as a Poisson process at `rate` a second."""
+async def _open_connections(session: aiohttp.ClientSession, args, count: int) -> None:
+    """--warm-connections: `count` keep-alive connections opened (one /v1/models call each, all
+    at once, so none is reused) and left in the session's pool before the clock starts."""
+    async def touch() -> None:
+        async with session.get(args.base_url.rstrip("/") + "/v1/models") as resp:
+            await resp.read()
+
+    await asyncio.gather(*(touch() for _ in range(count)))
+
+
+async def _send_all(args, model: str, prompts: list, rate: float, rng: random.Random,
+                    ready=None) -> tuple[list[Result], float, float, float]:
+    """Every prompt as its own request, all at once or as a Poisson process at `rate` a second.
+    Returns the results, the wall-clock times (time.time) of the first send and of the last
+    answer, and the client's CPU seconds in between. `ready` (a coroutine function) is awaited
+    just before the clock starts (the other client processes' barrier)."""
     async with _session(args) as session:
+        if args.warm_connections:
+            await _open_connections(session, args, min(len(prompts), args.max_concurrency or len(prompts)))
+        if ready is not None:
+            await ready()
+        start, cpu = time.time(), time.process_time()
         tasks = []
         for prompt in prompts:
             tasks.append(asyncio.create_task(one_request(session, args, model, prompt)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
-        return await asyncio.gather(*tasks)
+        results = await asyncio.gather(*tasks)
+        # The clock stops at the last answer, before the session closes its connections (vLLM's
+        # benchmark measures the same span).
+        return results, start, time.time(), time.process_time() - cpu
 
 
 def _client_process(args, model: str, prompts: list, rate: float, seed: int, barrier, queue) -> None:
     """One of --processes clients: its share of the prompts, at its share of the rate (N Poisson
-    processes at rate/N make one at the rate), started with the others at the barrier."""
-    barrier.wait()
-    start, cpu = time.time(), time.process_time()
-    results = asyncio.run(_send_all(args, model, prompts, rate, random.Random(seed)))
-    queue.put(([dataclasses.asdict(r) for r in results], start, time.time(), time.process_time() - cpu))
+    processes at rate/N make one at the rate), started with the others at the barrier (after
+    its connections are open, with --warm-connections)."""
+    async def at_barrier() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+
+    results, start, end, cpu = asyncio.run(_send_all(args, model, prompts, rate, random.Random(seed), at_barrier))
+    queue.put(([dataclasses.asdict(r) for r in results], start, end, cpu))
 
 
 def run(args) -> dict:
@@ -175,11 +202,11 @@ def run(args) -> dict:
     prompts = [make_prompt(rng, args.input_len, args.random_token_ids) for _ in range(args.num_prompts)]
     print(f"Benchmarking {model} at {args.base_url}: {args.num_prompts} requests, "
           f"rate {args.request_rate}/s, ~{args.input_len} words in, {args.output_len} tokens out"
-          + (f", from {args.processes} client processes" if args.processes > 1 else ""), flush=True)
+          + (f", from {args.processes} client processes" if args.processes > 1 else "")
+          + (", over connections opened beforehand" if args.warm_connections else ""), flush=True)
     if args.processes == 1:
-        start, cpu = time.perf_counter(), time.process_time()
-        results = asyncio.run(_send_all(args, model, prompts, args.request_rate, rng))
-        duration, cpu = time.perf_counter() - start, time.process_time() - cpu
+        results, start, end, cpu = asyncio.run(_send_all(args, model, prompts, args.request_rate, rng))
+        duration = end - start
     else:
         # Processes of their own (spawned: no event loop or session forked), each with its own
         # share; the run lasts from the common start to the last process's end.
@@ -205,7 +232,7 @@ def run(args) -> dict:
         results = [Result(**r) for rows, *_ in finished for r in rows]
         duration, cpu = max(end for _, _, end, _ in finished) - start, sum(c for *_, c in finished)
     summary = summarize(args, model, results, duration)
-    summary["client"].update(processes=args.processes, cpu_s=cpu)
+    summary["client"].update(processes=args.processes, cpu_s=cpu, warm_connections=args.warm_connections)
     return summary
 
 
@@ -287,6 +314,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="client processes sharing the requests (and the rate), for servers that one "
                         "Python client cannot keep up with")
+    p.add_argument("--warm-connections", action="store_true",
+                   help="open a keep-alive connection per request in flight before the clock starts (as "
+                        "a gateway's or the openai client's pool would hold them), so that the run does "
+                        "not time the client's own burst of TCP connects")
     p.add_argument("--input-len", type=int, default=128, help="prompt length in words (or token ids)")
     p.add_argument("--random-token-ids", type=int, default=None, metavar="VOCAB",
                    help="prompts of random token ids below VOCAB (completions only)")

@@ -59,6 +59,19 @@ def test_engine_thread_timing_with_the_stand_in_model_runs_no_model():
     assert "output tok/s" in out
 
 
+def test_engine_thread_timing_models_a_gpus_step_times():
+    """--stand-in-gpu: each step waits for its modelled GPU time (the GIL free), so a run of
+    n steps takes at least n times the base time; steps with prompt tokens are counted."""
+    out = _run(os.path.join(BENCH, "engine_thread_timing.py"), "offline", tiny_model_dir("opt"),
+               "--num-prompts", "8", "--input-len", "8", "--output-len", "6", "--vocab", "500",
+               "--load-format", "auto", "--stand-in-model", "--stand-in-gpu", "20,0,0,5",
+               "--max-num-seqs", "8")
+    step_line = next(line for line in out.splitlines() if line.strip().startswith("step "))
+    assert float(step_line.split()[2]) >= 19.0   # wall ms a step: the modelled GPU's 20 ms
+    header = next(line for line in out.splitlines() if "steps," in line)
+    assert "1 of them with prompt tokens" in header
+
+
 def test_profile_run_reports_steps_by_kind_and_the_host_ops():
     out = _run(os.path.join(BENCH, "profile_run.py"), "--workload", "A", "--tiny", "--num-prompts", "12",
                "--window", "0:20", "--host", "--top", "5")

@@ -143,3 +143,24 @@ def test_the_serving_benchmark_shares_its_requests_over_client_processes(server,
     after = server.call(lambda: server.state.async_engine.engine.get_stats())
     assert after.generation_tokens_total - before.generation_tokens_total == 7 * 3   # each sent once
     assert "Client CPU (cores busy)" in out.stdout
+
+
+def test_the_serving_benchmark_can_open_its_connections_before_the_clock(server, tmp_path):
+    """--warm-connections (with client processes too): the requests all complete over the
+    connections opened beforehand, and the summary says the run was measured so."""
+    import json
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for processes in ("1", "2"):
+        result = tmp_path / f"result{processes}.json"
+        out = subprocess.run([sys.executable, os.path.join(repo, "bench", "serving.py"), "--base-url", server.url,
+                              "--num-prompts", "6", "--input-len", "8", "--output-len", "3", "--ignore-eos",
+                              "--warm-connections", "--processes", processes, "--result-json", str(result)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        summary = json.loads(result.read_text())
+        assert summary["completed"] == 6 and summary["failed"] == 0
+        assert summary["client"]["warm_connections"] is True
+        assert "over connections opened beforehand" in out.stdout
