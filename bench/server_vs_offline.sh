@@ -11,6 +11,8 @@
 # CLIENT_PROCESSES: bench/serving.py's --processes (default 1) for the servers' runs; one client
 # process parsing ~66k chunks a second may be what limits (its "Client CPU" row near 1.0). A
 # list ("1 4") runs each server variant once per count.
+# CLIENT_ARGS_SETS: bench/serving.py flags per run, ';' between sets, each run with every server
+# variant, e.g. ";--warm-connections" (connections opened before the clock, and not).
 # SERVER_ARGS_SETS: server variants of one call, ';' between them, e.g.
 # "--max-num-seqs 256;--max-num-seqs 512" (each adds to SERVER_ARGS; default: one, the defaults).
 # TOKENIZER: bytes (default: a byte-level BPE, as OPT-125m's own) or words (earlier sessions'
@@ -69,7 +71,7 @@ serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one 
     [ "$rate" != inf ] && n=${RATE_PROMPTS:-300}
     echo "=== server A, $label, rate $rate, $n prompts: $(timeout 200 python3 bench/serving.py \
         --base-url http://localhost:8125 --request-rate "$rate" --num-prompts $n --input-len 128 \
-        --output-len 128 --random-token-ids 30000 --ignore-eos --processes "${CLIENT_PROCESSES:-1}" 2>&1 \
+        --output-len 128 --random-token-ids 30000 --ignore-eos --processes "${CLIENT_PROCESSES:-1}" ${CLIENT_ARGS:-} 2>&1 \
         | grep -E 'Failed|Output token|Client CPU|MEAN|P50|P99' | tr -s ' ' | paste -sd' ')"
     kill -INT $server
     wait $server 2>/dev/null
@@ -89,11 +91,16 @@ fi
 IFS=';' read -r -a arg_sets <<< "${SERVER_ARGS_SETS:-}"
 [ ${#arg_sets[@]} = 0 ] && arg_sets=("")
 base_args=${SERVER_ARGS:-}
+IFS=';' read -r -a client_sets <<< "${CLIENT_ARGS_SETS:-}"
+[ ${#client_sets[@]} = 0 ] && client_sets=("")
 for set in "${arg_sets[@]}"; do
     for processes in $all_processes; do
-        for rest in $RESTS; do
-            SERVER_ARGS="$base_args $set" CLIENT_PROCESSES=$processes \
-                serve "ASERVE_DELIVERY_REST=$rest${set:+,$set}, $processes client process(es)" inf . ASERVE_DELIVERY_REST=$rest
+        for client_set in "${client_sets[@]}"; do
+            for rest in $RESTS; do
+                SERVER_ARGS="$base_args $set" CLIENT_PROCESSES=$processes CLIENT_ARGS=$client_set \
+                    serve "ASERVE_DELIVERY_REST=$rest${set:+,$set}, $processes client process(es)${client_set:+ $client_set}" \
+                    inf . ASERVE_DELIVERY_REST=$rest
+            done
         done
     done
 done
