@@ -18,10 +18,10 @@ GPU, and writing every step would halve the engine's speed. So when a round of w
 longer than a step / DELIVERY_REST, the loop then rests DELIVERY_REST times as long as the
 writing took before it takes the next outputs: delivery gets at most 1 / (1 + DELIVERY_REST)
 of the time. The rest ends early when the engine thread runs out of steps (the last tokens
-of a burst then go out at once, not up to 0.1 s later). A stream then gets its tokens in chunks of a few when the server is saturated,
-and one chunk per token when it is not. Streams themselves are in request_stream.py; a plain
-stream's chunks are written by its sink during the dispatch (server/chunk_sink.py), without
-waking its handler.
+of a burst then go out at once, not up to 0.1 s later). A stream then gets its tokens in
+chunks of a few when the server is saturated, and one chunk per token when it is not.
+Streams themselves are in request_stream.py; a plain stream's chunks are written by its sink
+during the dispatch (server/chunk_sink.py), without waking its handler.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ line when the request failed or the server aborted it).
 
 from __future__ import annotations
 
-
 import orjson
 from aiohttp import web
 
