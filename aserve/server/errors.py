@@ -16,6 +16,13 @@ from aserve.sampling_params import SamplingParams
 from aserve.server.json_body import loads_fast, with_exact_integers
 
 
+
+# An empty or missing prompt: vLLM's server words it as the first sentence (newer versions,
+# where prompt_embeds may replace the prompt), its engine as the second (older ones); clients'
+# tests match either.
+EMPTY_PROMPT = ("Either prompt or prompt_embeds must be provided and non-empty: the decoder prompt "
+                "cannot be empty.")
+
 class APIError(Exception):
     """An error for the client, carried to the door and written as OpenAI's error body."""
 

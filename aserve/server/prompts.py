@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.server.content_format import as_template_content
-from aserve.server.errors import APIError
+from aserve.server.errors import EMPTY_PROMPT, APIError
 
 if TYPE_CHECKING:
     from aserve.server.app import ServerState
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 # hence the slack, and a floor for tokenizers whose vocabulary says little.
 _CHARS_PER_TOKEN_SLACK = 2
 # vLLM's words: clients match on them.
-EMPTY_PROMPT = "The decoder prompt cannot be empty."
 _MIN_CHARS_PER_TOKEN = 16
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aserve.models.generation_config import sampling_fields
 from aserve.sampling_params import RequestOutputKind, SamplingParams
-from aserve.server.errors import APIError, bad_request_from_value_error
+from aserve.server.errors import EMPTY_PROMPT, APIError, bad_request_from_value_error
 from aserve.server.structured_request import request_constraint
 from aserve.server.tool_calls import template_messages
 from aserve.server.protocol_vllm import VllmChatFields, VllmCompletionFields, VllmSamplingFields
@@ -126,19 +126,25 @@ PromptInput = Union[str, list[str], list[int], list[list[int]]]
 
 
 class CompletionRequest(_SamplingRequest, VllmCompletionFields):
-    prompt: PromptInput
+    # Optional as in vLLM, whose prompt_embeds may stand in for it: a request with neither
+    # (prompt_embeds is refused here anyway) gets vLLM's message, as an empty prompt does.
+    prompt: Optional[PromptInput] = None
     suffix: Optional[str] = None
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = None
     echo: bool = False
+
+    @model_validator(mode="after")
+    def _has_a_prompt(self) -> "CompletionRequest":
+        if self.prompt is None or len(self.prompt) == 0:
+            raise APIError(400, EMPTY_PROMPT, param="prompt")
+        return self
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt field as a list of prompts, each a string or a list of token ids."""
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if not p:
-            raise APIError(400, "The decoder prompt cannot be empty.", param="prompt")
         if isinstance(p[0], int):
             return [p]
         return list(p)
