@@ -105,6 +105,27 @@ def test_an_empty_prompt_says_what_vllm_says(client, server, prompt, extra):
     assert info.value.body["param"] == "prompt"
 
 
+@pytest.mark.parametrize("prompt", [[-1], [[5, -1]], [10 ** 6]])
+def test_an_id_outside_the_vocabulary_says_what_vllm_says(client, server, prompt):
+    """vLLM refuses a negative id by its protocol's bound, a large one as out of vocabulary."""
+    words = "greater than or equal to 0" if "-1" in str(prompt) else "out of vocabulary"
+    with pytest.raises(openai.BadRequestError, match=words) as info:
+        client.completions.create(model=server.model_name, prompt=prompt, max_tokens=2)
+    assert "out of vocabulary" in info.value.body["message"] and info.value.body["param"] == "prompt"
+
+
+@pytest.mark.parametrize("route", ["completions", "chat"])
+def test_a_json_schema_format_without_its_schema_says_what_vllm_says(client, server, route):
+    with pytest.raises(openai.BadRequestError, match="json_schema.*must be provided") as info:
+        if route == "completions":
+            client.completions.create(model=server.model_name, prompt="x", max_tokens=2,
+                                      extra_body={"response_format": {"type": "json_schema"}})
+        else:
+            client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "x"}],
+                                           max_tokens=2, response_format={"type": "json_schema"})
+    assert info.value.body["param"] == "response_format"
+
+
 @pytest.mark.parametrize("model", ["", None])
 def test_an_empty_or_missing_model_means_the_served_model(server, model):
     body = {"prompt": "Hi", "max_tokens": 2}

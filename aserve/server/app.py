@@ -122,7 +122,10 @@ class ServerState:
         # An id outside the embedding table would fail the whole batch's forward, not just this one.
         for t in token_ids:
             if not 0 <= t < self.vocab_size:
-                raise APIError(400, f"Token id {t} is out of vocabulary (valid ids are 0 to "
+                # vLLM refuses a negative id as its protocol's bound does ("greater than or equal
+                # to 0"), a large one as out of vocabulary: clients' tests match either.
+                bound = ": an id must be greater than or equal to 0" if t < 0 else ""
+                raise APIError(400, f"Token id {t} is out of vocabulary{bound} (valid ids are 0 to "
                                     f"{self.vocab_size - 1}).", param="prompt")
 
     def require_tokenizer(self, param: str):

@@ -138,7 +138,9 @@ def _from_response_format(response_format: Any, kind: str) -> StructuredOutputsP
     spec = _get(response_format, "json_schema")
     schema = _get(spec, "schema") if isinstance(spec, dict) else None
     if schema is None:
-        raise ValueError("type json_schema needs json_schema.schema (the JSON schema).")
+        # vLLM's words (clients' tests match them), and where the schema goes.
+        raise ValueError("When response_format type is 'json_schema', the 'json_schema' field must be "
+                         "provided, with the JSON schema as json_schema.schema.")
     return StructuredOutputsParams(json=_plain(schema))
 
 
