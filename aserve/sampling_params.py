@@ -278,18 +278,26 @@ def _number_above(name: str, value, low: float, wording: str, upper: float) -> N
 def _parse_logit_bias(logit_bias) -> dict[int, float]:
     if not isinstance(logit_bias, dict):
         raise ValueError(f"logit_bias must be a mapping of token id to bias, got {type(logit_bias).__name__}.")
+    not_ids = [key for key in logit_bias if not _is_token_id_key(key)]
+    if not_ids:   # every one named, as vLLM does
+        raise ValueError(f"logit_bias keys must be token ids, got {', '.join(map(repr, not_ids[:10]))}.")
     parsed: dict[int, float] = {}
     for key, bias in logit_bias.items():
-        try:
-            token_id = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"logit_bias keys must be token ids, got {key!r}.") from None
+        token_id = int(key)
         if token_id < 0:
             raise ValueError(f"logit_bias keys must be non-negative token ids, got {token_id}.")
         if not _is_number(bias) or not (-100.0 <= bias <= 100.0):
             raise ValueError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {token_id}.")
         parsed[token_id] = float(bias)
     return parsed
+
+
+def _is_token_id_key(key) -> bool:
+    try:
+        int(key)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclass

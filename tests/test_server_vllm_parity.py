@@ -114,6 +114,27 @@ def test_an_id_outside_the_vocabulary_says_what_vllm_says(client, server, prompt
     assert "out of vocabulary" in info.value.body["message"] and info.value.body["param"] == "prompt"
 
 
+@pytest.mark.parametrize("field", ["stop_token_ids", "logit_bias"])
+def test_an_id_past_the_vocabulary_is_named_with_the_vocabulary_size(client, server, field):
+    """As vLLM's tests read it: the refused id and the vocabulary's size, both in the message."""
+    vocab = server.state.vocab_size
+    extra = {"stop_token_ids": [vocab + 1]} if field == "stop_token_ids" else {"logit_bias": {str(vocab + 1): 1.0}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=2, extra_body=extra)
+    assert str(vocab + 1) in str(info.value) and str(vocab) in str(info.value)
+    ok = {"stop_token_ids": [vocab - 1]} if field == "stop_token_ids" else {"logit_bias": {str(vocab - 1): 1.0}}
+    client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "x"}],
+                                   max_tokens=2, extra_body=ok)
+
+
+def test_every_logit_bias_key_that_is_no_token_id_is_named(client, server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "x"}],
+                                       max_tokens=2, logit_bias={"bad1": 50.0, "bad2": 20.0})
+    assert "bad1" in str(info.value) and "bad2" in str(info.value) and "logit_bias" in str(info.value)
+
+
 @pytest.mark.parametrize("route", ["completions", "chat"])
 def test_a_json_schema_format_without_its_schema_says_what_vllm_says(client, server, route):
     with pytest.raises(openai.BadRequestError, match="json_schema.*must be provided") as info:

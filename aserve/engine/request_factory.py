@@ -112,8 +112,8 @@ class RequestFactory:
                           ("allowed_token_ids", params.allowed_token_ids or ())):
             outside = [t for t in ids if t >= vocab]
             if outside:
-                raise ValueError(f"{name} holds token ids outside the vocabulary (valid ids are 0 "
-                                 f"to {vocab - 1}): {outside[:5]}.")
+                raise ValueError(f"{name} holds token ids outside the vocabulary of {vocab} tokens "
+                                 f"(valid ids are 0 to {vocab - 1}): {outside[:5]}.")
 
     def _tokenize(self, prompt) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, TokenizedPrompt):

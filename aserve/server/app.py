@@ -125,8 +125,9 @@ class ServerState:
                 # vLLM refuses a negative id as its protocol's bound does ("greater than or equal
                 # to 0"), a large one as out of vocabulary: clients' tests match either.
                 bound = ": an id must be greater than or equal to 0" if t < 0 else ""
-                raise APIError(400, f"Token id {t} is out of vocabulary{bound} (valid ids are 0 to "
-                                    f"{self.vocab_size - 1}).", param="prompt")
+                raise APIError(400, f"Token id {t} is out of vocabulary{bound} (the vocabulary's "
+                                    f"{self.vocab_size} tokens are ids 0 to {self.vocab_size - 1}).",
+                               param="prompt")
 
     def require_tokenizer(self, param: str):
         """The tokenizer, or a 400 naming `param` when the server runs without one."""
