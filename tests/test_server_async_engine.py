@@ -116,6 +116,19 @@ async def test_the_loops_rest_ends_when_the_engine_runs_out_of_steps(async_engin
         assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 12
 
 
+async def test_a_cancel_that_meets_the_end_of_a_rest_is_never_lost(async_engine):
+    """The engine going idle (the rest's end) and a shutdown's cancel in one turn of the
+    loop: the rest must raise the cancel (Python 3.11's wait_for returned normally, and the
+    driver went on to find the engine thread gone, logged as a failure)."""
+    async_engine._engine_went_idle.clear()
+    rest = asyncio.create_task(async_engine._rest(10.0))
+    await asyncio.sleep(0)   # resting now
+    async_engine._engine_went_idle.set()
+    rest.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await rest
+
+
 async def test_the_driver_sleeps_while_idle(async_engine):
     await asyncio.sleep(0.05)
     before = async_engine.num_steps

@@ -364,6 +364,8 @@ class AsyncEngine:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the engine itself failed: no step can be trusted now
+            if self._stopping and isinstance(exc, EngineDeadError):
+                return   # a shutdown: the engine thread's loop ended as it was asked to
             logger.exception("The engine's step driver failed; the server can serve no more requests")
             self._die(exc)
 
@@ -371,10 +373,13 @@ class AsyncEngine:
         """Leave the GIL to the engine thread for `seconds`, or until it has no step to run."""
         if self._engine_went_idle.is_set():
             return
+        # asyncio.wait, not wait_for: Python 3.11's wait_for returns normally when it is
+        # cancelled just as the event is set, and a shutdown's cancel was then lost.
+        idle = asyncio.ensure_future(self._engine_went_idle.wait())
         try:
-            await asyncio.wait_for(self._engine_went_idle.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait({idle}, timeout=seconds)
+        finally:
+            idle.cancel()
 
     def _die(self, exc: BaseException) -> None:
         """The engine failed for good: every open request ends with the error, /health turns
