@@ -237,6 +237,31 @@ def test_truncate_prompt_tokens_keeps_the_end_of_the_prompt(client, server):
     assert chat_resp.usage.prompt_tokens == 3
 
 
+@pytest.mark.parametrize("side, kept", [("right", slice(None, 4)), ("left", slice(-4, None)), (None, slice(-4, None))])
+def test_truncation_side_picks_which_end_of_the_prompt_stays(client, server, side, kept):
+    """vLLM's truncation_side: "right" keeps the first tokens, "left" (and none) the last; for
+    token ids, a text prompt and chat messages alike."""
+    ids = list(range(10, 18))
+    extra = {"return_token_ids": True, "truncate_prompt_tokens": 4}
+    if side is not None:
+        extra["truncation_side"] = side
+    resp = complete(client, server, prompt=ids, max_tokens=1, temperature=0, extra_body=extra)
+    assert resp.choices[0].prompt_token_ids == ids[kept]
+    text = "one two three four five six seven eight"
+    full = server.state.tokenizer(text).input_ids
+    resp = complete(client, server, prompt=text, max_tokens=1, temperature=0, extra_body=extra)
+    assert resp.choices[0].prompt_token_ids == full[kept]
+    whole = chat(client, server, max_tokens=1, extra_body={"return_token_ids": True}).prompt_token_ids
+    chat_resp = chat(client, server, max_tokens=1, extra_body=extra)
+    assert chat_resp.usage.prompt_tokens == 4 and chat_resp.prompt_token_ids == whole[kept]
+
+
+def test_a_truncation_side_that_is_neither_end_is_a_400(client, server):
+    body = bad_request(lambda: complete(client, server, prompt=[10, 11, 12], max_tokens=1, extra_body={
+        "truncate_prompt_tokens": 2, "truncation_side": "middle"}))
+    assert body["param"] == "truncation_side"
+
+
 def test_truncation_cuts_a_huge_id_list_before_validating_it_and_bounds_keep(client, server):
     ids = [i % 500 + 10 for i in range(300_000)]
     resp = complete(client, server, prompt=[ids, ids[:20]], max_tokens=1, extra_body={"truncate_prompt_tokens": 4})

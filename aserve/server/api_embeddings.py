@@ -35,6 +35,7 @@ class EmbeddingRequest(BaseModel):
     dimensions: Optional[int] = None
     user: Optional[str] = None
     truncate_prompt_tokens: Optional[int] = None
+    truncation_side: Optional[Literal["left", "right"]] = None   # as on /v1/completions
     add_special_tokens: bool = True
     normalize: Optional[bool] = None
 
@@ -65,7 +66,8 @@ async def create_embeddings(request: web.Request) -> web.Response:
     with state.admit(len(prompts)):
         streams = await add_all(state, request_id, prompts, lambda _: params,
                                 add_special_tokens=req.add_special_tokens,
-                                truncate_prompt_tokens=req.truncate_prompt_tokens, field="input")
+                                truncate_prompt_tokens=req.truncate_prompt_tokens, field="input",
+                                truncation_side=req.truncation_side)
     try:
         outputs = await asyncio.gather(*(last_output(s) for s in streams))
     finally:

@@ -101,7 +101,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         await check_grammar(state, params, constraint_field(req))
         streams = await add_all(state, request_id, prompts,
                                 lambda num_tokens: fill_max_tokens(state, params, num_tokens),
-                                req.add_special_tokens, req.truncate_prompt_tokens)
+                                req.add_special_tokens, req.truncate_prompt_tokens,
+                                truncation_side=req.truncation_side)
 
     def prompt_text(i: int, out: RequestOutput) -> str:
         if isinstance(prompts[i], str):

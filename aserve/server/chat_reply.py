@@ -40,4 +40,5 @@ def template_options(req: ChatCompletionRequest) -> ChatTemplateOptions:
     return ChatTemplateOptions(
         continue_final_message=req.continue_final_message, add_special_tokens=req.add_special_tokens,
         chat_template=req.chat_template, chat_template_kwargs=kwargs,
-        documents=req.documents, truncate_prompt_tokens=req.truncate_prompt_tokens)
+        documents=req.documents, truncate_prompt_tokens=req.truncate_prompt_tokens,
+        truncation_side=req.truncation_side)

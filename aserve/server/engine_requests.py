@@ -19,13 +19,13 @@ if TYPE_CHECKING:
 
 async def add_all(state: "ServerState", base_id: str, prompts: list, params_for,
                   add_special_tokens: bool = True, truncate_prompt_tokens: Optional[int] = None,
-                  field: str = "prompt") -> list:
+                  field: str = "prompt", truncation_side: Optional[str] = None) -> list:
     """Prepare (tokenize) every prompt, then queue them all at once (the engine takes them at
     one step boundary); if one is refused, abort those taken and raise its error.
     params_for(num_prompt_tokens) gives each its params; field names the prompts in errors.
     Call within state.admit()."""
-    prepared = [await prepare_prompt(state, prompt, add_special_tokens, truncate_prompt_tokens, field)
-                for prompt in prompts]
+    prepared = [await prepare_prompt(state, prompt, add_special_tokens, truncate_prompt_tokens, field,
+                                     truncation_side) for prompt in prompts]
     added = await asyncio.gather(*(
         add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
             len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)))

@@ -64,8 +64,9 @@ def refuse_giant_prompts(state: "ServerState", body: dict[str, Any], field: str 
 
 
 def _truncate_id_lists_early(state: "ServerState", body: dict[str, Any], field: str) -> None:
-    keep = body.get("truncate_prompt_tokens")
-    if not isinstance(keep, int) or isinstance(keep, bool) or not (keep == -1 or keep >= 1):
+    keep, side = body.get("truncate_prompt_tokens"), body.get("truncation_side")
+    if not isinstance(keep, int) or isinstance(keep, bool) or not (keep == -1 or keep >= 1) \
+            or side not in (None, "left", "right"):
         return  # absent, or a bad value that validation refuses by name
     if keep > state.max_model_len:
         raise APIError(400, f"truncate_prompt_tokens must be at most the maximum context length "
@@ -73,36 +74,41 @@ def _truncate_id_lists_early(state: "ServerState", body: dict[str, Any], field: 
     prompt = body.get(field)
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
         if isinstance(prompt[0], list):
-            body[field] = [_truncate(state, one, keep) if isinstance(one, list) else one for one in prompt]
+            body[field] = [_truncate(state, one, keep, side) if isinstance(one, list) else one for one in prompt]
         else:
-            body[field] = _truncate(state, prompt, keep)
+            body[field] = _truncate(state, prompt, keep, side)
 
 
 async def prepare_prompt(state: "ServerState", prompt: Union[str, list[int]], add_special_tokens: bool = True,
-                         truncate_prompt_tokens: Optional[int] = None, field: str = "prompt"):
+                         truncate_prompt_tokens: Optional[int] = None, field: str = "prompt",
+                         truncation_side: Optional[str] = None):
     """A text prompt tokenized off the loop (TokenizedPrompt), or a token-id prompt checked;
-    either cut to its last truncate_prompt_tokens tokens (-1: the context length) first.
-    field: the request's name for it, in errors."""
+    either cut to its last truncate_prompt_tokens tokens (-1: the context length) first, or
+    its first ones with truncation_side "right". field: the request's name for it, in errors."""
     if isinstance(prompt, str):
         _check_text(state, prompt, field)
         tokenizer = state.require_tokenizer(field)
         if not prompt:
             raise APIError(400, EMPTY_PROMPT, param=field)
         ids = await run_off_loop(state, lambda: tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-        return TokenizedPrompt(prompt, _truncate(state, ids, truncate_prompt_tokens))
+        return TokenizedPrompt(prompt, _truncate(state, ids, truncate_prompt_tokens, truncation_side))
     if not prompt:
         raise APIError(400, EMPTY_PROMPT, param=field)
-    prompt = _truncate(state, prompt, truncate_prompt_tokens)
+    prompt = _truncate(state, prompt, truncate_prompt_tokens, truncation_side)
     _check_length(state, prompt, field)
     state.check_token_ids(prompt)
     return prompt
 
 
-def _truncate(state: "ServerState", token_ids: list[int], keep: Optional[int]) -> list[int]:
+def _truncate(state: "ServerState", token_ids: list[int], keep: Optional[int],
+              side: Optional[str] = None) -> list[int]:
+    """The last `keep` ids (vLLM's truncation_side "left", its default), or the first ones
+    ("right"); -1 keeps the context length."""
     # A keep above the context length is left for the engine to refuse, with its message.
     if keep is None or (keep != -1 and keep > state.max_model_len):
         return token_ids
-    return token_ids[-(state.max_model_len if keep == -1 else keep):]
+    keep = state.max_model_len if keep == -1 else keep
+    return token_ids[:keep] if side == "right" else token_ids[-keep:]
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,7 @@ class ChatTemplateOptions:
     chat_template_kwargs: Optional[dict[str, Any]] = None  # more variables for the template
     documents: Optional[list[dict[str, str]]] = None       # for templates that do RAG
     truncate_prompt_tokens: Optional[int] = None
+    truncation_side: Optional[str] = None      # "right" keeps the first tokens, else the last
 
 
 # apply_chat_template arguments that would change what it returns (token ids, a dict) or
@@ -166,7 +173,7 @@ async def chat_prompt_ids(state: "ServerState", conversation: list[dict], add_ge
             raise APIError(400, f"The chat template could not render these messages: {exc}",
                            param="messages") from None
         ids = tokenizer(text, add_special_tokens=options.add_special_tokens).input_ids
-        return _truncate(state, ids, options.truncate_prompt_tokens)
+        return _truncate(state, ids, options.truncate_prompt_tokens, options.truncation_side)
 
     return await run_off_loop(state, render)
 

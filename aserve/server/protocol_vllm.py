@@ -9,7 +9,7 @@ and OpenAI ignore them. (Structured output and tool fields are owned by structur
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -39,6 +39,9 @@ class VllmSamplingFields(_Strict):
     bad_words: Optional[list[str]] = None
     # Keep only the prompt's last k tokens (-1: the model's context length, as newer vLLM).
     truncate_prompt_tokens: Optional[int] = None
+    # Which end truncate_prompt_tokens keeps: "right" cuts the end (the first tokens stay),
+    # "left" (and None, vLLM's default) the start.
+    truncation_side: Optional[Literal["left", "right"]] = None
     # Logprobs name each token 'token_id:N' (None: the server's --return-tokens-as-token-ids).
     return_tokens_as_token_ids: Optional[bool] = None
     # The client's id for the request: the response's id is 'cmpl-<id>' / 'chatcmpl-<id>', as
