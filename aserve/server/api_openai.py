@@ -73,7 +73,7 @@ async def _merged(streams) -> AsyncIterator[tuple[int, RequestOutput]]:
             t.cancel()
 
 
-def _usage(request: web.Request, finals: list[Optional[RequestOutput]]) -> UsageInfo:
+def total_usage(request: web.Request, finals: list[Optional[RequestOutput]]) -> UsageInfo:
     prompt = sum(len(f.prompt_token_ids) for f in finals if f is not None)
     completion = sum(len(o.token_ids) for f in finals if f is not None for o in f.outputs)
     cached = sum(f.num_cached_tokens or 0 for f in finals if f is not None)
@@ -139,7 +139,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                                     prompt_logprobs=prompt_logprobs))
                     token_ids.append((out.prompt_token_ids, o.token_ids))
             body = CompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                      usage=_usage(request, finals)).model_dump()
+                                      usage=total_usage(request, finals)).model_dump()
             if req.return_token_ids:
                 for choice, (prompt_ids, ids) in zip(body["choices"], token_ids):
                     choice.update(prompt_token_ids=list(prompt_ids), token_ids=list(ids))
@@ -222,7 +222,7 @@ async def _stream_completions(request, state, req, params, request_id, created, 
                     if first:
                         body["choices"][0]["prompt_token_ids"] = list(out.prompt_token_ids)
                 await events.send(body, last=not unfinished)
-    usage = _usage(request, finals)
+    usage = total_usage(request, finals)
     if options is not None and options.final_usage:
         await events.send(CompletionResponse(id=request_id, created=created, model=model,
                                              choices=[], usage=usage).model_dump(), last=True)
@@ -268,24 +268,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         if not req.stream:
             final = await last_output(stream)
-            choices = []
-            for j, o in enumerate(final.outputs):
-                reasoning, text = view.final(o.text)
-                content, tool_calls, finish = response_message(tool_plan, text, o.finish_reason)
-                if view.active and not content and not tool_calls:
-                    content = None   # all thinking so far (cut off): no answer, as vLLM says
-                if reply.echoed and content is not None:
-                    content = reply.echoed + content
-                choices.append(ChatChoice(
-                    index=j, message=ChatResponseMessage(role=reply.role, content=content, tool_calls=tool_calls,
-                                                         reasoning=reasoning),
-                    logprobs=ChatChoiceLogprobs(content=await chat_logprobs(
-                        state, o.token_ids, o.logprobs, reply.top_n, reply.as_ids)) if req.logprobs else None,
-                    finish_reason=finish, stop_reason=o.stop_reason))
+            choices = [await chat_choice(state, req, reply, view, tool_plan, o, j) for j, o in enumerate(final.outputs)]
             prompt_logprobs = (await prompt_logprobs_out(final.prompt_logprobs)
                                if final.prompt_logprobs is not None else None)
             body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                          usage=_usage(request, [final]), prompt_logprobs=prompt_logprobs).model_dump()
+                                          usage=total_usage(request, [final]), prompt_logprobs=prompt_logprobs).model_dump()
             if req.return_token_ids:   # vLLM's: the prompt's ids on the response, each choice's own
                 body["prompt_token_ids"] = list(final.prompt_token_ids)
                 for choice, o in zip(body["choices"], final.outputs):
@@ -300,6 +287,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         stream.close()
+
+
+async def chat_choice(state: ServerState, req: ChatCompletionRequest, reply, view: ReasoningView, tool_plan,
+                      output, index: int) -> ChatChoice:
+    """One finished output as a non-streamed chat choice: the thinking apart, tool calls
+    parsed, the echoed message first, logprobs if asked."""
+    reasoning, text = view.final(output.text)
+    content, tool_calls, finish = response_message(tool_plan, text, output.finish_reason)
+    if view.active and not content and not tool_calls:
+        content = None   # all thinking so far (cut off): no answer, as vLLM says
+    if reply.echoed and content is not None:
+        content = reply.echoed + content
+    return ChatChoice(
+        index=index, message=ChatResponseMessage(role=reply.role, content=content, tool_calls=tool_calls,
+                                                 reasoning=reasoning),
+        logprobs=ChatChoiceLogprobs(content=await chat_logprobs(
+            state, output.token_ids, output.logprobs, reply.top_n, reply.as_ids)) if req.logprobs else None,
+        finish_reason=finish, stop_reason=output.stop_reason)
 
 
 async def _stream_chat(request, state, req, params, reply, request_id, created, stream, response,
@@ -381,7 +386,7 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                 if req.return_token_ids:   # vLLM's: the step's new ids
                     body["choices"][0]["token_ids"] = list(new_ids)
                 await events.send(body, last=final.finished)
-    usage = _usage(request, [final])
+    usage = total_usage(request, [final])
     if options is not None and options.final_usage:
         await events.send(ChatCompletionChunk(id=request_id, created=created, model=model,
                                               choices=[], usage=usage).model_dump(), last=True)

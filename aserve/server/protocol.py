@@ -283,6 +283,26 @@ class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
         return template_messages(out, self.messages)
 
 
+class BatchChatCompletionRequest(ChatCompletionRequest):
+    """vLLM's /v1/chat/completions/batch body: the chat fields once, `messages` a list of
+    conversations, each run as its own chat request with those fields."""
+
+    messages: list[list[ChatMessage]]
+
+    def single_requests(self) -> list[ChatCompletionRequest]:
+        if not self.messages:
+            raise APIError(400, "messages must hold at least one conversation.", param="messages")
+        # As vLLM's batch: one choice per conversation, nothing streamed, no tools, no beams.
+        for name, refused in (("stream", self.stream), ("tools", self.tools),
+                              ("use_beam_search", self.use_beam_search), ("n", (self.n or 1) > 1)):
+            if refused:
+                raise APIError(400, f"{name} is not supported by /v1/chat/completions/batch.", param=name)
+        fields = {name: getattr(self, name) for name in ChatCompletionRequest.model_fields if name != "messages"}
+        # Fields validated already (the same types as a chat request's): no second validation.
+        return [ChatCompletionRequest.model_construct(self.model_fields_set, **fields, messages=conversation)
+                for conversation in self.messages]
+
+
 class ChatTopLogprob(BaseModel):
     token: str
     logprob: float
