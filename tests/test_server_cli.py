@@ -265,3 +265,40 @@ def test_a_log_config_file_is_applied_after_the_defaults(tmp_path):
             (tmp_path / bad).write_text('{"version": 7}')
         with pytest.raises(SystemExit, match=words):
             configure_logging("info", str(tmp_path / bad))
+
+
+# ----------------------------------------------------------------------------- --config FILE
+CONFIG = """
+port: 12312
+max_model_len: 1024
+enable-prefix-caching: false
+served-model-name: [first, second]
+hf-overrides: {"rope_theta": 5}
+disable-log-requests: true
+"""
+
+
+def test_a_config_file_gives_flags_and_the_command_line_wins(tmp_path):
+    """vLLM's `--config FILE`: keys with dashes or underscores, switches set and cleared, lists
+    and mappings; a flag on the command line wins wherever it stands."""
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    ns = parse_args(["--model", "m", "--config", str(path)])
+    assert (ns.port, ns.max_model_len, ns.enable_prefix_caching) == (12312, 1024, False)
+    assert ns.served_model_name == ["first", "second"] and ns.hf_overrides == {"rope_theta": 5}
+    assert ns.disable_log_requests is True and ns.model == "m"
+    assert parse_args(["--port", "9000", f"--config={path}", "--model", "m"]).port == 9000
+    assert parse_args(["--config", str(path), "--port", "9000", "--model", "m"]).port == 9000
+    served = parse_args(["serve", "the-model", "--config", str(path)])   # the list leaves the model alone
+    assert served.model == "the-model" and served.served_model_name == ["first", "second"]
+
+
+@pytest.mark.parametrize("content, words", [("no-such-flag: 1\n", "unknown flag"), ("- a\n- b\n", "mapping"),
+                                            ("port: [\n", "not valid YAML"), (None, "cannot read")])
+def test_a_bad_config_file_is_refused_by_name(tmp_path, capsys, content, words):
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--config", str(path)])
+    assert words in capsys.readouterr().err

@@ -15,6 +15,7 @@ from aserve import __version__
 from aserve.config import (DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, LOAD_FORMATS, USAGE_CONTEXTS,
                            EngineArgs)
 from aserve.server.admission import DEFAULT_MAX_WAITING
+from aserve.server.config_file import expand_config_file
 from aserve.server.content_format import FORMATS as CONTENT_FORMATS
 from aserve.server.http_server import HttpLimits
 from aserve.server.reasoning import PARSERS as REASONING_PARSERS
@@ -235,6 +236,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help=f"Show the traceback of a start-up error (also ${DEBUG_ENV}=1).")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="Log level. (default: %(default)s)")
+    s.add_argument("--config", default=None, metavar="FILE",
+                   help="A YAML file of flags (each key a flag's name, each value its value), as "
+                        "vLLM's; flags on the command line win over the file's.")
     s.add_argument("--log-config-file", default=None,
                    help="A JSON logging configuration (Python's logging.config.dictConfig: handlers, "
                         "formats, levels), applied after the defaults, as vLLM's flag.")
@@ -247,7 +251,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     serve = bool(argv) and argv[0] == "serve"
     parser = make_parser(serve=serve)
-    ns = parser.parse_args(argv[1:] if serve else argv)
+    args = argv[1:] if serve else argv
+    # `serve MODEL` keeps its model first: a list-valued flag from --config could swallow it.
+    lead = args[:1] if serve and args and not args[0].startswith("-") else []
+    ns = parser.parse_args(lead + expand_config_file(args[len(lead):], parser))
     tag = getattr(ns, "model_tag", None)
     if tag is not None:
         if ns.model is not None and ns.model != tag:
