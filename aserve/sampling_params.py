@@ -257,7 +257,10 @@ def _is_number(value) -> bool:
 def _int_in(name: str, value, low: int, high: int, bound_name: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         named = f" ({bound_name})" if bound_name else ""
-        raise ValueError(f"{name} must be an integer in [{low}, {high}]{named}, got {value!r}.")
+        # The bound broken, in pydantic's words (vLLM's message carries them; clients match them).
+        broken = (" [greater_than_equal]" if isinstance(value, int) and value < low else
+                  " [less_than_equal]" if isinstance(value, int) and value > high else "")
+        raise ValueError(f"{name} must be an integer in [{low}, {high}]{named}, got {value!r}{broken}.")
 
 
 def _int_at_least(name: str, value, low: int) -> None:

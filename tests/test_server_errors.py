@@ -174,6 +174,7 @@ async def test_an_exception_in_one_request_fails_only_that_request(server):
     assert bad_status == 500 and "injected fault" in assert_openai_error(bad)["message"]
     assert good_status == 200 and ok["usage"]["completion_tokens"] == 20
     assert stream_status == 200 and b"injected fault" in streamed and streamed.endswith(b"data: [DONE]\n\n")
+    assert b"Internal server error" in streamed   # vLLM's words, which its tests look for
     await assert_still_serving(server)
 
 

@@ -72,7 +72,8 @@ def request_failed(error: str) -> APIError:
     finds it first)."""
     if error.startswith("structured_outputs"):
         return APIError(400, error, param="structured_outputs")
-    return APIError(500, f"The request failed: {error}", type="server_error")
+    # "Internal server error", as vLLM words a failed generation (clients' tests look for it).
+    return APIError(500, f"Internal server error: the request failed: {error}", type="server_error")
 
 
 async def stream_or_report(request: web.Request, response: web.StreamResponse, streaming: Awaitable,
