@@ -197,19 +197,27 @@ def test_named_tool_choice_gives_a_parsed_call(client, server):
 
 def test_required_tool_choice_gives_parsed_calls(client, server):
     # The random model may go on adding calls to the array (no maximum, as in vLLM) until
-    # max_tokens: such a choice is cut off ("length") and carries its text, no calls.
+    # max_tokens: such a choice is cut off ("length") with no calls and empty content, as vLLM.
     response = client.chat.completions.create(model=server.model_name, messages=USER, tools=TOOLS,
                                               max_tokens=600, seed=11, n=3, tool_choice="required")
     finished = [c for c in response.choices if c.finish_reason == "tool_calls"]
     assert finished
     for choice in response.choices:
         if choice.finish_reason == "length":
-            assert choice.message.content.lstrip().startswith("[") and not choice.message.tool_calls
+            assert choice.message.content == "" and not choice.message.tool_calls
             continue
         assert choice.message.tool_calls and not choice.message.content
         for call in choice.message.tool_calls:
             _check_call(call)
         assert len({c.id for c in choice.message.tool_calls}) == len(choice.message.tool_calls)
+
+
+def test_a_required_call_cut_off_by_max_tokens_has_no_calls_and_empty_content(client, server):
+    """vLLM's test_max_tokens_with_tool_choice_required, with one token."""
+    response = client.chat.completions.create(model=server.model_name, messages=USER, tools=TOOLS,
+                                              max_completion_tokens=1, temperature=0, tool_choice="required")
+    choice = response.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls and choice.message.content == ""
 
 
 @pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
@@ -441,9 +449,11 @@ def test_required_tools_with_refs_to_their_defs_compile(server):
         "type": "object", "properties": {"to": {"$ref": "#/$defs/Point"}}, "required": ["to"],
         "$defs": {"Point": point}}}}
     response = _post(server, "/v1/chat/completions", {"messages": USER, "tools": [tool], "tool_choice": "required",
-                                                      "max_tokens": 5})
+                                                      "max_tokens": 5, "return_token_ids": True})
     assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"].lstrip().startswith("[")
+    # Cut off at 5 tokens, the choice has no content (as vLLM): its tokens show the constraint.
+    text = server.state.tokenizer.decode(response.json()["choices"][0]["token_ids"])
+    assert text.lstrip().startswith("[")
 
 
 def test_the_openai_clients_parse_helper_gets_its_pydantic_model(client, server):

@@ -175,8 +175,10 @@ def calls_from_output(plan: ToolPlan, text: str) -> tuple[Optional[str], list[To
         try:
             return "", [ToolCall(i["name"], json.dumps(i["parameters"], ensure_ascii=False), new_call_id())
                         for i in json.loads(text)]
-        except (ValueError, KeyError, TypeError):   # cut off (max_tokens, a stop string): no calls
-            return text, []
+        except (ValueError, KeyError, TypeError):
+            # Cut off (max_tokens, a stop string): no calls, and no content either, as vLLM
+            # answers and as this choice's stream sent (its text is the calls' unfinished JSON).
+            return "", []
     if plan.mode == "auto":
         return PARSERS[plan.parser](plan.tools).extract(text)
     return text, []
