@@ -390,6 +390,28 @@ def test_reasoning_effort_reaches_the_chat_template():
             prompt_tokens(reasoning_effort="extreme")
 
 
+THINKING_SWITCH_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                            "{% if enable_thinking is defined and not enable_thinking %}no thinking please{% endif %}"
+                            "assistant:")
+
+
+def test_reasoning_effort_none_turns_enable_thinking_off_unless_the_request_says_otherwise():
+    """vLLM's mapping: reasoning_effort "none" sets the template's enable_thinking to false;
+    an explicit chat_template_kwargs.enable_thinking wins; other efforts leave it alone."""
+    with ServerThread(chat_template=THINKING_SWITCH_TEMPLATE) as srv:
+        client = srv.openai_client()
+
+        def prompt_tokens(**extra) -> int:
+            return client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=1,
+                                                  **extra).usage.prompt_tokens
+
+        plain = prompt_tokens()
+        assert prompt_tokens(reasoning_effort="none") > plain
+        assert prompt_tokens(reasoning_effort="low") == plain
+        assert prompt_tokens(reasoning_effort="none", extra_body={"chat_template_kwargs": {"enable_thinking": True}}) \
+            == plain
+
+
 def test_qwen3_on_a_served_model_splits_as_deepseek_r1_after_a_prompt_that_opened_the_thinking(model_dir, raw):
     reasoning, content = thinking_and_answer(raw())
     with ServerThread(small_engine_args(model=model_dir), state_options={"reasoning_parser": "qwen3"}) as srv:

@@ -36,7 +36,9 @@ def chat_reply(req: ChatCompletionRequest, server_tokens_as_ids: bool, response_
 def template_options(req: ChatCompletionRequest) -> ChatTemplateOptions:
     kwargs = req.chat_template_kwargs
     if req.reasoning_effort is not None:   # the request's own kwargs say it louder
-        kwargs = {"reasoning_effort": req.reasoning_effort, **(kwargs or {})}
+        # "none" also turns thinking off where a template reads enable_thinking (Qwen3's), as vLLM.
+        off = {"enable_thinking": False} if req.reasoning_effort == "none" else {}
+        kwargs = {"reasoning_effort": req.reasoning_effort, **off, **(kwargs or {})}
     return ChatTemplateOptions(
         continue_final_message=req.continue_final_message, add_special_tokens=req.add_special_tokens,
         chat_template=req.chat_template, chat_template_kwargs=kwargs,
