@@ -16,8 +16,8 @@ import urllib.request
 
 import pytest
 
-from aserve.server.api_openai import _chunk, _without_prompt_logprobs
-from aserve.server.protocol import ChatStreamChoice, CompletionChoice, CompletionResponse, DeltaMessage
+from aserve.server.api_openai import _chunk
+from aserve.server.protocol import ChatStreamChoice, CompletionStreamChoice, CompletionStreamResponse, DeltaMessage
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
 from server_fixtures import ServerThread
 
@@ -101,9 +101,8 @@ def test_responses_stream_sends_a_delta_per_token_even_without_text(server):
 
 @pytest.mark.parametrize("finish_reason, stop_reason", [(None, None), ("stop", "END"), ("stop", 7)])
 def test_plain_chunks_are_the_models_json(finish_reason, stop_reason):
-    choice = CompletionChoice(index=3, text="hé", finish_reason=finish_reason, stop_reason=stop_reason)
-    model_body = _without_prompt_logprobs(
-        CompletionResponse(id="cmpl-1", created=5, model="m", choices=[choice]).model_dump())
+    choice = CompletionStreamChoice(index=3, text="hé", finish_reason=finish_reason, stop_reason=stop_reason)
+    model_body = CompletionStreamResponse(id="cmpl-1", created=5, model="m", choices=[choice]).model_dump()
     plain = completion_text_chunk("cmpl-1", 5, "m", 3, "hé", finish_reason, stop_reason)
     assert json.dumps(plain) == json.dumps(model_body)  # same keys in the same order
     for content in ("hé", "", None):

@@ -181,3 +181,21 @@ def test_exact_parsing_keeps_floats_floats_and_ints_exact():
     data = loads_exact(b'{"a": 123456789012345678901234567890, "b": 1.5, "c": -9223372036854775809, "d": 1e30}')
     assert data == {"a": 123456789012345678901234567890, "b": 1.5, "c": -9223372036854775809, "d": 1e30}
     assert isinstance(data["d"], float) and isinstance(data["a"], int)
+
+
+def test_non_streamed_answers_carry_vllms_null_fields(server):
+    """vLLM writes OpenAI's unfilled fields as nulls (clients compare a raw answer's keys with
+    their parsed model's, and read choice.token_ids without return_token_ids)."""
+    status, chat = post(server, "/v1/chat/completions",
+                        '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}')
+    assert status == 200, chat
+    assert {"service_tier", "system_fingerprint", "prompt_token_ids"} <= chat.keys()
+    assert chat["system_fingerprint"] is None and chat["prompt_token_ids"] is None
+    message = chat["choices"][0]["message"]
+    assert all(message[k] is None for k in ("refusal", "annotations", "audio", "function_call"))
+    assert chat["choices"][0]["token_ids"] is None and message["tool_calls"] == []
+    status, completion = post(server, "/v1/completions", '{"prompt": "Hi", "max_tokens": 2}')
+    assert status == 200, completion
+    assert completion["system_fingerprint"] is None and completion["service_tier"] is None
+    choice = completion["choices"][0]
+    assert choice["token_ids"] is None and choice["prompt_token_ids"] is None

@@ -27,7 +27,8 @@ from aserve.server.prompts import chat_prompt_ids
 from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
                                     ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
                                     CompletionChoice, CompletionLogProbs, CompletionRequest,
-                                    CompletionResponse, DeltaMessage, PromptTokensDetails, UsageInfo)
+                                    CompletionResponse, CompletionStreamChoice, CompletionStreamResponse,
+                                    DeltaMessage, PromptTokensDetails, UsageInfo)
 from aserve.server.reasoning import ReasoningView
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
 from aserve.server.streaming import (SSEEvents, open_stream, request_failed, send_sse, send_sse_error_and_done,
@@ -212,11 +213,11 @@ async def _stream_completions(request, state, req, params, request_id, created, 
                     body = completion_text_chunk(request_id, created, model, i * params.n + j, text,
                                                  o.finish_reason, o.stop_reason)
                 else:
-                    choice = CompletionChoice(index=i * params.n + j, text=text, logprobs=lps,
-                                              finish_reason=o.finish_reason, stop_reason=o.stop_reason)
-                    chunk = CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
-                                               usage=_choice_usage(out, len(o.token_ids)) if continuous else None)
-                    body = _without_prompt_logprobs(chunk.model_dump())
+                    choice = CompletionStreamChoice(index=i * params.n + j, text=text, logprobs=lps,
+                                                    finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                    body = CompletionStreamResponse(
+                        id=request_id, created=created, model=model, choices=[choice],
+                        usage=_choice_usage(out, len(o.token_ids)) if continuous else None).model_dump()
                 if req.return_token_ids:   # vLLM's: the new ids, and the prompt's with a choice's first
                     body["choices"][0]["token_ids"] = list(new_ids)
                     if first:
@@ -224,16 +225,9 @@ async def _stream_completions(request, state, req, params, request_id, created, 
                 await events.send(body, last=not unfinished)
     usage = total_usage(request, finals)
     if options is not None and options.final_usage:
-        await events.send(CompletionResponse(id=request_id, created=created, model=model,
-                                             choices=[], usage=usage).model_dump(), last=True)
+        await events.send(CompletionStreamResponse(id=request_id, created=created, model=model,
+                                                   choices=[], usage=usage).model_dump(), last=True)
     await events.end()   # the last output's chunks, the usage and [DONE]: one write
-
-
-def _without_prompt_logprobs(body: dict) -> dict:
-    # vLLM's stream choices have no prompt_logprobs field (streams never carry them).
-    for choice in body["choices"]:
-        choice.pop("prompt_logprobs", None)
-    return body
 
 
 # ----------------------------------------------------------------------------- /v1/chat/completions

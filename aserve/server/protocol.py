@@ -192,7 +192,19 @@ class CompletionChoice(BaseModel):
     logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None  # vLLM's extra: the stop string or token
+    token_ids: Optional[list[int]] = None   # vLLM's, with return_token_ids (null without, as vLLM)
     prompt_logprobs: Optional[PromptLogprobsOut] = None  # vLLM's extra, on the choice
+    prompt_token_ids: Optional[list[int]] = None
+
+
+class CompletionStreamChoice(BaseModel):
+    """A streamed completion chunk's choice: what a non-streamed choice has, less the fields
+    a stream never fills (vLLM's stream choices omit them)."""
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogProbs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
 
 
 class PromptTokensDetails(BaseModel):
@@ -212,6 +224,20 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
+    # OpenAI's fields that aserve has no value for: null, as vLLM writes them (clients compare
+    # the keys of a raw answer with their parsed models').
+    service_tier: Optional[str] = None
+    system_fingerprint: Optional[str] = None
+    usage: Optional[UsageInfo] = None
+
+
+class CompletionStreamResponse(BaseModel):
+    """A streamed completion chunk (server/stream_chunks.py writes the plain one directly)."""
+    id: str
+    object: str = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionStreamChoice]
     usage: Optional[UsageInfo] = None
 
 
@@ -320,6 +346,11 @@ class ChatChoiceLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    # OpenAI's message fields aserve never fills: null, as vLLM writes them.
+    refusal: Optional[str] = None
+    annotations: Optional[list[dict]] = None
+    audio: Optional[dict] = None
+    function_call: Optional[dict] = None
     tool_calls: list[dict] = Field(default_factory=list)   # vLLM's default: an empty list
     reasoning: Optional[str] = None   # vLLM's, with --reasoning-parser: the model's thinking
 
@@ -330,6 +361,7 @@ class ChatChoice(BaseModel):
     logprobs: Optional[ChatChoiceLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+    token_ids: Optional[list[int]] = None   # vLLM's, with return_token_ids (null without, as vLLM)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -338,8 +370,11 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
+    service_tier: Optional[str] = None        # OpenAI's, null as vLLM writes it
+    system_fingerprint: Optional[str] = None
     usage: Optional[UsageInfo] = None
     prompt_logprobs: Optional[PromptLogprobsOut] = None  # vLLM's extra, on the response
+    prompt_token_ids: Optional[list[int]] = None   # vLLM's, with return_token_ids
 
 
 class DeltaMessage(BaseModel):

@@ -14,7 +14,7 @@ from typing import Optional, Union
 
 def completion_text_chunk(request_id: str, created: int, model: str, index: int, text: str,
                           finish_reason: Optional[str], stop_reason: Union[int, str, None]) -> dict:
-    """CompletionResponse(choices=[CompletionChoice(...)]).model_dump() without prompt_logprobs."""
+    """CompletionStreamResponse(choices=[CompletionStreamChoice(...)]).model_dump()."""
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason,
                          "stop_reason": stop_reason}],
