@@ -18,7 +18,7 @@ SYSTEM = "You are a helpful assistant who answers in one short sentence. " * 4
 def server():
     # Set before the start: the status logger reads its interval when it next sleeps, so a
     # later change would wait out its first sleep (test servers' 1 s).
-    with ServerThread(state_options={"status_interval_s": 0.2}) as s:
+    with ServerThread(state_options={"status_interval_s": 0.2, "enable_prompt_tokens_details": True}) as s:
         yield s
 
 

@@ -199,3 +199,21 @@ def test_non_streamed_answers_carry_vllms_null_fields(server):
     assert completion["system_fingerprint"] is None and completion["service_tier"] is None
     choice = completion["choices"][0]
     assert choice["token_ids"] is None and choice["prompt_token_ids"] is None
+
+
+def test_usage_is_the_three_counts_unless_prompt_token_details_are_asked_for(client, server):
+    """vLLM reports prompt_tokens_details only with --enable-prompt-tokens-details; its tests
+    compare usage with CompletionUsage(completion_tokens, prompt_tokens, total_tokens)."""
+    from openai.types import CompletionUsage
+
+    resp = client.chat.completions.create(model=server.model_name, messages=[{"role": "user", "content": "Hi"}],
+                                          max_completion_tokens=3)
+    usage = resp.usage
+    assert usage == CompletionUsage(completion_tokens=usage.completion_tokens, prompt_tokens=usage.prompt_tokens,
+                                    total_tokens=usage.prompt_tokens + usage.completion_tokens)
+    server.call(lambda: setattr(server.state, "enable_prompt_tokens_details", True))
+    try:
+        resp = client.completions.create(model=server.model_name, prompt="Hi", max_tokens=2)
+        assert resp.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        server.call(lambda: setattr(server.state, "enable_prompt_tokens_details", False))

@@ -79,8 +79,9 @@ def total_usage(request: web.Request, finals: list[Optional[RequestOutput]]) -> 
     completion = sum(len(o.token_ids) for f in finals if f is not None for o in f.outputs)
     cached = sum(f.num_cached_tokens or 0 for f in finals if f is not None)
     note_usage(request, prompt, completion)
+    details = PromptTokensDetails(cached_tokens=cached) if request.app[STATE].enable_prompt_tokens_details else None
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+                     prompt_tokens_details=details)
 
 
 def _holds_back(params) -> bool:

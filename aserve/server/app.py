@@ -62,6 +62,9 @@ class ServerState:
     enable_server_load_tracking: bool = False
     enable_tokenizer_info_endpoint: bool = False
     enable_request_id_headers: bool = False
+    # usage.prompt_tokens_details (the prefix cache's share of the prompt), only when asked
+    # (--enable-prompt-tokens-details), as vLLM: clients compare usage with the bare three counts.
+    enable_prompt_tokens_details: bool = False
     server_load: int = 0             # requests in flight on the tracked routes (GET /load)
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)

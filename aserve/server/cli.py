@@ -117,6 +117,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         enable_server_load_tracking=ns.enable_server_load_tracking,
         enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
         enable_request_id_headers=ns.enable_request_id_headers, response_role=ns.response_role,
+        enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
         chat_template_content_format=ns.chat_template_content_format,
         responses=ResponseStore(ns.max_stored_responses),
         cors=CorsPolicy(tuple(ns.allowed_origins), tuple(ns.allowed_methods), tuple(ns.allowed_headers),

@@ -225,6 +225,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help='Headers a cross-origin call may send, a JSON list. (default: ["*"])')
     s.add_argument("--allow-credentials", action="store_true",
                    help="Cross-origin calls may carry credentials (cookies, the Authorization header).")
+    s.add_argument("--enable-prompt-tokens-details", action="store_true",
+                   help="Report usage.prompt_tokens_details.cached_tokens (prompt tokens the prefix "
+                        "cache served), as vLLM's flag.")
     s.add_argument("--enable-request-id-headers", action="store_true",
                    help="Put X-Request-Id on every response: the client's own, else a new one.")
     s.add_argument("--disable-log-requests", "--disable-uvicorn-access-log", action="store_true",

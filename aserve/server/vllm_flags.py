@@ -70,7 +70,6 @@ IGNORED_VLLM_FLAGS: dict[str, tuple[bool, str]] = {
     "--otlp-traces-endpoint": (True, "no OpenTelemetry tracing"),
     "--collect-detailed-traces": (True, "no OpenTelemetry tracing"),
     "--show-hidden-metrics-for-version": (True, "no hidden metrics"),
-    "--enable-prompt-tokens-details": (False, "usage.prompt_tokens_details is always reported"),
     "--guided-decoding-backend": (True, "structured outputs always use llguidance (same grammars)"),
     "--structured-outputs-config": (True, "structured outputs always use llguidance (same grammars)"),
     "--enable-force-include-usage": (False, "usage follows each request's stream_options"),
