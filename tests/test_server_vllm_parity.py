@@ -217,3 +217,27 @@ def test_usage_is_the_three_counts_unless_prompt_token_details_are_asked_for(cli
         assert resp.usage.prompt_tokens_details.cached_tokens == 0
     finally:
         server.call(lambda: setattr(server.state, "enable_prompt_tokens_details", False))
+
+
+def test_forced_usage_puts_usage_on_every_chunk_of_every_stream(client, server):
+    """--enable-force-include-usage: as vLLM's test reads a stream without stream_options,
+    every chunk carries usage, completion tokens rising, and a usage chunk ends it."""
+    server.call(lambda: setattr(server.state, "enable_force_include_usage", True))
+    try:
+        stream = client.chat.completions.create(
+            model=server.model_name, messages=[{"role": "user", "content": "Hi"}], max_completion_tokens=10,
+            temperature=0.0, stream=True, extra_body={"min_tokens": 10})
+        chunks = list(stream)
+        last = 0
+        for chunk in chunks:
+            usage = chunk.usage
+            assert usage.prompt_tokens >= 0 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+            assert last == 0 or usage.completion_tokens > last or (not chunk.choices and usage.completion_tokens == last)
+            last = usage.completion_tokens
+        assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 10
+        pieces = list(client.completions.create(model=server.model_name, prompt="Hi", max_tokens=4, stream=True))
+        assert all(p.usage is not None for p in pieces) and pieces[-1].usage.completion_tokens == 4
+    finally:
+        server.call(lambda: setattr(server.state, "enable_force_include_usage", False))
+    plain = list(client.completions.create(model=server.model_name, prompt="Hi", max_tokens=2, stream=True))
+    assert all(p.usage is None for p in plain)

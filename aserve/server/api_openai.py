@@ -84,6 +84,16 @@ def total_usage(request: web.Request, finals: list[Optional[RequestOutput]]) -> 
                      prompt_tokens_details=details)
 
 
+def _usage_wanted(state: ServerState, options) -> tuple[bool, bool]:
+    """(a usage chunk at the end, usage on every chunk) of a stream: as its stream_options ask,
+    or both with --enable-force-include-usage, as vLLM's flag."""
+    if state.enable_force_include_usage:
+        return True, True
+    if options is None:
+        return False, False
+    return options.final_usage, options.continuous_usage
+
+
 def _holds_back(params) -> bool:
     return params.use_beam_search or params.best_of > params.n
 
@@ -167,8 +177,7 @@ def _choice_usage(out: RequestOutput, completion_tokens: int) -> UsageInfo:
 async def _stream_completions(request, state, req, params, request_id, created, streams, prompt_text,
                               echoed_logprobs, response, as_ids) -> None:
     model = state.served_model_name
-    options = req.stream_options
-    continuous = options is not None and options.continuous_usage
+    final_usage, continuous = _usage_wanted(state, req.stream_options)
     sent: dict[tuple[int, int], ChoiceProgress] = {}
     echoed: dict[int, tuple[CompletionLogProbs, int]] = {}  # by prompt: built once for its n
     finals: list[Optional[RequestOutput]] = [None] * len(streams)
@@ -225,7 +234,7 @@ async def _stream_completions(request, state, req, params, request_id, created, 
                         body["choices"][0]["prompt_token_ids"] = list(out.prompt_token_ids)
                 await events.send(body, last=not unfinished)
     usage = total_usage(request, finals)
-    if options is not None and options.final_usage:
+    if final_usage:
         await events.send(CompletionStreamResponse(id=request_id, created=created, model=model,
                                                    choices=[], usage=usage).model_dump(), last=True)
     await events.end()   # the last output's chunks, the usage and [DONE]: one write
@@ -306,8 +315,7 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                        prompt_ids: list[int], tool_plan, view: ReasoningView) -> None:
     model = state.served_model_name
     num_prompt_tokens = len(prompt_ids)
-    options = req.stream_options
-    continuous = options is not None and options.continuous_usage
+    final_usage, continuous = _usage_wanted(state, req.stream_options)
     tool_streams = [choice_stream(tool_plan) for _ in range(params.n)]  # None: plain content
 
     def usage_so_far(completion_tokens: int) -> Optional[UsageInfo]:
@@ -382,7 +390,7 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                     body["choices"][0]["token_ids"] = list(new_ids)
                 await events.send(body, last=final.finished)
     usage = total_usage(request, [final])
-    if options is not None and options.final_usage:
+    if final_usage:
         await events.send(ChatCompletionChunk(id=request_id, created=created, model=model,
                                               choices=[], usage=usage).model_dump(), last=True)
     await events.end()   # the final output's chunks, the usage and [DONE]: one write

@@ -65,6 +65,8 @@ class ServerState:
     # usage.prompt_tokens_details (the prefix cache's share of the prompt), only when asked
     # (--enable-prompt-tokens-details), as vLLM: clients compare usage with the bare three counts.
     enable_prompt_tokens_details: bool = False
+    # Every stream reports usage, on each chunk and at its end (--enable-force-include-usage).
+    enable_force_include_usage: bool = False
     server_load: int = 0             # requests in flight on the tracked routes (GET /load)
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)

@@ -72,7 +72,6 @@ IGNORED_VLLM_FLAGS: dict[str, tuple[bool, str]] = {
     "--show-hidden-metrics-for-version": (True, "no hidden metrics"),
     "--guided-decoding-backend": (True, "structured outputs always use llguidance (same grammars)"),
     "--structured-outputs-config": (True, "structured outputs always use llguidance (same grammars)"),
-    "--enable-force-include-usage": (False, "usage follows each request's stream_options"),
     "--disable-mm-preprocessor-cache": (False, "no multi-modal models"),
     "--limit-mm-per-prompt": (True, "no multi-modal models"),
     "--mm-processor-kwargs": (True, "no multi-modal models"),
