@@ -36,3 +36,31 @@ def test_a_parts_template_renders_the_same_prompt_as_a_string_template(fmt, work
     assert resp.status_code == 200
     # With strings, the loop walks the content's characters, which have no 'text': the words are lost.
     assert (resp.json()["usage"]["prompt_tokens"] == expected.usage.prompt_tokens) == works
+
+
+def _prompt_text(srv, messages) -> str:
+    resp = requests.post(srv.url + "/v1/chat/completions", timeout=30,
+                         json={"messages": messages, "max_tokens": 1, "return_token_ids": True})
+    assert resp.status_code == 200, resp.text
+    return srv.state.tokenizer.decode(resp.json()["prompt_token_ids"])
+
+
+def test_text_parts_reach_a_string_template_joined_by_newlines():
+    """As vLLM's chat_utils joins them: ["A", "B"] is "A\\nB"."""
+    with ServerThread(chat_template=STRING_TEMPLATE) as srv:
+        parts = _prompt_text(srv, [{"role": "user", "content": [{"type": "text", "text": "one"},
+                                                                  {"type": "text", "text": "two"}]}])
+        joined = _prompt_text(srv, [{"role": "user", "content": "one\ntwo"}])
+    assert parts == joined and "one\ntwo" in parts
+
+
+def test_a_parts_template_gets_the_parts_as_sent_with_their_own_fields():
+    """vLLM passes each part with its extra fields (TranslateGemma's language codes) to a
+    template that takes parts."""
+    template = ("{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}[{{ p['text'] }}|"
+                "{{ p['source_lang_code'] }}]{% endfor %}{% endfor %}<assistant>")
+    content = [{"type": "text", "text": "fox", "source_lang_code": "en"},
+               {"type": "text", "text": "zorro", "source_lang_code": "es"}]
+    with ServerThread(chat_template=template, state_options={"chat_template_content_format": "openai"}) as srv:
+        text = _prompt_text(srv, [{"role": "user", "content": content}])
+    assert "[fox|en][zorro|es]" in text

@@ -127,10 +127,15 @@ def test_chat_malformed_tools_are_refused():
     assert error_of(lambda: plan_tools(req.tools, req.tool_choice, None)).param == "tools"
 
 
-def test_chat_text_parts_are_joined():
+def test_chat_text_parts_are_joined_by_newlines_and_kept_for_parts_templates():
+    from aserve.server.content_format import as_template_content
+
     req = parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
-    assert req.conversation() == [{"role": "user", "content": "ab"}]
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b", "lang": "en"}]}]})
+    conversation = req.conversation()
+    assert as_template_content(conversation, "string", None) == [{"role": "user", "content": "a\nb"}]
+    assert as_template_content(conversation, "openai", None) == [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b", "lang": "en"}]}]
 
 
 def test_generate_takes_any_sampling_field():

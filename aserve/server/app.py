@@ -32,10 +32,11 @@ from aserve.server.metrics import ServerMetrics, log_status_periodically
 from aserve.server.open_files import watch_open_files
 from aserve.server.prompts import (ChatTemplateOptions, chat_prompt_ids, max_prompt_chars, refuse_giant_prompts,
                                    tokenize_text)
+from aserve.server.protocol import conversation_of
 from aserve.server.protocol_info import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                          TokenizeRequest, TokenizeResponse)
 from aserve.server.reasoning import ReasoningParser, reasoning_parser_for
-from aserve.server.tool_calls import plan_tools, template_messages
+from aserve.server.tool_calls import plan_tools
 from aserve.server.responses_store import ResponseStore
 
 logger = logging.getLogger("aserve.server")
@@ -295,9 +296,7 @@ async def tokenize(request: web.Request) -> web.Response:
         if req.continue_final_message and req.add_generation_prompt:
             raise APIError(400, "Cannot set both continue_final_message and add_generation_prompt "
                                 "to true.", param="continue_final_message")
-        conversation = template_messages([{"role": m.role, "content": m.text()} for m in req.messages],
-                                         req.messages)
-        tokens = await chat_prompt_ids(state, conversation, req.add_generation_prompt, ChatTemplateOptions(
+        tokens = await chat_prompt_ids(state, conversation_of(req.messages), req.add_generation_prompt, ChatTemplateOptions(
             continue_final_message=req.continue_final_message, add_special_tokens=bool(req.add_special_tokens),
             chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs),
             tools=plan_tools(req.tools, "none", None).template_tools())

@@ -12,6 +12,9 @@ import functools
 from typing import Optional
 
 FORMATS = ("auto", "string", "openai")
+# Where a conversation's message keeps its content parts as sent (the content itself is their
+# text joined); as_template_content takes it out before the template sees the message.
+PARTS_KEY = "_content_parts"
 
 
 @functools.lru_cache(maxsize=64)
@@ -37,8 +40,16 @@ def template_wants_parts(template: str) -> bool:
 
 
 def as_template_content(conversation: list[dict], fmt: str, template: Optional[str]) -> list[dict]:
-    """The conversation with each message's string content in the format the template takes."""
-    if fmt == "string" or (fmt == "auto" and not (template and template_wants_parts(template))):
-        return conversation
-    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
-            for m in conversation]
+    """The conversation with each message's content in the format the template takes: a
+    string (text parts joined by newlines, as vLLM), or the parts as sent (a string content
+    as one text part)."""
+    wants_parts = not (fmt == "string" or (fmt == "auto" and not (template and template_wants_parts(template))))
+    out = []
+    for m in conversation:
+        parts = m.get(PARTS_KEY)
+        if parts is not None:
+            m = {k: v for k, v in m.items() if k != PARTS_KEY}
+        if wants_parts and isinstance(m.get("content"), str):
+            m = {**m, "content": parts if parts is not None else [{"type": "text", "text": m["content"]}]}
+        out.append(m)
+    return out

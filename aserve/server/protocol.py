@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aserve.models.generation_config import sampling_fields
 from aserve.sampling_params import RequestOutputKind, SamplingParams
+from aserve.server.content_format import PARTS_KEY
 from aserve.server.errors import EMPTY_PROMPT, APIError, bad_request_from_value_error
 from aserve.server.structured_request import request_constraint
 from aserve.server.tool_calls import template_messages
@@ -243,6 +244,10 @@ class CompletionStreamResponse(BaseModel):
 
 # ----------------------------------------------------------------------------- chat
 class ContentPart(_Strict):
+    # A part's other fields (TranslateGemma's source_lang_code...) reach templates that take
+    # parts, as vLLM passes them.
+    model_config = ConfigDict(strict=True, extra="allow")
+
     type: str
     text: Optional[str] = None
 
@@ -261,7 +266,7 @@ class ChatMessage(_Strict):
             if part.type != "text":
                 raise APIError(400, f"Content parts of type {part.type!r} are not supported; "
                                     "only 'text' is.", param="messages")
-        return "".join(part.text or "" for part in self.content)
+        return "\n".join(part.text or "" for part in self.content)   # vLLM's join of text parts
 
 
 class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
@@ -300,13 +305,21 @@ class ChatCompletionRequest(_SamplingRequest, VllmChatFields):
                                      defaults)
 
     def conversation(self) -> list[dict[str, Any]]:
-        out = []
-        for m in self.messages:
-            msg = {"role": m.role, "content": m.text()}
-            if m.name:
-                msg["name"] = m.name
-            out.append(msg)
-        return template_messages(out, self.messages)
+        return conversation_of(self.messages)
+
+
+def conversation_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Request messages as the chat template takes them (content_format.py settles the
+    content's shape)."""
+    out = []
+    for m in messages:
+        msg = {"role": m.role, "content": m.text()}
+        if isinstance(m.content, list):   # the parts as sent, for templates that take parts
+            msg[PARTS_KEY] = [part.model_dump(exclude_none=True) for part in m.content]
+        if m.name:
+            msg["name"] = m.name
+        out.append(msg)
+    return template_messages(out, messages)
 
 
 class BatchChatCompletionRequest(ChatCompletionRequest):
