@@ -291,11 +291,18 @@ def test_add_special_tokens_false_drops_bos_from_a_completion_prompt(client, ser
 @pytest.mark.parametrize("field, value", [
     ("priority", 1), ("logits_processors", ["my.Processor"]), ("prompt_embeds", "AAAA"),
     ("cache_salt", "salt"), ("kv_transfer_params", {"a": 1}), ("vllm_xargs", {"a": 1}),
-    ("mm_processor_kwargs", {"a": 1}), ("truncate_prompt_tokens", 0),
+    ("mm_processor_kwargs", {"a": 1}), ("truncate_prompt_tokens", 0), ("thinking_token_budget", 100),
+    ("thinking_token_budget", -2), ("thinking_token_budget", 0.6),
 ])
 def test_vllm_fields_not_implemented_are_refused_by_name(client, server, field, value):
     for call in (complete, chat):
         assert bad_request(lambda: call(client, server, extra_body={field: value}))["param"] == field
+
+
+def test_an_unlimited_thinking_budget_is_no_budget(client, server):
+    """vLLM's thinking_token_budget -1 means unlimited: the same as leaving it out."""
+    for call in (complete, chat):
+        assert call(client, server, max_tokens=2, extra_body={"thinking_token_budget": -1}).choices
 
 
 def test_request_id_names_the_response(client, server):

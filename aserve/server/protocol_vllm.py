@@ -20,10 +20,11 @@ from aserve.server.random_ids import random_hex_id
 # refused when set to anything else. Why: prompt_embeds needs an embedding input path;
 # logits_processors runs user-named code; priority needs priority scheduling; cache_salt a
 # salted prefix cache; kv_transfer_params disaggregated serving; vllm_xargs custom extensions;
-# mm_processor_kwargs a multimodal processor.
+# mm_processor_kwargs a multimodal processor; thinking_token_budget a cap on reasoning tokens
+# (-1, unlimited, is taken as unset).
 UNIMPLEMENTED_FIELDS: dict[str, Any] = {
     "prompt_embeds": None, "logits_processors": None, "priority": 0, "cache_salt": None,
-    "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None,
+    "kv_transfer_params": None, "vllm_xargs": None, "mm_processor_kwargs": None, "thinking_token_budget": None,
 }
 
 
@@ -58,11 +59,14 @@ class VllmSamplingFields(_Strict):
     kv_transfer_params: Optional[Any] = None
     vllm_xargs: Optional[Any] = None
     mm_processor_kwargs: Optional[Any] = None
+    thinking_token_budget: Optional[Any] = None
 
     def check_vllm_fields(self, stream: bool) -> None:
         """A 400 for a vLLM field this server cannot honour, or one used as vLLM forbids."""
         for name, unused in UNIMPLEMENTED_FIELDS.items():
             value = getattr(self, name)
+            if name == "thinking_token_budget" and value == -1 and not isinstance(value, bool):
+                continue   # vLLM's "unlimited": no budget
             if value != unused and not (isinstance(value, (list, dict)) and not value):  # [] / {}: none
                 raise APIError(400, f"{name} is not supported by this server.", param=name)
         if self.prompt_logprobs is not None:
