@@ -245,6 +245,19 @@ def test_include_reasoning_false_leaves_it_out(client, raw):
     assert "".join(d.content or "" for d in deltas) == content
 
 
+def test_chat_usage_counts_the_thinking_tokens_even_when_it_leaves_them_out(client, server):
+    """vLLM's test_reasoning_tokens_in_usage: completion_tokens_details.reasoning_tokens, up to
+    and with </think>, also with include_reasoning false; in the stream's usage chunk too."""
+    resp = client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body={"include_reasoning": False, "return_token_ids": True})
+    ids = resp.choices[0].model_extra["token_ids"]
+    expected = ids.index(server.async_engine.engine.tokenizer.convert_tokens_to_ids(END)) + 1
+    assert resp.usage.completion_tokens_details.reasoning_tokens == expected < resp.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == expected
+
+
 def test_a_cut_off_thinking_is_all_reasoning(client, raw):
     reasoning, _ = thinking_and_answer(raw())
     resp = client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=1, temperature=0)

@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from aserve.server.api_openai import chat_choice, total_usage
+from aserve.server.api_openai import chat_choice, chat_usage
 from aserve.server.app import STATE, ServerState, json_response, read_request
 from aserve.server.chat_reply import chat_reply, template_options
 from aserve.server.engine_requests import add_all, fill_max_tokens, last_output
@@ -53,7 +53,7 @@ async def chat_completions_batch(request: web.Request) -> web.Response:
             reply = chat_reply(single, state.return_tokens_as_token_ids, state.response_role)
             choices.append(await chat_choice(state, single, reply, view, tool_plan, final.outputs[0], i))
         body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                      usage=total_usage(request, finals)).model_dump()
+                                      usage=chat_usage(request, finals, views)).model_dump()
         if batch.return_token_ids:   # each choice's own ids, as vLLM's batch answers
             for choice, final in zip(body["choices"], finals):
                 choice["token_ids"] = list(final.outputs[0].token_ids)

@@ -28,6 +28,7 @@ from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompleti
                                     ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
                                     CompletionChoice, CompletionLogProbs, CompletionRequest,
                                     CompletionResponse, CompletionStreamChoice, CompletionStreamResponse,
+                                    CompletionTokensDetails,
                                     DeltaMessage, PromptTokensDetails, UsageInfo)
 from aserve.server.reasoning import ReasoningView
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
@@ -82,6 +83,16 @@ def total_usage(request: web.Request, finals: list[Optional[RequestOutput]]) -> 
     details = PromptTokensDetails(cached_tokens=cached) if request.app[STATE].enable_prompt_tokens_details else None
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                      prompt_tokens_details=details)
+
+
+def chat_usage(request: web.Request, finals: list[RequestOutput], views: list[ReasoningView]) -> UsageInfo:
+    """A chat answer's usage; with a reasoning parser, how many completion tokens were
+    thinking (completion_tokens_details.reasoning_tokens), as vLLM reports it."""
+    usage = total_usage(request, finals)
+    if any(view.active for view in views):
+        usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
+            view.reasoning_tokens(o.token_ids, o.text) for final, view in zip(finals, views) for o in final.outputs))
+    return usage
 
 
 def _usage_wanted(state: ServerState, options) -> tuple[bool, bool]:
@@ -276,7 +287,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             prompt_logprobs = (await prompt_logprobs_out(final.prompt_logprobs)
                                if final.prompt_logprobs is not None else None)
             body = ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                          usage=total_usage(request, [final]), prompt_logprobs=prompt_logprobs).model_dump()
+                                          usage=chat_usage(request, [final], [view]),
+                                          prompt_logprobs=prompt_logprobs).model_dump()
             if req.return_token_ids:   # vLLM's: the prompt's ids on the response, each choice's own
                 body["prompt_token_ids"] = list(final.prompt_token_ids)
                 for choice, o in zip(body["choices"], final.outputs):
@@ -389,7 +401,7 @@ async def _stream_chat(request, state, req, params, reply, request_id, created, 
                 if req.return_token_ids:   # vLLM's: the step's new ids
                     body["choices"][0]["token_ids"] = list(new_ids)
                 await events.send(body, last=final.finished)
-    usage = total_usage(request, [final])
+    usage = chat_usage(request, [final], [view])
     if final_usage:
         await events.send(ChatCompletionChunk(id=request_id, created=created, model=model,
                                               choices=[], usage=usage).model_dump(), last=True)

@@ -212,11 +212,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0   # prompt tokens served from the prefix cache
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0   # the thinking's share of the completion (with a reasoning parser)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: Optional[PromptTokensDetails] = None
+    completion_tokens_details: Optional[CompletionTokensDetails] = None   # chat with a reasoning parser
 
 
 class CompletionResponse(BaseModel):
