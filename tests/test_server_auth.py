@@ -59,3 +59,28 @@ def test_the_key_may_come_from_the_environment(monkeypatch):
     assert resolve_api_key(make_parser().parse_args(["--api-key", "flag"])) == "flag"
     monkeypatch.delenv("ASERVE_API_KEY")
     assert resolve_api_key(make_parser().parse_args([])) is None
+
+
+def test_a_root_path_serves_every_route_under_it_too_behind_the_same_key():
+    """vLLM's --root-path /llm (its test_root_path): /v1 and /llm/v1 both answer, both guarded."""
+    import openai as openai_module
+
+    with ServerThread(api_key="abc-123", state_options={"root_path": "/llm"}) as srv:
+        for base in (srv.url + "/v1", srv.url + "/llm/v1"):
+            good = openai_module.OpenAI(base_url=base, api_key="abc-123", max_retries=0)
+            resp = good.chat.completions.create(model=srv.model_name, max_tokens=2,
+                                                messages=[{"role": "user", "content": "tell me a saying"}])
+            assert resp.choices[0].message.role == "assistant"
+            assert good.models.retrieve(srv.model_name).id == srv.model_name   # a route with a pattern
+            bad = openai_module.OpenAI(base_url=base, api_key="abc", max_retries=0)
+            with pytest.raises(openai_module.AuthenticationError):
+                bad.chat.completions.create(model=srv.model_name, max_tokens=2,
+                                            messages=[{"role": "user", "content": "hi"}])
+        import urllib.error
+        import urllib.request
+
+        with urllib.request.urlopen(srv.url + "/llm/health", timeout=10) as resp:
+            assert resp.status == 200
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(srv.url + "/elsewhere/health", timeout=10)
+        assert missing.value.code == 404

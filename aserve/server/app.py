@@ -36,6 +36,7 @@ from aserve.server.protocol import conversation_of
 from aserve.server.protocol_info import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                          TokenizeRequest, TokenizeResponse)
 from aserve.server.reasoning import ReasoningParser, reasoning_parser_for
+from aserve.server.root_path import mount_under_root_path, route_path
 from aserve.server.tool_calls import plan_tools
 from aserve.server.responses_store import ResponseStore
 
@@ -68,6 +69,7 @@ class ServerState:
     enable_prompt_tokens_details: bool = False
     # Every stream reports usage, on each chunk and at its end (--enable-force-include-usage).
     enable_force_include_usage: bool = False
+    root_path: str = ""   # --root-path: every route under this prefix too (root_path.py)
     server_load: int = 0             # requests in flight on the tracked routes (GET /load)
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)
@@ -204,7 +206,7 @@ async def error_middleware(request: web.Request, handler):
 
 def _anthropic_route(request: web.Request) -> bool:
     """Anthropic's routes answer errors in Anthropic's shape (its clients parse that one)."""
-    return request.path.startswith(ANTHROPIC_PATHS)
+    return route_path(request).startswith(ANTHROPIC_PATHS)
 
 
 @web.middleware
@@ -223,7 +225,8 @@ def _auth_middleware(api_key: str):
     async def auth(request: web.Request, handler):
         # /invocations runs the /v1 completions: vLLM leaves it open, which would let a
         # client around the key; aserve guards it too.
-        if request.path.startswith("/v1") or request.path == "/invocations":
+        path = route_path(request)
+        if path.startswith("/v1") or path == "/invocations":
             # surrogateescape: aiohttp keeps a header's undecodable (non-UTF-8) bytes as
             # surrogates, which a plain encode() refuses (that was a 500, not a 401).
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
@@ -353,6 +356,7 @@ def build_app(state: ServerState) -> web.Application:
     api_scores.add_routes(app)
     api_sagemaker.add_routes(app)
     api_server_info.add_routes(app, state.enable_tokenizer_info_endpoint)
+    mount_under_root_path(app, state.root_path)   # last: every route above, under --root-path too
 
     async def lifecycle(app: web.Application):
         if state.ready:

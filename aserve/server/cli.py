@@ -118,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         enable_tokenizer_info_endpoint=ns.enable_tokenizer_info_endpoint,
         enable_request_id_headers=ns.enable_request_id_headers, response_role=ns.response_role,
         enable_prompt_tokens_details=ns.enable_prompt_tokens_details,
-        enable_force_include_usage=ns.enable_force_include_usage,
+        enable_force_include_usage=ns.enable_force_include_usage, root_path=ns.root_path or "",
         chat_template_content_format=ns.chat_template_content_format,
         responses=ResponseStore(ns.max_stored_responses),
         cors=CorsPolicy(tuple(ns.allowed_origins), tuple(ns.allowed_methods), tuple(ns.allowed_headers),

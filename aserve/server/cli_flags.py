@@ -228,6 +228,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--enable-prompt-tokens-details", action="store_true",
                    help="Report usage.prompt_tokens_details.cached_tokens (prompt tokens the prefix "
                         "cache served), as vLLM's flag.")
+    s.add_argument("--root-path", default=None,
+                   help="A path prefix (e.g. /llm) that a proxy forwards with the request: every route "
+                        "answers under it too, as with vLLM's flag.")
     s.add_argument("--enable-force-include-usage", action="store_true",
                    help="Every stream reports usage on each chunk and at its end, whatever its "
                         "stream_options, as vLLM's flag.")

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from aserve.server.app import STATE
 from aserve.server.random_ids import random_hex_id
+from aserve.server.root_path import route_path
 
 # vLLM counts the routes that run a model or a tokenizer. /invocations counts once: the handler
 # it dispatches to runs inside the same request.
@@ -25,7 +26,7 @@ async def add_request_id_header(request: web.Request, response: web.StreamRespon
 
 @web.middleware
 async def load_tracking_middleware(request: web.Request, handler):
-    if request.path not in LOAD_TRACKED_PATHS:
+    if route_path(request) not in LOAD_TRACKED_PATHS:
         return await handler(request)
     state = request.app[STATE]
     state.server_load += 1

@@ -65,7 +65,6 @@ IGNORED_VLLM_FLAGS: dict[str, tuple[bool, str]] = {
     "--enable-log-outputs": (False, "the access log never prints outputs"),
     "--uvicorn-log-level": (True, "aiohttp, not uvicorn, serves; see --log-level"),
     "--disable-fastapi-docs": (False, "there are no FastAPI docs pages"),
-    "--root-path": (True, "no path prefix is stripped"),
     "--middleware": (True, "no ASGI middleware"),
     "--otlp-traces-endpoint": (True, "no OpenTelemetry tracing"),
     "--collect-detailed-traces": (True, "no OpenTelemetry tracing"),
