@@ -73,12 +73,25 @@ def test_chat_prompt_logprobs_come_on_the_response(client, server):
     check_prompt_logprobs(resp.model_extra["prompt_logprobs"], prompt_ids, 1)
 
 
-@pytest.mark.parametrize("body", [{"prompt_logprobs": -1}, {"prompt_logprobs": 1, "stream": True}])
-def test_prompt_logprobs_minus_one_or_streamed_are_refused(server, client, body):
+@pytest.mark.parametrize("body", [{"prompt_logprobs": -1}, {"prompt_logprobs": -2},
+                                  {"prompt_logprobs": 1, "stream": True}])
+def test_prompt_logprobs_past_the_bound_or_streamed_are_refused(server, client, body):
+    """-1 (the whole vocabulary) is past the default --max-logprobs of 20, as in vLLM."""
     stream = body.pop("stream", False)
     for call in (lambda: complete(client, server, stream=stream, extra_body=body),
                  lambda: chat(client, server, stream=stream, extra_body=body)):
         assert bad_request(call)["param"] == "prompt_logprobs"
+
+
+def test_prompt_logprobs_minus_one_gives_the_whole_vocabulary_where_max_logprobs_allows(tmp_path):
+    """vLLM's test_chat_echo with --max-logprobs -1: every prompt position gets every token."""
+    from server_fixtures import ServerThread, small_engine_args
+
+    with ServerThread(small_engine_args(max_logprobs=-1)) as srv:
+        resp = chat(srv.openai_client(), srv, max_tokens=1, extra_body={"prompt_logprobs": -1})
+        positions = resp.model_extra["prompt_logprobs"]
+        assert positions[0] is None and len(positions) > 2
+        assert all(len(p) >= srv.state.vocab_size for p in positions[1:])
 
 
 def test_streamed_echo_with_logprobs_0_still_gets_the_prompt_s_logprobs(client, server):

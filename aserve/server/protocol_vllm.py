@@ -70,8 +70,10 @@ class VllmSamplingFields(_Strict):
             if value != unused and not (isinstance(value, (list, dict)) and not value):  # [] / {}: none
                 raise APIError(400, f"{name} is not supported by this server.", param=name)
         if self.prompt_logprobs is not None:
-            if self.prompt_logprobs < 0:  # vLLM refuses -1 here (the whole vocabulary per position)
-                raise APIError(400, f"prompt_logprobs must be a non-negative integer, got "
+            # -1 is the whole vocabulary per position: allowed where --max-logprobs allows it (-1),
+            # as vLLM; the engine refuses it with that bound otherwise.
+            if self.prompt_logprobs < -1:
+                raise APIError(400, f"prompt_logprobs must be -1 (the whole vocabulary) or at least 0, got "
                                     f"{self.prompt_logprobs}.", param="prompt_logprobs")
             if stream and self.prompt_logprobs > 0:
                 raise APIError(400, "prompt_logprobs are not available when stream is true.",
