@@ -258,6 +258,20 @@ def test_chat_usage_counts_the_thinking_tokens_even_when_it_leaves_them_out(clie
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens == expected
 
 
+def test_separate_reasoning_false_puts_the_thinking_first_in_the_content(client, raw):
+    """vLLM's separate_reasoning: false merges the thinking (without its tags) into content."""
+    reasoning, content = thinking_and_answer(raw())
+    resp = client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body={"separate_reasoning": False})
+    message = resp.choices[0].message
+    assert message.content == reasoning + content and message.model_extra["reasoning"] is None
+    chunks = list(client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True, extra_body={"separate_reasoning": False}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not any(d.model_extra.get("reasoning") for d in deltas)
+    assert "".join(d.content or "" for d in deltas) == reasoning + content
+
+
 def test_a_cut_off_thinking_is_all_reasoning(client, raw):
     reasoning, _ = thinking_and_answer(raw())
     resp = client.chat.completions.create(model="", messages=THINKING_PROMPT, max_tokens=1, temperature=0)

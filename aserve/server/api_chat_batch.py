@@ -40,7 +40,8 @@ async def chat_completions_batch(request: web.Request) -> web.Response:
             for i, single in enumerate(singles):
                 prompt_ids = await chat_prompt_ids(state, single.conversation(), single.add_generation_prompt,
                                                    template_options(single))
-                view = ReasoningView(state.reasoning, prompt_ids, single.include_reasoning, 1)
+                view = ReasoningView(state.reasoning, prompt_ids, single.include_reasoning, 1,
+                                     single.separate_reasoning)
                 gated = state.reasoning.gate(params, prompt_ids) if view.active else params
                 (stream,) = await add_all(state, f"{request_id}_{i}", [prompt_ids],
                                           lambda num_tokens, p=gated: fill_max_tokens(state, p, num_tokens))

@@ -275,7 +275,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         await check_grammar(state, params, constraint_field(req))
         prompt_ids = await chat_prompt_ids(state, req.conversation(), req.add_generation_prompt,
                                            template_options(req), tools=tool_plan.template_tools())
-        view = ReasoningView(state.reasoning, prompt_ids, req.include_reasoning, params.n)
+        view = ReasoningView(state.reasoning, prompt_ids, req.include_reasoning, params.n, req.separate_reasoning)
         if view.active:   # a constraint applies to the answer, after the thinking
             params = state.reasoning.gate(params, prompt_ids)
         (stream,) = await add_all(state, request_id, [prompt_ids],

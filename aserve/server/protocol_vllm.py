@@ -115,6 +115,7 @@ class VllmChatFields(_Strict):
     chat_template_kwargs: Optional[dict[str, Any]] = None
     documents: Optional[list[dict[str, str]]] = None  # for RAG templates
     include_reasoning: bool = True        # with --reasoning-parser: the message's `reasoning`
+    separate_reasoning: bool = True       # false: the thinking goes into `content`, before the answer
 
     def check_chat_fields(self, add_generation_prompt: bool) -> None:
         if self.continue_final_message and add_generation_prompt:

@@ -167,10 +167,11 @@ class ReasoningView:
     """One request's thinking and answer, choice by choice; with no parser, all is answer."""
 
     def __init__(self, parser: Optional[ReasoningParser], prompt_ids: list[int], include: bool = True,
-                 num_choices: int = 1) -> None:
+                 num_choices: int = 1, separate: bool = True) -> None:
         self.parser = parser
         self.thinking = parser.thinking(prompt_ids) if parser is not None else False
         self.include = include   # the request's include_reasoning
+        self.separate = separate   # its separate_reasoning (vLLM's): false puts the thinking in the content
         self._progress = [ReasoningProgress() for _ in range(num_choices)]
 
     @property
@@ -182,7 +183,14 @@ class ReasoningView:
         if self.parser is None:
             return None, text
         split = self.parser.split(text, finished=True, thinking=self.thinking)
-        return (split.reasoning or None) if self.include else None, split.content
+        return self._apart((split.reasoning or None) if self.include else None, split.content)
+
+    def _apart(self, reasoning: Optional[str], content: str) -> tuple[Optional[str], str]:
+        """(reasoning, content) as the request wants them: apart, or (separate_reasoning false,
+        as vLLM merges them) the thinking first in the content."""
+        if self.separate or reasoning is None:
+            return reasoning, content
+        return None, reasoning + (content or "")
 
     def reasoning_tokens(self, token_ids, text: str) -> int:
         """How many of a finished output's tokens are its thinking (usage's reasoning_tokens):
@@ -204,4 +212,4 @@ class ReasoningView:
         """What choice's cumulative text adds to its reasoning and its answer since the last step."""
         split = self.parser.split(text, finished=finished, thinking=self.thinking)
         reasoning, content = self._progress[choice].step(split)
-        return (reasoning or None) if self.include else None, content
+        return self._apart((reasoning or None) if self.include else None, content)
