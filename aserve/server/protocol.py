@@ -30,19 +30,19 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    # As vLLM: once stream_options is given, include_usage defaults to true (OpenAI leaves it
-    # unset); a stream without stream_options has no usage chunk.
+    # Usage only when include_usage is true, as OpenAI and newer vLLM (older vLLM took an unset
+    # include_usage in a given stream_options as true; its current tests say {} means none).
     include_usage: Optional[bool] = None
-    # vLLM's: usage on every chunk too, unless include_usage is false (then neither).
+    # vLLM's: usage on every chunk too, with include_usage.
     continuous_usage_stats: bool = False
 
     @property
     def continuous_usage(self) -> bool:
-        return self.continuous_usage_stats and self.include_usage is not False
+        return self.continuous_usage_stats and self.include_usage is True
 
     @property
     def final_usage(self) -> bool:
-        return self.include_usage is not False
+        return self.include_usage is True
 
 
 class _SamplingRequest(_Strict, VllmSamplingFields):
