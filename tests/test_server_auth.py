@@ -46,6 +46,21 @@ def test_the_openai_client_with_a_wrong_key_gets_authentication_error(server):
         client.models.list()
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+async def test_the_bearer_scheme_is_case_insensitive(server, scheme):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.url + "/v1/models", headers={"Authorization": f"{scheme} {KEY}"}) as resp:
+            assert resp.status == 200
+        async with session.get(server.url + "/v1/models", headers={"Authorization": f"{scheme} wrong"}) as resp:
+            assert resp.status == 401
+
+
+async def test_options_runs_nothing_and_needs_no_key(server):
+    async with aiohttp.ClientSession() as session:
+        async with session.options(server.url + "/v1/models") as resp:
+            assert resp.status != 401
+
+
 @pytest.mark.parametrize("path", ["/health", "/metrics"])
 async def test_non_v1_routes_need_no_key(server, path):
     async with aiohttp.ClientSession() as session:

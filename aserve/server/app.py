@@ -224,12 +224,13 @@ def _auth_middleware(api_key: str):
     @web.middleware
     async def auth(request: web.Request, handler):
         # /invocations runs the /v1 completions: vLLM leaves it open, which would let a
-        # client around the key; aserve guards it too.
+        # client around the key; aserve guards it too. OPTIONS asks what a route allows and
+        # runs nothing: open, as in vLLM.
         path = route_path(request)
-        if path.startswith("/v1") or path == "/invocations":
+        if request.method != "OPTIONS" and (path.startswith("/v1") or path == "/invocations"):
             # surrogateescape: aiohttp keeps a header's undecodable (non-UTF-8) bytes as
             # surrogates, which a plain encode() refuses (that was a 500, not a 401).
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            given = _bearer_cased(request.headers.get("Authorization", "")).encode("utf-8", "surrogateescape")
             # Anthropic's clients send the key as x-api-key.
             given_bare = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
             # compare_digest: the time taken must not reveal how much of the key matched.
@@ -240,6 +241,13 @@ def _auth_middleware(api_key: str):
         return await handler(request)
 
     return auth
+
+
+def _bearer_cased(authorization: str) -> str:
+    """An Authorization value with its scheme written "Bearer": HTTP's schemes are
+    case-insensitive ("bearer", "BEARER"), as vLLM compares them."""
+    scheme, space, credentials = authorization.partition(" ")
+    return f"Bearer {credentials}" if space and scheme.lower() == "bearer" else authorization
 
 
 # ----------------------------------------------------------------------------- small routes
