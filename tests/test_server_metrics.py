@@ -171,3 +171,24 @@ def test_metrics_prefix_vllm_serves_vllms_names():
     for name, kind in VLLM_METRICS.items():
         assert metrics[name].type == kind, name
     assert value(metrics["request_success"], finished_reason="length") == 1
+
+
+def test_prompt_tokens_count_the_whole_prompt_prefix_cache_hits_too():
+    """vLLM's test_metrics_counts: ten requests of one prompt (the cache serves the later ones
+    most of it) count every prompt token, in prompt_tokens and in the iteration tokens."""
+    with ServerThread() as srv:
+        client = srv.openai_client()
+        prompt = "the same words every time, long enough to fill a block of the cache"
+        before = scrape(srv.url)
+        for _ in range(10):
+            resp = client.completions.create(model=srv.model_name, prompt=prompt, max_tokens=10, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        prompt_tokens = resp.usage.prompt_tokens
+        after = scrape(srv.url)
+
+    def grew(name: str, suffix: str = "") -> float:
+        return value(after[name], suffix) - value(before[name], suffix)
+
+    assert value(after["prompt_tokens_by_source"], source="local_cache_hit") > 0   # the cache served some
+    assert grew("prompt_tokens") == 10 * prompt_tokens
+    assert grew("iteration_tokens_total", "_sum") == 10 * (prompt_tokens + 10)

@@ -342,6 +342,10 @@ class Engine:
         request.metrics.num_generation_tokens += count
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
+            # Its prompt is done: the tokens the prefix cache served count as prompt tokens too,
+            # as vLLM counts the whole prompt then (prompt_tokens_total, the iteration tokens;
+            # the by-source counter tells the two apart).
+            self.prompt_tokens_total += request.num_cached_tokens or 0
 
     def _fail(self, request: Request, message: str) -> None:
         request.error = message
