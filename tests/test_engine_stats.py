@@ -48,7 +48,7 @@ def test_a_finished_request_reports_vllms_phases():
     seq = SimpleNamespace(finish_reason="length", num_output_tokens=5)
     request = SimpleNamespace(metrics=m, params=SamplingParams(n=1, max_tokens=5), error=None,
                               prompt_token_ids=[1] * 40, num_cached_tokens=32, seqs=[seq],
-                              beam_outputs=None)
+                              beam_outputs=None, num_preemptions=2)
     rec.on_finished(request, finish_reason_of(request), now=13.25)
     assert rec.finished_by_reason == {"length": 1}
     expected = {"e2e_request_latency_seconds": 3.25, "request_queue_time_seconds": 0.5,
@@ -56,7 +56,8 @@ def test_a_finished_request_reports_vllms_phases():
                 "request_inference_time_seconds": 2.5, "request_time_per_output_token_seconds": 0.5,
                 "request_prompt_tokens": 40, "request_generation_tokens": 5,
                 "request_prefill_kv_computed_tokens": 8, "request_params_n": 1,
-                "request_params_max_tokens": 5, "request_max_num_generation_tokens": 5}
+                "request_params_max_tokens": 5, "request_max_num_generation_tokens": 5,
+                "request_num_preemptions": 2}
     for name, value in expected.items():
         assert observed(rec, name) == (1, value), name
 
@@ -65,7 +66,7 @@ def test_a_request_aborted_while_waiting_reports_no_phase_it_never_reached():
     rec = EngineStatsRecorder(2048)
     request = SimpleNamespace(metrics=RequestMetrics(arrival_time=1.0), params=SamplingParams(max_tokens=9),
                               error=None, prompt_token_ids=[1, 2], num_cached_tokens=None, seqs=[],
-                              beam_outputs=None)
+                              beam_outputs=None, num_preemptions=0)
     rec.on_finished(request, "abort", now=4.0)
     assert observed(rec, "e2e_request_latency_seconds") == (1, 3.0)
     for name in ("request_queue_time_seconds", "request_prefill_time_seconds",

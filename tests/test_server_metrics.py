@@ -18,6 +18,7 @@ from server_fixtures import ServerThread, small_engine_args
 VLLM_METRICS = {
     "num_requests_running": "gauge",
     "num_requests_waiting": "gauge",
+    "num_requests_waiting_by_reason": "gauge",
     "kv_cache_usage_perc": "gauge",
     "prefix_cache_queries": "counter",
     "prefix_cache_hits": "counter",
@@ -44,6 +45,7 @@ VLLM_METRICS = {
     "request_max_num_generation_tokens": "histogram",
     "request_params_n": "histogram",
     "request_params_max_tokens": "histogram",
+    "request_num_preemptions": "histogram",
     "cache_config_info": "gauge",
 }
 
@@ -132,6 +134,13 @@ def test_every_vllm_metric_has_its_name_type_and_labels(server):
     assert value(metrics["request_params_n"], "_sum") == 1 + 2 + 1 + 4 + 2 + 1
     assert value(metrics["request_params_max_tokens"], "_sum") == 5 + 3 + 4 + 4 * 180 + 4 + 200
     assert value(metrics["num_preemptions"]) >= 1
+    # vLLM's newer series: preemptions per request, the waiting by reason, the cache's size.
+    assert value(metrics["request_num_preemptions"], "_count") == finished
+    assert 1 <= value(metrics["request_num_preemptions"], "_sum") <= value(metrics["num_preemptions"])
+    assert {s.labels["reason"] for s in metrics["num_requests_waiting_by_reason"].samples} == {"capacity", "deferred"}
+    info = metrics["cache_config_info"].samples[0].labels
+    assert int(info["kv_cache_size_tokens"]) == int(info["num_gpu_blocks"]) * int(info["block_size"])
+    assert float(info["kv_cache_max_concurrency"]) > 0
     # Tokens: every step's tokens, and each request's generated ones, add up.
     generated = value(metrics["generation_tokens"])
     assert value(metrics["request_generation_tokens"], "_sum") == generated

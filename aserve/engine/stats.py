@@ -97,6 +97,7 @@ class EngineStatsRecorder:
             "request_max_num_generation_tokens": Histogram(tokens),
             "request_params_n": Histogram(PARAMS_N_BUCKETS),
             "request_params_max_tokens": Histogram(tokens),
+            "request_num_preemptions": Histogram(tokens),
         }
         h = self.histograms
         self._iteration, self._ttft, self._itl = (h["iteration_tokens_total"],
@@ -175,6 +176,7 @@ class EngineStatsRecorder:
         h["request_max_num_generation_tokens"].observe(
             max((seq.num_output_tokens for seq in request.seqs), default=0))
         h["request_params_n"].observe(params.n)
+        h["request_num_preemptions"].observe(request.num_preemptions)
         if params.max_tokens is not None:
             h["request_params_max_tokens"].observe(params.max_tokens)
 

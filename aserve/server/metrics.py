@@ -39,6 +39,7 @@ HISTOGRAMS = (
     ("request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens."),
     ("request_params_n", "Histogram of the n request parameter."),
     ("request_params_max_tokens", "Histogram of the max_tokens request parameter."),
+    ("request_num_preemptions", "Number of preemptions per request."),
 )
 # Older vLLM dashboards plot time_per_output_token_seconds: vLLM emitted it with the same
 # observations as inter_token_latency_seconds until it retired the name; so does aserve.
@@ -57,12 +58,17 @@ class ServerMetrics:
         self.labels = f'model_name="{_escape(model_name)}",engine="0"'
         engine = async_engine.engine
         cache, args = engine.cache_config, getattr(engine, "args", None)
-        # vLLM's cache_config_info: an info metric, a gauge at 1 whose labels are the settings.
+        # vLLM's cache_config_info: an info metric, a gauge at 1 whose labels are the settings,
+        # with the KV cache's size in tokens and how many requests of the whole context it holds.
+        kv_tokens = cache.num_blocks * cache.block_size
+        max_len = getattr(getattr(engine, "model_config", None), "max_model_len", None) or kv_tokens
         self.cache_info = {
             "block_size": cache.block_size, "num_gpu_blocks": cache.num_blocks,
             "num_cpu_blocks": "None", "cache_dtype": "auto",
             "gpu_memory_utilization": getattr(args, "gpu_memory_utilization", ""),
             "enable_prefix_caching": getattr(args, "enable_prefix_caching", ""),
+            "kv_cache_size_tokens": kv_tokens,
+            "kv_cache_max_concurrency": f"{kv_tokens / max(1, max_len):.2f}",
             "engine": "0"}
 
     def render(self) -> str:
@@ -83,6 +89,11 @@ class ServerMetrics:
                stats.num_running)
         scalar("gauge", "num_requests_waiting", "Number of requests waiting to be processed.",
                stats.num_waiting)
+        # vLLM's split of the waiting: for room in the batch (capacity), or for something else
+        # first (deferred: aserve compiles grammars before a request enters, so none).
+        name = header("num_requests_waiting_by_reason", "gauge", "Number of requests waiting, by reason.")
+        lines.append(f'{name}{{{lab},reason="capacity"}} {stats.num_waiting}')
+        lines.append(f'{name}{{{lab},reason="deferred"}} 0')
         scalar("gauge", "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
                float(stats.kv_cache_usage))
         scalar("gauge", "kv_cache_used_blocks", "KV cache blocks in use (aserve's).", stats.num_used_blocks)
