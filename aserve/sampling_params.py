@@ -68,6 +68,8 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
+    # vLLM's: the prompt's logprobs from logits divided by this (None: the raw distribution).
+    prompt_logprobs_temperature: Optional[float] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None
@@ -177,6 +179,9 @@ class SamplingParams:
                 raise ValueError(f"best_of must be 1 when using greedy sampling (temperature 0), got {self.best_of}.")
 
     def _verify_vllm_extras(self) -> None:
+        if self.prompt_logprobs_temperature is not None:
+            _number_above("prompt_logprobs_temperature", self.prompt_logprobs_temperature, 0.0, "above 0",
+                          upper=float("inf"))
         if self.allowed_token_ids is not None:
             if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
                 raise ValueError("allowed_token_ids must be a non-empty list of token ids, got "

@@ -94,6 +94,24 @@ def test_prompt_logprobs_minus_one_gives_the_whole_vocabulary_where_max_logprobs
         assert all(len(p) >= srv.state.vocab_size for p in positions[1:])
 
 
+def test_prompt_logprobs_temperature_flattens_the_prompts_distribution(client, server):
+    """vLLM's test: the prompt ends with the greedy token after its start; the hotter the
+    prompt's logprobs, the less likely that argmax token looks."""
+    start = [31, 7, 99, 12]
+    greedy = complete(client, server, prompt=start, max_tokens=1, temperature=0,
+                      extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"][0]
+    last = []
+    for t in (0.1, 1.0, 5):
+        resp = complete(client, server, prompt=start + [greedy], max_tokens=1, temperature=0,
+                        extra_body={"prompt_logprobs": 0, "prompt_logprobs_temperature": t})
+        position = resp.choices[0].model_extra["prompt_logprobs"][-1]
+        last.append(position[str(greedy)]["logprob"])
+    assert last[0] > last[1] > last[2]
+    assert bad_request(lambda: complete(client, server, extra_body={"prompt_logprobs": 0,
+                                                                    "prompt_logprobs_temperature": 0}))["param"] \
+        == "prompt_logprobs_temperature"
+
+
 def test_streamed_echo_with_logprobs_0_still_gets_the_prompt_s_logprobs(client, server):
     chunks = list(complete(client, server, max_tokens=2, echo=True, logprobs=0, stream=True,
                            extra_body={"prompt_logprobs": 0}))

@@ -96,7 +96,8 @@ def plan_rows(sched: SchedulerOutput) -> PlannedRows:
             if first < stop:
                 span.prompt_group, span.prompt_first = len(groups), first
                 groups.append(PromptLogprobRows(request.params.prompt_logprobs,
-                                                request.prompt_token_ids[first + 1:stop + 1]))
+                                                request.prompt_token_ids[first + 1:stop + 1],
+                                                request.params.prompt_logprobs_temperature or 1.0))
                 prompt_idx.extend(range(offset + first - item.start, offset + stop - item.start))
         if item.samples:
             last = offset + n - 1

@@ -36,6 +36,7 @@ class VllmSamplingFields(_Strict):
     """vLLM's sampling extras shared by both OpenAI routes."""
 
     prompt_logprobs: Optional[int] = None
+    prompt_logprobs_temperature: Optional[float] = None   # the prompt's logprobs at this temperature
     allowed_token_ids: Optional[list[int]] = None
     bad_words: Optional[list[str]] = None
     # Keep only the prompt's last k tokens (-1: the model's context length, as newer vLLM).
@@ -92,7 +93,8 @@ class VllmSamplingFields(_Strict):
     def vllm_sampling_kwargs(self) -> dict[str, Any]:
         """The SamplingParams fields these carry (those the request set)."""
         return {"allowed_token_ids": self.allowed_token_ids, "bad_words": self.bad_words,
-                "truncate_prompt_tokens": self.truncate_prompt_tokens}
+                "truncate_prompt_tokens": self.truncate_prompt_tokens,
+                "prompt_logprobs_temperature": self.prompt_logprobs_temperature}
 
     def response_id(self, prefix: str) -> str:
         return f"{prefix}-{self.request_id or random_hex_id()}"

@@ -34,6 +34,7 @@ class PromptLogprobRows:
 
     num_top: int
     target_token_ids: list[int]
+    temperature: float = 1.0   # the request's prompt_logprobs_temperature
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,8 @@ class ModelRunner:
         row = n_sample + n_beam
         for group in model_input.prompt_logprob_groups:
             count = len(group.target_token_ids)
-            lps = torch.log_softmax(logits[row:row + count], dim=-1)
+            scores = logits[row:row + count]
+            lps = torch.log_softmax(scores if group.temperature == 1.0 else scores.float() / group.temperature, dim=-1)
             prompt_logprobs.append(logprobs_for_tokens(lps, group.target_token_ids, group.num_top))
             row += count
         return ModelOutput(sampled, sample_logprobs, sampled_lps, beam_logprobs, prompt_logprobs, row_errors)
