@@ -126,6 +126,36 @@ def test_score_pairs_texts_by_the_cosine_of_their_embeddings(server, offline):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "text_2"
 
 
+@pytest.mark.parametrize("names", [("queries", "documents"), ("queries", "items"), ("data_1", "data_2")])
+def test_score_takes_vllms_other_names_for_its_two_sides(server, names):
+    plain = requests.post(server.url + "/score", json={"text_1": TEXTS[0], "text_2": TEXTS[1:]}, timeout=30).json()
+    first, second = names
+    answer = requests.post(server.url + "/score", json={first: TEXTS[0], second: TEXTS[1:]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert [d["score"] for d in answer.json()["data"]] == [d["score"] for d in plain["data"]]
+
+
+def test_use_activation_false_is_normalize_false(client, server):
+    """vLLM's newer name: use_activation false leaves the vector as pooled, unnormalised."""
+    def vector(**extra):
+        body = {"input": TEXTS[0], "encoding_format": "float", **extra}
+        return np.array(requests.post(server.url + "/v1/embeddings", json=body, timeout=30).json()["data"][0]["embedding"])
+
+    raw, plain = vector(use_activation=False), vector()
+    assert np.allclose(raw, vector(normalize=False)) and abs(np.linalg.norm(plain) - 1) < 1e-4
+    assert np.allclose(raw / np.linalg.norm(raw), plain, atol=1e-5)
+
+
+def test_too_long_inputs_and_truncations_say_what_vllm_says(client, server):
+    max_len = client.models.list().data[0].max_model_len
+    too_big = requests.post(server.url + "/v1/embeddings", json={"input": "hello", "truncate_prompt_tokens": max_len + 1},
+                            timeout=30).json()["error"]
+    assert too_big["message"] == ("truncate_prompt_tokens value is greater than max_model_len. Please request a "
+                                  "smaller truncation size.")
+    too_long = requests.post(server.url + "/v1/embeddings", json={"input": [5] * (max_len + 1)}, timeout=30)
+    assert "Please reduce the length of the input prompt" in too_long.json()["error"]["message"]
+
+
 def test_rerank_returns_documents_best_first_and_top_n(server, offline):
     query, documents = TEXTS[0], [TEXTS[1], {"text": TEXTS[2]}, "another one"]
     texts = [TEXTS[1], TEXTS[2], "another one"]

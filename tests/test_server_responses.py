@@ -274,8 +274,17 @@ def test_cancel_ends_a_background_response_and_frees_its_blocks(client, server):
     # Cancelling again answers the same; a response that was not in the background is a 400.
     assert client.responses.cancel(queued.id).status == "cancelled"
     plain = client.responses.create(input=QUESTION, max_output_tokens=2)
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match="Cannot cancel a synchronous response."):   # vLLM's words
         client.responses.cancel(plain.id)
+
+
+def test_background_needs_store_but_store_null_is_the_default(client):
+    """vLLM's tests: store null means the default (true), so background is allowed; store
+    false with background is refused in vLLM's words."""
+    queued = client.responses.create(input=QUESTION, max_output_tokens=2, background=True, extra_body={"store": None})
+    assert queued.background and queued.status in ("queued", "in_progress", "completed", "incomplete")
+    with pytest.raises(openai.BadRequestError, match="background can only be used when `store` is true"):
+        client.responses.create(input=QUESTION, max_output_tokens=2, background=True, store=False)
 
 
 def test_a_background_stream_is_followed_and_resumable(client, server):

@@ -19,6 +19,11 @@ from aserve.engine.request import Request, Sequence
 from aserve.sampling_params import SamplingParams
 
 
+# vLLM's words for a truncate_prompt_tokens past the context (its tests match them exactly).
+TRUNCATION_TOO_LARGE = ("truncate_prompt_tokens value is greater than max_model_len. Please request a smaller "
+                        "truncation size.")
+
+
 @dataclass(frozen=True)
 class TokenizedPrompt:
     """A text prompt with its token ids, tokenized by the caller (the server tokenizes off its
@@ -143,8 +148,7 @@ class RequestFactory:
         if keep == -1:
             keep = max_len
         elif keep > max_len:
-            raise ValueError(f"truncate_prompt_tokens must be at most the maximum context length "
-                             f"({max_len}), got {keep}.")
+            raise ValueError(TRUNCATION_TOO_LARGE)
         return prompt_ids[-keep:]
 
     def _bad_words_token_ids(self, bad_words: Optional[list[str]]) -> list[list[int]]:
@@ -167,7 +171,7 @@ class RequestFactory:
         if prompt_len > max_len:   # vLLM's words for an embedding input
             raise ValueError(f"This model's maximum context length is {max_len} tokens. However, you requested "
                              f"{prompt_len} tokens in the input for embedding generation. Please reduce the "
-                             f"length of the input.")
+                             f"length of the input prompt.")
 
     def _check_lengths(self, prompt_len: int, params: SamplingParams) -> None:
         max_len = self.model_config.max_model_len

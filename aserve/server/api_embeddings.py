@@ -38,6 +38,7 @@ class EmbeddingRequest(BaseModel):
     truncation_side: Optional[Literal["left", "right"]] = None   # as on /v1/completions
     add_special_tokens: bool = True
     normalize: Optional[bool] = None
+    use_activation: Optional[bool] = None   # vLLM's newer name for normalize (normalize wins if both)
 
     def prompts(self) -> list:
         value = self.input
@@ -49,7 +50,8 @@ class EmbeddingRequest(BaseModel):
 
     def pooling_params(self) -> PoolingParams:
         try:
-            return PoolingParams(dimensions=self.dimensions, normalize=self.normalize)
+            normalize = self.normalize if self.normalize is not None else self.use_activation
+            return PoolingParams(dimensions=self.dimensions, normalize=normalize)
         except ValueError as exc:
             raise APIError(400, str(exc), param="dimensions") from None
 

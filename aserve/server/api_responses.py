@@ -225,8 +225,8 @@ async def delete_response(request: web.Request) -> web.Response:
 async def cancel_response(request: web.Request) -> web.Response:
     entry = _stored(request)
     if not entry.body["background"]:
-        raise APIError(400, "Only responses created with background=true can be cancelled.",
-                       param="response_id")
+        raise APIError(400, "Cannot cancel a synchronous response: only responses created with "
+                            "background=true can be cancelled.", param="response_id")
     task = entry.task
     if task is not None:
         task.cancel()

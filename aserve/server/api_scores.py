@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from aserve.pooling_params import PoolingParams
 from aserve.server.app import STATE, ServerState, json_response, note_usage, read_request
@@ -29,8 +29,9 @@ class ScoreRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     model: Optional[str] = None
-    text_1: Union[str, list[str]]
-    text_2: Union[str, list[str]]
+    # vLLM's other names for the two sides: queries / data_1, and documents / items / data_2.
+    text_1: Union[str, list[str]] = Field(validation_alias=AliasChoices("text_1", "queries", "data_1"))
+    text_2: Union[str, list[str]] = Field(validation_alias=AliasChoices("text_2", "documents", "items", "data_2"))
     truncate_prompt_tokens: Optional[int] = None
 
 

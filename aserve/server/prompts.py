@@ -15,7 +15,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from aserve.engine.request_factory import TokenizedPrompt
+from aserve.engine.request_factory import TRUNCATION_TOO_LARGE, TokenizedPrompt
 from aserve.server.content_format import as_template_content
 from aserve.server.errors import EMPTY_PROMPT, APIError
 
@@ -69,8 +69,7 @@ def _truncate_id_lists_early(state: "ServerState", body: dict[str, Any], field: 
             or side not in (None, "left", "right"):
         return  # absent, or a bad value that validation refuses by name
     if keep > state.max_model_len:
-        raise APIError(400, f"truncate_prompt_tokens must be at most the maximum context length "
-                            f"({state.max_model_len}), got {keep}.", param="truncate_prompt_tokens")
+        raise APIError(400, TRUNCATION_TOO_LARGE, param="truncate_prompt_tokens")
     prompt = body.get(field)
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
         if isinstance(prompt[0], list):
@@ -199,8 +198,9 @@ def _check_length(state: "ServerState", token_ids: list, field: str) -> None:
     generates = not state.async_engine.engine.pooling
     if len(token_ids) >= max_len + (not generates):
         room = ", which leaves no room to generate" if generates else ""
+        vllm_words = "" if generates else " Please reduce the length of the input prompt."   # its pooling tests
         raise APIError(400, f"The {field} is {len(token_ids)} tokens long, and this model's maximum "
-                            f"context length is {max_len} tokens{room}: shorten the {field}.",
+                            f"context length is {max_len} tokens{room}: shorten the {field}.{vllm_words}",
                        param=field, code="context_length_exceeded")
 
 

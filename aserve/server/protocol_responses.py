@@ -110,8 +110,9 @@ class ResponsesRequest(BaseModel):
         if self.top_logprobs is not None and self.top_logprobs < 0:
             raise APIError(400, f"top_logprobs must be at least 0, got {self.top_logprobs}.",
                            param="top_logprobs")
-        if self.background and not self.store:
-            raise APIError(400, "background can only be used when store is true.", param="background")
+        # store null is the default (true), as in vLLM; vLLM's words, which its tests match.
+        if self.background and self.store is False:
+            raise APIError(400, "background can only be used when `store` is true.", param="background")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options can only be set when stream is true.", param="stream_options")
 
