@@ -42,6 +42,7 @@ class GenerateRequest(BaseModel):
     min_tokens: int = 0
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
+    prompt_logprobs_temperature: Optional[float] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[str, float]] = None
