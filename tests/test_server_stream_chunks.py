@@ -17,7 +17,8 @@ import urllib.request
 import pytest
 
 from aserve.server.api_openai import _chunk
-from aserve.server.protocol import ChatStreamChoice, CompletionStreamChoice, CompletionStreamResponse, DeltaMessage
+from aserve.server.protocol_answers import (ChatStreamChoice, CompletionStreamChoice, CompletionStreamResponse,
+                                            DeltaMessage)
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
 from server_fixtures import ServerThread
 

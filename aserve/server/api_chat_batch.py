@@ -18,7 +18,8 @@ from aserve.server.app import STATE, ServerState, json_response, read_request
 from aserve.server.chat_reply import chat_reply, template_options
 from aserve.server.engine_requests import add_all, fill_max_tokens, last_output
 from aserve.server.prompts import chat_prompt_ids
-from aserve.server.protocol import BatchChatCompletionRequest, ChatCompletionResponse
+from aserve.server.protocol import BatchChatCompletionRequest
+from aserve.server.protocol_answers import ChatCompletionResponse
 from aserve.server.reasoning import ReasoningView
 from aserve.server.structured_request import check_grammar, constraint_field
 from aserve.server.tool_calls import plan_tools

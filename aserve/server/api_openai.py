@@ -24,12 +24,12 @@ from aserve.server.engine_requests import add_all, fill_max_tokens, last_output
 from aserve.server.openai_logprobs import (add_completion_logprobs, chat_logprobs, copy_completion_logprobs,
                                            prompt_logprobs_out)
 from aserve.server.prompts import chat_prompt_ids
-from aserve.server.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk, ChatCompletionRequest,
-                                    ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
-                                    CompletionChoice, CompletionLogProbs, CompletionRequest,
-                                    CompletionResponse, CompletionStreamChoice, CompletionStreamResponse,
-                                    CompletionTokensDetails,
-                                    DeltaMessage, PromptTokensDetails, UsageInfo)
+from aserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from aserve.server.protocol_answers import (ChatChoice, ChatChoiceLogprobs, ChatCompletionChunk,
+                                            ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice,
+                                            CompletionChoice, CompletionLogProbs, CompletionResponse,
+                                            CompletionStreamChoice, CompletionStreamResponse,
+                                            CompletionTokensDetails, DeltaMessage, PromptTokensDetails, UsageInfo)
 from aserve.server.reasoning import ReasoningView
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk
 from aserve.server.streaming import (SSEEvents, open_stream, request_failed, send_sse, send_sse_error_and_done,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from aserve.server.protocol import (ChatTokenLogprob, ChatTopLogprob, CompletionLogProbs, PromptLogprob,
-                                    PromptLogprobsOut)
+from aserve.server.protocol_answers import (ChatTokenLogprob, ChatTopLogprob, CompletionLogProbs, PromptLogprob,
+                                            PromptLogprobsOut)
 
 if TYPE_CHECKING:
     from aserve.server.app import ServerState
