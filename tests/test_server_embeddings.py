@@ -135,6 +135,25 @@ def test_score_takes_vllms_other_names_for_its_two_sides(server, names):
     assert [d["score"] for d in answer.json()["data"]] == [d["score"] for d in plain["data"]]
 
 
+def test_invocations_routes_pooling_bodies_by_their_shape(server):
+    """vLLM's SageMaker route on a pooling model: embeddings, rerank and score bodies each get
+    the answer their own route gives."""
+    def both(path: str, body: dict):
+        routed = requests.post(server.url + "/invocations", json=body, timeout=30)
+        direct = requests.post(server.url + path, json=body, timeout=30)
+        assert routed.status_code == direct.status_code == 200, routed.text
+        return routed.json(), direct.json()
+
+    routed, direct = both("/v1/embeddings", {"input": TEXTS[0], "encoding_format": "float"})
+    assert routed["data"][0]["embedding"] == direct["data"][0]["embedding"]
+    routed, direct = both("/rerank", {"query": TEXTS[0], "documents": TEXTS[1:]})
+    assert [r["index"] for r in routed["results"]] == [r["index"] for r in direct["results"]]
+    routed, direct = both("/score", {"queries": TEXTS[0], "documents": TEXTS[1:]})
+    assert [d["score"] for d in routed["data"]] == [d["score"] for d in direct["data"]]
+    neither = requests.post(server.url + "/invocations", json={"prompt": "hi"}, timeout=30)
+    assert neither.status_code == 400 and "EmbeddingRequest" in neither.json()["error"]["message"]
+
+
 def test_use_activation_false_is_normalize_false(client, server):
     """vLLM's newer name: use_activation false leaves the vector as pooled, unnormalised."""
     def vector(**extra):
