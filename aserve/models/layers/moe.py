@@ -21,6 +21,10 @@ Computation, two ways:
   token's k outputs are summed in its top-k order, not in expert order, so float32 results
   differ from transformers' in the last bits. Off by default until a card has checked and
   measured it (bench/workloads.py's M and M1, Qwen3-30B-A3B's shape).
+  On a GPU, torch has a grouped kernel of its own only for bfloat16 on compute capability 9.x
+  and 10.x, with every row 16-byte aligned; elsewhere it falls back to a loop that reads the
+  group boundaries to the host, which no CUDA graph can hold (found on an H200 in float32).
+  There the experts take the default path instead (native_grouped_mm()).
 """
 
 from __future__ import annotations
@@ -60,6 +64,17 @@ def grouped_mm_wanted() -> bool:
     """Whether experts take the grouped path (see the module's docstring); torch runs it on the
     CPU too, where the tests hold it to the loop."""
     return env_switch(GROUPED_MM_ENV, "0") and hasattr(torch, "_grouped_mm")
+
+
+def native_grouped_mm(weight: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs its own kernel on this weight's device and dtype: on the
+    CPU always (tests), on a GPU only for bfloat16 on capability 9.x or 10.x with rows of a
+    multiple of 8 elements. Its fallback reads `offs` to the host (no graph capture)."""
+    if weight.device.type != "cuda":
+        return True
+    major, _ = torch.cuda.get_device_capability(weight.device)
+    return (weight.dtype == torch.bfloat16 and major in (9, 10)
+            and all(size % 8 == 0 for size in weight.shape[1:]))
 
 
 class Experts(nn.Module):
@@ -102,9 +117,14 @@ class Experts(nn.Module):
         if missing:
             raise ValueError(f"checkpoint lacks expert weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
 
+    @property
+    def takes_grouped_path(self) -> bool:
+        """Grouped where asked for and torch runs it natively here (native_grouped_mm)."""
+        return self.grouped and native_grouped_mm(self.w13) and native_grouped_mm(self.w2)
+
     def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum over each token's experts of weight * expert(x)."""
-        if self.grouped:
+        if self.takes_grouped_path:
             return self._grouped_forward(x, top_ids, top_weights)
         out = torch.zeros_like(x)
         flat = top_ids.flatten()
@@ -147,7 +167,7 @@ class CapturableWhenGrouped:
 
     @property
     def supports_decode_graphs(self) -> bool:
-        return all(m.grouped for m in self.modules() if isinstance(m, Experts))
+        return all(m.takes_grouped_path for m in self.modules() if isinstance(m, Experts))
 
 
 class MoEBlock(nn.Module):
