@@ -2,10 +2,12 @@
 every generation API, the handler chosen by the body's shape).
 
 SageMaker sends every request to POST /invocations and probes GET /ping. vLLM tries its
-request types in order, chat first: a body with `messages` is a chat completion, one with
-`prompt` a completion; on a pooling model (--runner pooling), one with `input` is an
-embeddings request, `query` with `documents` a rerank, and `text_1` (or `queries`, `data_1`) a
-score; anything else is a 400 naming what was expected.
+request types in order. On a generating model a body with `messages` is a chat completion,
+one with `prompt` a completion. On a pooling model (--runner pooling) vLLM offers only the
+pooling types, in its order: one with `input` or `messages` is an embeddings request (text or
+chat), `query` with `documents` a rerank, `text_1` (or `queries`, `data_1`) a score, and
+one with `data` (vLLM's IOProcessorRequest) goes to /pooling, which names what it lacks;
+anything else is a 400 naming what was expected.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ async def ping(request: web.Request) -> web.StreamResponse:
 
 
 async def invocations(request: web.Request) -> web.StreamResponse:
-    from aserve.server import api_embeddings, api_openai, api_scores
+    from aserve.server import api_embeddings, api_openai, api_pooling, api_scores
 
     # aiohttp keeps the body once read, so the chosen handler reads it again for free.
     raw = await read_body(request, request.app[STATE].limits)
@@ -33,15 +35,17 @@ async def invocations(request: web.Request) -> web.StreamResponse:
     except orjson.JSONDecodeError as exc:
         raise APIError(400, f"We could not parse the JSON body of your request: {exc}.") from None
     if isinstance(body, dict) and request.app[STATE].async_engine.engine.pooling:
-        if "input" in body:
+        if "input" in body or "messages" in body:
             return await api_embeddings.create_embeddings(request)
         if "query" in body and "documents" in body:
             return await api_scores.rerank(request)
         if any(name in body for name in ("text_1", "queries", "data_1")):
             return await api_scores.score(request)
+        if "data" in body:
+            return await api_pooling.create_pooling(request)
         raise APIError(400, "Cannot find suitable handler for request. Expected one of: EmbeddingRequest "
-                            "(with `input`), RerankRequest (with `query` and `documents`), ScoreRequest "
-                            "(with `text_1` and `text_2`).")
+                            "(with `input` or `messages`), RerankRequest (with `query` and `documents`), "
+                            "ScoreRequest (with `text_1` and `text_2`), PoolingRequest (with `data`).")
     if isinstance(body, dict) and "messages" in body:
         return await api_openai.chat_completions(request)
     if isinstance(body, dict) and "prompt" in body:

@@ -332,7 +332,7 @@ def build_app(state: ServerState) -> web.Application:
     """The aiohttp application serving state's engine; starts and stops the engine with itself
     when it is ready at start (else serving.py starts it once it has loaded)."""
     from aserve.server import (api_anthropic, api_chat_batch, api_embeddings, api_generate, api_openai,
-                               api_responses, api_sagemaker, api_scores, api_server_info)
+                               api_pooling, api_responses, api_sagemaker, api_scores, api_server_info)
     from aserve.server.request_tracking import add_request_id_header, load_tracking_middleware
 
     # CORS outside the rest: a browser's preflight is answered before the key is asked for.
@@ -361,6 +361,7 @@ def build_app(state: ServerState) -> web.Application:
     api_responses.add_routes(app)
     api_anthropic.add_routes(app)
     api_embeddings.add_routes(app)
+    api_pooling.add_routes(app)
     api_scores.add_routes(app)
     api_sagemaker.add_routes(app)
     api_server_info.add_routes(app, state.enable_tokenizer_info_endpoint)

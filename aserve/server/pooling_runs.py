@@ -1,0 +1,98 @@
+"""What /v1/embeddings and /pooling share between reading a body and answering it: the body
+read and checked (a chat conversation sent as `input` moved to `messages`, as vLLM does; a
+prompt too long for the context refused before validation), and the prompts (texts, token
+ids, or conversations rendered with the chat template, as /v1/chat/completions renders them)
+pooled together by the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from aserve.outputs import EmbeddingRequestOutput
+from aserve.pooling_params import PoolingParams
+from aserve.server.app import STATE, ServerState, note_usage
+from aserve.server.engine_requests import add_all, last_output
+from aserve.server.errors import APIError, check_json_content_type, parse_request
+from aserve.server.http_server import read_body
+from aserve.server.prompts import ChatTemplateOptions, chat_prompt_ids, refuse_giant_prompts
+from aserve.server.protocol_pooling import PoolingInputRequest
+
+
+async def read_pooling_request(request: web.Request, model_cls: type[PoolingInputRequest]) -> Any:
+    """Read and validate a pooling body within the server's limits (app.read_request's checks)."""
+    state: ServerState = request.app[STATE]
+    check_json_content_type(request.headers.get("Content-Type"))
+    raw = await read_body(request, state.limits)
+
+    def precheck(body: dict) -> None:
+        _conversation_input_as_messages(body)
+        refuse_giant_prompts(state, body, "input")
+        messages = body.get("messages")
+        if isinstance(messages, list) and messages and all(isinstance(m, list) for m in messages):
+            for conversation in messages:   # a batch: each conversation on its own
+                refuse_giant_prompts(state, {"messages": conversation})
+
+    return parse_request(raw, model_cls, precheck=precheck)
+
+
+def _conversation_input_as_messages(body: dict) -> None:
+    """vLLM takes a conversation (or a batch of them) as `input` too: a list of dicts that
+    each have a string `role`. Moved before the token-id checks, which would cut it as ids."""
+    value = body.get("input")
+    if "messages" in body or not isinstance(value, list) or not value:
+        return
+    if all(_is_conversation(one) for one in value) or _is_conversation(value):
+        body["messages"] = body.pop("input")
+
+
+def _is_conversation(value: Any) -> bool:
+    if not isinstance(value, list) or not value:
+        return False
+    return all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in value)
+
+
+def require_pooling_runner(state: ServerState, api: str) -> None:
+    if not state.async_engine.engine.pooling:
+        raise APIError(400, f"this model generates text; the {api} needs a model served with --runner pooling.",
+                       param="model")
+
+
+async def pool(request: web.Request, req: PoolingInputRequest, request_id: str,
+               params: PoolingParams) -> list[EmbeddingRequestOutput]:
+    """Every prompt of the request pooled, in order; the prompt tokens noted for the access log."""
+    state: ServerState = request.app[STATE]
+    req.check_prompts()
+    field = "input" if req.input is not None else "messages"
+    conversations = req.conversations() if req.messages is not None else []
+    with state.admit(len(conversations) or len(req.prompts())):
+        if req.messages is None:
+            prompts = req.prompts()
+        else:
+            options = ChatTemplateOptions(
+                continue_final_message=req.continue_final_message, add_special_tokens=req.special_tokens(),
+                chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs)
+            prompts = [await chat_prompt_ids(state, conversation, req.add_generation_prompt, options)
+                       for conversation in conversations]
+        streams = await add_all(state, request_id, prompts, lambda _: params, add_special_tokens=req.special_tokens(),
+                                truncate_prompt_tokens=req.truncate_prompt_tokens, field=field,
+                                truncation_side=req.truncation_side)
+    try:
+        outputs = await asyncio.gather(*(last_output(s) for s in streams))
+    finally:
+        for stream in streams:
+            stream.close()
+    note_usage(request, prompt_tokens(outputs), 0)
+    return outputs
+
+
+def prompt_tokens(outputs: list[EmbeddingRequestOutput]) -> int:
+    return sum(len(o.prompt_token_ids) for o in outputs)
+
+
+def usage(outputs: list[EmbeddingRequestOutput]) -> dict:
+    tokens = prompt_tokens(outputs)
+    return {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0, "prompt_tokens_details": None}
