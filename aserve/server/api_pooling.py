@@ -14,9 +14,8 @@ import time
 
 from aiohttp import web
 
-from aserve.server.app import STATE, ServerState, json_response
-from aserve.server.embedding_encodings import bytes_response, encoded_vector, is_binary
-from aserve.server.pooling_runs import pool, prompt_tokens, read_pooling_request, require_pooling_runner, usage
+from aserve.server.app import STATE, ServerState
+from aserve.server.pooling_runs import pool, pooled_answer, read_pooling_request, require_pooling_runner
 from aserve.server.protocol_pooling import PoolingRequest
 from aserve.server.random_ids import random_hex_id
 
@@ -29,16 +28,7 @@ async def create_pooling(request: web.Request) -> web.Response:
     req.check_task()
     request_id, created = f"pooling-{random_hex_id()}", int(time.time())
     outputs = await pool(request, req, request_id, req.pooling_params())
-    vectors = [o.outputs.embedding for o in outputs]
-    if is_binary(req.encoding_format):
-        return bytes_response(vectors, prompt_tokens(outputs), request_id, created, state.served_model_name,
-                              req.encoding_format, req.embed_dtype, req.endianness)
-    return json_response({
-        "id": request_id, "object": "list", "created": created, "model": state.served_model_name,
-        "data": [{"index": i, "object": "pooling",
-                  "data": encoded_vector(v, req.encoding_format, req.embed_dtype, req.endianness)}
-                 for i, v in enumerate(vectors)],
-        "usage": usage(outputs)})
+    return pooled_answer(state, req, outputs, request_id, created, "pooling", "data")
 
 
 def add_routes(app: web.Application) -> None:

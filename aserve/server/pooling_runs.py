@@ -14,7 +14,8 @@ from aiohttp import web
 
 from aserve.outputs import EmbeddingRequestOutput
 from aserve.pooling_params import PoolingParams
-from aserve.server.app import STATE, ServerState, note_usage
+from aserve.server.app import STATE, ServerState, json_response, note_usage
+from aserve.server.embedding_encodings import bytes_response, encoded_vector, is_binary
 from aserve.server.engine_requests import add_all, last_output
 from aserve.server.errors import APIError, check_json_content_type, parse_request
 from aserve.server.http_server import read_body
@@ -87,6 +88,23 @@ async def pool(request: web.Request, req: PoolingInputRequest, request_id: str,
             stream.close()
     note_usage(request, prompt_tokens(outputs), 0)
     return outputs
+
+
+def pooled_answer(state: ServerState, req: PoolingInputRequest, outputs: list[EmbeddingRequestOutput],
+                  request_id: str, created: int, item_object: str, vector_field: str) -> web.Response:
+    """The vectors as the request's encoding asks: raw bytes, or the JSON list whose items are
+    {"index", "object": item_object, vector_field: the vector} (/v1/embeddings: "embedding"
+    and "embedding"; /pooling: "pooling" and "data")."""
+    vectors = [o.outputs.embedding for o in outputs]
+    if is_binary(req.encoding_format):
+        return bytes_response(vectors, prompt_tokens(outputs), request_id, created, state.served_model_name,
+                              req.encoding_format, req.embed_dtype, req.endianness)
+    return json_response({
+        "id": request_id, "object": "list", "created": created, "model": state.served_model_name,
+        "data": [{"index": i, "object": item_object,
+                  vector_field: encoded_vector(v, req.encoding_format, req.embed_dtype, req.endianness)}
+                 for i, v in enumerate(vectors)],
+        "usage": usage(outputs)})
 
 
 def prompt_tokens(outputs: list[EmbeddingRequestOutput]) -> int:
