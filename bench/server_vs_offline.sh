@@ -17,6 +17,9 @@
 # "--max-num-seqs 256;--max-num-seqs 512" (each adds to SERVER_ARGS; default: one, the defaults).
 # TOKENIZER: bytes (default: a byte-level BPE, as OPT-125m's own) or words (earlier sessions'
 # word-level tokenizer), bench/make_random_model.py --tokenizer.
+# SERVER_ROUNDS (default 1): the server variants that many times, each round after an offline run with
+# a tokenizer, so that a call shows each one's spread beside offline's (the H200's runs of one
+# configuration spread 41-66k out tok/s in the twenty-fourth session).
 # NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
 # without a tokenizer (a diagnostic: its chunks carry no text, so only its throughput counts).
 # ENGINE_TIMING=1: the offline runs and this version's servers through
@@ -93,13 +96,16 @@ IFS=';' read -r -a arg_sets <<< "${SERVER_ARGS_SETS:-}"
 base_args=${SERVER_ARGS:-}
 IFS=';' read -r -a client_sets <<< "${CLIENT_ARGS_SETS:-}"
 [ ${#client_sets[@]} = 0 ] && client_sets=("")
-for set in "${arg_sets[@]}"; do
-    for processes in $all_processes; do
-        for client_set in "${client_sets[@]}"; do
-            for rest in $RESTS; do
-                SERVER_ARGS="$base_args $set" CLIENT_PROCESSES=$processes CLIENT_ARGS=$client_set \
-                    serve "ASERVE_DELIVERY_REST=$rest${set:+,$set}, $processes client process(es)${client_set:+ $client_set}" \
-                    inf . ASERVE_DELIVERY_REST=$rest
+for round in $(seq "${SERVER_ROUNDS:-1}"); do
+    [ "$round" -gt 1 ] && offline "with a tokenizer, round $round"
+    for set in "${arg_sets[@]}"; do
+        for processes in $all_processes; do
+            for client_set in "${client_sets[@]}"; do
+                for rest in $RESTS; do
+                    SERVER_ARGS="$base_args $set" CLIENT_PROCESSES=$processes CLIENT_ARGS=$client_set \
+                        serve "ASERVE_DELIVERY_REST=$rest${set:+,$set}, $processes client process(es)${client_set:+ $client_set}" \
+                        inf . ASERVE_DELIVERY_REST=$rest
+                done
             done
         done
     done
