@@ -26,7 +26,8 @@
 #   runprofile  bench/profile_run.py $RUN_PROFILE_ARGS (default workload B): a whole offline run's
 #            steps by kind, and the kernels of a window of its steps by group
 #   coldstart  bench/cold_start.sh: model B's first start on an empty cubin cache, then a second one,
-#            taking turns with $PREVIOUS_DIR's when set (ROUNDS, default 2)
+#            taking turns with $PREVIOUS_DIR's when set (ROUNDS, default 2); DROP_CACHES=1 empties the
+#            page cache before each (a fresh machine's first start), START_ENVS takes turns over settings
 #   startprofile  bench/profile_start.py $START_PROFILE_ARGS (default model B, 2 starts), once per
 #            value of AB_VAR when AB_VAR is set (e.g. ASERVE_GRAPH_WARMUP over "each needed"): each
 #            start's time and capture, and a cProfile of the last start

@@ -15,6 +15,7 @@ import torch
 from aserve.attention import get_attention_backend
 from aserve.config import EngineArgs, ModelConfig
 from aserve.cuda.compile_ahead import start_for_model as start_compiling_kernels
+from aserve.cuda.library_prefetch import start_prefetch as start_library_prefetch
 from aserve.distributed import SINGLE_RANK, TensorParallelGroup
 from aserve.models.loader import load_model
 from aserve.worker.kv_cache import allocate_kv_caches, num_blocks_for_budget
@@ -37,7 +38,10 @@ def uses_decode_graphs(args: EngineArgs, model, device: torch.device, group: Ten
 def build_model_runner(args: EngineArgs, model_config: ModelConfig, device: torch.device,
                        group: TensorParallelGroup = SINGLE_RANK) -> ModelRunner:
     """This rank's ModelRunner, its KV cache holding the number of blocks every rank can hold."""
-    # The kernels compile in worker threads while the weights load (a first start on a machine).
+    # The kernels compile in worker threads while the weights load (a first start on a machine),
+    # and, where asked, the CUDA libraries are read ahead into the page cache.
+    if device.type == "cuda":
+        start_library_prefetch()
     start_compiling_kernels(model_config.hf_config, model_config.dtype, args.block_size, group.world_size, device)
     model = load_model(model_config, device, group)
     max_len = model_config.max_model_len
