@@ -92,6 +92,8 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.shard), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self.weight_loader
         self._loaded: set[tuple[int, str]] = set()
+        self._native_for: Optional[tuple[torch.device, torch.dtype]] = None   # takes_grouped_path's cache
+        self._native = False
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int, str]) -> None:
         expert, kind = shard_id
@@ -119,8 +121,15 @@ class Experts(nn.Module):
 
     @property
     def takes_grouped_path(self) -> bool:
-        """Grouped where asked for and torch runs it natively here (native_grouped_mm)."""
-        return self.grouped and native_grouped_mm(self.w13) and native_grouped_mm(self.w2)
+        """Grouped where asked for and torch runs it natively here (native_grouped_mm); found
+        once per placement of the weights, not at every layer's call."""
+        if not self.grouped:
+            return False
+        placement = (self.w13.device, self.w13.dtype)
+        if self._native_for != placement:
+            self._native_for = placement
+            self._native = native_grouped_mm(self.w13) and native_grouped_mm(self.w2)
+        return self._native
 
     def forward(self, x: torch.Tensor, top_ids: torch.Tensor, top_weights: torch.Tensor) -> torch.Tensor:
         """This rank's partial sum over each token's experts of weight * expert(x)."""
