@@ -1,5 +1,5 @@
-"""The aiohttp application: shared state, middlewares (access log, errors, readiness, API key)
-and the small routes. serving.py runs it (bind, load, signals, drain).
+"""The aiohttp application: shared state, its middlewares in order (access log, CORS, errors,
+readiness, API key; errors and the key in middlewares.py) and the small routes. serving.py runs it (bind, load, signals, drain).
 
 One process, one uvloop loop for HTTP; the AsyncEngine steps the engine in a thread of its own.
 Handlers are cancelled when their client disconnects (handler_cancellation=True), which closes
@@ -9,7 +9,6 @@ their request streams and so aborts the requests and frees their KV blocks.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +24,11 @@ from aserve.engine.gc_policy import serve_with_fewer_collections, stop_serving_w
 from aserve.server.access_log import USAGE, access_log_middleware
 from aserve.server.admission import Admission
 from aserve.server.cors import CorsPolicy, cors_headers_on_prepare, cors_middleware
-from aserve.server.errors import (ANTHROPIC_PATHS, APIError, api_error_from, bad_request_from_value_error,
+from aserve.server.errors import (APIError, bad_request_from_value_error,
                                   check_json_content_type, parse_request)
 from aserve.server.http_server import HttpLimits, error_response, read_body
 from aserve.server.metrics import ServerMetrics, log_status_periodically
+from aserve.server.middlewares import auth_middleware, error_middleware
 from aserve.server.open_files import watch_open_files
 from aserve.server.prompts import (ChatTemplateOptions, chat_prompt_ids, max_prompt_chars, refuse_giant_prompts,
                                    tokenize_text)
@@ -36,7 +36,7 @@ from aserve.server.protocol import conversation_of
 from aserve.server.protocol_info import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                          TokenizeRequest, TokenizeResponse)
 from aserve.server.reasoning import ReasoningParser, reasoning_parser_for
-from aserve.server.root_path import mount_under_root_path, route_path
+from aserve.server.root_path import mount_under_root_path
 from aserve.server.tool_calls import plan_tools
 from aserve.server.responses_store import ResponseStore
 
@@ -185,69 +185,11 @@ def note_usage(request: web.Request, prompt_tokens: int, completion_tokens: int)
 
 # ----------------------------------------------------------------------------- middlewares
 @web.middleware
-async def error_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(APIError(exc.status, exc.reason or "HTTP error",
-                                       type="invalid_request_error" if exc.status < 500 else "server_error"),
-                              anthropic=_anthropic_route(request))
-    except (asyncio.CancelledError, ConnectionError):  # the client left: nothing to answer
-        raise
-    except Exception as exc:
-        err = api_error_from(exc)
-        if err is None:  # one request's bug must end that request only
-            logger.exception("request %s %s failed", request.method, request.path)
-            err = APIError(500, f"Internal server error: {exc!r}", type="server_error")
-        return error_response(err, anthropic=_anthropic_route(request))
-
-
-def _anthropic_route(request: web.Request) -> bool:
-    """Anthropic's routes answer errors in Anthropic's shape (its clients parse that one)."""
-    return route_path(request).startswith(ANTHROPIC_PATHS)
-
-
-@web.middleware
 async def readiness_middleware(request: web.Request, handler):
     if not request.app[STATE].ready:
         raise APIError(503, "The model is still loading; retry shortly.", type="server_error",
                        code="model_loading", headers={"Retry-After": "5"})
     return await handler(request)
-
-
-def _auth_middleware(api_key: str):
-    expected = f"Bearer {api_key}".encode()
-    expected_bare = api_key.encode()
-
-    @web.middleware
-    async def auth(request: web.Request, handler):
-        # /invocations runs the /v1 completions: vLLM leaves it open, which would let a
-        # client around the key; aserve guards it too. OPTIONS asks what a route allows and
-        # runs nothing: open, as in vLLM.
-        path = route_path(request)
-        if request.method != "OPTIONS" and (path.startswith("/v1") or path == "/invocations"):
-            # surrogateescape: aiohttp keeps a header's undecodable (non-UTF-8) bytes as
-            # surrogates, which a plain encode() refuses (that was a 500, not a 401).
-            given = _bearer_cased(request.headers.get("Authorization", "")).encode("utf-8", "surrogateescape")
-            # Anthropic's clients send the key as x-api-key.
-            given_bare = request.headers.get("x-api-key", "").encode("utf-8", "surrogateescape")
-            # compare_digest: the time taken must not reveal how much of the key matched.
-            if not (hmac.compare_digest(given, expected) or hmac.compare_digest(given_bare, expected_bare)):
-                return error_response(APIError(401, "Incorrect API key provided. Pass it as "
-                                                    "'Authorization: Bearer <key>' (or 'x-api-key: <key>').",
-                                               code="invalid_api_key"), anthropic=_anthropic_route(request))
-        return await handler(request)
-
-    return auth
-
-
-def _bearer_cased(authorization: str) -> str:
-    """An Authorization value with its scheme written "Bearer": HTTP's schemes are
-    case-insensitive ("bearer", "BEARER"), as vLLM compares them."""
-    scheme, space, credentials = authorization.partition(" ")
-    return f"Bearer {credentials}" if space and scheme.lower() == "bearer" else authorization
 
 
 # ----------------------------------------------------------------------------- small routes
@@ -340,7 +282,7 @@ def build_app(state: ServerState) -> web.Application:
     if state.log_requests:
         middlewares.insert(0, access_log_middleware)
     if state.api_key:
-        middlewares.append(_auth_middleware(state.api_key))
+        middlewares.append(auth_middleware(state.api_key))
     if state.enable_server_load_tracking:  # innermost: requests refused at the door are no load
         middlewares.append(load_tracking_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=state.limits.max_body_bytes)
