@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 from aiohttp import web
@@ -160,13 +160,21 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-async def read_request(request: web.Request, model_cls: type[BaseModel], prompt_field: str = "prompt") -> Any:
+async def read_request(request: web.Request, model_cls: type[BaseModel], prompt_field: str = "prompt",
+                       precheck: Optional[Callable[[dict], None]] = None) -> Any:
     """Read and validate a JSON body (within the server's size and time limits); a prompt that
-    cannot fit (in prompt_field: /v1/embeddings' is `input`) is refused before validation."""
+    cannot fit (in prompt_field: /v1/embeddings' is `input`) is refused before validation.
+    precheck: a route's own look at the parsed body first (it may reshape it)."""
     state = request.app[STATE]
     check_json_content_type(request.headers.get("Content-Type"))
     raw = await read_body(request, state.limits)
-    return parse_request(raw, model_cls, precheck=lambda body: refuse_giant_prompts(state, body, prompt_field))
+
+    def checks(body: dict) -> None:
+        if precheck is not None:
+            precheck(body)
+        refuse_giant_prompts(state, body, prompt_field)
+
+    return parse_request(raw, model_cls, precheck=checks)
 
 
 async def add_request_or_400(state: ServerState, request_id: str, prompt, params):

@@ -14,30 +14,28 @@ from aiohttp import web
 
 from aserve.outputs import EmbeddingRequestOutput
 from aserve.pooling_params import PoolingParams
-from aserve.server.app import STATE, ServerState, json_response, note_usage
+from aserve.server.app import STATE, ServerState, json_response, note_usage, read_request
 from aserve.server.embedding_encodings import bytes_response, encoded_vector, is_binary
 from aserve.server.engine_requests import add_all, last_output
-from aserve.server.errors import APIError, check_json_content_type, parse_request
-from aserve.server.http_server import read_body
+from aserve.server.errors import APIError
 from aserve.server.prompts import ChatTemplateOptions, chat_prompt_ids, refuse_giant_prompts
 from aserve.server.protocol_pooling import PoolingInputRequest
 
 
 async def read_pooling_request(request: web.Request, model_cls: type[PoolingInputRequest]) -> Any:
-    """Read and validate a pooling body within the server's limits (app.read_request's checks)."""
+    """Read and validate a pooling body as app.read_request does (prompts in `input`), a
+    conversation sent as `input` moved to `messages` first, and each conversation of a batch
+    held to the context on its own."""
     state: ServerState = request.app[STATE]
-    check_json_content_type(request.headers.get("Content-Type"))
-    raw = await read_body(request, state.limits)
 
     def precheck(body: dict) -> None:
         _conversation_input_as_messages(body)
-        refuse_giant_prompts(state, body, "input")
         messages = body.get("messages")
         if isinstance(messages, list) and messages and all(isinstance(m, list) for m in messages):
-            for conversation in messages:   # a batch: each conversation on its own
+            for conversation in messages:
                 refuse_giant_prompts(state, {"messages": conversation})
 
-    return parse_request(raw, model_cls, precheck=precheck)
+    return await read_request(request, model_cls, prompt_field="input", precheck=precheck)
 
 
 def _conversation_input_as_messages(body: dict) -> None:
