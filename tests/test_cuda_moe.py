@@ -73,9 +73,11 @@ def test_grouped_sum_is_the_loops_within_bfloat16_rounding(num_tokens):
     experts, hidden, intermediate, k = 128, 256, 128, 8
     grouped = Experts(experts, hidden, intermediate, grouped=True).cuda().to(torch.bfloat16)
     loop = Experts(experts, hidden, intermediate, grouped=False).cuda().to(torch.bfloat16)
-    for module in (grouped, loop):
-        module.w13.data.copy_(torch.randn(experts, 2 * intermediate, hidden) / hidden ** 0.5)
-        module.w2.data.copy_(torch.randn(experts, hidden, intermediate) / intermediate ** 0.5)
+    w13 = torch.randn(experts, 2 * intermediate, hidden) / hidden ** 0.5
+    w2 = torch.randn(experts, hidden, intermediate) / intermediate ** 0.5
+    for module in (grouped, loop):   # the same weights in both
+        module.w13.data.copy_(w13)
+        module.w2.data.copy_(w2)
     x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
     top_ids = torch.stack([torch.randperm(experts // 2, device="cuda")[:k] for _ in range(num_tokens)])
     top_weights = torch.softmax(torch.randn(num_tokens, k, device="cuda"), dim=-1).to(torch.bfloat16)
