@@ -62,8 +62,9 @@ class ServerThread:
     def __init__(self, engine_args: Optional[EngineArgs] = None, *, api_key: Optional[str] = None,
                  chat_template: Optional[str] = None, limits=None,
                  tokenizer_chat_template: Any = "keep", tool_call_parser: Optional[str] = None,
-                 state_options: Optional[dict] = None):
+                 state_options: Optional[dict] = None, engine_process: bool = False):
         self.engine_args = engine_args or small_engine_args()
+        self.engine_process = engine_process   # as --engine-process: the engine in a process of its own
         self.api_key = api_key
         self.chat_template = chat_template
         self.limits = limits  # an HttpLimits, else the defaults
@@ -158,7 +159,13 @@ class ServerThread:
 
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async_engine = AsyncEngine.from_engine_args(self.engine_args)
+        if self.engine_process:
+            from aserve.engine.process_async_engine import ProcessAsyncEngine
+
+            async_engine = await asyncio.get_running_loop().run_in_executor(
+                None, ProcessAsyncEngine.from_engine_args, self.engine_args)
+        else:
+            async_engine = AsyncEngine.from_engine_args(self.engine_args)
         if self.tokenizer_chat_template != "keep":  # e.g. None: a model without a chat template
             async_engine.engine.tokenizer.chat_template = self.tokenizer_chat_template
         self.state = state_from_engine(async_engine, api_key=self.api_key, chat_template=self.chat_template,

@@ -241,6 +241,10 @@ class AsyncEngine:
         # scrape never waits for a step), and each value is read whole.
         return self.engine.get_stats()
 
+    async def refresh_stats(self) -> None:
+        """Bring get_stats() and `stats` up to date: they are the engine's own here (an engine
+        in another process has copies to fetch)."""
+
     @property
     def num_open_streams(self) -> int:
         return len(self._streams)

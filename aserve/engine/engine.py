@@ -391,6 +391,10 @@ class Engine:
             prefix_cache_queries=bm.prefix_cache.query_tokens if bm.prefix_cache else 0,
             prefix_cache_hits=bm.prefix_cache.hit_tokens if bm.prefix_cache else 0)
 
+    def stats_snapshot(self) -> tuple[EngineStats, Optional[EngineStatsRecorder]]:
+        """The counts and the recorder at once (an engine in another process sends them)."""
+        return self.get_stats(), self.stats
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (vLLM's reset_prefix_cache; e.g. after a weight change)."""
         self.block_manager.reset_prefix_cache()

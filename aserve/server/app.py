@@ -216,7 +216,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[STATE].metrics.render()
+    state = request.app[STATE]
+    await state.async_engine.refresh_stats()
+    text = state.metrics.render()
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})
 

@@ -98,6 +98,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"error: --max-stored-responses must be at least 0, got {ns.max_stored_responses}.")
 
     from aserve.engine.async_engine import AsyncEngine
+    from aserve.engine.process_async_engine import ProcessAsyncEngine
     from aserve.server.admission import Admission
     from aserve.server.app import ServerState
     from aserve.server.open_files import raise_open_file_limit
@@ -106,6 +107,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from aserve.server.serving import serve
 
     raise_open_file_limit()
+    engine_class = ProcessAsyncEngine if ns.engine_process else AsyncEngine
     state = ServerState(
         api_key=resolve_api_key(ns), chat_template=chat_template,
         tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
@@ -128,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
     try:
         status = _run(serve(state, ns.host, ns.port, shutdown_timeout_s=ns.shutdown_timeout,
-                            load_engine=lambda: AsyncEngine.from_engine_args(engine_args)))
+                            load_engine=lambda: engine_class.from_engine_args(engine_args)))
     except Exception as exc:  # the port, the model, the device: one line, with what to do
         if ns.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exc()

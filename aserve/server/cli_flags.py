@@ -236,6 +236,10 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                         "stream_options, as vLLM's flag.")
     s.add_argument("--enable-request-id-headers", action="store_true",
                    help="Put X-Request-Id on every response: the client's own, else a new one.")
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+                   help="Run the engine in a process of its own, as vLLM's engine core, so the server's "
+                        "HTTP work and the engine's host work do not share one interpreter's lock "
+                        "(aserve/engine/engine_process.py). (default: one process)")
     s.add_argument("--disable-log-requests", "--disable-uvicorn-access-log", action="store_true",
                    help="No access log line per request (method, path, status, latency, tokens).")
     s.add_argument("--disable-log-stats", action="store_true",

@@ -1,0 +1,288 @@
+"""ProcessAsyncEngine: the AsyncEngine whose engine steps in a process of its own
+(engine_process.py says why and what crosses the pipes).
+
+To the server it is an AsyncEngine like the in-process one: the same add_request, abort, call,
+streams and driver coroutine (its `_run`, which dispatches each batch to the streams). What
+differs is below the driver: ops go to the engine process through a sender thread (a burst of
+adds never blocks the loop on a full pipe), batches come back through a reader thread, and the
+loop takes the next batch as soon as it has written the last (no rest: the engine's steps do not
+wait for this process's GIL). `engine` is an EngineView of what the server reads: the configs,
+the tokenizer (loaded here while the engine process loads the model) and the engine's newest
+counters; a call runs an EngineCall, a method of the engine by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import pickle
+import threading
+from typing import Any, Optional
+
+from aserve.engine.async_engine import AsyncEngine
+from aserve.engine.engine_ops import Add, Call
+from aserve.engine.engine_process import (STOP, WANT_OUTPUTS, EngineCall, EngineCallOp, EngineInfo,
+                                          run_engine_process)
+from aserve.engine.request_stream import EngineDeadError
+from aserve.engine.stats import EngineStats, EngineStatsRecorder
+
+logger = logging.getLogger("aserve.engine")
+
+_WANT_MESSAGE, _STOP_MESSAGE = (pickle.dumps(m) for m in (WANT_OUTPUTS, STOP))
+# How long shutdown waits for the engine process to end before it is killed.
+_SHUTDOWN_WAIT_S = 30.0
+
+
+class EngineView:
+    """The server's view of an engine in another process: what EngineInfo carried, the
+    tokenizer, and get_stats() as of the engine's last batch."""
+
+    def __init__(self, info: EngineInfo, tokenizer):
+        self.args, self.model_config = info.args, info.model_config
+        self.cache_config, self.scheduler_config = info.cache_config, info.scheduler_config
+        self.parallel_config, self.device = info.parallel_config, info.device
+        self.pooling, self.normalize_embeddings = info.pooling, info.normalize_embeddings
+        self.tokenizer = tokenizer
+        self.workers = None            # the engine process watches its own ranks
+        self.defer_outputs = True      # always so in the engine process
+        self.reset_prefix_cache = EngineCall("reset_prefix_cache")
+        self.latest_stats = EngineStats(num_running=0, num_waiting=0, num_used_blocks=0,
+                                        num_total_blocks=info.cache_config.num_blocks, kv_cache_usage=0.0,
+                                        prompt_tokens_total=0, generation_tokens_total=0, num_preemptions=0)
+
+    def get_stats(self) -> EngineStats:
+        return self.latest_stats
+
+
+class ProcessAsyncEngine(AsyncEngine):
+    """An AsyncEngine over an engine process (module docstring)."""
+
+    def __init__(self, args):
+        from aserve.models.loader import create_model_config, load_tokenizer
+
+        context = multiprocessing.get_context("spawn")
+        ops_in, self._ops_out = context.Pipe(duplex=False)
+        self._batches_in, batches_out = context.Pipe(duplex=False)
+        root = logging.getLogger()
+        log_format = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
+        # Not a daemon: a daemonic process may not start the engine's tensor-parallel ranks.
+        self._process = context.Process(
+            target=run_engine_process, name="aserve-engine",
+            args=(args, ops_in, batches_out, logging.getLogger("aserve").getEffectiveLevel(), log_format))
+        self._process.start()
+        ops_in.close()
+        batches_out.close()   # this process's copy: the pipe ends (EOFError) when the engine's does
+        try:
+            # The tokenizer loads here while the engine process loads the model.
+            tokenizer = None if args.skip_tokenizer_init else load_tokenizer(create_model_config(args))
+            info = self._wait_until_loaded()
+        except BaseException:
+            self._kill()
+            raise
+        super().__init__(EngineView(info, tokenizer))
+        self.delivery_rest = 0.0
+        self.stats = EngineStatsRecorder(info.model_config.max_model_len)
+        self._numbers = itertools.count()
+        self._waiting_on: dict[int, asyncio.Future] = {}   # op number -> its add's or call's future
+        self._outbox: list = []
+        self._outbox_ready = threading.Condition()
+        self._gone: Optional[asyncio.Future] = None
+        self._received: list = []        # batches the reader took, for the driver
+        self._armed = False              # a WANT_OUTPUTS is on its way or waiting in the engine
+        self._arming = threading.Lock()  # guards both, between the reader thread and the loop
+
+    @classmethod
+    def from_engine_args(cls, args) -> "ProcessAsyncEngine":
+        return cls(args)
+
+    def _wait_until_loaded(self) -> EngineInfo:
+        try:
+            kind, payload = self._batches_in.recv()
+        except EOFError:
+            self._process.join(5)
+            raise RuntimeError(f"the engine process exited while loading (exit code "
+                               f"{self._process.exitcode})") from None
+        if kind == "failed":
+            raise payload
+        return payload
+
+    # ----------------------------------------------------------------- life cycle
+    def start(self) -> None:
+        if self._driver is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._died = asyncio.Event()
+        self._engine_went_idle = asyncio.Event()
+        self._gone = loop.create_future()
+        threading.Thread(target=self._send_ops, name="aserve-engine-sender", daemon=True).start()
+        threading.Thread(target=self._read_batches, args=(loop,), name="aserve-engine-reader",
+                         daemon=True).start()
+        self._driver = loop.create_task(self._run(), name="aserve-step-driver")
+
+    async def shutdown(self) -> None:
+        self._stop_engine_loop()
+        if self._driver is not None:
+            self._driver.cancel()
+            try:
+                await self._driver
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._driver = None
+        self._fail_all(EngineDeadError("The server is shutting down."))
+        await asyncio.get_running_loop().run_in_executor(None, self._join)
+
+    def _join(self) -> None:
+        self._process.join(_SHUTDOWN_WAIT_S)
+        if self._process.is_alive():
+            logger.warning("the engine process did not end in %.0f s; killing it", _SHUTDOWN_WAIT_S)
+            self._kill()
+
+    def _kill(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+
+    async def call(self, fn) -> Any:
+        """Run an EngineCall (an engine method, by name) in the engine process between steps."""
+        if not isinstance(fn, EngineCall):
+            raise TypeError("an engine in another process runs EngineCall(method, args), not a "
+                            f"function: got {fn!r}")
+        if not self.is_running:
+            raise EngineDeadError(f"The engine is not running: {self._dead or 'not started'}.")
+        return await super().call(fn)
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.latest_stats.num_waiting + self._num_pending_adds
+
+    async def refresh_stats(self) -> None:
+        """Bring get_stats() and the stats recorder up to date (before /metrics renders them)."""
+        if self.is_running:
+            self.engine.latest_stats, self.stats = await self.call(EngineCall("stats_snapshot"))
+
+    # ----------------------------------------------------------------- the pipes
+    def _post(self, op) -> None:
+        """Pickled here, so that what cannot cross to the engine process (a logits processor
+        that is a closure) fails its own request, not the sender thread."""
+        number = next(self._numbers)
+        future = None
+        if isinstance(op, Add):
+            future = op.accepted
+            op = Add(op.request_id, op.prompt, op.params, op.arrival_time, number)
+        elif isinstance(op, Call):
+            future = op.done
+            op = EngineCallOp(op.fn, number)
+        try:
+            message = pickle.dumps(op, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - any pickling failure of any field
+            if future is None:
+                raise
+            future.set_exception(ValueError(f"the request cannot be sent to the engine process "
+                                            f"(--engine-process): {exc}"))
+            # add_request counts the add as pending after posting it; nothing will settle it.
+            self._num_pending_adds -= isinstance(op, Add)
+            return
+        if future is not None:
+            self._waiting_on[number] = future
+        self._send(message)
+
+    def _stop_engine_loop(self) -> None:
+        self._stopping = True
+        self._send(_STOP_MESSAGE)
+
+    def _send(self, message: bytes) -> None:
+        with self._outbox_ready:
+            self._outbox.append(message)
+            self._outbox_ready.notify()
+
+    def _send_ops(self) -> None:
+        """In a thread: the ops the loop posted (pickled), a list at a time, into the engine's pipe."""
+        while True:
+            with self._outbox_ready:
+                while not self._outbox:
+                    self._outbox_ready.wait()
+                ops, self._outbox = self._outbox, []
+            try:
+                self._ops_out.send(ops)
+            except (OSError, ValueError):   # the engine process is gone: the reader says so
+                return
+            if _STOP_MESSAGE in ops:
+                return
+
+    def _read_batches(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In a thread: each message of the engine process, handed to the loop. A batch
+        re-arms the engine's next one at once while fewer than two wait for the loop, so the
+        engine sends the next while the loop writes this one, and batches a slower loop has
+        not taken grow in the engine (one output per request) instead of queueing here."""
+        while True:
+            try:
+                message = self._batches_in.recv()
+            except (EOFError, OSError):
+                message = ("dead", None)
+            if message[0] == "batch":
+                with self._arming:
+                    self._armed = False
+                    self._received.append(message)
+                    if len(self._received) < 2:
+                        self._arm()
+            try:
+                loop.call_soon_threadsafe(self._on_message, message)
+            except RuntimeError:  # the loop is closed: nobody left to tell
+                return
+            if message[0] == "dead":
+                return
+
+    def _arm(self) -> None:
+        """Ask the engine for its next batch, unless asked already (self._arming held)."""
+        if not self._armed:
+            self._armed = True
+            self._send(_WANT_MESSAGE)
+
+    def _on_message(self, message) -> None:
+        """On the loop: wake the driver for a batch; or the engine's end."""
+        if message[0] == "batch":
+            if self._batch_waiter is not None and not self._batch_waiter.done():
+                self._batch_waiter.set_result(None)
+        elif not self._gone.done():   # its result: why the engine process ended
+            error = message[1]
+            if error is None:
+                self._process.join(1)
+                error = (EngineDeadError("The engine process stopped.") if self._stopping else
+                         RuntimeError(f"the engine process exited (exit code {self._process.exitcode})"))
+            self._gone.set_result(error)
+
+    def _take_batches(self):
+        """Every batch received, as one: outputs in order (a stream keeps the newest, or merges
+        deltas), the ops' results with their futures."""
+        with self._arming:
+            batches, self._received = self._received, []
+            self._arm()
+        outputs, results = [], []
+        for _, batch_outputs, batch_results, adds, steps, stats in batches:
+            outputs += batch_outputs
+            # An op whose future is gone was failed by a shutdown in between.
+            results += [(self._waiting_on.pop(n), r, e) for n, r, e in batch_results if n in self._waiting_on]
+            self._num_pending_adds -= adds
+            self.num_steps += steps
+            self.engine.latest_stats = stats
+        return outputs, results
+
+    async def _next_batch(self):
+        if not self._received:
+            self._batch_waiter = asyncio.get_running_loop().create_future()
+            with self._arming:
+                self._arm()
+            await asyncio.wait({self._batch_waiter, self._gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not self._batch_waiter.done():
+                self._batch_waiter.cancel()
+                raise self._gone.result()
+        return self._take_batches()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        super()._fail_all(exc)
+        waiting, self._waiting_on = self._waiting_on, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(exc)

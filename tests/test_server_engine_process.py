@@ -1,0 +1,161 @@
+"""The server with its engine in a process of its own (--engine-process, engine/engine_process.py):
+the same answers as the in-process engine, bad input refused with a 400, a client that leaves
+frees its blocks in the engine process, /metrics counts what the engine process did, the
+engine process's death ends the engine, and a shutdown leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from aserve import OfflineLLM, SamplingParams
+from aserve.config import EngineArgs
+from aserve.engine.process_async_engine import ProcessAsyncEngine
+from hf_reference import random_prompts
+from server_fixtures import ServerThread, small_engine_args, subprocess_server
+
+PROMPTS = random_prompts(11, [5, 17, 3, 30, 9])
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerThread(engine_process=True) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.openai_client()
+
+
+def _metric(server, name: str) -> float:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(f"aserve:{name}{{")]
+    assert values, f"/metrics has no {name}"
+    return sum(values)
+
+
+def test_greedy_tokens_and_logprobs_are_the_in_process_engines(server, client):
+    llm = OfflineLLM(**{k: v for k, v in vars(small_engine_args()).items() if k in EngineArgs.field_names()})
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    want = llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, expected in zip(PROMPTS, want):
+        got = client.completions.create(model=server.model_name, prompt=prompt, max_tokens=12, temperature=0.0,
+                                        logprobs=2, extra_body={"ignore_eos": True, "return_token_ids": True})
+        choice = got.choices[0]
+        assert choice.token_ids == expected.outputs[0].token_ids
+        assert choice.text == expected.outputs[0].text
+        chosen = [lp[token].logprob for lp, token in zip(expected.outputs[0].logprobs, choice.token_ids)]
+        assert choice.logprobs.token_logprobs == pytest.approx(chosen, abs=1e-4)
+        assert got.usage.prompt_tokens == len(prompt) and got.usage.completion_tokens == 12
+
+
+def test_streams_concurrently_each_with_its_own_tokens(server):
+    import concurrent.futures
+
+    async_client = server.openai_client()
+
+    def stream(i: int) -> tuple[str, int]:
+        chunks = async_client.chat.completions.create(
+            model=server.model_name, messages=[{"role": "user", "content": f"number {i}"}], max_tokens=8 + i,
+            stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        text, usage = "", None
+        for chunk in chunks:
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+            if chunk.usage is not None:
+                usage = chunk.usage
+        return text, usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(stream, range(16)))
+    assert [tokens for _, tokens in results] == [8 + i for i in range(16)]
+
+
+def test_a_request_the_engine_refuses_is_a_400_and_the_engine_goes_on(server, client):
+    # The logprobs bound is the engine's check (RequestFactory): its ValueError crosses the pipe.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server.model_name, prompt="hi", max_tokens=4, logprobs=25)
+    assert "--max-logprobs" in str(info.value)
+    ok = client.completions.create(model=server.model_name, prompt="still serving", max_tokens=3)
+    assert ok.usage.completion_tokens >= 1
+
+
+def test_a_client_that_leaves_frees_its_blocks_in_the_engine_process(server):
+    body = json.dumps({"model": server.model_name, "prompt": "a long story", "max_tokens": 1500,
+                       "ignore_eos": True, "stream": True}).encode()
+    request = urllib.request.Request(server.url + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        response.readline()   # the first chunk: the request is running
+        assert _metric(server, "num_requests_running") == 1
+        assert _metric(server, "kv_cache_used_blocks") > 0
+    deadline = time.monotonic() + 20
+    while _metric(server, "num_requests_running") or _metric(server, "kv_cache_used_blocks"):
+        assert time.monotonic() < deadline, "the engine process kept the request that left"
+        time.sleep(0.05)
+
+
+def test_metrics_and_reset_prefix_cache_reach_the_engine_process(server, client):
+    before = _metric(server, "request_success_total")
+    client.completions.create(model=server.model_name, prompt="count me", max_tokens=5)
+    assert _metric(server, "request_success_total") == before + 1
+    assert _metric(server, "generation_tokens_total") >= 5
+    request = urllib.request.Request(server.url + "/reset_prefix_cache", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.status == 200
+
+
+def test_the_engine_process_dying_ends_the_engine_and_shutdown_leaves_no_process():
+    with ServerThread(engine_process=True) as s:
+        client = s.openai_client()
+        assert client.completions.create(model=s.model_name, prompt="hi", max_tokens=2).usage.completion_tokens
+        process = s.async_engine._process
+        process.kill()
+        deadline = time.monotonic() + 20
+        while s.async_engine.is_running:
+            assert time.monotonic() < deadline, "the server did not notice its engine process died"
+            time.sleep(0.05)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(s.url + "/health", timeout=10)
+        assert info.value.code == 503
+        with pytest.raises(openai.APIStatusError):
+            client.completions.create(model=s.model_name, prompt="hi", max_tokens=2)
+    with ServerThread(engine_process=True) as s:
+        process = s.async_engine._process
+        assert process.is_alive()
+    assert not process.is_alive(), "the engine process outlived its server"
+
+
+def test_a_model_that_cannot_load_raises_and_leaves_no_process(tmp_path):
+    with pytest.raises(Exception) as info:
+        ProcessAsyncEngine(EngineArgs(model=str(tmp_path / "no-such-model"), device="cpu"))
+    assert "no-such-model" in str(info.value)
+
+
+def test_the_cli_flag_serves_through_an_engine_process():
+    with subprocess_server("--engine-process", "--device", "cpu", "--num-gpu-blocks-override", "512") as (url, _, log):
+        body = json.dumps({"prompt": "hello", "max_tokens": 4, "ignore_eos": True}).encode()
+        request = urllib.request.Request(url + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            assert json.loads(r.read())["usage"]["completion_tokens"] == 4
+
+
+def test_a_request_that_cannot_cross_to_the_engine_process_fails_alone(server, client):
+    params = SamplingParams(max_tokens=2)
+    params.unpicklable = lambda: None   # nothing the API makes; a Python caller's object might
+
+    async def add():
+        with pytest.raises(ValueError, match="cannot be sent to the engine process"):
+            await server.async_engine.add_request("cannot-cross", [1, 2, 3], params)
+        return server.async_engine.num_waiting, server.async_engine.num_open_streams
+
+    assert server.call(add) == (0, 0)
+    assert client.completions.create(model=server.model_name, prompt="after", max_tokens=2).usage.completion_tokens
