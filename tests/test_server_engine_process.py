@@ -159,3 +159,11 @@ def test_a_request_that_cannot_cross_to_the_engine_process_fails_alone(server, c
 
     assert server.call(add) == (0, 0)
     assert client.completions.create(model=server.model_name, prompt="after", max_tokens=2).usage.completion_tokens
+
+
+def test_embeddings_come_from_an_engine_process_as_from_the_in_process_engine():
+    llm = OfflineLLM(runner="pooling", device="cpu", kv_cache_memory_gb=0.05)
+    want = llm.embed(["pooled in another process"], use_tqdm=False)[0].outputs.embedding
+    with ServerThread(small_engine_args(runner="pooling"), engine_process=True) as s:
+        got = s.openai_client().embeddings.create(model=s.model_name, input="pooled in another process")
+    assert got.data[0].embedding == pytest.approx(want, abs=1e-5)
