@@ -167,3 +167,19 @@ def test_embeddings_come_from_an_engine_process_as_from_the_in_process_engine():
     with ServerThread(small_engine_args(runner="pooling"), engine_process=True) as s:
         got = s.openai_client().embeddings.create(model=s.model_name, input="pooled in another process")
     assert got.data[0].embedding == pytest.approx(want, abs=1e-5)
+
+
+def test_a_stream_joined_from_the_engines_deltas_is_the_whole_answer(server, client):
+    """A streamed completion runs as DELTA in the engine process and is joined back in the
+    server (engine/output_wire.py): its chunks add up to the non-streamed answer."""
+    kwargs = dict(model=server.model_name, prompt=PROMPTS[3], max_tokens=40, temperature=0.0, logprobs=1,
+                  extra_body={"ignore_eos": True, "return_token_ids": True})
+    whole = client.completions.create(**kwargs).choices[0]
+    text, token_ids, logprobs = "", [], []
+    for chunk in client.completions.create(stream=True, **kwargs):
+        for choice in chunk.choices:
+            text += choice.text
+            token_ids += choice.token_ids or []
+            logprobs += choice.logprobs.token_logprobs if choice.logprobs else []
+    assert (text, token_ids) == (whole.text, whole.token_ids)
+    assert logprobs == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)

@@ -12,7 +12,8 @@ messages over two pipes:
                     number), an abort (the request id), EngineCallOp, WANT_OUTPUTS, STOP
   engine -> server  ("ready", EngineInfo) once loaded, or ("failed", error); then
                     ("batch", outputs, results, adds, steps, EngineStats) when the server asked
-                    for outputs and there are some; ("dead", error) if the engine fails
+                    for outputs and there are some, the outputs as output_wire.py encodes them;
+                    ("dead", error) if the engine fails
 
 A batch holds one output per request however many steps it spans (Engine.defer_outputs), as
 the in-process engine thread hands them over, so a server that takes outputs more slowly than
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from aserve.engine.engine_ops import Add, Call, apply_op
+from aserve.engine.output_wire import OutputEncoder
 from aserve.engine.pipeline import run_step_gen
 
 logger = logging.getLogger("aserve.engine")
@@ -137,6 +139,7 @@ def _serve(engine, ops_conn, out_conn) -> None:
     adds = steps = 0
     wants_outputs = False
     idle_wait: Optional[float] = 0.0
+    encoder = OutputEncoder()
     while True:
         for op in _take_ops(ops_conn, idle_wait):
             if op == WANT_OUTPUTS:
@@ -147,7 +150,10 @@ def _serve(engine, ops_conn, out_conn) -> None:
                 apply_op(engine, Call(functools.partial(getattr(engine, op.call.method), *op.call.args),
                                       op.number), results)
             else:
-                adds += isinstance(op, Add)
+                if isinstance(op, Add):
+                    adds += 1
+                else:   # an abort: its request may never have a final output to end it there
+                    encoder.forget(op)
                 apply_op(engine, op, results)   # an Add (its `accepted` is its number) or an abort
         progressed = False
         if engine.has_unfinished_requests():
@@ -155,10 +161,12 @@ def _serve(engine, ops_conn, out_conn) -> None:
             outputs += run_step_gen(engine.step_gen())
             steps += 1
             progressed = tokens_before != engine.prompt_tokens_total + engine.generation_tokens_total
-        if wants_outputs and (outputs or results or steps):
+        # Sent when asked for, or unasked when the engine runs out of work (a run's last
+        # tokens: the server may be resting, to let outputs gather, and would wait them out).
+        if (outputs or results or steps) and (wants_outputs or not engine.has_unfinished_requests()):
             wants_outputs = False
             outputs += engine.take_unreported_outputs()
-            out_conn.send(("batch", outputs, [(n, r, _sendable(e) if e is not None else None)
+            out_conn.send(("batch", encoder.encode(outputs), [(n, r, _sendable(e) if e is not None else None)
                                               for n, r, e in results], adds, steps, engine.get_stats()))
             outputs, results, adds, steps = [], [], 0, 0
         # Nothing to step, or a step that did nothing: wait for the server's next ops.

@@ -2,13 +2,15 @@
 (engine_process.py says why and what crosses the pipes).
 
 To the server it is an AsyncEngine like the in-process one: the same add_request, abort, call,
-streams and driver coroutine (its `_run`, which dispatches each batch to the streams). What
-differs is below the driver: ops go to the engine process through a sender thread (a burst of
-adds never blocks the loop on a full pipe), batches come back through a reader thread, and the
-loop takes the next batch as soon as it has written the last (no rest: the engine's steps do not
-wait for this process's GIL). `engine` is an EngineView of what the server reads: the configs,
-the tokenizer (loaded here while the engine process loads the model) and the engine's newest
-counters; a call runs an EngineCall, a method of the engine by name.
+streams and driver coroutine (its `_run`, which dispatches each batch to the streams and then
+rests as long as the in-process one, so that at saturation each batch spans several steps:
+fewer, fuller chunks to write, and fewer outputs for the engine process to send). What differs
+is below the driver: ops go to the engine process pickled, through a sender thread (a burst of
+adds never blocks the loop on a full pipe), and batches come back through a reader thread, in
+output_wire.py's form (plain streaming requests run as DELTA there and are joined back here).
+`engine` is an EngineView of what the server reads: the configs, the tokenizer (loaded here
+while the engine process loads the model) and the engine's newest counters; a call runs an
+EngineCall, a method of the engine by name.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from aserve.engine.async_engine import AsyncEngine
 from aserve.engine.engine_ops import Add, Call
 from aserve.engine.engine_process import (STOP, WANT_OUTPUTS, EngineCall, EngineCallOp, EngineInfo,
                                           run_engine_process)
+from aserve.engine.output_wire import OutputDecoder, as_delta_in_engine
 from aserve.engine.request_stream import EngineDeadError
 from aserve.engine.stats import EngineStats, EngineStatsRecorder
 
@@ -82,10 +85,11 @@ class ProcessAsyncEngine(AsyncEngine):
             self._kill()
             raise
         super().__init__(EngineView(info, tokenizer))
-        self.delivery_rest = 0.0
         self.stats = EngineStatsRecorder(info.model_config.max_model_len)
         self._numbers = itertools.count()
-        self._waiting_on: dict[int, asyncio.Future] = {}   # op number -> its add's or call's future
+        # op number -> (its add's or call's future, an add's request id)
+        self._waiting_on: dict[int, tuple[asyncio.Future, Optional[str]]] = {}
+        self._decoder = OutputDecoder()
         self._outbox: list = []
         self._outbox_ready = threading.Condition()
         self._gone: Optional[asyncio.Future] = None
@@ -167,10 +171,13 @@ class ProcessAsyncEngine(AsyncEngine):
         """Pickled here, so that what cannot cross to the engine process (a logits processor
         that is a closure) fails its own request, not the sender thread."""
         number = next(self._numbers)
-        future = None
+        future = request_id = None
         if isinstance(op, Add):
-            future = op.accepted
-            op = Add(op.request_id, op.prompt, op.params, op.arrival_time, number)
+            future, request_id = op.accepted, op.request_id
+            in_engine = as_delta_in_engine(op.params)
+            if in_engine is not None:   # its deltas are joined back here (output_wire.py)
+                self._decoder.join_deltas_of(request_id)
+            op = Add(request_id, op.prompt, in_engine or op.params, op.arrival_time, number)
         elif isinstance(op, Call):
             future = op.done
             op = EngineCallOp(op.fn, number)
@@ -179,13 +186,17 @@ class ProcessAsyncEngine(AsyncEngine):
         except Exception as exc:  # noqa: BLE001 - any pickling failure of any field
             if future is None:
                 raise
+            if request_id is not None:
+                self._decoder.forget(request_id)
             future.set_exception(ValueError(f"the request cannot be sent to the engine process "
                                             f"(--engine-process): {exc}"))
             # add_request counts the add as pending after posting it; nothing will settle it.
             self._num_pending_adds -= isinstance(op, Add)
             return
         if future is not None:
-            self._waiting_on[number] = future
+            self._waiting_on[number] = (future, request_id)
+        elif isinstance(op, str):   # an abort
+            self._decoder.forget(op)
         self._send(message)
 
     def _stop_engine_loop(self) -> None:
@@ -212,10 +223,7 @@ class ProcessAsyncEngine(AsyncEngine):
                 return
 
     def _read_batches(self, loop: asyncio.AbstractEventLoop) -> None:
-        """In a thread: each message of the engine process, handed to the loop. A batch
-        re-arms the engine's next one at once while fewer than two wait for the loop, so the
-        engine sends the next while the loop writes this one, and batches a slower loop has
-        not taken grow in the engine (one output per request) instead of queueing here."""
+        """In a thread: each message of the engine process, handed to the loop."""
         while True:
             try:
                 message = self._batches_in.recv()
@@ -225,8 +233,6 @@ class ProcessAsyncEngine(AsyncEngine):
                 with self._arming:
                     self._armed = False
                     self._received.append(message)
-                    if len(self._received) < 2:
-                        self._arm()
             try:
                 loop.call_soon_threadsafe(self._on_message, message)
             except RuntimeError:  # the loop is closed: nobody left to tell
@@ -241,10 +247,13 @@ class ProcessAsyncEngine(AsyncEngine):
             self._send(_WANT_MESSAGE)
 
     def _on_message(self, message) -> None:
-        """On the loop: wake the driver for a batch; or the engine's end."""
+        """On the loop: wake the driver for a batch (a batch it did not ask for is the engine's
+        last before it idles: it ends the driver's rest); or the engine's end."""
         if message[0] == "batch":
             if self._batch_waiter is not None and not self._batch_waiter.done():
                 self._batch_waiter.set_result(None)
+            else:
+                self._engine_went_idle.set()
         elif not self._gone.done():   # its result: why the engine process ended
             error = message[1]
             if error is None:
@@ -258,18 +267,27 @@ class ProcessAsyncEngine(AsyncEngine):
         deltas), the ops' results with their futures."""
         with self._arming:
             batches, self._received = self._received, []
-            self._arm()
         outputs, results = [], []
-        for _, batch_outputs, batch_results, adds, steps, stats in batches:
-            outputs += batch_outputs
-            # An op whose future is gone was failed by a shutdown in between.
-            results += [(self._waiting_on.pop(n), r, e) for n, r, e in batch_results if n in self._waiting_on]
+        decode, wanted = self._decoder.decode, self._streams.__contains__
+        for _, items, batch_results, adds, steps, stats in batches:
+            for item in items:
+                output = decode(item, wanted)
+                if output is not None:
+                    outputs.append(output)
+            for number, result, error in batch_results:
+                if number not in self._waiting_on:   # failed by a shutdown in between
+                    continue
+                future, request_id = self._waiting_on.pop(number)
+                if error is not None and request_id is not None:   # a refused add
+                    self._decoder.forget(request_id)
+                results.append((future, result, error))
             self._num_pending_adds -= adds
             self.num_steps += steps
             self.engine.latest_stats = stats
         return outputs, results
 
     async def _next_batch(self):
+        self._engine_went_idle.clear()
         if not self._received:
             self._batch_waiter = asyncio.get_running_loop().create_future()
             with self._arming:
@@ -283,6 +301,6 @@ class ProcessAsyncEngine(AsyncEngine):
     def _fail_all(self, exc: BaseException) -> None:
         super()._fail_all(exc)
         waiting, self._waiting_on = self._waiting_on, {}
-        for future in waiting.values():
+        for future, _ in waiting.values():
             if not future.done():
                 future.set_exception(exc)
