@@ -10,6 +10,8 @@ GPU) come apart.
     (--timeline anywhere: also when requests arrived and how full the steps were over the run)
     (--stand-in-gpu BASE_MS,ROW_US,TOKEN_US,EAGER_MS with --stand-in-model: a modelled GPU's
      step times and the eager prompt steps' host work, see _stand_in_gpu)
+    (server --engine-process: the timers and the stand-in go into the engine process, which
+     prints its table when it ends)
 
 offline: model A's workload through OfflineLLM.generate (random token ids, sampling at
 temperature 1, ignore_eos), timed after a warm-up. server: `python -m aserve` with the same
@@ -301,9 +303,52 @@ def run_server(argv: list[str]) -> None:
     main()
 
 
+# The flags an engine process applies to itself (server --engine-process), through the environment.
+_ENGINE_PROCESS_FLAGS_ENV = "ASERVE_TIMING_ENGINE_FLAGS"
+
+
+def _time_engine_process(argv: list[str]) -> None:
+    """server --engine-process: the timers (and the stand-in model) go into the engine's own
+    process, which reports when it ends: spawn starts it from this script (as __mp_main__), at
+    _engine_process_main, with this run's flags in the environment."""
+    import json
+
+    import aserve.engine.process_async_engine as process_async_engine
+
+    flags = [f for f in ("--stand-in-model", "--detail") if f in sys.argv]
+    if "--stand-in-gpu" in sys.argv:
+        at = sys.argv.index("--stand-in-gpu")
+        flags += sys.argv[at:at + 2]
+    os.environ[_ENGINE_PROCESS_FLAGS_ENV] = json.dumps(flags)
+    process_async_engine.run_engine_process = _engine_process_main
+
+
+def _engine_process_main(*args) -> None:
+    import json
+
+    import aserve.engine.engine_process as engine_process
+
+    sys.argv = ["engine process", *json.loads(os.environ.get(_ENGINE_PROCESS_FLAGS_ENV, "[]"))]
+    if "--stand-in-model" in sys.argv:
+        _install_stand_in_model()
+    _count_prompt_steps()
+    _install_timers()
+    engine_process.run_step_gen = async_engine.run_step_gen   # the timed one
+    engine_process.apply_op = async_engine.apply_op
+    wall, cpu = time.perf_counter(), time.process_time()
+    try:
+        engine_process.run_engine_process(*args)
+    finally:
+        print(f"=== the engine process: {time.perf_counter() - wall:.2f} s, {time.process_time() - cpu:.2f} s "
+              f"of CPU", flush=True)
+        _report("engine process")
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in ("offline", "server"):
         sys.exit(__doc__)
+    if sys.argv[1] == "server" and "--engine-process" in sys.argv:
+        _time_engine_process(sys.argv)   # before the flags below leave sys.argv
     if "--stand-in-model" in sys.argv:
         sys.argv.remove("--stand-in-model")
         _install_stand_in_model()
