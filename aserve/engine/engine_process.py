@@ -4,7 +4,7 @@ process's side; process_async_engine.py is the server's.
 In one process, the event loop's HTTP work and the engine's host work (scheduling, launching
 steps, detokenizing) take turns on one GIL: at all-at-once load on a fast GPU the engine is
 bound by its host work, and every request's intake and every chunk written is time the engine
-does not step (bench/RESULTS.md: the server at 0.55-0.59x of offline A on an H100). Here the
+does not step (bench/RESULTS.md: the server at 0.53-0.59x of offline A on an H100). Here the
 engine steps in its own interpreter, as vLLM's engine core does, and the two exchange pickled
 messages over two pipes:
 
@@ -200,8 +200,6 @@ def _shut_down(engine) -> None:
 def _sendable(exc: BaseException) -> BaseException:
     """exc itself if it survives pickling (a ValueError does), else a RuntimeError saying what
     it was: the server turns it into the request's error."""
-    import pickle
-
     try:
         pickle.loads(pickle.dumps(exc))
         return exc

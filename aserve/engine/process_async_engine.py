@@ -168,8 +168,9 @@ class ProcessAsyncEngine(AsyncEngine):
 
     # ----------------------------------------------------------------- the pipes
     def _post(self, op) -> None:
-        """Pickled here, so that what cannot cross to the engine process (a logits processor
-        that is a closure) fails its own request, not the sender thread."""
+        """Pickled here, so that what cannot cross to the engine process (an object a Python
+        caller attached to its params that does not pickle) fails its own request, not the
+        sender thread."""
         number = next(self._numbers)
         future = request_id = None
         if isinstance(op, Add):
