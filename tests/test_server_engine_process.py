@@ -6,6 +6,8 @@ engine process's death ends the engine, and a shutdown leaves no process behind.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.request
 
@@ -183,3 +185,33 @@ def test_a_stream_joined_from_the_engines_deltas_is_the_whole_answer(server, cli
             logprobs += choice.logprobs.token_logprobs if choice.logprobs else []
     assert (text, token_ids) == (whole.text, whole.token_ids)
     assert logprobs == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+
+
+def test_tensor_parallel_ranks_under_an_engine_process_serve_and_end_with_it():
+    """--engine-process with --tensor-parallel-size 2 (gloo on the CPU): the engine process
+    starts rank 1 and serves rank 0's tokens; a killed rank ends the engine, and the server
+    exits non-zero with every process gone."""
+    from test_tp_server import TP2, _alive, _children, _health, _wait_gone
+
+    expected = OfflineLLM(kv_cache_memory_gb=0.05).generate(
+        ["San Francisco is a"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        use_tqdm=False)[0].outputs[0].text
+    with subprocess_server("--engine-process", *TP2) as (url, proc, log_path):
+        (engine,) = _children(proc.pid)
+        (worker,) = _children(engine)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        stream = client.completions.create(model=model, prompt="San Francisco is a", max_tokens=12,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].text for chunk in stream) == expected
+        os.kill(worker, signal.SIGKILL)
+        statuses = set()
+        while proc.poll() is None:
+            statuses.add(_health(url))
+            time.sleep(0.05)
+        assert 503 in statuses
+        assert proc.returncode == 1
+        _wait_gone([engine])
+        assert not _alive(worker)
+        with open(log_path) as f:
+            assert "worker rank 1" in f.read()
