@@ -141,13 +141,20 @@ def test_a_model_that_cannot_load_raises_and_leaves_no_process(tmp_path):
     assert "no-such-model" in str(info.value)
 
 
-def test_the_cli_flag_serves_through_an_engine_process():
-    with subprocess_server("--engine-process", "--device", "cpu", "--num-gpu-blocks-override", "512") as (url, _, log):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_cli_flag_serves_through_an_engine_process_that_ends_with_the_server(sig):
+    from test_tp_server import _children, _wait_gone
+
+    with subprocess_server("--engine-process", "--device", "cpu", "--num-gpu-blocks-override", "512") as (url, proc, _):
+        (engine,) = _children(proc.pid)
         body = json.dumps({"prompt": "hello", "max_tokens": 4, "ignore_eos": True}).encode()
         request = urllib.request.Request(url + "/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as r:
             assert json.loads(r.read())["usage"]["completion_tokens"] == 4
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0
+        _wait_gone([engine])
 
 
 def test_a_request_that_cannot_cross_to_the_engine_process_fails_alone(server, client):
