@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
-from aserve.engine.request_stream import merge_deltas
+from aserve.engine.request_stream import joined_logprobs, merge_deltas
 from aserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -99,14 +99,25 @@ class OutputDecoder:
         if prompt is not None:
             self._prompts[request_id] = prompt
         prompt_text, prompt_ids = self._prompts.get(request_id, (None, []))
-        output = RequestOutput(
-            request_id, prompt_text, prompt_ids, prompt_logprobs,
-            [CompletionOutput(*sample) for sample in samples], finished, error,
-            None if metrics is None else RequestMetrics(*metrics), cached)
-        if request_id in self._joined:
-            earlier = self._latest.get(request_id)
+        metrics = None if metrics is None else RequestMetrics(*metrics)
+        earlier = self._latest.get(request_id) if request_id in self._joined else None
+        if (earlier is not None and len(samples) == 1 and len(earlier.outputs) == 1
+                and samples[0][0] == earlier.outputs[0].index):
+            # merge_deltas of the commonest case, at once (this runs on the server's loop).
+            index, text, token_ids, cumulative_logprob, logprobs, finish_reason, stop_reason = samples[0]
+            before = earlier.outputs[0]
+            output = RequestOutput(
+                request_id, prompt_text, prompt_ids, joined_logprobs(earlier.prompt_logprobs, prompt_logprobs),
+                [CompletionOutput(index, before.text + text, before.token_ids + token_ids, cumulative_logprob,
+                                  joined_logprobs(before.logprobs, logprobs), finish_reason, stop_reason)],
+                finished, error or earlier.error, metrics, cached)
+        else:
+            output = RequestOutput(request_id, prompt_text, prompt_ids, prompt_logprobs,
+                                   [CompletionOutput(*sample) for sample in samples], finished, error,
+                                   metrics, cached)
             if earlier is not None:
                 output = merge_deltas(earlier, output)
+        if request_id in self._joined:
             self._latest[request_id] = output
         if finished:
             self.forget(request_id)

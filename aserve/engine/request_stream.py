@@ -111,16 +111,17 @@ def merge_deltas(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
         first = samples.get(out.index)
         if first is not None:
             out = CompletionOutput(out.index, first.text + out.text, first.token_ids + out.token_ids,
-                                   out.cumulative_logprob, _joined(first.logprobs, out.logprobs),
+                                   out.cumulative_logprob, joined_logprobs(first.logprobs, out.logprobs),
                                    out.finish_reason, out.stop_reason)
         samples[out.index] = out
     return RequestOutput(later.request_id, later.prompt, later.prompt_token_ids,
-                         _joined(earlier.prompt_logprobs, later.prompt_logprobs),
+                         joined_logprobs(earlier.prompt_logprobs, later.prompt_logprobs),
                          sorted(samples.values(), key=lambda out: out.index), later.finished,
                          later.error or earlier.error, later.metrics, later.num_cached_tokens)
 
 
-def _joined(first, second):
+def joined_logprobs(first, second):
+    """Two runs of logprob positions as one (either may be None)."""
     if first is None or second is None:
         return second if first is None else first
     if isinstance(first, FlatLogprobs) and isinstance(second, FlatLogprobs):
