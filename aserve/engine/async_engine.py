@@ -132,15 +132,7 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         """Stop stepping, end every open stream, and release the engine thread. The engine is
         left empty (its requests aborted, no step in flight) unless it died."""
-        self._stop_engine_loop()
-        if self._driver is not None:
-            self._driver.cancel()
-            try:
-                await self._driver
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._driver = None
-        self._fail_all(EngineDeadError("The server is shutting down."))
+        await self._stop_driver()
         loop = asyncio.get_running_loop()
         if self._dead is None:  # after the engine loop's last step (one thread: it queues behind it)
             await loop.run_in_executor(self._executor, self._empty_engine)
@@ -155,6 +147,19 @@ class AsyncEngine:
         shutdown = getattr(self.engine, "shutdown", None)
         if shutdown is not None:   # the worker processes of a tensor-parallel engine
             await loop.run_in_executor(None, shutdown)
+
+    async def _stop_driver(self) -> None:
+        """Shutdown's first part, whatever runs the engine: no more steps asked for, the driver
+        gone, every open stream ended."""
+        self._stop_engine_loop()
+        if self._driver is not None:
+            self._driver.cancel()
+            try:
+                await self._driver
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._driver = None
+        self._fail_all(EngineDeadError("The server is shutting down."))
 
     async def wait_until_dead(self) -> BaseException:
         """Returns (with the cause) once the engine has failed for good."""

@@ -126,15 +126,7 @@ class ProcessAsyncEngine(AsyncEngine):
         self._driver = loop.create_task(self._run(), name="aserve-step-driver")
 
     async def shutdown(self) -> None:
-        self._stop_engine_loop()
-        if self._driver is not None:
-            self._driver.cancel()
-            try:
-                await self._driver
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._driver = None
-        self._fail_all(EngineDeadError("The server is shutting down."))
+        await self._stop_driver()
         await asyncio.get_running_loop().run_in_executor(None, self._join)
 
     def _join(self) -> None:
