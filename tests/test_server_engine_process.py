@@ -198,7 +198,7 @@ def test_tensor_parallel_ranks_under_an_engine_process_serve_and_end_with_it():
     """--engine-process with --tensor-parallel-size 2 (gloo on the CPU): the engine process
     starts rank 1 and serves rank 0's tokens; a killed rank ends the engine, and the server
     exits non-zero with every process gone."""
-    from test_tp_server import TP2, _alive, _children, _health, _wait_gone
+    from test_tp_server import TP2, _alive, _children, _health_until_exit, _wait_gone
 
     expected = OfflineLLM(kv_cache_memory_gb=0.05).generate(
         ["San Francisco is a"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
@@ -212,10 +212,7 @@ def test_tensor_parallel_ranks_under_an_engine_process_serve_and_end_with_it():
                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
         assert "".join(chunk.choices[0].text for chunk in stream) == expected
         os.kill(worker, signal.SIGKILL)
-        statuses = set()
-        while proc.poll() is None:
-            statuses.add(_health(url))
-            time.sleep(0.05)
+        statuses = _health_until_exit(url, proc)
         assert 503 in statuses
         assert proc.returncode == 1
         _wait_gone([engine])

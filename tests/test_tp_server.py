@@ -67,6 +67,15 @@ def _health(url: str) -> int:
         return 0
 
 
+def _health_until_exit(url: str, proc: subprocess.Popen) -> set[int]:
+    """Every /health status the server gave until its process ended."""
+    statuses = set()
+    while proc.poll() is None:
+        statuses.add(_health(url))
+        time.sleep(0.05)
+    return statuses
+
+
 def test_tp2_server_streams_the_tokens_of_one_rank():
     expected = OfflineLLM(kv_cache_memory_gb=0.05).generate(
         ["San Francisco is a"], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
@@ -91,10 +100,7 @@ def test_a_killed_worker_fails_streams_turns_health_503_and_exits_nonzero():
         with pytest.raises(openai.APIError):
             for _ in stream:   # the stream ends with an error event, it does not hang
                 pass
-        statuses = set()
-        while proc.poll() is None:
-            statuses.add(_health(url))
-            time.sleep(0.05)
+        statuses = _health_until_exit(url, proc)
         assert 503 in statuses
         assert proc.returncode == 1
         with open(log_path) as f:

@@ -123,8 +123,12 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         self._died = asyncio.Event()
         self._engine_went_idle = asyncio.Event()
-        self._engine_loop_done = loop.run_in_executor(self._executor, self._engine_loop, loop)
+        self._start_engine_side(loop)
         self._driver = loop.create_task(self._run(), name="aserve-step-driver")
+
+    def _start_engine_side(self, loop: asyncio.AbstractEventLoop) -> None:
+        """What steps the engine: here its thread (an engine in another process has its own)."""
+        self._engine_loop_done = loop.run_in_executor(self._executor, self._engine_loop, loop)
         workers = getattr(self.engine, "workers", None)
         if workers is not None:  # a tensor-parallel rank failed: this engine can do nothing more
             workers.add_failure_listener(lambda exc: loop.call_soon_threadsafe(self._die, exc))

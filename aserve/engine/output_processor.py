@@ -191,33 +191,25 @@ class OutputProcessor:
         server makes one per request per batch of steps (256 at saturation), so it builds the
         two objects with positional arguments, in their fields' order: keyword arguments
         made each output ~1 us dearer on the CPU VM."""
-        finished = seq.finish_reason is not None
-        params = request.params
+        finished = _note_finish(request, seq)
         detokenizer, logprobs = seq.detokenizer, seq.logprobs
-        metrics = request.metrics
-        if finished and metrics.finished_time is None:
-            metrics.finished_time = time.monotonic()
         prompt_logprobs = request.prompt_logprobs
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids,
             prompt_logprobs.snapshot() if prompt_logprobs is not None else None,
             [CompletionOutput(
                 0, detokenizer.text if detokenizer else "", seq.token_ids[seq.num_prompt_tokens:],
-                seq.cumulative_logprob if params.logprobs is not None or params.best_of > params.n else None,
+                _tracked_cumulative_logprob(request, seq),
                 logprobs.snapshot() if logprobs is not None else None, seq.finish_reason, seq.stop_reason)],
-            finished, None, metrics, request.num_cached_tokens)
+            finished, None, request.metrics, request.num_cached_tokens)
 
     @staticmethod
     def _one_sample_delta(request: Request, seq: Sequence) -> RequestOutput:
         """_as_delta(request, _one_sample_output(request, seq)), built at once: a server with
         its engine in another process runs every plain stream as DELTA (output_wire.py), and
         the cumulative output made only to be cut cost ~2 us more an output on the CPU VM."""
-        finished = seq.finish_reason is not None
-        params = request.params
+        finished = _note_finish(request, seq)
         detokenizer, logprobs = seq.detokenizer, seq.logprobs
-        metrics = request.metrics
-        if finished and metrics.finished_time is None:
-            metrics.finished_time = time.monotonic()
         reported = request.reported
         tokens, chars, positions = reported.get(0, (0, 0, 0))
         text = detokenizer.text if detokenizer else ""
@@ -237,9 +229,23 @@ class OutputProcessor:
             request.request_id, request.prompt, request.prompt_token_ids, prompt_logprobs,
             [CompletionOutput(
                 0, text[chars:], token_ids[start + tokens:],
-                seq.cumulative_logprob if params.logprobs is not None or params.best_of > params.n else None,
+                _tracked_cumulative_logprob(request, seq),
                 sample_logprobs, seq.finish_reason, seq.stop_reason)],
-            finished, None, metrics, request.num_cached_tokens)
+            finished, None, request.metrics, request.num_cached_tokens)
+
+
+def _note_finish(request: Request, seq: Sequence) -> bool:
+    """Whether the one sample finished; its request's finish time is set the first time."""
+    finished = seq.finish_reason is not None
+    if finished and request.metrics.finished_time is None:
+        request.metrics.finished_time = time.monotonic()
+    return finished
+
+
+def _tracked_cumulative_logprob(request: Request, seq: Sequence) -> Optional[float]:
+    """The sample's cumulative logprob where the request shows it (logprobs asked, or best_of)."""
+    params = request.params
+    return seq.cumulative_logprob if params.logprobs is not None or params.best_of > params.n else None
 
 
 def _as_delta(request: Request, output: RequestOutput) -> RequestOutput:

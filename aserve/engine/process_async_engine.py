@@ -113,17 +113,12 @@ class ProcessAsyncEngine(AsyncEngine):
         return payload
 
     # ----------------------------------------------------------------- life cycle
-    def start(self) -> None:
-        if self._driver is not None:
-            return
-        loop = asyncio.get_running_loop()
-        self._died = asyncio.Event()
-        self._engine_went_idle = asyncio.Event()
+    def _start_engine_side(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The pipes' threads (the engine process steps, and watches its ranks, by itself)."""
         self._gone = loop.create_future()
         threading.Thread(target=self._send_ops, name="aserve-engine-sender", daemon=True).start()
         threading.Thread(target=self._read_batches, args=(loop,), name="aserve-engine-reader",
                          daemon=True).start()
-        self._driver = loop.create_task(self._run(), name="aserve-step-driver")
 
     async def shutdown(self) -> None:
         await self._stop_driver()
