@@ -30,6 +30,7 @@ from aserve.engine.engine_process import (STOP, WANT_OUTPUTS, EngineCall, Engine
 from aserve.engine.output_wire import OutputDecoder, as_delta_in_engine
 from aserve.engine.request_stream import EngineDeadError
 from aserve.engine.stats import EngineStats, EngineStatsRecorder
+from aserve.structured_output.backend import GrammarBackend
 
 logger = logging.getLogger("aserve.engine")
 
@@ -48,6 +49,10 @@ class EngineView:
         self.parallel_config, self.device = info.parallel_config, info.device
         self.pooling, self.normalize_embeddings = info.pooling, info.normalize_embeddings
         self.tokenizer = tokenizer
+        # The server's own grammar checks (server/structured_request.py: a grammar that cannot
+        # compile is a 400 before anything streams); the engine process compiles its own copy.
+        self.grammars = (GrammarBackend(tokenizer, info.model_config.vocab_size)
+                         if tokenizer is not None else None)
         self.workers = None            # the engine process watches its own ranks
         self.defer_outputs = True      # always so in the engine process
         self.reset_prefix_cache = EngineCall("reset_prefix_cache")
@@ -123,6 +128,8 @@ class ProcessAsyncEngine(AsyncEngine):
     async def shutdown(self) -> None:
         await self._stop_driver()
         await asyncio.get_running_loop().run_in_executor(None, self._join)
+        if self.engine.grammars is not None:
+            self.engine.grammars.shutdown()
 
     def _join(self) -> None:
         self._process.join(_SHUTDOWN_WAIT_S)
