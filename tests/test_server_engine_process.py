@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
 
 import openai
 import pytest
+import torch
 
 from aserve import OfflineLLM, SamplingParams
 from aserve.config import EngineArgs
 from aserve.engine.process_async_engine import ProcessAsyncEngine
+from aserve.server.cli import engine_in_own_process
 from hf_reference import random_prompts
 from server_fixtures import ServerThread, small_engine_args, subprocess_server
 
@@ -87,6 +90,29 @@ def test_a_request_the_engine_refuses_is_a_400_and_the_engine_goes_on(server, cl
     assert "--max-logprobs" in str(info.value)
     ok = client.completions.create(model=server.model_name, prompt="still serving", max_tokens=3)
     assert ok.usage.completion_tokens >= 1
+
+
+def test_structured_outputs_are_checked_at_the_door_and_constrain_the_engine_process(server, client):
+    # The server compiles the grammar itself (a 400 before anything streams); the engine process
+    # applies it.
+    for stream in (False, True):
+        got = client.completions.create(model=server.model_name, prompt="a number:", max_tokens=8,
+                                        stream=stream, extra_body={"guided_regex": "[0-9]{3}"})
+        text = "".join(c.choices[0].text for c in got) if stream else got.choices[0].text
+        assert re.fullmatch("[0-9]{3}", text), text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=server.model_name, prompt="x", max_tokens=4,
+                                  extra_body={"guided_regex": "(unclosed"})
+    assert info.value.body["param"] == "guided_regex"
+
+
+def test_the_engine_process_is_the_default_on_a_cuda_device_only(monkeypatch):
+    assert not engine_in_own_process(None, EngineArgs(device="cpu"))
+    assert not engine_in_own_process(None, EngineArgs(device="cuda"))   # none here: the load says so
+    assert engine_in_own_process(True, EngineArgs(device="cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # as on a GPU machine
+    assert engine_in_own_process(None, EngineArgs(device="auto"))
+    assert not engine_in_own_process(False, EngineArgs(device="auto"))
 
 
 def test_a_client_that_leaves_frees_its_blocks_in_the_engine_process(server):

@@ -107,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from aserve.server.serving import serve
 
     raise_open_file_limit()
-    engine_class = ProcessAsyncEngine if ns.engine_process else AsyncEngine
+    engine_class = ProcessAsyncEngine if engine_in_own_process(ns.engine_process, engine_args) else AsyncEngine
     state = ServerState(
         api_key=resolve_api_key(ns), chat_template=chat_template,
         tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
@@ -146,6 +146,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def engine_in_own_process(flag: Optional[bool], engine_args) -> bool:
+    """--engine-process as given, else on for a CUDA device: there the engine's host work is what
+    bounds a step, and sharing one interpreter's lock with the server's HTTP work cost it
+    (one process served 0.53-0.54x offline A on an H100, the engine process 0.64-0.68x:
+    bench/RESULTS.md, 2026-12-06). On the CPU the model's own threads need the cores that a
+    second process would take."""
+    if flag is not None:
+        return flag
+    try:
+        return engine_args.resolve_device().type == "cuda"
+    except ValueError:   # --device cuda without one: the engine's load says so, as always
+        return False
 
 
 def describe_startup_error(exc: BaseException, host: str, port: int) -> str:

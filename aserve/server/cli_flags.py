@@ -236,10 +236,11 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                         "stream_options, as vLLM's flag.")
     s.add_argument("--enable-request-id-headers", action="store_true",
                    help="Put X-Request-Id on every response: the client's own, else a new one.")
-    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=False,
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="Run the engine in a process of its own, as vLLM's engine core, so the server's "
                         "HTTP work and the engine's host work do not share one interpreter's lock "
-                        "(aserve/engine/engine_process.py). (default: one process)")
+                        "(aserve/engine/engine_process.py). (default: on when the engine runs on a CUDA "
+                        "device, off on the CPU)")
     s.add_argument("--disable-log-requests", "--disable-uvicorn-access-log", action="store_true",
                    help="No access log line per request (method, path, status, latency, tokens).")
     s.add_argument("--disable-log-stats", action="store_true",
