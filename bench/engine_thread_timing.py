@@ -10,8 +10,8 @@ GPU) come apart.
     (--timeline anywhere: also when requests arrived and how full the steps were over the run)
     (--stand-in-gpu BASE_MS,ROW_US,TOKEN_US,EAGER_MS with --stand-in-model: a modelled GPU's
      step times and the eager prompt steps' host work, see _stand_in_gpu)
-    (server --engine-process: the timers and the stand-in go into the engine process, which
-     prints its table when it ends)
+    (server with an engine process, the default on a CUDA device: the timers and the stand-in
+     go into the engine process, which prints its table when it ends)
 
 offline: model A's workload through OfflineLLM.generate (random token ids, sampling at
 temperature 1, ignore_eos), timed after a warm-up. server: `python -m aserve` with the same
@@ -344,10 +344,21 @@ def _engine_process_main(*args) -> None:
         _report("engine process")
 
 
+def _serves_through_an_engine_process(argv: list[str]) -> bool:
+    """As the server will decide (aserve/server/cli.py): --engine-process or
+    --no-engine-process, else an engine process on a CUDA device."""
+    from aserve.config import EngineArgs
+    from aserve.server.cli import engine_in_own_process
+
+    flag = True if "--engine-process" in argv else False if "--no-engine-process" in argv else None
+    device = argv[argv.index("--device") + 1] if "--device" in argv else "auto"
+    return engine_in_own_process(flag, EngineArgs(device=device))
+
+
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in ("offline", "server"):
         sys.exit(__doc__)
-    if sys.argv[1] == "server" and "--engine-process" in sys.argv:
+    if sys.argv[1] == "server" and _serves_through_an_engine_process(sys.argv[2:]):
         _time_engine_process(sys.argv)   # before the flags below leave sys.argv
     if "--stand-in-model" in sys.argv:
         sys.argv.remove("--stand-in-model")
