@@ -100,8 +100,9 @@ def constraint_field(request: Any) -> str:
 async def check_grammar(state: "ServerState", params: Any, param: str) -> None:
     """Compile the request's grammar against the tokenizer now, in the grammar backend's
     threads: a schema, regex or grammar that parses but cannot be compiled is a 400 before
-    anything is streamed, never a failure inside the engine. The engine's own check of the
-    same grammar is then a cache hit, so the engine thread never waits for a compile."""
+    anything is streamed, never a failure inside the engine. In one process the engine's own
+    check of the same grammar is then a cache hit, so the engine thread never waits for a
+    compile; an engine process compiles its own copy (the server's is the EngineView's)."""
     so = getattr(params, "structured_outputs", None)
     if so is None:
         return
