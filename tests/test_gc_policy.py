@@ -81,3 +81,42 @@ def test_a_stopped_server_leaves_its_engine_to_the_collector():
     server.state = None
     gc.collect()
     assert engine() is None
+
+
+def _engine_process_that_reports_its_collector(args, ops_conn, out_conn, log_level, log_format):
+    """run_engine_process, whose serving loop only sends back how the collector is set then."""
+    import aserve.engine.engine_process as engine_process
+
+    def report(engine, ops, out):
+        out.send(("collector", gc.get_threshold(), gc.get_freeze_count()))
+
+    engine_process._serve = report
+    engine_process.run_engine_process(args, ops_conn, out_conn, log_level, log_format)
+
+
+def test_an_engine_process_freezes_its_loaded_heap_and_collects_less_often():
+    """The engine in a process of its own (--engine-process) collects as the server's process
+    does: with CPython's defaults a served burst made ~200 young and a full collection there."""
+    import multiprocessing
+
+    from server_fixtures import small_engine_args
+
+    context = multiprocessing.get_context("spawn")
+    ops_in, ops_out = context.Pipe(duplex=False)
+    batches_in, batches_out = context.Pipe(duplex=False)
+    process = context.Process(target=_engine_process_that_reports_its_collector,
+                              args=(small_engine_args(), ops_in, batches_out, 30, None))
+    process.start()
+    try:
+        assert batches_in.poll(120), "the engine process did not load"
+        assert batches_in.recv()[0] == "ready"
+        assert batches_in.poll(30)
+        kind, thresholds, frozen = batches_in.recv()
+        assert kind == "collector"
+        assert thresholds[0] >= FIRST_GENERATION_THRESHOLD
+        assert frozen > 10_000   # the model's modules, torch's and transformers' state
+    finally:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    assert process.exitcode == 0
