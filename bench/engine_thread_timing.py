@@ -182,19 +182,23 @@ def _install_timeline() -> None:
 
 
 def _report_timeline() -> None:
-    """Times in ms after the first arrival (served) or the first step (offline)."""
-    if not _steps:
-        return
+    """Times in ms after the first arrival (served) or the first step (offline; and in an
+    engine process, which sees no arrivals: the server process prints those, and both print t0
+    on the one monotonic clock of the machine)."""
     entered = _arrivals["handler entered"]
+    if not _steps and not entered:
+        return
     t0 = entered[0] if entered else _steps[0][0]
     for label, times in _arrivals.items():
         if times:
             marks = [times[min(len(times) - 1, int(q * len(times)))] for q in (0.1, 0.25, 0.5, 0.75, 0.9)]
             print(f"=== timeline: {label}: {len(times)}; at 10/25/50/75/90%/last: "
                   + " / ".join(f"{(t - t0) * 1e3:.0f}" for t in marks + [times[-1]]) + " ms", flush=True)
+    print(f"=== timeline: t0 (the first arrival, or step) at {t0:.4f} s of the monotonic clock"
+          + (f"; the last step at {_steps[-1][0]:.4f}" if _steps else ""), flush=True)
+    if not _steps:
+        return
     span = _steps[-1][0] - _steps[0][0] or 1e-9
-    print(f"=== timeline: t0 (the first arrival, or step) at {t0:.4f} s of the monotonic clock; the "
-          f"last step at {_steps[-1][0]:.4f}", flush=True)
     print(f"=== timeline: steps by tenth of the run ({(_steps[0][0] - t0) * 1e3:.0f} to "
           f"{(_steps[-1][0] - t0) * 1e3:.0f} ms): steps, mean rows running, mean waiting", flush=True)
     for tenth in range(10):
@@ -315,7 +319,10 @@ def _time_engine_process(argv: list[str]) -> None:
 
     import aserve.engine.process_async_engine as process_async_engine
 
-    flags = [f for f in ("--stand-in-model", "--detail") if f in sys.argv]
+    flags = [f for f in ("--stand-in-model", "--detail", "--timeline") if f in sys.argv]
+    if "--timeline" in sys.argv:   # the arrivals, here when the server ends
+        import atexit
+        atexit.register(_report_timeline)
     if "--stand-in-gpu" in sys.argv:
         at = sys.argv.index("--stand-in-gpu")
         flags += sys.argv[at:at + 2]
@@ -331,6 +338,8 @@ def _engine_process_main(*args) -> None:
     sys.argv = ["engine process", *json.loads(os.environ.get(_ENGINE_PROCESS_FLAGS_ENV, "[]"))]
     if "--stand-in-model" in sys.argv:
         _install_stand_in_model()
+    if "--timeline" in sys.argv:
+        _install_timeline()   # its steps (the arrivals' hooks are the server's)
     _count_prompt_steps()
     _install_timers()
     engine_process.run_step_gen = async_engine.run_step_gen   # the timed one
@@ -342,6 +351,7 @@ def _engine_process_main(*args) -> None:
         print(f"=== the engine process: {time.perf_counter() - wall:.2f} s, {time.process_time() - cpu:.2f} s "
               f"of CPU", flush=True)
         _report("engine process")
+        _report_timeline()
 
 
 def _serves_through_an_engine_process(argv: list[str]) -> bool:

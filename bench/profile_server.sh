@@ -57,7 +57,7 @@ elif [ -x "$PYSPY" ]; then
     # PYSPY_ARGS=--gil samples only the thread holding the GIL: where the one process's Python
     # time goes, engine thread and event loop together. On a CUDA device the engine steps in a
     # process of its own by default (--engine-process): PYSPY_ARGS=--subprocesses samples it
-    # too (not yet run through profile_summary.py).
+    # too (profile_summary.py names each thread with its process).
     # shellcheck disable=SC2086
     serve_and_bench "under py-spy" . "$PYSPY" record --nonblocking --threads -r 200 -f raw ${PYSPY_ARGS:-} \
         -o "$out/server_profile.txt"

@@ -28,11 +28,18 @@ def main() -> None:
             stack, _, count = line.rstrip().rpartition(" ")
             if not stack:
                 continue
+            # py-spy --subprocesses puts 'process PID:"command line";' first, a child's after
+            # its parent's (a command line may hold ';'): the server's process and the engine
+            # process (multiprocessing's spawn) are told apart by the last.
+            process = ""
+            while stack.startswith("process ") and '";' in stack:
+                command, _, stack = stack.partition('";')
+                process = "engine process: " if "spawn_main" in command else "server process: "
             frames = stack.split(";")
             if args.within and not any(args.within in frame for frame in frames):
                 continue
             # "thread (1234): name": the id varies from run to run, the name does not.
-            thread = frames[0].split(": ", 1)[-1].rstrip("_0123456789") or frames[0]
+            thread = process + (frames[0].split(": ", 1)[-1].rstrip("_0123456789") or frames[0])
             if args.thread and not any(t in thread for t in args.thread):
                 continue
             n = int(count)

@@ -6,7 +6,8 @@
 #    server does).
 # 2. `python -m aserve` on the same model, all 1000 requests at once (bench/serving.py), once per
 #    value of ASERVE_DELIVERY_REST in RESTS (the event loop's rest after writing a step's chunks,
-#    aserve/engine/async_engine.py), then at the Poisson RATES with the default.
+#    aserve/engine/async_engine.py), then at the Poisson RATES at the default rest, each server
+#    variant (SERVER_ARGS_SETS) in turn.
 # PREVIOUS_DIR (an earlier version unpacked, carried): its server too, first.
 # CLIENT_PROCESSES: bench/serving.py's --processes (default 1) for the servers' runs; one client
 # process parsing ~66k chunks a second may be what limits (its "Client CPU" row near 1.0). A
@@ -114,7 +115,9 @@ SERVER_ARGS=$base_args CLIENT_PROCESSES=$first_processes
 if [ "${NO_TOKENIZER_SERVER:-0}" = 1 ]; then
     SERVER_ARGS=--skip-tokenizer-init serve "--skip-tokenizer-init" inf .
 fi
-for rate in $RATES; do
-    serve "default" "$rate" .
+for set in "${arg_sets[@]}"; do   # the Poisson rates, with each server variant
+    for rate in $RATES; do
+        SERVER_ARGS="$base_args $set" serve "default${set:+,$set}" "$rate" .
+    done
 done
 offline "no tokenizer, again" --skip-tokenizer-init
