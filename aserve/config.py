@@ -14,15 +14,21 @@ LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
 # model of 8B parameters reads its weights once for twice the rows, and the KV cache has room.
 # On an H200, 512 / 16384 ran model B (Llama-3.1-8B shape) offline 5% faster than 256 / 8192
 # (taking turns in one call), and 1024 sequences no faster than 512; model A (OPT-125m shape)
-# was not slower. The API server keeps 256 / 8192 there (vLLM's server keeps 8192 tokens too):
-# served all at once, model A delivered 36.9k tok/s at 512 against 44.2k at 256 in an earlier
-# lease, its steps' host work growing with their rows; on the CPU, 512 doubled the server's
-# TPOT in every turn, with no steady difference in throughput (bench/RESULTS.md, 2026-12-04).
+# was not slower. An API server whose engine steps in the server's own process keeps 256 / 8192
+# there: served all at once, model A delivered 36.9k tok/s at 512 against 44.2k at 256 in an
+# earlier lease, its steps' host work (sharing one interpreter with the HTTP work) growing with
+# their rows; on the CPU, 512 doubled the server's TPOT in every turn, with no steady difference
+# in throughput (bench/RESULTS.md, 2026-12-04). An engine in a process of its own (the server's
+# default on CUDA) steps alone, as offline, and takes the larger steps: on an H100, model A
+# served all at once at 111-117k tok/s with 512 / 16384 against 94-98k with 256 / 8192, and
+# the same at Poisson 40 req/s (1024 sequences: 72-74k, past the decode graphs' largest batch;
+# bench/RESULTS.md, 2026-12-06).
 LARGE_GPU_BYTES = 70 << 30
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cpu": 2048, "cuda": 8192, "large-gpu": 16384}
 DEFAULT_MAX_NUM_SEQS = {"cpu": 256, "cuda": 256, "large-gpu": 512}
-# Who runs the engine (vLLM's UsageContext): OfflineLLM and direct users, or the API server.
-USAGE_CONTEXTS = ("offline", "api_server")
+# Who runs the engine (vLLM's UsageContext): OfflineLLM and direct users; the API server, the
+# engine in its own process; or the engine process that an API server feeds.
+USAGE_CONTEXTS = ("offline", "api_server", "engine_process")
 # vLLM's --runner: generate text, or pool prompts into embeddings (/v1/embeddings, embed()).
 RUNNERS = ("generate", "pooling")
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
@@ -153,7 +159,9 @@ class EngineArgs:
     override_generation_config: Optional[dict] = None
     # vLLM's --hf-overrides: fields of the model's config.json set or replaced at load.
     hf_overrides: Optional[dict] = None
-    # api_server: `python -m aserve` (its CLI's default), which keeps smaller steps on a large GPU.
+    # api_server: `python -m aserve` with the engine in its process (the CLI's default, changed
+    # to engine_process when the engine gets a process of its own), which keeps smaller steps
+    # on a large GPU.
     usage_context: str = "offline"
     # generate: text (the default); pooling: each prompt becomes an embedding, its last token's
     # final hidden state (aserve/pooling_params.py), and nothing is generated.

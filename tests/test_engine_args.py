@@ -43,6 +43,9 @@ def test_the_api_server_keeps_the_smaller_steps_on_a_large_gpu(monkeypatch):
     offline, server = EngineArgs(), EngineArgs(usage_context="api_server")
     assert (offline.resolve_max_num_seqs(gpu), offline.resolve_max_num_batched_tokens(gpu)) == (512, 16384)
     assert (server.resolve_max_num_seqs(gpu), server.resolve_max_num_batched_tokens(gpu)) == (256, 8192)
+    # An engine in a process of its own steps alone, as offline.
+    engine_process = EngineArgs(usage_context="engine_process")
+    assert (engine_process.resolve_max_num_seqs(gpu), engine_process.resolve_max_num_batched_tokens(gpu)) == (512, 16384)
 
 
 @pytest.mark.cuda
@@ -55,3 +58,5 @@ def test_the_gpu_class_follows_its_memory():
     assert EngineArgs().resolve_max_num_batched_tokens(device) == (16384 if large else 8192)
     server = EngineArgs(usage_context="api_server")
     assert (server.resolve_max_num_seqs(device), server.resolve_max_num_batched_tokens(device)) == (256, 8192)
+    engine_process = EngineArgs(usage_context="engine_process")
+    assert engine_process.resolve_max_num_seqs(device) == (512 if large else 256)

@@ -119,8 +119,10 @@ def test_version_flag_prints_the_version(capsys):
 
 def test_help_shows_the_real_defaults():
     text = " ".join(make_parser().format_help().split())
-    assert "default: 8192 on a GPU (vLLM's API server's; offline on a GPU of 70 GiB or more: 16384), 2048 on CPU" in text
-    assert "default: 256 (offline on a GPU of 70 GiB or more: 512)" in text   # max_num_seqs
+    assert ("default: 8192 on a GPU (vLLM's API server's; 16384 on one of 70 GiB or more with the engine in its "
+            "own process, the default on CUDA, as offline), 2048 on CPU") in text
+    assert ("default: 256 (512 on a GPU of 70 GiB or more, with the engine in its own process, the default "
+            "on CUDA, as offline)") in text   # max_num_seqs
     assert "usage-context" not in text   # not a vLLM flag: hidden
     assert "(default: on)" in text and "--async-scheduling, --no-async-scheduling" in text
     assert "(default: 8192)" in text   # max_seq_len_to_capture

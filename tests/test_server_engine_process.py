@@ -19,7 +19,7 @@ import torch
 from aserve import OfflineLLM, SamplingParams
 from aserve.config import EngineArgs
 from aserve.engine.process_async_engine import ProcessAsyncEngine
-from aserve.server.cli import engine_in_own_process
+from aserve.server.cli import engine_args_from, engine_in_own_process, make_parser, placed_engine_args
 from hf_reference import random_prompts
 from server_fixtures import ServerThread, small_engine_args, subprocess_server
 
@@ -113,6 +113,22 @@ def test_the_engine_process_is_the_default_on_a_cuda_device_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # as on a GPU machine
     assert engine_in_own_process(None, EngineArgs(device="auto"))
     assert not engine_in_own_process(False, EngineArgs(device="auto"))
+
+
+def test_an_engine_in_its_own_process_takes_a_large_gpus_larger_steps(monkeypatch):
+    """As offline: it steps alone (aserve/config.py). An engine in the server's process keeps
+    the smaller steps, and flags the user gave stay as given."""
+    import aserve.config as config
+
+    monkeypatch.setattr(config, "device_class", lambda device: "large-gpu")   # as on an H100 or H200
+    gpu = torch.device("cuda")
+    server_args = engine_args_from(make_parser().parse_args([]))
+    alone, beside = placed_engine_args(server_args, True), placed_engine_args(server_args, False)
+    assert (alone.resolve_max_num_seqs(gpu), alone.resolve_max_num_batched_tokens(gpu)) == (512, 16384)
+    assert (beside.resolve_max_num_seqs(gpu), beside.resolve_max_num_batched_tokens(gpu)) == (256, 8192)
+    assert alone.usage_context == "engine_process" and beside.usage_context == "api_server"
+    given = placed_engine_args(engine_args_from(make_parser().parse_args(["--max-num-seqs", "64"])), True)
+    assert given.resolve_max_num_seqs(gpu) == 64
 
 
 def test_a_client_that_leaves_frees_its_blocks_in_the_engine_process(server):

@@ -8,6 +8,7 @@ not reachable from other machines until asked to be (--host 0.0.0.0).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import logging
@@ -107,7 +108,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     from aserve.server.serving import serve
 
     raise_open_file_limit()
-    engine_class = ProcessAsyncEngine if engine_in_own_process(ns.engine_process, engine_args) else AsyncEngine
+    in_own_process = engine_in_own_process(ns.engine_process, engine_args)
+    engine_args = placed_engine_args(engine_args, in_own_process)
+    engine_class = ProcessAsyncEngine if in_own_process else AsyncEngine
     state = ServerState(
         api_key=resolve_api_key(ns), chat_template=chat_template,
         tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
@@ -160,6 +163,15 @@ def engine_in_own_process(flag: Optional[bool], engine_args) -> bool:
         return engine_args.resolve_device().type == "cuda"
     except ValueError:   # --device cuda without one: the engine's load says so, as always
         return False
+
+
+def placed_engine_args(engine_args, in_own_process: bool):
+    """The server's engine args once it is known where the engine steps: an engine in a process
+    of its own steps alone, as offline, and so takes a large GPU's larger steps
+    (usage_context engine_process; aserve/config.py has the figures)."""
+    if in_own_process and engine_args.usage_context == "api_server":
+        return dataclasses.replace(engine_args, usage_context="engine_process")
+    return engine_args
 
 
 def describe_startup_error(exc: BaseException, host: str, port: int) -> str:

@@ -112,12 +112,14 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
 
     e = p.add_argument_group("engine")
     e.add_argument("--max-num-seqs", type=int, default=None,
-                   help=f"Most sequences in one step; default: {DEFAULT_MAX_NUM_SEQS['cuda']} (offline on a "
-                        f"GPU of 70 GiB or more: {DEFAULT_MAX_NUM_SEQS['large-gpu']}).")
+                   help=f"Most sequences in one step; default: {DEFAULT_MAX_NUM_SEQS['cuda']} ("
+                        f"{DEFAULT_MAX_NUM_SEQS['large-gpu']} on a GPU of 70 GiB or more, with the engine in "
+                        f"its own process, the default on CUDA, as offline).")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="Most tokens computed in one step (chunked prefill splits longer prompts); "
                         f"default: {DEFAULT_MAX_NUM_BATCHED_TOKENS['cuda']} on a GPU (vLLM's API server's; "
-                        f"offline on a GPU of 70 GiB or more: {DEFAULT_MAX_NUM_BATCHED_TOKENS['large-gpu']}), "
+                        f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['large-gpu']} on one of 70 GiB or more with the "
+                        f"engine in its own process, the default on CUDA, as offline), "
                         f"{DEFAULT_MAX_NUM_BATCHED_TOKENS['cpu']} on CPU.")
     e.add_argument("--block-size", type=int, default=_ENGINE_DEFAULTS.block_size, choices=[8, 16, 32, 64, 128],
                    help="Tokens per KV cache block. (default: %(default)s)")
