@@ -11,7 +11,7 @@
 #            Poisson 10 and 40 req/s and all at once (SERVING_MODELS, SERVING_RATES)
 #   bench    bench/workloads.py --baseline hf (WORKLOADS; BENCH_ARGS adds flags, e.g. --num-prompts 200;
 #            BASELINE="" leaves transformers out), after WARMUP_RUNS (default 2) untimed runs of A1,A
-#   serverratio  bench/server_vs_offline.sh at the default delivery rest (RESTS): offline A, then
+#   serverratio  bench/server_vs_offline.sh at the server's own delivery rest (RESTS): offline A, then
 #            model A served all at once, in the same call (the server goal); runs after
 #            bench, on a machine warmed up
 #   structured  bench/structured.py: model A with 0, 50% and 100% of its requests under a JSON schema
@@ -183,7 +183,7 @@ stage_coldstart() {
 }
 
 stage_serverratio() {
-    run "server vs offline" "${SERVER_RATIO_TIMEOUT:-240}" env RESTS="${RESTS:-6}" bash bench/server_vs_offline.sh
+    run "server vs offline" "${SERVER_RATIO_TIMEOUT:-240}" env RESTS="${RESTS:-default}" bash bench/server_vs_offline.sh
 }
 
 main() {

@@ -6,7 +6,8 @@
 #    server does).
 # 2. `python -m aserve` on the same model, all 1000 requests at once (bench/serving.py), once per
 #    value of ASERVE_DELIVERY_REST in RESTS (the event loop's rest after writing a step's chunks,
-#    aserve/engine/async_engine.py), then at the Poisson RATES at the default rest, each server
+#    aserve/engine/async_engine.py; "default", the default: the server's own, 2 with an engine
+#    process and 6 in one process), then at the Poisson RATES at the default rest, each server
 #    variant (SERVER_ARGS_SETS) in turn.
 # PREVIOUS_DIR (an earlier version unpacked, carried): its server too, first.
 # CLIENT_PROCESSES: bench/serving.py's --processes (default 1) for the servers' runs; one client
@@ -34,7 +35,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/pydantic ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
-RESTS=${RESTS:-0 6}
+RESTS=${RESTS:-default}
 RATES=${RATES:-}
 model=/tmp/opt-125m
 python3 bench/make_random_model.py --shape opt-125m --out $model --dtype float16 --config-only \
@@ -103,9 +104,11 @@ for round in $(seq "${SERVER_ROUNDS:-1}"); do
         for processes in $all_processes; do
             for client_set in "${client_sets[@]}"; do
                 for rest in $RESTS; do
+                    local_rest=ASERVE_DELIVERY_REST=$rest
+                    [ "$rest" = default ] && local_rest=ASERVE_DELIVERY_REST=   # empty: the server's own
                     SERVER_ARGS="$base_args $set" CLIENT_PROCESSES=$processes CLIENT_ARGS=$client_set \
                         serve "ASERVE_DELIVERY_REST=$rest${set:+,$set}, $processes client process(es)${client_set:+ $client_set}" \
-                        inf . ASERVE_DELIVERY_REST=$rest
+                        inf . "$local_rest"
                 done
             done
         done

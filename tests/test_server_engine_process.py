@@ -115,6 +115,15 @@ def test_the_engine_process_is_the_default_on_a_cuda_device_only(monkeypatch):
     assert not engine_in_own_process(False, EngineArgs(device="auto"))
 
 
+def test_the_driver_rests_less_after_a_delivery_than_with_the_engine_in_its_process(server):
+    """The rest no longer leaves the engine the GIL; it only gathers tokens into fewer chunks."""
+    from aserve.engine import async_engine, process_async_engine
+
+    if async_engine.DELIVERY_REST_OVERRIDE is None:   # ASERVE_DELIVERY_REST sets both, for benchmarks
+        assert server.async_engine.delivery_rest == process_async_engine.PROCESS_DELIVERY_REST == 2.0
+        assert async_engine.DELIVERY_REST == 6.0
+
+
 def test_an_engine_in_its_own_process_takes_a_large_gpus_larger_steps(monkeypatch):
     """As offline: it steps alone (aserve/config.py). An engine in the server's process keeps
     the smaller steps, and flags the user gave stay as given."""

@@ -59,8 +59,10 @@ _DISPATCH_SLICE_S = 0.001
 # times as long as the writing took, when that is longer than a step (module docstring). 0
 # takes outputs as fast as the loop can. bench/RESULTS.md has the figures that chose it
 # (2026-12-02: 4; 2026-12-03, ninth session: 6, once the chunk sinks made a round of writes
-# cheaper than the rest of a hand-over); ASERVE_DELIVERY_REST overrides it, for benchmarks.
-DELIVERY_REST = float(os.environ.get("ASERVE_DELIVERY_REST", "6"))
+# cheaper than the rest of a hand-over); ASERVE_DELIVERY_REST overrides it (and an engine
+# process's, process_async_engine.py), for benchmarks.
+DELIVERY_REST_OVERRIDE = os.environ.get("ASERVE_DELIVERY_REST") or None
+DELIVERY_REST = float(DELIVERY_REST_OVERRIDE or "6")
 # A rest is never longer than this: at thousands of streams, chunks still come this often.
 _MAX_REST_S = 0.1
 # A rest shorter than this is not worth a timer.
