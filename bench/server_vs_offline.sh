@@ -28,6 +28,8 @@
 # bench/engine_thread_timing.py, which adds where the engine thread's time goes per step (wall
 # and thread CPU per phase); the timers cost a few percent. TIMELINE=1 with it: also when the
 # burst's requests reached the handlers and the engine, and how full the steps were over the run.
+# DETAIL=1 with it: also the parts of launch (the forward of decode steps, replayed graphs, apart
+# from that of steps with prompt tokens, run eagerly) and of the step's tensors.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -44,6 +46,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 
 timing() { [ "${ENGINE_TIMING:-0}" = 1 ]; }
 timeline=$([ "${TIMELINE:-0}" = 1 ] && echo --timeline)
+[ "${DETAIL:-0}" = 1 ] && timeline="$timeline --detail"   # the timers' --detail, with ENGINE_TIMING=1
 
 offline() {  # offline LABEL [flags]
     local label=$1

@@ -26,10 +26,16 @@ async def add_all(state: "ServerState", base_id: str, prompts: list, params_for,
     Call within state.admit()."""
     prepared = [await prepare_prompt(state, prompt, add_special_tokens, truncate_prompt_tokens, field,
                                      truncation_side) for prompt in prompts]
-    added = await asyncio.gather(*(
-        add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
-            len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)))
-        for i, prompt in enumerate(prepared)), return_exceptions=True)
+    adds = [add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
+                len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)))
+            for i, prompt in enumerate(prepared)]
+    if len(adds) == 1:
+        # Awaited here, not in a task of gather's: the add is posted now, in this handler's turn.
+        # A task waits for the loop's next turn, behind every handler of a burst: on an H100 the
+        # median request of a burst of 1000 reached AsyncEngine.add_request 61 ms after its
+        # handler began (bench/RESULTS.md, 2026-12-06).
+        return [await adds[0]]
+    added = await asyncio.gather(*adds, return_exceptions=True)
     errors = [a for a in added if isinstance(a, BaseException)]
     if errors:
         for stream in added:
