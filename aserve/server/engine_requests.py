@@ -33,7 +33,8 @@ async def add_all(state: "ServerState", base_id: str, prompts: list, params_for,
         # Awaited here, not in a task of gather's: the add is posted now, in this handler's turn.
         # A task waits for the loop's next turn, behind every handler of a burst: on an H100 the
         # median request of a burst of 1000 reached AsyncEngine.add_request 61 ms after its
-        # handler began (bench/RESULTS.md, 2026-12-06).
+        # handler began; awaited here, the burst's median TTFT fell from 518 to 268-278 ms
+        # (bench/RESULTS.md, 2026-12-06).
         return [await adds[0]]
     added = await asyncio.gather(*adds, return_exceptions=True)
     errors = [a for a in added if isinstance(a, BaseException)]
