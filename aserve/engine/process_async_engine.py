@@ -3,11 +3,12 @@
 
 To the server it is an AsyncEngine like the in-process one: the same add_request, abort, call,
 streams and driver coroutine (its `_run`, which dispatches each batch to the streams and then
-rests, if shorter than the in-process one, so that at saturation each batch spans several
-steps: fewer, fuller chunks to write, and fewer outputs for the engine process to send). What differs
-is below the driver: ops go to the engine process pickled, through a sender thread (a burst of
-adds never blocks the loop on a full pipe), and batches come back through a reader thread, in
-output_wire.py's form (plain streaming requests run as DELTA there and are joined back here).
+rests, if for a shorter while than the in-process one, so that at saturation each batch spans
+several steps: fewer, fuller chunks to write, and fewer outputs for the engine process to
+send). What differs is below the driver: ops go to the engine process pickled, through a
+sender thread (a burst of adds never blocks the loop on a full pipe), and batches come back
+through a reader thread, in output_wire.py's form (plain streaming requests run as DELTA there
+and are joined back here).
 `engine` is an EngineView of what the server reads: the configs, the tokenizer (loaded here
 while the engine process loads the model) and the engine's newest counters; a call runs an
 EngineCall, a method of the engine by name.
@@ -39,8 +40,9 @@ _WANT_MESSAGE, _STOP_MESSAGE = (pickle.dumps(m) for m in (WANT_OUTPUTS, STOP))
 # process the rest no longer leaves it the GIL, it only lets a stream's tokens gather into fewer
 # chunks (and fewer outputs for the engine process to send). On an H100 model A served all at
 # once (512 sequences a step) as fast at 2 as at 6, 113.0k against 112.6k out tok/s over two
-# rounds, with half the ITL (mean 28-29 against 55-56 ms, p99 93-95 against 118-120); at 1 it lost
-# 5% (bench/RESULTS.md, 2026-12-06).
+# rounds, with half the ITL (mean 28-29 against 55-56 ms, p99 93-95 against 118-120); at 1 it
+# lost 5%; in a later call, one round each, 113.0k at 2 against 115.8k at 6 (ITL 25 against
+# 63 ms; bench/RESULTS.md, 2026-12-06).
 PROCESS_DELIVERY_REST = float(DELIVERY_REST_OVERRIDE or "2")
 # How long shutdown waits for the engine process to end before it is killed.
 _SHUTDOWN_WAIT_S = 30.0
