@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import aserve.engine.async_engine as async_engine  # noqa: E402
 import aserve.engine.engine as engine_module  # noqa: E402
+import aserve.engine.engine_driver as engine_driver  # noqa: E402
 import aserve.engine.engine_ops as engine_ops  # noqa: E402
 import aserve.worker.model_runner as model_runner  # noqa: E402
 
@@ -160,13 +161,13 @@ def _install_timeline() -> None:
         return original_schedule(self, *args, **kwargs)
 
     engine_module.Engine.schedule = schedule
-    original_add = async_engine.AsyncEngine.add_request
+    original_add = engine_driver.EngineDriver.add_request
 
     async def add_request(self, *args, **kwargs):
         _arrivals["add posted"].append(time.perf_counter())
         return await original_add(self, *args, **kwargs)
 
-    async_engine.AsyncEngine.add_request = add_request
+    engine_driver.EngineDriver.add_request = add_request   # both engines' (in-process, process)
     import aserve.server.api_generate as api_generate
     import aserve.server.api_openai as api_openai
     import aserve.server.app as app

@@ -100,9 +100,9 @@ async def test_a_loop_slow_to_deliver_gets_several_steps_per_output(async_engine
 async def test_the_loops_rest_ends_when_the_engine_runs_out_of_steps(async_engine, monkeypatch):
     """The rest after a round of writes leaves the GIL to a stepping engine; once the engine
     has nothing left to step, the last outputs go out at once, not after the whole rest."""
-    import aserve.engine.async_engine as async_engine_module
+    import aserve.engine.engine_driver as engine_driver_module
 
-    monkeypatch.setattr(async_engine_module, "_MAX_REST_S", 30.0)
+    monkeypatch.setattr(engine_driver_module, "_MAX_REST_S", 30.0)
     async_engine.delivery_rest = 1e6   # every rest is the longest, 30 s, unless cut short
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

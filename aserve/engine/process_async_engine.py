@@ -1,11 +1,11 @@
-"""ProcessAsyncEngine: the AsyncEngine whose engine steps in a process of its own
-(engine_process.py says why and what crosses the pipes).
+"""ProcessAsyncEngine: the EngineDriver (engine_driver.py) of an engine that steps in a process
+of its own (engine_process.py says why and what crosses the pipes).
 
-To the server it is an AsyncEngine like the in-process one: the same add_request, abort, call,
-streams and driver coroutine (its `_run`, which dispatches each batch to the streams and then
-rests, if for a shorter while than the in-process one, so that at saturation each batch spans
-several steps: fewer, fuller chunks to write, and fewer outputs for the engine process to
-send). What differs is below the driver: ops go to the engine process pickled, through a
+To the server it is an engine like the in-process one (async_engine.py): the same add_request,
+abort, call, streams and driver coroutine, which dispatches each batch to the streams and then
+rests, for a shorter while than in one process, so that at saturation each batch spans several
+steps: fewer, fuller chunks to write, and fewer outputs for the engine process to send. What
+differs is below the driver: ops go to the engine process pickled, through a
 sender thread (a burst of adds never blocks the loop on a full pipe), and batches come back
 through a reader thread, in output_wire.py's form (plain streaming requests run as DELTA there
 and are joined back here).
@@ -24,7 +24,7 @@ import pickle
 import threading
 from typing import Any, Optional
 
-from aserve.engine.async_engine import DELIVERY_REST_OVERRIDE, AsyncEngine
+from aserve.engine.engine_driver import EngineDriver
 from aserve.engine.engine_ops import Add, Call
 from aserve.engine.engine_process import (STOP, WANT_OUTPUTS, EngineCall, EngineCallOp, EngineInfo,
                                           run_engine_process)
@@ -36,14 +36,14 @@ from aserve.structured_output.backend import GrammarBackend
 logger = logging.getLogger("aserve.engine")
 
 _WANT_MESSAGE, _STOP_MESSAGE = (pickle.dumps(m) for m in (WANT_OUTPUTS, STOP))
-# The driver's rest after a delivery (async_engine.py), shorter here: with the engine in another
+# The driver's rest after a delivery (engine_driver.py), shorter than in one process: with the engine in another
 # process the rest no longer leaves it the GIL, it only lets a stream's tokens gather into fewer
 # chunks (and fewer outputs for the engine process to send). On an H100 model A served all at
 # once (512 sequences a step) as fast at 2 as at 6, 113.0k against 112.6k out tok/s over two
 # rounds, with half the ITL (mean 28-29 against 55-56 ms, p99 93-95 against 118-120); at 1 it
 # lost 5%; in a later call, one round each, 113.0k at 2 against 115.8k at 6 (ITL 25 against
 # 63 ms; bench/RESULTS.md, 2026-12-06).
-PROCESS_DELIVERY_REST = float(DELIVERY_REST_OVERRIDE or "2")
+PROCESS_DELIVERY_REST = 2.0
 # How long shutdown waits for the engine process to end before it is killed.
 _SHUTDOWN_WAIT_S = 30.0
 
@@ -73,8 +73,8 @@ class EngineView:
         return self.latest_stats
 
 
-class ProcessAsyncEngine(AsyncEngine):
-    """An AsyncEngine over an engine process (module docstring)."""
+class ProcessAsyncEngine(EngineDriver):
+    """An EngineDriver over an engine process (module docstring)."""
 
     def __init__(self, args):
         from aserve.models.loader import create_model_config, load_tokenizer
@@ -98,8 +98,7 @@ class ProcessAsyncEngine(AsyncEngine):
         except BaseException:
             self._kill()
             raise
-        super().__init__(EngineView(info, tokenizer))
-        self.delivery_rest = PROCESS_DELIVERY_REST
+        super().__init__(EngineView(info, tokenizer), PROCESS_DELIVERY_REST)
         self.stats = EngineStatsRecorder(info.model_config.max_model_len)
         self._numbers = itertools.count()
         # op number -> (its add's or call's future, an add's request id)

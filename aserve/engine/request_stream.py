@@ -17,7 +17,7 @@ from aserve.logprobs import FlatLogprobs
 from aserve.outputs import CompletionOutput, RequestOutput
 
 if TYPE_CHECKING:
-    from aserve.engine.async_engine import AsyncEngine
+    from aserve.engine.engine_driver import EngineDriver
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class RequestStream:
     """The outputs of one request, for `async for`; holds only the newest (cumulative) one, or
     the deltas not yet taken, merged (delta=True)."""
 
-    def __init__(self, request_id: str, owner: "AsyncEngine", delta: bool = False):
+    def __init__(self, request_id: str, owner: "EngineDriver", delta: bool = False):
         self.request_id = request_id
         self._delta = delta
         self._owner = owner

@@ -5,7 +5,7 @@ with Retry-After and OpenAI's error body; requests already accepted are never dr
 Waiting counts every request taken in but not yet running, each once: those past the door whose
 prompts are being tokenized (counted here, from the door until handed_over()), those handed to
 the engine thread and not yet taken, and the scheduler's waiting queue (both counted by
-AsyncEngine.num_waiting). Counting from the door keeps a burst of arrivals from all passing the
+EngineDriver.num_waiting). Counting from the door keeps a burst of arrivals from all passing the
 check before any of them reaches the engine.
 
 The default bound is generous: a benchmark's burst of a thousand or more requests at once is

@@ -1,7 +1,8 @@
 """The aiohttp application: shared state, its middlewares in order (access log, CORS, errors,
 readiness, API key; errors and the key in middlewares.py) and the small routes. serving.py runs it (bind, load, signals, drain).
 
-One process, one uvloop loop for HTTP; the AsyncEngine steps the engine in a thread of its own.
+One uvloop loop for HTTP; an EngineDriver (engine/engine_driver.py) feeds the engine, which
+steps in a thread of the server's process or in a process of its own.
 Handlers are cancelled when their client disconnects (handler_cancellation=True), which closes
 their request streams and so aborts the requests and frees their KV blocks.
 """
@@ -19,7 +20,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from aserve.engine.async_engine import AsyncEngine
+from aserve.engine.engine_driver import EngineDriver
 from aserve.engine.gc_policy import serve_with_fewer_collections, stop_serving_with_fewer_collections
 from aserve.server.access_log import USAGE, access_log_middleware
 from aserve.server.admission import Admission
@@ -80,7 +81,7 @@ class ServerState:
     prompt_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         max_workers=2, thread_name_prefix="aserve-prompts"))
     # ---- from the engine (attach)
-    async_engine: Optional[AsyncEngine] = None
+    async_engine: Optional[EngineDriver] = None
     served_model_name: str = ""
     served_model_aliases: tuple[str, ...] = ()   # --served-model-name's other names
     max_model_len: int = 0
@@ -98,7 +99,7 @@ class ServerState:
     def ready(self) -> bool:
         return self.async_engine is not None
 
-    def attach(self, async_engine: AsyncEngine) -> None:
+    def attach(self, async_engine: EngineDriver) -> None:
         """Take the loaded engine and read what the server needs from its model config."""
         mc = async_engine.engine.model_config
         self.tokenizer = async_engine.engine.tokenizer
@@ -355,7 +356,7 @@ async def stop_engine(state: ServerState) -> None:
         state.saved_gc_thresholds = None
 
 
-def state_from_engine(async_engine: AsyncEngine, api_key: Optional[str] = None,
+def state_from_engine(async_engine: EngineDriver, api_key: Optional[str] = None,
                       chat_template: Optional[str] = None, **options) -> ServerState:
     """A ready state around a loaded engine; options: other ServerState fields."""
     state = ServerState(api_key=api_key, chat_template=chat_template, **options)

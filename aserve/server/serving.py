@@ -23,7 +23,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-from aserve.engine.async_engine import AsyncEngine, RequestAbortedError
+from aserve.engine.engine_driver import EngineDriver
+from aserve.engine.request_stream import RequestAbortedError
 from aserve.server.app import ServerState, build_app, start_engine
 from aserve.server.http_server import start_site
 
@@ -37,7 +38,7 @@ _FINAL_WRITE_S = 1.0
 
 
 async def serve(state: ServerState, host: str, port: int,
-                load_engine: Optional[Callable[[], AsyncEngine]] = None,
+                load_engine: Optional[Callable[[], EngineDriver]] = None,
                 shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> int:
     """Serve state's engine (or, first, the one load_engine() builds, off the loop) on
     host:port until a signal (returns 0) or the engine's death (returns 1). Raises what
@@ -116,7 +117,7 @@ class _StopSignal:
         await self._event.wait()
 
 
-async def _load(load_engine: Callable[[], AsyncEngine], stop: _StopSignal) -> Optional[AsyncEngine]:
+async def _load(load_engine: Callable[[], EngineDriver], stop: _StopSignal) -> Optional[EngineDriver]:
     """Build the engine in a daemon thread (a signal must not wait for a load of minutes);
     None if a signal came first."""
     loop = asyncio.get_running_loop()
