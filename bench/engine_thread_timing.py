@@ -153,7 +153,7 @@ _arrivals: dict[str, list[float]] = {"handler entered": [], "add posted": []}
 
 def _install_timeline() -> None:
     """--timeline: how a burst reaches the engine (served: each handler's first read of its
-    request, each add posted to the engine thread) and how full its steps were over the run."""
+    request, each add submitted to the engine) and how full its steps were over the run."""
     original_schedule = engine_module.Engine.schedule
 
     def schedule(self, *args, **kwargs):
@@ -161,13 +161,13 @@ def _install_timeline() -> None:
         return original_schedule(self, *args, **kwargs)
 
     engine_module.Engine.schedule = schedule
-    original_add = engine_driver.EngineDriver.add_request
+    original_submit = engine_driver.EngineDriver.submit
 
-    async def add_request(self, *args, **kwargs):
+    def submit(self, *args, **kwargs):
         _arrivals["add posted"].append(time.perf_counter())
-        return await original_add(self, *args, **kwargs)
+        return original_submit(self, *args, **kwargs)
 
-    engine_driver.EngineDriver.add_request = add_request   # both engines' (in-process, process)
+    engine_driver.EngineDriver.submit = submit   # both engines' (in-process, process)
     import aserve.server.api_generate as api_generate
     import aserve.server.api_openai as api_openai
     import aserve.server.app as app

@@ -253,3 +253,38 @@ async def test_health_is_503_once_the_engine_has_died():
             async with session.post(dying.url + "/v1/completions", json={"prompt": "Hi"}) as resp:
                 assert resp.status == 503
                 assert assert_openai_error(await resp.json())["code"] == "engine_dead"
+
+
+async def test_one_refused_prompt_of_several_is_a_400_and_the_others_are_aborted(server):
+    """The prompts of one request are submitted together (server/engine_requests.py): when the
+    engine refuses one (its prompt and max_tokens pass the context), the request is a 400 and
+    the prompts it took are aborted, their blocks freed."""
+    short, long = [5] * 10, [6] * 1000
+    aborted = server.async_engine.num_aborted
+    status, resp = await post(server, "/v1/completions", {"prompt": [short, long, short], "max_tokens": 1500,
+                                                          "ignore_eos": True})
+    assert status == 400
+    assert "maximum context length is 2048 tokens" in assert_openai_error(resp)["message"]
+    assert server.async_engine.num_aborted == aborted + 2   # both short ones, before they finish
+    stats = server.wait_until(lambda s: s.num_running == 0 and s.num_waiting == 0 and s.num_used_blocks == 0)
+    assert stats.num_used_blocks == 0 and server.async_engine.num_open_streams == 0
+    await assert_still_serving(server)
+
+
+async def test_a_request_id_in_use_is_a_400_and_leaves_the_first_request_alone(server):
+    """vLLM's request_id names the engine's requests: a second request under an id that is
+    still running is refused before the engine (EngineDriver.submit), the first carries on."""
+    first = asyncio.ensure_future(post(server, "/v1/completions", {
+        "prompt": [[5] * 8, [6] * 8], "max_tokens": 300, "ignore_eos": True, "request_id": "twice"}))
+    for _ in range(500):   # until the engine runs both (this loop must stay free: no wait_until)
+        if server.stats().num_running == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert not first.done()
+    status, resp = await post(server, "/v1/completions", {"prompt": [[7] * 8, [8] * 8], "max_tokens": 4,
+                                                          "request_id": "twice"})
+    assert status == 400
+    assert "already in use" in assert_openai_error(resp)["message"]
+    status, body = await first
+    assert status == 200 and [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    await assert_still_serving(server)

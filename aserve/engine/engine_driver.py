@@ -121,6 +121,15 @@ class EngineDriver:
                           params: SamplingParams, arrival_time: Optional[float] = None) -> RequestStream:
         """Hand a request to the engine; returns its stream once the engine has taken it (at its
         next step boundary). The engine's ValueError (a bad request) is raised here."""
+        return await self.once_accepted(*self.submit(request_id, prompt, params, arrival_time))
+
+    def submit(self, request_id: str, prompt: Union[str, list[int], TokenizedPrompt],
+               params: SamplingParams, arrival_time: Optional[float] = None
+               ) -> tuple[RequestStream, asyncio.Future]:
+        """Hand a request to the engine now, in the caller's turn of the loop: its stream, and
+        the future the engine's acceptance settles (for once_accepted). Several prompts of one
+        request are submitted together, then awaited: a coroutine or task per add would reach
+        the engine only in a later turn, behind a burst's other handlers."""
         if not self.is_running:
             raise EngineDeadError(f"The engine is not running: {self._dead or 'not started'}.")
         if request_id in self._streams:
@@ -132,13 +141,18 @@ class EngineDriver:
         self._post(Add(request_id, prompt, params,
                         time.monotonic() if arrival_time is None else arrival_time, accepted))
         self._num_pending_adds += 1
+        return stream, accepted
+
+    async def once_accepted(self, stream: RequestStream, accepted: asyncio.Future) -> RequestStream:
+        """The stream of a submitted request once the engine has taken it; the engine's
+        ValueError (a bad request) is raised here, and a caller that leaves aborts it."""
         try:
             await accepted
         except BaseException:
             if accepted.cancelled():  # its caller left: abort whatever the engine took
                 stream.close()
             else:                     # refused: the engine holds nothing of it
-                self._streams.pop(request_id, None)
+                self._streams.pop(stream.request_id, None)
             raise
         return stream
 

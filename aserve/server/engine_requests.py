@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 from aserve.engine.request_factory import TokenizedPrompt
 from aserve.outputs import RequestOutput
-from aserve.server.app import add_request_or_400
+from aserve.server.errors import bad_request_from_value_error
 from aserve.server.prompts import prepare_prompt
 from aserve.server.streaming import request_failed
 
@@ -26,17 +26,27 @@ async def add_all(state: "ServerState", base_id: str, prompts: list, params_for,
     Call within state.admit()."""
     prepared = [await prepare_prompt(state, prompt, add_special_tokens, truncate_prompt_tokens, field,
                                      truncation_side) for prompt in prompts]
-    adds = [add_request_or_400(state, f"{base_id}-{i}", prompt, params_for(
-                len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt)))
-            for i, prompt in enumerate(prepared)]
-    if len(adds) == 1:
-        # Awaited here, not in a task of gather's: the add is posted now, in this handler's turn.
-        # A task waits for the loop's next turn, behind every handler of a burst: on an H100 the
-        # median request of a burst of 1000 reached AsyncEngine.add_request 61 ms after its
-        # handler began; awaited here, the burst's median TTFT fell from 518 to 268-278 ms
-        # (bench/RESULTS.md, 2026-12-06).
-        return [await adds[0]]
-    added = await asyncio.gather(*adds, return_exceptions=True)
+    engine = state.async_engine
+    # Every add is posted here, in this handler's turn of the loop, then awaited. Adds in tasks
+    # of asyncio.gather's each waited for a later turn, behind a burst's other handlers: on an
+    # H100 the median request of a burst of 1000 reached the engine 61 ms after its handler
+    # began; posted at once, the burst's median TTFT fell from 518 to 268-278 ms
+    # (bench/RESULTS.md, 2026-12-06).
+    submitted = []
+    try:
+        for i, prompt in enumerate(prepared):
+            params = params_for(len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt))
+            state.admission.handed_over()  # from here on the engine counts it
+            submitted.append(engine.submit(f"{base_id}-{i}", prompt, params))
+    except ValueError as exc:   # a refusal before the engine (a request id in use)
+        _abandon(submitted)
+        raise bad_request_from_value_error(exc) from None
+    except BaseException:
+        _abandon(submitted)
+        raise
+    if len(submitted) == 1:   # the common case: awaited here, without a task of gather's
+        return [await _accepted_or_400(engine, *submitted[0])]
+    added = await asyncio.gather(*(_accepted_or_400(engine, *s) for s in submitted), return_exceptions=True)
     errors = [a for a in added if isinstance(a, BaseException)]
     if errors:
         for stream in added:
@@ -44,6 +54,21 @@ async def add_all(state: "ServerState", base_id: str, prompts: list, params_for,
                 stream.close()
         raise errors[0]
     return added
+
+
+async def _accepted_or_400(engine, stream, accepted):
+    """A submitted request's stream once the engine took it; its ValueError is a 400."""
+    try:
+        return await engine.once_accepted(stream, accepted)
+    except ValueError as exc:
+        raise bad_request_from_value_error(exc) from None
+
+
+def _abandon(submitted: list) -> None:
+    """Abort requests submitted before a later one of the same request failed to be."""
+    for stream, accepted in submitted:
+        accepted.cancel()   # nobody will wait for it; the engine's answer is then dropped
+        stream.close()
 
 
 def fill_max_tokens(state: "ServerState", params, prompt_ids_len: int):
