@@ -128,8 +128,8 @@ class EngineDriver:
                ) -> tuple[RequestStream, asyncio.Future]:
         """Hand a request to the engine now, in the caller's turn of the loop: its stream, and
         the future the engine's acceptance settles (for once_accepted). Several prompts of one
-        request are submitted together, then awaited: a coroutine or task per add would reach
-        the engine only in a later turn, behind a burst's other handlers."""
+        request are submitted together, then awaited: a task per add (asyncio.gather's) would
+        reach the engine only in a later turn, behind a burst's other handlers."""
         if not self.is_running:
             raise EngineDeadError(f"The engine is not running: {self._dead or 'not started'}.")
         if request_id in self._streams:
