@@ -38,11 +38,10 @@ async def add_all(state: "ServerState", base_id: str, prompts: list, params_for,
             params = params_for(len(prompt.token_ids if isinstance(prompt, TokenizedPrompt) else prompt))
             state.admission.handed_over()  # from here on the engine counts it
             submitted.append(engine.submit(f"{base_id}-{i}", prompt, params))
-    except ValueError as exc:   # a refusal before the engine (a request id in use)
+    except BaseException as exc:   # the adds already posted are aborted
         _abandon(submitted)
-        raise bad_request_from_value_error(exc) from None
-    except BaseException:
-        _abandon(submitted)
+        if isinstance(exc, ValueError):   # a refusal before the engine (a request id in use)
+            raise bad_request_from_value_error(exc) from None
         raise
     if len(submitted) == 1:   # the common case: awaited here, without a task of gather's
         return [await _accepted_or_400(engine, *submitted[0])]
