@@ -83,15 +83,15 @@ def test_a_stopped_server_leaves_its_engine_to_the_collector():
     assert engine() is None
 
 
-def _engine_process_that_reports_its_collector(args, ops_conn, out_conn, log_level, log_format):
+def _engine_process_that_reports_its_collector(args, clients, log_level, log_format):
     """run_engine_process, whose serving loop only sends back how the collector is set then."""
     import aserve.engine.engine_process as engine_process
 
-    def report(engine, ops, out):
-        out.send(("collector", gc.get_threshold(), gc.get_freeze_count()))
+    def report(engine, clients):
+        clients[0].out_conn.send(("collector", gc.get_threshold(), gc.get_freeze_count()))
 
     engine_process._serve = report
-    engine_process.run_engine_process(args, ops_conn, out_conn, log_level, log_format)
+    engine_process.run_engine_process(args, clients, log_level, log_format)
 
 
 def test_an_engine_process_freezes_its_loaded_heap_and_collects_less_often():
@@ -105,7 +105,7 @@ def test_an_engine_process_freezes_its_loaded_heap_and_collects_less_often():
     ops_in, ops_out = context.Pipe(duplex=False)
     batches_in, batches_out = context.Pipe(duplex=False)
     process = context.Process(target=_engine_process_that_reports_its_collector,
-                              args=(small_engine_args(), ops_in, batches_out, 30, None))
+                              args=(small_engine_args(), [(ops_in, batches_out)], 30, None))
     process.start()
     try:
         assert batches_in.poll(120), "the engine process did not load"

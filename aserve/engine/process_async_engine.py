@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from aserve.engine.engine_driver import EngineDriver
 from aserve.engine.engine_ops import Add, Call
-from aserve.engine.engine_process import (STOP, WANT_OUTPUTS, EngineCall, EngineCallOp, EngineInfo,
+from aserve.engine.engine_process import (DETACH, STOP, WANT_OUTPUTS, EngineCall, EngineCallOp, EngineInfo,
                                           run_engine_process)
 from aserve.engine.output_wire import OutputDecoder, as_delta_in_engine
 from aserve.engine.request_stream import EngineDeadError
@@ -35,7 +35,7 @@ from aserve.structured_output.backend import GrammarBackend
 
 logger = logging.getLogger("aserve.engine")
 
-_WANT_MESSAGE, _STOP_MESSAGE = (pickle.dumps(m) for m in (WANT_OUTPUTS, STOP))
+_WANT_MESSAGE, _STOP_MESSAGE, _DETACH_MESSAGE = (pickle.dumps(m) for m in (WANT_OUTPUTS, STOP, DETACH))
 # The driver's rest after a delivery (engine_driver.py), shorter than in one process: with the engine in another
 # process the rest no longer leaves it the GIL, it only lets a stream's tokens gather into fewer
 # chunks (and fewer outputs for the engine process to send). On an H100 model A served all at
@@ -73,24 +73,42 @@ class EngineView:
         return self.latest_stats
 
 
-class ProcessAsyncEngine(EngineDriver):
-    """An EngineDriver over an engine process (module docstring)."""
+def start_engine_process(args, num_clients: int = 1):
+    """Spawn the engine process for num_clients API servers; returns it and each server's ends
+    of its pipes, (ops connection, batches connection), the first this process's."""
+    context = multiprocessing.get_context("spawn")
+    engine_ends, server_ends = [], []
+    for _ in range(num_clients):
+        ops_in, ops_out = context.Pipe(duplex=False)
+        batches_in, batches_out = context.Pipe(duplex=False)
+        engine_ends.append((ops_in, batches_out))
+        server_ends.append((ops_out, batches_in))
+    root = logging.getLogger()
+    log_format = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
+    # Not a daemon: a daemonic process may not start the engine's tensor-parallel ranks.
+    process = context.Process(
+        target=run_engine_process, name="aserve-engine",
+        args=(args, engine_ends, logging.getLogger("aserve").getEffectiveLevel(), log_format))
+    process.start()
+    for ops_in, batches_out in engine_ends:
+        ops_in.close()
+        batches_out.close()   # this process's copies: a pipe ends (EOFError) when the engine's does
+    return process, server_ends
 
-    def __init__(self, args):
+
+class ProcessAsyncEngine(EngineDriver):
+    """An EngineDriver over an engine process (module docstring). Built on its own, it starts
+    the engine process and stops it at shutdown. Given `pipes` (start_engine_process's ends) it
+    drives an engine process started elsewhere, and `process` says whose: the one it stops at
+    shutdown, or None (another API server's, api_servers.py: shutdown only detaches)."""
+
+    def __init__(self, args, pipes=None, process=None):
         from aserve.models.loader import create_model_config, load_tokenizer
 
-        context = multiprocessing.get_context("spawn")
-        ops_in, self._ops_out = context.Pipe(duplex=False)
-        self._batches_in, batches_out = context.Pipe(duplex=False)
-        root = logging.getLogger()
-        log_format = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
-        # Not a daemon: a daemonic process may not start the engine's tensor-parallel ranks.
-        self._process = context.Process(
-            target=run_engine_process, name="aserve-engine",
-            args=(args, ops_in, batches_out, logging.getLogger("aserve").getEffectiveLevel(), log_format))
-        self._process.start()
-        ops_in.close()
-        batches_out.close()   # this process's copy: the pipe ends (EOFError) when the engine's does
+        if pipes is None:
+            process, (pipes,) = start_engine_process(args)
+        self._ops_out, self._batches_in = pipes
+        self._process = process
         try:
             # The tokenizer loads here while the engine process loads the model.
             tokenizer = None if args.skip_tokenizer_init else load_tokenizer(create_model_config(args))
@@ -119,6 +137,8 @@ class ProcessAsyncEngine(EngineDriver):
         try:
             kind, payload = self._batches_in.recv()
         except EOFError:
+            if self._process is None:
+                raise RuntimeError("the engine process exited while loading") from None
             self._process.join(5)
             raise RuntimeError(f"the engine process exited while loading (exit code "
                                f"{self._process.exitcode})") from None
@@ -141,12 +161,26 @@ class ProcessAsyncEngine(EngineDriver):
             self.engine.grammars.shutdown()
 
     def _join(self) -> None:
+        if self._process is None:   # another API server's engine: it stops the engine
+            return
         self._process.join(_SHUTDOWN_WAIT_S)
         if self._process.is_alive():
             logger.warning("the engine process did not end in %.0f s; killing it", _SHUTDOWN_WAIT_S)
             self._kill()
 
+    def close_unstarted(self) -> None:
+        """End the engine process of a driver never started (its server failed to start)."""
+        self._kill()
+
+    def _exit_code(self) -> str:
+        if self._process is None:
+            return ""
+        self._process.join(1)
+        return f" (exit code {self._process.exitcode})"
+
     def _kill(self) -> None:
+        if self._process is None:
+            return
         if self._process.is_alive():
             self._process.kill()
         self._process.join()
@@ -205,7 +239,8 @@ class ProcessAsyncEngine(EngineDriver):
 
     def _stop_engine_loop(self) -> None:
         self._stopping = True
-        self._send(_STOP_MESSAGE)
+        # The engine's starter stops it; another API server only leaves it (its requests aborted).
+        self._send(_STOP_MESSAGE if self._process is not None else _DETACH_MESSAGE)
 
     def _send(self, message: bytes) -> None:
         with self._outbox_ready:
@@ -223,7 +258,7 @@ class ProcessAsyncEngine(EngineDriver):
                 self._ops_out.send(ops)
             except (OSError, ValueError):   # the engine process is gone: the reader says so
                 return
-            if _STOP_MESSAGE in ops:
+            if _STOP_MESSAGE in ops or _DETACH_MESSAGE in ops:
                 return
 
     def _read_batches(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -261,9 +296,8 @@ class ProcessAsyncEngine(EngineDriver):
         elif not self._gone.done():   # its result: why the engine process ended
             error = message[1]
             if error is None:
-                self._process.join(1)
                 error = (EngineDeadError("The engine process stopped.") if self._stopping else
-                         RuntimeError(f"the engine process exited (exit code {self._process.exitcode})"))
+                         RuntimeError(f"the engine process exited{self._exit_code()}"))
             self._gone.set_result(error)
 
     def _take_batches(self):

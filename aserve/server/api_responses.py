@@ -263,9 +263,15 @@ async def list_input_items(request: web.Request) -> web.Response:
                           "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit})
 
 
+def routes() -> tuple:
+    """(method, path, handler) of each route (responses_proxy.py passes the same paths on)."""
+    return (("POST", "/v1/responses", create_response),
+            ("GET", "/v1/responses/{response_id}", retrieve_response),
+            ("DELETE", "/v1/responses/{response_id}", delete_response),
+            ("POST", "/v1/responses/{response_id}/cancel", cancel_response),
+            ("GET", "/v1/responses/{response_id}/input_items", list_input_items))
+
+
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/responses", create_response)
-    app.router.add_get("/v1/responses/{response_id}", retrieve_response)
-    app.router.add_delete("/v1/responses/{response_id}", delete_response)
-    app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)
-    app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items)
+    for method, path, handler in routes():
+        app.router.add_route(method, path, handler)

@@ -72,6 +72,13 @@ class ServerState:
     enable_force_include_usage: bool = False
     root_path: str = ""   # --root-path: every route under this prefix too (root_path.py)
     server_load: int = 0             # requests in flight on the tracked routes (GET /load)
+    bound_port: int = 0              # the port serving, once bound (serving.py)
+    # In an API server other than the first (--api-server-count): the first's Unix socket, to
+    # which /v1/responses goes, since its store lives there (responses_proxy.py).
+    responses_primary: Optional[str] = None
+    # Set once this server listens on its port (a multiprocessing Event: the first API server
+    # waits for every other's before it reports ready, api_servers.py).
+    listening: Any = None
     created: int = field(default_factory=lambda: int(time.time()))
     limits: HttpLimits = field(default_factory=HttpLimits)
     admission: Admission = field(default_factory=Admission)
@@ -285,7 +292,8 @@ def build_app(state: ServerState) -> web.Application:
     """The aiohttp application serving state's engine; starts and stops the engine with itself
     when it is ready at start (else serving.py starts it once it has loaded)."""
     from aserve.server import (api_anthropic, api_chat_batch, api_embeddings, api_generate, api_openai,
-                               api_pooling, api_responses, api_sagemaker, api_scores, api_server_info)
+                               api_pooling, api_responses, api_sagemaker, api_scores, api_server_info,
+                               responses_proxy)
     from aserve.server.request_tracking import add_request_id_header, load_tracking_middleware
 
     # CORS outside the rest: a browser's preflight is answered before the key is asked for.
@@ -311,7 +319,10 @@ def build_app(state: ServerState) -> web.Application:
     api_generate.add_routes(app)
     api_openai.add_routes(app)
     api_chat_batch.add_routes(app)
-    api_responses.add_routes(app)
+    if state.responses_primary is not None:
+        responses_proxy.add_routes(app, state.responses_primary)
+    else:
+        api_responses.add_routes(app)
     api_anthropic.add_routes(app)
     api_embeddings.add_routes(app)
     api_pooling.add_routes(app)

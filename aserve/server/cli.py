@@ -99,19 +99,72 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit(f"error: --max-stored-responses must be at least 0, got {ns.max_stored_responses}.")
 
     from aserve.engine.async_engine import AsyncEngine
-    from aserve.engine.process_async_engine import ProcessAsyncEngine
-    from aserve.server.admission import Admission
-    from aserve.server.app import ServerState
+    from aserve.engine.process_async_engine import ProcessAsyncEngine, start_engine_process
+    from aserve.server.api_servers import ApiServerProcesses, api_server_count, tag_log_lines_with_pid
     from aserve.server.open_files import raise_open_file_limit
-    from aserve.server.cors import CorsPolicy
-    from aserve.server.responses_store import ResponseStore
     from aserve.server.serving import serve
 
     raise_open_file_limit()
-    in_own_process = engine_in_own_process(ns.engine_process, engine_args)
+    try:
+        count = api_server_count(ns.api_server_count, ns.engine_process, engine_args)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    in_own_process = count > 1 or engine_in_own_process(ns.engine_process, engine_args)
     engine_args = placed_engine_args(engine_args, in_own_process)
-    engine_class = ProcessAsyncEngine if in_own_process else AsyncEngine
-    state = ServerState(
+    state = server_state_from(ns, chat_template)
+    peers = None
+    if count > 1:
+        tag_log_lines_with_pid()
+        peers = ApiServerProcesses(ns, engine_args, count)
+
+    def load_engine():
+        if peers is None:
+            return (ProcessAsyncEngine if in_own_process else AsyncEngine).from_engine_args(engine_args)
+        # One engine process for every API server; the others start while it loads.
+        process, pipes = start_engine_process(engine_args, count)
+        peers.start(state.bound_port, pipes[1:])
+        engine = ProcessAsyncEngine(engine_args, pipes[0], process)
+        try:
+            peers.wait_until_listening()
+        except BaseException:
+            engine.close_unstarted()
+            raise
+        return engine
+
+    print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
+    try:
+        status = _run(serve(state, ns.host, ns.port, shutdown_timeout_s=ns.shutdown_timeout,
+                            load_engine=load_engine, peers=peers, reuse_port=peers is not None))
+    except Exception as exc:  # the port, the model, the device: one line, with what to do
+        if ns.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"error: {describe_startup_error(exc, ns.host, ns.port)}", file=sys.stderr, flush=True)
+        if not ns.debug:
+            print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
+        if peers is not None:
+            peers.kill()
+        os._exit(1)  # a loading thread (or worker ranks) may still be running
+    finally:
+        if peers is not None:
+            peers.remove_socket_dir()
+    if status or not state.ready:
+        # The engine died (exit non-zero so a supervisor restarts the server), or a signal
+        # came while the model was loading. os._exit: a model step stuck in a collective of
+        # a dead rank, or the loading thread, would keep a normal exit waiting.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def server_state_from(ns: argparse.Namespace, chat_template: Optional[str]):
+    """The server's state as the command line sets it (each API server process builds its own)."""
+    from aserve.server.admission import Admission
+    from aserve.server.app import ServerState
+    from aserve.server.cors import CorsPolicy
+    from aserve.server.responses_store import ResponseStore
+
+    return ServerState(
         api_key=resolve_api_key(ns), chat_template=chat_template,
         tool_call_parser=ns.tool_call_parser if ns.enable_auto_tool_choice else None,
         reasoning_parser=ns.reasoning_parser,
@@ -130,25 +183,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                         ns.allow_credentials),
         served_model_aliases=tuple((ns.served_model_name or [])[1:]),
         limits=HttpLimits(keep_alive_timeout_s=ns.timeout_keep_alive, body_read_timeout_s=ns.body_read_timeout))
-    print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
-    try:
-        status = _run(serve(state, ns.host, ns.port, shutdown_timeout_s=ns.shutdown_timeout,
-                            load_engine=lambda: engine_class.from_engine_args(engine_args)))
-    except Exception as exc:  # the port, the model, the device: one line, with what to do
-        if ns.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            traceback.print_exc()
-        print(f"error: {describe_startup_error(exc, ns.host, ns.port)}", file=sys.stderr, flush=True)
-        if not ns.debug:
-            print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr, flush=True)
-        os._exit(1)  # a loading thread (or worker ranks) may still be running
-    if status or not state.ready:
-        # The engine died (exit non-zero so a supervisor restarts the server), or a signal
-        # came while the model was loading. os._exit: a model step stuck in a collective of
-        # a dead rank, or the loading thread, would keep a normal exit waiting.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
 
 
 def engine_in_own_process(flag: Optional[bool], engine_args) -> bool:

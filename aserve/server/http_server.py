@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 from aiohttp import web, web_protocol, web_server
 from aiohttp.http_exceptions import HttpProcessingError
@@ -125,16 +126,21 @@ class _AppRunner(web.AppRunner):
 
 
 async def start_site(app: web.Application, host: str, port: int, limits: HttpLimits,
-                     shutdown_timeout_s: float = 1.0) -> tuple[web.AppRunner, int]:
+                     shutdown_timeout_s: float = 1.0, reuse_port: bool = False,
+                     unix_path: Optional[str] = None) -> tuple[web.AppRunner, int]:
     """Start serving app; returns the runner (for cleanup) and the bound port (port 0 picks
     one). Handlers are cancelled when their client disconnects (handler_cancellation), which
     aborts their requests. shutdown_timeout_s: how long runner.cleanup() lets handlers finish
-    (the server drains requests itself first, see serving.py)."""
+    (the server drains requests itself first, see serving.py). reuse_port: other processes may
+    listen on the port too (SO_REUSEPORT: the kernel spreads new connections over them).
+    unix_path: also serve on that Unix socket (the other API servers' way in, api_servers.py)."""
     runner = _AppRunner(app, handler_cancellation=True, access_log=None,
                         keepalive_timeout=limits.keep_alive_timeout_s,
                         shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
+    site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None)
     await site.start()
+    if unix_path is not None:
+        await web.UnixSite(runner, unix_path, backlog=LISTEN_BACKLOG).start()
     bound = runner.addresses[0][1] if runner.addresses else port
     return runner, bound

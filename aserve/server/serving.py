@@ -21,12 +21,15 @@ import os
 import signal
 import threading
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from aserve.engine.engine_driver import EngineDriver
 from aserve.engine.request_stream import RequestAbortedError
 from aserve.server.app import ServerState, build_app, start_engine
 from aserve.server.http_server import start_site
+
+if TYPE_CHECKING:
+    from aserve.server.api_servers import ApiServerProcesses
 
 logger = logging.getLogger("aserve.server")
 
@@ -35,17 +38,28 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 5.0
 DEAD_ENGINE_GRACE_S = 3.0
 # After the drain, what handlers get to write their last event before their connections close.
 _FINAL_WRITE_S = 1.0
+# Beyond its drain, how long another API server gets to end before it is killed.
+_PEER_EXIT_S = 5.0
 
 
 async def serve(state: ServerState, host: str, port: int,
                 load_engine: Optional[Callable[[], EngineDriver]] = None,
-                shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S) -> int:
+                shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+                peers: Optional["ApiServerProcesses"] = None, reuse_port: bool = False,
+                stop_signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> int:
     """Serve state's engine (or, first, the one load_engine() builds, off the loop) on
     host:port until a signal (returns 0) or the engine's death (returns 1). Raises what
-    loading raised (after freeing the port)."""
+    loading raised (after freeing the port).
+    With other API servers on the port (api_servers.py): peers, those this one started (it
+    stops them with itself, and returns 1 if one dies); reuse_port, to share the port;
+    stop_signals, those that stop this one (its starter forwards a terminal's SIGINT)."""
     runner, bound = await start_site(build_app(state), host, port, state.limits,
-                                     shutdown_timeout_s=_FINAL_WRITE_S)
-    stop = _StopSignal()
+                                     shutdown_timeout_s=_FINAL_WRITE_S, reuse_port=reuse_port,
+                                     unix_path=peers.primary_path if peers is not None else None)
+    state.bound_port = bound   # where load_engine starts the other API servers
+    if state.listening is not None:
+        state.listening.set()
+    stop = _StopSignal(stop_signals)
     try:
         if load_engine is not None:
             engine = await _load(load_engine, stop)
@@ -56,19 +70,29 @@ async def serve(state: ServerState, host: str, port: int,
         _log_start(state, host, bound, shutdown_timeout_s)
         died = asyncio.ensure_future(state.async_engine.wait_until_dead())
         stopped = asyncio.ensure_future(stop.wait())
+        peer_died = asyncio.ensure_future(peers.wait_for_failure() if peers is not None else asyncio.Future())
         try:
-            await asyncio.wait({stopped, died}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({stopped, died, peer_died}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
+            peer_died.cancel()
         if died.done():
             logger.error("the engine failed (%s); the server exits in %.0f s", died.result(),
                          DEAD_ENGINE_GRACE_S)
             await asyncio.wait({asyncio.ensure_future(stop.wait())}, timeout=DEAD_ENGINE_GRACE_S)
             return 1
         died.cancel()
+        if peers is not None:
+            peers.stop()
         await drain(state, shutdown_timeout_s)
+        if peers is not None:   # the engine stops after every server's drain
+            await peers.wait_until_exited(shutdown_timeout_s + _FINAL_WRITE_S + _PEER_EXIT_S)
+            if peer_died.done() and not peer_died.cancelled():
+                return 1
         return 0
     finally:
+        if peers is not None:
+            peers.kill()
         if state.ready:
             logger.info("shutting down")
         await runner.cleanup()
@@ -96,10 +120,10 @@ async def drain(state: ServerState, timeout_s: float) -> None:
 class _StopSignal:
     """SIGINT / SIGTERM: the first sets the event, a second exits the process at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, signals: tuple = (signal.SIGINT, signal.SIGTERM)) -> None:
         self._event = asyncio.Event()
         # The handlers stay for the process's life: a second signal must work during clean-up too.
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in signals:
             try:
                 asyncio.get_running_loop().add_signal_handler(sig, self._on_signal, sig)
             except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here

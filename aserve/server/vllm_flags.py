@@ -50,7 +50,6 @@ IGNORED_VLLM_FLAGS: dict[str, tuple[bool, str]] = {
     "--max-parallel-loading-workers": (True, "each rank loads its own shard"),
     "--ray-workers-use-nsight": (False, "no Ray"),
     "--disable-custom-all-reduce": (False, "all-reduces are NCCL's"),
-    "--api-server-count": (True, "one server process"),
     "--disable-frontend-multiprocessing": (False, "the server and the engine share one process"),
     "--model-impl": (True, "models are aserve's own implementations"),
     "--tokenizer-mode": (True, "the model's fast (Rust) tokenizer is used"),
