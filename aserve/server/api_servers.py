@@ -3,7 +3,8 @@
 One server process takes a burst of requests one at a time: on an H100 a burst of 1000 reached
 the handlers over 190-400 ms (HTTP parsing, validation, the first chunks of the early streams),
 and until the last arrived the engine stepped with part of its batch (bench/RESULTS.md,
-2026-12-06). N processes share that work:
+2026-12-06). N processes share that work. Whether that pays depends on the host: on the H100
+hosts measured so far it did not (api_server_count), so the default stays 1, as vLLM's.
 
 * The first (the one started) binds the port, starts the engine process with a pair of pipes
   per API server, then the others (spawned: ApiServerProcesses), and answers /health while the
@@ -36,38 +37,23 @@ from typing import Optional
 
 logger = logging.getLogger("aserve.server")
 
-# The default on a CUDA device with the engine in its own process: one API server per this many
-# CPU cores (the engine process and its threads need the rest), at most _MOST. On an H100 host
-# of 16 cores, model A all at once from 4 client processes, two rounds: 2 servers 62.8k and
-# 73.6k out tok/s, 1 server 61.4k and 55.8k, 4 servers 48.1k and 64.0k (the engine then sends
-# each its own batches; bench/RESULTS.md, 2026-12-06, twenty-eighth session).
-_CORES_PER_API_SERVER = 8
-_MOST_API_SERVERS_BY_DEFAULT = 2
 # How long the others may take to start once the engine has loaded (each loads a tokenizer).
 _START_TIMEOUT_S = 120.0
 
 
-def api_server_count(flag: Optional[int], engine_process: Optional[bool], engine_args) -> int:
-    """--api-server-count as given, else the default: more than one only where the engine steps
-    in its own process on a CUDA device, whose host work the servers' intake would otherwise
-    hold back (cli.engine_in_own_process)."""
-    if flag is not None:
-        if flag < 1:
-            raise ValueError(f"--api-server-count must be at least 1, got {flag}.")
-        if flag > 1 and engine_process is False:
-            raise ValueError("--api-server-count above 1 runs the engine in a process of its own: "
-                             "drop --no-engine-process.")
-        return flag
-    from aserve.server.cli import engine_in_own_process
-
-    if engine_process is False or not engine_in_own_process(engine_process, engine_args):
+def api_server_count(flag: Optional[int], engine_process: Optional[bool]) -> int:
+    """--api-server-count as given, else 1, as vLLM's default. On an H100 host of 16 cores,
+    model A served all at once from 4 client processes, 2 servers were no faster than one over
+    two calls (means 66.9k against 69.0k out tok/s; runs of one configuration spread 20-30%
+    there): bench/RESULTS.md, 2026-12-06, twenty-eighth session."""
+    if flag is None:
         return 1
-    try:
-        if engine_args.resolve_device().type != "cuda":
-            return 1
-    except ValueError:
-        return 1
-    return max(1, min(_MOST_API_SERVERS_BY_DEFAULT, (os.cpu_count() or 1) // _CORES_PER_API_SERVER))
+    if flag < 1:
+        raise ValueError(f"--api-server-count must be at least 1, got {flag}.")
+    if flag > 1 and engine_process is False:
+        raise ValueError("--api-server-count above 1 runs the engine in a process of its own: "
+                         "drop --no-engine-process.")
+    return flag
 
 
 def tag_log_lines_with_pid() -> None:

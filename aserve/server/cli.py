@@ -106,7 +106,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     raise_open_file_limit()
     try:
-        count = api_server_count(ns.api_server_count, ns.engine_process, engine_args)
+        count = api_server_count(ns.api_server_count, ns.engine_process)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     in_own_process = count > 1 or engine_in_own_process(ns.engine_process, engine_args)

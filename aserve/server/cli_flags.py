@@ -247,8 +247,7 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
                    help="HTTP server processes in front of the one engine process, on one port (as vLLM's): "
                         "each parses, validates and streams its share of the connections, so a burst "
                         "of requests reaches the engine sooner (aserve/server/api_servers.py); more than "
-                        "one runs the engine in a process of its own. (default: 1, or on a CUDA "
-                        "device with the engine in its own process one per 8 CPU cores, at most 2)")
+                        "one runs the engine in a process of its own. (default: 1)")
     s.add_argument("--disable-log-requests", "--disable-uvicorn-access-log", action="store_true",
                    help="No access log line per request (method, path, status, latency, tokens).")
     s.add_argument("--disable-log-stats", action="store_true",
