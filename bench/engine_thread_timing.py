@@ -168,6 +168,7 @@ def _install_timeline() -> None:
         return original_submit(self, *args, **kwargs)
 
     engine_driver.EngineDriver.submit = submit   # both engines' (in-process, process)
+    import aserve.server.api_chat as api_chat
     import aserve.server.api_generate as api_generate
     import aserve.server.api_openai as api_openai
     import aserve.server.app as app
@@ -178,7 +179,7 @@ def _install_timeline() -> None:
         _arrivals["handler entered"].append(time.perf_counter())
         return await original_read(*args, **kwargs)
 
-    for module in (app, api_openai, api_generate):
+    for module in (app, api_openai, api_chat, api_generate):
         module.read_request = read_request
 
 

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from aserve.server.api_openai import _chunk
+from aserve.server.api_chat import _chunk
 from aserve.server.protocol_answers import (ChatStreamChoice, CompletionStreamChoice, CompletionStreamResponse,
                                             DeltaMessage)
 from aserve.server.stream_chunks import chat_content_chunk, completion_text_chunk

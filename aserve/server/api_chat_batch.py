@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from aserve.server.api_openai import chat_choice, chat_usage
+from aserve.server.api_chat import chat_choice, chat_usage
 from aserve.server.app import STATE, ServerState, json_response, read_request
 from aserve.server.chat_reply import chat_reply, template_options
 from aserve.server.engine_requests import add_all, fill_max_tokens, last_output

@@ -26,7 +26,7 @@ async def ping(request: web.Request) -> web.StreamResponse:
 
 
 async def invocations(request: web.Request) -> web.StreamResponse:
-    from aserve.server import api_embeddings, api_openai, api_pooling, api_scores
+    from aserve.server import api_chat, api_embeddings, api_openai, api_pooling, api_scores
 
     # aiohttp keeps the body once read, so the chosen handler reads it again for free.
     raw = await read_body(request, request.app[STATE].limits)
@@ -47,7 +47,7 @@ async def invocations(request: web.Request) -> web.StreamResponse:
                             "(with `input` or `messages`), RerankRequest (with `query` and `documents`), "
                             "ScoreRequest (with `text_1` and `text_2`), PoolingRequest (with `data`).")
     if isinstance(body, dict) and "messages" in body:
-        return await api_openai.chat_completions(request)
+        return await api_chat.chat_completions(request)
     if isinstance(body, dict) and "prompt" in body:
         return await api_openai.completions(request)
     raise APIError(400, "Cannot find suitable handler for request. Expected one of: "

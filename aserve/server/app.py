@@ -291,7 +291,7 @@ async def detokenize(request: web.Request) -> web.Response:
 def build_app(state: ServerState) -> web.Application:
     """The aiohttp application serving state's engine; starts and stops the engine with itself
     when it is ready at start (else serving.py starts it once it has loaded)."""
-    from aserve.server import (api_anthropic, api_chat_batch, api_embeddings, api_generate, api_openai,
+    from aserve.server import (api_anthropic, api_chat, api_chat_batch, api_embeddings, api_generate, api_openai,
                                api_pooling, api_responses, api_sagemaker, api_scores, api_server_info,
                                responses_proxy)
     from aserve.server.request_tracking import add_request_id_header, load_tracking_middleware
@@ -318,6 +318,7 @@ def build_app(state: ServerState) -> web.Application:
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     api_generate.add_routes(app)
     api_openai.add_routes(app)
+    api_chat.add_routes(app)
     api_chat_batch.add_routes(app)
     if state.responses_primary is not None:
         responses_proxy.add_routes(app, state.responses_primary)

@@ -23,7 +23,7 @@ def completion_text_chunk(request_id: str, created: int, model: str, index: int,
 
 def chat_content_chunk(request_id: str, created: int, model: str, index: int, content: Optional[str],
                        finish_reason: Optional[str], stop_reason: Union[int, str, None]) -> dict:
-    """api_openai._chunk's body for a delta of content only (None: an empty delta)."""
+    """api_chat._chunk's body for a delta of content only (None: an empty delta)."""
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": index, "delta": {} if content is None else {"content": content},
                          "logprobs": None, "finish_reason": finish_reason, "stop_reason": stop_reason}],
