@@ -204,16 +204,22 @@ class _Pipes:
         raise AssertionError(f"{request_id} did not finish")
 
 
-def test_an_api_server_that_leaves_has_its_requests_aborted_and_the_other_is_served():
+def _serve_in_a_thread(num_clients: int):
+    """An engine stepping in a thread of this process for num_clients API servers' pipes."""
     from aserve.engine.engine import Engine
     from aserve.engine.engine_process import _Client
 
     engine = Engine(small_engine_args())
     engine.defer_outputs = True
-    first, second = _Pipes(), _Pipes()
-    clients = [_Client(p.ops_in, p.batches_out) for p in (first, second)]
-    serving = threading.Thread(target=_serve, args=(engine, clients), daemon=True)
+    pipes = [_Pipes() for _ in range(num_clients)]
+    serving = threading.Thread(target=_serve, args=(engine, [_Client(p.ops_in, p.batches_out) for p in pipes]),
+                               daemon=True)
     serving.start()
+    return engine, serving, pipes
+
+
+def test_an_api_server_that_leaves_has_its_requests_aborted_and_the_other_is_served():
+    engine, serving, (first, second) = _serve_in_a_thread(2)
     long = SamplingParams(max_tokens=400, ignore_eos=True)
     second.send(Add("second's", [5, 6, 7], long, time.time(), 0), WANT_OUTPUTS)
     first.send(Add("first's", [1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True), time.time(), 0),
@@ -225,6 +231,19 @@ def test_an_api_server_that_leaves_has_its_requests_aborted_and_the_other_is_ser
     while "second's" in engine.requests and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "second's" not in engine.requests   # aborted with its server's leaving
+    first.send(STOP)
+    serving.join(30)
+    assert not serving.is_alive()
+
+
+def test_an_idle_api_server_hears_nothing_of_the_others_steps():
+    """It asked for its next batch and has no request: no empty batch after every step."""
+    _, serving, (first, second) = _serve_in_a_thread(2)
+    second.send(WANT_OUTPUTS)
+    first.send(Add("first's", [1, 2, 3], SamplingParams(max_tokens=30, ignore_eos=True), time.time(), 0),
+               WANT_OUTPUTS)
+    first.outputs_until_finished("first's")
+    assert not second.batches_in.poll(0.2)
     first.send(STOP)
     serving.join(30)
     assert not serving.is_alive()

@@ -230,7 +230,10 @@ def _serve(engine, clients: list) -> None:
             tokens_before = engine.prompt_tokens_total + engine.generation_tokens_total
             _route(run_step_gen(engine.step_gen()), owners)
             for client in clients:
-                client.steps += 1
+                # Only a client with requests here hears of a step: an idle API server that
+                # asked for its next batch would otherwise get an empty one after every step.
+                if client.request_ids or client.outputs:
+                    client.steps += 1
             progressed = tokens_before != engine.prompt_tokens_total + engine.generation_tokens_total
         # Sent when asked for, or unasked when the engine runs out of work (a run's last
         # tokens: the server may be resting, to let outputs gather, and would wait them out).
