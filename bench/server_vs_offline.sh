@@ -32,6 +32,10 @@
 # from that of steps with prompt tokens, run eagerly) and of the step's tensors.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Everything printed also goes to a log, which bench/ratio_summary.py reads at the end: each
+# server run's ratio to its round's offline run with a tokenizer, and the ratio of the means.
+run_log=$(mktemp)
+exec > >(tee "$run_log")
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site/pydantic ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -127,3 +131,5 @@ for set in "${arg_sets[@]}"; do   # the Poisson rates, with each server variant
     done
 done
 offline "no tokenizer, again" --skip-tokenizer-init
+sleep 1   # tee's last lines into the log
+python3 bench/ratio_summary.py < "$run_log"
