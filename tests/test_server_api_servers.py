@@ -11,6 +11,9 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -166,6 +169,23 @@ def test_an_api_server_that_dies_takes_the_server_down_with_exit_code_1():
         os.kill(second, signal.SIGKILL)
         assert proc.wait(60) == 1
         _wait_gone(processes)
+
+
+def test_api_servers_refuse_a_port_another_program_shares_with_so_reuseport():
+    """They share their port through SO_REUSEPORT, which would let them bind beside another
+    process that set it too (another server of the same user): they refuse, as for a busy port."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        port = holder.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "aserve", *SERVER_ARGS, "--host", "127.0.0.1",
+                               "--port", str(port)], capture_output=True, text=True, timeout=120)
+    finally:
+        holder.close()
+    assert done.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in done.stderr
 
 
 def test_one_api_server_unless_asked_for_more_which_need_the_engine_in_its_own_process():

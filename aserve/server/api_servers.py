@@ -9,7 +9,9 @@ hosts measured so far it did not (api_server_count), so the default stays 1, as 
 * The first (the one started) binds the port, starts the engine process with a pair of pipes
   per API server, then the others (spawned: ApiServerProcesses), and answers /health while the
   model loads. Each of the others binds the same port once its engine is ready (SO_REUSEPORT:
-  the kernel spreads new connections over the listening processes).
+  the kernel spreads new connections over the listening processes). The first refuses a port
+  that anything holds already, as a single server would: with SO_REUSEPORT it could otherwise
+  bind beside another server of the same user, and split the connections with it.
 * Each drives the engine through its own pipes (ProcessAsyncEngine): its requests' outputs come
   back to it alone (engine_process.py).
 * State that lives in one process stays in the first: /v1/responses' store and background

@@ -20,7 +20,7 @@ from typing import Optional
 
 from aserve.server.cli_flags import (API_KEY_ENV, DEBUG_ENV, engine_args_from, make_parser,  # noqa: F401
                                      parse_args)
-from aserve.server.http_server import HttpLimits
+from aserve.server.http_server import HttpLimits, check_port_free
 from aserve.server.vllm_flags import warn_ignored_vllm_flags
 
 
@@ -133,6 +133,8 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     print(f"aserve: loading model {ns.model or '(built-in default)'} ...", flush=True)
     try:
+        if peers is not None:
+            check_port_free(ns.host, ns.port)
         status = _run(serve(state, ns.host, ns.port, shutdown_timeout_s=ns.shutdown_timeout,
                             load_engine=load_engine, peers=peers, reuse_port=peers is not None))
     except Exception as exc:  # the port, the model, the device: one line, with what to do

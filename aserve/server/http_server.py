@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -123,6 +124,22 @@ class _AppRunner(web.AppRunner):
         server = await super()._make_server()
         server.__class__ = _Server  # only its protocol factory differs
         return server
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) if anything listens on host:port already. Servers that share
+    a port (reuse_port, api_servers.py) would otherwise bind it beside another program that set
+    SO_REUSEPORT too (another aserve of the same user), and the kernel would split the
+    connections between them; a bind without the option fails instead."""
+    if port == 0:
+        return
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as the site binds
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind(address)
 
 
 async def start_site(app: web.Application, host: str, port: int, limits: HttpLimits,
