@@ -91,7 +91,7 @@ def run_engine_process(args, clients: list, log_level: int, log_format: Optional
     """The engine process's main (multiprocessing's spawn target); clients: the engine's ends
     of each API server's pipes, (ops connection, outputs connection), its starter's first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="aserve-parent-watch",
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), name="aserve-parent-watch",
                      daemon=True).start()
     if log_format is not None:   # the servers' lines say "(APIServer pid=N)" (api_servers.py)
         log_format = log_format.replace("(APIServer pid=", "(EngineCore pid=")
@@ -130,9 +130,9 @@ def run_engine_process(args, clients: list, log_level: int, log_format: Optional
     _shut_down(engine)
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """End this process if the server's is gone (killed while the model loaded, or at any
-    time without closing the pipe first)."""
+def exit_with_parent(parent_pid: int) -> None:
+    """End this process if the one that started it is gone (killed while the model loaded, or
+    at any time without closing the pipe first); in a thread of its own."""
     while os.getppid() == parent_pid:
         time.sleep(1.0)
     os._exit(1)

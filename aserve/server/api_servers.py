@@ -143,13 +143,14 @@ class ApiServerProcesses:
 def run_api_server(ns, engine_args, port: int, pipes, primary_path: str, listening) -> None:
     """An API server other than the first (multiprocessing's spawn target): serve ns's routes
     on port, over the engine process at the end of pipes, until SIGTERM or the engine's end."""
+    from aserve.engine.engine_process import exit_with_parent
     from aserve.engine.process_async_engine import ProcessAsyncEngine
     from aserve.server.cli import _run, configure_logging, load_chat_template, server_state_from
     from aserve.server.serving import serve
 
     # The terminal's SIGINT goes to the whole group: the first server forwards it as SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="aserve-parent-watch",
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), name="aserve-parent-watch",
                      daemon=True).start()
     configure_logging(ns.log_level, ns.log_config_file)
     tag_log_lines_with_pid()
@@ -167,9 +168,3 @@ def run_api_server(ns, engine_args, port: int, pipes, primary_path: str, listeni
     logging.shutdown()
     os._exit(status)
 
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """End this process if the first server's is gone."""
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(1)
