@@ -14,6 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from aserve.server import api_responses
+from aserve.server.app import STATE
 from aserve.server.http_server import read_body
 
 _SESSION = web.AppKey("aserve_responses_primary", aiohttp.ClientSession)
@@ -39,8 +40,6 @@ def add_routes(app: web.Application, primary_path: str) -> None:
 
 
 async def _pass_on(request: web.Request) -> web.StreamResponse:
-    from aserve.server.app import STATE
-
     body = await read_body(request, request.app[STATE].limits)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
     async with request.app[_SESSION].request(request.method, f"http://primary{request.rel_url}",
