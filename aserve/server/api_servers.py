@@ -71,8 +71,7 @@ class ApiServerProcesses:
     """The other API servers (second to last), seen from the first: started once the port is
     bound and the engine process spawned, told to stop with the first, watched for an early end."""
 
-    def __init__(self, ns, engine_args, count: int):
-        self.count = count
+    def __init__(self, ns, engine_args):
         self._ns, self._engine_args = ns, engine_args
         self._processes: list = []
         self._listening: list = []

@@ -115,7 +115,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     peers = None
     if count > 1:
         tag_log_lines_with_pid()
-        peers = ApiServerProcesses(ns, engine_args, count)
+        peers = ApiServerProcesses(ns, engine_args)
 
     def load_engine():
         if peers is None:
