@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -57,8 +58,9 @@ class ModelConfig:
     # hf_config is the text config, and the weights are read through loader.text_part_weights.
     text_part_only: bool = False
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
+        # Cached: transformers' config attributes cost ~1-2 us a read, and every add reads this.
         return self.hf_config.vocab_size
 
 

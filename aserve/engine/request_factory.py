@@ -135,6 +135,10 @@ class RequestFactory:
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise ValueError("prompt must be a non-empty string or a non-empty list of token ids.")
         vocab = self.model_config.vocab_size
+        # Plain ints in range, checked in C (type, min and max): a token-by-token loop was ~15 us
+        # of a 128-id prompt's add in the engine's thread. The loop names the first bad id.
+        if set(map(type, prompt)) == {int} and min(prompt) >= 0 and max(prompt) < vocab:
+            return None, list(prompt)
         for token in prompt:
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {token!r}.")
