@@ -29,8 +29,8 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256
 # Seeds are int64, as in vLLM's API (torch generators take no more).
 _INT64_RANGE = (-(1 << 63), (1 << 63) - 1)
-_BOOL_FIELDS = ("use_beam_search", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
-                "spaces_between_special_tokens")
+_BOOL_FIELDS = ("use_beam_search", "include_stop_str_in_output", "ignore_eos", "detokenize",
+                "skip_special_tokens", "spaces_between_special_tokens")
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -70,6 +70,8 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     # vLLM's: the prompt's logprobs from logits divided by this (None: the raw distribution).
     prompt_logprobs_temperature: Optional[float] = None
+    # vLLM's: False leaves every output's text empty (token ids only); stop strings need text.
+    detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[int, float]] = None
@@ -150,6 +152,9 @@ class SamplingParams:
             if len(s) > MAX_STOP_STRING_CHARS:
                 raise ValueError(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters "
                                  f"long, got one of {len(s)}.")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings are matched in the output's text: stop needs detokenize=True "
+                             "(use stop_token_ids to stop on tokens without text).")
         for t in self.stop_token_ids:
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}.")

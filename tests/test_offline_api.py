@@ -81,3 +81,25 @@ def test_logprobs_come_as_vllms_lists_of_dicts(llm):
     for token_id, position in zip(sample.token_ids, sample.logprobs):
         assert type(position) is dict and token_id in position and len(position) in (2, 3)
         assert position[token_id].rank >= 1 and isinstance(position[token_id].decoded_token, str)
+
+
+def test_detokenize_false_gives_token_ids_without_text(llm):
+    """vLLM's SamplingParams.detokenize: the same tokens (and logprobs) with no text."""
+    prompt = "Once upon a time"
+    with_text = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1),
+                             use_tqdm=False)[0].outputs[0]
+    plain = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=1,
+                                                detokenize=False), use_tqdm=False)[0].outputs[0]
+    assert with_text.text and plain.text == ""
+    assert plain.token_ids == with_text.token_ids and plain.logprobs == with_text.logprobs
+    beams = llm.generate(prompt, SamplingParams(use_beam_search=True, best_of=2, n=2, temperature=0.0, max_tokens=4,
+                                                detokenize=False), use_tqdm=False)[0].outputs
+    assert [b.text for b in beams] == ["", ""] and all(b.token_ids for b in beams)
+
+
+def test_detokenize_false_refuses_stop_strings():
+    with pytest.raises(ValueError, match="detokenize"):
+        SamplingParams(stop=["."], detokenize=False)
+    with pytest.raises(ValueError, match="detokenize must be true or false"):
+        SamplingParams(detokenize="no")
+    assert SamplingParams(stop_token_ids=[2], detokenize=False).stop_token_ids == [2]

@@ -84,3 +84,14 @@ def test_example_api_client_streams(server):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "Beam candidate 0" in out.stdout or "Output 0" in out.stdout
+
+
+async def test_detokenize_false_answers_the_prompt_alone_and_refuses_stop_strings(server):
+    """vLLM's /generate passes every SamplingParams field: detokenize=False makes no text."""
+    body = {"prompt": "San Francisco is a", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    status, raw = await post(server.url + "/generate", body)
+    assert status == 200 and orjson.loads(raw)["text"][0] != body["prompt"]
+    status, raw = await post(server.url + "/generate", {**body, "detokenize": False})
+    assert status == 200 and orjson.loads(raw)["text"] == [body["prompt"]]
+    status, raw = await post(server.url + "/generate", {**body, "detokenize": False, "stop": ["a"]})
+    assert status == 400 and "detokenize" in orjson.loads(raw)["error"]["message"]

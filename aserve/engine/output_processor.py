@@ -127,7 +127,7 @@ class OutputProcessor:
         skip = request.params.skip_special_tokens
         request.beam_outputs = [
             CompletionOutput(index=i, text=self.tokenizer.decode(r.token_ids, skip_special_tokens=skip)
-                             if self.tokenizer is not None else "",
+                             if self.tokenizer is not None and request.params.detokenize else "",
                              token_ids=list(r.token_ids), cumulative_logprob=r.cum_logprob,
                              logprobs=None, finish_reason="stop" if r.finished_by_eos else "length")
             for i, r in enumerate(results)]

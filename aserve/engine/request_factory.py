@@ -71,8 +71,9 @@ class RequestFactory:
                 raise ValueError("structured_outputs need a tokenizer, and this engine has none "
                                  "(skip_tokenizer_init).")
             self.grammars.check(params.structured_outputs)
-        if params.use_beam_search or self.tokenizer is None:
-            detokenizer = None  # beams are decoded once, when the search ends; no tokenizer: no text
+        if params.use_beam_search or self.tokenizer is None or not params.detokenize:
+            # Beams are decoded once, when the search ends; no tokenizer or detokenize=False: no text.
+            detokenizer = None
         else:
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,

@@ -43,6 +43,7 @@ class GenerateRequest(BaseModel):
     logprobs: Optional[int] = None
     prompt_logprobs: Optional[int] = None
     prompt_logprobs_temperature: Optional[float] = None
+    detokenize: bool = True
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: Optional[dict[str, float]] = None
