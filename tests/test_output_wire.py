@@ -1,7 +1,8 @@
 """Outputs crossing from an engine process (engine/output_wire.py): a request run as DELTA in
 the engine, encoded, decoded and joined in the server gives, step by step, the outputs the
-engine gives it as CUMULATIVE; delta and final-only requests come through as the engine made
-them; a request nobody waits for is dropped with its state."""
+engine gives it as CUMULATIVE; so does one whose text the server makes from its token ids
+(server_detokenizer.py); delta and final-only requests come through as the engine made them; a
+request nobody waits for is dropped with its state."""
 
 from __future__ import annotations
 
@@ -56,17 +57,48 @@ def test_joined_deltas_are_the_engines_cumulative_outputs_step_by_step(engine, e
     params = [SamplingParams(temperature=0.0, max_tokens=9 + i, ignore_eos=True, **extra)
               for i in range(len(PROMPTS))]
     want = _run(engine, lambda i: params[i])
-    in_engine = [as_delta_in_engine(p) for p in params]
-    assert all(p is not None and p.output_kind == RequestOutputKind.DELTA for p in in_engine)
     encoder, decoder = OutputEncoder(), OutputDecoder()
-    for i in range(len(PROMPTS)):
-        decoder.join_deltas_of(f"r{i}")
+    in_engine = [decoder.engine_params(f"r{i}", p) for i, p in enumerate(params)]
+    assert all(p.output_kind == RequestOutputKind.DELTA and p.detokenize for p in in_engine)
     got = []
     for step in _run(engine, lambda i: in_engine[i]):
         items = copy.deepcopy(encoder.encode(step))   # as if pickled: nothing shared
         got.append([decoder.decode(item, lambda _: True) for item in items])
     assert [[_fields(o) for o in step] for step in got] == [[_fields(o) for o in step] for step in want]
     assert not decoder._latest and not decoder._prompts and not encoder._prompt_sent
+
+
+# Random ids of the byte-level default model: many are stray bytes of multi-byte characters, so
+# texts hold characters split over tokens, and some end inside one (U+FFFD at the end).
+@pytest.mark.parametrize("extra", [
+    {}, {"logprobs": 2}, {"skip_special_tokens": False}, {"output_kind": RequestOutputKind.DELTA},
+    {"stop": ["w1"]}, {"output_kind": RequestOutputKind.FINAL_ONLY}, {"n": 2, "temperature": 0.9, "seed": 5}])
+def test_text_made_in_the_server_is_the_engines_text(engine, extra):
+    extra = {"temperature": 0.0, **extra}
+    params = [SamplingParams(max_tokens=7 + 3 * i, ignore_eos=True, **extra) for i in range(len(PROMPTS))]
+    want = _run(engine, lambda i: params[i])
+    encoder, decoder = OutputEncoder(), OutputDecoder(engine.tokenizer)
+    in_engine = [decoder.engine_params(f"r{i}", p) for i, p in enumerate(params)]
+    # Only a plain one-sample request (its outputs DELTA in the engine, or its final one) with no stop strings.
+    made_here = "stop" not in extra and "n" not in extra
+    assert [p.detokenize for p in in_engine] == [not made_here] * len(PROMPTS)
+    assert all(p.detokenize for p in params)   # the caller's params are left as they were
+    steps = _run(engine, lambda i: in_engine[i])
+    if made_here:   # the engine process sends token ids alone
+        assert all(o.text == "" for step in steps for out in step for o in out.outputs)
+    got = [[decoder.decode(item, lambda _: True) for item in copy.deepcopy(encoder.encode(step))] for step in steps]
+    assert [[_fields(o) for o in step] for step in got] == [[_fields(o) for o in step] for step in want]
+    texts = "".join(o.text for step in want for out in step for o in out.outputs)
+    assert texts and (not made_here or "\ufffd" in texts)   # split characters were made here
+    assert not decoder._detokenizers._pending and not decoder._detokenizers._running
+
+
+def test_a_request_refused_or_aborted_leaves_no_detokenizer(engine):
+    decoder = OutputDecoder(engine.tokenizer)
+    decoder.engine_params("gone", SamplingParams(max_tokens=4))
+    assert "gone" in decoder._detokenizers
+    decoder.forget("gone")
+    assert "gone" not in decoder._detokenizers and not decoder._detokenizers._pending
 
 
 def test_delta_final_only_and_several_samples_pass_through_as_made(engine):
@@ -85,14 +117,15 @@ def test_delta_final_only_and_several_samples_pass_through_as_made(engine):
 
 
 def test_outputs_of_a_request_nobody_waits_for_are_dropped_with_its_state(engine):
-    params = as_delta_in_engine(SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    encoder, decoder = OutputEncoder(), OutputDecoder(engine.tokenizer)
+    params = decoder.engine_params("left", SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    assert params.output_kind == RequestOutputKind.DELTA and not params.detokenize
     engine.add_request("left", PROMPTS[0], params)
-    encoder, decoder = OutputEncoder(), OutputDecoder()
-    decoder.join_deltas_of("left")
     first = decoder.decode(encoder.encode(_next_outputs(engine))[0], lambda _: True)
     assert first.prompt_token_ids == PROMPTS[0] and len(first.outputs[0].token_ids) >= 1
     assert decoder.decode(encoder.encode(_next_outputs(engine))[0], lambda _: False) is None
     assert not decoder._latest and not decoder._prompts and not decoder._joined
+    assert "left" not in decoder._detokenizers
     engine.abort_request("left")
     encoder.forget("left")
     while engine.has_unfinished_requests():

@@ -116,6 +116,47 @@ def test_concurrent_streams_from_every_api_server_each_get_their_own_tokens(two_
             == results[i][1]["choices"][0]["text"]
 
 
+def _streamed(url: str, body: dict) -> tuple[str, list[int]]:
+    """A streamed completion's text and token ids, joined from its chunks."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        text, ids = "", []
+        for line in response.read().decode().splitlines():
+            if line.startswith("data: {"):
+                choice = json.loads(line[len("data: "):])["choices"][0]
+                text += choice["text"]
+                ids += choice.get("token_ids") or []
+        return text, ids
+    finally:
+        conn.close()
+
+
+def test_text_made_by_the_api_servers_is_the_engines_text(two_servers):
+    """With several API servers each makes its plain streams' text from their token ids (not the
+    engine process: server_detokenizer.py): streamed or not, the text the engine makes offline.
+    Random ids of the byte-level model leave characters split over tokens, and some open at the end."""
+    from aserve import OfflineLLM, SamplingParams
+    from hf_reference import random_prompts
+
+    url = two_servers[0]
+    prompts = random_prompts(5, [7, 3, 12, 5, 9, 4], vocab=1000)
+    llm = OfflineLLM(device="cpu", kv_cache_memory_gb=0.05)
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, skip_special_tokens=False)
+    want = [(o.outputs[0].text, o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert any("\ufffd" in text for text, _ in want)
+    for prompt, (text, ids) in zip(prompts, want):
+        body = {"prompt": prompt, "max_tokens": 14, "temperature": 0.0, "ignore_eos": True,
+                "skip_special_tokens": False, "return_token_ids": True}
+        status, answer = _post(url, "/v1/completions", body)
+        assert status == 200 and answer["choices"][0]["text"] == text
+        assert _streamed(url, body) == (text, ids)
+
+
 def test_a_stored_response_reads_back_through_every_api_server(two_servers):
     url, _, log_path = two_servers
     status, created = _post(url, "/v1/responses", {"input": "hello there", "max_output_tokens": 4})

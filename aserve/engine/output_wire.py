@@ -9,7 +9,9 @@ tokens 0.15-0.27 ms and 0.26-0.46 ms. So:
   deltas back into cumulative outputs (merge_deltas, as a stream does for a slow consumer);
 - a request's prompt and prompt ids cross once, with its first output;
 - every RequestOutput crosses as a tuple of its fields (encode), other outputs (a pooled
-  vector) as themselves.
+  vector) as themselves;
+- a plain request's text is made in the server (server_detokenizer.py), not in the engine
+  process, which then sends only its token ids.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import copy
 from typing import Optional
 
 from aserve.engine.request_stream import joined_logprobs, merge_deltas
+from aserve.engine.server_detokenizer import ServerDetokenizers, decodable_here, without_text
 from aserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from aserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -72,20 +75,33 @@ class OutputEncoder:
 
 class OutputDecoder:
     """In the server: the tuples back into RequestOutputs, deltas joined for the requests whose
-    cumulative outputs the engine process ran as DELTA."""
+    cumulative outputs the engine process ran as DELTA, text made for those decoded here
+    (tokenizer: the server's, None for none)."""
 
-    def __init__(self):
+    def __init__(self, tokenizer=None):
         self._joined: set[str] = set()            # requests run as DELTA for cumulative outputs
         self._prompts: dict[str, tuple] = {}      # request id -> (prompt, prompt ids)
         self._latest: dict[str, RequestOutput] = {}  # a joined request's cumulative output so far
+        self._detokenizers = ServerDetokenizers(tokenizer) if tokenizer is not None else None
 
-    def join_deltas_of(self, request_id: str) -> None:
-        self._joined.add(request_id)
+    def engine_params(self, request_id: str, params):
+        """The params an added request goes to the engine process with: a copy run as DELTA
+        where its deltas are joined here, without text where its text is made here; else params."""
+        in_engine = as_delta_in_engine(params)
+        if in_engine is not None:
+            self._joined.add(request_id)
+        sent = in_engine or params
+        if self._detokenizers is not None and decodable_here(sent, self._detokenizers.tokenizer):
+            sent = without_text(sent, fresh_copy=in_engine is not None)
+            self._detokenizers.add(request_id, sent)
+        return sent
 
     def forget(self, request_id: str) -> None:
         self._joined.discard(request_id)
         self._prompts.pop(request_id, None)
         self._latest.pop(request_id, None)
+        if self._detokenizers is not None:
+            self._detokenizers.forget(request_id)
 
     def decode(self, item, wanted) -> Optional[object]:
         """The output of one item; None for a request nobody waits for any more (wanted(request
@@ -99,6 +115,8 @@ class OutputDecoder:
         if prompt is not None:
             self._prompts[request_id] = prompt
         prompt_text, prompt_ids = self._prompts.get(request_id, (None, []))
+        if self._detokenizers is not None and request_id in self._detokenizers:   # one sample
+            samples = [self._detokenizers.with_text(request_id, prompt_ids, samples[0], finished)]
         metrics = None if metrics is None else RequestMetrics(*metrics)
         earlier = self._latest.get(request_id) if request_id in self._joined else None
         if (earlier is not None and len(samples) == 1 and len(earlier.outputs) == 1

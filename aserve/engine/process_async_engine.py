@@ -8,7 +8,7 @@ steps: fewer, fuller chunks to write, and fewer outputs for the engine process t
 differs is below the driver: ops go to the engine process pickled, through a
 sender thread (a burst of adds never blocks the loop on a full pipe), and batches come back
 through a reader thread, in output_wire.py's form (plain streaming requests run as DELTA there
-and are joined back here).
+and are joined back here; their text is made here, server_detokenizer.py).
 `engine` is an EngineView of what the server reads: the configs, the tokenizer (loaded here
 while the engine process loads the model) and the engine's newest counters; a call runs an
 EngineCall, a method of the engine by name.
@@ -28,7 +28,7 @@ from aserve.engine.engine_driver import EngineDriver
 from aserve.engine.engine_ops import Add, Call
 from aserve.engine.engine_process import (DETACH, STOP, WANT_OUTPUTS, EngineCall, EngineCallOp, EngineInfo,
                                           run_engine_process)
-from aserve.engine.output_wire import OutputDecoder, as_delta_in_engine
+from aserve.engine.output_wire import OutputDecoder
 from aserve.engine.request_stream import EngineDeadError
 from aserve.engine.stats import EngineStats, EngineStatsRecorder
 from aserve.structured_output.backend import GrammarBackend
@@ -100,9 +100,16 @@ class ProcessAsyncEngine(EngineDriver):
     """An EngineDriver over an engine process (module docstring). Built on its own, it starts
     the engine process and stops it at shutdown. Given `pipes` (start_engine_process's ends) it
     drives an engine process started elsewhere, and `process` says whose: the one it stops at
-    shutdown, or None (another API server's, api_servers.py: shutdown only detaches)."""
+    shutdown, or None (another API server's, api_servers.py: shutdown only detaches).
+    text_here: the plain requests' text is made here, not in the engine process
+    (server_detokenizer.py): so where several API servers share one engine process, each
+    decoding its own streams (model A all at once on an H100, two servers, 3 rounds taking turns:
+    mean 113.3k out tok/s against 107.3k with the text made in the engine process). With one
+    server it stays in the engine process: there the one server's loop, which also takes every
+    request in and writes every chunk, was what slowed (4 rounds on another H100: mean 86.5k
+    against 95.4k; bench/RESULTS.md, 2026-12-06, twenty-ninth session)."""
 
-    def __init__(self, args, pipes=None, process=None):
+    def __init__(self, args, pipes=None, process=None, text_here: bool = False):
         from aserve.models.loader import create_model_config, load_tokenizer
 
         if pipes is None:
@@ -121,7 +128,7 @@ class ProcessAsyncEngine(EngineDriver):
         self._numbers = itertools.count()
         # op number -> (its add's or call's future, an add's request id)
         self._waiting_on: dict[int, tuple[asyncio.Future, Optional[str]]] = {}
-        self._decoder = OutputDecoder()
+        self._decoder = OutputDecoder(tokenizer if text_here else None)
         self._outbox: list = []
         self._outbox_ready = threading.Condition()
         self._gone: Optional[asyncio.Future] = None
@@ -212,10 +219,9 @@ class ProcessAsyncEngine(EngineDriver):
         future = request_id = None
         if isinstance(op, Add):
             future, request_id = op.accepted, op.request_id
-            in_engine = as_delta_in_engine(op.params)
-            if in_engine is not None:   # its deltas are joined back here (output_wire.py)
-                self._decoder.join_deltas_of(request_id)
-            op = Add(request_id, op.prompt, in_engine or op.params, op.arrival_time, number)
+            # Run as DELTA and joined back here, its text made here (output_wire.py), where it can be.
+            op = Add(request_id, op.prompt, self._decoder.engine_params(request_id, op.params), op.arrival_time,
+                     number)
         elif isinstance(op, Call):
             future = op.done
             op = EngineCallOp(op.fn, number)

@@ -3,8 +3,10 @@
 One server process takes a burst of requests one at a time: on an H100 a burst of 1000 reached
 the handlers over 190-400 ms (HTTP parsing, validation, the first chunks of the early streams),
 and until the last arrived the engine stepped with part of its batch (bench/RESULTS.md,
-2026-12-06). N processes share that work. Whether that pays depends on the host: on the H100
-hosts measured so far it did not (api_server_count), so the default stays 1, as vLLM's.
+2026-12-06). N processes share that work, and the work of making their streams' text, which
+the engine process then leaves to them (ProcessAsyncEngine's text_here). Whether that pays
+depends on the host: on the H100 hosts measured so far it did not on average
+(api_server_count), so the default stays 1, as vLLM's.
 
 * The first (the one started) binds the port, starts the engine process with a pair of pipes
   per API server, then the others (spawned: ApiServerProcesses), and answers /health while the
@@ -44,10 +46,11 @@ _START_TIMEOUT_S = 120.0
 
 
 def api_server_count(flag: Optional[int], engine_process: Optional[bool]) -> int:
-    """--api-server-count as given, else 1, as vLLM's default. On an H100 host of 16 cores,
-    model A served all at once from 4 client processes, 2 servers were no faster than one over
-    two calls (means 66.9k against 69.0k out tok/s; runs of one configuration spread 20-30%
-    there): bench/RESULTS.md, 2026-12-06, twenty-eighth session."""
+    """--api-server-count as given, else 1, as vLLM's default. On H100 hosts of 16 cores, model A
+    served all at once from 4 client processes: 2 servers were no faster than one in the
+    twenty-eighth session (means 66.9k against 69.0k out tok/s); in the twenty-ninth, with their
+    streams' text made in the servers, 2 averaged 107.4k and one (text in the engine process)
+    108.1k over three calls, the calls disagreeing by +-8%: bench/RESULTS.md, 2026-12-06."""
     if flag is None:
         return 1
     if flag < 1:
@@ -157,7 +160,7 @@ def run_api_server(ns, engine_args, port: int, pipes, primary_path: str, listeni
     state.responses_primary, state.listening = primary_path, listening
     state.log_stats = False   # the engine's, which the first server logs already
     try:
-        state.attach(ProcessAsyncEngine(engine_args, pipes))
+        state.attach(ProcessAsyncEngine(engine_args, pipes, text_here=True))
     except Exception as exc:  # noqa: BLE001 - the first server reports the engine's failure
         logger.debug("the engine did not load: %s", exc)
         os._exit(1)

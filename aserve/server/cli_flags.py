@@ -246,8 +246,9 @@ def make_parser(serve: bool = False) -> argparse.ArgumentParser:
     s.add_argument("--api-server-count", "-asc", type=int, default=None,
                    help="HTTP server processes in front of the one engine process, on one port (as vLLM's): "
                         "each parses, validates and streams its share of the connections, so a burst "
-                        "of requests reaches the engine sooner (aserve/server/api_servers.py); more than "
-                        "one runs the engine in a process of its own. (default: 1)")
+                        "of requests reaches the engine sooner; with more than one each also makes its "
+                        "streams' text (aserve/server/api_servers.py), and the engine runs in a process of "
+                        "its own. (default: 1)")
     s.add_argument("--disable-log-requests", "--disable-uvicorn-access-log", action="store_true",
                    help="No access log line per request (method, path, status, latency, tokens).")
     s.add_argument("--disable-log-stats", action="store_true",
