@@ -9,7 +9,10 @@
 #    aserve/engine/async_engine.py; "default", the default: the server's own, 2 with an engine
 #    process and 6 in one process), then at the Poisson RATES at the default rest, each server
 #    variant (SERVER_ARGS_SETS) in turn.
-# PREVIOUS_DIR (an earlier version unpacked, carried): its server too, first.
+# PREVIOUS_DIR (an earlier version unpacked, carried; or several, space-separated, e.g. this
+# version copied too, to see what the folder alone does): its server too, in every round, first in
+# odd rounds and last in even ones (this version's servers, then, last and first); once per set
+# of PREVIOUS_ARGS_SETS (as SERVER_ARGS_SETS) where given.
 # CLIENT_PROCESSES: bench/serving.py's --processes (default 1) for the servers' runs; one client
 # process parsing ~66k chunks a second may be what limits (its "Client CPU" row near 1.0). A
 # list ("1 4") runs each server variant once per count.
@@ -95,9 +98,17 @@ first_processes=${all_processes%% *}
 CLIENT_PROCESSES=$first_processes   # the previous version's server and the Poisson runs take the first
 offline "no tokenizer" --skip-tokenizer-init
 offline "with a tokenizer"
-if [ -n "${PREVIOUS_DIR:-}" ]; then
-    serve "previous version" inf "$PREVIOUS_DIR" PYTHONPATH="/tmp/site:$PWD/$PREVIOUS_DIR"
-fi
+IFS=';' read -r -a previous_sets <<< "${PREVIOUS_ARGS_SETS:-}"
+[ ${#previous_sets[@]} = 0 ] && previous_sets=("")
+previous() {  # each PREVIOUS_DIR's server, once per set of PREVIOUS_ARGS_SETS
+    local dir set
+    for dir in ${PREVIOUS_DIR:-}; do
+        for set in "${previous_sets[@]}"; do
+            SERVER_ARGS="${SERVER_ARGS:-} $set" serve "previous version ($dir)${set:+,$set}" inf "$dir" \
+                PYTHONPATH="/tmp/site:$PWD/$dir"
+        done
+    done
+}
 # Every server variant of one call: each set of SERVER_ARGS_SETS (';' between sets; a set adds
 # to SERVER_ARGS) with each count of CLIENT_PROCESSES (a list), at each rest.
 IFS=';' read -r -a arg_sets <<< "${SERVER_ARGS_SETS:-}"
@@ -107,6 +118,8 @@ IFS=';' read -r -a client_sets <<< "${CLIENT_ARGS_SETS:-}"
 [ ${#client_sets[@]} = 0 ] && client_sets=("")
 for round in $(seq "${SERVER_ROUNDS:-1}"); do
     [ "$round" -gt 1 ] && offline "with a tokenizer, round $round"
+    # The previous version's server takes turns with this one's: first in odd rounds, last in even.
+    [ $((round % 2)) = 1 ] && previous
     for set in "${arg_sets[@]}"; do
         for processes in $all_processes; do
             for client_set in "${client_sets[@]}"; do
@@ -120,6 +133,7 @@ for round in $(seq "${SERVER_ROUNDS:-1}"); do
             done
         done
     done
+    [ $((round % 2)) = 0 ] && previous
 done
 SERVER_ARGS=$base_args CLIENT_PROCESSES=$first_processes
 if [ "${NO_TOKENIZER_SERVER:-0}" = 1 ]; then
