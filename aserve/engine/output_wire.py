@@ -10,8 +10,8 @@ tokens 0.15-0.27 ms and 0.26-0.46 ms. So:
 - a request's prompt and prompt ids cross once, with its first output;
 - every RequestOutput crosses as a tuple of its fields (encode), other outputs (a pooled
   vector) as themselves;
-- a plain request's text is made in the server (server_detokenizer.py), not in the engine
-  process, which then sends only its token ids.
+- where several API servers share the engine process, a plain request's text is made in its
+  server (server_detokenizer.py), and the engine process sends only its token ids.
 """
 
 from __future__ import annotations

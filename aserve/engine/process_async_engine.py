@@ -8,7 +8,7 @@ steps: fewer, fuller chunks to write, and fewer outputs for the engine process t
 differs is below the driver: ops go to the engine process pickled, through a
 sender thread (a burst of adds never blocks the loop on a full pipe), and batches come back
 through a reader thread, in output_wire.py's form (plain streaming requests run as DELTA there
-and are joined back here; their text is made here, server_detokenizer.py).
+and are joined back here; with text_here, their text is made here: server_detokenizer.py).
 `engine` is an EngineView of what the server reads: the configs, the tokenizer (loaded here
 while the engine process loads the model) and the engine's newest counters; a call runs an
 EngineCall, a method of the engine by name.

@@ -79,4 +79,3 @@ class ServerDetokenizers:
             detokenizer.finish()
             del self._running[request_id]
         return (index, detokenizer.take_delta(), token_ids, *rest)
-
