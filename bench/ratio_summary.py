@@ -17,11 +17,14 @@ from collections import defaultdict
 _OFFLINE = re.compile(r"^=== offline A, with a tokenizer(?:, round \d+)?: (\{.*\})$")
 _OFFLINE_TIMED = re.compile(r"^=== offline: (\d+) output tok/s$")
 _SERVER = re.compile(r"^=== server A, (.*), rate inf, \d+ prompts: .*Output token throughput \(tok/s\) ([\d.]+)")
+# bench/serving.py's MEAN rows, in its order: TTFT, TPOT, ITL (ms).
+_MEANS = re.compile(r"MEAN \(ms\) ([\d.]+)")
 
 
 def summarize(lines) -> list[str]:
     offline: list[float] = []
     runs: dict[str, list[tuple[float, float]]] = defaultdict(list)   # label -> (served, its round's offline)
+    latencies: dict[str, list[list[float]]] = defaultdict(list)      # label -> each run's TTFT, TPOT, ITL means
     with_tokenizer = False
     for line in lines:
         line = line.rstrip("\n")
@@ -38,6 +41,9 @@ def summarize(lines) -> list[str]:
         match = _SERVER.match(line)
         if match and offline:
             runs[match.group(1)].append((float(match.group(2)), offline[-1]))
+            means = [float(m) for m in _MEANS.findall(line)]
+            if len(means) >= 3:
+                latencies[match.group(1)].append(means[:3])
     if not offline or not runs:
         return ["=== summary: no offline run with a tokenizer, or no server run all at once"]
     mean_offline = sum(offline) / len(offline)
@@ -47,8 +53,20 @@ def summarize(lines) -> list[str]:
         served = [s for s, _ in pairs]
         mean = sum(served) / len(served)
         rounds = ", ".join(f"{s:,.0f} ({s / o:.2f}x)" for s, o in pairs)
-        out.append(f"    {label}: {rounds}; mean {mean:,.0f}, {mean / mean_offline:.2f}x the offline mean")
+        out.append(f"    {label}: {rounds}; mean {mean:,.0f}, {mean / mean_offline:.2f}x the offline mean"
+                   + _latency_ranges(latencies.get(label, [])))
     return out
+
+
+def _latency_ranges(runs: list[list[float]]) -> str:
+    """'; TTFT a-b, TPOT c-d, ITL e-f ms (means of the runs)' where the runs printed them."""
+    if not runs:
+        return ""
+    parts = []
+    for name, values in zip(("TTFT", "TPOT", "ITL"), zip(*runs)):
+        low, high = min(values), max(values)
+        parts.append(f"{name} {low:,.1f}" + (f"-{high:,.1f}" if high != low else ""))
+    return "; " + ", ".join(parts) + " ms (each run's mean)"
 
 
 if __name__ == "__main__":

@@ -123,3 +123,27 @@ def test_profile_step_chain_charges_each_kernel_from_the_end_before_it(monkeypat
     # The one gap, named by the operations around it.
     assert [line.rsplit(None, 3)[0].strip() for line in lines[gaps_at + 1:]] == ["gemv > norm"]
     assert float(lines[-1].split()[-1]) == 5.0
+
+
+def test_ratio_summary_gives_each_servers_ratio_and_latency_ranges():
+    """bench/ratio_summary.py on a server_vs_offline.sh log: each served run against its round's
+    offline run with a tokenizer, each variant's mean against the offline mean, and the ranges
+    of its runs' TTFT, TPOT and ITL means."""
+    served = ("=== server A, {label}, rate inf, 1000 prompts: Failed requests 0 Output token throughput "
+              "(tok/s) {tps} Client CPU (cores busy) 0.60 MEAN (ms) {ttft} P50 (ms) 1.0 P99 (ms) 2.0 "
+              "MEAN (ms) {tpot} P50 (ms) 1.0 P99 (ms) 2.0 MEAN (ms) {itl} P50 (ms) 1.0 P99 (ms) 2.0")
+    log = "\n".join([
+        '=== offline A, no tokenizer: {"output_tokens_per_s": 150000.0}',
+        '=== offline A, with a tokenizer: {"output_tokens_per_s": 100000.0}',
+        served.format(label="previous version", tps=80000.0, ttft=500.0, tpot=3.0, itl=20.0),
+        '=== offline A, with a tokenizer, round 2: {"output_tokens_per_s": 120000.0}',
+        served.format(label="previous version", tps=90000.0, ttft=450.0, tpot=3.5, itl=25.0),
+    ]) + "\n"
+    result = subprocess.run([sys.executable, os.path.join(BENCH, "ratio_summary.py")], input=log,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == ("=== summary: offline A with a tokenizer, 2 run(s): 100,000, 120,000; "
+                        "mean 110,000 out tok/s")
+    assert lines[1] == ("    previous version: 80,000 (0.80x), 90,000 (0.75x); mean 85,000, 0.77x the offline "
+                        "mean; TTFT 450.0-500.0, TPOT 3.0-3.5, ITL 20.0-25.0 ms (each run's mean)")
