@@ -25,6 +25,10 @@
 # SERVER_ROUNDS (default 1): the server variants that many times, each round after an offline run with
 # a tokenizer, so that a call shows each one's spread beside offline's (the H200's runs of one
 # configuration spread 41-66k out tok/s in the twenty-fourth session).
+# BUSY_OFFLINE=N: in each round, offline with a tokenizer once more beside N processes that
+# spin on a core each, as a served run keeps the API server and the client processes busy (a
+# host's all-core clock and shared caches: does offline slow as much? Not counted as the
+# round's offline run).
 # NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
 # without a tokenizer (a diagnostic: its chunks carry no text, so only its throughput counts).
 # ENGINE_TIMING=1: the offline runs and this version's servers through
@@ -116,8 +120,20 @@ IFS=';' read -r -a arg_sets <<< "${SERVER_ARGS_SETS:-}"
 base_args=${SERVER_ARGS:-}
 IFS=';' read -r -a client_sets <<< "${CLIENT_ARGS_SETS:-}"
 [ ${#client_sets[@]} = 0 ] && client_sets=("")
+busy_offline() {  # BUSY_OFFLINE=N: offline with a tokenizer again, N spinning processes beside it
+    [ "${BUSY_OFFLINE:-0}" -gt 0 ] || return 0
+    local pids=() i
+    for i in $(seq "$BUSY_OFFLINE"); do
+        python3 -c "while True: pass" &
+        pids+=($!)
+    done
+    offline "with a tokenizer, beside $BUSY_OFFLINE busy processes"
+    kill "${pids[@]}" 2>/dev/null
+    wait "${pids[@]}" 2>/dev/null
+}
 for round in $(seq "${SERVER_ROUNDS:-1}"); do
     [ "$round" -gt 1 ] && offline "with a tokenizer, round $round"
+    busy_offline
     # The previous version's server takes turns with this one's: first in odd rounds, last in even.
     [ $((round % 2)) = 1 ] && previous
     for set in "${arg_sets[@]}"; do
