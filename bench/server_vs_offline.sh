@@ -17,7 +17,8 @@
 # process parsing ~66k chunks a second may be what limits (its "Client CPU" row near 1.0). A
 # list ("1 4") runs each server variant once per count.
 # CLIENT_ARGS_SETS: bench/serving.py flags per run, ';' between sets, each run with every server
-# variant, e.g. ";--warm-connections" (connections opened before the clock, and not).
+# variant, e.g. ";--warm-connections" (connections opened before the clock, and not). CLIENT_ARGS
+# (one set) where CLIENT_ARGS_SETS is not given. The previous version's servers take the first set.
 # SERVER_ARGS_SETS: server variants of one call, ';' between them, e.g.
 # "--max-num-seqs 256;--max-num-seqs 512" (each adds to SERVER_ARGS; default: one, the defaults).
 # TOKENIZER: bytes (default: a byte-level BPE, as OPT-125m's own) or words (earlier sessions'
@@ -25,10 +26,13 @@
 # SERVER_ROUNDS (default 1): the server variants that many times, each round after an offline run with
 # a tokenizer, so that a call shows each one's spread beside offline's (the H200's runs of one
 # configuration spread 41-66k out tok/s in the twenty-fourth session).
-# BUSY_OFFLINE=N: in each round, offline with a tokenizer once more beside N processes that
-# spin on a core each, as a served run keeps the API server and the client processes busy (a
-# host's all-core clock and shared caches: does offline slow as much? Not counted as the
-# round's offline run).
+# BUSY_OFFLINE=N (or a list, "2 5"): in each round, offline with a tokenizer once more beside N
+# processes that spin on a core each, as a served run keeps the API server and the client
+# processes busy (a host's all-core clock and shared caches: does offline slow as much? Not
+# counted as the round's offline run).
+# NO_HTTP="SPREADS" (ms, e.g. "0 200"): in each round, the served engine without HTTP too
+# (bench/engine_process_burst.py: the burst handed straight to the server's engine driver, its
+# submissions spread over that many ms): what the engine process costs apart from the server.
 # NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
 # without a tokenizer (a diagnostic: its chunks carry no text, so only its throughput counts).
 # ENGINE_TIMING=1: the offline runs and this version's servers through
@@ -54,6 +58,8 @@ model=/tmp/opt-125m
 python3 bench/make_random_model.py --shape opt-125m --out $model --dtype float16 --config-only \
     --tokenizer "${TOKENIZER:-bytes}" >/dev/null
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+# The host's cores (threads per core: whether busy neighbours share a core with the engine)
+lscpu 2>/dev/null | grep -E "^(Model name|CPU\(s\)|Thread|Core|Socket|NUMA node\(s\)|CPU max MHz)" | tr -s ' ' | paste -sd';'
 
 timing() { [ "${ENGINE_TIMING:-0}" = 1 ]; }
 timeline=$([ "${TIMELINE:-0}" = 1 ] && echo --timeline)
@@ -108,8 +114,8 @@ previous() {  # each PREVIOUS_DIR's server, once per set of PREVIOUS_ARGS_SETS
     local dir set
     for dir in ${PREVIOUS_DIR:-}; do
         for set in "${previous_sets[@]}"; do
-            SERVER_ARGS="${SERVER_ARGS:-} $set" serve "previous version ($dir)${set:+,$set}" inf "$dir" \
-                PYTHONPATH="/tmp/site:$PWD/$dir"
+            SERVER_ARGS="${SERVER_ARGS:-} $set" CLIENT_ARGS=${client_sets[0]} \
+                serve "previous version ($dir)${set:+,$set}" inf "$dir" PYTHONPATH="/tmp/site:$PWD/$dir"
         done
     done
 }
@@ -118,22 +124,32 @@ previous() {  # each PREVIOUS_DIR's server, once per set of PREVIOUS_ARGS_SETS
 IFS=';' read -r -a arg_sets <<< "${SERVER_ARGS_SETS:-}"
 [ ${#arg_sets[@]} = 0 ] && arg_sets=("")
 base_args=${SERVER_ARGS:-}
-IFS=';' read -r -a client_sets <<< "${CLIENT_ARGS_SETS:-}"
+# Until d936514's successor, CLIENT_ARGS reached the previous version's servers alone (the loop
+# below set this version's from CLIENT_ARGS_SETS): both now take the same clients.
+IFS=';' read -r -a client_sets <<< "${CLIENT_ARGS_SETS:-${CLIENT_ARGS:-}}"
 [ ${#client_sets[@]} = 0 ] && client_sets=("")
-busy_offline() {  # BUSY_OFFLINE=N: offline with a tokenizer again, N spinning processes beside it
-    [ "${BUSY_OFFLINE:-0}" -gt 0 ] || return 0
-    local pids=() i
-    for i in $(seq "$BUSY_OFFLINE"); do
-        python3 -c "while True: pass" &
-        pids+=($!)
+busy_offline() {  # BUSY_OFFLINE="N ...": offline with a tokenizer again beside N spinning processes
+    local count pids i
+    for count in ${BUSY_OFFLINE:-}; do
+        pids=()
+        for i in $(seq "$count"); do
+            python3 -c "while True: pass" &
+            pids+=($!)
+        done
+        offline "with a tokenizer, beside $count busy processes"
+        kill "${pids[@]}" 2>/dev/null
+        wait "${pids[@]}" 2>/dev/null
     done
-    offline "with a tokenizer, beside $BUSY_OFFLINE busy processes"
-    kill "${pids[@]}" 2>/dev/null
-    wait "${pids[@]}" 2>/dev/null
+}
+no_http() {  # NO_HTTP="SPREADS": the engine process fed without HTTP, once per spread
+    [ -n "${NO_HTTP:-}" ] || return 0
+    python3 bench/engine_process_burst.py $model --spread-ms "$(echo $NO_HTTP | tr ' ' ',')" 2>/dev/null \
+        | sed 's/^/=== engine process, no HTTP: /'
 }
 for round in $(seq "${SERVER_ROUNDS:-1}"); do
     [ "$round" -gt 1 ] && offline "with a tokenizer, round $round"
     busy_offline
+    no_http
     # The previous version's server takes turns with this one's: first in odd rounds, last in even.
     [ $((round % 2)) = 1 ] && previous
     for set in "${arg_sets[@]}"; do
