@@ -72,6 +72,22 @@ def test_engine_thread_timing_models_a_gpus_step_times():
     assert "1 of them with prompt tokens" in header
 
 
+def test_engine_process_burst_streams_every_token_through_the_served_engine():
+    """The served engine without HTTP: every request's tokens arrive, in the engine process (with
+    the timers' table and the stand-in model there) and in this process's engine thread."""
+    script = os.path.join(BENCH, "engine_process_burst.py")
+    common = ("--num-prompts", "8", "--input-len", "8", "--output-len", "4", "--load-format", "auto")
+    out = _run(script, tiny_model_dir("opt"), *common, "--spread-ms", "0,20", "--timers", "--stand-in-model")
+    runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["spread_ms"] for r in runs] == [0, 20]
+    assert all(r["engine"] == "engine process" and r["output_tokens"] == 32 and r["deliveries"] > 0
+               for r in runs), runs
+    assert "=== engine process:" in out and "take outputs" in out   # the timers ran there
+    out = _run(script, tiny_model_dir("opt"), *common, "--in-process")
+    (run,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert run["engine"] == "in-process" and run["output_tokens"] == 32 and run["ttft_mean_ms"] > 0
+
+
 def test_profile_run_reports_steps_by_kind_and_the_host_ops():
     out = _run(os.path.join(BENCH, "profile_run.py"), "--workload", "A", "--tiny", "--num-prompts", "12",
                "--window", "0:20", "--host", "--top", "5")
