@@ -32,7 +32,8 @@
 # counted as the round's offline run).
 # NO_HTTP="SPREADS" (ms, e.g. "0 200"): in each round, the served engine without HTTP too
 # (bench/engine_process_burst.py: the burst handed straight to the server's engine driver, its
-# submissions spread over that many ms): what the engine process costs apart from the server.
+# submissions spread over that many ms): what the engine process costs apart from the server;
+# with ENGINE_TIMING=1 its engine process's phases too (--timers), beside offline's.
 # NO_TOKENIZER_SERVER=1: also a server with --skip-tokenizer-init, the same work as offline
 # without a tokenizer (a diagnostic: its chunks carry no text, so only its throughput counts).
 # ENGINE_TIMING=1: the offline runs and this version's servers through
@@ -143,8 +144,11 @@ busy_offline() {  # BUSY_OFFLINE="N ...": offline with a tokenizer again beside 
 }
 no_http() {  # NO_HTTP="SPREADS": the engine process fed without HTTP, once per spread
     [ -n "${NO_HTTP:-}" ] || return 0
-    python3 bench/engine_process_burst.py $model --spread-ms "$(echo $NO_HTTP | tr ' ' ',')" 2>/dev/null \
-        | sed 's/^/=== engine process, no HTTP: /'
+    local timers=
+    timing && timers=--timers   # ENGINE_TIMING=1: its engine process's phases, as offline's
+    # shellcheck disable=SC2086
+    python3 bench/engine_process_burst.py $model --spread-ms "$(echo $NO_HTTP | tr ' ' ',')" $timers 2>/dev/null \
+        | sed -n -e '/^{/{s/^/=== engine process, no HTTP: /;p;d}' -e '/^\(===\|  \)/p'
 }
 for round in $(seq "${SERVER_ROUNDS:-1}"); do
     [ "$round" -gt 1 ] && offline "with a tokenizer, round $round"
