@@ -87,8 +87,7 @@ async def main_async(args) -> None:
     from aserve.engine.async_engine import AsyncEngine
     from aserve.engine.gc_policy import serve_with_fewer_collections
     from aserve.engine.process_async_engine import ProcessAsyncEngine
-    from aserve.sampling_params import RequestOutputKind
-    from aserve.sampling_params import SamplingParams
+    from aserve.sampling_params import RequestOutputKind, SamplingParams
 
     engine_args = engine_args_as_served(args)
     engine_class = AsyncEngine if args.in_process else ProcessAsyncEngine
@@ -122,7 +121,11 @@ def main() -> None:
     parser.add_argument("--stand-in-model", action="store_true",
                         help="with --timers: no model work (engine_thread_timing.py), the host's part alone")
     args = parser.parse_args()
-    if args.timers and not args.in_process:
+    if args.timers and args.in_process:
+        parser.error("--timers times an engine process: bench/engine_thread_timing.py times one process's engine")
+    if args.stand_in_model and not args.timers:
+        parser.error("--stand-in-model comes with --timers")
+    if args.timers:
         from bench import engine_thread_timing
 
         # Its engine process hook takes its flags from sys.argv, as its own server mode does.

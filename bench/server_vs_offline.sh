@@ -125,8 +125,8 @@ previous() {  # each PREVIOUS_DIR's server, once per set of PREVIOUS_ARGS_SETS
 IFS=';' read -r -a arg_sets <<< "${SERVER_ARGS_SETS:-}"
 [ ${#arg_sets[@]} = 0 ] && arg_sets=("")
 base_args=${SERVER_ARGS:-}
-# Until d936514's successor, CLIENT_ARGS reached the previous version's servers alone (the loop
-# below set this version's from CLIENT_ARGS_SETS): both now take the same clients.
+# CLIENT_ARGS once reached the previous version's servers alone (the loop below set this
+# version's from CLIENT_ARGS_SETS; fixed in the thirtieth session): both take the same clients.
 IFS=';' read -r -a client_sets <<< "${CLIENT_ARGS_SETS:-${CLIENT_ARGS:-}}"
 [ ${#client_sets[@]} = 0 ] && client_sets=("")
 busy_offline() {  # BUSY_OFFLINE="N ...": offline with a tokenizer again beside N spinning processes
