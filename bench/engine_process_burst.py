@@ -9,11 +9,13 @@ server and its clients cost (issue 11's server goal, bench/server_vs_offline.sh)
 The engine is built as `python -m aserve` builds it (usage context api_server, placed in its own
 process unless --in-process), on a uvloop loop with the server's collector settings. Each request
 is submitted in the loop's turn as an HTTP handler submits it (EngineDriver.submit), streamed
-(DELTA outputs, greedy, ignore_eos) and read to its end by a task of its own. --spread-ms: the
+(DELTA outputs, greedy, ignore_eos) and read to its end by a task of its own; each run has
+random prompts of its own (none cached by an earlier run). --spread-ms: the
 burst's submissions spread evenly over that many ms (a list: one run each), as an HTTP server
 takes a burst in over a few hundred ms (bench/RESULTS.md: the handlers saw the last of 1000
 requests 190-400 ms after the first). Prints one JSON line per run: out tok/s from the first
-submission to the last token, TTFT mean and p50, and the number of driver deliveries.
+submission to the last token, TTFT mean and p50, the number of driver deliveries and the
+prompt tokens the prefix cache served (0 but for the prompts' random repeats).
 
 Two ways it differs from a server: with no chunks to write the driver rests ~0 after a
 delivery, so it asks the engine for outputs after about every step (a server under this load
@@ -46,15 +48,17 @@ def engine_args_as_served(args):
     return placed_engine_args(engine_args, not args.in_process)
 
 
-async def read_stream(stream, submitted: float) -> tuple[int, float]:
-    """(tokens, seconds to the first) of one request's DELTA outputs."""
-    tokens, first = 0, None
+async def read_stream(stream, submitted: float) -> tuple[int, float, int]:
+    """(tokens, seconds to the first, prompt tokens the prefix cache served) of one request's
+    DELTA outputs."""
+    tokens, first, cached = 0, None, 0
     async for output in stream:
         new = len(output.outputs[0].token_ids)
         if new and first is None:
             first = time.perf_counter() - submitted
         tokens += new
-    return tokens, first if first is not None else float("nan")
+        cached = max(cached, output.num_cached_tokens or 0)
+    return tokens, first if first is not None else float("nan"), cached
 
 
 async def one_burst(engine, prompts: list, params, spread_s: float, tag: str) -> dict:
@@ -71,12 +75,13 @@ async def one_burst(engine, prompts: list, params, spread_s: float, tag: str) ->
         readers.append(loop.create_task(_accepted_then_read(engine, stream, accepted, submitted)))
     results = await asyncio.gather(*readers)
     elapsed = time.perf_counter() - start
-    out_tokens = sum(tokens for tokens, _ in results)
-    ttfts = [ttft * 1e3 for _, ttft in results]
+    out_tokens = sum(tokens for tokens, _, _ in results)
+    ttfts = [ttft * 1e3 for _, ttft, _ in results]
     return {"spread_ms": round(spread_s * 1e3), "requests": len(prompts), "elapsed_s": round(elapsed, 3),
             "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / elapsed, 1),
             "ttft_mean_ms": round(statistics.fmean(ttfts), 1), "ttft_p50_ms": round(statistics.median(ttfts), 1),
-            "deliveries": engine.num_steps - steps_before}
+            "deliveries": engine.num_steps - steps_before,
+            "cached_prompt_tokens": sum(cached for _, _, cached in results)}
 
 
 async def _accepted_then_read(engine, stream, accepted, submitted: float):
@@ -96,10 +101,13 @@ async def main_async(args) -> None:
     serve_with_fewer_collections()   # as the server's process once its engine is up (app.py)
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True,
                             output_kind=RequestOutputKind.DELTA)
-    prompts = random_prompts(args.num_prompts, args.input_len, _vocab_size(args.model))
+    vocab = _vocab_size(args.model)
     try:
-        await one_burst(engine, prompts[:4], params, 0.0, "warm-up")
+        await one_burst(engine, random_prompts(4, args.input_len, vocab, seed=0), params, 0.0, "warm-up")
         for run, spread_ms in enumerate(args.spread_ms):
+            # Prompts of its own: the prefix cache is on, as in the server, and would serve a
+            # run's prompts again to the next (the runs of a0f5858's first version did so).
+            prompts = random_prompts(args.num_prompts, args.input_len, vocab, seed=1 + run)
             figures = await one_burst(engine, prompts, params, spread_ms / 1e3, f"run{run}")
             figures["engine"] = "in-process" if args.in_process else "engine process"
             print(json.dumps(figures), flush=True)

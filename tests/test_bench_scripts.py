@@ -76,12 +76,14 @@ def test_engine_process_burst_streams_every_token_through_the_served_engine():
     """The served engine without HTTP: every request's tokens arrive, in the engine process (with
     the timers' table and the stand-in model there) and in this process's engine thread."""
     script = os.path.join(BENCH, "engine_process_burst.py")
-    common = ("--num-prompts", "8", "--input-len", "8", "--output-len", "4", "--load-format", "auto")
+    # 40-token prompts fill two 16-token blocks: a prompt sent again would be served by the cache.
+    common = ("--num-prompts", "8", "--input-len", "40", "--output-len", "4", "--load-format", "auto")
     out = _run(script, tiny_model_dir("opt"), *common, "--spread-ms", "0,20", "--timers", "--stand-in-model")
     runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["spread_ms"] for r in runs] == [0, 20]
     assert all(r["engine"] == "engine process" and r["output_tokens"] == 32 and r["deliveries"] > 0
                for r in runs), runs
+    assert [r["cached_prompt_tokens"] for r in runs] == [0, 0]   # each run's prompts its own
     assert "=== engine process:" in out and "take outputs" in out   # the timers ran there
     out = _run(script, tiny_model_dir("opt"), *common, "--in-process")
     (run,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
