@@ -14,15 +14,15 @@ random prompts of its own (none cached by an earlier run). --spread-ms: the
 burst's submissions spread evenly over that many ms (a list: one run each), as an HTTP server
 takes a burst in over a few hundred ms (bench/RESULTS.md: the handlers saw the last of 1000
 requests 190-400 ms after the first). Prints one JSON line per run: out tok/s from the first
-submission to the last token, TTFT mean and p50, the number of driver deliveries and the
-prompt tokens the prefix cache served (0 but for the prompts' random repeats).
+submission to the last token, TTFT mean and p50, the engine's steps and the prompt tokens the
+prefix cache served (0 but for the prompts' random repeats).
 
-Two ways it differs from a server: with no chunks to write the driver rests ~0 after a
-delivery, so it asks the engine for outputs after about every step (a server under this load
-every ~10 steps: ITL ~35 ms against TPOT ~3.4 ms on an H100), which makes the engine process's
-output work (Engine.take_unreported_outputs, the wire encoding, the pipe) ~12% of its time here
-(the CPU VM's stand-in model); and a fresh engine's first burst is slower than its later ones
-(its first eager prompt steps), as a server's one burst is: compare first runs with first runs.
+Two ways it differs from a server: with no chunks to write, the driver's rest after a delivery
+is short, so it asks the engine for outputs more often (every ~4 steps on the CPU VM's stand-in
+model; a server under this load every ~10: ITL ~35 ms against TPOT ~3.4 ms on an H100), and the
+engine process's output work (Engine.take_unreported_outputs, the wire encoding, the pipe) is a
+larger share here; and a fresh engine's first burst is slower than its later ones (its first
+eager prompt steps), as a server's one burst is: compare first runs with first runs.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ async def one_burst(engine, prompts: list, params, spread_s: float, tag: str) ->
     return {"spread_ms": round(spread_s * 1e3), "requests": len(prompts), "elapsed_s": round(elapsed, 3),
             "output_tokens": out_tokens, "output_tokens_per_s": round(out_tokens / elapsed, 1),
             "ttft_mean_ms": round(statistics.fmean(ttfts), 1), "ttft_p50_ms": round(statistics.median(ttfts), 1),
-            "deliveries": engine.num_steps - steps_before,
+            "steps": engine.num_steps - steps_before,
             "cached_prompt_tokens": sum(cached for _, _, cached in results)}
 
 

@@ -81,7 +81,7 @@ def test_engine_process_burst_streams_every_token_through_the_served_engine():
     out = _run(script, tiny_model_dir("opt"), *common, "--spread-ms", "0,20", "--timers", "--stand-in-model")
     runs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [r["spread_ms"] for r in runs] == [0, 20]
-    assert all(r["engine"] == "engine process" and r["output_tokens"] == 32 and r["deliveries"] > 0
+    assert all(r["engine"] == "engine process" and r["output_tokens"] == 32 and r["steps"] > 0
                for r in runs), runs
     assert [r["cached_prompt_tokens"] for r in runs] == [0, 0]   # each run's prompts its own
     assert "=== engine process:" in out and "take outputs" in out   # the timers ran there
