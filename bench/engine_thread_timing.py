@@ -344,6 +344,10 @@ def _engine_process_main(*args) -> None:
         _install_timeline()   # its steps (the arrivals' hooks are the server's)
     _count_prompt_steps()
     _install_timers()
+    # What only an engine process does between steps: read the servers' ops (waiting for them
+    # when it has nothing to step, also between a benchmark's runs), send each its outputs.
+    _timed(engine_process, "_take_ops", "ops in (or idle)")
+    _timed(engine_process._Client, "send_batch", "outputs sent")
     engine_process.run_step_gen = async_engine.run_step_gen   # the timed one
     engine_process.apply_op = async_engine.apply_op
     wall, cpu = time.perf_counter(), time.process_time()
