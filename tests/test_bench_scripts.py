@@ -85,6 +85,7 @@ def test_engine_process_burst_streams_every_token_through_the_served_engine():
                for r in runs), runs
     assert [r["cached_prompt_tokens"] for r in runs] == [0, 0]   # each run's prompts its own
     assert "=== engine process:" in out and "take outputs" in out   # the timers ran there
+    assert "ops in (or idle)" in out and "outputs sent" in out     # and what only it does
     out = _run(script, tiny_model_dir("opt"), *common, "--in-process")
     (run,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert run["engine"] == "in-process" and run["output_tokens"] == 32 and run["ttft_mean_ms"] > 0
