@@ -147,7 +147,11 @@ def _stand_in_gpu():
     return values
 
 
-_steps: list[tuple[float, int, int]] = []   # --timeline: (time, running, waiting) a schedule
+# --timeline: (time, running, waiting, tokens scheduled, of them prompt tokens) a schedule
+_steps: list[tuple[float, int, int, int, int]] = []
+# --timeline lists this many of the run's first steps one by one: how the engine ramps up while
+# a burst comes in (each step's length, how full, how many prompt tokens).
+RAMP_STEPS = 24
 _arrivals: dict[str, list[float]] = {"handler entered": [], "add posted": []}
 
 
@@ -157,8 +161,12 @@ def _install_timeline() -> None:
     original_schedule = engine_module.Engine.schedule
 
     def schedule(self, *args, **kwargs):
-        _steps.append((time.perf_counter(), len(self.scheduler.running), len(self.scheduler.waiting)))
-        return original_schedule(self, *args, **kwargs)
+        started, running, waiting = time.perf_counter(), len(self.scheduler.running), len(self.scheduler.waiting)
+        plan = original_schedule(self, *args, **kwargs)
+        tokens = plan.sched.num_batched_tokens
+        prompt_tokens = sum(s.num_new_tokens for s in plan.sched.scheduled if s.num_new_tokens > 1)
+        _steps.append((started, running, waiting, tokens, prompt_tokens))
+        return plan
 
     engine_module.Engine.schedule = schedule
     original_submit = engine_driver.EngineDriver.submit
@@ -210,6 +218,12 @@ def _report_timeline() -> None:
             print(f"  {tenth * 10:3d}-{tenth * 10 + 10:3d}%  {len(part):5d}  "
                   f"{sum(s[1] for s in part) / len(part):7.1f}  {sum(s[2] for s in part) / len(part):7.1f}",
                   flush=True)
+    print(f"=== timeline: the first {min(RAMP_STEPS, len(_steps))} steps: ms at its start, ms to the "
+          f"next, rows running, waiting, tokens, prompt tokens", flush=True)
+    for (at, running, waiting, tokens, prompt_tokens), following in zip(_steps[:RAMP_STEPS], _steps[1:] + [None]):
+        length = f"{(following[0] - at) * 1e3:7.1f}" if following else "      -"
+        print(f"  {(at - t0) * 1e3:8.1f} {length} {running:5d} {waiting:5d} {tokens:6d} {prompt_tokens:6d}",
+              flush=True)
 
 
 def _install_timers() -> None:

@@ -101,7 +101,7 @@ serve() {  # serve LABEL RATE DIR [env...]: one server (SERVER_ARGS added), one 
         | grep -E 'Failed|Output token|Client CPU|MEAN|P50|P99' | tr -s ' ' | paste -sd' ')"
     kill -INT $server
     wait $server 2>/dev/null
-    if timing && [ "$dir" = . ]; then grep -E "^(===|  )" /tmp/sv_server.log | head -30; fi
+    if timing && [ "$dir" = . ]; then grep -E "^(===|  )" /tmp/sv_server.log | head -90; fi
 }
 
 all_processes=${CLIENT_PROCESSES:-1}

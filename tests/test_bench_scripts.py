@@ -72,6 +72,20 @@ def test_engine_thread_timing_models_a_gpus_step_times():
     assert "1 of them with prompt tokens" in header
 
 
+def test_engine_thread_timing_timeline_lists_the_first_steps():
+    """--timeline: the run's first steps one by one, their tokens as scheduled: 8 prompts of 8
+    tokens all go in the first step (64 prompt tokens), then 8 rows of one token a step."""
+    out = _run(os.path.join(BENCH, "engine_thread_timing.py"), "offline", tiny_model_dir("opt"),
+               "--num-prompts", "8", "--input-len", "8", "--output-len", "4", "--vocab", "500",
+               "--load-format", "auto", "--timeline")
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if "the first" in line and "prompt tokens" in line)
+    rows = [line.split() for line in lines[at + 1:at + 5]]
+    tokens = [(int(r[4]), int(r[5])) for r in rows]
+    assert tokens[0] == (64, 64) and tokens[1:] == [(8, 0)] * 3, tokens
+    assert float(rows[1][0]) > float(rows[0][0]) and float(rows[0][1]) > 0   # times, ms after t0
+
+
 def test_engine_process_burst_streams_every_token_through_the_served_engine():
     """The served engine without HTTP: every request's tokens arrive, in the engine process (with
     the timers' table and the stand-in model there) and in this process's engine thread."""
