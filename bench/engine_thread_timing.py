@@ -282,9 +282,12 @@ def run_offline(argv: list[str]) -> None:
     p.add_argument("--skip-tokenizer-init", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=None,
+                   help="on the CPU: a cache as large as a GPU's, for the stand-in model's 512-row steps")
     args = p.parse_args(argv)
     limits = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
-                                ("max_num_batched_tokens", args.max_num_batched_tokens)) if v is not None}
+                                ("max_num_batched_tokens", args.max_num_batched_tokens),
+                                ("kv_cache_memory_gb", args.kv_cache_memory_gb)) if v is not None}
     llm = OfflineLLM(model=args.model, load_format=args.load_format, skip_tokenizer_init=args.skip_tokenizer_init,
                      **limits)
     prompts = np.random.RandomState(0).randint(100, args.vocab, size=(args.num_prompts, args.input_len))
