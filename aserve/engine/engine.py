@@ -21,6 +21,7 @@ from aserve.engine.block_manager import BlockManager
 from aserve.engine.output_processor import GrammarConflictError, OutputProcessor
 from aserve.engine.pooling import check_runner_takes, pooling_as_sampling
 from aserve.engine.pipeline import StepGen, StepPipeline, can_pipeline, run_step_gen
+from aserve.engine.step_warmup import step_warmup_enabled, warm_up_step_kinds
 from aserve.engine.request import Request, RequestStatus
 from aserve.engine.request_factory import RequestFactory
 from aserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -111,6 +112,8 @@ class Engine:
         self._unpipelinable: set[str] = set()
         # A pooling engine runs prompts only, whose rows read nothing back: steps run in turn.
         self.pipeline = StepPipeline(self) if args.async_scheduling and not self.pooling else None
+        if step_warmup_enabled(self):
+            logger.info("warmed up the steps with prompt tokens in %.2f s", warm_up_step_kinds(self))
         self.startup_seconds = time.perf_counter() - started
         logger.info("engine ready in %.1f s: %s on %s%s, %d KV blocks of %d tokens",
                     self.startup_seconds, self.model_config.model, self.device,

@@ -221,6 +221,11 @@ class Sampler:
                 keys[i:i + 1].copy_(torch.empty(1, dtype=torch.long, device=g.device).random_(generator=g))
         return keys
 
+    def reset(self) -> None:
+        """Start the unseeded rows' stream again from the seed (after the start's warm-up steps,
+        aserve/engine/step_warmup.py: a warmed engine samples what a fresh one does)."""
+        self._generators.clear()
+
     def _generator(self, device: torch.device) -> torch.Generator:
         key = (device.type, device.index if device.index is not None else 0)
         generator = self._generators.get(key)
