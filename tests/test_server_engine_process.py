@@ -245,6 +245,24 @@ def test_a_stream_joined_from_the_engines_deltas_is_the_whole_answer(server, cli
     assert logprobs == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
 
 
+def test_one_server_makes_its_plain_streams_text_as_the_engine_would(server, client):
+    """The one API server over the engine process decodes its plain streams' token ids itself
+    (server_detokenizer.py, as vLLM's front end): streamed or not, the text the engine makes
+    offline. Random ids of the byte-level model split characters over tokens."""
+    assert server.async_engine.text_here
+    prompts = random_prompts(5, [7, 3, 12, 5, 9, 4], vocab=1000)
+    llm = OfflineLLM(device="cpu", kv_cache_memory_gb=0.05)
+    params = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, skip_special_tokens=False)
+    want = [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert any("\ufffd" in text for text in want)
+    for prompt, text in zip(prompts, want):
+        kwargs = dict(model=server.model_name, prompt=prompt, max_tokens=14, temperature=0.0,
+                      extra_body={"ignore_eos": True, "skip_special_tokens": False})
+        assert client.completions.create(**kwargs).choices[0].text == text
+        streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs) if c.choices)
+        assert streamed == text
+
+
 def test_tensor_parallel_ranks_under_an_engine_process_serve_and_end_with_it():
     """--engine-process with --tensor-parallel-size 2 (gloo on the CPU): the engine process
     starts rank 1 and serves rank 0's tokens; a killed rank ends the engine, and the server

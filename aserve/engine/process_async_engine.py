@@ -102,14 +102,18 @@ class ProcessAsyncEngine(EngineDriver):
     drives an engine process started elsewhere, and `process` says whose: the one it stops at
     shutdown, or None (another API server's, api_servers.py: shutdown only detaches).
     text_here: the plain requests' text is made here, not in the engine process
-    (server_detokenizer.py): so where several API servers share one engine process, each
-    decoding its own streams (model A all at once on an H100, two servers, 3 rounds taking turns:
-    mean 113.3k out tok/s against 107.3k with the text made in the engine process). With one
-    server it stays in the engine process: there the one server's loop, which also takes every
-    request in and writes every chunk, was what slowed (4 rounds on another H100: mean 86.5k
-    against 95.4k; bench/RESULTS.md, 2026-12-06, twenty-ninth session)."""
+    (server_detokenizer.py), as vLLM's front end makes it: at saturation the engine process is
+    what limits a served run, and decoding was ~0.5 ms of its ~4 ms step on an H100 host. With
+    two servers sharing the engine process: mean 113.3k out tok/s against 107.3k (model A all at
+    once, 3 rounds taking turns, twenty-ninth session). With one server: 120.5k and 116.1k
+    against 112.0k and 110.6k, TPOT 2.9 against 3.3 ms, in two of three rounds taking turns; in
+    the third, on a host that slowed both, 66.4k against 99.2k (thirty-first session;
+    bench/RESULTS.md). An earlier trial that kept one server's text in the engine process (86.5k
+    against 95.4k) gave the two servers different clients, warm and cold connections (a fault
+    of bench/server_vs_offline.sh, fixed in the thirtieth session). False keeps it in the engine
+    process, as before."""
 
-    def __init__(self, args, pipes=None, process=None, text_here: bool = False):
+    def __init__(self, args, pipes=None, process=None, text_here: bool = True):
         from aserve.models.loader import create_model_config, load_tokenizer
 
         if pipes is None:
@@ -128,6 +132,7 @@ class ProcessAsyncEngine(EngineDriver):
         self._numbers = itertools.count()
         # op number -> (its add's or call's future, an add's request id)
         self._waiting_on: dict[int, tuple[asyncio.Future, Optional[str]]] = {}
+        self.text_here = text_here and tokenizer is not None
         self._decoder = OutputDecoder(tokenizer if text_here else None)
         self._outbox: list = []
         self._outbox_ready = threading.Condition()

@@ -3,11 +3,10 @@
 At saturation the engine process is what limits a served run, and turning its tokens into text
 is part of its step: the step's "process" part was 1.97 ms served against 0.95 offline without
 a tokenizer, of a 6.3 ms step at 512 sequences on an H100 host (bench/RESULTS.md, 2026-12-06).
-Where several API servers share one engine process (--api-server-count), each decodes its own
+Every API server over an engine process (one, or several: --api-server-count) decodes its own
 streams, as vLLM's front end does: their requests go to the engine with detokenize=False, and
 their outputs' token ids are decoded here, by the same IncrementalDetokenizer the engine would
-use, into the same text. (One server keeps the text in the engine process: ProcessAsyncEngine's
-text_here says why.)
+use, into the same text (ProcessAsyncEngine's text_here gives the measurements).
 
 Only requests whose text the engine needs for nothing else come here: one sample (n = 1, no
 best_of, no beams), no stop strings (matched in the text, in the engine), outputs that carry

@@ -3,8 +3,8 @@
 One server process takes a burst of requests one at a time: on an H100 a burst of 1000 reached
 the handlers over 190-400 ms (HTTP parsing, validation, the first chunks of the early streams),
 and until the last arrived the engine stepped with part of its batch (bench/RESULTS.md,
-2026-12-06). N processes share that work, and the work of making their streams' text, which
-the engine process then leaves to them (ProcessAsyncEngine's text_here). Whether that pays
+2026-12-06). N processes share that work, and the work of making their streams' text (which
+every server over an engine process makes: ProcessAsyncEngine's text_here). Whether that pays
 depends on the host: on the H100 hosts measured so far it did not on average
 (api_server_count), so the default stays 1, as vLLM's.
 
@@ -160,7 +160,7 @@ def run_api_server(ns, engine_args, port: int, pipes, primary_path: str, listeni
     state.responses_primary, state.listening = primary_path, listening
     state.log_stats = False   # the engine's, which the first server logs already
     try:
-        state.attach(ProcessAsyncEngine(engine_args, pipes, text_here=True))
+        state.attach(ProcessAsyncEngine(engine_args, pipes))
     except Exception as exc:  # noqa: BLE001 - the first server reports the engine's failure
         logger.debug("the engine did not load: %s", exc)
         os._exit(1)

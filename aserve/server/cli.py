@@ -123,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         # One engine process for every API server; the others start while it loads.
         process, pipes = start_engine_process(engine_args, count)
         peers.start(state.bound_port, pipes[1:])
-        engine = ProcessAsyncEngine(engine_args, pipes[0], process, text_here=True)
+        engine = ProcessAsyncEngine(engine_args, pipes[0], process)
         try:
             peers.wait_until_listening()
         except BaseException:
