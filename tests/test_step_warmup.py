@@ -60,6 +60,33 @@ def test_an_engine_warmed_up_gives_what_a_fresh_one_gives(temperature):
     assert _outputs(warmed, temperature) == _outputs(_engine(), temperature)
 
 
+def test_warm_up_fits_a_short_context_and_a_failed_one_leaves_a_clean_engine(monkeypatch, caplog):
+    """Prompts cut to what max_model_len holds (no cached-context prompt where no block fits
+    before the last token); a warm-up that fails is logged, and the engine serves as a fresh one."""
+    short = _engine(max_model_len=14)
+    warm_up_step_kinds(short)
+    assert not short.requests and short.prompt_tokens_total == 0
+    assert "warm-up" not in caplog.text   # ran without failing
+
+    engine = _engine()
+    add = engine.add_request
+    calls = []
+
+    def failing_add(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:   # the first request is stepping by then
+            raise RuntimeError("a warm-up failure")
+        return add(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "add_request", failing_add)
+    warm_up_step_kinds(engine)
+    monkeypatch.setattr(engine, "add_request", add)
+    assert "warm-up" in caplog.text and "a warm-up failure" in caplog.text
+    assert not engine.requests and not engine.has_unfinished_requests()
+    assert engine.block_manager.prefix_cache.num_cached_blocks == 0
+    assert _outputs(engine, 1.0) == _outputs(_engine(), 1.0)
+
+
 def test_warm_up_runs_on_gpus_only_and_can_be_switched_off(monkeypatch):
     engine = _engine()
     assert not step_warmup_enabled(engine)           # the CPU: nothing is loaded lazily

@@ -41,26 +41,45 @@ def step_warmup_enabled(engine) -> bool:
 
 
 def warm_up_step_kinds(engine) -> float:
-    """Run the warm-up requests to their end and leave the engine clean; returns the seconds."""
+    """Run the warm-up requests to their end and leave the engine clean; returns the seconds.
+    A warm-up that fails is logged and left: the start goes on, its first steps load as before."""
     started = time.perf_counter()
+    try:
+        _run_warm_up_requests(engine)
+    except Exception:  # noqa: BLE001 - a missed speed-up must never stop a start
+        logger.warning("the warm-up of the steps with prompt tokens failed; serving without it",
+                       exc_info=True)
+        _leave_clean(engine)
+        if engine.pipeline is not None:   # a step already launched (async scheduling)
+            engine.pipeline.drain()
+    _leave_clean(engine)
+    return time.perf_counter() - started
+
+
+_MAX_TOKENS = 4
+
+
+def _run_warm_up_requests(engine) -> None:
     rng = np.random.RandomState(0)
     vocab, block = engine.model_config.vocab_size, engine.block_manager.block_size
+    longest = engine.model_config.max_model_len - _MAX_TOKENS   # every prompt fits the context
 
     def prompt(length: int) -> list[int]:
-        return rng.randint(0, vocab, size=length).tolist()
+        return rng.randint(0, vocab, size=max(1, min(length, longest))).tolist()
 
-    greedy = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, detokenize=False)
-    random = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, detokenize=False)
+    greedy = SamplingParams(temperature=0.0, max_tokens=_MAX_TOKENS, ignore_eos=True, detokenize=False)
+    random = SamplingParams(temperature=1.0, max_tokens=_MAX_TOKENS, ignore_eos=True, detokenize=False)
     first = prompt(2 * block + 5)
     engine.add_request(_ID_PREFIX + "0", first, greedy)
     engine.step()   # a prompt step; the first request decodes from here on
     engine.add_request(_ID_PREFIX + "1", prompt(block + 3), random)
-    # Its first two blocks are the first request's, cached: a prompt with context.
-    engine.add_request(_ID_PREFIX + "2", first[:2 * block] + prompt(7), greedy)
+    # Its first blocks are the first request's, cached: a prompt with context (the block that
+    # holds a prompt's last token is never taken from the cache, so one more token at least).
+    cached = first[:(len(first) - 1) // block * block]
+    if cached and len(cached) < longest:
+        engine.add_request(_ID_PREFIX + "2", cached + prompt(min(7, longest - len(cached))), greedy)
     while engine.has_unfinished_requests():
         engine.step()
-    _leave_clean(engine)
-    return time.perf_counter() - started
 
 
 def _leave_clean(engine) -> None:
