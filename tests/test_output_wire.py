@@ -131,3 +131,19 @@ def test_outputs_of_a_request_nobody_waits_for_are_dropped_with_its_state(engine
     while engine.has_unfinished_requests():
         engine.step()
     assert not encoder._prompt_sent
+
+
+def test_a_server_that_makes_text_builds_the_byte_table_before_the_first_output(engine, monkeypatch):
+    """The byte-level tokenizer's table is built with the server's decoder (while the engine
+    process loads), not by its first stream's first output in the middle of a burst."""
+    import aserve.engine.byte_level_decoding as byte_level_decoding
+    from aserve.engine.detokenizer import IncrementalDetokenizer
+
+    tokenizer = copy.deepcopy(engine.tokenizer)   # one whose table nothing has built yet
+    builds = []
+    build = byte_level_decoding._build
+    monkeypatch.setattr(byte_level_decoding, "_build", lambda *args: builds.append(args) or build(*args))
+    OutputDecoder(tokenizer)
+    assert len(builds) == 1
+    IncrementalDetokenizer(tokenizer, PROMPTS[0], skip_special_tokens=True).append(7, False)
+    assert len(builds) == 1
