@@ -133,7 +133,7 @@ class ProcessAsyncEngine(EngineDriver):
         # op number -> (its add's or call's future, an add's request id)
         self._waiting_on: dict[int, tuple[asyncio.Future, Optional[str]]] = {}
         self.text_here = text_here and tokenizer is not None
-        self._decoder = OutputDecoder(tokenizer if text_here else None)
+        self._decoder = OutputDecoder(tokenizer if self.text_here else None)
         self._outbox: list = []
         self._outbox_ready = threading.Condition()
         self._gone: Optional[asyncio.Future] = None

@@ -49,7 +49,6 @@ def warm_up_step_kinds(engine) -> float:
     except Exception:  # noqa: BLE001 - a missed speed-up must never stop a start
         logger.warning("the warm-up of the steps with prompt tokens failed; serving without it",
                        exc_info=True)
-        _leave_clean(engine)
         if engine.pipeline is not None:   # a step already launched (async scheduling)
             engine.pipeline.drain()
     _leave_clean(engine)
