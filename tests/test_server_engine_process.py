@@ -288,3 +288,41 @@ def test_tensor_parallel_ranks_under_an_engine_process_serve_and_end_with_it():
         assert not _alive(worker)
         with open(log_path) as f:
             assert "worker rank 1" in f.read()
+
+
+@pytest.mark.skipif(not hasattr(__import__("fcntl"), "F_SETPIPE_SZ"), reason="pipe sizes are Linux's")
+def test_the_engine_process_pipes_take_a_batch_larger_than_the_default_buffer_without_a_reader():
+    """A batch of ~260 KB (512 first outputs with their prompts) through a 64 KiB pipe returned
+    from send only once the server's reader thread had taken the rest, while the engine process
+    stepped none; a widened pipe takes it at once."""
+    import fcntl
+    import multiprocessing
+    import threading
+
+    from aserve.engine.process_async_engine import widen_pipe
+
+    message = os.urandom(300_000)
+
+    def sent_within(writer, seconds: float) -> bool:
+        done = threading.Event()
+        threading.Thread(target=lambda: (writer.send_bytes(message), done.set()), daemon=True).start()
+        return done.wait(seconds)
+
+    reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    assert not sent_within(writer, 0.5)     # the default buffer: stuck until it is read
+    assert reader.recv_bytes() == message   # (and it is whole once read)
+    assert widen_pipe(reader) >= 1 << 20 == fcntl.fcntl(writer.fileno(), fcntl.F_GETPIPE_SZ)
+    assert sent_within(writer, 5.0)
+    assert reader.recv_bytes() == message
+    for end in (reader, writer):
+        end.close()
+
+
+def test_the_server_and_its_engine_process_talk_through_widened_pipes(server):
+    import fcntl
+
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("pipe sizes are Linux's")
+    engine = server.async_engine
+    for conn in (engine._ops_out, engine._batches_in):
+        assert fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ) >= 1 << 20
