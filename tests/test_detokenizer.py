@@ -456,3 +456,30 @@ def test_byte_table_that_disagrees_with_decode_is_not_used(monkeypatch):
     monkeypatch.setattr(byte_level_decoding, "_token_bytes", lambda token: token.encode())
     detok = IncrementalDetokenizer(tok, [5])
     assert detok._table is None and detok._stream is not None
+
+
+@both_tokenizers
+@all_paths
+@given(output=st.lists(st.integers(0, 420), max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8),
+       prompt=st.lists(st.integers(0, 399), max_size=8))
+@HYP
+def test_extend_by_runs_of_ids_gives_the_deltas_of_appending_them_one_by_one(tok_name, path, output, cuts,
+                                                                                 prompt):
+    # An API server decodes each delivery's ids with extend (the byte table: one UTF-8 decoding
+    # of their joined bytes); random ids split characters anywhere, and ids past the vocabulary
+    # decode to nothing.
+    tok = TOKENIZERS[tok_name]()
+    if tok_name == "metaspace":
+        output = [i % 400 for i in output]   # its vocabulary holds the 256 byte tokens and more
+    kw = dict(PATHS[path], spaces_between_special_tokens=False)
+    one_by_one, by_runs = IncrementalDetokenizer(tok, prompt, **kw), IncrementalDetokenizer(tok, prompt, **kw)
+    bounds = sorted({0, len(output), *(c for c in cuts if c < len(output))})
+    for start, end in zip(bounds, bounds[1:]):
+        for token_id in output[start:end]:
+            one_by_one.append(token_id, False)
+        by_runs.extend(output[start:end])
+        assert by_runs.take_delta() == one_by_one.take_delta()
+    one_by_one.finish()
+    by_runs.finish()
+    assert by_runs.take_delta() == one_by_one.take_delta()
+    assert by_runs.text == one_by_one.text

@@ -273,6 +273,23 @@ class IncrementalDetokenizer:
         self._full += piece
         return self._check_stop(len(piece)) if self._stops and check_stop else None
 
+    def extend(self, token_ids: Sequence[int]) -> None:
+        """append(token_id, check_stop=False) of each id in turn. A byte-level tokenizer's ids
+        are decoded as one run of bytes, in one C call (an incremental UTF-8 decoding gives the
+        same text however its bytes are split): an API server decodes each stream's delivery
+        this way, several tokens a delivery at saturation, on its event loop."""
+        utf8 = self._utf8
+        if utf8 is None:
+            for token_id in token_ids:
+                self.append(token_id, False)
+            return
+        assert not self._finished, "extend() after the sequence finished"
+        table = self._table
+        size = len(table)
+        piece = utf8.decode(b"".join([table[i] if i < size else b"" for i in token_ids]))
+        if piece:
+            self._full += piece
+
     def _check_stop(self, num_new_chars: int) -> Optional[str]:
         # Only the new text and the len(stop) - 1 characters before it can hold a new match.
         full = self._full

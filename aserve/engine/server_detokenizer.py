@@ -75,9 +75,7 @@ class ServerDetokenizers:
             detokenizer = self._running[request_id] = IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
                 spaces_between_special_tokens=params.spaces_between_special_tokens)
-        append = detokenizer.append
-        for token_id in token_ids:
-            append(token_id, False)
+        detokenizer.extend(token_ids)
         if finished:
             detokenizer.finish()
             del self._running[request_id]
