@@ -53,7 +53,9 @@ _SHUTDOWN_WAIT_S = 30.0
 # taken the rest, and the server's reader thread reads a chunk each time it gets the GIL from a
 # busy event loop (up to the 5 ms switch interval). The engine process stepped none meanwhile.
 # Measured (CPU VM, a reader thread beside a busy main thread): sending 165 KB took 8.5-12 ms
-# (p50) through a 64 KiB pipe, 1.9 ms through a 1 MiB one; 50 KB 1.3 ms against 0.02.
+# (p50) through a 64 KiB pipe, 1.9 ms through a 1 MiB one; 50 KB 1.3 ms against 0.02. Served
+# on an H100, outputs taken and sent then cost the engine process 0.19 ms a step, wall equal to
+# CPU (0.27-0.29 ms of wall before; bench/RESULTS.md, thirty-second session).
 _PIPE_BYTES = 1 << 20
 
 
