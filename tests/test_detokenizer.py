@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from aserve.engine.detokenizer import IncrementalDetokenizer, decode_token_text, token_text_decoder
+from aserve.engine.detokenizer import IncrementalDetokenizer
+from aserve.engine.token_text import decode_token_text, token_text_decoder
 
 CORPUS = [
     "Hello world, this is a test. Café au lait, naïve résumé, élève.",

@@ -24,8 +24,6 @@ ignore that flag, so aserve decodes the runs between added tokens itself and joi
 from __future__ import annotations
 
 import codecs
-import functools
-import weakref
 from typing import Callable, Optional, Sequence
 
 try:
@@ -37,7 +35,7 @@ except ImportError:  # tokenizers < 0.21.1 has no DecodeStream: the Python windo
 
 from aserve.engine.byte_level_decoding import byte_level_table
 
-__all__ = ["IncrementalDetokenizer", "decode_token_text", "prepare_tokenizer", "token_text_decoder"]
+__all__ = ["IncrementalDetokenizer", "prepare_tokenizer", "rust_backend"]
 
 # Prompt tokens decoded as context for the first output token (vLLM uses 4 to 5).
 _PROMPT_CONTEXT_TOKENS = 5
@@ -53,7 +51,7 @@ _MAX_INCOMPLETE_TOKENS = 3
 _MAX_PENDING_TOKENS = 6
 
 
-def _backend(tokenizer):
+def rust_backend(tokenizer):
     """The Rust `tokenizers.Tokenizer` behind a fast tokenizer (or the object itself), else None."""
     if _RustTokenizer is None:
         return None
@@ -105,7 +103,7 @@ def _make_decode(tokenizer, backend, skip_special_tokens: bool,
 def prepare_tokenizer(tokenizer) -> None:
     """Build at start-up what the first request would otherwise wait for: a byte-level
     tokenizer's byte table (0.05 s for 50k tokens on the development machine)."""
-    backend = _backend(tokenizer)
+    backend = rust_backend(tokenizer)
     if backend is not None:
         byte_level_table(tokenizer, backend, skip_special_tokens=True)
 
@@ -135,7 +133,7 @@ class IncrementalDetokenizer:
         self._stops = stops
         self._include_stop = include_stop_str_in_output
         self._holdback = 0 if (include_stop_str_in_output or not stops) else max(map(len, stops)) - 1
-        self._backend = backend = _backend(tokenizer)
+        self._backend = backend = rust_backend(tokenizer)
         self._decode = _make_decode(tokenizer, backend, skip_special_tokens, spaces_between_special_tokens)
         self._full = ""
         self._finished = False
@@ -368,50 +366,3 @@ class IncrementalDetokenizer:
             new._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
             new._utf8.setstate(self._utf8.getstate())
         return new
-
-
-# Per-tokenizer caches of single-token texts, freed with their tokenizer.
-_token_text_caches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _token_text_cache(tokenizer) -> dict:
-    try:
-        return _token_text_caches[tokenizer]
-    except KeyError:
-        cache = _token_text_caches[tokenizer] = {}
-        return cache
-
-
-def decode_token_text(tokenizer, token_id: int) -> str:
-    """The text of one token decoded alone (special tokens kept), as vLLM's
-    `Logprob.decoded_token`; a lone byte of a multi-byte character gives U+FFFD. Cached."""
-    try:
-        cache = _token_text_cache(tokenizer)
-    except TypeError:  # not weak-referenceable or unhashable: decode uncached
-        cache = {}
-    text = cache.get(token_id)
-    if text is None:
-        backend = _backend(tokenizer)
-        if backend is not None:
-            text = backend.decode([token_id], skip_special_tokens=False)
-        else:
-            text = tokenizer.decode([token_id], skip_special_tokens=False)
-        cache[token_id] = text
-    return text
-
-
-def token_text_decoder(tokenizer) -> Callable[[int], str]:
-    """decode_token_text bound to one tokenizer, its cache looked up once: it runs for every
-    logprob candidate (1,500 a step at 256 rows with 5 logprobs), where finding the cache in
-    the weak dictionary cost more than the text lookup itself."""
-    try:
-        cache = _token_text_cache(tokenizer)
-    except TypeError:  # not weak-referenceable or unhashable: decode uncached
-        return functools.partial(decode_token_text, tokenizer)
-    get = cache.get
-
-    def decode(token_id: int) -> str:
-        text = get(token_id)
-        return text if text is not None else decode_token_text(tokenizer, token_id)
-
-    return decode

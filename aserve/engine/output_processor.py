@@ -12,7 +12,7 @@ from typing import Optional
 
 from aserve.engine.block_manager import BlockManager
 from aserve.engine.beam_search import Beam
-from aserve.engine.detokenizer import token_text_decoder
+from aserve.engine.token_text import token_text_decoder
 from aserve.engine.pooling import pooled_output
 from aserve.engine.request import Request, Sequence
 from aserve.logprobs import FlatLogprobs
