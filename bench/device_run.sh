@@ -13,7 +13,10 @@
 #            BASELINE="" leaves transformers out), after WARMUP_RUNS (default 2) untimed runs of A1,A
 #   serverratio  bench/server_vs_offline.sh at the server's own delivery rest (RESTS): offline A, then
 #            model A served all at once, in the same call (the server goal); runs after
-#            bench, on a machine warmed up
+#            bench, on a machine warmed up; 4 client processes on warm connections unless
+#            CLIENT_PROCESSES / CLIENT_ARGS say otherwise
+# The whole table in one call (~450 s on an H200; carry .whl):
+#     STAGES="coldstart bench serverratio" ROUNDS=1 SERVER_ROUNDS=2 SERVER_RATIO_TIMEOUT=150 bash bench/device_run.sh
 #   structured  bench/structured.py: model A with 0, 50% and 100% of its requests under a JSON schema
 #   previous the same workloads, engine only, run by an earlier version of aserve unpacked in
 #            $PREVIOUS_DIR (default .previous/: `git archive REV | tar -x -C .previous`, carried),
@@ -183,7 +186,12 @@ stage_coldstart() {
 }
 
 stage_serverratio() {
-    run "server vs offline" "${SERVER_RATIO_TIMEOUT:-240}" env RESTS="${RESTS:-default}" bash bench/server_vs_offline.sh
+    # The clients of every server measurement since the twenty-ninth session (four processes on
+    # connections opened before the clock: one client process parsing a burst's chunks may be what
+    # limits); CLIENT_PROCESSES and CLIENT_ARGS (empty for cold connections) override them.
+    run "server vs offline" "${SERVER_RATIO_TIMEOUT:-240}" env RESTS="${RESTS:-default}" \
+        CLIENT_PROCESSES="${CLIENT_PROCESSES:-4}" CLIENT_ARGS="${CLIENT_ARGS---warm-connections}" \
+        bash bench/server_vs_offline.sh
 }
 
 main() {
