@@ -15,8 +15,6 @@
 #            model A served all at once, in the same call (the issue's server goal); runs after
 #            bench, on a machine warmed up; 4 client processes on warm connections unless
 #            CLIENT_PROCESSES / CLIENT_ARGS say otherwise
-# The issue's whole table in one call (~450 s on an H200; carry .whl):
-#     STAGES="coldstart bench serverratio" ROUNDS=1 SERVER_ROUNDS=2 SERVER_RATIO_TIMEOUT=150 bash bench/device_run.sh
 #   structured  bench/structured.py: model A with 0, 50% and 100% of its requests under a JSON schema
 #   previous the same workloads, engine only, run by an earlier version of aserve unpacked in
 #            $PREVIOUS_DIR (default .previous/: `git archive REV | tar -x -C .previous`, carried),
@@ -34,6 +32,8 @@
 #   startprofile  bench/profile_start.py $START_PROFILE_ARGS (default model B, 2 starts), once per
 #            value of AB_VAR when AB_VAR is set (e.g. ASERVE_GRAPH_WARMUP over "each needed"): each
 #            start's time and capture, and a cProfile of the last start
+# The issue's whole table in one call (~450 s on an H200; carry .whl):
+#     STAGES="coldstart bench serverratio" ROUNDS=1 SERVER_ROUNDS=2 SERVER_RATIO_TIMEOUT=150 bash bench/device_run.sh
 # Output goes to stdout and, when $OUT is set, to $OUT/device_run.log; the workloads' table is last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
