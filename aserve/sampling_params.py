@@ -180,6 +180,8 @@ class SamplingParams:
                 raise ValueError("length_penalty is only used with beam search (use_beam_search=True).")
             if self.early_stopping is not False:
                 raise ValueError("early_stopping is only used with beam search (use_beam_search=True).")
+            if self.is_greedy and self.n > 1:  # vLLM's check; best_of >= n, so n is named first
+                raise ValueError(f"n must be 1 when using greedy sampling (temperature 0), got {self.n}.")
             if self.is_greedy and self.best_of > 1:
                 raise ValueError(f"best_of must be 1 when using greedy sampling (temperature 0), got {self.best_of}.")
 

@@ -51,8 +51,11 @@ def test_cross_field_rules():
         SamplingParams(n=3, best_of=2)
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=10, max_tokens=5)
-    with pytest.raises(ValueError, match="best_of"):
+    # Greedy sampling makes one sequence: the field the caller set is named, as vLLM names n.
+    with pytest.raises(ValueError, match="^n must be 1 when using greedy sampling.*got 2"):
         SamplingParams(temperature=0.0, n=2)
+    with pytest.raises(ValueError, match="^best_of must be 1 when using greedy sampling.*got 3"):
+        SamplingParams(temperature=0.0, n=1, best_of=3)
 
 
 def test_bad_prompts_raise_and_the_rest_of_the_call_is_unaffected(llm_cache):

@@ -49,6 +49,7 @@ async def assert_still_serving(server):
     ({"prompt": "Hello", "temperature": -0.5}, "temperature"),  # out of range
     ({"prompt": "Hello", "top_p": 0}, "top_p"),
     ({"prompt": "Hello", "n": 0}, "n"),
+    ({"prompt": "Hello", "n": 2, "temperature": 0}, "n"),     # greedy makes one sequence
     ({"prompt": "Hello", "suffix": "!"}, "suffix"),          # refused, not ignored
     ({"prompt": [1, 2, 10**9]}, "prompt"),                   # a token id outside the vocabulary
     ({"prompt": []}, "prompt"),
