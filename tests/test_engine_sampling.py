@@ -26,6 +26,18 @@ def test_seeded_request_reproduces_whatever_else_is_in_the_batch(llm_cache):
     assert _tokens(llm, [PROMPT], seeded)[0] == alone
 
 
+def test_seed_minus_one_means_no_seed(llm_cache):
+    """OpenAI and vLLM read seed -1 as "draw at random": four equal requests then differ, where
+    four with one real seed agree."""
+    assert SamplingParams(seed=-1).seed is None
+    llm = llm_cache("llama")
+    def four(seed):
+        params = SamplingParams(temperature=1.5, seed=seed, max_tokens=16, ignore_eos=True)
+        return [tuple(c[0]) for c in _tokens(llm, [PROMPT] * 4, params)]
+    assert len(set(four(7))) == 1
+    assert len(set(four(-1))) > 1
+
+
 def test_top_k_one_equals_greedy(llm_cache):
     llm = llm_cache("llama")
     prompts = random_prompts(8, [6, 14])
