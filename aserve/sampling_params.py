@@ -95,7 +95,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.best_of is None:
             self.best_of = self.n
-        if self.seed == -1 and not isinstance(self.seed, bool):
+        if self.seed == -1:
             self.seed = None  # OpenAI's and vLLM's "no seed": a fresh random draw, not seed -1
         if isinstance(self.stop, str):
             self.stop = [self.stop]

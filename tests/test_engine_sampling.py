@@ -31,6 +31,7 @@ def test_seed_minus_one_means_no_seed(llm_cache):
     four with one real seed agree."""
     assert SamplingParams(seed=-1).seed is None
     llm = llm_cache("llama")
+
     def four(seed):
         params = SamplingParams(temperature=1.5, seed=seed, max_tokens=16, ignore_eos=True)
         return [tuple(c[0]) for c in _tokens(llm, [PROMPT] * 4, params)]
